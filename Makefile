@@ -1,0 +1,40 @@
+# Fresh machine: `make demo` (set up + pre-train on the sample data) or `make test` (set up + tests).
+# Everything Python goes into .venv in this checkout; system packages come from apt when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the set-up needs (none yet for the reference path; FFCV adds its build deps).
+SYS_PACKAGES :=
+
+.PHONY: setup sysdeps demo test avgdist clean
+
+setup: $(VENV)/.installed
+
+sysdeps:
+	@missing="$$(for p in $(SYS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: setup.py | sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+data/sample/.complete: | setup
+	$(VENV)/bin/simmim sample-data --out data/sample
+
+demo: setup data/sample/.complete
+	$(VENV)/bin/simmim pretrain --config demo
+	@echo "reconstruction: runs/demo/reconstruction.png   metrics: runs/demo/metrics.jsonl"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+avgdist: setup
+	$(VENV)/bin/simmim bench avgdist --out results/avgdist
+
+clean:
+	rm -rf runs results data/sample

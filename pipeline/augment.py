@@ -1,0 +1,74 @@
+"""The one SimMIM augmentation definition that every loader follows.
+
+RandomResizedCrop (scale (0.67, 1), ratio (3/4, 4/3), bilinear) to the input size, horizontal flip
+with p = 0.5, ImageNet mean/std normalisation; no colour jitter (DESIGN.md). Loaders hand over uint8
+(B, 3, H, W) and `normalize` turns it into float on the training device, so host-to-device copies
+move a quarter of the bytes.
+
+Crop parameters come from a per-sample `random.Random`, so a sample's augmentation depends only on
+(seed, epoch, index): the same images whatever the number of workers, and a resumed run sees the
+same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    size: int = 192
+    scale: tuple[float, float] = (0.67, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def sample_crop(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                rng: random.Random, attempts: int = 10) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop box (left, top, crop_w, crop_h): area fraction ~ U(scale), log aspect
+    ~ U(log ratio); after `attempts` misses, the largest centred crop with the aspect clamped."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample seed from (run seed, epoch, dataset index); distinct across all three."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (1 << 63)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) uint8 on the device -> normalised `dtype`; one fused multiply-add."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, 3, 1, 1)
+    return torch.addcmul(shift, images.float(), scale).to(dtype)
+
+
+def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Normalised (B, 3, H, W) -> float in [0, 1], for figures."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * s + m).clamp(0, 1)

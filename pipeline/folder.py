@@ -1,0 +1,142 @@
+"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
+
+Also reads a file list (`path label` per line, paths relative to the list's folder or absolute).
+Every user-facing failure is a `DatasetError` with a one-line message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .augment import Augmentation, sample_crop, sample_seed
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DatasetError(ValueError):
+    """A dataset path or file the user pointed us at is unusable."""
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """Returns ([(path, label)], class_names) for a class-folder tree or a `path label` list."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
+                           f"`simmim sample-data`, or set data.path)")
+    if root.is_file():
+        return read_file_list(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"data path '{root}' has no class folders: expected {root}/<class>/<image>")
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
+                           f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return samples, classes
+
+
+def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    samples = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DatasetError(f"{path}:{lineno}: expected '<path> <integer label>', got '{line}'")
+            file = parts[0] if os.path.isabs(parts[0]) else str(path.parent / parts[0])
+            samples.append((file, int(parts[1])))
+    if not samples:
+        raise DatasetError(f"file list '{path}' lists no images")
+    num_classes = max(label for _, label in samples) + 1
+    return samples, [str(i) for i in range(num_classes)]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Any PIL-readable image (CMYK, grayscale, palette, RGBA, a PNG named .JPEG) as RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
+
+    A file that cannot be read is logged once and replaced by the next readable sample, so one
+    bad JPEG never stops an epoch.
+    """
+
+    def __init__(self, root: str | os.PathLike, aug: Augmentation):
+        self.samples, self.classes = scan_folder(root)
+        self.aug = aug
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            if i in self._bad:
+                continue
+            path, label = self.samples[i]
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a skipped file
+                self._bad.add(i)
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                continue
+            return self.augment(img, random.Random(seed)), label
+        raise DatasetError("no image in the dataset could be read")
+
+    def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        a = self.aug
+        left, top, w, h = sample_crop(img.width, img.height, a.scale, a.ratio, rng)
+        img = img.resize((a.size, a.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < a.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, S, S) uint8
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """Yields (index, sample seed) for this rank's share of one epoch.
+
+    The permutation depends on (seed, epoch) only, so every rank agrees on it; rank r takes
+    positions r, r + world, ... of the first `len // world * world` (drop_last) entries.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        if size < world:
+            raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
+        self.size, self.rank, self.world = size, rank, world
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        for i in order[self.rank:len(self) * self.world:self.world]:
+            yield i, sample_seed(self.seed, self.epoch, i)

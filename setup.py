@@ -1,0 +1,38 @@
+"""simmim: SimMIM masked-image-modeling pre-training, made fast and practical.
+
+Each top-level folder is one subpackage of the `simmim` namespace package (see DESIGN.md, Layout):
+`simmim.pipeline` is `pipeline/`, `simmim.kernels` is `kernels/`, and so on.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["pipeline", "kernels", "trainer", "benchmarks"]
+
+setup(
+    name="simmim",
+    version="0.1.0",
+    description="SimMIM masked-image-modeling pre-training, made fast and practical",
+    python_requires=">=3.10",
+    packages=[f"simmim.{p}" for p in SUBPACKAGES],
+    package_dir={f"simmim.{p}": p for p in SUBPACKAGES},
+    package_data={"simmim.trainer": ["configs/*.yaml", "run.sh"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+        "scikit-image",  # ships the photographs the sample dataset is built from
+    ],
+    extras_require={
+        # The fast paths, each installed by its own issue's set-up; `full` takes all of them.
+        "triton": ["triton"],
+        "ffcv": ["ffcv", "numba", "opencv-python-headless"],
+        "dali": ["nvidia-dali-cuda130"],
+        "test": ["pytest"],
+        "full": ["triton", "pytest"],
+    },
+    entry_points={"console_scripts": ["simmim = simmim.trainer.cli:main"]},
+)

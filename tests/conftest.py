@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """A small build of the embedded sample dataset (5 classes, 4 JPEGs per photo)."""
+    from simmim.pipeline.sample_data import build_sample_dataset
+
+    return build_sample_dataset(tmp_path_factory.mktemp("data") / "sample", per_photo=4, val_per_photo=1)
+
+
+@pytest.fixture
+def simmim_cmd():
+    return [sys.executable, "-m", "simmim.trainer.cli"]

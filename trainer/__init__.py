@@ -1,0 +1,1 @@
+"""Config, SimMIM models on timm encoders, the training loop, checkpoints and the CLI."""

@@ -1,0 +1,56 @@
+"""Atomic checkpoints (temp file + rename), the last K kept, loadable with weights_only=True."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls write(tmp_path), then renames tmp onto `path`: readers see the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*.pt") if (m := PATTERN.search(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(out_dir: Path, epoch: int, state: dict, keep_last: int = 3) -> Path:
+    """Writes out_dir/checkpoint-{epoch}.pt and deletes all but the newest `keep_last`."""
+    path = Path(out_dir) / f"checkpoint-{epoch:04d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for _, old in checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise ValueError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): "
+                         f"delete it to resume from an earlier one") from None
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = checkpoints(Path(out_dir))
+    return found[-1][1] if found else None

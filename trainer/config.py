@@ -1,0 +1,197 @@
+"""The one config schema: nested typed dataclasses. YAML recipes and `a.b=c` overrides only fill it.
+
+Defaults are the paper's Swin-B 100-epoch recipe. Derived values (effective lr, steps) are
+computed by the wiring and logged, never written back here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPES = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value the user gave is wrong."""
+
+
+@dataclass
+class DataConfig:
+    backend: str = "torch"  # torch | ffcv | dali
+    path: str = "data/imagenet/train"
+    img_size: int = 192
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    batch_size: int = 128  # per process, per micro-step
+    num_workers: int = 8
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "swin_base"
+    window_size: int = 0  # 0: the arch's own
+    drop_path: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 2e-4  # per 512 images of global batch
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 5.0  # 0 disables
+    scheduler: str = "cosine"  # cosine | step
+    milestones: list[int] = field(default_factory=list)  # epochs, for step
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    accum_steps: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/simmim"
+    log_every: int = 100  # optimizer steps
+    save_every: int = 5  # epochs
+    keep_last: int = 3  # checkpoints kept
+    vis_every: int = 10  # epochs; the final epoch always writes a figure
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        """Plain YAML-safe values (tuples become lists)."""
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+        return plain(asdict(self))
+
+
+def _coerce(key: str, value, tp):
+    """Checks `value` against the annotation `tp` and converts where lossless (int -> float,
+    list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' expects {tp}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(args) != len(value):
+                raise ConfigError(f"config key '{key}' expects {len(args)} values, got {value!r}")
+            return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+        return [_coerce(key, v, args[0]) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None) and value is None:
+        return None
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+
+
+def _fill(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(prefix + n for n in names))})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section: expected a mapping, got {value!r}")
+            _fill(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict:
+    """'optim.base_lr=1e-4' -> {'optim': {'base_lr': 1e-4}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = RECIPES / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a packaged recipe ({known})")
+
+
+def _float_strings(node):
+    """YAML 1.1 reads '2e-4' as a string; convert such scalars to float."""
+    if isinstance(node, dict):
+        return {k: _float_strings(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_float_strings(v) for v in node]
+    if isinstance(node, str):
+        try:
+            return float(node) if any(c in node for c in "eE") and node[0] in "0123456789.-+" else node
+        except ValueError:
+            return node
+    return node
+
+
+def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if recipe:
+        path = resolve_recipe(recipe)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
+        _fill(cfg, _float_strings(values))
+    for text in overrides:
+        _fill(cfg, _float_strings(parse_override(text)))
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,140 @@
+"""SimMIM on timm encoders: mask tokens after patch embedding, a linear head, masked L1 loss.
+
+    images (B, 3, H, W), masks (B, H/32, W/32)
+      -> encoder: patch embed (+ Swin's patch norm) -> mask-token fill -> [pos embed, cls] -> blocks
+      -> features (B, C, H/stride, W/stride)
+      -> head: 1x1 conv to stride^2 * 3 channels + PixelShuffle(stride) -> pred (B, 3, H, W)
+      -> masked_l1_loss(pred, images, masks)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from simmim.kernels import mask_token_fill, masked_l1_loss
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str  # "swin" | "vit"
+    embed_dim: int
+    depths: tuple[int, ...]  # per stage for Swin; (depth,) for ViT
+    num_heads: tuple[int, ...]
+    window_size: int = 0  # Swin only
+    patch_size: int = 4
+
+
+ARCHS = {
+    # The paper's encoders (SimMIM Table 1 / released configs).
+    "swin_base": Arch("swin", 128, (2, 2, 18, 2), (4, 8, 16, 32), window_size=6),
+    "swin_large": Arch("swin", 192, (2, 2, 18, 2), (6, 12, 24, 48), window_size=12),
+    "vit_base": Arch("vit", 768, (12,), (12,), patch_size=16),
+    # Same classes, small enough to train on a laptop CPU in minutes.
+    "swin_tiny": Arch("swin", 96, (2, 2, 6, 2), (3, 6, 12, 24), window_size=6),
+    "swin_micro": Arch("swin", 32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=4),
+    "vit_micro": Arch("vit", 96, (4,), (3,), patch_size=16),
+}
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases (all 1-D), position tables and the mask token take no weight decay."""
+    keys = ("mask_token", "pos_embed", "cls_token", "relative_position_bias_table", "absolute_pos_embed")
+    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
+
+
+class SwinEncoder(nn.Module):
+    stride = 32
+
+    def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float):
+        super().__init__()
+        grid = img_size // arch.patch_size
+        for stage in range(len(arch.depths)):
+            res = grid // 2 ** stage
+            if res % window_size and res > window_size:
+                raise ValueError(f"Swin window {window_size} does not tile stage {stage} ({res}x{res} tokens) "
+                                 f"at image size {img_size}: pick model.window_size dividing {res}")
+        self.swin = SwinTransformer(
+            img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
+            num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=0)
+        self.num_features = self.swin.num_features
+        self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        x = self.swin.patch_embed(images)  # (B, H/4, W/4, C), patch norm included
+        B, h, w, C = x.shape
+        x = mask_token_fill(x.reshape(B, h * w, C), masks, self.mask_token).view(B, h, w, C)
+        ape = getattr(self.swin, "absolute_pos_embed", None)
+        if ape is not None:
+            x = x + ape
+        x = self.swin.norm(self.swin.layers(x))  # (B, H/32, W/32, 8C)
+        return x.permute(0, 3, 1, 2)
+
+
+class ViTEncoder(nn.Module):
+    stride = 16
+
+    def __init__(self, arch: Arch, img_size: int, drop_path: float):
+        super().__init__()
+        self.vit = VisionTransformer(
+            img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depths[0],
+            num_heads=arch.num_heads[0], drop_path_rate=drop_path, num_classes=0)
+        self.num_features = self.vit.num_features
+        self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        x = mask_token_fill(v.patch_embed(images), masks, self.mask_token)  # (B, L, D)
+        x = v.norm_pre(v.patch_drop(v._pos_embed(x)))  # cls token and position table after the fill
+        x = v.norm(v.blocks(x))[:, v.num_prefix_tokens:]  # (B, L, D)
+        B, L, D = x.shape
+        gh, gw = images.shape[2] // self.stride, images.shape[3] // self.stride
+        return x.transpose(1, 2).reshape(B, D, gh, gw)
+
+
+class SimMIM(nn.Module):
+    def __init__(self, encoder: nn.Module, in_chans: int = 3):
+        super().__init__()
+        self.encoder = encoder
+        self.stride = encoder.stride
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, self.stride ** 2 * in_chans, kernel_size=1),
+            nn.PixelShuffle(self.stride))
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, return_pred: bool = False):
+        """images (B, 3, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
+        scalar), or (loss, pred (B, 3, H, W)) when return_pred."""
+        pred = self.decoder(self.encoder(images, masks))
+        loss = masked_l1_loss(pred, images, masks)
+        return (loss, pred) if return_pred else loss
+
+
+def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
+                 drop_path: float = 0.0) -> SimMIM:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
+    a = ARCHS[arch]
+    if a.family == "swin":
+        encoder = SwinEncoder(a, img_size, window_size or a.window_size, drop_path)
+    else:
+        encoder = ViTEncoder(a, img_size, drop_path)
+    if img_size % encoder.stride:
+        raise ValueError(f"image size {img_size} must be a multiple of the {arch} output stride {encoder.stride}")
+    if img_size % mask_patch_size or mask_patch_size % a.patch_size:
+        raise ValueError(f"mask patch size {mask_patch_size} must divide image size {img_size} and be a "
+                         f"multiple of the {arch} patch size {a.patch_size}")
+    return SimMIM(encoder)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

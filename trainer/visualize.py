@@ -1,0 +1,51 @@
+"""Reconstruction figure: original / masked input / reconstruction, un-normalised, as PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from simmim.pipeline.augment import denormalize  # noqa: E402
+
+from .checkpoint import atomic_write  # noqa: E402
+
+
+def pixel_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, 1, H, W) float; for figures only, never in the training path."""
+    return torch.nn.functional.interpolate(masks[:, None].float(), size=size, mode="nearest")
+
+
+@torch.no_grad()
+def reconstruction_panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor,
+                          mean, std) -> list[torch.Tensor]:
+    """Three (B, H, W, 3) float images in [0, 1]: original, masked input (grey), reconstruction
+    (the prediction inside masked cells, the input elsewhere)."""
+    m = pixel_mask(masks, images.shape[-2:]).to(images.device)
+    original = denormalize(images, mean, std)
+    masked = original * (1 - m) + 0.5 * m
+    recon = original * (1 - m) + denormalize(pred.float(), mean, std) * m
+    return [t.permute(0, 2, 3, 1).cpu() for t in (original, masked, recon)]
+
+
+def save_reconstruction(images, masks, pred, mean, std, path: str | Path, title: str = "") -> Path:
+    panels = reconstruction_panels(images, masks, pred, mean, std)
+    n = images.shape[0]
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
+    for row, (name, panel) in enumerate(zip(("original", "masked input", "reconstruction"), panels)):
+        for col in range(n):
+            ax = axes[row][col]
+            ax.imshow(panel[col].numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
