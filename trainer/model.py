@@ -35,6 +35,7 @@ ARCHS = {
     "vit_base": Arch("vit", 768, (12,), (12,), patch_size=16),
     # Same classes, small enough to train on a laptop CPU in minutes.
     "swin_tiny": Arch("swin", 96, (2, 2, 6, 2), (3, 6, 12, 24), window_size=6),
+    "swin_mini": Arch("swin", 64, (2, 2, 2, 2), (2, 4, 8, 16), window_size=4),
     "swin_micro": Arch("swin", 32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=4),
     "vit_micro": Arch("vit", 96, (4,), (3,), patch_size=16),
 }
