@@ -1,41 +1,239 @@
-"""Masked L1 reconstruction loss.
+"""Masked reconstruction loss (L1 by default, as in the paper).
 
-    loss = sum(|pred - target| * m) / (sum(m) + 1e-5) / C
+    loss = sum(f(pred - target) * m) / (sum(m) + 1e-5) / C
 
-with `m` the (B, h, w) cell mask expanded to pixels and counted once per pixel (not per channel).
-The reference never builds the pixel mask: it sums |pred - target| inside each cell, then weights
-the (B, h, w) cell sums by the cell mask.
+with `m` the (B, h, w) cell mask expanded to pixels and counted once per pixel (not per
+channel), f = |.| (L1), (.)^2 (L2) or smooth-L1. Options the paper ablates or users ask for:
+`all_pixels=True` (m = 1 everywhere), `norm_target=k` (each target pixel normalised by the mean
+and variance of its k x k neighbourhood, the SwinV2 variant). `pred` may also be the head's
+output before PixelShuffle, (B, C*s*s, H/s, W/s): both paths accept it, the kernel reads it in
+place.
+
+The pixel mask is never built: the reference sums f inside each cell and weights the (B, h, w)
+cell sums; the kernel runs one program per cell and skips every read of an unmasked cell. The
+kernel's forward also writes d loss / d pred (for an upstream gradient of 1), so the backward
+pass reads nothing unless the upstream gradient differs from 1 (gradient accumulation, loss
+scaling), when it rescales in place. Per-cell partial sums are reduced in a fixed order, so the
+result is deterministic.
+
+Order: reference, Triton kernels, launchers, custom ops with autograd, public function.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .dispatch import HAS_TRITON, use_triton
 
 EPS = 1e-5
+LOSSES = {"l1": 0, "l2": 1, "smooth_l1": 2}
 
 
-def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> tuple[int, int]:
-    if pred.shape != target.shape or pred.dim() != 4:
-        raise ValueError(f"pred and target must share one (B, C, H, W) shape, got {tuple(pred.shape)} "
-                         f"and {tuple(target.shape)}")
-    B, _, H, W = pred.shape
+def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, loss: str) -> tuple[int, int, int]:
+    """Returns (cell height, cell width, PixelShuffle factor of pred or 0)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+    if target.dim() != 4:
+        raise ValueError(f"target must be (B, C, H, W), got shape {tuple(target.shape)}")
+    B, C, H, W = target.shape
+    shuffle = 0
+    if pred.shape != target.shape:
+        s = H // pred.shape[2] if pred.dim() == 4 and pred.shape[2] else 0
+        if s < 2 or pred.shape != (B, C * s * s, H // s, W // s) or H % s or W % s:
+            raise ValueError(f"pred {tuple(pred.shape)} must match target {tuple(target.shape)}, or be its "
+                             f"pre-PixelShuffle layout (B, C*s*s, H/s, W/s)")
+        shuffle = s
     if masks.dim() != 3 or masks.shape[0] != B or H % masks.shape[1] or W % masks.shape[2]:
         raise ValueError(f"masks {tuple(masks.shape)} must be (B, h, w) with h dividing {H} and w dividing {W}")
-    return H // masks.shape[1], W // masks.shape[2]
+    return H // masks.shape[1], W // masks.shape[2], shuffle
 
 
-def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """pred, target: (B, C, H, W); masks: (B, h, w) bool. Returns a float32 scalar."""
-    sy, sx = _check(pred, target, masks)
-    B, C, H, W = pred.shape
+def norm_targets(target: torch.Tensor, k: int) -> torch.Tensor:
+    """Each pixel minus the mean of its k x k neighbourhood, over the neighbourhood's std
+    (unbiased; windows clipped at the border)."""
+    if k < 3 or k % 2 == 0:
+        raise ValueError(f"norm_target window must be odd and >= 3, got {k}")
+    t = target.float()
+    pool = lambda v: F.avg_pool2d(v, k, stride=1, padding=k // 2, count_include_pad=False)  # noqa: E731
+    mean, mean_sq = pool(t), pool(t * t)
+    count = F.avg_pool2d(torch.ones_like(t[:1, :1]), k, stride=1, padding=k // 2, count_include_pad=True) * k * k
+    var = (mean_sq - mean * mean).clamp(min=0) * (count / (count - 1))
+    return (t - mean) / (var + 1e-6).sqrt()
+
+
+def _denominator(masks: torch.Tensor, cell_pixels: int, all_pixels: bool, H: int, W: int) -> torch.Tensor:
+    if all_pixels:
+        return torch.full((), masks.shape[0] * H * W + EPS, device=masks.device, dtype=torch.float32)
+    return masks.sum(dtype=torch.float32) * cell_pixels + EPS
+
+
+# ----------------------------------------------------------------------------- reference
+def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, *, loss: str = "l1",
+                       beta: float = 1.0, all_pixels: bool = False, norm_target: int = 0) -> torch.Tensor:
+    """pred: (B, C, H, W) or (B, C*s*s, H/s, W/s); target: (B, C, H, W); masks: (B, h, w) bool.
+    Returns a float32 scalar."""
+    sy, sx, shuffle = _check(pred, target, masks, loss)
+    if shuffle:
+        pred = F.pixel_shuffle(pred, shuffle)
+    if norm_target:
+        target = norm_targets(target, norm_target)
+    B, C, H, W = target.shape
     h, w = masks.shape[1:]
-    diff = (pred.float() - target.float()).abs()  # (B, C, H, W)
-    cell_sums = diff.view(B, C, h, sy, w, sx).sum(dim=(1, 3, 5))  # (B, h, w)
-    m = masks.to(cell_sums.dtype)
-    masked_pixels = m.sum() * (sy * sx)
-    return (cell_sums * m).sum() / (masked_pixels + EPS) / C
+    d = pred.float() - target.float()  # (B, C, H, W)
+    if loss == "l1":
+        v = d.abs()
+    elif loss == "l2":
+        v = d * d
+    else:
+        v = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta)
+    cell_sums = v.view(B, C, h, sy, w, sx).sum(dim=(1, 3, 5))  # (B, h, w)
+    if all_pixels:
+        return cell_sums.sum() / _denominator(masks, sy * sx, True, H, W) / C
+    return (cell_sums * masks.to(cell_sums.dtype)).sum() / _denominator(masks, sy * sx, False, H, W) / C
 
 
-def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The loss the model calls. The fused Triton kernel plugs in here (see the kernels issue);
-    until then every device uses the reference."""
-    return masked_l1_loss_ref(pred, target, masks)
+# ----------------------------------------------------------------------------- Triton kernels
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loss_fwd_kernel(pred_ptr, tgt_ptr, m_ptr, denom_ptr, part_ptr, grad_ptr,
+                         C, H, W, cells, w, sy, sx, S, inv_c, beta,
+                         KIND: tl.constexpr, ALL_PIXELS: tl.constexpr, SHUFFLED: tl.constexpr,
+                         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per mask cell: the cell's sum of f(pred - target) and, if WRITE_GRAD,
+        d loss / d pred for the cell (zeros for an unmasked cell, which is never read)."""
+        pid = tl.program_id(0).to(tl.int64)
+        b, rem = pid // cells, pid % cells
+        y0, x0 = (rem // w) * sy, (rem % w) * sx
+        if ALL_PIXELS:
+            active = True
+        else:
+            active = tl.load(m_ptr + pid) != 0
+        scale = inv_c / tl.load(denom_ptr)
+        cell_px = sy * sx
+        n = C * cell_px
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for e0 in range(0, n, BLOCK):
+            e = e0 + tl.arange(0, BLOCK)
+            in_e = e < n
+            c, r = e // cell_px, e % cell_px
+            y, x = y0 + r // sx, x0 + r % sx
+            t_off = ((b * C + c) * H + y) * W + x
+            if SHUFFLED:  # pred is (B, C*S*S, H/S, W/S): channel c*S*S + (y%S)*S + x%S at (y//S, x//S)
+                p_off = ((b * C * S * S + c * S * S + (y % S) * S + x % S) * (H // S) + y // S) * (W // S) + x // S
+            else:
+                p_off = t_off
+            ld = in_e & active
+            p = tl.load(pred_ptr + p_off, mask=ld, other=0.0).to(tl.float32)
+            d = p - tl.load(tgt_ptr + t_off, mask=ld, other=0.0).to(tl.float32)
+            ad = tl.abs(d)
+            sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+            if KIND == 0:
+                v, g = ad, sgn
+            elif KIND == 1:
+                v, g = d * d, 2.0 * d
+            else:
+                small = ad < beta
+                v = tl.where(small, 0.5 * d * d / beta, ad - 0.5 * beta)
+                g = tl.where(small, d / beta, sgn)
+            acc += v
+            if WRITE_GRAD:
+                tl.store(grad_ptr + p_off, (g * scale).to(grad_ptr.dtype.element_ty), mask=in_e)
+        tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+        """x *= g, touching memory only when g != 1 (the common loss.backward() case reads nothing)."""
+        g = tl.load(g_ptr).to(tl.float32)
+        if g != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < n
+            v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(x_ptr + offs, (v * g).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _loss_fwd(pred, target, masks, kind: int, beta: float, all_pixels: bool, norm_target: int,
+              need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    sy, sx, shuffle = _check(pred, target, masks, list(LOSSES)[kind])
+    if norm_target:
+        target = norm_targets(target, norm_target)
+    pred, target = pred.contiguous(), target.contiguous()
+    B, C, H, W = target.shape
+    cells = masks.shape[1] * masks.shape[2]
+    denom = _denominator(masks, sy * sx, all_pixels, H, W)
+    part = torch.empty(B * cells, device=pred.device, dtype=torch.float32)
+    grad = torch.empty_like(pred) if need_grad else part  # part: a placeholder never written
+    block = min(1024, triton.next_power_of_2(C * sy * sx))
+    _loss_fwd_kernel[(B * cells,)](
+        pred, target, masks.contiguous().view(torch.uint8), denom, part, grad,
+        C, H, W, cells, masks.shape[2], sy, sx, shuffle, 1.0 / C, float(beta),
+        KIND=kind, ALL_PIXELS=all_pixels, SHUFFLED=shuffle > 0, WRITE_GRAD=need_grad, BLOCK=block)
+    return part.sum() / denom / C, (grad if need_grad else pred.new_empty(0))
+
+
+def _scale_(x: torch.Tensor, g: torch.Tensor) -> None:
+    n = x.numel()
+    _scale_kernel[(triton.cdiv(n, 4096),)](x, g.to(torch.float32).reshape(1), n, BLOCK=4096)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op("simmim::masked_loss", mutates_args=())
+def _loss_op(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, kind: int, beta: float,
+             all_pixels: bool, norm_target: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _loss_fwd(pred, target, masks, kind, beta, all_pixels, norm_target, need_grad)
+
+
+@_loss_op.register_fake
+def _(pred, target, masks, kind, beta, all_pixels, norm_target, need_grad):
+    loss = pred.new_empty((), dtype=torch.float32)
+    return loss, (torch.empty_like(pred) if need_grad else pred.new_empty(0))
+
+
+@torch.library.custom_op("simmim::scale_", mutates_args=("x",))
+def _scale_op(x: torch.Tensor, g: torch.Tensor) -> None:
+    _scale_(x, g)
+
+
+@_scale_op.register_fake
+def _(x, g):
+    return None
+
+
+def _loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.need_grad = inputs[-1]
+    ctx.used = False
+
+
+def _loss_backward(ctx, grad_loss, _grad_saved):
+    if not ctx.need_grad:
+        raise RuntimeError("masked_l1_loss: forward ran without gradients; call it with grad enabled")
+    if ctx.used:
+        raise RuntimeError("the fused masked_l1_loss supports one backward per forward; use "
+                           "backend='reference' for retain_graph / repeated backward")
+    ctx.used = True
+    (grad,) = ctx.saved_tensors
+    _scale_op(grad, grad_loss)  # in place: a no-op read-free launch when grad_loss == 1
+    return grad, None, None, None, None, None, None, None
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+# ----------------------------------------------------------------------------- public function
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, *, loss: str = "l1",
+                   beta: float = 1.0, all_pixels: bool = False, norm_target: int = 0,
+                   backend: str | None = None) -> torch.Tensor:
+    """The loss the model calls: the fused kernel on CUDA when Triton is available, the
+    reference otherwise (see kernels.dispatch). Returns a float32 scalar; gradients flow to pred."""
+    if not use_triton(pred, target, backend=backend):
+        return masked_l1_loss_ref(pred, target, masks, loss=loss, beta=beta, all_pixels=all_pixels,
+                                  norm_target=norm_target)
+    _check(pred, target, masks, loss)
+    need_grad = pred.requires_grad and torch.is_grad_enabled()
+    out, _ = _loss_op(pred, target.detach(), masks.bool(), LOSSES[loss], float(beta), all_pixels,
+                      norm_target, need_grad)
+    return out

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from simmim.pipeline.masking import MaskGenerator
-from simmim.trainer.model import ARCHS, build_simmim, param_groups
+from simmim.trainer.model import ARCHS, LossOptions, build_simmim, param_groups
 
 
 @pytest.mark.parametrize("arch,size", [("swin_micro", 128), ("vit_micro", 64), ("swin_micro", 64)])
@@ -69,7 +69,11 @@ def test_weight_decay_groups():
 
 @pytest.mark.parametrize("kwargs", [dict(arch="nope", img_size=192, mask_patch_size=32),
                                     dict(arch="swin_base", img_size=192, mask_patch_size=30),
-                                    dict(arch="swin_base", img_size=160, mask_patch_size=32, window_size=7)])
+                                    dict(arch="swin_base", img_size=160, mask_patch_size=32, window_size=7),
+                                    dict(arch="vit_micro", img_size=64, mask_patch_size=32,
+                                         loss=LossOptions(loss="l3")),
+                                    dict(arch="vit_micro", img_size=64, mask_patch_size=32,
+                                         loss=LossOptions(norm_target=4))])
 def test_bad_model_arguments(kwargs):
     with pytest.raises(ValueError):
         build_simmim(**kwargs)

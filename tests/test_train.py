@@ -106,8 +106,9 @@ def test_kill_and_resume_gives_same_losses(sample_root, tmp_path):
     (["optim.base_lr=fast"], "config key 'optim.base_lr' expects float"),
     (["model.arch=resnet"], "unknown model.arch 'resnet'"),
 ])
-def test_cli_errors_are_one_line(args, message, tmp_path):
-    proc = run_cli(["pretrain", "--config", "demo", f"run.out_dir={tmp_path}", *args])
+def test_cli_errors_are_one_line(args, message, tmp_path, sample_root):
+    proc = run_cli(["pretrain", "--config", "demo", f"run.out_dir={tmp_path}", f"data.path={sample_root}/train",
+                    *args])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2
     lines = [line for line in out.splitlines() if line.strip()]

@@ -3,6 +3,7 @@
     simmim pretrain --config RECIPE [key.sub=value ...]   pre-train (resumes from run.out_dir)
     simmim sample-data [--out data/sample]                build the embedded sample dataset
     simmim bench avgdist [...]                            the paper's Figure 3a
+    simmim bench kernels [...]                            fused kernels vs references
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
@@ -31,6 +32,8 @@ def cmd_sample_data(args) -> None:
 def cmd_bench(args) -> None:
     if args.name == "avgdist":
         from simmim.benchmarks.avg_dist import main as run
+    elif args.name == "kernels":
+        from simmim.benchmarks.kernels import main as run
     run(args.rest)
 
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_sample_data)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=["avgdist"])
+    p.add_argument("name", choices=["avgdist", "kernels"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 

@@ -36,6 +36,11 @@ class ModelConfig:
     arch: str = "swin_base"
     window_size: int = 0  # 0: the arch's own
     drop_path: float = 0.0
+    loss: str = "l1"  # l1 (the paper) | l2 | smooth_l1
+    loss_beta: float = 1.0  # smooth_l1 only
+    loss_all_pixels: bool = False  # ablation: loss on every pixel, not only masked ones
+    norm_target: int = 0  # k > 0: per-window normalised targets (SwinV2 variant), k odd
+    fused_shuffle: bool = False  # fused loss reads the head output before PixelShuffle (CUDA)
 
 
 @dataclass

@@ -98,25 +98,44 @@ class ViTEncoder(nn.Module):
         return x.transpose(1, 2).reshape(B, D, gh, gw)
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    loss: str = "l1"  # l1 (the paper) | l2 | smooth_l1
+    beta: float = 1.0  # smooth_l1 only
+    all_pixels: bool = False  # the paper's ablation: predict every pixel, not only masked ones
+    norm_target: int = 0  # k > 0: targets normalised over k x k windows (SwinV2's variant)
+
+
 class SimMIM(nn.Module):
-    def __init__(self, encoder: nn.Module, in_chans: int = 3):
+    def __init__(self, encoder: nn.Module, in_chans: int = 3, loss: LossOptions = LossOptions(),
+                 fused_shuffle: bool = False):
         super().__init__()
         self.encoder = encoder
         self.stride = encoder.stride
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, self.stride ** 2 * in_chans, kernel_size=1),
             nn.PixelShuffle(self.stride))
+        self.loss_options = loss
+        # The fused loss can read the head's output before PixelShuffle, saving that copy forward
+        # and backward; off until measured faster on the GPU (see benchmarks).
+        self.fused_shuffle = fused_shuffle
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, return_pred: bool = False):
         """images (B, 3, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
         scalar), or (loss, pred (B, 3, H, W)) when return_pred."""
-        pred = self.decoder(self.encoder(images, masks))
-        loss = masked_l1_loss(pred, images, masks)
-        return (loss, pred) if return_pred else loss
+        conv, shuffle = self.decoder
+        out = conv(self.encoder(images, masks))  # (B, 3*s*s, H/s, W/s)
+        pred = out if self.fused_shuffle else shuffle(out)
+        o = self.loss_options
+        loss = masked_l1_loss(pred, images, masks, loss=o.loss, beta=o.beta, all_pixels=o.all_pixels,
+                              norm_target=o.norm_target)
+        if not return_pred:
+            return loss
+        return loss, shuffle(out) if self.fused_shuffle else pred
 
 
 def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
-                 drop_path: float = 0.0) -> SimMIM:
+                 drop_path: float = 0.0, loss: LossOptions = LossOptions(), fused_shuffle: bool = False) -> SimMIM:
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
     a = ARCHS[arch]
@@ -124,12 +143,16 @@ def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: in
         encoder = SwinEncoder(a, img_size, window_size or a.window_size, drop_path)
     else:
         encoder = ViTEncoder(a, img_size, drop_path)
+    if loss.loss not in ("l1", "l2", "smooth_l1"):
+        raise ValueError(f"model.loss must be l1, l2 or smooth_l1, got '{loss.loss}'")
+    if loss.norm_target and (loss.norm_target < 3 or loss.norm_target % 2 == 0):
+        raise ValueError(f"model.norm_target must be 0 or an odd window >= 3, got {loss.norm_target}")
     if img_size % encoder.stride:
         raise ValueError(f"image size {img_size} must be a multiple of the {arch} output stride {encoder.stride}")
     if img_size % mask_patch_size or mask_patch_size % a.patch_size:
         raise ValueError(f"mask patch size {mask_patch_size} must divide image size {img_size} and be a "
                          f"multiple of the {arch} patch size {a.patch_size}")
-    return SimMIM(encoder)
+    return SimMIM(encoder, loss=loss, fused_shuffle=fused_shuffle)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -22,7 +22,7 @@ from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_c
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import train_one_epoch
-from .model import build_simmim, param_groups
+from .model import LossOptions, build_simmim, param_groups
 from .schedule import LRSchedule
 from .visualize import save_reconstruction
 
@@ -96,10 +96,12 @@ def pretrain(cfg: Config) -> dict:
 
     aug = Augmentation(size=d.img_size)
     masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio)
+    m = cfg.model
+    model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path,
+                         LossOptions(m.loss, m.loss_beta, m.loss_all_pixels, m.norm_target),
+                         m.fused_shuffle).to(dist.device)
     loader = build_loader(d.backend, d.path, aug, masks, d.batch_size, d.num_workers, dist.device,
                           dist.rank, dist.world_size, t.seed)
-    model = build_simmim(cfg.model.arch, d.img_size, d.mask_patch_size, cfg.model.window_size,
-                         cfg.model.drop_path).to(dist.device)
     ddp = model
     if dist.world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one prepared GPU script: every GPU test and benchmark in a few minutes, a short table last.
+#
+#   bash benchmarks/gpu_check.sh            (OUT=folder for results; default ./results)
+#
+# A bare GPU machine without a package index: `simmim` is made importable by mapping the repo's
+# folders (no pip needed); wheels carried in .whl/ are installed to /tmp/site when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${OUT:-results}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu_check.log"
+: > "$LOG"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! $PY -c "import simmim.kernels" 2>/dev/null; then
+  mkdir -p /tmp/simmim_path/simmim
+  for p in pipeline kernels trainer benchmarks; do ln -sfn "$PWD/$p" "/tmp/simmim_path/simmim/$p"; done
+  export PYTHONPATH=/tmp/simmim_path${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$LOG"
+
+declare -A STATUS
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$LOG"
+  local t0=$SECONDS
+  if timeout "$limit" "$@" >>"$LOG" 2>&1; then STATUS[$name]="ok ($((SECONDS - t0)) s)"
+  else STATUS[$name]="FAILED rc=$? ($((SECONDS - t0)) s), see $LOG"; fi
+  tail -n 3 "$LOG"
+}
+
+step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
+step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
+
+echo
+echo "================ summary ($(date -u +%H:%M:%S) UTC)"
+for k in "${!STATUS[@]}"; do printf '%-22s %s\n' "$k" "${STATUS[$k]}"; done
+$PY - "$RESULTS" <<'PY'
+import glob, json, sys
+for path in glob.glob(f"{sys.argv[1]}/kernels-*/kernels.json"):
+    r = json.load(open(path))
+    print(f"\nkernels on {r['device']}, batch {r['batch']}, copy bandwidth {r['copy_gb_s'] or 0:.0f} GB/s")
+    print(f"{'shape':<11} {'op':<10} {'fused ms':>9} {'eager ms':>9} {'compiled':>9} {'vs eager':>9} {'vs comp.':>9} {'% copy bw':>9}")
+    for shape in dict.fromkeys(t["shape"] for t in r["timings"]):
+        for op in ("mask_fill", "masked_l1"):
+            t = {x["impl"]: x for x in r["timings"] if x["shape"] == shape and x["op"] == op}
+            f, e, c = t["fused"], t["eager ref"], t["compiled ref"]
+            print(f"{shape:<11} {op:<10} {f['ms']:>9.3f} {e['ms']:>9.3f} {c['ms']:>9.3f} {e['ms'] / f['ms']:>8.2f}x "
+                  f"{c['ms'] / f['ms']:>8.2f}x {100 * f['gb_s'] / r['copy_gb_s']:>8.0f}%")
+PY

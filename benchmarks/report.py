@@ -1,0 +1,44 @@
+"""Shared output helpers: results folders that name the device, and grouped bar charts."""
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def results_dir(base: str | Path, name: str) -> Path:
+    """base/<name>-<device>, e.g. results/kernels-nvidia-h100-80gb-hbm3."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+    out = Path(base) / f"{name}-{slug}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""The fused Triton kernels against their fp32 references: forward and every gradient, awkward
+shapes, all dtypes, outputs poisoned so unwritten elements fail. On CPU the kernels run in
+Triton's interpreter (TRITON_INTERPRET=1, set by conftest); on a GPU machine, compiled."""
+import math
+
+import pytest
+import torch
+
+from simmim.kernels import dispatch, mask_token_fill, mask_token_fill_ref, masked_l1_loss, masked_l1_loss_ref
+
+pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every float buffer the kernels allocate starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(math.nan) if t.is_floating_point() and t.numel() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def rand(*shape, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype).requires_grad_(grad)
+
+
+# (B, h, w, s, D): Swin-B 192 (6x6 cells of 8x8 tokens, D 128), ViT-B 224 (7x7 cells of 2x2, D 768,
+# trimmed), batch 1, prime D, non-square grids, one token per cell
+FILL_SHAPES = [(2, 6, 6, 8, 128), (1, 7, 7, 2, 96), (1, 3, 5, 1, 7), (3, 4, 2, 3, 13), (2, 1, 1, 4, 130)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,h,w,s,D", FILL_SHAPES)
+def test_mask_token_fill(B, h, w, s, D, dtype):
+    x = rand(B, h * s * w * s, D, dtype=dtype, grad=True)
+    token = rand(D, grad=True)
+    masks = torch.rand(B, h, w, device=DEVICE) < 0.6
+    out = mask_token_fill(x, masks, token, backend="triton")
+    want = mask_token_fill_ref(x.detach().float(), masks, token.detach())
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.float(), want, **TOL[dtype])
+    g = rand(*out.shape, dtype=dtype)
+    gx, gt = torch.autograd.grad(out, (x, token), g)
+    xr, tr = x.detach().float().requires_grad_(), token.detach().clone().requires_grad_()
+    gxr, gtr = torch.autograd.grad(mask_token_fill_ref(xr, masks, tr), (xr, tr), g.float())
+    assert not gx.isnan().any() and not gt.isnan().any()
+    torch.testing.assert_close(gx.float(), gxr, **TOL[dtype])
+    torch.testing.assert_close(gt, gtr, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * math.sqrt(x.shape[1]))
+
+
+# (pred shape, mask grid): Swin 192/32, ViT 224/32, batch 1, prime channels, non-square, 1x1 cells
+LOSS_SHAPES = [((2, 3, 192, 192), (6, 6)), ((1, 3, 224, 224), (7, 7)), ((2, 5, 28, 42), (4, 6)),
+               ((1, 7, 13, 11), (13, 11)), ((3, 3, 32, 64), (1, 2))]
+OPTIONS = [dict(), dict(loss="l2"), dict(loss="smooth_l1", beta=0.3), dict(all_pixels=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,grid", LOSS_SHAPES)
+def test_masked_loss(shape, grid, dtype):
+    for opts in OPTIONS if dtype == torch.float32 else OPTIONS[:1]:
+        pred = rand(*shape, dtype=dtype, grad=True)
+        target = rand(*shape)
+        masks = torch.rand(shape[0], *grid, device=DEVICE) < 0.6
+        got = masked_l1_loss(pred, target, masks, backend="triton", **opts)
+        (g,) = torch.autograd.grad(got * 0.37, pred)  # upstream gradient != 1: the rescale path
+        pr = pred.detach().float().requires_grad_()
+        want = masked_l1_loss_ref(pr, target, masks, **opts)
+        (gr,) = torch.autograd.grad(want * 0.37, pr)
+        assert got.dtype == torch.float32 and not g.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # fp32 accumulation whatever the dtype
+        torch.testing.assert_close(g.float(), gr.to(g.dtype).float(), **TOL[dtype])
+        (g1,) = torch.autograd.grad(masked_l1_loss(pred, target, masks, backend="triton", **opts), pred)
+        torch.testing.assert_close(g1.float(), (gr / 0.37).to(g.dtype).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("s,grid", [(32, (2, 3)), (16, (2, 2))])
+def test_masked_loss_reads_pre_pixelshuffle_layout(s, grid):
+    target = rand(2, 3, 64, 96 if grid[1] == 3 else 64)
+    pred = rand(2, 3 * s * s, target.shape[2] // s, target.shape[3] // s, grad=True)
+    masks = torch.rand(2, *grid, device=DEVICE) < 0.5
+    masks[0, 0, 0] = True
+    got = masked_l1_loss(pred, target, masks, backend="triton")
+    (g,) = torch.autograd.grad(got, pred)
+    shuffled = torch.nn.functional.pixel_shuffle(pred.detach(), s).requires_grad_()
+    want = masked_l1_loss_ref(shuffled, target, masks)
+    (gr,) = torch.autograd.grad(want, shuffled)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.nn.functional.pixel_shuffle(g, s), gr)
+
+
+def test_norm_target_matches():
+    pred, target = rand(2, 3, 32, 32, grad=True), rand(2, 3, 32, 32)
+    masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
+    got = masked_l1_loss(pred, target, masks, norm_target=7, backend="triton")
+    want = masked_l1_loss_ref(pred, target, masks, norm_target=7)
+    torch.testing.assert_close(got, want)
+
+
+def test_unmasked_cells_cost_nothing_and_no_grad_forward():
+    pred, target = rand(2, 3, 64, 64, grad=True), rand(2, 3, 64, 64)
+    none = torch.zeros(2, 2, 2, dtype=torch.bool, device=DEVICE)
+    loss = masked_l1_loss(pred, target, none, backend="triton")
+    (g,) = torch.autograd.grad(loss, pred)
+    assert loss.item() == 0 and (g == 0).all()
+    with torch.no_grad():
+        val = masked_l1_loss(pred, target, ~none, backend="triton")
+    torch.testing.assert_close(val, masked_l1_loss_ref(pred.detach(), target, ~none))
+
+
+def test_deterministic():
+    pred, target = rand(4, 3, 96, 96, grad=True), rand(4, 3, 96, 96)
+    masks = torch.rand(4, 3, 3, device=DEVICE) < 0.6
+    runs = [masked_l1_loss(pred, target, masks, backend="triton") for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+def test_dispatch(monkeypatch):
+    x = torch.randn(1, 4, 2)
+    m = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert not dispatch.use_triton(x, backend="auto") or x.is_cuda
+    assert not dispatch.use_triton(x, backend="reference")
+    monkeypatch.setenv("SIMMIM_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="SIMMIM_KERNELS"):
+        mask_token_fill(x, m, torch.zeros(2))
+    monkeypatch.setenv("SIMMIM_KERNELS", "reference")
+    with dispatch.use_backend("triton"):
+        assert dispatch.use_triton(x) == (dispatch.interpreting() or x.is_cuda)
+
+
+@pytest.mark.parametrize("fused_shuffle", [False, True])
+def test_model_uses_kernels_and_matches_reference(fused_shuffle):
+    from simmim.trainer.model import build_simmim
+
+    torch.manual_seed(0)
+    model = build_simmim("vit_micro", 64, 32, fused_shuffle=fused_shuffle).to(DEVICE)
+    x = rand(2, 3, 64, 64)
+    masks = torch.rand(2, 2, 2, device=DEVICE) < 0.6
+    grads = []
+    for backend in ("triton", "reference"):
+        model.zero_grad()
+        with dispatch.use_backend(backend):
+            loss = model(x, masks)
+        loss.backward()
+        grads.append((loss.detach(), model.encoder.mask_token.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_fullgraph():
+    """The ops are opaque custom ops with fake and autograd registrations: fullgraph=True fails on
+    any graph break. On CPU the aot_eager backend traces them (the interpreter cannot be compiled);
+    on a GPU, inductor compiles the surrounding graph."""
+    torch._dynamo.reset()
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+
+    def step(x, token, pred, target, masks, kernels="triton"):
+        filled = mask_token_fill(x, masks, token, backend=kernels)
+        return masked_l1_loss(pred * 2, target, masks, backend=kernels) + filled.square().mean()
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    x, token = rand(2, 16, 8, grad=True), rand(8, grad=True)
+    pred, target = rand(2, 3, 64, 64, grad=True), rand(2, 3, 64, 64)
+    masks = torch.rand(2, 2, 2, device=DEVICE) < 0.5
+    got = compiled(x, token, pred, target, masks)
+    grads = torch.autograd.grad(got, (x, token, pred))
+    want = step(x, token, pred, target, masks, kernels="reference")
+    wants = torch.autograd.grad(want, (x, token, pred))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b)
