@@ -117,20 +117,22 @@ class ShardedSampler(torch.utils.data.Sampler):
     """Yields (index, sample seed) for this rank's share of one epoch.
 
     The permutation depends on (seed, epoch) only, so every rank agrees on it; rank r takes
-    positions r, r + world, ... of the first `len // world * world` (drop_last) entries.
+    positions r, r + world, ... of the first `len // world * world` (drop_last) entries. So the
+    j-th global batch of world x b samples is the same whatever the world size, and rank r holds
+    its positions r, r + world, ... `start` skips this rank's first samples (mid-epoch resume).
     """
 
     def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
         if size < world:
             raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
         self.size, self.rank, self.world = size, rank, world
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size // self.world
+        return self.size // self.world - self.start
 
     def __iter__(self):
         if self.shuffle:
@@ -138,5 +140,6 @@ class ShardedSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        for i in order[self.rank:len(self) * self.world:self.world]:
+        per_rank = self.size // self.world
+        for i in order[self.rank + self.start * self.world:per_rank * self.world:self.world]:
             yield i, sample_seed(self.seed, self.epoch, i)

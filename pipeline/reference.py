@@ -27,7 +27,7 @@ class ReferenceLoader:
         self.dataset = ImageFolder(root, aug)
         self.aug, self.mask_generator = aug, masks
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
         self.sampler = ShardedSampler(len(self.dataset), rank, world, seed, shuffle)
         if len(self) == 0:
             raise ValueError(f"{len(self.dataset)} images over {world} ranks do not fill one batch of "
@@ -38,20 +38,36 @@ class ReferenceLoader:
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
+        """Batches per epoch (a full epoch, whatever `start_batch`)."""
+        return (len(self.dataset) // self.world) // self.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def mask_rng(self) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
-        return g
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Next iteration yields epoch `epoch` from batch `start_batch` on (mid-epoch resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __iter__(self):
-        g = self.mask_rng()
-        for images, _ in self.loader:
+        masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
+                                 self.batch_size, self.device)
+        for k, (images, _) in enumerate(self.loader, start=self.start_batch):
             images = images.to(self.device, non_blocking=True)
-            masks = self.mask_generator.sample(images.shape[0], generator=g, device=self.device)
-            yield normalize(images, self.aug.mean, self.aug.std, self.dtype), masks
+            yield normalize(images, self.aug.mean, self.aug.std, self.dtype), masks(k)
+
+
+class GlobalBatchMasks:
+    """Masks for batch k of an epoch, drawn for the whole global batch from a seed of
+    (seed, epoch, k) and sliced to this rank's samples (positions rank, rank + world, ...). A
+    sample gets the same mask whatever the world size, and any batch can be drawn directly, so
+    resuming mid-epoch needs no replay."""
+
+    def __init__(self, generator: MaskGenerator, seed: int, epoch: int, rank: int, world: int,
+                 batch_size: int, device: torch.device):
+        self.generator, self.rank, self.world, self.batch_size = generator, rank, world, batch_size
+        self.base = (seed * 1_000_003 + epoch) * 1_000_033
+        self.rng = torch.Generator(device=device)
+        self.device = device
+
+    def __call__(self, k: int) -> torch.Tensor:
+        self.rng.manual_seed(self.base + k)
+        masks = self.generator.sample(self.batch_size * self.world, generator=self.rng, device=self.device)
+        return masks[self.rank::self.world].contiguous()

@@ -45,10 +45,10 @@ def test_short_run_loss_falls_and_writes_outputs(sample_root, tmp_path):
     assert len(epoch_losses) == 8
     assert sum(epoch_losses[-2:]) / 2 < 0.9 * epoch_losses[0], epoch_losses
     for name in ("config.yaml", "metrics.jsonl", "log.txt", "reconstruction.png", "reconstruction-0002.png",
-                 "checkpoint-0002.pt", "checkpoint-0007.pt"):
+                 "checkpoint-00000021.pt", "checkpoint-00000056.pt"):
         assert (out / name).exists(), name
     state = load_checkpoint(latest_checkpoint(out))  # weights_only=True
-    assert state["epoch"] == 7 and "mask_token" in "".join(state["model"]) and state["optimizer"]["state"]
+    assert state["epoch"] == 7 and state["step_in_epoch"] == 7 and "mask_token" in "".join(state["model"]) and state["optimizer"]["state"]
     assert load_config(str(out / "config.yaml")) == cfg
     log = (out / "log.txt").read_text()
     assert "effective" in log and "img/s" in log and "grad_norm" in log
@@ -83,13 +83,13 @@ def test_kill_and_resume_gives_same_losses(sample_root, tmp_path):
     out = tmp_path / "killed"
     proc = run_cli(common + tiny_overrides(sample_root, out))
     deadline = time.time() + 300
-    while not (out / "checkpoint-0001.pt").exists():
+    while not (out / "checkpoint-00000014.pt").exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "checkpoint-0004.pt").exists()  # it really died mid-run
+    assert not (out / "checkpoint-00000035.pt").exists()  # it really died mid-run
     resumed = run_cli(common + tiny_overrides(sample_root, out))
     text = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, text

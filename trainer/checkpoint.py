@@ -31,9 +31,9 @@ def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(out_dir: Path, epoch: int, state: dict, keep_last: int = 3) -> Path:
-    """Writes out_dir/checkpoint-{epoch}.pt and deletes all but the newest `keep_last`."""
-    path = Path(out_dir) / f"checkpoint-{epoch:04d}.pt"
+def save_checkpoint(out_dir: Path, step: int, state: dict, keep_last: int = 3) -> Path:
+    """Writes out_dir/checkpoint-{global step}.pt and deletes all but the newest `keep_last`."""
+    path = Path(out_dir) / f"checkpoint-{step:08d}.pt"
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     for _, old in checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)

@@ -61,8 +61,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from .config import ConfigError
 
+    from .pretrain import REQUEUE_EXIT, Diverged, Preempted
+
     try:
         args.fn(args)
+    except Preempted as e:
+        print(f"simmim {args.command}: {e}", file=sys.stderr)
+        sys.exit(REQUEUE_EXIT)
+    except Diverged as e:
+        print(f"simmim {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -65,6 +65,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
+    channels_last: bool = True  # CUDA only
+    max_skipped_steps: int = 20  # consecutive non-finite steps before the run stops
 
 
 @dataclass
@@ -75,6 +79,7 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept
     vis_every: int = 10  # epochs; the final epoch always writes a figure
     progress: bool = True
+    stop_check_every: int = 10  # steps between checks for a stop signal across ranks
 
 
 @dataclass

@@ -55,6 +55,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest `value` over ranks (a host sync; call at log intervals only)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

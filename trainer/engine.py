@@ -2,72 +2,122 @@
 
 One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP
 all-reduce skipped on non-final micro-steps), grad-norm clipping, a GradScaler that is a no-op
-unless fp16. The host waits on the device only at log intervals.
+unless fp16. A step whose gradient norm is not finite is skipped on the device (the fused AdamW
+reads a found-inf flag), so the host waits on the device only at log intervals, where the loss,
+the skipped-step count and a stop request (preemption signal) are read.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
-from .distributed import all_reduce_mean
+from .distributed import all_reduce_max, all_reduce_mean
+
+
+@dataclass
+class StepState:
+    """Device-side counters carried across epochs; read only at sync points."""
+    device: torch.device
+    skipped: torch.Tensor = None  # steps skipped for a non-finite gradient, in total
+    streak: torch.Tensor = None  # consecutive skipped steps up to now
+
+    def __post_init__(self):
+        self.skipped = torch.zeros((), device=self.device)
+        self.streak = torch.zeros((), device=self.device)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    steps_done: int  # optimizer steps of this epoch completed (from step 0 of the epoch)
+    loss: float  # mean over the steps run in this call, over ranks
+    stopped: str = ""  # "" | "signal" | "diverged"
+    records: list = field(default_factory=list)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    lr_at: Callable[[int], float], *, epoch: int, first_step: int, steps: int,
+                    lr_at: Callable[[int], float], *, epoch: int, steps_per_epoch: int, start_step: int,
                     accum_steps: int, clip_grad: float, amp_dtype: torch.dtype | None,
-                    scaler: torch.amp.GradScaler, world_size: int, log_every: int,
-                    log: Callable[[dict], None], progress: bool = False) -> dict:
-    """Runs `steps` optimizer steps (each `accum_steps` micro-batches) from step `first_step`.
+                    scaler: torch.amp.GradScaler, state: StepState, world_size: int, log_every: int,
+                    log: Callable[[dict], None], seed: int, rank: int, stop_requested: Callable[[], bool],
+                    max_skipped_streak: int, stop_check_every: int = 10, progress: bool = False) -> EpochResult:
+    """Runs optimizer steps start_step .. steps_per_epoch - 1 of `epoch` (each `accum_steps`
+    micro-batches; the loader must already be positioned at start_step).
 
-    Calls log(record) every `log_every` steps with the step's loss (mean over ranks), lr, grad
-    norm and images/sec. Returns the epoch's mean loss and step count.
+    Every `log_every` steps: log(record) with the step's loss (mean over ranks), lr, grad norm,
+    images/sec and skipped steps; then a stop is honoured if requested on any rank, or if
+    `max_skipped_streak` steps in a row were skipped (divergence).
     """
     model.train()
-    device = next(model.parameters()).device
+    device = state.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum = torch.zeros((), device=device)
+    epoch_skipped = torch.zeros((), device=device)
     step_loss = torch.zeros((), device=device)
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
-    tick, images_seen = time.perf_counter(), 0
-    step = first_step
+    bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False,
+               disable=not progress, dynamic_ncols=True)
+    tick, images_seen, run_steps = time.perf_counter(), 0, 0
+    result = EpochResult(epoch, start_step, float("nan"))
     data = iter(loader)
-    for i in range(steps * accum_steps):
-        images, masks = next(data)
-        micro = i % accum_steps
-        if micro == 0:
-            step = first_step + i // accum_steps
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            step_loss.zero_()
-        last_micro = micro == accum_steps - 1
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(images, masks)
-            scaler.scale(loss / accum_steps).backward()
-        step_loss += loss.detach() / accum_steps
-        images_seen += images.shape[0]
-        if not last_micro:
-            continue
+    for step_in_epoch in range(start_step, steps_per_epoch):
+        step = epoch * steps_per_epoch + step_in_epoch
+        torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # drop path: a function of (step, rank)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        step_loss.zero_()
+        for micro in range(accum_steps):
+            images, masks = next(data)
+            last = micro == accum_steps - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = model(images, masks)
+                scaler.scale(loss / accum_steps).backward()
+            step_loss += loss.detach() / accum_steps
+            images_seen += images.shape[0]
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
-        scaler.step(optimizer)
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself
+        else:
+            optimizer.found_inf = found_inf  # read by the fused AdamW: no update, no host sync
+            optimizer.step()
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += step_loss
+        state.skipped += found_inf
+        epoch_skipped += found_inf
+        state.streak = (state.streak + found_inf) * found_inf
+        loss_sum += torch.where(found_inf > 0, 0.0, step_loss)
+        run_steps += 1
+        result.steps_done = step_in_epoch + 1
         bar.update(1)
-        done = step - first_step + 1
-        if done % log_every == 0 or done == steps:
-            mean_loss = all_reduce_mean(step_loss).item()  # the only host sync in the loop
+        at_log = run_steps % log_every == 0 or step_in_epoch == steps_per_epoch - 1
+        if at_log:
+            mean_loss = all_reduce_mean(step_loss).item()  # host sync, at log intervals only
             elapsed = time.perf_counter() - tick
             record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed}
+                      "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed,
+                      "skipped_steps": int(state.skipped.item())}
             log(record)
+            result.records.append(record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
             tick, images_seen = time.perf_counter(), 0
+            if state.streak.item() >= max_skipped_streak:
+                result.stopped = "diverged"
+                break
+        # A signal may reach ranks at different steps: they agree through an all-reduce, which
+        # costs a host sync, so with several ranks only every `stop_check_every` steps.
+        if (at_log or world_size == 1 or run_steps % stop_check_every == 0) and \
+                all_reduce_max(float(stop_requested()), device) > 0:
+            result.stopped = "signal"
+            break
     bar.close()
-    return {"epoch": epoch, "loss": all_reduce_mean(loss_sum / steps).item(), "steps": steps}
+    good_steps = run_steps - int(epoch_skipped.item())  # skipped steps added nothing to loss_sum
+    result.loss = all_reduce_mean(loss_sum).item() / good_steps if good_steps else float("nan")
+    return result

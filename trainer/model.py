@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
@@ -65,6 +66,9 @@ class SwinEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.swin.set_grad_checkpointing(enable)
+
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         x = self.swin.patch_embed(images)  # (B, H/4, W/4, C), patch norm included
         B, h, w, C = x.shape
@@ -85,14 +89,19 @@ class ViTEncoder(nn.Module):
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depths[0],
             num_heads=arch.num_heads[0], drop_path_rate=drop_path, num_classes=0)
         self.num_features = self.vit.num_features
+        self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         v = self.vit
         x = mask_token_fill(v.patch_embed(images), masks, self.mask_token)  # (B, L, D)
         x = v.norm_pre(v.patch_drop(v._pos_embed(x)))  # cls token and position table after the fill
-        x = v.norm(v.blocks(x))[:, v.num_prefix_tokens:]  # (B, L, D)
+        x = checkpoint_seq(v.blocks, x) if self.grad_checkpointing and self.training else v.blocks(x)
+        x = v.norm(x)[:, v.num_prefix_tokens:]  # (B, L, D)
         B, L, D = x.shape
         gh, gw = images.shape[2] // self.stride, images.shape[3] // self.stride
         return x.transpose(1, 2).reshape(B, D, gh, gw)

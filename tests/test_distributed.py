@@ -1,0 +1,246 @@
+"""Distributed training and faults on CPU (gloo): 1 vs 2 processes, a 2-node run simulated on
+localhost through trainer/run.sh, SIGTERM with resume, a killed rank, non-finite steps."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simmim.trainer.checkpoint import checkpoints, load_checkpoint
+from simmim.trainer.config import load_config
+from simmim.trainer.pretrain import Diverged, pretrain, resolve_accumulation
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_SH = REPO / "trainer" / "run.sh"
+TINY = ["--config", "demo", "data.img_size=64", "data.num_workers=0", "model.arch=swin_micro",
+        "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
+        "run.log_every=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra):
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "simmim.trainer.cli", "pretrain", *args], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def run_sh(args, **extra):
+    return subprocess.Popen(["bash", str(RUN_SH), *args], env=env(**extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=300):
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        pytest.fail(f"timed out after {timeout} s:\n{proc.communicate()[0][-6000:]}")
+    return proc.returncode, out
+
+
+def losses(run_dir):
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+def args_for(sample_root, out, *extra):
+    return [*TINY, f"data.path={sample_root}/train", f"run.out_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(sample_root, tmp_path_factory):
+    """An uninterrupted single-process run that the fault tests must reproduce step for step."""
+    out = tmp_path_factory.mktemp("reference")
+    code, text = finish(cli(args_for(sample_root, out, "train.epochs=3", "data.batch_size=8",
+                                     "run.save_every=1")))
+    assert code == 0, text
+    return out
+
+
+def test_two_processes_match_one(sample_root, tmp_path, reference_run):
+    """Same global batch (2 x 4 vs 1 x 8): the same loss at every step, within float tolerance."""
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "simmim.trainer.cli", "pretrain",
+         *args_for(sample_root, out, "train.epochs=3", "data.batch_size=4", "run.save_every=1")],
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code, text = finish(proc)
+    assert code == 0, text
+    assert "world size 2" in text and "global batch 8 (4 x 2 ranks x 1 accum)" in text
+    one, two = losses(reference_run), losses(out)
+    assert [s for s, _ in one] == [s for s, _ in two] and len(one) >= 15
+    torch.testing.assert_close([v for _, v in two], [v for _, v in one], rtol=2e-4, atol=1e-5)
+
+
+def test_two_nodes_through_run_sh(sample_root, tmp_path):
+    out = tmp_path / "two_nodes"
+    port = free_port()
+    common = dict(NNODES=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GPUS_PER_NODE=1, RDZV_ID="test2n",
+                  MAX_RESTARTS=0)
+    args = args_for(sample_root, out, "train.epochs=2", "data.batch_size=4", "run.save_every=1")
+    nodes = [run_sh(args, NODE_RANK=rank, **common) for rank in (0, 1)]
+    results = [finish(n) for n in nodes]
+    for code, text in results:
+        assert code == 0, text
+    text = "".join(t for _, t in results)
+    assert "2 node(s) x 1 process(es)" in text and "world size 2" in text
+    assert [p.name for _, p in checkpoints(out)][-1] == "checkpoint-00000014.pt"  # 2 epochs x 7 steps
+    assert len(losses(out)) == 14
+
+
+def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_path, reference_run):
+    out = tmp_path / "sigterm"
+    args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=8", "run.save_every=1")
+    proc = cli(args)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 10:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    code, text = finish(proc)
+    assert code == 75, text
+    assert "received SIGTERM" in text and "run the same command to resume" in text
+    step = load_checkpoint(checkpoints(out)[-1][1])
+    assert step["epoch"] == 1 and 0 < step["step_in_epoch"] < 7  # stopped mid-epoch 1
+    code, text = finish(cli(args))
+    assert code == 0, text
+    assert f"epoch 1, step {step['step_in_epoch']} of 7" in text
+    a, b = losses(reference_run), losses(out)
+    assert [s for s, _ in a] == [s for s, _ in b]  # no step lost or repeated
+    torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-6)
+
+
+def process_children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_killed_rank_is_restarted_and_run_finishes(sample_root, tmp_path):
+    out = tmp_path / "killed_rank"
+    args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=4", "run.save_every=1")
+    proc = run_sh(args, GPUS_PER_NODE=2, MASTER_PORT=free_port(), MAX_RESTARTS=2, RDZV_ID="killtest")
+    deadline = time.time() + 300
+    while not checkpoints(out):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    agents = [p for p in process_children(proc.pid)]
+    workers = [w for a in agents for w in process_children(a)]
+    assert len(workers) == 2, (agents, workers)
+    os.kill(workers[1], signal.SIGKILL)
+    code, text = finish(proc)
+    assert code == 0, text
+    assert "resumed from" in text
+    steps = [s for s, _ in losses(out)]
+    assert steps == list(range(21))  # 3 epochs x 7 steps, each once
+    assert checkpoints(out)[-1][0] == 21
+
+
+def test_run_sh_help_and_slurm_variables(tmp_path):
+    out = subprocess.run(["bash", str(RUN_SH), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "SLURM" in out.stdout and "GPUS_PER_NODE" in out.stdout
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    (fake / "python").write_text("#!/bin/sh\necho \"ARGS $*\"\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    e = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "NNODES", "NODE_RANK", "MASTER_PORT")}
+    e.update(PATH=f"{fake}:{os.environ['PATH']}", PYTHON=str(fake / "python"), SLURM_JOB_ID="4242",
+             SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu-node-[07-08]", GPUS_PER_NODE="8")
+    res = subprocess.run(["bash", str(RUN_SH), "--config", "swin_base_100ep", "train.epochs=1"], env=e,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    line = next(l for l in res.stdout.splitlines() if l.startswith("ARGS"))
+    for part in ("--nnodes=2", "--node-rank=1", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                 "--rdzv-endpoint=gpu-node-07:29500", "--rdzv-id=4242", "--max-restarts=3",
+                 "pretrain --config swin_base_100ep train.epochs=1"):
+        assert part in line, (part, line)
+
+
+def tiny_cfg(sample_root, out, *extra):
+    over = [a for a in args_for(sample_root, out, *extra) if "=" in a]
+    return load_config("demo", over)
+
+
+def test_nonfinite_steps_are_skipped(sample_root, tmp_path, monkeypatch):
+    from simmim.trainer import model as model_mod
+
+    calls = {"n": 0}
+    forward = model_mod.SimMIM.forward
+
+    def flaky(self, images, masks, return_pred=False):
+        out = forward(self, images, masks, return_pred)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in (3, 4):
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(model_mod.SimMIM, "forward", flaky)
+    out = tmp_path / "nan"
+    summary = pretrain(tiny_cfg(sample_root, out, "train.epochs=1", "data.batch_size=8"))
+    recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["skipped_steps"] for r in recs][:5] == [0, 0, 1, 2, 2]
+    assert [r["loss"] is None for r in recs] == [False, False, True, True, False, False, False]  # JSON null
+    assert summary["epochs"][0]["loss"] == summary["epochs"][0]["loss"]  # the epoch mean skips NaN steps
+    state = load_checkpoint(checkpoints(out)[-1][1])
+    assert state["skipped_steps"] == 2
+    adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {7 - 2}  # the optimizer took 5 real steps of 7
+
+
+def test_divergence_stops_with_checkpoint(sample_root, tmp_path, monkeypatch):
+    from simmim.trainer import model as model_mod
+
+    forward = model_mod.SimMIM.forward
+    calls = {"n": 0}
+
+    def diverging(self, images, masks, return_pred=False):
+        out = forward(self, images, masks, return_pred)
+        calls["n"] += self.training
+        return out * float("inf") if self.training and calls["n"] > 2 else out
+
+    monkeypatch.setattr(model_mod.SimMIM, "forward", diverging)
+    out = tmp_path / "diverge"
+    with pytest.raises(Diverged, match="3 consecutive steps had a non-finite loss"):
+        pretrain(tiny_cfg(sample_root, out, "train.epochs=2", "data.batch_size=8", "train.max_skipped_steps=3"))
+    state = load_checkpoint(checkpoints(out)[-1][1])
+    assert state["epoch"] == 0 and state["step_in_epoch"] == 5 and state["skipped_steps"] == 3
+    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_world_size_change_keeps_global_batch(caplog):
+    state = {"global_batch": 2048, "world_size": 16}
+    with caplog.at_level("WARNING"):
+        assert resolve_accumulation(state, 128, 8, 1) == 2
+    assert "accum_steps 1 -> 2 keeps the global batch at 2048" in caplog.text
+    assert resolve_accumulation(state, 128, 16, 1) == 1
+    with caplog.at_level("WARNING"):
+        assert resolve_accumulation(state, 128, 24, 1) == 1
+    assert "the global batch changes from 2048 to 3072" in caplog.text
