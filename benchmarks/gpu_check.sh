@@ -37,6 +37,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 
 step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
+step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
 
 echo
 echo "================ summary ($(date -u +%H:%M:%S) UTC)"
@@ -53,4 +54,11 @@ for path in glob.glob(f"{sys.argv[1]}/kernels-*/kernels.json"):
             f, e, c = t["fused"], t["eager ref"], t["compiled ref"]
             print(f"{shape:<11} {op:<10} {f['ms']:>9.3f} {e['ms']:>9.3f} {c['ms']:>9.3f} {e['ms'] / f['ms']:>8.2f}x "
                   f"{c['ms'] / f['ms']:>8.2f}x {100 * f['gb_s'] / r['copy_gb_s']:>8.0f}%")
+for path in glob.glob(f"{sys.argv[1]}/step-*/step-*.json"):
+    r = json.load(open(path))
+    print(f"\ntraining step on {r['device']} ({path.rsplit('/', 1)[1][5:-5]})")
+    for x in r["rows"]:
+        mfu = f"{x['mfu_pct']:.1f}%" if x["mfu_pct"] is not None else "n/a"
+        print(f"{x['model']:<10} {x['image_size']} batch {x['batch']}: {x['img_per_s']:8.0f} img/s  MFU {mfu:>6}  "
+              f"data wait {x['data_wait_pct']:.1f}%  peak {x['peak_mem_gib'] or 0:.1f} GiB")
 PY

@@ -36,7 +36,8 @@ def env(**extra):
 
 def cli(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "simmim.trainer.cli", "pretrain", *args], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
 
 
 def run_sh(args, **extra):
@@ -44,16 +45,30 @@ def run_sh(args, **extra):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def kill_and_fail(proc, why: str):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # every process here runs in its own session
+    except (ProcessLookupError, PermissionError):
+        pass
+    pytest.fail(f"{why}:\n{proc.communicate()[0][-6000:]}")
+
+
 def finish(proc, timeout=300):
     try:
         out = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
-        pytest.fail(f"timed out after {timeout} s:\n{proc.communicate()[0][-6000:]}")
+        kill_and_fail(proc, f"timed out after {timeout} s")
     return proc.returncode, out
+
+
+def wait_for(condition, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            kill_and_fail(proc, f"exited early with {proc.returncode}")
+        if time.time() > deadline:
+            kill_and_fail(proc, f"condition not met in {timeout} s")
+        time.sleep(0.02)
 
 
 def losses(run_dir):
@@ -111,10 +126,7 @@ def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_pa
     out = tmp_path / "sigterm"
     args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=8", "run.save_every=1")
     proc = cli(args)
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 10:
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.02)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 10, proc)
     proc.send_signal(signal.SIGTERM)
     code, text = finish(proc)
     assert code == 75, text
@@ -126,6 +138,23 @@ def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_pa
     assert f"epoch 1, step {step['step_in_epoch']} of 7" in text
     a, b = losses(reference_run), losses(out)
     assert [s for s, _ in a] == [s for s, _ in b]  # no step lost or repeated
+    torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-6)
+
+
+def test_sigkill_and_resume_gives_same_losses(sample_root, tmp_path, reference_run):
+    """A run killed outright (no chance to checkpoint) and restarted with the same command resumes
+    from its last checkpoint and reproduces the uninterrupted run's losses; the log holds each step once."""
+    out = tmp_path / "sigkill"
+    args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=8", "run.save_every=1")
+    proc = cli(args)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert checkpoints(out) and not (out / "checkpoint-00000021.pt").exists()  # it died mid-run
+    code, text = finish(cli(args))
+    assert code == 0 and "resumed from" in text, text
+    a, b = losses(reference_run), losses(out)
+    assert [s for s, _ in a] == [s for s, _ in b]
     torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-6)
 
 
@@ -145,10 +174,7 @@ def test_killed_rank_is_restarted_and_run_finishes(sample_root, tmp_path):
     out = tmp_path / "killed_rank"
     args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=4", "run.save_every=1")
     proc = run_sh(args, GPUS_PER_NODE=2, MASTER_PORT=free_port(), MAX_RESTARTS=2, RDZV_ID="killtest")
-    deadline = time.time() + 300
-    while not checkpoints(out):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.05)
+    wait_for(lambda: checkpoints(out), proc)
     agents = [p for p in process_children(proc.pid)]
     workers = [w for a in agents for w in process_children(a)]
     assert len(workers) == 2, (agents, workers)

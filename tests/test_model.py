@@ -81,3 +81,18 @@ def test_bad_model_arguments(kwargs):
 
 def test_archs_are_complete():
     assert {"swin_base", "swin_large", "vit_base"} <= set(ARCHS)
+
+
+@pytest.mark.parametrize("arch,size,window", [("swin_micro", 64, 2), ("vit_micro", 64, 0)])
+def test_activation_checkpointing_same_gradients(arch, size, window):
+    torch.manual_seed(0)
+    model = build_simmim(arch, size, 32, window_size=window)
+    x = torch.randn(2, 3, size, size)
+    masks = MaskGenerator(size, 32, 0.6).sample(2, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.encoder.set_grad_checkpointing(enable)
+        model(x, masks).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])

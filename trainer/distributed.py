@@ -42,8 +42,13 @@ def init_distributed(preference: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store, rank, world = next(dist.rendezvous("env://"))
+        # torchrun may hand every restart the same store: keep each attempt's keys apart, or a
+        # restarted group reads the dead ranks' addresses and fails to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"simmim/attempt{attempt}", store),
+                                rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world, device)
 
 

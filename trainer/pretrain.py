@@ -73,9 +73,10 @@ class StopFlag:
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if not self.signum:
-            log.warning("received %s: stopping after the current step with a checkpoint",
-                        signal.Signals(signum).name)
+        if self.signum:  # a second signal: stop now, without a checkpoint
+            raise SystemExit(128 + signum)
+        log.warning("received %s: stopping after the current step with a checkpoint (send it again "
+                    "to stop at once)", signal.Signals(signum).name)
         self.signum = signum
 
     def __call__(self) -> bool:

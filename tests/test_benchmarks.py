@@ -1,0 +1,42 @@
+import json
+import math
+
+from simmim.benchmarks import avg_dist, kernels, step
+
+
+def test_avgdist_bench_writes_outputs(tmp_path):
+    table = avg_dist.main(["--out", str(tmp_path), "--samples", "16"])
+    assert set(table) == {4, 8, 16, 32, 64} and len(table[32]) == 9
+    assert table[4][0.6] < table[8][0.6] < table[16][0.6] < table[32][0.6] < table[64][0.6]
+    assert math.isnan(table[64][0.9])  # 9 cells at 192/64: ceil(0.9 * 9) = 9 masks them all
+    assert (tmp_path / "avgdist.png").stat().st_size > 0
+    assert json.loads((tmp_path / "avgdist.json").read_text())["input_size"] == 192
+
+
+def test_kernels_bench_checks_correctness_on_cpu(tmp_path):
+    out = kernels.main(["--out", str(tmp_path)])
+    assert len(out["checks"]) == 4 and all(c["ok"] for c in out["checks"])
+    assert list(tmp_path.glob("kernels-*/kernels.md"))
+
+
+def test_step_bench_synthetic_and_loader(tmp_path, sample_root):
+    rows = step.main(["--models", "vit_micro", "--batch", "4", "--steps", "2", "--warmup", "1",
+                      "--out", str(tmp_path), "--kernels", "reference"])
+    (r,) = rows
+    assert r["img_per_s"] > 0 and r["gflops_per_image"] > 0.1 and r["mfu_pct"] is None
+    rows = step.main(["--models", "vit_micro", "--batch", "4", "--steps", "2", "--warmup", "1", "--data", "loader",
+                      "--data-path", str(sample_root / "train"), "--workers", "0", "--out", str(tmp_path)])
+    assert rows[0]["data_wait_pct"] > 0
+    files = {p.name for p in next(tmp_path.glob("step-*")).iterdir()}
+    assert {"step-fp32-reference-synthetic.md", "step-fp32-auto-loader.json", "step-fp32-auto-loader.png"} <= files
+
+
+def test_flops_counted_exactly_at_full_size():
+    """ViT-B/16 at 224 is ~17.6 G multiply-adds forward, 35 GFLOPs; a step (forward + backward) ~3x."""
+    import torch
+
+    from simmim.trainer.model import build_simmim
+
+    model = build_simmim("vit_base", 224, 32)
+    gflops = step.flops_per_image(model, 224, 1, torch.device("cpu"), None) / 1e9
+    assert 95 < gflops < 112
