@@ -38,6 +38,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
 step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
+step "bench claims" 240 $PY -m simmim.trainer.cli bench claims --out "$RESULTS"
 
 echo
 echo "================ summary ($(date -u +%H:%M:%S) UTC)"
@@ -54,6 +55,12 @@ for path in glob.glob(f"{sys.argv[1]}/kernels-*/kernels.json"):
             f, e, c = t["fused"], t["eager ref"], t["compiled ref"]
             print(f"{shape:<11} {op:<10} {f['ms']:>9.3f} {e['ms']:>9.3f} {c['ms']:>9.3f} {e['ms'] / f['ms']:>8.2f}x "
                   f"{c['ms'] / f['ms']:>8.2f}x {100 * f['gb_s'] / r['copy_gb_s']:>8.0f}%")
+for path in glob.glob(f"{sys.argv[1]}/claims-*/claims.json"):
+    r = json.load(open(path))
+    print(f"\nclaims on {r['device']} (total cost x SimMIM by time; paper's claim)")
+    for x in r["rows"]:
+        if x["claimed"]:
+            print(f"{x['method']:<8} {x.get('cost_vs_simmim_time') or float('nan'):5.2f}x  claim {x['claimed']:.1f}x")
 for path in glob.glob(f"{sys.argv[1]}/step-*/step-*.json"):
     r = json.load(open(path))
     print(f"\ntraining step on {r['device']} ({path.rsplit('/', 1)[1][5:-5]})")

@@ -40,3 +40,17 @@ def test_flops_counted_exactly_at_full_size():
     model = build_simmim("vit_base", 224, 32)
     gflops = step.flops_per_image(model, 224, 1, torch.device("cpu"), None) / 1e9
     assert 95 < gflops < 112
+
+
+def test_claims_flop_table_at_full_size(tmp_path):
+    from simmim.benchmarks import claims
+
+    rows = {r["method"]: r for r in claims.main(["--no-timing", "--out", str(tmp_path)])}
+    assert set(rows) == set(claims.METHODS)
+    assert 100 < rows["SimMIM"]["gflops_per_image"] < 112  # ViT-B/16 step, all tokens
+    assert rows["MAE"]["flops_vs_simmim_per_image"] < 0.7  # encoder on a quarter of the tokens
+    assert rows["DINO"]["flops_vs_simmim_per_image"] > 4  # 12 crops through the student, 2 through the teacher
+    assert 2.4 < rows["MoCo v3"]["flops_vs_simmim_per_image"] < 2.9  # 2 views + momentum encoder forward
+    assert rows["BEiT"]["cost_vs_simmim_flops"] > 1.2  # tokenizer forward on top of the same ViT-B
+    report = next(tmp_path.glob("claims-*/claims.md")).read_text()
+    assert "paper's claim" in report and "reproduces" in report

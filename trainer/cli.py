@@ -5,6 +5,7 @@
     simmim bench avgdist [...]                            the paper's Figure 3a
     simmim bench kernels [...]                            fused kernels vs references
     simmim bench step [...]                               training-step speed and MFU
+    simmim bench claims [...]                             the paper's efficiency claims vs other methods
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
@@ -37,6 +38,8 @@ def cmd_bench(args) -> None:
         from simmim.benchmarks.kernels import main as run
     elif args.name == "step":
         from simmim.benchmarks.step import main as run
+    elif args.name == "claims":
+        from simmim.benchmarks.claims import main as run
     run(args.rest)
 
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_sample_data)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=["avgdist", "kernels", "step"])
+    p.add_argument("name", choices=["avgdist", "kernels", "step", "claims"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 
