@@ -12,7 +12,8 @@ the student, the global crops through an EMA teacher); MoCo v3 (2 views, momentu
 projector + predictor, symmetric loss); ViT's masked patch prediction at 384 (512-way colour head);
 supervised DeiT-B. Training FLOPs per image are counted exactly (torch.utils.flop_counter, on the
 meta device, so full sizes cost nothing); images/sec are measured on the current device. Total
-cost = cost per image x the epochs each method's paper used, relative to SimMIM.
+cost = cost per image x the epochs each method's paper used, relative to SimMIM. The report also
+holds the head ablation (benchmarks/heads.py): linear vs 2-layer MLP vs inverse Swin-B head.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.model import build_simmim
 
+from .heads import head_markdown, head_table
 from .report import device_name, results_dir, write_bar_chart
 
 # Pre-training epochs of each method's ViT-B result (ImageNet-1K), from the papers.
@@ -363,10 +365,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ips[name] = images_per_sec(name, args.batch, args.steps, device, amp)
             print(f"{name}: {ips[name]:.1f} img/s", flush=True)
     rows = build_table(flops, ips)
+    heads = head_table(not args.no_timing, max(1, args.batch // 2), args.steps)
     out = results_dir(args.out, "claims")
-    report = markdown(rows, device_name(), ips is not None)
+    report = markdown(rows, device_name(), ips is not None) + "\n" + head_markdown(heads)
     (out / "claims.md").write_text(report)
-    (out / "claims.json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=1))
+    (out / "claims.json").write_text(json.dumps({"device": device_name(), "rows": rows, "heads": heads}, indent=1))
     write_bar_chart(out / "claims.png", [r["method"] for r in rows],
                     {"FLOPs per image x SimMIM": [r["flops_vs_simmim_per_image"] for r in rows],
                      **({"time per image x SimMIM": [r["time_vs_simmim_per_image"] for r in rows]} if ips else {})},

@@ -54,3 +54,6 @@ def test_claims_flop_table_at_full_size(tmp_path):
     assert rows["BEiT"]["cost_vs_simmim_flops"] > 1.2  # tokenizer forward on top of the same ViT-B
     report = next(tmp_path.glob("claims-*/claims.md")).read_text()
     assert "paper's claim" in report and "reproduces" in report
+    heads = json.loads(next(tmp_path.glob("claims-*/claims.json")).read_text())["heads"]
+    assert [h["head"] for h in heads] == ["linear", "2-layer MLP", "inverse Swin-B"]
+    assert heads[1]["flops_vs_linear"] < 1.05 and 1.5 < heads[2]["flops_vs_linear"] < 2.6
