@@ -111,6 +111,14 @@ def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])).flatten(0, 1)
 
 
+@torch.no_grad()
+def ema_update(targets: list[nn.Module], sources: list[nn.Module], m: float) -> None:
+    """Momentum / teacher weights: target = m * target + (1 - m) * source, parameter by parameter."""
+    for t, s in zip(targets, sources):
+        for a, b in zip(t.parameters(), s.parameters()):
+            a.mul_(m).add_(b.detach(), alpha=1 - m)
+
+
 class Method(nn.Module):
     """One method's trainable parts plus its frozen ones; step(images) returns the loss."""
 
@@ -193,11 +201,8 @@ class DINOStep(Method):
         loss = sum(-(ti * si).sum(-1).mean() for i, ti in enumerate(t) for j, si in enumerate(s) if i != j)
         return loss / (2 * 11)
 
-    @torch.no_grad()
-    def ema(self, m: float = 0.996):
-        for a, b in zip(list(self.teacher.parameters()) + list(self.t_head.parameters()),
-                        list(self.student.parameters()) + list(self.s_head.parameters())):
-            a.mul_(m).add_(b.detach(), alpha=1 - m)
+    def ema(self):
+        ema_update([self.teacher, self.t_head], [self.student, self.s_head], 0.996)
 
 
 class MoCoV3Step(Method):
@@ -219,11 +224,8 @@ class MoCoV3Step(Method):
 
         return nce(q[0], k[1]) + nce(q[1], k[0])
 
-    @torch.no_grad()
-    def ema(self, m: float = 0.99):
-        for a, b in zip(list(self.mom.parameters()) + list(self.mom_proj.parameters()),
-                        list(self.base.parameters()) + list(self.proj.parameters())):
-            a.mul_(m).add_(b.detach(), alpha=1 - m)
+    def ema(self):
+        ema_update([self.mom, self.mom_proj], [self.base, self.proj], 0.99)
 
 
 class ViTMPPStep(Method):
