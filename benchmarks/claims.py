@@ -18,20 +18,18 @@ holds the head ablation (benchmarks/heads.py): linear vs 2-layer MLP vs inverse 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch.utils.flop_counter import FlopCounterMode
 
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.model import build_simmim
 
 from .heads import head_markdown, head_table
+from .measure import autocast, count_flops, seconds_per_call
 from .report import device_name, results_dir, write_bar_chart
 
 # Pre-training epochs of each method's ViT-B result (ImageNet-1K), from the papers.
@@ -261,8 +259,7 @@ METHODS = {"SimMIM": SimMIMStep, "MAE": MAEStep, "BEiT": BEiTStep, "DINO": DINOS
 
 
 def train_step(method: Method, x: torch.Tensor, amp_dtype) -> torch.Tensor:
-    amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with amp:
+    with autocast(x.device.type, amp_dtype):
         loss = method(x)
     loss.backward()
     if hasattr(method, "ema"):
@@ -275,9 +272,7 @@ def flops_per_image(name: str, batch: int = 2) -> float:
     with torch.device("meta"):
         method = METHODS[name]()
         x = torch.empty(batch, 3, 224, 224)
-    with FlopCounterMode(display=False) as counter:
-        train_step(method, x, None)
-    return counter.get_total_flops() / batch
+    return count_flops(lambda: train_step(method, x, None)) / batch
 
 
 def images_per_sec(name: str, batch: int, steps: int, device: torch.device, amp_dtype) -> float:
@@ -285,17 +280,13 @@ def images_per_sec(name: str, batch: int, steps: int, device: torch.device, amp_
     method = METHODS[name]().to(device)
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4, fused=True)
     x = torch.randn(batch, 3, 224, 224, device=device)
-    for i in range(steps + 1):  # the first step warms up
-        if i == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step():
         train_step(method, x, amp_dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+
+    return batch / seconds_per_call(step, steps, device)
 
 
 def build_table(flops: dict, ips: dict | None) -> list[dict]:

@@ -8,18 +8,16 @@ Cost = training-step FLOPs (exact, on the meta device) and, optionally, measured
 """
 from __future__ import annotations
 
-import contextlib
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerStage
-from torch.utils.flop_counter import FlopCounterMode
 
 from simmim.kernels import masked_l1_loss
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.model import ARCHS, SwinEncoder
+
+from .measure import autocast, count_flops, seconds_per_call
 
 CLAIMED_INVERSE_SWIN = 2.3
 
@@ -80,8 +78,7 @@ class WithHead(nn.Module):
 
 
 def step(model: nn.Module, x: torch.Tensor, amp_dtype) -> None:
-    amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with amp:
+    with autocast(x.device.type, amp_dtype):
         loss = model(x)
     loss.backward()
 
@@ -90,25 +87,19 @@ def head_flops(kind: str, batch: int = 2) -> float:
     """Training-step FLOPs per image of Swin-B SimMIM with this head (meta device)."""
     with torch.device("meta"):
         model, x = WithHead(kind), torch.empty(batch, 3, 192, 192)
-    with FlopCounterMode(display=False) as counter:
-        step(model, x, None)
-    return counter.get_total_flops() / batch
+    return count_flops(lambda: step(model, x, None)) / batch
 
 
 def head_step_seconds(kind: str, batch: int, steps: int, device: torch.device, amp_dtype) -> float:
     torch.manual_seed(0)
     model = WithHead(kind).to(device)
     x = torch.randn(batch, 3, 192, 192, device=device)
-    for i in range(steps + 1):
-        if i == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def once():
         step(model, x, amp_dtype)
         model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+
+    return seconds_per_call(once, steps, device)
 
 
 def head_table(timing: bool, batch: int, steps: int) -> list[dict]:

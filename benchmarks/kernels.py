@@ -100,7 +100,6 @@ def check_correctness(name: str, device: str) -> list[dict]:
     inp = make_inputs(name, 2, device, seed=1)
     rows = []
     for op in ("mask_fill", "masked_l1"):
-        errs = []
         results = []
         for backend in ("triton", "reference"):
             for p in ("x", "token", "pred"):

@@ -17,13 +17,13 @@ import json
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from simmim.kernels import dispatch
 from simmim.pipeline import Augmentation, MaskGenerator, build_loader
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.model import build_simmim, param_groups
 
+from .measure import autocast, count_flops
 from .report import device_name, results_dir, write_bar_chart
 
 MODELS = {  # name: (arch, image size, window)
@@ -50,12 +50,15 @@ def flops_per_image(model, size: int, batch: int, device, amp_dtype) -> float:
     """Forward + backward FLOPs of one training step, per image (matmuls, convolutions, attention)."""
     x = torch.randn(batch, 3, size, size, device=device)
     masks = MaskGenerator(size, 32, 0.6).sample(batch, device=device)
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+
+    def step():
+        with autocast(device.type, amp_dtype):
             loss = model(x, masks)
         loss.backward()
+
+    flops = count_flops(step)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / batch
+    return flops / batch
 
 
 class SyntheticData:

@@ -29,10 +29,16 @@ EPS = 1e-5
 LOSSES = {"l1": 0, "l2": 1, "smooth_l1": 2}
 
 
-def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, loss: str) -> tuple[int, int, int]:
-    """Returns (cell height, cell width, PixelShuffle factor of pred or 0)."""
+def check_options(loss: str, norm_target: int) -> None:
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+    if norm_target and (norm_target < 3 or norm_target % 2 == 0):
+        raise ValueError(f"norm_target must be 0 or an odd window >= 3, got {norm_target}")
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, loss: str) -> tuple[int, int, int]:
+    """Returns (cell height, cell width, PixelShuffle factor of pred or 0)."""
+    check_options(loss, 0)
     if target.dim() != 4:
         raise ValueError(f"target must be (B, C, H, W), got shape {tuple(target.shape)}")
     B, C, H, W = target.shape
@@ -51,8 +57,7 @@ def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, loss: 
 def norm_targets(target: torch.Tensor, k: int) -> torch.Tensor:
     """Each pixel minus the mean of its k x k neighbourhood, over the neighbourhood's std
     (unbiased; windows clipped at the border)."""
-    if k < 3 or k % 2 == 0:
-        raise ValueError(f"norm_target window must be odd and >= 3, got {k}")
+    check_options("l1", k)
     t = target.float()
     pool = lambda v: F.avg_pool2d(v, k, stride=1, padding=k // 2, count_include_pad=False)  # noqa: E731
     mean, mean_sq = pool(t), pool(t * t)
@@ -79,13 +84,11 @@ def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Te
         target = norm_targets(target, norm_target)
     B, C, H, W = target.shape
     h, w = masks.shape[1:]
-    d = pred.float() - target.float()  # (B, C, H, W)
-    if loss == "l1":
-        v = d.abs()
-    elif loss == "l2":
-        v = d * d
-    else:
+    if loss == "smooth_l1":  # torch's own smooth-L1, an independent check on the kernel's
         v = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta)
+    else:
+        d = pred.float() - target.float()  # (B, C, H, W)
+        v = d.abs() if loss == "l1" else d * d
     cell_sums = v.view(B, C, h, sy, w, sx).sum(dim=(1, 3, 5))  # (B, h, w)
     if all_pixels:
         return cell_sums.sum() / _denominator(masks, sy * sx, True, H, W) / C

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -19,16 +19,13 @@ from tqdm import tqdm
 from .distributed import all_reduce_max, all_reduce_mean
 
 
-@dataclass
 class StepState:
     """Device-side counters carried across epochs; read only at sync points."""
-    device: torch.device
-    skipped: torch.Tensor = None  # steps skipped for a non-finite gradient, in total
-    streak: torch.Tensor = None  # consecutive skipped steps up to now
 
-    def __post_init__(self):
-        self.skipped = torch.zeros((), device=self.device)
-        self.streak = torch.zeros((), device=self.device)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.skipped = torch.zeros((), device=device)  # steps skipped for a non-finite gradient, in total
+        self.streak = torch.zeros((), device=device)  # consecutive skipped steps up to now
 
 
 @dataclass
@@ -37,7 +34,6 @@ class EpochResult:
     steps_done: int  # optimizer steps of this epoch completed (from step 0 of the epoch)
     loss: float  # mean over the steps run in this call, over ranks
     stopped: str = ""  # "" | "signal" | "diverged"
-    records: list = field(default_factory=list)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -105,7 +101,6 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                       "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed,
                       "skipped_steps": int(state.skipped.item())}
             log(record)
-            result.records.append(record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
             tick, images_seen = time.perf_counter(), 0
             if state.streak.item() >= max_skipped_streak:

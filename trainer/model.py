@@ -17,6 +17,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from simmim.kernels import mask_token_fill, masked_l1_loss
+from simmim.kernels.masked_l1 import check_options
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,7 @@ def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: in
         encoder = SwinEncoder(a, img_size, window_size or a.window_size, drop_path)
     else:
         encoder = ViTEncoder(a, img_size, drop_path)
-    if loss.loss not in ("l1", "l2", "smooth_l1"):
-        raise ValueError(f"model.loss must be l1, l2 or smooth_l1, got '{loss.loss}'")
-    if loss.norm_target and (loss.norm_target < 3 or loss.norm_target % 2 == 0):
-        raise ValueError(f"model.norm_target must be 0 or an odd window >= 3, got {loss.norm_target}")
+    check_options(loss.loss, loss.norm_target)
     if img_size % encoder.stride:
         raise ValueError(f"image size {img_size} must be a multiple of the {arch} output stride {encoder.stride}")
     if img_size % mask_patch_size or mask_patch_size % a.patch_size:

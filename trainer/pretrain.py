@@ -212,7 +212,7 @@ def pretrain(cfg: Config) -> dict:
         if not dist.is_main:
             return None
         s = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": ep, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
+             "epoch": ep, "step_in_epoch": step_in_epoch,
              "global_batch": global_batch, "world_size": dist.world_size,
              "skipped_steps": int(step_state.skipped.item()), "config": cfg.to_dict()}
         path = save_checkpoint(out_dir, ep * steps_per_epoch + step_in_epoch, s, r.keep_last)
