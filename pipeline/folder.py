@@ -80,9 +80,11 @@ class ImageFolder(torch.utils.data.Dataset):
     bad JPEG never stops an epoch.
     """
 
-    def __init__(self, root: str | os.PathLike, aug: Augmentation):
+    def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
+                 crop_ratio: float = 0.875, transform=None):
         self.samples, self.classes = scan_folder(root)
-        self.aug = aug
+        self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
+        self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -101,6 +103,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 self._bad.add(i)
                 log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
                 continue
+            if not self.train:
+                return self.center_crop(img), label
             return self.augment(img, random.Random(seed)), label
         raise DatasetError("no image in the dataset could be read")
 
@@ -110,7 +114,25 @@ class ImageFolder(torch.utils.data.Dataset):
         img = img.resize((a.size, a.size), Image.BILINEAR, box=(left, top, left + w, top + h))
         if rng.random() < a.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, S, S) uint8
+        if self.transform is not None:
+            img = self.transform(img, rng)
+        return to_tensor(img)
+
+    def center_crop(self, img: Image.Image) -> torch.Tensor:
+        """The evaluation view: shorter side resized to size / crop_ratio, centre size x size."""
+        return to_tensor(center_crop(img, self.aug.size, self.crop_ratio))
+
+
+def center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.Image:
+    """The centre square of side crop_ratio * shorter side, resized to size x size (bilinear):
+    the same pixels as resizing the shorter side to size / crop_ratio and cropping the centre."""
+    side = crop_ratio * min(img.width, img.height)
+    left, top = (img.width - side) / 2, (img.height - side) / 2
+    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, S, S) uint8
 
 
 class ShardedSampler(torch.utils.data.Sampler):

@@ -1,17 +1,63 @@
-"""Picks the loader for `data.backend`; every backend yields the same (images, masks) contract."""
+"""Picks the loader for `data.backend`; every backend yields the same (images, masks) contract.
+
+    torch  the reference: PIL decoding in DataLoader workers, from a class-folder tree or list
+    ffcv   an FFCV .beton (`simmim convert`), augmentation in FFCV's compiled pipeline
+    dali   NVIDIA DALI from the JPEG folder, decoding on the GPU ('mixed') or CPU
+
+Backend-specific options (`data.order`, `data.dali_*`, ...) are passed through `options`; an
+option another backend does not use is ignored, so one recipe can switch backends.
+"""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from .augment import Augmentation
+from .folder import DatasetError
 from .masking import MaskGenerator
 from .reference import ReferenceLoader
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "ffcv", "dali")
+INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev libturbojpeg0-dev pkg-config)"),
+           "dali": ("nvidia.dali", "pip install -e '.[dali]'")}
+FFCV_OPTIONS = ("order", "os_cache", "buffer_pages", "train", "labels", "dtype", "batches_ahead", "crop_ratio")
+DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate",
+                "train", "labels", "dtype", "crop_ratio")
+TORCH_OPTIONS = ("train", "labels", "dtype", "crop_ratio")
 
 
-def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerator, batch_size: int,
-                 num_workers: int, device: torch.device, rank: int = 0, world: int = 1, seed: int = 0):
+def available(backend: str) -> bool:
+    if backend == "torch":
+        return True
+    module = INSTALL[backend][0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerator | None, batch_size: int,
+                 num_workers: int, device: torch.device, rank: int = 0, world: int = 1, seed: int = 0,
+                 **options):
     if backend not in BACKENDS:
-        raise ValueError(f"unknown data.backend '{backend}' (available here: {', '.join(BACKENDS)})")
-    return ReferenceLoader(path, aug, masks, batch_size, num_workers, device, rank, world, seed)
+        raise ValueError(f"unknown data.backend '{backend}' (one of: {', '.join(BACKENDS)})")
+    if not available(backend):
+        raise DatasetError(f"data.backend {backend} is not installed: {INSTALL[backend][1]}")
+    args = (path, aug, masks, batch_size, num_workers, device, rank, world, seed)
+    if backend == "ffcv":
+        from .ffcv_loader import FFCVLoader
+
+        if str(path).endswith("/") or not str(path).endswith(".beton"):
+            raise DatasetError(f"data.backend ffcv reads a .beton file, got '{path}' "
+                               f"(write one with `simmim convert {path} OUT.beton`)")
+        return FFCVLoader(*args, **_pick(options, FFCV_OPTIONS))
+    if backend == "dali":
+        from .dali_loader import DALILoader
+
+        return DALILoader(*args, **{k.removeprefix("dali_"): v for k, v in _pick(options, DALI_OPTIONS).items()})
+    return ReferenceLoader(*args, **_pick(options, TORCH_OPTIONS))
+
+
+def _pick(options: dict, names: tuple[str, ...]) -> dict:
+    return {k: v for k, v in options.items() if k in names}

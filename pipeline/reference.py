@@ -1,6 +1,7 @@
 """The reference loader: PIL decoding + the SimMIM augmentation in DataLoader workers.
 
-Yields `(images, masks)`: images float (B, 3, S, S) normalised on the training device, masks bool
+Yields `(images, masks)` (`labels=True` appends the labels; `masks=None` leaves masks out, for
+classification; `train=False` gives the evaluation view, resize + centre crop): images float (B, 3, S, S) normalised on the training device, masks bool
 (B, S/32, S/32) drawn on that device. The slowest backend and the one the others are checked
 against.
 """
@@ -22,9 +23,12 @@ class ReferenceLoader:
 
     def __init__(self, root: str, aug: Augmentation, masks: MaskGenerator, batch_size: int,
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
-                 world: int = 1, seed: int = 0, shuffle: bool = True,
-                 dtype: torch.dtype = torch.float32):
-        self.dataset = ImageFolder(root, aug)
+                 world: int = 1, seed: int = 0, shuffle: bool | None = None,
+                 dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
+                 crop_ratio: float = 0.875, transform=None):
+        self.dataset = ImageFolder(root, aug, train, crop_ratio, transform)
+        self.num_samples, self.labels = len(self.dataset), labels
+        shuffle = train if shuffle is None else shuffle
         self.aug, self.mask_generator = aug, masks
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
         self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
@@ -47,11 +51,14 @@ class ReferenceLoader:
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __iter__(self):
-        masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
-                                 self.batch_size, self.device)
-        for k, (images, _) in enumerate(self.loader, start=self.start_batch):
-            images = images.to(self.device, non_blocking=True)
-            yield normalize(images, self.aug.mean, self.aug.std, self.dtype), masks(k)
+        masks = None
+        if self.mask_generator is not None:
+            masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
+                                     self.batch_size, self.device)
+        for k, (images, labels) in enumerate(self.loader, start=self.start_batch):
+            images = normalize(images.to(self.device, non_blocking=True), self.aug.mean, self.aug.std, self.dtype)
+            batch = (images, masks(k)) if masks is not None else (images,)
+            yield batch + (labels.to(self.device, non_blocking=True),) if self.labels else batch
 
 
 class GlobalBatchMasks:

@@ -24,3 +24,18 @@ def sample_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def simmim_cmd():
     return [sys.executable, "-m", "simmim.trainer.cli"]
+
+
+@pytest.fixture
+def hostile(tmp_path) -> Path:
+    """A class folder holding every odd-but-valid and every broken kind of file (helpers.py)."""
+    from helpers import make_hostile
+
+    return make_hostile(tmp_path / "hostile")
+
+
+@pytest.fixture(scope="session")
+def ramps(tmp_path_factory) -> Path:
+    from helpers import make_ramps
+
+    return make_ramps(tmp_path_factory.mktemp("ramps"))

@@ -13,11 +13,16 @@ log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def atomic_write(path: Path, write) -> None:
     """Calls write(tmp_path), then renames tmp onto `path`: readers see the old file or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -2,6 +2,9 @@
 
     simmim pretrain --config RECIPE [key.sub=value ...]   pre-train (resumes from run.out_dir)
     simmim sample-data [--out data/sample]                build the embedded sample dataset
+    simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
+    simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
+    simmim inspect X.beton                                samples, labels, resolutions, decode check
     simmim bench avgdist [...]                            the paper's Figure 3a
     simmim bench kernels [...]                            fused kernels vs references
     simmim bench step [...]                               training-step speed and MFU
@@ -31,6 +34,36 @@ def cmd_sample_data(args) -> None:
     print(out)
 
 
+def cmd_scan(args) -> None:
+    from simmim.pipeline.scan import scan_command
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    scan_command(args.src, args.out, args.workers, args.on_error)
+
+
+def cmd_convert(args) -> None:
+    from simmim.pipeline.convert import convert
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = convert(args.src, args.dst, max_resolution=args.max_resolution or None, write_mode=args.write_mode,
+                     compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
+                     workers=args.workers, chunk_size=args.chunk_size, limit=args.limit, on_error=args.on_error,
+                     force=args.force)
+    if report["bad"]:
+        print(f"{report['bad']} unreadable file(s) skipped; listed in the report beside {args.dst}")
+
+
+def cmd_inspect(args) -> None:
+    import json
+
+    from simmim.pipeline.convert import format_inspect, inspect
+
+    info = inspect(args.path, decode=not args.no_decode, workers=args.workers)
+    print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    if info.get("decode_failures"):
+        sys.exit(1)
+
+
 def cmd_bench(args) -> None:
     if args.name == "avgdist":
         from simmim.benchmarks.avg_dist import main as run
@@ -56,6 +89,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="data/sample")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(fn=cmd_sample_data)
+
+    p = sub.add_parser("scan", help="check that every image decodes; write a clean file list and a report")
+    p.add_argument("src", help="class-folder tree (train/<class>/<image>) or a `path label` list")
+    p.add_argument("--out", default=None, help="the clean list (default: SRC.clean.txt beside SRC)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    p.set_defaults(fn=cmd_scan)
+
+    p = sub.add_parser("convert", help="convert an ImageNet-style folder or list to an FFCV .beton")
+    p.add_argument("src", help="class-folder tree (train/<class>/<image>) or a `path label` list")
+    p.add_argument("dst", help="output .beton (written atomically; class list and report beside it)")
+    p.add_argument("--max-resolution", type=int, default=256, help="cap on the longer side (0: keep)")
+    p.add_argument("--write-mode", choices=["jpg", "raw", "proportion", "smart"], default="jpg")
+    p.add_argument("--compress-probability", type=float, default=0.5, help="proportion mode: share stored as JPEG")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    p.add_argument("--chunk-size", type=int, default=100, help="images per work item")
+    p.add_argument("--limit", type=int, default=0, help="convert only N images, spread over the classes")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="unreadable files: skip and report them, or stop naming the first")
+    p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("inspect", help="summarise a .beton and check that every sample decodes")
+    p.add_argument("path")
+    p.add_argument("--no-decode", action="store_true", help="metadata only")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("name", choices=["avgdist", "kernels", "step", "claims"])

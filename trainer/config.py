@@ -28,7 +28,17 @@ class DataConfig:
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
     batch_size: int = 128  # per process, per micro-step
-    num_workers: int = 8
+    num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
+    # ffcv
+    order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
+    os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
+    buffer_pages: int = 8  # quasi_random: pages shuffled together
+    # dali
+    dali_device: str = "auto"  # auto (mixed with a GPU, else cpu) | mixed | cpu
+    dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
+    dali_prefetch: int = 2  # batches prepared ahead
+    dali_threads: int = 0  # CPU threads; 0: num_workers
+    dali_preallocate: int = 0  # bytes per image to preallocate for decoding; 0: DALI's default
 
 
 @dataclass

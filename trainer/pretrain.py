@@ -102,8 +102,19 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
 
 
+def loader_options(d) -> dict:
+    """The backend-specific `data.*` keys, for `build_loader`."""
+    return {k: getattr(d, k) for k in ("order", "os_cache", "buffer_pages", "dali_device", "dali_hw_decoder_load",
+                                       "dali_prefetch", "dali_threads", "dali_preallocate")}
+
+
 def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentation, device) -> tuple:
-    """The same n images and masks every time, for comparable reconstruction figures."""
+    """The same n images and masks every time, for comparable reconstruction figures (loaders
+    that augment inside a compiled pipeline give the first images of epoch 0 instead)."""
+    if not hasattr(loader, "dataset"):
+        loader.set_epoch(0)
+        images, batch_masks = next(iter(loader))[:2]
+        return images[:n].clone(), batch_masks[:n].clone()
     ds = loader.dataset
     idx = [round(i * (len(ds) - 1) / max(1, n - 1)) for i in range(min(n, len(ds)))]
     images = torch.stack([ds[(i, sample_seed(seed, 0, i))][0] for i in idx]).to(device)
@@ -158,7 +169,7 @@ def pretrain(cfg: Config) -> dict:
     if t.channels_last and dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     loader = build_loader(d.backend, d.path, aug, masks, d.batch_size, d.num_workers, dist.device,
-                          dist.rank, dist.world_size, t.seed)
+                          dist.rank, dist.world_size, t.seed, **loader_options(d))
 
     resumed = latest_checkpoint(out_dir)
     state = load_checkpoint(resumed) if resumed is not None else None
@@ -203,7 +214,7 @@ def pretrain(cfg: Config) -> dict:
              dist.device, {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch.")), dist.world_size,
              ", compiled" if t.compile else "", ", activation checkpointing" if t.grad_checkpointing else "")
     log.info("data %s: %d images, %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
-             d.backend, len(loader.dataset), masks, steps_per_epoch, global_batch, d.batch_size,
+             d.backend, loader.num_samples, masks, steps_per_epoch, global_batch, d.batch_size,
              dist.world_size, accum)
     log.info("lr: base %.3g -> effective %.3g (x %.4g = global batch / 512); warmup %.3g, min %.3g",
              o.base_lr, schedule.lr, lr_scale, schedule.warmup_lr, schedule.min_lr)

@@ -1,0 +1,219 @@
+"""`data.backend: ffcv`: SimMIM batches from an FFCV `.beton` (`simmim convert`).
+
+The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JPEG decode (scale
+(0.67, 1), ratio (3/4, 4/3)), horizontal flip, uint8 to torch and to the device; normalisation to
+float happens in torch on the device (`augment.normalize`; FFCV's own GPU normaliser needs cupy).
+Masks come from `GlobalBatchMasks`, as in the reference loader.
+
+Sample order is ours, not FFCV's (`ShardedOrder`):
+- `random`: the reference loader's permutation of (seed, epoch), rank r taking positions
+  r, r + world, ...: the same global batches as the reference loader at any world size.
+- `quasi_random`: for datasets larger than RAM (`os_cache: false`), a page-local order that works
+  with several ranks, which FFCV's own QUASI_RANDOM refuses: see `ShardedOrder`.
+Both drop the remainder so every rank runs the same number of full batches, honour a mid-epoch
+start (resume) and are reseeded per epoch. FFCV's random crops and flips themselves come from
+numba's per-thread generators and are not reproducible run to run (orders and masks are).
+
+Leaving an epoch early (a benchmark, a preemption) stops FFCV's producer thread and releases its
+batch memory (`close_epoch`); a producer that dies raises here instead of hanging.
+"""
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+import torch
+
+from .augment import Augmentation, normalize
+from .convert import open_beton
+from .folder import DatasetError, ShardedSampler
+from .masking import MaskGenerator
+from .reference import GlobalBatchMasks
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+def _quiet_numba_finalizer(previous):
+    """When a Loader's compiled pipeline is garbage-collected, numba's dispatcher finalizer raises
+    a harmless KeyError for FFCV's dynamically built functions (numba 0.6x), which Python prints
+    as a traceback. Drop exactly that one; everything else goes to the previous hook."""
+    import sys
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (unraisable.exc_type is KeyError and tb is not None
+                and tb.tb_frame.f_code.co_filename.endswith("numba/core/dispatcher.py")):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_quiet_numba_finalizer(__import__("sys").unraisablehook)
+
+
+def page_of_samples(reader) -> np.ndarray:
+    """For each sample, the page (of `reader.page_size` bytes) that holds its first byte."""
+    table = reader.alloc_table
+    first = np.full(reader.num_samples, np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(first, table["sample_id"].astype(np.int64), table["ptr"])
+    return (first // np.uint64(reader.page_size)).astype(np.int64)
+
+
+class ShardedOrder:
+    """This rank's samples for one epoch (see the module docstring), from batch `start` on.
+
+    quasi_random: pages are shuffled per (seed, epoch) and laid end to end; the stream is cut into
+    `world` contiguous blocks of `size // world` samples, one per rank, so ranks read disjoint
+    pages (a page that straddles two blocks is shared by those two ranks only), every sample is
+    read once per epoch across ranks (less the remainder, which moves with the shuffle), and a
+    rank's block is shuffled within windows of `buffer_pages` consecutive pages, so at most that
+    many pages need to be in memory at a time.
+    """
+
+    def __init__(self, size: int, rank: int, world: int, seed: int, mode: str = "random",
+                 pages: np.ndarray | None = None, buffer_pages: int = 8):
+        if mode not in ORDERS:
+            raise DatasetError(f"data.order must be one of {', '.join(ORDERS)}, got '{mode}'")
+        if size < world:
+            raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
+        self.size, self.rank, self.world, self.seed, self.mode = size, rank, world, seed, mode
+        self.pages, self.buffer_pages, self.start = pages, max(1, buffer_pages), 0
+        if mode == "quasi_random" and pages is None:
+            raise ValueError("quasi_random needs the page of every sample")
+
+    def __len__(self) -> int:
+        return self.size // self.world
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        if self.mode == "quasi_random":
+            order = self.quasi_random(epoch)
+        else:
+            sampler = ShardedSampler(self.size, self.rank, self.world, self.seed, self.mode == "random")
+            sampler.set_epoch(epoch)
+            order = np.fromiter((i for i, _ in sampler), dtype=np.int64, count=len(sampler))
+        return order[self.start:].astype(np.uint64)
+
+    def quasi_random(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 0x51AB])
+        unique_pages = np.unique(self.pages)
+        page_rank = np.empty(unique_pages.max() + 1, np.int64)
+        page_rank[rng.permutation(unique_pages)] = np.arange(len(unique_pages))
+        # stream: samples sorted by their page's shuffled position (page contents stay together)
+        stream = np.lexsort((np.arange(self.size), page_rank[self.pages]))
+        per_rank = self.size // self.world
+        block = stream[self.rank * per_rank:(self.rank + 1) * per_rank]
+        page_pos = page_rank[self.pages[block]]
+        window = (page_pos - page_pos.min()) // self.buffer_pages
+        key = rng.random(len(block))  # shuffle inside each window of buffer_pages pages
+        return block[np.lexsort((key, window))]
+
+
+class FFCVLoader:
+    """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` adds the
+    labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`."""
+
+    def __init__(self, path: str, aug: Augmentation, masks: MaskGenerator | None, batch_size: int,
+                 num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
+                 world: int = 1, seed: int = 0, order: str = "random", os_cache: bool = True,
+                 buffer_pages: int = 8, dtype: torch.dtype = torch.float32, train: bool = True,
+                 labels: bool = False, batches_ahead: int = 3, crop_ratio: float = 0.875):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        reader = open_beton(path)
+        self.path, self.num_samples = str(path), int(reader.num_samples)
+        self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
+        self.device, self.dtype, self.labels = torch.device(device), dtype, labels
+        self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
+        pages = page_of_samples(reader) if order == "quasi_random" else None
+        self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, buffer_pages)
+        if len(self) == 0:
+            raise ValueError(f"{self.num_samples} images over {world} ranks do not fill one batch of "
+                             f"{batch_size}: lower data.batch_size")
+        size = (aug.size, aug.size)
+        if train:
+            decoder = RandomResizedCropRGBImageDecoder(size, scale=aug.scale, ratio=aug.ratio)
+            image = [decoder, RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else [decoder]
+        else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
+            image = [CenterCropRGBImageDecoder(size, crop_ratio)]
+        image.append(ToTensor())
+        if self.device.type != "cpu":
+            image.append(ToDevice(self.device, non_blocking=True))
+        image.append(ToTorchImage(channels_last=True))
+        label = [IntDecoder(), ToTensor(), Squeeze()] if labels else None
+        if labels and self.device.type != "cpu":
+            label.append(ToDevice(self.device, non_blocking=True))
+        self.loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, num_workers),
+                             os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=True,
+                             batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
+        # FFCV takes custom orders only as instances it then calls; install ours directly
+        self.order.start = 0
+        self.loader.traversal_order = self.order
+        self.loader.first_traversal_order = self.order.sample_order(0)
+
+    def __len__(self) -> int:
+        """Batches per epoch per rank (a full epoch, whatever `start_batch`)."""
+        return len(self.order) // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        masks = None
+        if self.mask_generator is not None:
+            masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
+                                     self.batch_size, self.device)
+        self.order.start = self.start_batch * self.batch_size
+        self.loader.next_epoch = self.epoch
+        epoch = iter(self.loader)
+        try:
+            for k in range(self.start_batch, len(self)):
+                out = next_batch(epoch)
+                if out is None:
+                    break
+                images = normalize(out[0], self.aug.mean, self.aug.std, self.dtype)
+                batch = (images, masks(k)) if masks is not None else (images,)
+                yield batch + (out[1].long(),) if self.labels else batch
+        finally:
+            close_epoch(epoch)
+
+
+def next_batch(epoch, poll: float = 0.5):
+    """FFCV's EpochIterator.__next__, but raising if the producer thread died (FFCV would wait
+    forever); None at the end of the epoch."""
+    while True:
+        try:
+            item = epoch.output_queue.get(timeout=poll)
+            break
+        except queue.Empty:
+            if not epoch.is_alive() and epoch.output_queue.empty():
+                raise RuntimeError("the FFCV loader thread stopped with an error (printed above)") from None
+    if item is None:
+        return None
+    slot, result = item
+    stream = epoch.cuda_streams[slot]
+    if stream is not None:
+        epoch.current_stream.wait_stream(stream)
+    return result
+
+
+def close_epoch(epoch, timeout: float = 10.0) -> None:
+    """Stops FFCV's producer thread and frees its epoch memory. The producer checks for the stop
+    request only while its output queue is full (it gives up a put after 0.5 s); its last put, of
+    the end marker, waits without limit, so a queue that stays full is given room once."""
+    epoch.terminate_event.set()
+    deadline = time.monotonic() + timeout
+    while epoch.is_alive() and time.monotonic() < deadline:
+        epoch.join(0.6)
+        if epoch.is_alive() and epoch.output_queue.full():
+            try:
+                epoch.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+    epoch.close()

@@ -1,0 +1,191 @@
+"""FFCV: `simmim convert` / `inspect`, the FFCV loader, and our traversal orders."""
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, ReferenceLoader, ShardedSampler
+from simmim.pipeline.ffcv_loader import ShardedOrder
+
+from helpers import HOSTILE_BAD, HOSTILE_GOOD, assert_same_augmentation, crop_stats
+
+ffcv = pytest.importorskip("ffcv")
+from simmim.pipeline.convert import convert, inspect  # noqa: E402
+from simmim.pipeline.ffcv_loader import FFCVLoader  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sample_beton(sample_root, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("beton") / "train.beton"
+    convert(str(sample_root / "train"), str(dst), workers=2, progress=False)
+    return dst
+
+
+def test_convert_sample(sample_root, sample_beton):
+    report = json.loads(sample_beton.with_name("train.report.json").read_text())
+    classes = json.loads(sample_beton.with_name("train.classes.json").read_text())
+    n = sum(1 for _ in (sample_root / "train").rglob("*.JPEG"))
+    assert report["written"] == n and report["bad"] == 0 and report["images_per_sec"] > 0
+    assert classes == sorted(d.name for d in (sample_root / "train").iterdir())
+    info = inspect(str(sample_beton), workers=2)
+    assert info["samples"] == n and info["classes"] == len(classes) and info["decode_failures"] == []
+    assert info["labels"]["distinct"] == len(classes) and info["longer_side"]["max"] <= 256
+    assert info["jpeg_fraction"] == 1.0
+
+
+def test_convert_hostile(hostile, tmp_path):
+    dst = tmp_path / "out" / "h.beton"
+    report = convert(str(hostile), str(dst), max_resolution=64, workers=2, progress=False)
+    bad = {b["path"].split("/")[-1] for b in report["bad_files"]}
+    assert bad == set(HOSTILE_BAD)
+    assert report["written"] == len(HOSTILE_GOOD)
+    saved = json.loads(dst.with_name("h.report.json").read_text())
+    assert {b["path"].split("/")[-1] for b in saved["bad_files"]} == bad
+    info = inspect(str(dst), workers=2)
+    assert info["samples"] == len(HOSTILE_GOOD) and info["decode_failures"] == []
+    assert info["longer_side"]["max"] <= 64 and info["width"]["min"] >= 1 and info["height"]["min"] >= 1
+    # they load through the training pipeline too, extreme aspect ratios and 1x1 included
+    loader = FFCVLoader(str(dst), Augmentation(size=32), MaskGenerator(32, 32, 0.6), len(HOSTILE_GOOD), 1)
+    images, masks = next(iter(loader))
+    assert images.shape == (len(HOSTILE_GOOD), 3, 32, 32) and torch.isfinite(images).all()
+
+    with pytest.raises(DatasetError, match="exists; pass --force"):
+        convert(str(hostile), str(dst), workers=1, progress=False)
+    with pytest.raises(DatasetError, match="cannot decode .*(empty|text|truncated).JPEG"):
+        convert(str(hostile), str(tmp_path / "f.beton"), workers=1, on_error="fail", progress=False)
+    assert not (tmp_path / "f.beton").exists()
+
+
+def test_convert_is_atomic(sample_root, tmp_path, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(sample_root / "val"), str(tmp_path / "v.beton"), workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no DST, no temp file, no sidecars
+
+
+def test_inspect_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        inspect(str(tmp_path / "missing.beton"))
+    (tmp_path / "x.beton").write_bytes(b"not a beton" * 100)
+    with pytest.raises(DatasetError, match="not an FFCV .beton"):
+        inspect(str(tmp_path / "x.beton"))
+
+
+def test_loader_contract_and_epochs(sample_beton):
+    aug = Augmentation(size=64)
+    loader = FFCVLoader(str(sample_beton), aug, MaskGenerator(64, 32, 0.6), 8, 2, order="quasi_random",
+                        os_cache=False, buffer_pages=2, labels=True)
+    n = loader.num_samples
+    assert len(loader) == n // 8
+    seen = 0
+    for images, masks, labels in loader:
+        assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32 and images.device.type == "cpu"
+        assert masks.shape == (8, 2, 2) and masks.dtype == torch.bool and int(masks[0].sum()) == 3
+        assert labels.shape == (8,) and labels.dtype == torch.int64 and 0 <= labels.min() <= labels.max() < 5
+        lo = (0 - max(aug.mean)) / min(aug.std)
+        hi = (1 - min(aug.mean)) / min(aug.std)
+        assert lo - 1e-4 <= images.min() and images.max() <= hi + 1e-4
+        seen += 1
+    assert seen == len(loader)
+    loader.set_epoch(3, start_batch=len(loader) - 2)  # mid-epoch resume: the last two batches
+    assert sum(1 for _ in loader) == 2
+
+
+def test_breaking_out_leaks_no_threads_or_memory(sample_beton):
+    import psutil
+
+    loader = FFCVLoader(str(sample_beton), Augmentation(size=64), MaskGenerator(64, 32, 0.6), 4, 2, batches_ahead=2)
+    next(iter(loader))  # compile, allocate
+    threads = threading.active_count()
+    rss = psutil.Process().memory_info().rss
+    for epoch in range(12):
+        loader.set_epoch(epoch)
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+    assert threading.active_count() == threads
+    assert psutil.Process().memory_info().rss - rss < 64 * 2**20
+
+
+def test_same_augmentation_as_reference(ramps, tmp_path):
+    aug = Augmentation(size=48)
+    beton = tmp_path / "ramps.beton"
+    convert(str(ramps), str(beton), write_mode="raw", workers=2, progress=False)
+    got, ref = [], []
+    ffcv_loader = FFCVLoader(str(beton), aug, None, 16, 2)
+    ref_loader = ReferenceLoader(str(ramps), aug, None, 16, 0)
+    for epoch in range(6):
+        for loader, out in ((ffcv_loader, got), (ref_loader, ref)):
+            loader.set_epoch(epoch)
+            out += [crop_stats(images, aug.mean, aug.std) for (images,) in loader]
+    cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+    assert_same_augmentation(cat(got), cat(ref))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_random_order_matches_reference_sampler(world):
+    for rank in range(world):
+        order = ShardedOrder(103, rank, world, seed=5, mode="random")
+        sampler = ShardedSampler(103, rank, world, seed=5)
+        sampler.set_epoch(2)
+        assert order.sample_order(2).tolist() == [i for i, _ in sampler]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_distributed_quasi_random(world):
+    rng = np.random.default_rng(0)
+    pages = np.repeat(np.arange(40), rng.integers(3, 12, 40))  # 40 pages of uneven size, in file order
+    n = len(pages)
+    orders = {}
+    for epoch in range(3):
+        parts = [ShardedOrder(n, r, world, 7, "quasi_random", pages, buffer_pages=4).sample_order(epoch)
+                 for r in range(world)]
+        assert all(len(p) == n // world for p in parts)  # same number of batches on every rank
+        flat = np.concatenate(parts).astype(np.int64)
+        assert len(np.unique(flat)) == len(flat) == n // world * world  # every sample once, less the remainder
+        rank_pages = [set(pages[p.astype(np.int64)]) for p in parts]
+        for a in range(world):  # disjoint pages but for the pages cut between neighbouring ranks
+            for b in range(a + 1, world):
+                assert len(rank_pages[a] & rank_pages[b]) <= 1
+        # page-local: any 4-page window of a rank's stream holds few distinct pages
+        for p in parts:
+            window = pages[p.astype(np.int64)][: 4 * 3]
+            assert len(set(window)) <= 5
+        orders[epoch] = flat
+    assert not np.array_equal(orders[0], orders[1])  # reseeded per epoch
+    again = ShardedOrder(n, 0, world, 7, "quasi_random", pages, buffer_pages=4)
+    again.start = 5
+    assert again.sample_order(1).tolist() == orders[1][: n // world][5:].tolist()
+
+
+def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
+    import subprocess
+
+    beton = tmp_path / "val.beton"
+    out = subprocess.run([*simmim_cmd, "convert", str(sample_root / "val"), str(beton), "--workers", "2",
+                          "--max-resolution", "160"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    again = subprocess.run([*simmim_cmd, "convert", str(sample_root / "val"), str(beton)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().endswith("exists; pass --force to overwrite it")
+    out = subprocess.run([*simmim_cmd, "inspect", str(beton)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "every sample decodes" in out.stdout and "longer_side" in out.stdout
+    run = tmp_path / "run"
+    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", f"data.path={beton}", "data.backend=ffcv",
+                          "data.img_size=64", "data.batch_size=4", "data.num_workers=2", "model.arch=swin_micro",
+                          "model.window_size=2", "run.progress=false", "train.epochs=2", "train.warmup_epochs=1",
+                          f"run.out_dir={run}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["step"] == 2 * (len(list((sample_root / "val").rglob("*.JPEG"))) // 4) - 1
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    assert list(run.glob("checkpoint-*.pt")) and list(run.glob("*.png"))
+    assert "data ffcv:" in out.stderr
