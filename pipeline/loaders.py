@@ -55,7 +55,9 @@ def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerato
     if backend == "dali":
         from .dali_loader import DALILoader
 
-        return DALILoader(*args, **{k.removeprefix("dali_"): v for k, v in _pick(options, DALI_OPTIONS).items()})
+        picked = _pick(options, DALI_OPTIONS)
+        renamed = {"dali_device": "decode_device"}
+        return DALILoader(*args, **{renamed.get(k, k.removeprefix("dali_")): v for k, v in picked.items()})
     return ReferenceLoader(*args, **_pick(options, TORCH_OPTIONS))
 
 

@@ -188,4 +188,4 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     assert steps[-1]["step"] == 2 * (len(list((sample_root / "val").rglob("*.JPEG"))) // 4) - 1
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert list(run.glob("checkpoint-*.pt")) and list(run.glob("*.png"))
-    assert "data ffcv:" in out.stderr
+    assert "data ffcv:" in out.stdout + out.stderr

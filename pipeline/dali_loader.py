@@ -1,0 +1,187 @@
+"""`data.backend: dali`: SimMIM batches decoded and augmented by NVIDIA DALI, straight from JPEGs.
+
+One DALI pipeline per epoch: DALI's file reader over this rank's share of the epoch, JPEG decoding
+with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`; only the crop window is decoded)
+on `device='mixed'` when a GPU is present (nvJPEG, with `hw_decoder_load` of the images sent to the
+hardware JPEG decoder of A100/H100) or on the CPU otherwise (`device_id=None`), bilinear resize to
+the input size, random horizontal flip, and normalisation to CHW float/bf16 in one
+crop_mirror_normalize. Masks come from `GlobalBatchMasks`, as in the other loaders.
+
+Sharding: the rank's files for an epoch are the reference loader's (`ShardedSampler`: a permutation
+of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), handed to the
+reader in that order. So every backend sees the same global batches, ranks are disjoint and cover
+the dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
+right sample. The augmentation is seeded by (seed, epoch, rank).
+
+DALI stops at the first file it cannot decode. `simmim scan SRC` writes a clean `path label` list
+(`SRC.clean.txt`); point data.path at it, or keep data.path at SRC and the list beside it is used.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import Augmentation
+from .folder import DatasetError, ShardedSampler, scan_folder
+from .masking import MaskGenerator
+from .reference import GlobalBatchMasks
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "mixed", "cpu")
+
+
+def clean_list_for(path: str | Path) -> Path | None:
+    """`simmim scan`'s default output for a folder, if it exists."""
+    p = Path(str(Path(path).resolve()).rstrip("/") + ".clean.txt")
+    return p if Path(path).is_dir() and p.is_file() else None
+
+
+class DALILoader:
+    """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` appends the
+    labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`.
+
+    The speed knobs: `decode_device` (auto | mixed | cpu), `hw_decoder_load` (share of JPEGs for the
+    hardware decoder), `prefetch` (batches queued ahead), `threads` (CPU threads; 0: num_workers),
+    `preallocate` (bytes per image preallocated for nvJPEG's host and device buffers; 0: DALI's
+    default), `preallocate_hw` (width, height) hint for the hardware decoder's buffers.
+    """
+
+    def __init__(self, path: str, aug: Augmentation, masks: MaskGenerator | None, batch_size: int,
+                 num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+                 seed: int = 0, dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
+                 crop_ratio: float = 0.875, decode_device: str = "auto", hw_decoder_load: float = 0.65, prefetch: int = 2, threads: int = 0,
+                 preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0)):
+        import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
+
+        self.device = torch.device(device)
+        if decode_device not in DEVICES:
+            raise DatasetError(f"data.dali_device must be one of {', '.join(DEVICES)}, got '{decode_device}'")
+        if decode_device == "mixed" and self.device.type != "cuda":
+            raise DatasetError("data.dali_device mixed decodes on the GPU, but training runs on the CPU")
+        clean = clean_list_for(path)
+        if clean is not None:
+            log.info("dali: reading the scanned list %s", clean)
+            path = str(clean)
+        elif Path(path).is_dir():
+            log.info("dali: no `simmim scan` list beside %s; a file DALI cannot decode will stop the run", path)
+        self.samples, self.classes = scan_folder(path)
+        self.num_samples = len(self.samples)
+        self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
+        self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
+        self.train, self.labels, self.crop_ratio, self.dtype = train, labels, crop_ratio, dtype
+        self.threads = max(1, threads or num_workers)
+        self.hw_decoder_load, self.prefetch = hw_decoder_load, max(1, prefetch)
+        self.preallocate, self.preallocate_hw = preallocate, preallocate_hw
+        self.decode = "cpu" if decode_device == "cpu" or self.device.type != "cuda" else "mixed"
+        self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train)
+        if len(self) == 0:
+            raise ValueError(f"{self.num_samples} images over {world} ranks do not fill one batch of "
+                             f"{batch_size}: lower data.batch_size")
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.world) // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def files_for_epoch(self) -> tuple[list[str], list[int]]:
+        self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
+        idx = [i for i, _ in self.sampler][: (len(self) - self.start_batch) * self.batch_size]
+        return [self.samples[i][0] for i in idx], [self.samples[i][1] for i in idx]
+
+    def build_pipeline(self, files: list[str], labels: list[int]):
+        from nvidia.dali import fn, pipeline_def, types
+
+        a, size = self.aug, self.aug.size
+        decode, ops = self.decode, "gpu" if self.decode == "mixed" else "cpu"
+        out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
+                     torch.bfloat16: types.FLOAT}[self.dtype]  # DALI has no bf16 output: cast in torch
+        decoder_opts = {"device": decode, "output_type": types.RGB}
+        if decode == "mixed":
+            decoder_opts["hw_decoder_load"] = self.hw_decoder_load
+            if self.preallocate:
+                decoder_opts["device_memory_padding"] = self.preallocate
+                decoder_opts["host_memory_padding"] = self.preallocate
+            if self.preallocate_hw[0]:
+                decoder_opts["preallocate_width_hint"], decoder_opts["preallocate_height_hint"] = self.preallocate_hw
+        mean = [255 * m for m in a.mean]
+        std = [255 * s for s in a.std]
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
+                      device_id=self.device.index or 0 if self.device.type == "cuda" else None,
+                      seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1,
+                      exec_dynamic=True)
+        def pipe():
+            jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
+            if self.train:
+                images = fn.decoders.image_random_crop(jpegs, random_area=list(a.scale),
+                                                       random_aspect_ratio=list(a.ratio), num_attempts=10,
+                                                       **decoder_opts)
+                images = fn.resize(images, device=ops, resize_x=size, resize_y=size,
+                                   interp_type=types.INTERP_LINEAR, antialias=False)
+                mirror = fn.random.coin_flip(probability=a.hflip) if a.hflip > 0 else 0
+                crop = None
+            else:  # the evaluation view: shorter side to size / crop_ratio, centre crop
+                images = fn.decoders.image(jpegs, **decoder_opts)
+                images = fn.resize(images, device=ops, resize_shorter=size / self.crop_ratio,
+                                   interp_type=types.INTERP_LINEAR)
+                mirror, crop = 0, (size, size)
+            images = fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
+                                              crop=crop, mean=mean, std=std, mirror=mirror)
+            if ops == "gpu":
+                label = label.gpu()
+            return images, label
+
+        return pipe()
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        masks = None
+        if self.mask_generator is not None:
+            masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
+                                     self.batch_size, self.device)
+        files, labels = self.files_for_epoch()
+        if not files:
+            return
+        pipe = self.build_pipeline(files, labels)
+        pipe.build()
+        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        try:
+            for k, out in enumerate(it, start=self.start_batch):
+                images = out[0]["images"]
+                if images.device != self.device:
+                    images = images.to(self.device, non_blocking=True)
+                if self.dtype is torch.bfloat16:
+                    images = images.to(torch.bfloat16)
+                batch = (images, masks(k)) if masks is not None else (images,)
+                if self.labels:
+                    batch += (out[0]["labels"].to(self.device).view(-1).long(),)
+                yield batch
+        finally:
+            del it, pipe
+
+
+def check_decodes(files: list[str]) -> np.ndarray:
+    """For tests and `simmim scan --dali`: which files DALI's CPU decoder reads (one at a time)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    ok = np.zeros(len(files), bool)
+    for i, f in enumerate(files):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            data, _ = fn.readers.file(files=[f])
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+        try:
+            p = pipe()
+            p.build()
+            p.run()
+            ok[i] = True
+        except Exception:  # noqa: BLE001 - any DALI error means it does not decode
+            pass
+    return ok
