@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the set-up needs (none yet for the reference path; FFCV adds its build deps).
-SYS_PACKAGES :=
+# Debian packages the set-up needs: FFCV builds from source against OpenCV and libjpeg-turbo.
+SYS_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
 
 .PHONY: setup sysdeps demo test avgdist clean
 
@@ -20,7 +20,7 @@ sysdeps:
 
 $(VENV)/.installed: setup.py | sysdeps
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ffcv,dali]'
 	touch $@
 
 data/sample/.complete: | setup

@@ -27,12 +27,12 @@ setup(
         "scikit-image",  # ships the photographs the sample dataset is built from
     ],
     extras_require={
-        # The fast paths, each installed by its own issue's set-up; `full` takes all of them.
+        # The fast paths; `make setup` installs ffcv and dali (and FFCV's apt build deps), `full` all.
         "triton": ["triton"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest"],
-        "full": ["triton", "pytest"],
+        "test": ["pytest", "psutil"],
+        "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil"],
     },
     entry_points={"console_scripts": ["simmim = simmim.trainer.cli:main"]},
 )

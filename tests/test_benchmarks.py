@@ -57,3 +57,30 @@ def test_claims_flop_table_at_full_size(tmp_path):
     heads = json.loads(next(tmp_path.glob("claims-*/claims.json")).read_text())["heads"]
     assert [h["head"] for h in heads] == ["linear", "2-layer MLP", "inverse Swin-B"]
     assert heads[1]["flops_vs_linear"] < 1.05 and 1.5 < heads[2]["flops_vs_linear"] < 2.6
+
+
+def test_loaders_bench_same_images_every_loader(tmp_path, sample_root):
+    from simmim.benchmarks import loaders
+
+    out = loaders.main(["--data", str(sample_root / "val"), "--size", "64", "--batch", "4", "--workers", "1",
+                        "--epochs", "1", "--out", str(tmp_path)])
+    names = [r["loader"] for r in out["rows"]]
+    assert names[0] == "torch" and {"ffcv", "dali"} <= set(names)  # installed by the set-up
+    n = out["images"] // 4 * 4
+    assert all(r["images"] == n and r["img_per_s"] > 0 for r in out["rows"])
+    assert out["conversion"]["written"] == out["images"]
+    folder = next(tmp_path.glob("loaders-*"))
+    assert {p.name for p in folder.iterdir()} == {"loaders.md", "loaders.json", "loaders.png"}
+    assert "x reference" in (folder / "loaders.md").read_text()
+
+
+def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
+    from PIL import Image
+
+    from simmim.benchmarks.loaders import synthetic_jpegs
+
+    root = synthetic_jpegs(tmp_path, 6, classes=2)
+    files = sorted(root.rglob("*.JPEG"))
+    assert len(files) == 6 and len({f.parent for f in files}) == 2
+    sizes = [Image.open(f).size for f in files]
+    assert all(400 <= max(s) <= 500 and min(s) >= 300 for s in sizes)

@@ -9,6 +9,7 @@
     simmim bench kernels [...]                            fused kernels vs references
     simmim bench step [...]                               training-step speed and MFU
     simmim bench claims [...]                             the paper's efficiency claims vs other methods
+    simmim bench loaders [...]                            images/sec of each loader, same images
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
@@ -73,6 +74,8 @@ def cmd_bench(args) -> None:
         from simmim.benchmarks.step import main as run
     elif args.name == "claims":
         from simmim.benchmarks.claims import main as run
+    elif args.name == "loaders":
+        from simmim.benchmarks.loaders import main as run
     run(args.rest)
 
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=["avgdist", "kernels", "step", "claims"])
+    p.add_argument("name", choices=["avgdist", "kernels", "step", "claims", "loaders"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 
