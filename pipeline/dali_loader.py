@@ -54,7 +54,7 @@ class DALILoader:
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                  seed: int = 0, dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
                  crop_ratio: float = 0.875, decode_device: str = "auto", hw_decoder_load: float = 0.65, prefetch: int = 2, threads: int = 0,
-                 preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0)):
+                 preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0), drop_last: bool = True):
         import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
 
         self.device = torch.device(device)
@@ -77,12 +77,15 @@ class DALILoader:
         self.hw_decoder_load, self.prefetch = hw_decoder_load, max(1, prefetch)
         self.preallocate, self.preallocate_hw = preallocate, preallocate_hw
         self.decode = "cpu" if decode_device == "cpu" or self.device.type != "cuda" else "mixed"
-        self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train)
+        self.drop_last = drop_last
+        self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train, drop_last=drop_last)
         if len(self) == 0:
             raise ValueError(f"{self.num_samples} images over {world} ranks do not fill one batch of "
                              f"{batch_size}: lower data.batch_size")
 
     def __len__(self) -> int:
+        if not self.drop_last:
+            return -(-len(range(self.rank, self.num_samples, self.world)) // self.batch_size)
         return (self.num_samples // self.world) // self.batch_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -90,7 +93,9 @@ class DALILoader:
 
     def files_for_epoch(self) -> tuple[list[str], list[int]]:
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        idx = [i for i, _ in self.sampler][: (len(self) - self.start_batch) * self.batch_size]
+        idx = [i for i, _ in self.sampler]
+        if self.drop_last:
+            idx = idx[: (len(self) - self.start_batch) * self.batch_size]
         return [self.samples[i][0] for i in idx], [self.samples[i][1] for i in idx]
 
     def build_pipeline(self, files: list[str], labels: list[int]):
@@ -151,7 +156,8 @@ class DALILoader:
         pipe = self.build_pipeline(files, labels)
         pipe.build()
         it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
-                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+                                 last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
+                                 auto_reset=False)
         try:
             for k, out in enumerate(it, start=self.start_batch):
                 images = out[0]["images"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .augment import Augmentation, normalize
-from .convert import open_beton
+from .convert import open_beton, read_classes
 from .folder import DatasetError, ShardedSampler
 from .masking import MaskGenerator
 from .reference import GlobalBatchMasks
@@ -75,24 +75,28 @@ class ShardedOrder:
     """
 
     def __init__(self, size: int, rank: int, world: int, seed: int, mode: str = "random",
-                 pages: np.ndarray | None = None, buffer_pages: int = 8):
+                 pages: np.ndarray | None = None, buffer_pages: int = 8, drop_last: bool = True):
         if mode not in ORDERS:
             raise DatasetError(f"data.order must be one of {', '.join(ORDERS)}, got '{mode}'")
         if size < world:
             raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
         self.size, self.rank, self.world, self.seed, self.mode = size, rank, world, seed, mode
         self.pages, self.buffer_pages, self.start = pages, max(1, buffer_pages), 0
+        self.drop_last = drop_last or mode == "quasi_random"
         if mode == "quasi_random" and pages is None:
             raise ValueError("quasi_random needs the page of every sample")
 
     def __len__(self) -> int:
+        if not self.drop_last:
+            return len(range(self.rank, self.size, self.world))
         return self.size // self.world
 
     def sample_order(self, epoch: int) -> np.ndarray:
         if self.mode == "quasi_random":
             order = self.quasi_random(epoch)
         else:
-            sampler = ShardedSampler(self.size, self.rank, self.world, self.seed, self.mode == "random")
+            sampler = ShardedSampler(self.size, self.rank, self.world, self.seed, self.mode == "random",
+                                     self.drop_last)
             sampler.set_epoch(epoch)
             order = np.fromiter((i for i, _ in sampler), dtype=np.int64, count=len(sampler))
         return order[self.start:].astype(np.uint64)
@@ -120,7 +124,8 @@ class FFCVLoader:
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
                  world: int = 1, seed: int = 0, order: str = "random", os_cache: bool = True,
                  buffer_pages: int = 8, dtype: torch.dtype = torch.float32, train: bool = True,
-                 labels: bool = False, batches_ahead: int = 3, crop_ratio: float = 0.875):
+                 labels: bool = False, batches_ahead: int = 3, crop_ratio: float = 0.875,
+                 drop_last: bool = True):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -132,7 +137,10 @@ class FFCVLoader:
         self.device, self.dtype, self.labels = torch.device(device), dtype, labels
         self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
         pages = page_of_samples(reader) if order == "quasi_random" else None
-        self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, buffer_pages)
+        if not train:
+            order = "sequential"
+        self.drop_last, self.classes = drop_last, read_classes(path)
+        self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, buffer_pages, drop_last)
         if len(self) == 0:
             raise ValueError(f"{self.num_samples} images over {world} ranks do not fill one batch of "
                              f"{batch_size}: lower data.batch_size")
@@ -150,7 +158,7 @@ class FFCVLoader:
         if labels and self.device.type != "cpu":
             label.append(ToDevice(self.device, non_blocking=True))
         self.loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, num_workers),
-                             os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=True,
+                             os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=drop_last,
                              batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
         # FFCV takes custom orders only as instances it then calls; install ours directly
         self.order.start = 0
@@ -159,6 +167,8 @@ class FFCVLoader:
 
     def __len__(self) -> int:
         """Batches per epoch per rank (a full epoch, whatever `start_batch`)."""
+        if not self.drop_last:
+            return -(-len(self.order) // self.batch_size)
         return len(self.order) // self.batch_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

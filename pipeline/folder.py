@@ -141,19 +141,22 @@ class ShardedSampler(torch.utils.data.Sampler):
     The permutation depends on (seed, epoch) only, so every rank agrees on it; rank r takes
     positions r, r + world, ... of the first `len // world * world` (drop_last) entries. So the
     j-th global batch of world x b samples is the same whatever the world size, and rank r holds
-    its positions r, r + world, ... `start` skips this rank's first samples (mid-epoch resume).
+    its positions r, r + world, ... (drop_last=False: all positions, for evaluation). `start` skips this rank's first samples (mid-epoch resume).
     """
 
-    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
-        if size < world:
+    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True):
+        if size < world and drop_last:
             raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
-        self.size, self.rank, self.world = size, rank, world
+        self.size, self.rank, self.world, self.drop_last = size, rank, world, drop_last
         self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
+        if not self.drop_last:  # evaluation: every sample once, ranks' shares differ by at most one
+            return len(range(self.rank, self.size, self.world)) - self.start
         return self.size // self.world - self.start
 
     def __iter__(self):
@@ -162,6 +165,6 @@ class ShardedSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        per_rank = self.size // self.world
+        per_rank = self.size // self.world if self.drop_last else -(-self.size // self.world)
         for i in order[self.rank + self.start * self.world:per_rank * self.world:self.world]:
             yield i, sample_seed(self.seed, self.epoch, i)

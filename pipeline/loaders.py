@@ -21,10 +21,10 @@ from .reference import ReferenceLoader
 BACKENDS = ("torch", "ffcv", "dali")
 INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev libturbojpeg0-dev pkg-config)"),
            "dali": ("nvidia.dali", "pip install -e '.[dali]'")}
-FFCV_OPTIONS = ("order", "os_cache", "buffer_pages", "train", "labels", "dtype", "batches_ahead", "crop_ratio")
-DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate",
-                "train", "labels", "dtype", "crop_ratio")
-TORCH_OPTIONS = ("train", "labels", "dtype", "crop_ratio")
+COMMON = ("train", "labels", "dtype", "crop_ratio", "drop_last")
+FFCV_OPTIONS = ("order", "os_cache", "buffer_pages", "batches_ahead") + COMMON
+DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate") + COMMON
+TORCH_OPTIONS = ("transform",) + COMMON
 
 
 def available(backend: str) -> bool:

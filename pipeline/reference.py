@@ -25,24 +25,27 @@ class ReferenceLoader:
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
                  world: int = 1, seed: int = 0, shuffle: bool | None = None,
                  dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
-                 crop_ratio: float = 0.875, transform=None):
+                 crop_ratio: float = 0.875, transform=None, drop_last: bool = True):
         self.dataset = ImageFolder(root, aug, train, crop_ratio, transform)
-        self.num_samples, self.labels = len(self.dataset), labels
+        self.num_samples, self.labels, self.classes = len(self.dataset), labels, self.dataset.classes
+        self.drop_last = drop_last
         shuffle = train if shuffle is None else shuffle
         self.aug, self.mask_generator = aug, masks
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
         self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
-        self.sampler = ShardedSampler(len(self.dataset), rank, world, seed, shuffle)
+        self.sampler = ShardedSampler(len(self.dataset), rank, world, seed, shuffle, drop_last)
         if len(self) == 0:
             raise ValueError(f"{len(self.dataset)} images over {world} ranks do not fill one batch of "
                              f"{batch_size}: lower data.batch_size")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=True,
+            pin_memory=self.device.type == "cuda", drop_last=drop_last,
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
     def __len__(self) -> int:
         """Batches per epoch (a full epoch, whatever `start_batch`)."""
+        if not self.drop_last:
+            return -(-len(range(self.rank, len(self.dataset), self.world)) // self.batch_size)
         return (len(self.dataset) // self.world) // self.batch_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -1,6 +1,8 @@
 """The `simmim` command.
 
     simmim pretrain --config RECIPE [key.sub=value ...]   pre-train (resumes from run.out_dir)
+    simmim finetune --config RECIPE [key.sub=value ...]   fine-tune (finetune.pretrained=CKPT) and evaluate
+    simmim evaluate CKPT [--data VAL] [--backend B]       top-1 / top-5 of a fine-tuned checkpoint
     simmim sample-data [--out data/sample]                build the embedded sample dataset
     simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
     simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
@@ -25,6 +27,25 @@ def cmd_pretrain(args) -> None:
     from .pretrain import pretrain
 
     pretrain(load_config(args.config, args.overrides))
+
+
+def cmd_finetune(args) -> None:
+    from .config import load_config
+    from .finetune import finetune
+
+    finetune(load_config(args.config, args.overrides))
+
+
+def cmd_evaluate(args) -> None:
+    import json
+
+    from .finetune import evaluate_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.backend, args.overrides)
+    print(json.dumps(result) if args.json else
+          f"{result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+          f"loss {result['val_loss']:.4f}  ({result['val_images']} images)")
 
 
 def cmd_sample_data(args) -> None:
@@ -87,6 +108,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", "-c", default=None, help="a recipe name (e.g. demo, swin_base_100ep) or YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a SimMIM checkpoint for classification, evaluating each epoch")
+    p.add_argument("--config", "-c", default=None, help="a recipe (finetune_demo, finetune_swin_base_100ep, ...) or YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. finetune.pretrained=runs/demo/checkpoint-00000240.pt")
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="top-1 / top-5 of a fine-tuned checkpoint (resize + centre crop)")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="validation folder, list or .beton (default: finetune.val_path)")
+    p.add_argument("--backend", default=None, choices=["torch", "ffcv", "dali"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.batch_size=64")
+    p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("sample-data", help="build the embedded sample dataset (no download)")
     p.add_argument("--out", default="data/sample")

@@ -93,12 +93,31 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`simmim finetune` only (the paper's fine-tuning recipe by default); pre-training ignores it."""
+    pretrained: str = ""  # a SimMIM checkpoint; empty: train from scratch
+    val_path: str = ""  # validation folder / list / .beton; empty: no evaluation
+    num_classes: int = 0  # 0: the number of class folders
+    layer_decay: float = 0.9  # Swin-B 100 ep 0.9; ViT-B 0.65
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # empty: off
+    crop_scale: float = 0.08  # RandomResizedCrop lower area bound
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    reprob: float = 0.25  # random erasing
+    eval_crop_ratio: float = 0.875  # centre crop / resized shorter side (224 / 256)
+    eval_every: int = 1  # epochs
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         """Plain YAML-safe values (tuples become lists)."""
@@ -208,6 +227,15 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
         _fill(cfg, _float_strings(values))
+    for text in overrides:
+        _fill(cfg, _float_strings(parse_override(text)))
+    return cfg
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """A Config from a saved one (e.g. a checkpoint's), then `a.b=c` overrides."""
+    cfg = Config()
+    _fill(cfg, _float_strings(values))
     for text in overrides:
         _fill(cfg, _float_strings(parse_override(text)))
     return cfg

@@ -60,6 +60,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
     """The largest `value` over ranks (a host sync; call at log intervals only)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -1,4 +1,4 @@
-"""One epoch of SimMIM pre-training: the only place a step is written.
+"""One training epoch, pre-training or fine-tuning: the only place a step is written.
 
 One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP
 all-reduce skipped on non-final micro-steps), grad-norm clipping, a GradScaler that is a no-op
@@ -63,19 +63,20 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     for step_in_epoch in range(start_step, steps_per_epoch):
         step = epoch * steps_per_epoch + step_in_epoch
         torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # drop path: a function of (step, rank)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+        lr = lr_at(step)
+        for group in optimizer.param_groups:  # set from the schedule each step: a scale applies once
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss.zero_()
         for micro in range(accum_steps):
-            images, masks = next(data)
+            batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
             last = micro == accum_steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = model(images, masks)
+                    loss = model(*batch)
                 scaler.scale(loss / accum_steps).backward()
             step_loss += loss.detach() / accum_steps
-            images_seen += images.shape[0]
+            images_seen += batch[0].shape[0]
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
         found_inf = (~torch.isfinite(grad_norm)).float()
@@ -97,7 +98,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         if at_log:
             mean_loss = all_reduce_mean(step_loss).item()  # host sync, at log intervals only
             elapsed = time.perf_counter() - tick
-            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
                       "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed,
                       "skipped_steps": int(state.skipped.item())}
             log(record)

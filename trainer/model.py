@@ -130,6 +130,9 @@ class SimMIM(nn.Module):
         # and backward; off until measured faster on the GPU (see benchmarks).
         self.fused_shuffle = fused_shuffle
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
     def forward(self, images: torch.Tensor, masks: torch.Tensor, return_pred: bool = False):
         """images (B, 3, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
         scalar), or (loss, pred (B, 3, H, W)) when return_pred."""

@@ -148,7 +148,50 @@ def resolve_accumulation(state: dict | None, batch_size: int, world: int, accum:
     return accum
 
 
+class PretrainTask:
+    """SimMIM: the masked-image model, the (images, masks) loader, reconstruction figures."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        d, m = cfg.data, cfg.model
+        self.aug = Augmentation(size=d.img_size)
+        self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio)
+
+    def build(self, dist: DistInfo):
+        d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
+        model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path,
+                             LossOptions(m.loss, m.loss_beta, m.loss_all_pixels, m.norm_target),
+                             m.fused_shuffle).to(dist.device)
+        loader = build_loader(d.backend, d.path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device,
+                              dist.rank, dist.world_size, t.seed, **loader_options(d))
+        return model, loader
+
+    def param_groups(self, model) -> list[dict]:
+        return param_groups(model, self.cfg.optim.weight_decay)
+
+    def describe_data(self) -> str:
+        return str(self.masks)
+
+    def prepare(self, model, loader, dist: DistInfo, resumed: bool) -> None:
+        self.vis_batch = fixed_batch(loader, 8, self.cfg.train.seed, self.masks, self.aug, dist.device) \
+            if dist.is_main else None
+
+    def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
+        if dist.is_main and ((epoch + 1) % self.cfg.run.vis_every == 0 or last):
+            name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
+            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}")
+        return {}
+
+
 def pretrain(cfg: Config) -> dict:
+    """SimMIM pre-training (see the module docstring)."""
+    return fit(cfg, PretrainTask(cfg))
+
+
+def fit(cfg: Config, task) -> dict:
+    """The training run shared by pre-training and fine-tuning: distributed set-up, resume,
+    schedule, epochs, checkpoints, stop signals. `task` builds the model and loader, gives the
+    parameter groups and runs its own end-of-epoch work (figures, evaluation)."""
     d, t, o, r, m = cfg.data, cfg.train, cfg.optim, cfg.run, cfg.model
     dist: DistInfo = init_distributed(t.device)
     out_dir = Path(r.out_dir)
@@ -159,17 +202,11 @@ def pretrain(cfg: Config) -> dict:
     amp_dtype = amp_dtype_for(t.precision, dist.device)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
-    aug = Augmentation(size=d.img_size)
-    masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio)
-    model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path,
-                         LossOptions(m.loss, m.loss_beta, m.loss_all_pixels, m.norm_target),
-                         m.fused_shuffle).to(dist.device)
+    model, loader = task.build(dist)
     if t.grad_checkpointing:
-        model.encoder.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(True)
     if t.channels_last and dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    loader = build_loader(d.backend, d.path, aug, masks, d.batch_size, d.num_workers, dist.device,
-                          dist.rank, dist.world_size, t.seed, **loader_options(d))
 
     resumed = latest_checkpoint(out_dir)
     state = load_checkpoint(resumed) if resumed is not None else None
@@ -184,7 +221,7 @@ def pretrain(cfg: Config) -> dict:
         lr=o.base_lr * lr_scale, warmup_lr=o.warmup_lr * lr_scale, min_lr=o.min_lr * lr_scale,
         warmup_steps=t.warmup_epochs * steps_per_epoch, total_steps=t.epochs * steps_per_epoch,
         kind=o.scheduler, milestones=tuple(e * steps_per_epoch for e in o.milestones), gamma=o.gamma)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=schedule.lr, betas=o.betas,
+    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas,
                                   eps=o.eps, fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
     step_state = StepState(dist.device)
@@ -209,12 +246,13 @@ def pretrain(cfg: Config) -> dict:
     if t.compile:
         train_model = torch.compile(train_model)
 
+    task.prepare(model, loader, dist, resumed=state is not None)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.1fM parameters, %s, precision %s, world size %d%s%s", m.arch, n_params / 1e6,
              dist.device, {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch.")), dist.world_size,
              ", compiled" if t.compile else "", ", activation checkpointing" if t.grad_checkpointing else "")
     log.info("data %s: %d images, %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
-             d.backend, loader.num_samples, masks, steps_per_epoch, global_batch, d.batch_size,
+             d.backend, loader.num_samples, task.describe_data(), steps_per_epoch, global_batch, d.batch_size,
              dist.world_size, accum)
     log.info("lr: base %.3g -> effective %.3g (x %.4g = global batch / 512); warmup %.3g, min %.3g",
              o.base_lr, schedule.lr, lr_scale, schedule.warmup_lr, schedule.min_lr)
@@ -231,7 +269,6 @@ def pretrain(cfg: Config) -> dict:
         return path
 
     stop = StopFlag()
-    vis_batch = fixed_batch(loader, 8, t.seed, masks, aug, dist.device) if dist.is_main else None
     history, start = [], time.perf_counter()
     for epoch in range(epoch, t.epochs):
         loader.set_epoch(epoch, start_step * accum)
@@ -260,19 +297,19 @@ def pretrain(cfg: Config) -> dict:
             cleanup()
             raise Preempted(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
                             f"at epoch {epoch}, step {res.steps_done}: run the same command to resume")
-        history.append({"epoch": epoch, "loss": res.loss, "steps": steps_per_epoch})
-        log.info("epoch %d done: mean loss %.4f (%.0f s elapsed)", epoch, res.loss, time.perf_counter() - start)
         last = epoch == t.epochs - 1
+        extra = task.after_epoch(model, epoch, last, out_dir, dist, amp_dtype)
+        history.append({"epoch": epoch, "loss": res.loss, "steps": steps_per_epoch, **extra})
+        log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
+                 "".join(f", {k} {v:.4g}" for k, v in extra.items()), time.perf_counter() - start)
         if dist.is_main:
-            metrics({"epoch": epoch, "step": (epoch + 1) * steps_per_epoch - 1, "epoch_loss": res.loss})
+            metrics({"epoch": epoch, "step": (epoch + 1) * steps_per_epoch - 1, "epoch_loss": res.loss, **extra})
             if (epoch + 1) % r.save_every == 0 or last:
                 checkpoint(epoch, steps_per_epoch)
-            if (epoch + 1) % r.vis_every == 0 or last:
-                name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-                write_figure(model, vis_batch, aug, out_dir / name, f"{m.arch}, epoch {epoch + 1}")
         barrier()
     summary = {"epochs": history, "wall_s": time.perf_counter() - start,
-               "final_loss": history[-1]["loss"] if history else math.nan}
+               "final_loss": history[-1]["loss"] if history else math.nan,
+               **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
     if history:
         log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], out_dir)
     cleanup()

@@ -1,0 +1,182 @@
+"""Fine-tuning: checkpoint loading, relative-position-bias resizing, layer decay, the
+augmentation pipeline, evaluation loaders, and the CLI from pre-training to evaluation."""
+import json
+import random
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim.pipeline import Augmentation, build_loader
+from simmim.pipeline.folder import center_crop
+from simmim.trainer.config import ConfigError
+from simmim.trainer.engine import StepState, train_one_epoch
+from simmim.trainer.finetune import (Classifier, DeviceRandAugment, PILRandAugment, build_classifier,
+                                     interpolate_rel_pos_bias, layer_decay_groups, layer_id, load_pretrained,
+                                     num_layers)
+from simmim.trainer.model import build_simmim
+
+
+def save_simmim(path, arch="swin_micro", img=64, window=2):
+    torch.manual_seed(0)
+    model = build_simmim(arch, img, 32, window)
+    torch.save({"model": model.state_dict(), "config": {"model": {"arch": arch}}}, path)
+    return model
+
+
+def test_load_pretrained_same_size_is_exact(tmp_path):
+    simmim = save_simmim(tmp_path / "c.pt")
+    net = build_classifier("swin_micro", 64, 5, 2, 0.0)
+    report = load_pretrained(net, tmp_path / "c.pt", "swin_micro")
+    assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
+    assert report["resized"] == []
+    theirs = simmim.encoder.swin.state_dict()
+    for k, v in net.state_dict().items():
+        if not k.startswith("head") and k in theirs:
+            assert torch.equal(v, theirs[k]), k
+
+
+def test_load_pretrained_resizes_window_tables(tmp_path):
+    save_simmim(tmp_path / "c.pt", window=2)  # 64 px, window 2 -> window 4 (3x3 -> 7x7 offset tables)
+    net = build_classifier("swin_micro", 64, 5, 4, 0.0)
+    report = load_pretrained(net, tmp_path / "c.pt", "swin_micro")
+    assert report["resized"] and all(k.endswith("relative_position_bias_table") for k in report["resized"])
+    table = net.state_dict()[report["resized"][0]]
+    assert table.shape[0] == 49
+
+
+def test_rel_pos_bias_interpolation():
+    t = torch.randn(11 * 11, 4)
+    assert interpolate_rel_pos_bias(t, 11) is t  # exact when sizes match
+    const = torch.full((11 * 11, 3), 0.7)
+    assert torch.allclose(interpolate_rel_pos_bias(const, 13), torch.full((13 * 13, 3), 0.7), atol=1e-6)
+    # 192/window 6 -> 224/window 7: a smooth bias keeps its shape (centre = zero offset stays the peak)
+    yy, xx = torch.meshgrid(torch.arange(11.) - 5, torch.arange(11.) - 5, indexing="ij")
+    bump = torch.exp(-(xx ** 2 + yy ** 2) / 8).reshape(-1, 1)
+    out = interpolate_rel_pos_bias(bump, 13).reshape(13, 13)
+    assert out.argmax() == 6 * 13 + 6 and torch.allclose(out, out.T, atol=1e-6)
+
+
+def test_load_pretrained_refuses_other_architecture(tmp_path):
+    save_simmim(tmp_path / "vit.pt", arch="vit_micro", img=64, window=0)
+    with pytest.raises(ConfigError, match="is a vit_micro checkpoint; model.arch is swin_micro"):
+        load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "vit.pt", "swin_micro")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="is not a simmim checkpoint"):
+        load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
+    # a checkpoint without a config naming its arch is still checked by its shapes
+    state = build_simmim("swin_tiny", 64, 32, 2).state_dict()
+    torch.save({"model": state}, tmp_path / "tiny.pt")
+    with pytest.raises(ConfigError, match="does not match model.arch swin_micro"):
+        load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "tiny.pt", "swin_micro")
+
+
+@pytest.mark.parametrize("arch,img,window", [("swin_micro", 64, 2), ("vit_micro", 64, 0)])
+def test_layer_decay_applied_once_per_group(arch, img, window):
+    net = build_classifier(arch, img, 3, window, 0.0)
+    decay = 0.75
+    groups = layer_decay_groups(net, arch, 0.05, decay)
+    layers = sorted({g["layer"] for g in groups})
+    assert layers == list(range(num_layers(arch) + 2))  # embeddings, every block, head
+    assert layer_id("patch_embed.proj.weight", arch) == 0 and layer_id("head.fc.weight" if "swin" in arch
+                                                                      else "head.weight", arch) == layers[-1]
+    for g in groups:
+        g.pop("names")
+    model = Classifier(net, 3, mixup=0, cutmix=0, reprob=0)
+    opt = torch.optim.AdamW(groups, lr=1.0, fused=True)  # as the trainer builds it
+    batches = [(torch.randn(2, 3, img, img), torch.tensor([0, 1])) for _ in range(3)]
+    for epoch in range(2):  # the engine sets the lr from the schedule every step: no compounding
+        train_one_epoch(model, iter(batches), opt, lambda step: 1e-3, epoch=epoch, steps_per_epoch=3, start_step=0,
+                        accum_steps=1, clip_grad=0, amp_dtype=None, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                        state=StepState(torch.device("cpu")), world_size=1, log_every=10, log=lambda r: None, seed=0,
+                        rank=0, stop_requested=lambda: False, max_skipped_streak=100)
+    lr = {g["layer"]: g["lr"] for g in opt.param_groups}
+    assert lr[layers[-1]] == pytest.approx(1e-3)  # the head at the full rate
+    for a in layers[:-1]:
+        assert lr[a] / lr[a + 1] == pytest.approx(decay, rel=1e-9)
+
+
+def test_augmentation_pipeline():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ra = PILRandAugment("rand-m9-mstd0.5-inc1", (0.485, 0.456, 0.406))
+    outs = [np.asarray(ra(img, random.Random(i))) for i in range(8)]
+    assert all(o.shape == (64, 64, 3) for o in outs) and sum(not np.array_equal(o, np.asarray(img)) for o in outs) >= 6
+    with pytest.raises(ConfigError, match="rand-m9"):
+        PILRandAugment("autoaug", (0.5, 0.5, 0.5))
+    aug = Augmentation(size=32)
+    images = torch.randn(4, 3, 32, 32).clamp(-2, 2)
+    out = DeviceRandAugment("rand-m9-mstd0.5-inc1", aug.mean, aug.std)(images)
+    assert out.shape == images.shape and out.dtype == images.dtype and not torch.equal(out, images)
+    # mixup / cutmix give soft targets: loss of a perfect classifier on mixed images is > 0
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+    model = Classifier(net, 5, mixup=0.8, cutmix=1.0, label_smoothing=0.1, reprob=1.0).train()
+    loss = model(images, torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss) and net[1].weight.grad is not None
+    model.eval()
+    assert torch.allclose(model(images, torch.tensor([0, 1, 2, 3])),
+                          torch.nn.functional.cross_entropy(net(images), torch.tensor([0, 1, 2, 3])))
+
+
+def test_center_crop_view():
+    x = np.arange(200, dtype=np.uint8)
+    img = Image.fromarray(np.stack([np.tile(x[None, :], (100, 1))] * 3, -1))  # 200 x 100, red = x
+    out = np.asarray(center_crop(img, 50, 0.5))  # centre 50 x 50 square of the shorter side 100
+    assert out.shape == (50, 50, 3)
+    assert abs(int(out[0, 0, 0]) - 75) <= 1 and abs(int(out[0, -1, 0]) - 124) <= 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
+def test_eval_loaders_see_every_image_once(backend, sample_root, tmp_path):
+    path = str(sample_root / "val")
+    if backend == "ffcv":
+        pytest.importorskip("ffcv")
+        from simmim.pipeline.convert import convert
+
+        convert(path, str(tmp_path / "val.beton"), workers=1, progress=False)
+        path = str(tmp_path / "val.beton")
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    n = len(list((sample_root / "val").rglob("*.JPEG")))
+    labels = []
+    for rank in range(2):
+        loader = build_loader(backend, path, Augmentation(size=32), None, 4, 1, torch.device("cpu"), rank, 2,
+                              train=False, labels=True, drop_last=False)
+        got = [(images.shape, lab) for images, lab in loader]
+        assert len(got) == len(loader) == -(-len(range(rank, n, 2)) // 4)
+        labels += torch.cat([lab for _, lab in got]).tolist()
+    assert len(labels) == n  # every image once, none dropped, none padded
+    from simmim.pipeline import scan_folder
+
+    assert sorted(labels) == sorted(label for _, label in scan_folder(sample_root / "val")[0])
+
+
+def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
+    common = ["data.img_size=64", "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
+              "data.num_workers=0", "data.batch_size=8"]
+    run = lambda *a: subprocess.run([*simmim_cmd, *a], capture_output=True, text=True, timeout=600)  # noqa: E731
+    out = run("pretrain", "--config", "demo", f"data.path={sample_root / 'train'}", "train.epochs=1",
+              f"run.out_dir={tmp_path / 'pre'}", *common)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = sorted((tmp_path / "pre").glob("checkpoint-*.pt"))[-1]
+    out = run("evaluate", str(ckpt))
+    assert out.returncode == 2 and "is not a fine-tuned checkpoint" in out.stderr
+    out = run("finetune", "--config", "finetune_demo", f"data.path={sample_root / 'train'}",
+              f"finetune.val_path={sample_root / 'val'}", "train.epochs=2", f"finetune.pretrained={ckpt}",
+              f"run.out_dir={tmp_path / 'ft'}", *common)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "missing keys ['head.fc.weight', 'head.fc.bias'], 0 unexpected" in out.stdout
+    records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "top1" in r]
+    assert len(evals) == 2 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
+    final = sorted((tmp_path / "ft").glob("checkpoint-*.pt"))[-1]
+    out = run("evaluate", str(final), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["val_images"] == len(list((sample_root / "val").rglob("*.JPEG")))
+    assert result["top1"] == pytest.approx(evals[-1]["top1"])
+    out = run("finetune", "--config", "finetune_demo", "finetune.pretrained=/no/such.pt", *common)
+    assert out.returncode == 2 and "finetune.pretrained: '/no/such.pt' does not exist" in out.stderr
