@@ -4,7 +4,11 @@
 #   bash benchmarks/gpu_check.sh            (OUT=folder for results; default ./results)
 #
 # A bare GPU machine without a package index: `simmim` is made importable by mapping the repo's
-# folders (no pip needed); wheels carried in .whl/ are installed to /tmp/site when present.
+# folders (no pip needed); wheels carried in .whl/ are installed to /tmp/site when present. A wheel
+# too large for one transfer (DALI, ~200 MB) arrives split: on the dev machine
+#   split -b 60M nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl .whl/parts/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl.part-
+# then each part is copied to $WHEEL_PARTS (default /tmp/wheelparts) on the GPU machine, one call
+# each; this script joins the parts (in name order) and installs the wheel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-results}
@@ -14,8 +18,15 @@ mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
 : > "$LOG"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
+PARTS=${WHEEL_PARTS:-/tmp/wheelparts}
+mkdir -p /tmp/joined
+for first in "$PARTS"/*.whl.part-aa .whl/parts/*.whl.part-aa; do
+  [ -e "$first" ] || continue
+  wheel=$(basename "${first%.part-aa}")
+  cat "${first%aa}"* > "/tmp/joined/$wheel" && echo "joined $wheel" | tee -a "$LOG"
+done
+if ls .whl/*.whl /tmp/joined/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(ls .whl/*.whl /tmp/joined/*.whl 2>/dev/null) >>"$LOG" 2>&1 \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! $PY -c "import simmim.kernels" 2>/dev/null; then
@@ -39,6 +50,13 @@ step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_ke
 step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
 step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
 step "bench claims" 240 $PY -m simmim.trainer.cli bench claims --out "$RESULTS"
+# GPU decoding: DALI mixed (with and without the hardware JPEG decoder) and CPU, beside the
+# reference loader, on ImageNet-sized synthetic JPEGs (and the sample set when it can be built)
+step "bench loaders synthetic" 300 $PY -m simmim.trainer.cli bench loaders --synthetic 3000 --size 192 \
+  --batch 128 --workers 16 --epochs 3 --out "$RESULTS"
+if $PY -c "import skimage" 2>/dev/null; then
+  step "bench loaders sample" 180 $PY -m simmim.trainer.cli bench loaders --size 192 --batch 64 --workers 16 --out "$RESULTS"
+fi
 
 echo
 echo "================ summary ($(date -u +%H:%M:%S) UTC)"
@@ -61,6 +79,13 @@ for path in glob.glob(f"{sys.argv[1]}/claims-*/claims.json"):
     for x in r["rows"]:
         if x["claimed"]:
             print(f"{x['method']:<8} {x.get('cost_vs_simmim_time') or float('nan'):5.2f}x  claim {x['claimed']:.1f}x")
+for path in glob.glob(f"{sys.argv[1]}/loaders-*/loaders*.json"):
+    r = json.load(open(path))
+    print(f"\nloaders on {r['device']}: {r['images']} {r['source']} images, {r['size']} px, {r['workers']} workers")
+    base = next((x["img_per_s"] for x in r["rows"] if x["loader"] == "torch"), None)
+    for x in r["rows"]:
+        ratio = f"{x['img_per_s'] / base:6.2f}x" if base else ""
+        print(f"{x['loader']:<14} {x['img_per_s']:8.0f} img/s {ratio}")
 for path in glob.glob(f"{sys.argv[1]}/step-*/step-*.json"):
     r = json.load(open(path))
     print(f"\ntraining step on {r['device']} ({path.rsplit('/', 1)[1][5:-5]})")

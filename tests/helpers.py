@@ -67,6 +67,15 @@ def crop_stats(images: torch.Tensor, mean, std) -> dict[str, np.ndarray]:
     return {"area": (w * h / RAMP ** 2).numpy(), "aspect": (w / h).numpy(), "flip": flip.numpy()}
 
 
+def loader_crop_stats(loader, aug, epochs: int = 6) -> dict[str, np.ndarray]:
+    """crop_stats over `epochs` epochs of a loader of ramp images (no masks)."""
+    parts = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        parts += [crop_stats(images, aug.mean, aug.std) for (images,) in loader]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def assert_same_augmentation(got: dict, ref: dict, tol_area: float = 0.04, tol_log_aspect: float = 0.06) -> None:
     """Percentiles of area and log aspect agree; flip rates both ~0.5."""
     for q in (10, 25, 50, 75, 90):

@@ -104,6 +104,10 @@ def test_augmentation_pipeline():
     ra = PILRandAugment("rand-m9-mstd0.5-inc1", (0.485, 0.456, 0.406))
     outs = [np.asarray(ra(img, random.Random(i))) for i in range(8)]
     assert all(o.shape == (64, 64, 3) for o in outs) and sum(not np.array_equal(o, np.asarray(img)) for o in outs) >= 6
+    # the top magnitudes (noise around m9 reaches 10) posterize to >= 1 bit rather than raising
+    strong = PILRandAugment("rand-n3-m10-mstd0.5-inc1", (0.5, 0.5, 0.5))
+    for i in range(300):
+        strong(img, None)
     with pytest.raises(ConfigError, match="rand-m9"):
         PILRandAugment("autoaug", (0.5, 0.5, 0.5))
     aug = Augmentation(size=32)

@@ -199,17 +199,29 @@ def rand_augment_ops(spec: str) -> tuple[int, int]:
 
 
 class PILRandAugment:
-    """timm's RandAugment on a PIL crop, for the reference loader's workers."""
+    """timm's RandAugment on a PIL crop, for the reference loader's workers.
+
+    timm maps the top of the magnitude range of Posterize to 0 bits kept, which Pillow >= 10
+    rejects (it used to give a black image); the bits are floored at 1 here."""
 
     def __init__(self, spec: str, mean):
-        from timm.data.auto_augment import rand_augment_transform
+        from timm.data import auto_augment
 
         rand_augment_ops(spec)  # validate
-        self.op = rand_augment_transform(spec, {"translate_const": 100,
-                                                "img_mean": tuple(round(255 * x) for x in mean)})
+        self.op = auto_augment.rand_augment_transform(spec, {"translate_const": 100,
+                                                             "img_mean": tuple(round(255 * x) for x in mean)})
+        for op in self.op.ops:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize_at_least_one_bit
 
     def __call__(self, img, rng):
         return self.op(img)
+
+
+def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
+    from timm.data import auto_augment
+
+    return auto_augment.posterize(img, max(1, bits_to_keep), **kwargs)
 
 
 class DeviceRandAugment:
