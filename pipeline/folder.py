@@ -63,6 +63,13 @@ def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
     if not samples:
         raise DatasetError(f"file list '{path}' lists no images")
     num_classes = max(label for _, label in samples) + 1
+    names = path.with_name(path.stem + ".classes.json")  # written beside a list by `simmim scan`
+    if names.is_file():
+        import json
+
+        classes = json.loads(names.read_text())
+        if isinstance(classes, list) and len(classes) >= num_classes:
+            return samples, [str(c) for c in classes]
     return samples, [str(i) for i in range(num_classes)]
 
 

@@ -40,6 +40,9 @@ def test_scan_and_hostile_files(hostile, simmim_cmd):
     report = json.loads((hostile.parent / "hostile.clean.report.json").read_text())
     assert sorted(b["path"].split("/")[-1] for b in report["bad_files"]) == sorted(HOSTILE_BAD)
     assert f"{len(HOSTILE_GOOD)} good, {len(HOSTILE_BAD)} bad" in out.stdout
+    from simmim.pipeline import scan_folder
+
+    assert scan_folder(listed)[1] == ["n0"]  # the class names travel with the list
     # DALI reads exactly the files the scan keeps ...
     files = sorted(hostile.rglob("*"))
     files = [f for f in files if f.is_file()]
