@@ -227,3 +227,7 @@ def close_epoch(epoch, timeout: float = 10.0) -> None:
             except queue.Empty:
                 pass
     epoch.close()
+    epoch.closed = True  # FFCV's close() never sets it, so its __del__ would release the pages again
+    # os_cache=False: the page-reader threads got their stop marker in close(); wait for them
+    for reader in getattr(getattr(epoch.memory_context, "executor", None), "threads", ()):
+        reader.join(max(0.0, deadline - time.monotonic()))

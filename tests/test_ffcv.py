@@ -97,12 +97,9 @@ def test_loader_contract_and_epochs(sample_beton):
     loader.set_epoch(3, start_batch=len(loader) - 2)  # mid-epoch resume: the last two batches
     assert sum(1 for _ in loader) == 2
 
-
-def test_breaking_out_leaks_no_threads_or_memory(sample_beton):
+    # leaving epochs early (a benchmark, a preemption) leaks no producer thread and no batch memory
     import psutil
 
-    loader = FFCVLoader(str(sample_beton), Augmentation(size=64), MaskGenerator(64, 32, 0.6), 4, 2, batches_ahead=2)
-    next(iter(loader))  # compile, allocate
     threads = threading.active_count()
     rss = psutil.Process().memory_info().rss
     for epoch in range(12):
@@ -168,8 +165,10 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     again = subprocess.run([*simmim_cmd, "convert", str(sample_root / "val"), str(beton)], capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.strip().endswith("exists; pass --force to overwrite it")
-    out = subprocess.run([*simmim_cmd, "inspect", str(beton)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "every sample decodes" in out.stdout and "longer_side" in out.stdout
+    # (the decode check is exercised in-process above; it costs a numba compilation per process)
+    out = subprocess.run([*simmim_cmd, "inspect", str(beton), "--no-decode"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "15 samples" in out.stdout and "longer_side" in out.stdout
     run = tmp_path / "run"
     out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", f"data.path={beton}", "data.backend=ffcv",
                           "data.img_size=64", "data.batch_size=4", "data.num_workers=2", "model.arch=swin_micro",
