@@ -30,21 +30,29 @@ from simmim.pipeline.loaders import available
 from .report import device_name, results_dir, write_bar_chart
 
 
-def synthetic_jpegs(root: Path, n: int, seed: int = 0, classes: int = 10) -> Path:
+def synthetic_jpegs(root: Path, n: int, seed: int = 0, classes: int = 10, distinct: int = 64) -> Path:
     """n JPEGs shaped like ImageNet's (long side 400-500 px, 4:3 / 3:4 / 1:1), smooth content with
-    noise so they compress like photographs (~100-150 KB)."""
+    noise so they compress like photographs (~100-150 KB). `distinct` different images are drawn
+    and the rest are byte copies of them (decoding cost is the same; writing is fast)."""
+    import io
+
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for i in range(n):
+    encoded = []
+    for i in range(min(n, distinct)):
         long = int(rng.integers(400, 501))
         w, h = [(long, long * 3 // 4), (long * 3 // 4, long), (long, long)][i % 3]
         low = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
         img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
         arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    for i in range(n):
         d = root / f"c{i % classes:03d}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f"{i:06d}.JPEG", quality=90)
+        (d / f"{i:06d}.JPEG").write_bytes(encoded[i % len(encoded)])
     return root
 
 
