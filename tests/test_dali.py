@@ -126,3 +126,16 @@ def test_pretrain_with_dali(sample_root, tmp_path, simmim_cmd):
     assert steps[-1]["step"] == 2 * (len(list((sample_root / "val").rglob("*.JPEG"))) // 4) - 1
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert list(run.glob("checkpoint-*.pt")) and list(run.glob("*.png")) and "data dali:" in out.stdout + out.stderr
+
+
+def test_finetune_with_dali(sample_root, tmp_path):
+    from simmim.trainer.config import load_config
+    from simmim.trainer.finetune import finetune
+
+    val = sample_root / "val"
+    summary = finetune(load_config("finetune_demo", [
+        "data.backend=dali", f"data.path={val}", f"finetune.val_path={val}", "data.img_size=64",
+        "data.batch_size=4", "model.arch=swin_micro", "model.window_size=2", "train.epochs=1",
+        "run.progress=false", f"run.out_dir={tmp_path}"]))
+    assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["best_top1"] >= summary["top1"]
+    assert np.isfinite(summary["final_loss"]) and list(tmp_path.glob("checkpoint-*.pt"))
