@@ -4,11 +4,10 @@
 #   bash benchmarks/gpu_check.sh            (OUT=folder for results; default ./results)
 #
 # A bare GPU machine without a package index: `simmim` is made importable by mapping the repo's
-# folders (no pip needed); wheels carried in .whl/ are installed to /tmp/site when present. A wheel
-# too large for one transfer (DALI, ~200 MB) arrives split: on the dev machine
-#   split -b 60M nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl .whl/parts/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl.part-
-# then each part is copied to $WHEEL_PARTS (default /tmp/wheelparts) on the GPU machine, one call
-# each; this script joins the parts (in name order) and installs the wheel.
+# folders (no pip needed). Wheels (DALI and its dependencies, prepared by benchmarks/gpu_wheels.sh
+# and copied batch by batch into $WHEEL_PARTS, default /tmp/wheelparts) are installed to /tmp/site;
+# a wheel split into NAME.whl.part-aa, -ab, ... is joined first. Without them, the DALI rows are
+# left out of the loader benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-results}
@@ -20,13 +19,14 @@ LOG="$RESULTS/gpu_check.log"
 
 PARTS=${WHEEL_PARTS:-/tmp/wheelparts}
 mkdir -p /tmp/joined
-for first in "$PARTS"/*.whl.part-aa .whl/parts/*.whl.part-aa; do
+for first in "$PARTS"/*.whl.part-aa; do
   [ -e "$first" ] || continue
   wheel=$(basename "${first%.part-aa}")
   cat "${first%aa}"* > "/tmp/joined/$wheel" && echo "joined $wheel" | tee -a "$LOG"
 done
-if ls .whl/*.whl /tmp/joined/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(ls .whl/*.whl /tmp/joined/*.whl 2>/dev/null) >>"$LOG" 2>&1 \
+if ls "$PARTS"/*.whl /tmp/joined/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    $(ls "$PARTS"/*.whl /tmp/joined/*.whl 2>/dev/null) >>"$LOG" 2>&1 \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! $PY -c "import simmim.kernels" 2>/dev/null; then
