@@ -53,7 +53,8 @@ def test_mask_token_fill_touches_exactly_masked_cells(B, h, w, s, D):
     gx, gt = torch.autograd.grad(out, (x, token), g)
     assert torch.equal(gx[tok_mask], torch.zeros_like(gx[tok_mask]))
     assert torch.equal(gx[~tok_mask], g[~tok_mask])
-    torch.testing.assert_close(gt, g[tok_mask].sum(0))
+    # a sum of ~1000 fp32 terms: summation order alone moves it by ~1e-5, so compare to fp64
+    torch.testing.assert_close(gt, g[tok_mask].double().sum(0).float(), rtol=1e-5, atol=1e-4)
 
 
 def test_mask_token_fill_bad_grid():

@@ -12,6 +12,8 @@ pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not i
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
+# fp32 losses are sums over thousands of terms, reduced in another order than the reference's
+SUM_TOL = TOL[torch.float32]
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +92,7 @@ def test_masked_loss_reads_pre_pixelshuffle_layout(s, grid):
     shuffled = torch.nn.functional.pixel_shuffle(pred.detach(), s).requires_grad_()
     want = masked_l1_loss_ref(shuffled, target, masks)
     (gr,) = torch.autograd.grad(want, shuffled)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, **SUM_TOL)
     torch.testing.assert_close(torch.nn.functional.pixel_shuffle(g, s), gr)
 
 
@@ -99,7 +101,7 @@ def test_norm_target_matches():
     masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
     got = masked_l1_loss(pred, target, masks, norm_target=7, backend="triton")
     want = masked_l1_loss_ref(pred, target, masks, norm_target=7)
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, **SUM_TOL)
 
 
 def test_unmasked_cells_cost_nothing_and_no_grad_forward():
@@ -110,7 +112,7 @@ def test_unmasked_cells_cost_nothing_and_no_grad_forward():
     assert loss.item() == 0 and (g == 0).all()
     with torch.no_grad():
         val = masked_l1_loss(pred, target, ~none, backend="triton")
-    torch.testing.assert_close(val, masked_l1_loss_ref(pred.detach(), target, ~none))
+    torch.testing.assert_close(val, masked_l1_loss_ref(pred.detach(), target, ~none), **SUM_TOL)
 
 
 def test_deterministic():
@@ -171,6 +173,6 @@ def test_torch_compile_fullgraph():
     grads = torch.autograd.grad(got, (x, token, pred))
     want = step(x, token, pred, target, masks, kernels="reference")
     wants = torch.autograd.grad(want, (x, token, pred))
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, **SUM_TOL)
     for a, b in zip(grads, wants):
         torch.testing.assert_close(a, b)
