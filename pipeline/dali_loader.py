@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .augment import Augmentation
-from .folder import DatasetError, ShardedSampler, scan_folder
+from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size
 from .masking import MaskGenerator
 from .reference import GlobalBatchMasks
 
@@ -84,16 +83,15 @@ class DALILoader:
                              f"{batch_size}: lower data.batch_size")
 
     def __len__(self) -> int:
-        if not self.drop_last:
-            return -(-len(range(self.rank, self.num_samples, self.world)) // self.batch_size)
-        return (self.num_samples // self.world) // self.batch_size
+        return num_batches(shard_size(self.num_samples, self.rank, self.world, self.drop_last), self.batch_size,
+                           self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def files_for_epoch(self) -> tuple[list[str], list[int]]:
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        idx = [i for i, _ in self.sampler]
+        idx = self.sampler.indices()
         if self.drop_last:
             idx = idx[: (len(self) - self.start_batch) * self.batch_size]
         return [self.samples[i][0] for i in idx], [self.samples[i][1] for i in idx]
@@ -172,22 +170,3 @@ class DALILoader:
         finally:
             del it, pipe
 
-
-def check_decodes(files: list[str]) -> np.ndarray:
-    """For tests and `simmim scan --dali`: which files DALI's CPU decoder reads (one at a time)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    ok = np.zeros(len(files), bool)
-    for i, f in enumerate(files):
-        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-        def pipe():
-            data, _ = fn.readers.file(files=[f])
-            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
-        try:
-            p = pipe()
-            p.build()
-            p.run()
-            ok[i] = True
-        except Exception:  # noqa: BLE001 - any DALI error means it does not decode
-            pass
-    return ok

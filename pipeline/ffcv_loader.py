@@ -28,7 +28,7 @@ import torch
 
 from .augment import Augmentation, normalize
 from .convert import open_beton, read_classes
-from .folder import DatasetError, ShardedSampler
+from .folder import DatasetError, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 from .reference import GlobalBatchMasks
 
@@ -88,9 +88,7 @@ class ShardedOrder:
             raise ValueError("quasi_random needs the page of every sample")
 
     def __len__(self) -> int:
-        if not self.drop_last:
-            return len(range(self.rank, self.size, self.world))
-        return self.size // self.world
+        return shard_size(self.size, self.rank, self.world, self.drop_last)
 
     def sample_order(self, epoch: int) -> np.ndarray:
         if self.mode == "quasi_random":
@@ -99,7 +97,7 @@ class ShardedOrder:
             sampler = ShardedSampler(self.size, self.rank, self.world, self.seed, self.mode == "random",
                                      self.drop_last)
             sampler.set_epoch(epoch)
-            order = np.fromiter((i for i, _ in sampler), dtype=np.int64, count=len(sampler))
+            order = np.array(sampler.indices(), dtype=np.int64)
         return order[self.start:].astype(np.uint64)
 
     def quasi_random(self, epoch: int) -> np.ndarray:
@@ -170,15 +168,12 @@ class FFCVLoader:
                              os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=drop_last,
                              batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
         # FFCV takes custom orders only as instances it then calls; install ours directly
-        self.order.start = 0
         self.loader.traversal_order = self.order
         self.loader.first_traversal_order = self.order.sample_order(0)
 
     def __len__(self) -> int:
         """Batches per epoch per rank (a full epoch, whatever `start_batch`)."""
-        if not self.drop_last:
-            return -(-len(self.order) // self.batch_size)
-        return len(self.order) // self.batch_size
+        return num_batches(len(self.order), self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch

@@ -148,7 +148,8 @@ class ShardedSampler(torch.utils.data.Sampler):
     The permutation depends on (seed, epoch) only, so every rank agrees on it; rank r takes
     positions r, r + world, ... of the first `len // world * world` (drop_last) entries. So the
     j-th global batch of world x b samples is the same whatever the world size, and rank r holds
-    its positions r, r + world, ... (drop_last=False: all positions, for evaluation). `start` skips this rank's first samples (mid-epoch resume).
+    its positions r, r + world, ... (drop_last=False: all positions, for evaluation). `start`
+    skips this rank's first samples (mid-epoch resume).
     """
 
     def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True,
@@ -162,16 +163,28 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        if not self.drop_last:  # evaluation: every sample once, ranks' shares differ by at most one
-            return len(range(self.rank, self.size, self.world)) - self.start
-        return self.size // self.world - self.start
+        return shard_size(self.size, self.rank, self.world, self.drop_last) - self.start
 
-    def __iter__(self):
+    def indices(self) -> list[int]:
+        """This rank's dataset indices for the epoch, from `start` on."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
         per_rank = self.size // self.world if self.drop_last else -(-self.size // self.world)
-        for i in order[self.rank + self.start * self.world:per_rank * self.world:self.world]:
+        return order[self.rank + self.start * self.world:per_rank * self.world:self.world]
+
+    def __iter__(self):
+        for i in self.indices():
             yield i, sample_seed(self.seed, self.epoch, i)
+
+
+def shard_size(size: int, rank: int, world: int, drop_last: bool = True) -> int:
+    """Samples a rank gets per epoch: size // world (drop_last: the same on every rank), else its
+    share of all of them (evaluation: ranks differ by at most one)."""
+    return size // world if drop_last else len(range(rank, size, world))
+
+
+def num_batches(samples: int, batch_size: int, drop_last: bool = True) -> int:
+    return samples // batch_size if drop_last else -(-samples // batch_size)

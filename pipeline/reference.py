@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .augment import Augmentation, normalize
-from .folder import ImageFolder, ShardedSampler
+from .folder import ImageFolder, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 
 
@@ -44,9 +44,8 @@ class ReferenceLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (a full epoch, whatever `start_batch`)."""
-        if not self.drop_last:
-            return -(-len(range(self.rank, len(self.dataset), self.world)) // self.batch_size)
-        return (len(self.dataset) // self.world) // self.batch_size
+        return num_batches(shard_size(self.num_samples, self.rank, self.world, self.drop_last), self.batch_size,
+                           self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Next iteration yields epoch `epoch` from batch `start_batch` on (mid-epoch resume)."""

@@ -17,7 +17,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -67,7 +67,6 @@ class ScanResult:
     bad: list[tuple[str, str]]  # (path, reason)
     classes: list[str]
     seconds: float = 0.0
-    counts: dict = field(default_factory=dict)
 
     def report(self) -> dict:
         return {"images": len(self.good) + len(self.bad), "good": len(self.good), "bad": len(self.bad),

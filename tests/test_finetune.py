@@ -82,8 +82,6 @@ def test_layer_decay_applied_once_per_group(arch, img, window):
     assert layers == list(range(num_layers(arch) + 2))  # embeddings, every block, head
     assert layer_id("patch_embed.proj.weight", arch) == 0 and layer_id("head.fc.weight" if "swin" in arch
                                                                       else "head.weight", arch) == layers[-1]
-    for g in groups:
-        g.pop("names")
     model = Classifier(net, 3, mixup=0, cutmix=0, reprob=0)
     opt = torch.optim.AdamW(groups, lr=1.0, fused=True)  # as the trainer builds it
     batches = [(torch.randn(2, 3, img, img), torch.tensor([0, 1])) for _ in range(3)]

@@ -174,11 +174,10 @@ def layer_decay_groups(model: nn.Module, arch: str, weight_decay: float, decay: 
         if not p.requires_grad:
             continue
         layer, no_wd = layer_id(name, arch), no_weight_decay(name, p)
-        g = groups.setdefault((layer, no_wd), {"params": [], "names": [], "layer": layer,
+        g = groups.setdefault((layer, no_wd), {"params": [], "layer": layer,
                                                "weight_decay": 0.0 if no_wd else weight_decay,
                                                "lr_scale": decay ** (depth - layer)})
         g["params"].append(p)
-        g["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
 
@@ -253,7 +252,7 @@ class Classifier(nn.Module):
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
 
-        self.net, self.num_classes, self.label_smoothing = net, num_classes, label_smoothing
+        self.net, self.label_smoothing = net, label_smoothing
         self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
                            label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
         self.erase = RandomErasing(reprob, mode="pixel", device="cpu") if reprob > 0 else None
@@ -366,17 +365,14 @@ class FinetuneTask:
 
     def param_groups(self, model) -> list[dict]:
         o, f = self.cfg.optim, self.cfg.finetune
-        groups = layer_decay_groups(model.net, self.cfg.model.arch, o.weight_decay, f.layer_decay)
-        for g in groups:
-            g.pop("names")
-        return groups
+        return layer_decay_groups(model.net, self.cfg.model.arch, o.weight_decay, f.layer_decay)
 
     def describe_data(self) -> str:
         f = self.cfg.finetune
         return (f"{self.classes} classes, RandAugment {f.rand_augment or 'off'}, mixup {f.mixup}, cutmix {f.cutmix}, "
                 f"label smoothing {f.label_smoothing}, random erasing {f.reprob}")
 
-    def prepare(self, model, loader, dist: DistInfo, resumed: bool) -> None:
+    def prepare(self, model, loader, dist: DistInfo) -> None:
         pass
 
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:

@@ -153,7 +153,7 @@ class PretrainTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        d, m = cfg.data, cfg.model
+        d = cfg.data
         self.aug = Augmentation(size=d.img_size)
         self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio)
 
@@ -172,7 +172,7 @@ class PretrainTask:
     def describe_data(self) -> str:
         return str(self.masks)
 
-    def prepare(self, model, loader, dist: DistInfo, resumed: bool) -> None:
+    def prepare(self, model, loader, dist: DistInfo) -> None:
         self.vis_batch = fixed_batch(loader, 8, self.cfg.train.seed, self.masks, self.aug, dist.device) \
             if dist.is_main else None
 
@@ -246,7 +246,7 @@ def fit(cfg: Config, task) -> dict:
     if t.compile:
         train_model = torch.compile(train_model)
 
-    task.prepare(model, loader, dist, resumed=state is not None)
+    task.prepare(model, loader, dist)  # work that needs the built loader (pre-training's figure batch)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.1fM parameters, %s, precision %s, world size %d%s%s", m.arch, n_params / 1e6,
              dist.device, {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch.")), dist.world_size,
