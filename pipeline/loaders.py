@@ -48,7 +48,7 @@ def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerato
     if backend == "ffcv":
         from .ffcv_loader import FFCVLoader
 
-        if str(path).endswith("/") or not str(path).endswith(".beton"):
+        if not str(path).endswith(".beton"):
             raise DatasetError(f"data.backend ffcv reads a .beton file, got '{path}' "
                                f"(write one with `simmim convert {path} OUT.beton`)")
         return FFCVLoader(*args, **_pick(options, FFCV_OPTIONS))
