@@ -49,6 +49,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
 step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
+step "bench step shuffle" 240 $PY -m simmim.trainer.cli bench step --no-fused-shuffle --out "$RESULTS"
 step "bench claims" 240 $PY -m simmim.trainer.cli bench claims --out "$RESULTS"
 # GPU decoding: DALI mixed (with and without the hardware JPEG decoder) and CPU, beside the
 # reference loader, on ImageNet-sized synthetic JPEGs (and the sample set when it can be built)
@@ -68,7 +69,7 @@ for path in glob.glob(f"{sys.argv[1]}/kernels-*/kernels.json"):
     print(f"\nkernels on {r['device']}, batch {r['batch']}, copy bandwidth {r['copy_gb_s'] or 0:.0f} GB/s")
     print(f"{'shape':<11} {'op':<10} {'fused ms':>9} {'eager ms':>9} {'compiled':>9} {'vs eager':>9} {'vs comp.':>9} {'% copy bw':>9}")
     for shape in dict.fromkeys(t["shape"] for t in r["timings"]):
-        for op in ("mask_fill", "masked_l1"):
+        for op in ("mask_fill", "masked_l1", "l1_head"):
             t = {x["impl"]: x for x in r["timings"] if x["shape"] == shape and x["op"] == op}
             f, e, c = t["fused"], t["eager ref"], t["compiled ref"]
             print(f"{shape:<11} {op:<10} {f['ms']:>9.3f} {e['ms']:>9.3f} {c['ms']:>9.3f} {e['ms'] / f['ms']:>8.2f}x "
@@ -91,6 +92,7 @@ for path in glob.glob(f"{sys.argv[1]}/step-*/step-*.json"):
     print(f"\ntraining step on {r['device']} ({path.rsplit('/', 1)[1][5:-5]})")
     for x in r["rows"]:
         mfu = f"{x['mfu_pct']:.1f}%" if x["mfu_pct"] is not None else "n/a"
-        print(f"{x['model']:<10} {x['image_size']} batch {x['batch']}: {x['img_per_s']:8.0f} img/s  MFU {mfu:>6}  "
+        print(f"{x['model']:<10} {x['image_size']} batch {x['batch']}{'' if x['fused_shuffle'] else ' PixelShuffle'}: "
+              f"{x['img_per_s']:8.0f} img/s  MFU {mfu:>6}  "
               f"data wait {x['data_wait_pct']:.1f}%  peak {x['peak_mem_gib'] or 0:.1f} GiB")
 PY

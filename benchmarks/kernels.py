@@ -1,9 +1,10 @@
 """The fused kernels against their references, at the paper's shapes (batch 128):
 
     Swin-B 192: mask fill on (128, 48*48, 128) fp32 tokens (after Swin's patch norm), 6x6 cells;
-                masked L1 on (128, 3, 192, 192) bf16 predictions
+                masked L1 on (128, 3, 192, 192) bf16 predictions, and on the head's output
+                before PixelShuffle, (128, 3*32*32, 6, 6) channels-last, as the model feeds it
     ViT-B 224:  mask fill on (128, 14*14, 768) bf16 tokens, 7x7 cells;
-                masked L1 on (128, 3, 224, 224) bf16 predictions
+                masked L1 on (128, 3, 224, 224) bf16 predictions, and on (128, 3*16*16, 14, 14)
 
     simmim bench kernels [--out results] [--batch 128]
 
@@ -25,23 +26,29 @@ from simmim.kernels.masked_l1 import masked_l1_loss, masked_l1_loss_ref
 
 from .report import device_name, results_dir, write_bar_chart
 
-SHAPES = {  # name: (fill tokens (L, D, cell span s, grid), fill dtype, image size, mask grid)
-    "swin_b_192": ((48 * 48, 128, 8, 6), torch.float32, 192, 6),
-    "vit_b_224": ((14 * 14, 768, 2, 7), torch.bfloat16, 224, 7),
+SHAPES = {  # name: (fill tokens (L, D, cell span s, grid), fill dtype, image size, encoder stride)
+    "swin_b_192": ((48 * 48, 128, 8, 6), torch.float32, 192, 32),
+    "vit_b_224": ((14 * 14, 768, 2, 7), torch.bfloat16, 224, 16),
 }
+OPS = ("mask_fill", "masked_l1", "l1_head")
 
 
 def make_inputs(name: str, batch: int, device: str, seed: int = 0) -> dict:
-    (L, D, s, grid), fill_dtype, size, _ = SHAPES[name]
+    (L, D, s, grid), fill_dtype, size, stride = SHAPES[name]
     g = torch.Generator(device=device).manual_seed(seed)
     masks = torch.rand(batch, grid, grid, generator=g, device=device) < 0.6
+    head = torch.randn(batch, 3 * stride * stride, size // stride, size // stride, generator=g, device=device)
     return {
+        "head": head.to(torch.bfloat16, memory_format=torch.channels_last).requires_grad_(),
         "x": torch.randn(batch, L, D, generator=g, device=device).to(fill_dtype).requires_grad_(),
         "token": torch.zeros(D, device=device).requires_grad_(),
         "pred": torch.randn(batch, 3, size, size, generator=g, device=device).to(torch.bfloat16).requires_grad_(),
         "target": torch.randn(batch, 3, size, size, generator=g, device=device),
         "masks": masks,
     }
+
+
+GRADS = ("x", "token", "pred", "head")
 
 
 def fill_step(fn, inp):
@@ -51,6 +58,11 @@ def fill_step(fn, inp):
 
 def loss_step(fn, inp):
     fn(inp["pred"], inp["target"], inp["masks"]).backward()
+
+
+def head_step(fn, inp):
+    """The loss on the head's output: fused reads it in place, the reference pixel-shuffles first."""
+    fn(inp["head"], inp["target"], inp["masks"]).backward()
 
 
 def floor_bytes(op: str, inp: dict) -> int:
@@ -82,14 +94,15 @@ def time_candidates(name: str, batch: int, device: str) -> list[dict]:
     inp = make_inputs(name, batch, device)
     rows = []
     for op, step, fused, ref in (("mask_fill", fill_step, mask_token_fill, mask_token_fill_ref),
-                                 ("masked_l1", loss_step, masked_l1_loss, masked_l1_loss_ref)):
+                                 ("masked_l1", loss_step, masked_l1_loss, masked_l1_loss_ref),
+                                 ("l1_head", head_step, masked_l1_loss, masked_l1_loss_ref)):
         floor = floor_bytes(op, inp)
         compiled = torch.compile(ref)
         for label, fn in (("fused", lambda *a: fused(*a, backend="triton")), ("eager ref", ref),
                           ("compiled ref", compiled)):
-            for p in ("x", "token", "pred"):
+            for p in GRADS:
                 inp[p].grad = None
-            ms = do_bench(lambda: step(fn, inp), warmup=10, rep=50, grad_to_none=[inp["x"], inp["token"], inp["pred"]])
+            ms = do_bench(lambda: step(fn, inp), warmup=10, rep=50, grad_to_none=[inp[p] for p in GRADS])
             rows.append({"shape": name, "op": op, "impl": label, "ms": ms, "floor_bytes": floor,
                          "gb_s": floor / ms / 1e6})
     return rows
@@ -99,19 +112,20 @@ def check_correctness(name: str, device: str) -> list[dict]:
     """Fused vs reference on one small batch: max abs error of outputs and gradients."""
     inp = make_inputs(name, 2, device, seed=1)
     rows = []
-    for op in ("mask_fill", "masked_l1"):
+    for op in OPS:
         results = []
         for backend in ("triton", "reference"):
-            for p in ("x", "token", "pred"):
+            for p in GRADS:
                 inp[p].grad = None
             if op == "mask_fill":
                 out = mask_token_fill(inp["x"], inp["masks"], inp["token"], backend=backend)
                 out.float().square().sum().backward()
                 results.append([out.float(), inp["x"].grad.float(), inp["token"].grad.float()])
             else:
-                out = masked_l1_loss(inp["pred"], inp["target"], inp["masks"], backend=backend)
+                pred = inp["pred" if op == "masked_l1" else "head"]
+                out = masked_l1_loss(pred, inp["target"], inp["masks"], backend=backend)
                 out.backward()
-                results.append([out.float(), inp["pred"].grad.float()])
+                results.append([out.float(), pred.grad.float()])
         errs = [(a - b).abs().max().item() for a, b in zip(*results)]
         rows.append({"shape": name, "op": op, "max_abs_err": max(errs), "ok": max(errs) < 5e-2})
     return rows

@@ -4,6 +4,7 @@ peak).
 
     simmim bench step [--models swin_base,vit_base] [--batch 128] [--precision bf16]
                       [--compile] [--kernels auto|triton|reference] [--data synthetic|loader]
+                      [--no-fused-shuffle]
 
 On CUDA the paper's models (Swin-B 192, ViT-B 224) at batch 128; on CPU their small variants. Each
 configuration runs the trainer's own step (engine.train_one_epoch) after a warm-up, so the numbers
@@ -89,10 +90,10 @@ class TimedIter:
 
 
 def measure(name: str, batch: int, steps: int, warmup: int, precision: str, compile_: bool,
-            data: str, data_path: str, workers: int, device) -> dict:
+            data: str, data_path: str, workers: int, device, fused_shuffle: bool = True) -> dict:
     arch, size, window = MODELS[name]
     torch.manual_seed(0)
-    model = build_simmim(arch, size, 32, window).to(device)
+    model = build_simmim(arch, size, 32, window, fused_shuffle=fused_shuffle).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
@@ -128,7 +129,8 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
     peak = peak_tflops(precision)
     return {"model": name, "image_size": size, "batch": batch, "precision": precision, "compiled": compile_,
             "kernels": "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "reference",
-            "data": data, "img_per_s": ips, "step_ms": 1000 * wall / steps, "data_wait_pct": 100 * it.wait / wall,
+            "fused_shuffle": fused_shuffle, "data": data, "img_per_s": ips, "step_ms": 1000 * wall / steps,
+            "data_wait_pct": 100 * it.wait / wall,
             "gflops_per_image": flops / 1e9, "tflops": flops * ips / 1e12,
             "mfu_pct": 100 * flops * ips / (peak * 1e12) if peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
@@ -136,13 +138,14 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
 
 def markdown(rows: list[dict], device: str) -> str:
     lines = [f"# Training step on {device}", "",
-             "| model | batch | precision | compiled | kernels | data | img/s | step ms | data wait | "
-             "GFLOP/img | TFLOP/s | MFU | peak mem |", "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | precision | compiled | kernels | shuffle | data | img/s | step ms | data wait | "
+             "GFLOP/img | TFLOP/s | MFU | peak mem |", "|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(f"| {r['model']} {r['image_size']} | {r['batch']} | {r['precision']} | "
-                     f"{'yes' if r['compiled'] else 'no'} | {r['kernels']} | {r['data']} | {r['img_per_s']:.1f} | "
+                     f"{'yes' if r['compiled'] else 'no'} | {r['kernels']} | "
+                     f"{'in loss' if r['fused_shuffle'] else 'PixelShuffle'} | {r['data']} | {r['img_per_s']:.1f} | "
                      f"{r['step_ms']:.1f} | {r['data_wait_pct']:.1f}% | {r['gflops_per_image']:.1f} | "
                      f"{r['tflops']:.2f} | {mfu} | {mem} |")
     return "\n".join(lines) + "\n"
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--kernels", choices=dispatch.MODES, default="auto")
     ap.add_argument("--data", choices=["synthetic", "loader"], default="synthetic")
+    ap.add_argument("--no-fused-shuffle", dest="fused_shuffle", action="store_false",
+                    help="PixelShuffle before the loss (model.fused_shuffle=false), to compare")
     ap.add_argument("--data-path", default="data/sample/train")
     ap.add_argument("--workers", type=int, default=8 if cuda else 2)
     ap.add_argument("--out", default="results")
@@ -172,12 +177,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with dispatch.use_backend(args.kernels):
         for name in names:
             row = measure(name, args.batch, args.steps, args.warmup, args.precision, args.compile, args.data,
-                          args.data_path, args.workers, device)
+                          args.data_path, args.workers, device, args.fused_shuffle)
             print(f"{name}: {row['img_per_s']:.1f} img/s, data wait {row['data_wait_pct']:.1f}%, "
                   f"MFU {row['mfu_pct'] if row['mfu_pct'] is None else round(row['mfu_pct'], 1)}%", flush=True)
             rows.append(row)
     out = results_dir(args.out, "step")
-    tag = f"{args.precision}{'-compiled' if args.compile else ''}-{args.kernels}-{args.data}"
+    tag = (f"{args.precision}{'-compiled' if args.compile else ''}-{args.kernels}-{args.data}"
+           f"{'' if args.fused_shuffle else '-shuffle'}")
     report = markdown(rows, device_name())
     (out / f"step-{tag}.md").write_text(report)
     (out / f"step-{tag}.json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=1))

@@ -10,11 +10,13 @@ output before PixelShuffle, (B, C*s*s, H/s, W/s): both paths accept it, the kern
 place.
 
 The pixel mask is never built: the reference sums f inside each cell and weights the (B, h, w)
-cell sums; the kernel runs one program per cell and skips every read of an unmasked cell. The
-kernel's forward also writes d loss / d pred (for an upstream gradient of 1), so the backward
+cell sums; the kernel runs one program per cell and skips every read of an unmasked cell. It reads
+pred and target through their strides, so the channels-last outputs of the model's 1x1-conv head
+(before or after PixelShuffle) are never copied, and writes the gradient in pred's own layout.
+The kernel's forward also writes d loss / d pred (for an upstream gradient of 1), so the backward
 pass reads nothing unless the upstream gradient differs from 1 (gradient accumulation, loss
 scaling), when it rescales in place. Per-cell partial sums are reduced in a fixed order, so the
-result is deterministic.
+result is deterministic. Forward: three launches (mask count, the kernel, the sum of the cells).
 
 Order: reference, Triton kernels, launchers, custom ops with autograd, public function.
 """
@@ -101,36 +103,42 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _loss_fwd_kernel(pred_ptr, tgt_ptr, m_ptr, denom_ptr, part_ptr, grad_ptr,
-                         C, H, W, cells, w, sy, sx, S, inv_c, beta,
-                         KIND: tl.constexpr, ALL_PIXELS: tl.constexpr, SHUFFLED: tl.constexpr,
-                         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per mask cell: the cell's sum of f(pred - target) and, if WRITE_GRAD,
-        d loss / d pred for the cell (zeros for an unmasked cell, which is never read)."""
+    def _loss_fwd_kernel(pred_ptr, tgt_ptr, m_ptr, count_ptr, part_ptr, grad_ptr, cells, w, all_count,
+                         p_sb, p_sc, p_sh, p_sw, t_sb, t_sc, t_sh, t_sw, beta,
+                         C: tl.constexpr, CELL_H: tl.constexpr, CELL_W: tl.constexpr, S: tl.constexpr,
+                         KIND: tl.constexpr, ALL_PIXELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        """One program per mask cell: the cell's sum of f(pred - target), already divided by
+        C * denominator, and, if WRITE_GRAD, d loss / d pred for the cell (zeros for an unmasked
+        cell, which is never read). Tiles of BLOCK_H rows (channel, y) x BLOCK_W columns; channels,
+        cell sizes and the PixelShuffle factor S are compile-time constants, so pixel -> address
+        is shifts and multiply-adds; any strides (channels-last head outputs are read in place)."""
         pid = tl.program_id(0).to(tl.int64)
         b, rem = pid // cells, pid % cells
-        y0, x0 = (rem // w) * sy, (rem % w) * sx
+        y0, x0 = (rem // w) * CELL_H, (rem % w) * CELL_W
         if ALL_PIXELS:
             active = True
+            denom = all_count + 1e-5
         else:
             active = tl.load(m_ptr + pid) != 0
-        scale = inv_c / tl.load(denom_ptr)
-        cell_px = sy * sx
-        n = C * cell_px
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for e0 in range(0, n, BLOCK):
-            e = e0 + tl.arange(0, BLOCK)
-            in_e = e < n
-            c, r = e // cell_px, e % cell_px
-            y, x = y0 + r // sx, x0 + r % sx
-            t_off = ((b * C + c) * H + y) * W + x
-            if SHUFFLED:  # pred is (B, C*S*S, H/S, W/S): channel c*S*S + (y%S)*S + x%S at (y//S, x//S)
-                p_off = ((b * C * S * S + c * S * S + (y % S) * S + x % S) * (H // S) + y // S) * (W // S) + x // S
+            denom = tl.load(count_ptr) * (CELL_H * CELL_W) + 1e-5
+        scale = 1.0 / (denom * C)
+        xs = tl.arange(0, BLOCK_W)
+        x = x0 + xs
+        acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+        for r0 in range(0, C * CELL_H, BLOCK_H):  # rows r of the cell's C x CELL_H x CELL_W pixels
+            rs = r0 + tl.arange(0, BLOCK_H)
+            c, y = (rs // CELL_H)[:, None], (y0 + rs % CELL_H)[:, None]
+            io = (rs < C * CELL_H)[:, None] & (xs < CELL_W)[None, :]
+            t_off = b * t_sb + c * t_sc + y * t_sh + x[None, :] * t_sw
+            if S > 0:  # pred is (B, C*S*S, H/S, W/S): channel c*S*S + (y%S)*S + x%S at (y//S, x//S)
+                ch = c * S * S + (y % S) * S + (x % S)[None, :]
+                p_off = b * p_sb + ch * p_sc + (y // S) * p_sh + (x // S)[None, :] * p_sw
             else:
-                p_off = t_off
-            ld = in_e & active
-            p = tl.load(pred_ptr + p_off, mask=ld, other=0.0).to(tl.float32)
-            d = p - tl.load(tgt_ptr + t_off, mask=ld, other=0.0).to(tl.float32)
+                p_off = b * p_sb + c * p_sc + y * p_sh + x[None, :] * p_sw
+            ld = io & active
+            d = (tl.load(pred_ptr + p_off, mask=ld, other=0.0).to(tl.float32)
+                 - tl.load(tgt_ptr + t_off, mask=ld, other=0.0).to(tl.float32))
             ad = tl.abs(d)
             sgn = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             if KIND == 0:
@@ -143,8 +151,8 @@ if HAS_TRITON:
                 g = tl.where(small, d / beta, sgn)
             acc += v
             if WRITE_GRAD:
-                tl.store(grad_ptr + p_off, (g * scale).to(grad_ptr.dtype.element_ty), mask=in_e)
-        tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+                tl.store(grad_ptr + p_off, (g * scale).to(grad_ptr.dtype.element_ty), mask=io)
+        tl.store(part_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0) * scale)
 
     @triton.jit
     def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
@@ -158,23 +166,31 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launchers
+def _dense(t: torch.Tensor) -> bool:
+    """Strides the kernel can write a gradient of the same layout into (torch.empty_like keeps them)."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _loss_fwd(pred, target, masks, kind: int, beta: float, all_pixels: bool, norm_target: int,
               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     sy, sx, shuffle = _check(pred, target, masks, list(LOSSES)[kind])
     if norm_target:
         target = norm_targets(target, norm_target)
-    pred, target = pred.contiguous(), target.contiguous()
+    if not _dense(pred):
+        pred = pred.contiguous()
     B, C, H, W = target.shape
-    cells = masks.shape[1] * masks.shape[2]
-    denom = _denominator(masks, sy * sx, all_pixels, H, W)
-    part = torch.empty(B * cells, device=pred.device, dtype=torch.float32)
+    h, w = masks.shape[1:]
+    m = masks.contiguous().view(torch.uint8)
+    part = torch.empty(B * h * w, device=pred.device, dtype=torch.float32)
+    count = part if all_pixels else m.sum(dtype=torch.float32)  # part: a placeholder never read
     grad = torch.empty_like(pred) if need_grad else part  # part: a placeholder never written
-    block = min(1024, triton.next_power_of_2(C * sy * sx))
-    _loss_fwd_kernel[(B * cells,)](
-        pred, target, masks.contiguous().view(torch.uint8), denom, part, grad,
-        C, H, W, cells, masks.shape[2], sy, sx, shuffle, 1.0 / C, float(beta),
-        KIND=kind, ALL_PIXELS=all_pixels, SHUFFLED=shuffle > 0, WRITE_GRAD=need_grad, BLOCK=block)
-    return part.sum() / denom / C, (grad if need_grad else pred.new_empty(0))
+    block_w = triton.next_power_of_2(sx)
+    block_h = min(triton.next_power_of_2(C * sy), max(1, 1024 // block_w))
+    _loss_fwd_kernel[(B * h * w,)](
+        pred, target, m, count, part, grad, h * w, w, float(B * H * W), *pred.stride(), *target.stride(),
+        float(beta), C=C, CELL_H=sy, CELL_W=sx, S=shuffle, KIND=kind, ALL_PIXELS=all_pixels,
+        WRITE_GRAD=need_grad, BLOCK_H=block_h, BLOCK_W=block_w)
+    return part.sum(), (grad if need_grad else pred.new_empty(0))
 
 
 def _scale_(x: torch.Tensor, g: torch.Tensor) -> None:

@@ -76,6 +76,7 @@ class DALILoader:
         self.hw_decoder_load, self.prefetch = hw_decoder_load, max(1, prefetch)
         self.preallocate, self.preallocate_hw = preallocate, preallocate_hw
         self.decode = "cpu" if decode_device == "cpu" or self.device.type != "cuda" else "mixed"
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.drop_last = drop_last
         self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train, drop_last=drop_last)
         if len(self) == 0:
@@ -115,7 +116,7 @@ class DALILoader:
         std = [255 * s for s in a.std]
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
-                      device_id=self.device.index or 0 if self.device.type == "cuda" else None,
+                      device_id=self.device_id,
                       seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1,
                       exec_dynamic=True)
         def pipe():

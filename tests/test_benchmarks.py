@@ -15,7 +15,7 @@ def test_avgdist_bench_writes_outputs(tmp_path):
 
 def test_kernels_bench_checks_correctness_on_cpu(tmp_path):
     out = kernels.main(["--out", str(tmp_path)])
-    assert len(out["checks"]) == 4 and all(c["ok"] for c in out["checks"])
+    assert len(out["checks"]) == 6 and all(c["ok"] for c in out["checks"])  # 2 shapes x 3 ops
     assert list(tmp_path.glob("kernels-*/kernels.md"))
 
 
@@ -25,10 +25,13 @@ def test_step_bench_synthetic_and_loader(tmp_path, sample_root):
     (r,) = rows
     assert r["img_per_s"] > 0 and r["gflops_per_image"] > 0.1 and r["mfu_pct"] is None
     rows = step.main(["--models", "vit_micro", "--batch", "4", "--steps", "2", "--warmup", "1", "--data", "loader",
-                      "--data-path", str(sample_root / "train"), "--workers", "0", "--out", str(tmp_path)])
+                      "--data-path", str(sample_root / "train"), "--workers", "0", "--out", str(tmp_path),
+                      "--no-fused-shuffle"])
+    assert not rows[0]["fused_shuffle"] and r["fused_shuffle"]
     assert rows[0]["data_wait_pct"] > 0
     files = {p.name for p in next(tmp_path.glob("step-*")).iterdir()}
-    assert {"step-fp32-reference-synthetic.md", "step-fp32-auto-loader.json", "step-fp32-auto-loader.png"} <= files
+    assert {"step-fp32-reference-synthetic.md", "step-fp32-auto-loader-shuffle.json",
+            "step-fp32-auto-loader-shuffle.png"} <= files
 
 
 def test_flops_counted_exactly_at_full_size():

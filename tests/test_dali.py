@@ -95,6 +95,25 @@ def test_contract(sample_root):
         DALILoader(str(sample_root / "train"), aug, None, 8, 1, decode_device="mixed")
 
 
+def test_gpu_pipeline_is_valid(sample_root):
+    """The GPU graph (mixed decoding with every speed knob, GPU resize and normalise) cannot run
+    here, but DALI checks each operator's device and arguments against its schema when the
+    pipeline is serialised, so a misspelt knob or an operator without a GPU backend fails here."""
+    loader = DALILoader(str(sample_root / "train"), Augmentation(size=64), None, 8, 1, dtype=torch.float16,
+                        hw_decoder_load=0.5, preallocate=4 << 20, preallocate_hw=(640, 480))
+    loader.decode = "mixed"  # as chosen on a CUDA device; device_id stays None to build no GPU state
+    files, labels = loader.files_for_epoch()
+    for train in (True, False):
+        loader.train = train
+        graph = loader.build_pipeline(files, labels).serialize()
+        assert graph.count(b"mixed") >= 1 and graph.count(b"gpu") >= 2
+        for knob in (b"hw_decoder_load", b"device_memory_padding", b"preallocate_width_hint"):
+            assert knob in graph
+    loader.hw_decoder_load = "lots"  # values are typed against the schema too
+    with pytest.raises(Exception, match="float"):
+        loader.build_pipeline(files, labels).serialize()
+
+
 def test_ranks_disjoint_and_covering(tmp_path):
     # 27 images, each one flat grey level: the level identifies the image after any crop
     for i in range(27):

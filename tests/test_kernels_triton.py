@@ -33,8 +33,8 @@ def rand(*shape, dtype=torch.float32, grad=False):
 
 
 # (B, h, w, s, D): Swin-B 192 (6x6 cells of 8x8 tokens, D 128), ViT-B 224 (7x7 cells of 2x2, D 768,
-# trimmed), batch 1, prime D, non-square grids, one token per cell
-FILL_SHAPES = [(2, 6, 6, 8, 128), (1, 7, 7, 2, 96), (1, 3, 5, 1, 7), (3, 4, 2, 3, 13), (2, 1, 1, 4, 130)]
+# trimmed), prime D, non-square grids, one token per cell; batch 1 to 3
+FILL_SHAPES = [(1, 6, 6, 8, 128), (1, 7, 7, 2, 96), (1, 3, 5, 1, 7), (3, 4, 2, 3, 13), (2, 1, 1, 4, 130)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -57,7 +57,7 @@ def test_mask_token_fill(B, h, w, s, D, dtype):
 
 
 # (pred shape, mask grid): Swin 192/32, ViT 224/32, batch 1, prime channels, non-square, 1x1 cells
-LOSS_SHAPES = [((2, 3, 192, 192), (6, 6)), ((1, 3, 224, 224), (7, 7)), ((2, 5, 28, 42), (4, 6)),
+LOSS_SHAPES = [((1, 3, 192, 192), (6, 6)), ((1, 3, 224, 224), (7, 7)), ((2, 5, 28, 42), (4, 6)),
                ((1, 7, 13, 11), (13, 11)), ((3, 3, 32, 64), (1, 2))]
 OPTIONS = [dict(), dict(loss="l2"), dict(loss="smooth_l1", beta=0.3), dict(all_pixels=True)]
 
@@ -81,10 +81,16 @@ def test_masked_loss(shape, grid, dtype):
         torch.testing.assert_close(g1.float(), (gr / 0.37).to(g.dtype).float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("s,grid", [(32, (2, 3)), (16, (2, 2))])
-def test_masked_loss_reads_pre_pixelshuffle_layout(s, grid):
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("s,grid,layout", [(32, (2, 3), CL), (16, (2, 2), CL), (32, (2, 3), None)])
+def test_masked_loss_reads_pre_pixelshuffle_layout(s, grid, layout):
+    """The model's head output (B, 3*s*s, H/s, W/s) is channels-last (a 1x1 conv over
+    channels-last features): read in place, its gradient written in the same layout."""
     target = rand(2, 3, 64, 96 if grid[1] == 3 else 64)
-    pred = rand(2, 3 * s * s, target.shape[2] // s, target.shape[3] // s, grad=True)
+    pred = rand(2, 3 * s * s, target.shape[2] // s, target.shape[3] // s)
+    pred = (pred.to(memory_format=layout) if layout else pred).requires_grad_()
     masks = torch.rand(2, *grid, device=DEVICE) < 0.5
     masks[0, 0, 0] = True
     got = masked_l1_loss(pred, target, masks, backend="triton")
@@ -93,7 +99,30 @@ def test_masked_loss_reads_pre_pixelshuffle_layout(s, grid):
     want = masked_l1_loss_ref(shuffled, target, masks)
     (gr,) = torch.autograd.grad(want, shuffled)
     torch.testing.assert_close(got, want, **SUM_TOL)
+    assert g.stride() == pred.stride()
     torch.testing.assert_close(torch.nn.functional.pixel_shuffle(g, s), gr)
+
+
+@pytest.mark.parametrize("pred_layout,target_layout", [(CL, None), (None, CL), (CL, CL), ("slice", "slice")])
+def test_masked_loss_any_strides(pred_layout, target_layout):
+    """Channels-last pred and target are read through their strides (the gradient keeps pred's
+    layout); a non-dense slice is copied once and still correct."""
+    def make(layout, grad=False):
+        t = rand(2, 3, 64, 80 if layout == "slice" else 64)
+        t = t[..., 8:72] if layout == "slice" else t.to(memory_format=layout) if layout else t
+        return t.requires_grad_(grad)
+
+    pred, target = make(pred_layout, grad=True), make(target_layout)
+    masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
+    got = masked_l1_loss(pred, target, masks, loss="l2", backend="triton")
+    (g,) = torch.autograd.grad(got, pred)
+    pr = pred.detach().contiguous().requires_grad_()
+    want = masked_l1_loss_ref(pr, target.contiguous(), masks, loss="l2")
+    (gr,) = torch.autograd.grad(want, pr)
+    torch.testing.assert_close(got, want, **SUM_TOL)
+    torch.testing.assert_close(g, gr)
+    if pred_layout == CL:
+        assert g.is_contiguous(memory_format=CL)
 
 
 def test_norm_target_matches():

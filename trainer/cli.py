@@ -12,6 +12,7 @@
     simmim bench step [...]                               training-step speed and MFU
     simmim bench claims [...]                             the paper's efficiency claims vs other methods
     simmim bench loaders [...]                            images/sec of each loader, same images
+    simmim bench compile [...]                            Triton kernels built for sm_90/sm_80, no GPU
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
@@ -97,6 +98,8 @@ def cmd_bench(args) -> None:
         from simmim.benchmarks.claims import main as run
     elif args.name == "loaders":
         from simmim.benchmarks.loaders import main as run
+    elif args.name == "compile":
+        from simmim.benchmarks.compile_check import main as run
     run(args.rest)
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=["avgdist", "kernels", "step", "claims", "loaders"])
+    p.add_argument("name", choices=["avgdist", "kernels", "step", "claims", "loaders", "compile"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 

@@ -50,7 +50,7 @@ class ModelConfig:
     loss_beta: float = 1.0  # smooth_l1 only
     loss_all_pixels: bool = False  # ablation: loss on every pixel, not only masked ones
     norm_target: int = 0  # k > 0: per-window normalised targets (SwinV2 variant), k odd
-    fused_shuffle: bool = False  # fused loss reads the head output before PixelShuffle (CUDA)
+    fused_shuffle: bool = True  # the loss reads the head output before PixelShuffle: no shuffle copy
 
 
 @dataclass

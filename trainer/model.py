@@ -5,6 +5,7 @@
       -> features (B, C, H/stride, W/stride)
       -> head: 1x1 conv to stride^2 * 3 channels + PixelShuffle(stride) -> pred (B, 3, H, W)
       -> masked_l1_loss(pred, images, masks)
+    (by default the loss takes the conv's output and does the shuffle's indexing itself)
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class LossOptions:
 
 class SimMIM(nn.Module):
     def __init__(self, encoder: nn.Module, in_chans: int = 3, loss: LossOptions = LossOptions(),
-                 fused_shuffle: bool = False):
+                 fused_shuffle: bool = True):
         super().__init__()
         self.encoder = encoder
         self.stride = encoder.stride
@@ -148,7 +149,7 @@ class SimMIM(nn.Module):
 
 
 def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
-                 drop_path: float = 0.0, loss: LossOptions = LossOptions(), fused_shuffle: bool = False) -> SimMIM:
+                 drop_path: float = 0.0, loss: LossOptions = LossOptions(), fused_shuffle: bool = True) -> SimMIM:
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
     a = ARCHS[arch]
