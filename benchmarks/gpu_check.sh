@@ -86,7 +86,8 @@ for path in glob.glob(f"{sys.argv[1]}/loaders-*/loaders*.json"):
     base = next((x["img_per_s"] for x in r["rows"] if x["loader"] == "torch"), None)
     for x in r["rows"]:
         ratio = f"{x['img_per_s'] / base:6.2f}x" if base else ""
-        print(f"{x['loader']:<14} {x['img_per_s']:8.0f} img/s {ratio}")
+        print(f"{x['loader']:<14} {x['img_per_s']:8.0f} img/s {ratio}  steady {x.get('steady_img_per_s') or 0:8.0f} img/s"
+              f"  epoch start {x.get('epoch_start_s', 0):.2f} s")
 for path in glob.glob(f"{sys.argv[1]}/step-*/step-*.json"):
     r = json.load(open(path))
     print(f"\ntraining step on {r['device']} ({path.rsplit('/', 1)[1][5:-5]})")
