@@ -108,7 +108,11 @@ def accesses(ptx: str, op: str) -> dict[str, int]:
     """Global accesses of kind op (ld | st) in the PTX by width, widest first, e.g.
     {'v4.b32': 3, 'b32': 1}: 'v4.b32' is a 128-bit (vectorised) access, 'b16' a scalar bf16 one."""
     found = re.findall(rf"\b{op}\.global(?:\.[a-z_]+)*?\.((?:v\d\.)?[bfu]\d+)\b", ptx)
-    bits = lambda w: int(w.split(".")[0][1:]) * int(w.split(".")[1][1:]) if "." in w else int(w[1:])  # noqa: E731
+
+    def bits(width: str) -> int:  # 'v4.b32' -> 128, 'b16' -> 16
+        lanes, _, ty = width.rpartition(".")
+        return int(lanes[1:] or 1) * int(ty[1:])
+
     counts = {w: found.count(w) for w in set(found)}
     return dict(sorted(counts.items(), key=lambda kv: -bits(kv[0])))
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import DatasetError, scan_folder
-from .scan import open_rgb, scan_images, sidecar, write_json
+from .folder import DatasetError, read_classes, scan_folder, sidecar
+from .scan import open_rgb, scan_images, write_json
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +126,6 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def read_classes(beton: str | os.PathLike) -> list[str] | None:
-    import json
-
-    path = sidecar(Path(beton), "classes.json")
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def open_beton(path: str | os.PathLike):

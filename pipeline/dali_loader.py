@@ -26,7 +26,8 @@ import torch
 from .augment import Augmentation
 from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size
 from .masking import MaskGenerator
-from .reference import GlobalBatchMasks
+from .reference import LoaderContract
+from .scan import clean_list_path
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,11 @@ DEVICES = ("auto", "mixed", "cpu")
 
 def clean_list_for(path: str | Path) -> Path | None:
     """`simmim scan`'s default output for a folder, if it exists."""
-    p = Path(str(Path(path).resolve()).rstrip("/") + ".clean.txt")
+    p = clean_list_path(path)
     return p if Path(path).is_dir() and p.is_file() else None
 
 
-class DALILoader:
+class DALILoader(LoaderContract):
     """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` appends the
     labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`.
 
@@ -70,7 +71,7 @@ class DALILoader:
         self.samples, self.classes = scan_folder(path)
         self.num_samples = len(self.samples)
         self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
-        self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
+        self.seed, self.rank, self.world = seed, rank, world
         self.train, self.labels, self.crop_ratio, self.dtype = train, labels, crop_ratio, dtype
         self.threads = max(1, threads or num_workers)
         self.hw_decoder_load, self.prefetch = hw_decoder_load, max(1, prefetch)
@@ -79,16 +80,11 @@ class DALILoader:
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.drop_last = drop_last
         self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train, drop_last=drop_last)
-        if len(self) == 0:
-            raise ValueError(f"{self.num_samples} images over {world} ranks do not fill one batch of "
-                             f"{batch_size}: lower data.batch_size")
+        self.require_one_batch()
 
     def __len__(self) -> int:
         return num_batches(shard_size(self.num_samples, self.rank, self.world, self.drop_last), self.batch_size,
                            self.drop_last)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
 
     def files_for_epoch(self) -> tuple[list[str], list[int]]:
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
@@ -145,10 +141,7 @@ class DALILoader:
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        masks = None
-        if self.mask_generator is not None:
-            masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
-                                     self.batch_size, self.device)
+        masks = self.epoch_masks()
         files, labels = self.files_for_epoch()
         if not files:
             return
@@ -164,10 +157,7 @@ class DALILoader:
                     images = images.to(self.device, non_blocking=True)
                 if self.dtype is torch.bfloat16:
                     images = images.to(torch.bfloat16)
-                batch = (images, masks(k)) if masks is not None else (images,)
-                if self.labels:
-                    batch += (out[0]["labels"].to(self.device).view(-1).long(),)
-                yield batch
+                yield self.make_batch(k, masks, images, lambda: out[0]["labels"].to(self.device).view(-1).long())
         finally:
             del it, pipe
 

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from .augment import Augmentation, normalize
-from .convert import open_beton, read_classes
-from .folder import DatasetError, ShardedSampler, num_batches, shard_size
+from .convert import open_beton
+from .folder import DatasetError, ShardedSampler, num_batches, read_classes, shard_size
 from .masking import MaskGenerator
-from .reference import GlobalBatchMasks
+from .reference import LoaderContract
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -79,11 +79,11 @@ class ShardedOrder:
                  pages: np.ndarray | None = None, buffer_pages: int = 8, drop_last: bool = True):
         if mode not in ORDERS:
             raise DatasetError(f"data.order must be one of {', '.join(ORDERS)}, got '{mode}'")
-        if size < world:
+        self.drop_last = drop_last or mode == "quasi_random"
+        if size < world and self.drop_last:  # as ShardedSampler: evaluation may leave a rank empty
             raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
         self.size, self.rank, self.world, self.seed, self.mode = size, rank, world, seed, mode
         self.pages, self.buffer_pages, self.start = pages, max(1, buffer_pages), 0
-        self.drop_last = drop_last or mode == "quasi_random"
         if mode == "quasi_random" and pages is None:
             raise ValueError("quasi_random needs the page of every sample")
 
@@ -115,7 +115,7 @@ class ShardedOrder:
         return block[np.lexsort((key, window))]
 
 
-class FFCVLoader:
+class FFCVLoader(LoaderContract):
     """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` adds the
     labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`."""
 
@@ -135,15 +135,13 @@ class FFCVLoader:
         self.path, self.num_samples = str(path), int(reader.num_samples)
         self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
         self.device, self.dtype, self.labels = torch.device(device), dtype, labels
-        self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
+        self.seed, self.rank, self.world = seed, rank, world
         pages = page_of_samples(reader) if order == "quasi_random" else None
         if not train:
             order = "sequential"
         self.drop_last, self.classes = drop_last, read_classes(path)
         self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, buffer_pages, drop_last)
-        if len(self) == 0:
-            raise ValueError(f"{self.num_samples} images over {world} ranks do not fill one batch of "
-                             f"{batch_size}: lower data.batch_size")
+        self.require_one_batch()
         size = (aug.size, aug.size)
         if train:
             decoder = RandomResizedCropRGBImageDecoder(size, scale=aug.scale, ratio=aug.ratio)
@@ -175,14 +173,8 @@ class FFCVLoader:
         """Batches per epoch per rank (a full epoch, whatever `start_batch`)."""
         return num_batches(len(self.order), self.batch_size, self.drop_last)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
     def __iter__(self):
-        masks = None
-        if self.mask_generator is not None:
-            masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
-                                     self.batch_size, self.device)
+        masks = self.epoch_masks()
         self.order.start = self.start_batch * self.batch_size
         self.loader.next_epoch = self.epoch
         epoch = iter(self.loader)
@@ -193,8 +185,7 @@ class FFCVLoader:
                     break
                 images = out[0] if self.normalize_in_pipeline else \
                     normalize(out[0], self.aug.mean, self.aug.std, self.dtype)
-                batch = (images, masks(k)) if masks is not None else (images,)
-                yield batch + (out[1].long(),) if self.labels else batch
+                yield self.make_batch(k, masks, images, lambda: out[1].long())
         finally:
             close_epoch(epoch)
 

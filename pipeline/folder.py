@@ -63,14 +63,24 @@ def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
     if not samples:
         raise DatasetError(f"file list '{path}' lists no images")
     num_classes = max(label for _, label in samples) + 1
-    names = path.with_name(path.stem + ".classes.json")  # written beside a list by `simmim scan`
-    if names.is_file():
-        import json
-
-        classes = json.loads(names.read_text())
-        if isinstance(classes, list) and len(classes) >= num_classes:
-            return samples, [str(c) for c in classes]
+    classes = read_classes(path)  # written beside a list by `simmim scan`
+    if isinstance(classes, list) and len(classes) >= num_classes:
+        return samples, [str(c) for c in classes]
     return samples, [str(i) for i in range(num_classes)]
+
+
+def sidecar(path: str | os.PathLike, suffix: str) -> Path:
+    """`train.beton` -> `train.<suffix>`: the files stored beside an output (a list, a .beton)."""
+    path = Path(path)
+    return path.with_name(path.stem + "." + suffix)
+
+
+def read_classes(path: str | os.PathLike) -> list[str] | None:
+    """The class names stored beside a list or .beton (`<stem>.classes.json`), if any."""
+    import json
+
+    names = sidecar(path, "classes.json")
+    return json.loads(names.read_text()) if names.is_file() else None
 
 
 def load_rgb(path: str) -> Image.Image:

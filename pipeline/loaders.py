@@ -25,6 +25,7 @@ COMMON = ("train", "labels", "dtype", "crop_ratio", "drop_last")
 FFCV_OPTIONS = ("order", "os_cache", "buffer_pages", "batches_ahead") + COMMON
 DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate") + COMMON
 TORCH_OPTIONS = ("transform",) + COMMON
+BACKEND_OPTIONS = frozenset(FFCV_OPTIONS + DALI_OPTIONS) - set(COMMON)  # the backend-only `data.*` keys
 
 
 def available(backend: str) -> bool:

@@ -1,8 +1,8 @@
 """The reference loader: PIL decoding + the SimMIM augmentation in DataLoader workers.
 
 Yields `(images, masks)` (`labels=True` appends the labels; `masks=None` leaves masks out, for
-classification; `train=False` gives the evaluation view, resize + centre crop): images float (B, 3, S, S) normalised on the training device, masks bool
-(B, S/32, S/32) drawn on that device. The slowest backend and the one the others are checked
+classification; `train=False` gives the evaluation view, resize + centre crop): images float
+(B, 3, S, S) normalised on the training device, masks bool (B, S/32, S/32) drawn on that device. The slowest backend and the one the others are checked
 against.
 """
 from __future__ import annotations
@@ -14,7 +14,35 @@ from .folder import ImageFolder, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 
 
-class ReferenceLoader:
+class LoaderContract:
+    """What every backend shares: the epoch / start-batch state, one batch at least per epoch,
+    masks from `GlobalBatchMasks`, and the batch tuple `(images[, masks][, labels])`.
+    Expects mask_generator, seed, rank, world, batch_size, device, labels, num_samples."""
+
+    epoch = start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Next iteration yields epoch `epoch` from batch `start_batch` on (mid-epoch resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def require_one_batch(self) -> None:
+        if len(self) == 0:
+            raise ValueError(f"{self.num_samples} images over {self.world} ranks do not fill one batch of "
+                             f"{self.batch_size}: lower data.batch_size")
+
+    def epoch_masks(self) -> GlobalBatchMasks | None:
+        if self.mask_generator is None:
+            return None
+        return GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
+                                self.batch_size, self.device)
+
+    def make_batch(self, k: int, masks: GlobalBatchMasks | None, images: torch.Tensor, labels) -> tuple:
+        """Batch k of the epoch; `labels` (a callable giving them on the device) only when asked for."""
+        batch = (images, masks(k)) if masks is not None else (images,)
+        return batch + (labels(),) if self.labels else batch
+
+
+class ReferenceLoader(LoaderContract):
     """One epoch per `iter()`; `set_epoch` reseeds order, augmentation and masks.
 
     batch_size is per process; batches per epoch = (len(dataset) // world) // batch_size
@@ -32,11 +60,9 @@ class ReferenceLoader:
         shuffle = train if shuffle is None else shuffle
         self.aug, self.mask_generator = aug, masks
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
-        self.seed, self.rank, self.world, self.epoch, self.start_batch = seed, rank, world, 0, 0
+        self.seed, self.rank, self.world = seed, rank, world
         self.sampler = ShardedSampler(len(self.dataset), rank, world, seed, shuffle, drop_last)
-        if len(self) == 0:
-            raise ValueError(f"{len(self.dataset)} images over {world} ranks do not fill one batch of "
-                             f"{batch_size}: lower data.batch_size")
+        self.require_one_batch()
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", drop_last=drop_last,
@@ -48,19 +74,14 @@ class ReferenceLoader:
                            self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Next iteration yields epoch `epoch` from batch `start_batch` on (mid-epoch resume)."""
-        self.epoch, self.start_batch = epoch, start_batch
+        super().set_epoch(epoch, start_batch)
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __iter__(self):
-        masks = None
-        if self.mask_generator is not None:
-            masks = GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
-                                     self.batch_size, self.device)
+        masks = self.epoch_masks()
         for k, (images, labels) in enumerate(self.loader, start=self.start_batch):
             images = normalize(images.to(self.device, non_blocking=True), self.aug.mean, self.aug.std, self.dtype)
-            batch = (images, masks(k)) if masks is not None else (images,)
-            yield batch + (labels.to(self.device, non_blocking=True),) if self.labels else batch
+            yield self.make_batch(k, masks, images, lambda: labels.to(self.device, non_blocking=True))
 
 
 class GlobalBatchMasks:

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .folder import DatasetError, scan_folder
+from .folder import DatasetError, scan_folder, sidecar
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,17 @@ def write_file_list(path: Path, samples: list[tuple[str, int]]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def clean_list_path(src: str | os.PathLike) -> Path:
+    """Where `simmim scan SRC` writes its clean list by default: `SRC.clean.txt` beside SRC."""
+    return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
+
+
 def scan_command(src: str, out: str | None, workers: int, on_error: str) -> ScanResult:
     """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file
     and a JSON report of the bad files beside it."""
     samples, classes = scan_folder(src)
     result = scan_images(samples, classes, workers, on_error=on_error)
-    out_path = Path(out) if out else Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
+    out_path = Path(out) if out else clean_list_path(src)
     if not result.good:
         raise DatasetError(f"no image under {src} decodes")
     write_file_list(out_path, result.good)
@@ -137,9 +142,3 @@ def scan_command(src: str, out: str | None, workers: int, on_error: str) -> Scan
     print(f"scanned {len(samples)} images in {result.seconds:.1f}s ({rate:.0f} img/s): "
           f"{len(result.good)} good, {len(result.bad)} bad -> {out_path}")
     return result
-
-
-def sidecar(path: Path, suffix: str) -> Path:
-    """`train.beton` -> `train.<suffix>`: the files stored beside an output."""
-    path = Path(path)
-    return path.with_name(path.stem + "." + suffix)

@@ -87,20 +87,14 @@ def cmd_inspect(args) -> None:
         sys.exit(1)
 
 
+BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
+           "loaders": "loaders", "compile": "compile_check"}  # name -> module of simmim.benchmarks
+
+
 def cmd_bench(args) -> None:
-    if args.name == "avgdist":
-        from simmim.benchmarks.avg_dist import main as run
-    elif args.name == "kernels":
-        from simmim.benchmarks.kernels import main as run
-    elif args.name == "step":
-        from simmim.benchmarks.step import main as run
-    elif args.name == "claims":
-        from simmim.benchmarks.claims import main as run
-    elif args.name == "loaders":
-        from simmim.benchmarks.loaders import main as run
-    elif args.name == "compile":
-        from simmim.benchmarks.compile_check import main as run
-    run(args.rest)
+    import importlib
+
+    importlib.import_module(f"simmim.benchmarks.{BENCHES[args.name]}").main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=["avgdist", "kernels", "step", "claims", "loaders", "compile"])
+    p.add_argument("name", choices=list(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 

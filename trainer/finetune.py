@@ -36,7 +36,7 @@ from simmim.pipeline.augment import denormalize, normalize
 
 from .config import Config, ConfigError
 from .distributed import DistInfo
-from .model import ARCHS, no_weight_decay
+from .model import ARCHS, no_weight_decay, timm_model
 
 log = logging.getLogger("simmim")
 
@@ -46,20 +46,9 @@ log = logging.getLogger("simmim")
 def build_classifier(arch: str, img_size: int, num_classes: int, window_size: int = 0,
                      drop_path: float = 0.1) -> nn.Module:
     """The timm encoder of `arch` with a linear classification head."""
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
-    a = ARCHS[arch]
-    if a.family == "swin":
-        return SwinTransformer(img_size=img_size, patch_size=a.patch_size, embed_dim=a.embed_dim,
-                               depths=a.depths, num_heads=a.num_heads, window_size=window_size or a.window_size,
-                               drop_path_rate=drop_path, num_classes=num_classes)
-    # ViT fine-tuning classifies from the mean of the patch tokens (BEiT / SimMIM practice)
-    return VisionTransformer(img_size=img_size, patch_size=a.patch_size, embed_dim=a.embed_dim,
-                             depth=a.depths[0], num_heads=a.num_heads[0], drop_path_rate=drop_path,
-                             num_classes=num_classes, global_pool="avg", fc_norm=True)
+    return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes)
 
 
 ENCODER_PREFIXES = ("encoder.swin.", "encoder.vit.")

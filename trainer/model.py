@@ -50,20 +50,32 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
 
 
-class SwinEncoder(nn.Module):
-    stride = 32
-
-    def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float):
-        super().__init__()
+def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0):
+    """The timm Swin / ViT of `arch`: the SimMIM encoder (num_classes=0) or, with a head, the
+    fine-tuning classifier (ViT classifies from the mean of its patch tokens, as BEiT and SimMIM do)."""
+    if arch.family == "swin":
+        window_size = window_size or arch.window_size
         grid = img_size // arch.patch_size
         for stage in range(len(arch.depths)):
             res = grid // 2 ** stage
             if res % window_size and res > window_size:
                 raise ValueError(f"Swin window {window_size} does not tile stage {stage} ({res}x{res} tokens) "
                                  f"at image size {img_size}: pick model.window_size dividing {res}")
-        self.swin = SwinTransformer(
+        return SwinTransformer(
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
-            num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=0)
+            num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes)
+    pool = {"global_pool": "avg", "fc_norm": True} if num_classes else {}
+    return VisionTransformer(
+        img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depths[0],
+        num_heads=arch.num_heads[0], drop_path_rate=drop_path, num_classes=num_classes, **pool)
+
+
+class SwinEncoder(nn.Module):
+    stride = 32
+
+    def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float):
+        super().__init__()
+        self.swin = timm_model(arch, img_size, window_size, drop_path)
         self.num_features = self.swin.num_features
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -87,9 +99,7 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, arch: Arch, img_size: int, drop_path: float):
         super().__init__()
-        self.vit = VisionTransformer(
-            img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depths[0],
-            num_heads=arch.num_heads[0], drop_path_rate=drop_path, num_classes=0)
+        self.vit = timm_model(arch, img_size, drop_path=drop_path)
         self.num_features = self.vit.num_features
         self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
@@ -154,7 +164,7 @@ def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: in
         raise ValueError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
     a = ARCHS[arch]
     if a.family == "swin":
-        encoder = SwinEncoder(a, img_size, window_size or a.window_size, drop_path)
+        encoder = SwinEncoder(a, img_size, window_size, drop_path)
     else:
         encoder = ViTEncoder(a, img_size, drop_path)
     check_options(loss.loss, loss.norm_target)

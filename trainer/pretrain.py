@@ -10,6 +10,7 @@ is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch
 
 from simmim.pipeline import Augmentation, MaskGenerator, build_loader
 from simmim.pipeline.augment import normalize, sample_seed
+from simmim.pipeline.loaders import BACKEND_OPTIONS
 
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
@@ -103,9 +105,8 @@ class MetricsLog:
 
 
 def loader_options(d) -> dict:
-    """The backend-specific `data.*` keys, for `build_loader`."""
-    return {k: getattr(d, k) for k in ("order", "os_cache", "buffer_pages", "dali_device", "dali_hw_decoder_load",
-                                       "dali_prefetch", "dali_threads", "dali_preallocate")}
+    """The `data.*` keys that are backend options (see `pipeline.loaders`), for `build_loader`."""
+    return {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if f.name in BACKEND_OPTIONS}
 
 
 def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentation, device) -> tuple:
