@@ -15,14 +15,11 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation, sample_crop, sample_seed
+from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-class DatasetError(ValueError):
-    """A dataset path or file the user pointed us at is unusable."""
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:

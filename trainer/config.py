@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from simmim.pipeline.errors import UserError
+
 RECIPES = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value the user gave is wrong."""
 
 
