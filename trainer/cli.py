@@ -13,6 +13,7 @@
     simmim bench claims [...]                             the paper's efficiency claims vs other methods
     simmim bench loaders [...]                            images/sec of each loader, same images
     simmim bench compile [...]                            Triton kernels built for sm_90/sm_80, no GPU
+    simmim bench scale [...]                              data tools and loaders at ImageNet scale
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
@@ -88,7 +89,7 @@ def cmd_inspect(args) -> None:
 
 
 BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
-           "loaders": "loaders", "compile": "compile_check"}  # name -> module of simmim.benchmarks
+           "loaders": "loaders", "compile": "compile_check", "scale": "scale"}  # name -> module of simmim.benchmarks
 
 
 def cmd_bench(args) -> None:
