@@ -1,14 +1,19 @@
 """`simmim convert SRC DST.beton` and `simmim inspect X.beton`.
 
-Conversion: scan every image once (`scan.scan_images`: hostile-but-valid files decode, broken ones
-are skipped and reported, or stop the run with `on_error='fail'`), then FFCV's writer stores each
-good image as RGB, its longer side capped at `max_resolution`, with its integer label. The output
-is written under a temporary name and renamed into place at the end, so an interrupted run never
-leaves a DST that looks complete; the class list (`DST.classes.json`) and the report
-(`DST.report.json`: counts, images/sec, bad files) are written beside it.
+Conversion is one pass: FFCV's writer workers decode each image (`scan.decode_checked`: the same
+rule as `simmim scan`; hostile-but-valid files decode, broken ones do not) and store it as RGB,
+its longer side capped at `max_resolution`, with its integer label. A file that does not decode
+is written as a 1x1 placeholder and recorded; at the end the placeholders are dropped from the
+.beton's tables (`drop_samples`), so the output holds exactly the good images, in source order,
+and the bad ones are reported (or, with `on_error='fail'`, the run stops naming the first).
+Nothing waits for a separate check of the whole tree: the first samples are written seconds after
+the listing. The output is written under a temporary name and renamed into place at the end, so
+an interrupted run never leaves a DST that looks complete; the class list (`DST.classes.json`)
+and the report (`DST.report.json`: counts, images/sec, bad files) are written beside it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,40 +22,53 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import DatasetError, read_classes, scan_folder, sidecar
-from .scan import open_rgb, scan_images, write_json
+from .folder import (DatasetError, SampleList, iter_class_images, list_classes, read_classes, scan_folder,
+                     sidecar)
+from .scan import decode_checked, write_json
 
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+STOP = "stop"  # the marker file that tells every writer worker to stop decoding (on_error='fail')
 
 
 class ConvertDataset:
     """Indexable for FFCV's writer: (uint8 HxWx3 image, label), longer side <= max_resolution.
 
-    FFCV's writer waits forever for a worker that raised, so no exception may leave here: a file
-    that decoded in the scan but not now (it changed meanwhile) is written as a 1x1 black image
-    and named in `failed_dir`, and the conversion then fails.
+    Runs in the writer's worker processes and decodes each image exactly once. FFCV's writer waits
+    forever for a worker that raised, so no exception may leave here: a file that does not decode
+    is returned as a 1x1 black placeholder and recorded as `failed_dir/<index>` (JSON
+    [path, reason]); `convert` drops the placeholders afterwards. With `stop_on_error`, the first
+    failure also writes `failed_dir/stop` and the remaining samples are placeholders too (no more
+    decoding), so a failing run ends quickly.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, failed_dir: Path):
+    def __init__(self, samples: SampleList, max_resolution: int | None, failed_dir: Path,
+                 stop_on_error: bool = False):
         self.samples, self.max_resolution, self.failed_dir = samples, max_resolution, failed_dir
+        self.stop_on_error = stop_on_error
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            return self.load(path), label
-        except Exception as e:  # noqa: BLE001 - see the class docstring
-            (self.failed_dir / f"{i}").write_text(f"{path}: {type(e).__name__}: {e}")
+        if self.stop_on_error and (self.failed_dir / STOP).exists():
             return np.zeros((1, 1, 3), np.uint8), label
+        try:
+            img, err = decode_checked(path, self.max_resolution)
+            if err is None:
+                return self.resize(np.asarray(img)), label
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            err = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        (self.failed_dir / f"{i}").write_text(json.dumps([path, err]))
+        if self.stop_on_error:
+            (self.failed_dir / STOP).touch()
+        return np.zeros((1, 1, 3), np.uint8), label
 
-    def load(self, path: str) -> np.ndarray:
+    def resize(self, img: np.ndarray) -> np.ndarray:
         import cv2
 
-        img = np.asarray(open_rgb(path, self.max_resolution))
         h, w = img.shape[:2]
         if self.max_resolution and max(h, w) > self.max_resolution:
             r = self.max_resolution / max(h, w)
@@ -58,6 +76,28 @@ class ConvertDataset:
             size = (max(1, round(w * r)), max(1, round(h * r)))
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(img)
+
+
+def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
+    """The samples to convert. With `limit` on a class-folder tree: `limit` images spread over the
+    classes (evenly spaced classes when limit < classes, else limit // classes per class, the
+    first ones each folder lists), reading only as much of each folder as needed, never the whole
+    tree; on a list file, every `len // limit`-th entry."""
+    path = Path(src)
+    if not limit or not path.is_dir():
+        samples, classes = scan_folder(src)
+        if limit:
+            samples = samples[::max(1, len(samples) // limit)][:limit]
+        return samples, classes
+    classes = list_classes(path)
+    if limit < len(classes):
+        quota = {int(c): 1 for c in np.linspace(0, len(classes) - 1, limit).round()}
+    else:
+        quota = {c: limit // len(classes) + (c < limit % len(classes)) for c in range(len(classes))}
+    pairs = [(p, c) for c, k in quota.items() for p in iter_class_images(path / classes[c], limit=k)]
+    if not pairs:
+        raise DatasetError(f"data path '{src}' has {len(classes)} class folders but no images")
+    return SampleList.from_pairs(pairs, os.path.join(path, "")), classes
 
 
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
@@ -74,20 +114,16 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
         raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
     if not 1 <= jpeg_quality <= 100:
         raise DatasetError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
+    if on_error not in ("skip", "fail"):
+        raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
     if dst_path.exists() and not force:
         raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
     if dst_path.is_dir():
         raise DatasetError(f"{dst_path} is a directory; give a file name such as train.beton")
-    samples, classes = scan_folder(src)
-    if limit:
-        # a spread over all classes rather than the first class only
-        step = max(1, len(samples) // limit)
-        samples = samples[::step][:limit]
+    t0 = time.perf_counter()
+    samples, classes = list_samples(src, limit)
     workers = workers or os.cpu_count() or 1
-    log.info("checking %d images from %s", len(samples), src)
-    scan = scan_images(samples, classes, workers, on_error=on_error, progress=progress)
-    if not scan.good:
-        raise DatasetError(f"no image under {src} decodes")
+    log.info("converting %d images from %s", len(samples), src)
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
@@ -96,18 +132,27 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      jpeg_quality=jpeg_quality, compress_probability=compress_probability),
               "label": IntField()}
-    t0 = time.perf_counter()
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed conversion still removes its temp file
     try:
         writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=workers)
-        writer.from_indexed_dataset(ConvertDataset(scan.good, max_resolution, failed_dir), chunksize=chunk_size)
-        failed = sorted(p.read_text() for p in failed_dir.iterdir())
-        if failed:
-            raise DatasetError(f"{len(failed)} file(s) changed during conversion, e.g. {failed[0]}; run again")
+        writer.from_indexed_dataset(ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail"),
+                                    chunksize=chunk_size)
+        bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name != STOP)
+        if bad and on_error == "fail":
+            raise DatasetError(f"cannot decode {bad[0][1]} ({bad[0][2]}); use --on-error skip to leave it out")
+        if len(bad) == len(samples):
+            raise DatasetError(f"no image under {src} decodes")
+        for _, path, err in bad:
+            log.warning("skipping %s (%s)", path, err)
+        if bad:
+            drop_samples(tmp, np.array([i for i, _, _ in bad], dtype=np.int64))
         seconds = time.perf_counter() - t0
-        report = {**scan.report(), "written": len(scan.good), "write_seconds": round(seconds, 2),
-                  "images_per_sec": round(len(scan.good) / max(seconds, 1e-9), 1),
+        written = len(samples) - len(bad)
+        report = {"images": len(samples), "good": written, "bad": len(bad), "seconds": round(seconds, 2),
+                  "classes": len(classes), "bad_files": [{"path": p, "error": e} for _, p, e in bad],
+                  "written": written, "write_seconds": round(seconds, 2),
+                  "images_per_sec": round(written / max(seconds, 1e-9), 1),
                   "source": str(Path(src).resolve()), "max_resolution": max_resolution,
                   "write_mode": write_mode, "jpeg_quality": jpeg_quality, "bytes": tmp.stat().st_size}
         write_json(sidecar(dst_path, "classes.json"), classes)
@@ -120,8 +165,37 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
             p.unlink()
         failed_dir.rmdir()
     log.info("wrote %s: %d images (%d skipped) in %.1fs, %.0f images/sec, %.1f MB", dst_path,
-             len(scan.good), len(scan.bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
+             written, len(bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
     return report
+
+
+def drop_samples(path: Path, drop: np.ndarray) -> None:
+    """Removes samples `drop` (indices) from the .beton at `path`, in place: the remaining
+    samples keep their order and are renumbered 0..; their bytes stay where they are (the dropped
+    placeholders' few bytes become unused). Rewrites the header's sample count, the metadata rows
+    (where they were) and the allocation table (at its old place, the file cut after it), in
+    FFCV's file layout (`ffcv.types`, as `ffcv.reader.Reader` reads it)."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    reader = Reader(str(path))
+    keep = np.ones(int(reader.num_samples), dtype=bool)
+    keep[drop] = False
+    new_id = np.cumsum(keep) - 1
+    metadata = reader.metadata[keep]
+    alloc = np.array(reader.alloc_table, dtype=ALLOC_TABLE_TYPE)
+    alloc = alloc[keep[alloc["sample_id"].astype(np.int64)]]
+    alloc["sample_id"] = new_id[alloc["sample_id"].astype(np.int64)]
+    header = np.array(reader.header, dtype=HeaderType)
+    header["num_samples"] = int(keep.sum())
+    with open(path, "r+b") as f:
+        f.seek(HeaderType.itemsize + reader.field_descriptors.nbytes)
+        f.write(metadata.tobytes())
+        f.seek(int(header["alloc_table_ptr"]))
+        f.write(alloc.tobytes())
+        f.truncate()
+        f.seek(0)
+        f.write(header.tobytes())
 
 
 def _raise_interrupt(signum, frame):

@@ -1,17 +1,23 @@
 """`data.backend: dali`: SimMIM batches decoded and augmented by NVIDIA DALI, straight from JPEGs.
 
-One DALI pipeline per epoch: DALI's file reader over this rank's share of the epoch, JPEG decoding
-with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`; only the crop window is decoded)
-on `device='mixed'` when a GPU is present (nvJPEG, with `hw_decoder_load` of the images sent to the
-hardware JPEG decoder of A100/H100) or on the CPU otherwise (`device_id=None`), bilinear resize to
-the input size, random horizontal flip, and normalisation to CHW float/bf16 in one
-crop_mirror_normalize. Masks come from `GlobalBatchMasks`, as in the other loaders.
+One DALI pipeline, built at the first epoch and kept: a parallel external source (`EpochSource`,
+run per sample by DALI's Python worker processes) reads each sample's file bytes in the order of
+the epoch, then JPEG decoding with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`;
+only the crop window is decoded) on `device='mixed'` when a GPU is present (nvJPEG, with
+`hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the CPU
+otherwise (`device_id=None`), bilinear resize to the input size, random horizontal flip, and
+normalisation to CHW float/bf16 in one crop_mirror_normalize. Masks come from `GlobalBatchMasks`,
+as in the other loaders.
 
-Sharding: the rank's files for an epoch are the reference loader's (`ShardedSampler`: a permutation
-of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), handed to the
-reader in that order. So every backend sees the same global batches, ranks are disjoint and cover
-the dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
-right sample. The augmentation is seeded by (seed, epoch, rank).
+Sharding: the rank's samples for an epoch are the reference loader's (`ShardedSampler`: a
+permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
+that order. So every backend sees the same global batches, ranks are disjoint and cover the
+dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
+right sample. Each epoch's (epoch, start, length) goes to the workers through a small shared
+table (`EpochSchedule`); every worker derives the order itself from it (an array, tens of ms at
+1.28M), so nothing is rebuilt or re-sent per epoch, and no rank holds more than the sample list.
+The augmentation stream is seeded by (seed, first epoch, rank) when the pipeline is built and
+continues from epoch to epoch.
 
 DALI stops at the first file it cannot decode. `simmim scan SRC` writes a clean `path label` list
 (`SRC.clean.txt`); point data.path at it, or keep data.path at SRC and the list beside it is used.
@@ -19,12 +25,16 @@ DALI stops at the first file it cannot decode. `simmim scan SRC` writes a clean 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .augment import Augmentation
-from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size
+from .folder import DatasetError, SampleList, ShardedSampler, num_batches, scan_folder, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
 from .scan import clean_list_path
@@ -38,6 +48,63 @@ def clean_list_for(path: str | Path) -> Path | None:
     """`simmim scan`'s default output for a folder, if it exists."""
     p = clean_list_path(path)
     return p if Path(path).is_dir() and p.is_file() else None
+
+
+class EpochSchedule:
+    """What each DALI epoch reads, shared with the source's worker processes: row `e % SLOTS` holds
+    (epoch, first sample, samples) for the pipeline's e-th epoch. A file-backed memmap (under
+    /dev/shm where there is one), so forked and spawned workers alike open it by name."""
+
+    SLOTS = 4
+
+    def __init__(self):
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self.path = tempfile.mkstemp(prefix="simmim-dali-epochs-", dir=base)
+        os.close(fd)
+        self.table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.SLOTS, 3))
+        self._cleanup = weakref.finalize(self, os.unlink, self.path)
+
+    def set(self, dali_epoch: int, epoch: int, start: int, length: int) -> None:
+        self.table[dali_epoch % self.SLOTS] = (epoch, start, length)
+        self.table.flush()
+
+    def stop(self, dali_epoch: int) -> None:
+        """End DALI epoch `dali_epoch` early: every sample not yet asked for raises StopIteration."""
+        self.table[dali_epoch % self.SLOTS, 2] = 0
+
+
+class EpochSource:
+    """DALI's per-sample callback (parallel external source): (file bytes uint8 (n,), label int32
+    (1,)) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`. Positions
+    past the epoch's padded length raise StopIteration (DALI ends the epoch there). Pickled to
+    spawned workers as the sample arrays plus the schedule's file name."""
+
+    def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
+                 shuffle: bool, drop_last: bool, batch_size: int):
+        self.samples, self.schedule_path = samples, schedule_path
+        self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
+        self.batch_size = batch_size
+        self._table, self._key, self._order = None, None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_table": None, "_key": None, "_order": None}
+
+    def order(self, epoch: int, start: int) -> np.ndarray:
+        if self._key != (epoch, start):
+            self.sampler.set_epoch(epoch, start)
+            self._order, self._key = self.sampler.indices(), (epoch, start)
+        return self._order
+
+    def __call__(self, info):
+        if self._table is None:
+            self._table = np.memmap(self.schedule_path, dtype=np.int64, mode="r", shape=(EpochSchedule.SLOTS, 3))
+        epoch, start, length = (int(x) for x in self._table[info.epoch_idx % EpochSchedule.SLOTS])
+        j = info.idx_in_epoch
+        if j >= -(-length // self.batch_size) * self.batch_size:
+            raise StopIteration
+        order = self.order(epoch, start)
+        i = int(order[min(j, length - 1)])  # a partial last batch is padded with its last sample
+        return np.fromfile(self.samples.path(i), dtype=np.uint8), np.array([self.samples.labels[i]], np.int32)
 
 
 class DALILoader(LoaderContract):
@@ -79,21 +146,28 @@ class DALILoader(LoaderContract):
         self.decode = "cpu" if decode_device == "cpu" or self.device.type != "cuda" else "mixed"
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.drop_last = drop_last
-        self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train, drop_last=drop_last)
+        if self.num_samples < world and drop_last:
+            raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {world} ranks sharing it")
         self.require_one_batch()
+        self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
+        self.schedule = EpochSchedule()
+        self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
+                                  train, drop_last, batch_size)
+        self.pipe = self.iterator = None
+        self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
     def __len__(self) -> int:
         return num_batches(shard_size(self.num_samples, self.rank, self.world, self.drop_last), self.batch_size,
                            self.drop_last)
 
-    def files_for_epoch(self) -> tuple[list[str], list[int]]:
-        self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        idx = self.sampler.indices()
+    def epoch_length(self) -> int:
+        """Samples this rank reads from `start_batch` on in the current epoch."""
+        start = self.start_batch * self.batch_size
         if self.drop_last:
-            idx = idx[: (len(self) - self.start_batch) * self.batch_size]
-        return [self.samples[i][0] for i in idx], [self.samples[i][1] for i in idx]
+            return max(0, (len(self) - self.start_batch) * self.batch_size)
+        return max(0, shard_size(self.num_samples, self.rank, self.world, False) - start)
 
-    def build_pipeline(self, files: list[str], labels: list[int]):
+    def build_pipeline(self):
         from nvidia.dali import fn, pipeline_def, types
 
         a, size = self.aug, self.aug.size
@@ -114,9 +188,11 @@ class DALILoader(LoaderContract):
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
                       device_id=self.device_id,
                       seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1,
-                      exec_dynamic=True)
+                      exec_dynamic=True, py_num_workers=self.py_workers,
+                      py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
-            jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
+            jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
+                                              dtype=[types.UINT8, types.INT32])
             if self.train:
                 images = fn.decoders.image_random_crop(jpegs, random_area=list(a.scale),
                                                        random_aspect_ratio=list(a.ratio), num_attempts=10,
@@ -139,25 +215,41 @@ class DALILoader(LoaderContract):
         return pipe()
 
     def __iter__(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         masks = self.epoch_masks()
-        files, labels = self.files_for_epoch()
-        if not files:
+        length = self.epoch_length()
+        if length == 0:
             return
-        pipe = self.build_pipeline(files, labels)
-        pipe.build()
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
-                                 last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
-                                 auto_reset=False)
+        self.schedule.set(self.dali_epoch, self.epoch, self.start_batch * self.batch_size, length)
+        if self.iterator is None:  # the first batch is scheduled as the iterator is made
+            self.pipe = self.build_pipeline()
+            self.pipe.build()
+            self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+        else:
+            self.iterator.reset()
+        finished = False
         try:
-            for k, out in enumerate(it, start=self.start_batch):
+            batches = -(-length // self.batch_size)
+            for k in range(self.start_batch, self.start_batch + batches):
+                out = next(self.iterator)
                 images = out[0]["images"]
+                real = min(self.batch_size, length - (k - self.start_batch) * self.batch_size)
+                if real < self.batch_size:  # the padded last batch of an evaluation epoch
+                    images = images[:real]
                 if images.device != self.device:
                     images = images.to(self.device, non_blocking=True)
                 if self.dtype is torch.bfloat16:
                     images = images.to(torch.bfloat16)
-                yield self.make_batch(k, masks, images, lambda: out[0]["labels"].to(self.device).view(-1).long())
+                yield self.make_batch(k, masks, images,
+                                      lambda: out[0]["labels"][:real].to(self.device).view(-1).long())
+            finished = True
         finally:
-            del it, pipe
-
+            if not finished:  # left early: nothing more is read, the batches already made are dropped
+                self.schedule.stop(self.dali_epoch)
+            try:  # next(), not a for loop: iter() on a DALI iterator resets it
+                while True:
+                    next(self.iterator)
+            except StopIteration:
+                pass
+            self.dali_epoch += 1

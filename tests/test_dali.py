@@ -102,16 +102,15 @@ def test_gpu_pipeline_is_valid(sample_root):
     loader = DALILoader(str(sample_root / "train"), Augmentation(size=64), None, 8, 1, dtype=torch.float16,
                         hw_decoder_load=0.5, preallocate=4 << 20, preallocate_hw=(640, 480))
     loader.decode = "mixed"  # as chosen on a CUDA device; device_id stays None to build no GPU state
-    files, labels = loader.files_for_epoch()
     for train in (True, False):
         loader.train = train
-        graph = loader.build_pipeline(files, labels).serialize()
+        graph = loader.build_pipeline().serialize()
         assert graph.count(b"mixed") >= 1 and graph.count(b"gpu") >= 2
         for knob in (b"hw_decoder_load", b"device_memory_padding", b"preallocate_width_hint"):
             assert knob in graph
     loader.hw_decoder_load = "lots"  # values are typed against the schema too
     with pytest.raises(Exception, match="float"):
-        loader.build_pipeline(files, labels).serialize()
+        loader.build_pipeline().serialize()
 
 
 def test_ranks_disjoint_and_covering(tmp_path):
