@@ -3,7 +3,7 @@ on an ImageNet-shaped tree of N entries, in one run.
 
     simmim bench scale [--n 1281167] [--classes 1000] [--tree /tmp/simmim-scale-tree] [--keep-tree]
                        [--scan-n 160000] [--convert-side-by-side 2000] [--orders 1281167,14197122]
-                       [--steps listing,scan,convert,orders,dali,memory] [--out results]
+                       [--steps listing,scan,convert,orders,dali,memory,inspect] [--out results]
 
 The tree is `root/<class>/<image>.JPEG`, N hard links to a few hundred distinct real photographs
 (the sample dataset's JPEGs, cut from scikit-image's photographs at ImageNet-like sizes): building
@@ -24,6 +24,8 @@ memory figures are its own:
 - memory: private memory (USS) of each reference-loader worker after its first batch and after
   `--memory-batches` more; with decoding stubbed (`--memory-stub`, default) the loader can walk
   25% of an epoch at 1.28M in minutes, and what grows is the sample list's bookkeeping alone.
+- inspect: `simmim convert --limit` of `--inspect-n` images, one sample's JPEG data overwritten
+  with noise, and the seconds `simmim inspect` takes to name it.
 
 Writes scale.md, scale.json and scale.png under a results folder naming the device.
 """
@@ -43,7 +45,7 @@ import numpy as np
 
 from .report import device_name, results_dir, write_bar_chart
 
-STEPS = ("listing", "scan", "convert", "orders", "dali", "memory")
+STEPS = ("listing", "scan", "convert", "orders", "dali", "memory", "inspect")
 COMPLETE = ".complete"
 
 
@@ -283,8 +285,32 @@ def step_memory(args) -> dict:
             "worker_growth_mib": [round(b - a, 1) for a, b in zip(first, last)]}
 
 
+def step_inspect(args) -> dict:
+    """`simmim convert --limit` of the tree to a .beton, garbage over one sample's JPEG data, and
+    the seconds `inspect` takes to name it."""
+    from simmim.pipeline.convert import convert, inspect, open_beton
+
+    with tempfile.TemporaryDirectory(prefix="simmim-scale-inspect-", dir=args.tree.parent) as tmp:
+        dst = Path(tmp) / "inspect.beton"
+        t0 = time.perf_counter()
+        convert(str(args.tree), str(dst), workers=args.workers, limit=args.inspect_n, progress=False)
+        convert_s = time.perf_counter() - t0
+        reader = open_beton(dst)
+        victim = reader.num_samples // 2
+        ptr = int(reader.metadata["f0"]["data_ptr"][victim])
+        size = int(reader.alloc_table["size"][reader.alloc_table["ptr"] == ptr][0])
+        with open(dst, "r+b") as f:
+            f.seek(ptr + size // 3)
+            f.write(np.random.default_rng(0).integers(0, 255, size - size // 3, dtype=np.uint8).tobytes())
+        t0 = time.perf_counter()
+        info = inspect(str(dst), workers=args.workers)
+        return {"samples": int(reader.num_samples), "convert_s": round(convert_s, 1),
+                "inspect_s": round(time.perf_counter() - t0, 1), "corrupted": victim,
+                "found": info.get("decode_failures")}
+
+
 STEP_FNS = {"listing": step_listing, "scan": step_scan, "convert": step_convert, "orders": step_orders,
-            "dali": step_dali, "memory": step_memory}
+            "dali": step_dali, "memory": step_memory, "inspect": step_inspect}
 
 
 def run_step(name: str, argv: list[str]) -> dict:
@@ -337,6 +363,10 @@ def markdown(result: dict) -> str:
         rows.append(("reference worker private memory growth", f"{x.get('worker_growth_mib')} MiB",
                      f"after {x.get('fraction_of_epoch')} of an epoch at N={n}"
                      f"{' (decode stubbed)' if x.get('decode_stubbed') else ''}; target < 10 MiB"))
+    if "inspect" in r:
+        x = r["inspect"]
+        rows.append(("inspect: one corrupted sample", f"{x.get('inspect_s')} s, found {x.get('found')} "
+                     f"(corrupted {x.get('corrupted')})", f"{x.get('samples')} samples; target < 60 s"))
     errors = [(k, v["error"]) for k, v in r.items() if "error" in v]
     lines = [f"# Scale on {result['device']}", "",
              f"ImageNet-shaped tree: {n} entries in {result['classes']} classes, hard links to "
@@ -361,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--convert-side-by-side", type=int, default=2000, help="0: skip the plain-writer comparison")
     ap.add_argument("--orders", default="1281167,14197122", help="dataset sizes for the order step")
     ap.add_argument("--memory-batches", type=int, default=0, help="batches of 64 (0: 25%% of an epoch)")
+    ap.add_argument("--inspect-n", type=int, default=20_000, help="samples in the inspect step's .beton")
     ap.add_argument("--memory-stub", type=int, default=1, help="1: stub decoding in the memory step")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="results")

@@ -1,6 +1,8 @@
 import json
 import math
 
+import pytest
+
 from simmim.benchmarks import avg_dist, kernels, step
 
 
@@ -89,3 +91,22 @@ def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
     assert len(files) == 6 and len({f.parent for f in files}) == 2
     sizes = [Image.open(f).size for f in files]
     assert all(400 <= max(s) <= 500 and min(s) >= 300 for s in sizes)
+
+
+@pytest.mark.slow  # ~15 s of CPU: four child processes each import torch
+def test_scale_bench_small_tree(tmp_path):
+    """The scale bench end to end on a 60-entry tree (listing, scan, orders): a table, JSON and
+    PNG, and the tree it built removed."""
+    from simmim.benchmarks import scale
+
+    tree = tmp_path / "tree"
+    result = scale.main(["--n", "60", "--classes", "4", "--distinct", "15", "--tree", str(tree), "--workers", "1",
+                         "--steps", "listing,scan,orders", "--scan-n", "400", "--scan-real", "20",
+                         "--orders", "1000", "--out", str(tmp_path / "results")])
+    steps = result["steps"]
+    assert not any("error" in v for v in steps.values()), steps
+    assert steps["listing"]["entries"] == 60 and steps["scan"]["real_bad"] == 0
+    assert steps["orders"]["order_s_1000_world8"] >= 0
+    assert not tree.exists()
+    out = next((tmp_path / "results").glob("scale-*"))
+    assert (out / "scale.png").stat().st_size > 0 and "scan bookkeeping" in (out / "scale.md").read_text()

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--chunk-size", type=int, default=100, help="images per work item")
-    p.add_argument("--limit", type=int, default=0, help="convert only N images, spread over the classes")
+    p.add_argument("--limit", type=int, default=0, help="convert only N images, spread over the classes (reads only those files)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="unreadable files: skip and report them, or stop naming the first")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
