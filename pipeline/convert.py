@@ -82,7 +82,7 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
     """The samples to convert. With `limit` on a class-folder tree: `limit` images spread over the
     classes (evenly spaced classes when limit < classes, else limit // classes per class, the
     first ones each folder lists), reading only as much of each folder as needed, never the whole
-    tree; on a list file, every `len // limit`-th entry."""
+    tree (`folder.iter_class_images`); on a list file, every `len // limit`-th entry."""
     path = Path(src)
     if not limit or not path.is_dir():
         samples, classes = scan_folder(src)
@@ -94,7 +94,7 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
         quota = {int(c): 1 for c in np.linspace(0, len(classes) - 1, limit).round()}
     else:
         quota = {c: limit // len(classes) + (c < limit % len(classes)) for c in range(len(classes))}
-    pairs = [(p, c) for c, k in quota.items() for p in iter_class_images(path / classes[c], limit=k)]
+    pairs = [(os.fsdecode(p), c) for c, k in quota.items() for p in iter_class_images(path / classes[c], limit=k)]
     if not pairs:
         raise DatasetError(f"data path '{src}' has {len(classes)} class folders but no images")
     return SampleList.from_pairs(pairs, os.path.join(path, "")), classes

@@ -65,8 +65,18 @@ class SampleList:
     def from_names(cls, root: str, names: list[bytes], labels: np.ndarray) -> "SampleList":
         offsets = np.zeros(len(names) + 1, np.int64)
         np.cumsum([len(b) for b in names], out=offsets[1:])
-        buf = np.frombuffer(b"".join(names), dtype=np.uint8).copy()  # writable, owns its memory
+        buf = np.frombuffer(b"".join(names), dtype=np.uint8)  # read-only, over one bytes object
         return cls(root, buf, offsets, np.asarray(labels, dtype=np.int32).reshape(-1))
+
+    @classmethod
+    def concat(cls, root: str, parts: list[tuple[bytes, np.ndarray, np.ndarray]]) -> "SampleList":
+        """From (names joined, name lengths, labels) parts, in order."""
+        offsets = np.zeros(sum(len(p[1]) for p in parts) + 1, np.int64)
+        if parts:
+            np.cumsum(np.concatenate([p[1] for p in parts]), out=offsets[1:])
+        names = np.frombuffer(b"".join(p[0] for p in parts), dtype=np.uint8)
+        labels = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
+        return cls(root, names, offsets, labels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,17 +136,17 @@ def scan_folder(root: str | os.PathLike) -> tuple[SampleList, list[str]]:
     if root.is_file():
         return read_file_list(root)
     classes = list_classes(root)
-    names: list[bytes] = []
-    labels = array("i")
     prefix = len(os.fsencode(os.path.join(root, "")))
+    parts = []  # one (names, lengths, labels) per class: a class's Python strings are freed as it ends
     for label, name in enumerate(classes):
-        before = len(names)
-        names += [os.fsencode(p)[prefix:] for p in iter_class_images(root / name)]
-        labels.extend([label] * (len(names) - before))
-    if not names:
+        names = [p[prefix:] for p in iter_class_images(root / name)]
+        parts.append((b"".join(names), np.fromiter(map(len, names), np.int64, len(names)),
+                      np.full(len(names), label, np.int32)))
+    samples = SampleList.concat(os.path.join(root, ""), parts)
+    if not len(samples):
         raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return SampleList.from_names(os.path.join(root, ""), names, np.frombuffer(labels, np.int32)), classes
+    return samples, classes
 
 
 def list_classes(root: Path) -> list[str]:
@@ -147,19 +157,50 @@ def list_classes(root: Path) -> list[str]:
     return classes
 
 
-def iter_class_images(folder: Path, limit: int | None = None):
-    """The image paths under one class folder (sub-folders included), sorted within each folder.
-    With `limit`, stops after that many (sorted within the folders it read), without listing the
-    rest of the tree."""
+def iter_class_images(folder: str | os.PathLike, limit: int | None = None):
+    """The image paths (file-system bytes) under one class folder, sub-folders included: each
+    folder's files sorted, then its sub-folders in sorted order. Symbolic links are followed, but
+    a directory already walked (a link loop, a second link to it) is skipped.
+
+    With `limit`: stops after that many, reading each folder only until it has them (those are the
+    first ones in the file system's directory order, then sorted), so a few images per class never
+    list a whole ImageNet class folder."""
+    yield from _walk_images(os.fsencode(folder), limit, set())
+
+
+_IMAGE_EXTENSIONS_B = {e.encode() for e in IMAGE_EXTENSIONS}
+
+
+def _walk_images(folder: bytes, limit: int | None, seen: set):
+    try:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("skipping %s: a directory already walked (a symbolic link loop or a second link)",
+                        os.fsdecode(folder))
+            return 0
+        seen.add((st.st_dev, st.st_ino))
+        files, dirs = [], []
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir():
+                    dirs.append(e.name)
+                elif os.path.splitext(e.name)[1].lower() in _IMAGE_EXTENSIONS_B:
+                    files.append(e.name)
+                    if limit is not None and len(files) >= limit:
+                        break
+    except OSError:  # unreadable or vanished: skipped, as os.walk does
+        return 0
+    files.sort()
+    base = folder + b"/"
     count = 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        for f in sorted(filenames):
-            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(dirpath, f)
-                count += 1
-                if limit is not None and count >= limit:
-                    return
+    for f in files:
+        yield base + f
+        count += 1
+    for d in sorted(dirs):
+        if limit is not None and count >= limit:
+            return count
+        count += yield from _walk_images(base + d, None if limit is None else limit - count, seen)
+    return count
 
 
 def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
