@@ -30,7 +30,7 @@ from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_c
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import StepState, train_one_epoch
-from .model import LossOptions, build_simmim, param_groups
+from .model import ARCHS, LossOptions, build_simmim, param_groups
 from .schedule import LRSchedule
 from .visualize import save_reconstruction
 
@@ -168,7 +168,8 @@ class PretrainTask:
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
-        return param_groups(model, self.cfg.optim.weight_decay)
+        o, arch = self.cfg.optim, ARCHS[self.cfg.model.arch]
+        return param_groups(model, o.weight_decay, arch.family, o.weight_decay_rule)
 
     def describe_data(self) -> str:
         return str(self.masks)
@@ -221,7 +222,8 @@ def fit(cfg: Config, task) -> dict:
     schedule = LRSchedule(
         lr=o.base_lr * lr_scale, warmup_lr=o.warmup_lr * lr_scale, min_lr=o.min_lr * lr_scale,
         warmup_steps=t.warmup_epochs * steps_per_epoch, total_steps=t.epochs * steps_per_epoch,
-        kind=o.scheduler, milestones=tuple(e * steps_per_epoch for e in o.milestones), gamma=o.gamma)
+        kind=o.scheduler, milestones=tuple(e * steps_per_epoch for e in o.milestones), gamma=o.gamma,
+        anchor=o.cosine_anchor)
     optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas,
                                   eps=o.eps, fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
