@@ -75,7 +75,16 @@ def geometric_offsets(src: int, dst: int) -> np.ndarray:
         return np.arange(-n, n + 1, dtype=np.float64)
     if n < 2 or m < 1:
         raise ValueError(f"cannot resize a relative position table of {src}x{src} offsets to {dst}x{dst}")
-    q = brentq(lambda r: np.sum(r ** np.arange(n)) - m, 1e-9, float(m), xtol=1e-15)
+    excess = lambda r: np.sum(r ** np.arange(n)) - m  # noqa: E731 - (1 + r + ... + r^(n-1)) - m
+    if excess(1.01) <= 0 < excess(1.5):
+        # the released code's search: bisection on [1.01, 1.5] until the bracket is under 1e-6, q = the
+        # last midpoint; kept so that window 6 -> 7 (q = 1.0903) gives the released tables to float precision
+        lo, hi = 1.01, 1.5
+        while hi - lo > 1e-6:
+            q = (lo + hi) / 2
+            lo, hi = (lo, q) if excess(q) > 0 else (q, hi)
+    else:  # outside that bracket (larger stretches, shrinking) the released search fails; solve exactly
+        q = brentq(excess, 1e-9, float(m), xtol=1e-15)
     gaps = np.cumsum(q ** np.arange(n))  # 1, 1 + q, 1 + q + q^2, ...
     return np.concatenate([-gaps[::-1], [0.0], gaps])
 
