@@ -39,8 +39,9 @@ from torch import nn
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 
-from .config import Config, ConfigError
-from .distributed import DistInfo
+from .config import Config, ConfigError, config_from_dict, load_config
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .loop import amp_dtype_for, fit, loader_options
 from .model import ARCHS, log_decay, no_weight_decay, timm_model
 
 log = logging.getLogger("simmim")
@@ -360,8 +361,6 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
     """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks."""
-    from .distributed import all_reduce_sum
-
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training
     net.eval()
@@ -384,8 +383,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
 
 def eval_loader(cfg: Config, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
-    from .pretrain import loader_options
-
     aug = Augmentation(size=d.img_size)
     return build_loader(backend, path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
                         dist.world_size, cfg.train.seed, **{**loader_options(d), "train": False, "labels": True,
@@ -410,8 +407,6 @@ class FinetuneTask:
         self.best = 0.0
 
     def build(self, dist: DistInfo):
-        from .pretrain import loader_options
-
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
         aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
         options = {**loader_options(d), "train": True, "labels": True}
@@ -459,8 +454,6 @@ class FinetuneTask:
 
 
 def finetune(cfg: Config) -> dict:
-    from .pretrain import fit
-
     if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).is_file():
         raise ConfigError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
@@ -469,9 +462,6 @@ def finetune(cfg: Config) -> dict:
 def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None = None,
                         overrides: list[str] = ()) -> dict:
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
-    from .config import config_from_dict, load_config
-    from .distributed import cleanup, init_distributed
-
     state = read_checkpoint(Path(path), "checkpoint")
     weights = state.get("model", state)
     if any(k.removeprefix("module.").startswith(("encoder.", "decoder.")) for k in weights):
@@ -494,8 +484,6 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     if report["missing"]:
         raise ConfigError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
                           f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")
-    from .pretrain import amp_dtype_for
-
     result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
     cleanup()
     return {**result, "checkpoint": str(path), "data": val}
