@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "matplotlib",
         "scikit-image",  # ships the photographs the sample dataset is built from
+        "scipy",  # the released relative-position-table resize (FITPACK cubic spline)
     ],
     extras_require={
         # The fast paths; `make setup` installs ffcv and dali (and FFCV's apt build deps), `full` all.
