@@ -24,6 +24,8 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
+        "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
     ],
     extras_require={

@@ -14,11 +14,18 @@ from test_train import tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def trained(sample_root, tmp_path_factory):
-    """A SimMIM checkpoint after a short real pre-training run (swin_micro, 64 px)."""
+def run_dir(sample_root, tmp_path_factory):
+    """A short real pre-training run (swin_micro, 64 px, 2 epochs) with a validation set."""
     out = tmp_path_factory.mktemp("export") / "run"
-    pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=1", "train.warmup_epochs=0")))
-    return latest_checkpoint(out)
+    pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=2", "train.warmup_epochs=0",
+                                                f"data.val_path={sample_root / 'val'}", "run.val_every=1",
+                                                "run.log_every=2", "run.vis_every=1")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir):
+    return latest_checkpoint(run_dir)
 
 
 def our_features(ckpt, images):
@@ -77,3 +84,29 @@ def test_refuses_what_it_cannot_export(trained, tmp_path):
         export(trained, tmp_path / "o4")
     with pytest.raises(ExportError, match="format"):
         export(trained, tmp_path / "o5", fmt="onnx")
+
+
+def test_run_folder_has_curves_tensorboard_and_validation(run_dir, tmp_path):
+    """A short run leaves curves.png, TensorBoard events (read back with TensorBoard's own reader)
+    with the step scalars, the validation loss and the reconstruction image, and val_loss records."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simmim.trainer.monitor import plot_runs
+
+    out = run_dir
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and all(0 < v < 5 for v in val)
+    assert all(0 <= r["data_wait"] <= 1 for r in records if "loss" in r)
+    assert (out / "curves.png").stat().st_size > 10_000
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/img_per_s", "perf/data_wait_share",
+            "train/epoch_loss", "val/loss"} <= set(tags["scalars"])
+    assert [e.value for e in acc.Scalars("val/loss")] == pytest.approx(val)
+    assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in records if "loss" in r]
+    assert "reconstruction" in tags["images"] and len(acc.Images("reconstruction")) == 2
+    png = plot_runs([out, out], tmp_path / "both.png")
+    assert png.stat().st_size > 10_000
