@@ -33,7 +33,7 @@ setup(
         "triton": ["triton"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "psutil"],
+        "test": ["pytest", "psutil", "wandb"],  # wandb: the offline-logging test
         "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil"],
     },
     entry_points={"console_scripts": ["simmim = simmim.trainer.cli:main"]},

@@ -110,3 +110,29 @@ def test_run_folder_has_curves_tensorboard_and_validation(run_dir, tmp_path):
     assert "reconstruction" in tags["images"] and len(acc.Images("reconstruction")) == 2
     png = plot_runs([out, out], tmp_path / "both.png")
     assert png.stat().st_size > 10_000
+
+
+def test_wandb_offline_logs_the_same_scalars(tmp_path, monkeypatch):
+    """run.wandb=true with WANDB_MODE=offline: no network, a W&B run file holding the scalars; a
+    second monitor on the same folder (a resumed run) continues the same W&B run id."""
+    pytest.importorskip("wandb")
+    from simmim.trainer.monitor import RunMonitor
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    m = RunMonitor(tmp_path, True, tensorboard=False, wandb=True, config={"model": {"arch": "swin_micro"}})
+    m.log({"step": 1, "loss": 0.5, "lr": 1e-3})
+    m.log({"step": 3, "epoch_loss": 0.45, "val_loss": 0.4})
+    m.close()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    [run_file] = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    import time
+
+    for _ in range(60):  # W&B's service process writes the records to the file after finish() returns
+        data = run_file.read_bytes()
+        if b"train/epoch_loss" in data:
+            break
+        time.sleep(0.5)
+    assert b"val/loss" in data and b"train/loss" in data and b"train/epoch_loss" in data
+    RunMonitor(tmp_path, True, tensorboard=False, wandb=True, resume_step=3).close()
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
