@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from simmim.pipeline import Augmentation, MaskGenerator, build_loader
+from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, build_loader
 from simmim.pipeline.augment import normalize, sample_seed
 
 from .config import Config
@@ -82,6 +82,9 @@ class PretrainTask:
                               dist.rank, dist.world_size, t.seed, **loader_options(d))
         self.val_loader = None
         if d.val_path and self.cfg.run.val_every > 0:
+            if not Path(d.val_path).exists():
+                raise DatasetError(f"data.val_path '{d.val_path}' does not exist: point it at held-out images, "
+                                   f"or set data.val_path= (empty) to train without a validation loss")
             # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
             self.val_loader = build_loader(
                 d.backend, d.val_path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device, dist.rank,
