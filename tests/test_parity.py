@@ -383,3 +383,20 @@ def test_released_vit_pretraining_checkpoint_loads(tmp_path):
     assert {k for k in mine if not k.endswith(("relative_position_index", "k_bias"))} == \
         {k.removeprefix("encoder.") for k in state
          if k.startswith("encoder.") and not k.endswith(("mask_token", "relative_position_index"))}
+
+
+def test_vit_exports_as_timm_beit(tmp_path):
+    """`simmim export` of the BEiT-style encoder: timm loads it back as its own Beit, same features."""
+    import timm
+
+    from simmim.trainer.export import export_timm
+
+    torch.manual_seed(0)
+    model = build_simmim("vit_micro", 64, 32).eval()
+    with torch.no_grad():
+        model.encoder.vit.rel_pos_bias.relative_position_bias_table.normal_()
+    export_timm(model.encoder.vit, "vit", 64, tmp_path / "out")
+    back = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x), model.encoder.vit.forward_features(x))
