@@ -14,9 +14,9 @@ from scipy import stats
 from scipy.interpolate import make_interp_spline
 
 from simmim.pipeline import MaskGenerator
-from simmim.trainer.config import load_config
-from simmim.trainer.finetune import (build_classifier, layer_decay_groups, load_pretrained, load_weights,
-                                     resize_rel_pos_bias)
+from simmim.trainer.config import ConfigError, load_config
+from simmim.trainer.finetune import (build_classifier, evaluate_checkpoint, layer_decay_groups, load_pretrained,
+                                     load_weights, resize_rel_pos_bias)
 from simmim.trainer.model import ARCHS, build_simmim, no_weight_decay, param_groups
 from simmim.trainer.schedule import LRSchedule
 
@@ -325,15 +325,25 @@ def test_released_swin_pretraining_checkpoint_loads(tmp_path, img, window):
     assert bool(report["resized"]) == (window == 5)
 
 
-def test_released_swin_finetuned_checkpoint_evaluates(tmp_path):
-    state = released_swin_state("swin_micro", 128, 4, pretrain=False, num_classes=7)
-    net = build_classifier("swin_micro", 128, 7, 4, 0.0)
+def test_released_swin_finetuned_checkpoint_evaluates(tmp_path, sample_root):
+    state = released_swin_state("swin_micro", 128, 4, pretrain=False, num_classes=5)
+    net = build_classifier("swin_micro", 128, 5, 4, 0.0)
     report = load_weights(net, state, "swin_micro", "released")
     assert report["missing"] == [] and report["unexpected"] == []
     own = net.state_dict()
     for key, value in state.items():
         if not key.endswith(("relative_position_index", "attn_mask")):
             assert torch.equal(own[timm_swin_name(key)], value), key
+    # `simmim evaluate` on it: no config in the file, the model comes from the command line
+    torch.save({"model": state}, tmp_path / "released_ft.pth")
+    result = evaluate_checkpoint(str(tmp_path / "released_ft.pth"), str(sample_root / "val"), "torch",
+                                 ["model.arch=swin_micro", "data.img_size=128", "model.window_size=4",
+                                  "data.num_workers=0", "data.batch_size=8", "train.device=cpu"])
+    assert result["val_images"] == len(list((sample_root / "val").rglob("*.JPEG")))
+    with pytest.raises(ConfigError, match="does not match model.arch swin_tiny"):
+        evaluate_checkpoint(str(tmp_path / "released_ft.pth"), str(sample_root / "val"), "torch",
+                            ["model.arch=swin_tiny", "data.img_size=128", "model.window_size=4",
+                             "data.num_workers=0", "train.device=cpu"])
 
 
 def released_vit_state(arch: str, img: int, seed: int = 0) -> dict:
