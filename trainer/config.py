@@ -31,6 +31,7 @@ class DataConfig:
     mask_ratio: float = 0.6
     batch_size: int = 128  # per process, per micro-step
     num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
+    max_pixels: int = 89_478_485  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
     # ffcv
     order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
     os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
