@@ -30,7 +30,8 @@ from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
+                    ".jp2", ".j2k"}  # the formats of `decode.FORMATS`
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:

@@ -16,7 +16,8 @@ from simmim.pipeline.augment import denormalize
 EXIF = tuple(f"exif{o}.JPEG" for o in range(1, 9))  # 40x20 pixels, EXIF Orientation 1..8
 HOSTILE_GOOD = ("ok.JPEG", "cmyk.JPEG", "gray.JPEG", "png_named.JPEG", "rgba.png", "thin.JPEG",
                 "wide.JPEG", "tiny.JPEG", "large.JPEG", "progressive.JPEG", *EXIF, "gray16.png", "rgb16.png",
-                "palette_alpha.png", "la.png", "gray16.tif", "float.tif", "gray16.pgm", "animated.webp", "bi.bmp")
+                "palette_alpha.png", "la.png", "gray16.tif", "float.tif", "gray16.pgm", "animated.webp", "bi.bmp",
+                "pages.tif", "j2k.jp2")
 HOSTILE_BAD = ("empty.JPEG", "text.JPEG", "truncated.JPEG", "._ok.JPEG", "bomb.png", "gif.JPEG", "int32.tif")
 RAMP16 = (np.arange(64 * 32, dtype=np.uint16) * 16).reshape(32, 64)  # 16-bit grey, 0..32752
 
@@ -85,6 +86,8 @@ def add_decode_cases(cls: Path) -> None:
     Image.fromarray(rgb).save(cls / "bi.bmp")
     frames = [Image.fromarray(np.full((20, 40, 3), v, np.uint8)) for v in (10, 200)]
     frames[0].save(cls / "animated.webp", save_all=True, append_images=frames[1:], lossless=True)
+    frames[0].save(cls / "pages.tif", save_all=True, append_images=frames[1:])  # multi-page: the first
+    Image.fromarray(rgb).save(cls / "j2k.jp2")  # JPEG 2000 (PIL's OpenJPEG)
     Image.fromarray(rgb).save(cls / "gif.JPEG", format="GIF")  # PIL reads GIF, DALI does not
     # the bomb is 30000 px a side; a header that large with no data is refused the same way
     (cls / "bomb.png").write_bytes(png_bytes(30000, 30000, 1, 0, [bytes(3750)]))

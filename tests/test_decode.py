@@ -56,6 +56,7 @@ def test_other_modes(cases):
     assert pal.shape == (20, 40, 3) and pal.std() > 10  # colours kept, transparency dropped
     assert np.asarray(decode_rgb(cases / "la.png")).shape == (20, 40, 3)
     assert np.asarray(decode_rgb(cases / "animated.webp")).max() == 10  # the first frame
+    assert np.asarray(decode_rgb(cases / "pages.tif")).max() == 10  # the first page
 
 
 @pytest.mark.parametrize("name, reason", [("gif.JPEG", "GIF is not a format"), ("int32.tif", "32-bit integer"),
