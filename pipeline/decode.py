@@ -12,8 +12,10 @@ pixels and refuses the same files:
   DALI is told the same (`adjust_orientation=False`).
 - Bit depth: 16-bit samples are scaled to 8 bits, round(v / 257), as DALI does (PIL's own
   `convert` clips them to 255). PIL reads 16-bit RGB(A) PNGs by keeping the high byte, v >> 8, so
-  those may differ from DALI by one level. Float images (TIFF mode F) are read as [0, 1] and
-  scaled by 255, as DALI does. 32-bit integer images have no agreed range and are refused.
+  those may differ from DALI by one level. A PNM whose maxval lies strictly between 255 and
+  65535 is refused (PIL stretches it to the full range, DALI does not). Float images (TIFF mode
+  F) are read as [0, 1] and scaled by 255, as DALI does. 32-bit integer images have no agreed
+  range and are refused.
 - Colour: grey, palette (with or without transparency), CMYK (Adobe-inverted or not) and YCbCr
   become RGB; an alpha channel is dropped (the colour channels as stored, as DALI does).
 - Frames: the first frame of an animated or multi-page file.
@@ -111,6 +113,10 @@ def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None) -> Image.Image
         raise DecodeError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels} (data.max_pixels, --max-pixels)")
     if w < 1 or h < 1:
         raise DecodeError(f"empty image ({w}x{h})")
+    if img.format == "PPM":  # PIL stretches any maxval to the full range; DALI only up to 255
+        maxval = next((t.args[1] for t in img.tile if t.codec_name in ("ppm", "ppm_plain")), None)
+        if maxval is not None and 255 < maxval < 65535:
+            raise DecodeError(f"PNM with maxval {maxval}: loaders scale it differently; store 8 or 16 bits")
     if draft is not None and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (draft, draft))
     img.load()  # first frame only: PIL opens animated and multi-page files at frame 0

@@ -68,6 +68,13 @@ def test_refused(cases, name, reason):
     assert reason in err and size == (0, 0)
 
 
+def test_pnm_maxval(tmp_path):
+    (tmp_path / "12.pgm").write_bytes(b"P5\n2 2\n4095\n" + np.full(4, 4095, ">u2").tobytes())
+    assert "maxval 4095" in check_image(tmp_path / "12.pgm")[0]  # DALI would give 15, PIL 255
+    (tmp_path / "100.pgm").write_text("P2\n2 2\n100\n0 10 20 100\n")  # both stretch 8-bit maxvals
+    np.testing.assert_array_equal(np.asarray(decode_rgb(tmp_path / "100.pgm"))[..., 0].ravel(), [0, 26, 51, 255])
+
+
 def test_pixel_limit_configurable_and_not_global(cases, tmp_path):
     before = Image.MAX_IMAGE_PIXELS
     assert check_image(cases / "exif1.JPEG", max_pixels=800) == (None, (40, 20))
