@@ -55,6 +55,24 @@ def clean_list_for(path: str | Path) -> Path | None:
     return p
 
 
+def text_named(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The samples whose paths are text: DALI's file reader takes names as UTF-8 strings, so a name
+    holding other bytes (read through Python's surrogateescape) is left out, in one warning line."""
+    def text(p: str) -> bool:
+        try:
+            p.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    kept = [s for s in samples if text(s[0])]
+    if len(kept) < len(samples):
+        first = next(p for p, _ in samples if not text(p))
+        log.warning("dali: left out %d file(s) whose names are not UTF-8 (DALI reads names as text), e.g. %r",
+                    len(samples) - len(kept), first)
+    return kept
+
+
 def scanned_samples(path: str, workers: int, max_pixels: int, rank: int, world: int):
     """(samples, classes) of a folder with every file checked by the decode rules: the scan list
     beside it if fresh, else a scan (kept beside the folder when it can be written)."""
@@ -119,6 +137,7 @@ class DALILoader(LoaderContract):
             self.samples, self.classes = scanned_samples(str(path), max(1, num_workers), max_pixels, rank, world)
         else:  # a list: `simmim scan` wrote it, or the user vouches for it
             self.samples, self.classes = scan_folder(path)
+        self.samples = text_named(self.samples)
         self.max_pixels = max_pixels
         self.num_samples = len(self.samples)
         self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
