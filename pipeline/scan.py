@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def scan_images(samples: list[tuple[str, int]], classes: list[str], workers: int
             errors += [e for e, _ in got]
             sizes += [size for _, size in got]
             bar.update(len(got))
+    except BrokenProcessPool:  # a worker killed (out of memory, a signal): one line, not a traceback
+        chunk_paths = paths[len(errors):len(errors) + chunk]
+        raise DatasetError(f"a scan worker died while checking files from {chunk_paths[0]!r} on (out of memory?); "
+                           f"lower --workers or --max-pixels") from None
     finally:
         bar.close()
         if workers != 1 and len(chunks) > 1:

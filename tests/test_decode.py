@@ -157,3 +157,16 @@ def test_cli_scan_pixel_limit(cases, tmp_path, simmim_cmd):
     assert out.returncode == 0 and "1 good, 1 bad" in out.stdout, out.stderr
     with pytest.raises(DatasetError, match=r"--max-pixels\) must be an integer in 1\.\."):
         scan_images(scan_folder(root)[0], ["c"], workers=1, progress=False, max_pixels=0)
+
+
+def _die(paths, max_pixels):
+    os._exit(9)  # a worker killed mid-scan (as by the OOM killer)
+
+
+def test_a_dying_scan_worker_is_one_line(hostile, monkeypatch):
+    import simmim.pipeline.scan as scan
+
+    monkeypatch.setattr(scan, "_check_chunk", _die)
+    samples, classes = scan_folder(hostile)
+    with pytest.raises(DatasetError, match=r"^a scan worker died while checking files from '.*' on \(out of memory\?\)"):
+        scan_images(samples, classes, workers=2, chunk=4, progress=False)
