@@ -39,7 +39,8 @@ class LoaderContract:
 
     def make_batch(self, k: int, masks: GlobalBatchMasks | None, images: torch.Tensor, labels) -> tuple:
         """Batch k of the epoch; `labels` (a callable giving them on the device) only when asked for."""
-        batch = (images, masks(k)) if masks is not None else (images,)
+        # a short last batch (drop_last=False, evaluation) takes the first masks of its slice
+        batch = (images, masks(k)[:images.shape[0]]) if masks is not None else (images,)
         return batch + (labels(),) if self.labels else batch
 
 

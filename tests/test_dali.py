@@ -228,7 +228,7 @@ def test_same_augmentation_as_reference(ramps):
 
 def test_pretrain_with_dali(sample_root, tmp_path, simmim_cmd):
     run = tmp_path / "run"
-    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", f"data.path={sample_root / 'val'}",
+    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'val'}",
                           "data.backend=dali", "data.img_size=64", "data.batch_size=4", "data.num_workers=2",
                           "model.arch=swin_micro", "model.window_size=2", "run.progress=false", "train.epochs=2",
                           "train.warmup_epochs=1", f"run.out_dir={run}"], capture_output=True, text=True, timeout=600)

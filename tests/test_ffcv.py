@@ -171,7 +171,7 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
                          timeout=300)
     assert out.returncode == 0 and "15 samples" in out.stdout and "longer_side" in out.stdout
     run = tmp_path / "run"
-    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", f"data.path={beton}", "data.backend=ffcv",
+    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", "data.val_path=", f"data.path={beton}", "data.backend=ffcv",
                           "data.img_size=64", "data.batch_size=4", "data.num_workers=2", "model.arch=swin_micro",
                           "model.window_size=2", "run.progress=false", "train.epochs=2", "train.warmup_epochs=1",
                           f"run.out_dir={run}"], capture_output=True, text=True, timeout=600)

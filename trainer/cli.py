@@ -7,6 +7,8 @@
     simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
     simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
     simmim inspect X.beton                                samples, labels, resolutions, decode check
+    simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
+    simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
     simmim bench avgdist [...]                            the paper's Figure 3a
     simmim bench kernels [...]                            fused kernels vs references
     simmim bench step [...]                               training-step speed and MFU
@@ -87,6 +89,19 @@ def cmd_inspect(args) -> None:
         sys.exit(1)
 
 
+def cmd_export(args) -> None:
+    from .export import export
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(export(args.checkpoint, args.out, fmt=args.format, force=args.force))
+
+
+def cmd_plot(args) -> None:
+    from .monitor import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+
+
 BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
            "loaders": "loaders", "compile": "compile_check"}  # name -> module of simmim.benchmarks
 
@@ -157,6 +172,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("export", help="the encoder of a pre-training checkpoint, for timm or detection codebases")
+    p.add_argument("checkpoint", help="a simmim pre-training checkpoint (runs/NAME/checkpoint-*.pt)")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--format", default="timm", choices=["timm", "swin"],
+                   help="timm: model.safetensors + config.json for timm.create_model('local-dir:OUT', "
+                        "pretrained=True); swin: the original Swin key layout (detection / segmentation)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("plot", help="overlay the loss and lr curves of runs in one PNG")
+    p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write")
+    p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("name", choices=list(BENCHES))
