@@ -63,7 +63,7 @@ def cmd_scan(args) -> None:
     from simmim.pipeline.scan import scan_command
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    scan_command(args.src, args.out, args.workers, args.on_error)
+    scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels)
 
 
 def cmd_convert(args) -> None:
@@ -73,7 +73,7 @@ def cmd_convert(args) -> None:
     report = convert(args.src, args.dst, max_resolution=args.max_resolution or None, write_mode=args.write_mode,
                      compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
                      workers=args.workers, chunk_size=args.chunk_size, limit=args.limit, on_error=args.on_error,
-                     force=args.force)
+                     force=args.force, page_size=args.page_size, max_pixels=args.max_pixels)
     if report["bad"]:
         print(f"{report['bad']} unreadable file(s) skipped; listed in the report beside {args.dst}")
 
@@ -113,6 +113,8 @@ def cmd_bench(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from simmim.pipeline.decode import MAX_PIXELS
+
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="the clean list (default: SRC.clean.txt beside SRC)")
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
     p.set_defaults(fn=cmd_scan)
 
     p = sub.add_parser("convert", help="convert an ImageNet-style folder or list to an FFCV .beton")
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="unreadable files: skip and report them, or stop naming the first")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
+    p.add_argument("--page-size", type=int, default=0, help="bytes per .beton page (0: fits the largest sample)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("inspect", help="summarise a .beton and check that every sample decodes")

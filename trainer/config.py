@@ -32,6 +32,7 @@ class DataConfig:
     batch_size: int = 128  # per process, per micro-step
     val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
     num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
+    max_pixels: int = 89_478_485  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
     # ffcv
     order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
     os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
