@@ -281,7 +281,7 @@ def step_memory(args) -> dict:
         from PIL import Image
 
         tiny = Image.new("RGB", (40, 40))
-        folder.load_rgb = lambda path: tiny.copy()
+        folder.decode_rgb = lambda path, *args, **kwargs: tiny.copy()
     batch = 64
     loader = ReferenceLoader(str(args.tree), Augmentation(size=32), MaskGenerator(32, 32, 0.6), batch,
                              num_workers=args.workers, device=torch.device("cpu"))

@@ -1,7 +1,8 @@
 """`simmim convert SRC DST.beton` and `simmim inspect X.beton`.
 
-Conversion is one pass: FFCV's writer workers decode each image (`scan.decode_checked`: the same
-rule as `simmim scan`; hostile-but-valid files decode, broken ones do not) and store it as RGB,
+Conversion is one pass: FFCV's writer workers decode each image (`decode.decode_rgb`: the rules
+`simmim scan` and every loader follow; hostile-but-valid files decode, broken ones do not) and
+store it as RGB,
 its longer side capped at `max_resolution`, with its integer label. A file that does not decode
 is written as a 1x1 placeholder and recorded; at the end the placeholders are dropped from the
 .beton's tables (`drop_samples`), so the output holds exactly the good images, in source order,
@@ -9,7 +10,10 @@ and the bad ones are reported (or, with `on_error='fail'`, the run stops naming 
 Nothing waits for a separate check of the whole tree: the first samples are written seconds after
 the listing. The output is written under a temporary name and renamed into place at the end, so
 an interrupted run never leaves a DST that looks complete; the class list (`DST.classes.json`)
-and the report (`DST.report.json`: counts, images/sec, bad files) are written beside it.
+and the report (`DST.report.json`: counts, images/sec, bad files) are written beside it. The
+page size is fixed before anything is read: from `max_resolution` (no stored image is larger), or,
+at full resolution, from the image headers (read, not decoded). A writer worker that fails ends
+the run in one line (`ffcv_writer.CheckedWriter`).
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .folder import (DatasetError, SampleList, iter_class_images, list_classes, read_classes, scan_folder,
                      sidecar)
-from .scan import decode_checked, write_json
+from .scan import write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +49,24 @@ class ConvertDataset:
     """
 
     def __init__(self, samples: SampleList, max_resolution: int | None, failed_dir: Path,
-                 stop_on_error: bool = False):
+                 stop_on_error: bool = False, max_pixels: int = MAX_PIXELS):
         self.samples, self.max_resolution, self.failed_dir = samples, max_resolution, failed_dir
-        self.stop_on_error = stop_on_error
+        self.stop_on_error, self.max_pixels = stop_on_error, max_pixels
+        self.current = ""  # the sample this worker is on, for a one-line error if FFCV's encode fails
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        self.current = path
         if self.stop_on_error and (self.failed_dir / STOP).exists():
             return np.zeros((1, 1, 3), np.uint8), label
         try:
-            img, err = decode_checked(path, self.max_resolution)
-            if err is None:
-                return self.resize(np.asarray(img)), label
+            img = decode_rgb(path, self.max_pixels, draft=self.max_resolution)
+            return self.resize(np.asarray(img)), label
+        except DecodeError as e:
+            err = str(e)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             err = f"{type(e).__name__}: {e}".splitlines()[0][:200]
         (self.failed_dir / f"{i}").write_text(json.dumps([path, err]))
@@ -70,10 +78,8 @@ class ConvertDataset:
         import cv2
 
         h, w = img.shape[:2]
-        if self.max_resolution and max(h, w) > self.max_resolution:
-            r = self.max_resolution / max(h, w)
-            # at least one pixel on the short side: a 10000x10 image must not round to 0 rows
-            size = (max(1, round(w * r)), max(1, round(h * r)))
+        size = stored_shape(w, h, self.max_resolution)
+        if size != (w, h):
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(img)
 
@@ -103,11 +109,18 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
             compress_probability: float = 0.5, jpeg_quality: int = 90, workers: int = 0,
             chunk_size: int = 100, limit: int = 0, on_error: str = "skip", force: bool = False,
-            page_size: int = 1 << 22, progress: bool = True) -> dict:
+            page_size: int = 0, progress: bool = True, max_pixels: int = MAX_PIXELS) -> dict:
     """Writes DST (an FFCV .beton) from a class-folder tree or a `path label` list; returns the
-    report (also written to DST.report.json)."""
+    report (also written to DST.report.json).
+
+    page_size: bytes per .beton page, a power of two; 0: sized for the largest sample (at least
+    FFCV's 4 MiB). Every sample must fit in one page; a page_size that cannot hold the largest
+    raises DatasetError naming it before anything is written. A writer worker that fails ends
+    the run with DatasetError (one line).
+    """
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+
+    from .ffcv_writer import CheckedWriter, WriterFailed
 
     dst_path = Path(dst)
     if write_mode not in WRITE_MODES:
@@ -123,6 +136,7 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     t0 = time.perf_counter()
     samples, classes = list_samples(src, limit)
     workers = workers or os.cpu_count() or 1
+    page_size = fit_page_size(samples, max_resolution, page_size)
     log.info("converting %d images from %s", len(samples), src)
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,16 +149,19 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed conversion still removes its temp file
     try:
-        writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=workers)
-        writer.from_indexed_dataset(ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail"),
-                                    chunksize=chunk_size)
-        bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name != STOP)
+        writer = CheckedWriter(str(tmp), fields, failed_dir, page_size, workers, progress)
+        try:
+            writer.from_indexed_dataset(ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail",
+                                                       max_pixels), chunksize=chunk_size)
+        except WriterFailed as e:
+            raise DatasetError(f"conversion stopped: {e}") from None
+        bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name.isdigit())
         if bad and on_error == "fail":
             raise DatasetError(f"cannot decode {bad[0][1]} ({bad[0][2]}); use --on-error skip to leave it out")
         if len(bad) == len(samples):
             raise DatasetError(f"no image under {src} decodes")
         for _, path, err in bad:
-            log.warning("skipping %s (%s)", path, err)
+            log.warning("skipping %r (%s)", path, err)
         if bad:
             drop_samples(tmp, np.array([i for i, _, _ in bad], dtype=np.int64))
         seconds = time.perf_counter() - t0
@@ -154,7 +171,8 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
                   "written": written, "write_seconds": round(seconds, 2),
                   "images_per_sec": round(written / max(seconds, 1e-9), 1),
                   "source": str(Path(src).resolve()), "max_resolution": max_resolution,
-                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "bytes": tmp.stat().st_size}
+                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size,
+                  "bytes": tmp.stat().st_size}
         write_json(sidecar(dst_path, "classes.json"), classes)
         write_json(sidecar(dst_path, "report.json"), report)
         os.replace(tmp, dst_path)
@@ -167,6 +185,61 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     log.info("wrote %s: %d images (%d skipped) in %.1fs, %.0f images/sec, %.1f MB", dst_path,
              written, len(bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
     return report
+
+
+def stored_shape(width: int, height: int, max_resolution: int | None) -> tuple[int, int]:
+    """(width, height) as written: the longer side capped at max_resolution, at least one pixel on
+    the short side (a 10000x10 image must not round to 0 rows)."""
+    if max_resolution and max(width, height) > max_resolution:
+        r = max_resolution / max(width, height)
+        return max(1, round(width * r)), max(1, round(height * r))
+    return width, height
+
+
+def fit_page_size(samples: SampleList, max_resolution: int | None, page_size: int = 0) -> int:
+    """The .beton page size: 0 picks the smallest power of two >= 4 MiB that holds the largest
+    stored image as raw RGB plus a quarter (a JPEG of noise can exceed its raw size); a given
+    page_size is checked instead. The largest is bounded by max_resolution (a max_resolution
+    square) without reading anything; at full resolution (0) it is the largest image header's
+    (headers are read, not decoded). DatasetError names what does not fit."""
+    if max_resolution:
+        w = h = max_resolution
+        what = f"an image of {max_resolution}x{max_resolution} (--max-resolution)"
+    else:
+        w, h, what = 0, 0, ""
+        for i in range(len(samples)):
+            path = samples.path(i)
+            try:
+                size = image_size(path)
+            except Exception:  # noqa: BLE001 - an unreadable file is a placeholder later: no page need
+                continue
+            if size[0] * size[1] > w * h:
+                (w, h), what = size, path
+    need = 3 * w * h
+    largest = need + need // 4 + 4096
+    if page_size:
+        if page_size & (page_size - 1) or not (1 << 21) <= page_size < (1 << 32):
+            raise DatasetError(f"--page-size must be a power of two in 2 MiB..2 GiB, got {page_size}")
+        if largest > page_size:
+            raise DatasetError(f"{what} needs up to {largest} bytes, more than the page of {page_size}: "
+                               f"raise --page-size (or 0: sized for the largest sample), or lower --max-resolution")
+        return page_size
+    size = 1 << 22
+    while size < largest:
+        size <<= 1
+    if size >= 1 << 32:
+        raise DatasetError(f"{what} needs {largest} bytes, over FFCV's 4 GiB page; lower --max-resolution")
+    if size > 1 << 22:
+        log.info("page size %d MiB, for %s", size >> 20, what)
+    return size
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
 
 
 def drop_samples(path: Path, drop: np.ndarray) -> None:

@@ -1,6 +1,15 @@
-"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
+r"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
 
-Also reads a file list (`path label` per line, paths relative to the list's folder or absolute).
+The walk follows symbolic links but enters each real directory once (a link back up the tree, or a
+second link to a folder already walked, is skipped and reported in one warning line).
+
+Also reads a file list. The list format (what `simmim scan` writes, what every loader reads):
+UTF-8 text, one sample per line, `<path> <label>`: the path, one or more spaces or tabs, a
+non-negative integer label. Blank lines and lines starting with `#` are ignored. A relative path
+is relative to the list's folder. In a path a backslash starts an escape: `\\` (backslash),
+`\n`, `\r`, `\t`, and `\xHH` or `\uHHHH` (a character by its code: we write it for other
+control characters, a leading `#` and leading or trailing white space); bytes that are not UTF-8 are
+written as they are (Python's surrogateescape), so any name the file system allows round-trips.
 Every user-facing failure is a `DatasetError` with a one-line message.
 """
 from __future__ import annotations
@@ -9,6 +18,7 @@ import logging
 import os
 import random
 from array import array
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +26,13 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation, sample_crop, sample_seed
+from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
+                    ".jp2", ".j2k"}  # the formats of `decode.FORMATS`
 
 
 class SampleList:
@@ -138,11 +150,15 @@ def scan_folder(root: str | os.PathLike) -> tuple[SampleList, list[str]]:
     classes = list_classes(root)
     prefix = len(os.fsencode(os.path.join(root, "")))
     parts = []  # one (names, lengths, labels) per class: a class's Python strings are freed as it ends
+    seen, skipped = set(), []
     for label, name in enumerate(classes):
-        names = [p[prefix:] for p in iter_class_images(root / name)]
+        names = [p[prefix:] for p in iter_class_images(root / name, seen=seen, skipped=skipped)]
         parts.append((b"".join(names), np.fromiter(map(len, names), np.int64, len(names)),
                       np.full(len(names), label, np.int32)))
     samples = SampleList.concat(os.path.join(root, ""), parts)
+    if skipped:
+        log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
+                    root, len(skipped), skipped[0])
     if not len(samples):
         raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -157,26 +173,28 @@ def list_classes(root: Path) -> list[str]:
     return classes
 
 
-def iter_class_images(folder: str | os.PathLike, limit: int | None = None):
+def iter_class_images(folder: str | os.PathLike, limit: int | None = None, seen: set | None = None,
+                      skipped: list | None = None):
     """The image paths (file-system bytes) under one class folder, sub-folders included: each
     folder's files sorted, then its sub-folders in sorted order. Symbolic links are followed, but
-    a directory already walked (a link loop, a second link to it) is skipped.
+    a directory already walked (a link loop, a second link to it; `seen` holds the (device, inode)
+    of those walked, shared across class folders by `scan_folder`) is skipped and added to `skipped`.
 
     With `limit`: stops after that many, reading each folder only until it has them (those are the
     first ones in the file system's directory order, then sorted), so a few images per class never
     list a whole ImageNet class folder."""
-    yield from _walk_images(os.fsencode(folder), limit, set())
+    yield from _walk_images(os.fsencode(folder), limit, set() if seen is None else seen, skipped)
 
 
 _IMAGE_EXTENSIONS_B = {e.encode() for e in IMAGE_EXTENSIONS}
 
 
-def _walk_images(folder: bytes, limit: int | None, seen: set):
+def _walk_images(folder: bytes, limit: int | None, seen: set, skipped: list | None):
     try:
         st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
-            log.warning("skipping %s: a directory already walked (a symbolic link loop or a second link)",
-                        os.fsdecode(folder))
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link: walked already
+            if skipped is not None:
+                skipped.append(os.fsdecode(folder))
             return 0
         seen.add((st.st_dev, st.st_ino))
         files, dirs = [], []
@@ -199,13 +217,41 @@ def _walk_images(folder: bytes, limit: int | None, seen: set):
     for d in sorted(dirs):
         if limit is not None and count >= limit:
             return count
-        count += yield from _walk_images(base + d, None if limit is None else limit - count, seen)
+        count += yield from _walk_images(base + d, None if limit is None else limit - count, seen, skipped)
     return count
 
 
+def quote_path(path: str) -> str:
+    """A path as the list format writes it (see the module docstring)."""
+    out = []
+    for i, c in enumerate(path):
+        if c == "\\":
+            out.append("\\\\")
+        elif c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F or (c == "#" and i == 0) or (c.isspace() and i in (0, len(path) - 1)):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPE = re.compile(r"\\(\\|n|r|t|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+
+
+def unquote_path(text: str) -> str:
+    """Inverse of `quote_path`; a backslash not starting one of its escapes is kept as it is."""
+    def one(m: re.Match) -> str:
+        e = m.group(1)
+        return {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}.get(e) or chr(int(e[1:], 16))
+
+    return _UNESCAPE.sub(one, text) if "\\" in text else text
+
+
 def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
-    """A `path label` list (paths absolute or relative to the list's folder), read line by line
-    into a SampleList (paths keep their common folder once)."""
+    """A list file (the format of the module docstring), read line by line as bytes into a
+    SampleList (paths keep their common folder once)."""
     names: list[bytes] = []
     labels = array("i")
     base = os.fsencode(os.path.join(path.parent, ""))
@@ -215,10 +261,11 @@ def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
             if not line or line.startswith(b"#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip(b"-").isdigit():
-                text = line.decode(errors="replace")
-                raise DatasetError(f"{path}:{lineno}: expected '<path> <integer label>', got '{text}'")
-            names.append(parts[0] if parts[0].startswith(b"/") else base + parts[0])
+            if len(parts) != 2 or not parts[1].isdigit():
+                text = os.fsdecode(line)[:200]
+                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label >= 0), got '{text}'")
+            file = parts[0] if b"\\" not in parts[0] else os.fsencode(unquote_path(os.fsdecode(parts[0])))
+            names.append(file if file.startswith(b"/") else base + file)
             labels.append(int(parts[1]))
     if not names:
         raise DatasetError(f"file list '{path}' lists no images")
@@ -258,23 +305,18 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
     return json.loads(names.read_text()) if names.is_file() else None
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Any PIL-readable image (CMYK, grayscale, palette, RGBA, a PNG named .JPEG) as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
-
-
 class ImageFolder(torch.utils.data.Dataset):
     """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
 
-    A file that cannot be read is logged once and replaced by the next readable sample, so one
-    bad JPEG never stops an epoch.
+    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). A file that
+    breaks them is logged once and replaced by the next readable sample, so one bad JPEG never
+    stops an epoch.
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
-                 crop_ratio: float = 0.875, transform=None):
+                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS):
         self.samples, self.classes = scan_folder(root)  # a SampleList: flat arrays, shared by forked workers
+        self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
         self._bad: set[int] = set()
@@ -290,10 +332,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                img = load_rgb(path)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a skipped file
+                img = decode_rgb(path, self.max_pixels)
+            except DecodeError as e:
                 self._bad.add(i)
-                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                log.warning("skipping unreadable image %s (%s)", path, e)
                 continue
             if not self.train:
                 return self.center_crop(img), label

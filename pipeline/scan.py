@@ -1,73 +1,54 @@
 """Checks every image of a dataset once, in parallel: which decode, which do not, and why.
 
 Real ImageNet holds CMYK and grayscale JPEGs, a PNG named `.JPEG`, huge and tiny images; all of
-those decode (PIL reads them, `load_rgb` makes them RGB). Truncated files, zero-byte files and
-non-images do not. `scan_images` sorts them; `simmim scan SRC` writes the clean `path label` list
-(which every loader accepts as data.path) and a JSON report of the bad files; `simmim convert`
-uses the same check before writing a `.beton`.
+those decode. Truncated files, zero-byte files, non-images, formats DALI does not read and images
+over the pixel limit do not. The check is the loaders' own decode (`decode.check_image`, by
+`decode.decode_rgb`'s rules), so a file the scan keeps decodes in every loader, and to the same
+pixels. `scan_images` sorts them; `simmim scan SRC` writes the clean list (`folder`'s list format;
+every loader accepts it as data.path) and a JSON report of the bad files; `simmim convert` uses
+the same check before writing a `.beton`.
+
+Linear in the number of files: the samples are flat arrays (`folder.SampleList`), chunks are cut
+as they are submitted, a bounded number are in flight, only the bad files are kept, and the clean
+list is streamed to disk.
 
 A JPEG is checked by decoding its whole entropy-coded stream at a reduced DCT scale (PIL's draft
 mode), which finds truncation and corruption for a fraction of a full decode's cost.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from .folder import DatasetError, SampleList, scan_folder, sidecar
+from .decode import MAX_PIXELS, check_image, check_max_pixels
+from .folder import DatasetError, SampleList, quote_path, scan_folder, sidecar
 
 log = logging.getLogger(__name__)
 
-# ImageNet's largest images are ~10k px on a side; refuse only absurd sizes (PIL's default bomb
-# guard stops at ~179 Mpx).
-Image.MAX_IMAGE_PIXELS = 1 << 30
 
-
-def open_rgb(path: str, max_side: int | None = None) -> Image.Image:
-    """Decode `path` as RGB. With `max_side`, a JPEG is decoded at the smallest DCT scale that
-    still covers max_side on both sides (exact downscaling happens later)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if max_side is not None and img.format == "JPEG":
-                img.draft("RGB", (max_side, max_side))
-            img.load()
-            if img.width < 1 or img.height < 1:
-                raise ValueError(f"empty image ({img.width}x{img.height})")
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
-
-
-def decode_checked(path: str, max_side: int | None = None) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) if `path` decodes (`open_rgb` at `max_side`), else (None, a one-line
-    reason): the one rule `scan`, `convert` and the loaders' skipping agree on."""
-    try:
-        if os.path.getsize(path) == 0:
-            return None, "zero bytes"
-        return open_rgb(path, max_side), None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-        return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
-
-
-def check_image(path: str) -> str | None:
-    """None if the file decodes to an RGB image, else a one-line reason (decoded at the smallest
-    DCT scale: the whole entropy-coded stream is read, few pixels are made)."""
-    return decode_checked(path, max_side=1)[1]
-
-
-def _check_chunk(paths: list[str]) -> list[tuple[int, str]]:
-    """(position in the chunk, reason) of each path that does not decode."""
-    return [(k, err) for k, p in enumerate(paths) if (err := check_image(p)) is not None]
+def _check_chunk(paths: list[str], max_pixels: int = MAX_PIXELS) -> tuple[list[tuple[int, str]], np.ndarray]:
+    """(position in the chunk, reason) of each path that does not decode, and the (width, height)
+    of every path (0, 0 for a bad one): int32 (len(paths), 2)."""
+    bad, sizes = [], np.zeros((len(paths), 2), np.int32)
+    for k, p in enumerate(paths):
+        err, size = check_image(p, max_pixels)
+        if err is not None:
+            bad.append((k, err))
+        else:
+            sizes[k] = size
+    return bad, sizes
 
 
 @dataclass
@@ -76,6 +57,7 @@ class ScanResult:
     bad: list[tuple[str, str]]  # (path, reason)
     classes: list[str]
     seconds: float = 0.0
+    sizes: np.ndarray | None = None  # int32 (len(good), 2): (width, height) of each good image, from its header
 
     def report(self) -> dict:
         return {"images": len(self.good) + len(self.bad), "good": len(self.good), "bad": len(self.bad),
@@ -84,31 +66,45 @@ class ScanResult:
 
 
 def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk: int = 128,
-                on_error: str = "skip", progress: bool = True) -> ScanResult:
-    """Checks every sample; on_error 'fail' raises DatasetError naming the first bad file.
+                on_error: str = "skip", progress: bool = True, max_pixels: int = MAX_PIXELS) -> ScanResult:
+    """Checks every sample by the loaders' decode rules (`max_pixels`: the pixel limit); on_error
+    'fail' raises DatasetError naming the first bad file.
 
     Linear in the number of samples: chunks are cut from the sample arrays as they are submitted,
     at most `4 * workers` chunks are in flight at a time (results come back in order), and only
     the bad files are kept (the clean list is one index gather at the end)."""
     if on_error not in ("skip", "fail"):
         raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
+    try:
+        check_max_pixels(max_pixels, "the pixel limit (--max-pixels)")
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     n = len(samples)
     starts = range(0, n, chunk)
+    check = functools.partial(_check_chunk, max_pixels=max_pixels)
     bad_index: list[int] = []
     bad: list[tuple[str, str]] = []
+    sizes = np.zeros((n, 2), np.int32)
+    done = 0
     bar = tqdm(total=n, desc="scan", unit="img", disable=not progress, mininterval=1.0)
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(starts) > 1 else None
     try:
-        for start, got in _in_order(pool, starts, lambda a: samples.paths(a, a + chunk), 4 * workers):
+        for start, (got, got_sizes) in _in_order(pool, starts, lambda a: samples.paths(a, a + chunk), check,
+                                                 4 * workers):
             for k, err in got:
                 path = samples.path(start + k)
                 if on_error == "fail":
                     raise DatasetError(f"cannot decode {path} ({err}); use --on-error skip to leave it out")
                 bad_index.append(start + k)
                 bad.append((path, err))
-            bar.update(min(chunk, n - start))
+            sizes[start:start + len(got_sizes)] = got_sizes
+            done = start + len(got_sizes)
+            bar.update(len(got_sizes))
+    except BrokenProcessPool:  # a worker killed (out of memory, a signal): one line, not a traceback
+        raise DatasetError(f"a scan worker died while checking files from {samples.path(done)!r} on "
+                           f"(out of memory?); lower --workers or --max-pixels") from None
     finally:
         bar.close()
         if pool is not None:
@@ -116,21 +112,22 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
     keep = np.ones(n, dtype=bool)
     keep[bad_index] = False
     for path, err in bad:
-        log.warning("skipping %s (%s)", path, err)
-    return ScanResult(samples.take(np.flatnonzero(keep)), bad, classes, time.perf_counter() - t0)
+        log.warning("skipping %r (%s)", path, err)
+    good = np.flatnonzero(keep)
+    return ScanResult(samples.take(good), bad, classes, time.perf_counter() - t0, sizes[good])
 
 
-def _in_order(pool, starts, make_chunk, in_flight: int):
-    """(start, _check_chunk(make_chunk(start))) for each start, in order; with a pool, at most
-    `in_flight` chunks submitted ahead of the one being consumed."""
+def _in_order(pool, starts, make_chunk, check, in_flight: int):
+    """(start, check(make_chunk(start))) for each start, in order; with a pool, at most `in_flight`
+    chunks submitted ahead of the one being consumed."""
     if pool is None:
         for a in starts:
-            yield a, _check_chunk(make_chunk(a))
+            yield a, check(make_chunk(a))
         return
     pending: deque = deque()
     it = iter(starts)
     for a in it:
-        pending.append((a, pool.submit(_check_chunk, make_chunk(a))))
+        pending.append((a, pool.submit(check, make_chunk(a))))
         if len(pending) >= in_flight:
             break
     while pending:
@@ -138,7 +135,7 @@ def _in_order(pool, starts, make_chunk, in_flight: int):
         result = future.result()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append((nxt, pool.submit(_check_chunk, make_chunk(nxt))))
+            pending.append((nxt, pool.submit(check, make_chunk(nxt))))
         yield a, result
 
 
@@ -148,26 +145,31 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
 
+# a path needs `quote_path` if it holds a backslash or a control character, starts with '#' or
+# white space, or ends with white space; the rest are written as their bytes
+_NEEDS_QUOTING = re.compile(rb"[\x00-\x1f\x7f\\]|^[#\s]|\s$")
+
+
 def write_file_list(path: Path, samples: SampleList, block: int = 65536) -> None:
-    """`path label` per line, absolute paths (the format `scan_folder` reads), written a block of
+    """The list format of `folder` (what `scan_folder` reads), absolute paths, written a block of
     lines at a time into a temporary file renamed into place."""
     from simmim.trainer.checkpoint import atomic_write
 
     root = os.fsencode(os.path.join(os.path.abspath(samples.root), "")) if samples.root else None
 
-    def lines(a: int, b: int) -> bytes:
-        names, offsets = samples.names, samples.offsets
-        out = []
-        for i, label in zip(range(a, b), samples.labels[a:b].tolist()):
-            name = names[offsets[i]:offsets[i + 1]].tobytes()
-            full = root + name if root is not None else os.fsencode(os.path.abspath(os.fsdecode(name)))
-            out.append(b"%s %d\n" % (full, label))
-        return b"".join(out)
+    def line(name: bytes, label: int) -> bytes:
+        full = root + name if root is not None else os.fsencode(os.path.abspath(os.fsdecode(name)))
+        if _NEEDS_QUOTING.search(full):
+            full = os.fsencode(quote_path(os.fsdecode(full)))
+        return b"%s %d\n" % (full, label)
 
     def write(tmp: str) -> None:
+        names, offsets = samples.names, samples.offsets
         with open(tmp, "wb") as f:
             for a in range(0, len(samples), block):
-                f.write(lines(a, min(a + block, len(samples))))
+                b = min(a + block, len(samples))
+                f.write(b"".join(line(names[offsets[i]:offsets[i + 1]].tobytes(), label)
+                                 for i, label in zip(range(a, b), samples.labels[a:b].tolist())))
 
     atomic_write(path, write)
 
@@ -177,11 +179,12 @@ def clean_list_path(src: str | os.PathLike) -> Path:
     return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
 
 
-def scan_command(src: str, out: str | None, workers: int, on_error: str) -> ScanResult:
+def scan_command(src: str, out: str | None, workers: int, on_error: str,
+                 max_pixels: int = MAX_PIXELS) -> ScanResult:
     """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file
     and a JSON report of the bad files beside it."""
     samples, classes = scan_folder(src)
-    result = scan_images(samples, classes, workers, on_error=on_error)
+    result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels)
     out_path = Path(out) if out else clean_list_path(src)
     if not result.good:
         raise DatasetError(f"no image under {src} decodes")

@@ -169,14 +169,14 @@ def test_convert_decodes_each_image_once(hostile, tmp_path, monkeypatch):
     from simmim.pipeline.convert import convert, inspect
 
     log = tmp_path / "decodes.log"
-    real = convert_module.decode_checked
+    real = convert_module.decode_rgb
 
-    def counting(path, max_side=None):
+    def counting(path, *args, **kwargs):
         with open(log, "a") as f:  # the writer's workers are forked: count through a file
             f.write(os.path.basename(path) + "\n")
-        return real(path, max_side)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "decode_checked", counting)
+    monkeypatch.setattr(convert_module, "decode_rgb", counting)
     monkeypatch.setattr(scan_module, "check_image", lambda p: pytest.fail("a separate check pass ran"))
     dst = tmp_path / "h.beton"
     report = convert(str(hostile), str(dst), max_resolution=64, workers=2, progress=False)

@@ -10,7 +10,7 @@ from simmim.trainer.config import load_config
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.schedule import LRSchedule
 
-TINY = ["data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
+TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
         "model.window_size=2", "run.progress=false"]
 
 
@@ -24,7 +24,7 @@ def losses(run_dir):
 
 
 def test_lr_schedule():
-    s = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    s = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=10, total_steps=110, anchor="warmup_end")
     assert s(0) == 0.0 and s(5) == pytest.approx(0.5) and s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1)
     st = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.0, warmup_steps=2, total_steps=100, kind="step",
@@ -79,7 +79,7 @@ def run_cli(args, **kw):
     (["model.arch=resnet"], "unknown model.arch 'resnet'"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, sample_root):
-    proc = run_cli(["pretrain", "--config", "demo", f"run.out_dir={tmp_path}", f"data.path={sample_root}/train",
+    proc = run_cli(["pretrain", "--config", "demo", "data.val_path=", f"run.out_dir={tmp_path}", f"data.path={sample_root}/train",
                     *args])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2
