@@ -19,8 +19,8 @@ memory figures are its own:
   the same `--convert-side-by-side` distinct clean JPEGs, side by side (best of two each).
 - orders: one rank's epoch order with a mid-epoch resume position (8 ranks), at each size in
   `--orders` (no files needed): seconds and peak memory added.
-- dali: time to the first batch of each of 5 epochs (2 batches read each) on the whole tree,
-  DALI on the CPU, and resident memory after each.
+- dali: time to the first batch of each of 5 epochs (2 batches read each) on the whole tree (as a
+  list), DALI on the CPU, and resident memory after each.
 - memory: private memory (USS) of each reference-loader worker after its first batch and after
   `--memory-batches` more; with decoding stubbed (`--memory-stub`, default) the loader can walk
   25% of an epoch at 1.28M in minutes, and what grows is the sample list's bookkeeping alone.
@@ -118,7 +118,7 @@ def step_scan(args) -> dict:
     t0 = time.perf_counter()
     result = scan_module.scan_images(real, classes, workers=args.workers, progress=False)
     real_rate = len(real) / (time.perf_counter() - t0)
-    scan_module.check_image = lambda path: None  # bookkeeping only: forked workers inherit the stub
+    scan_module.check_image = lambda path, max_pixels=None: (None, (1, 1))  # bookkeeping only (forks inherit it)
     out = {"real_images": len(real), "real_img_per_s": round(real_rate, 1), "real_bad": len(result.bad)}
     for n in (args.scan_n // 4, args.scan_n):
         subset = samples[:n]
@@ -251,22 +251,30 @@ def step_orders(args) -> dict:
 
 
 def step_dali(args) -> dict:
+    """DALI reads a list of the tree (written here, unchecked: every entry links to one of the
+    checked source JPEGs; a folder path would make the loader scan 1.28M copies of 300 files)."""
     import torch
 
-    from simmim.pipeline import Augmentation, MaskGenerator, build_loader
+    from simmim.pipeline import Augmentation, MaskGenerator, build_loader, scan_folder
+    from simmim.pipeline.scan import write_file_list
 
-    loader = build_loader("dali", str(args.tree), Augmentation(size=64), MaskGenerator(64, 32, 0.6), 32,
-                          args.workers, torch.device("cpu"))
-    starts, rss = [], []
-    for epoch in range(5):
-        loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for k, _ in enumerate(loader):
-            if k == 0:
-                starts.append(round(time.perf_counter() - t0, 2))
-            if k == 1:
-                break
-        rss.append(round(rss_mib(), 1))
+    listed = args.tree.parent / f"{args.tree.name}.list.txt"
+    write_file_list(listed, scan_folder(args.tree)[0])
+    try:
+        loader = build_loader("dali", str(listed), Augmentation(size=64), MaskGenerator(64, 32, 0.6), 32,
+                              args.workers, torch.device("cpu"))
+        starts, rss = [], []
+        for epoch in range(5):
+            loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            for k, _ in enumerate(loader):
+                if k == 0:
+                    starts.append(round(time.perf_counter() - t0, 2))
+                if k == 1:
+                    break
+            rss.append(round(rss_mib(), 1))
+    finally:
+        listed.unlink(missing_ok=True)
     return {"epoch_start_s": starts, "rss_mib": rss}
 
 

@@ -273,23 +273,27 @@ class DALILoader(LoaderContract):
         if length == 0:
             return
         self.schedule.set(self.dali_epoch, self.epoch, self.start_batch * self.batch_size, length)
-        if self.iterator is None:  # the first batch is scheduled as the iterator is made
-            self.pipe = self.build_pipeline()
-            self.pipe.build()
-            self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
-        else:
-            self.iterator.reset()
+        try:
+            if self.iterator is None:  # the first batch is scheduled as the iterator is made
+                self.pipe = self.build_pipeline()
+                self.pipe.build()
+                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+            else:
+                self.iterator.reset()
+        except Exception as e:  # noqa: BLE001 - a file that fails in the first batches
+            self.pipe = self.iterator = None
+            self.dali_epoch = 0
+            raise self.failure_in_flight(self.start_batch, e) from None
         finished = False
         try:
             batches = -(-length // self.batch_size)
             for k in range(self.start_batch, self.start_batch + batches):
                 try:
                     out = next(self.iterator)
-                except RuntimeError as e:  # DALI names no file: look among the batches in flight
-                    first = (k - self.start_batch) * self.batch_size
-                    order = self.source.order(self.epoch, self.start_batch * self.batch_size)
-                    window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
-                    raise self.decode_failure([self.samples.path(int(i)) for i in window], k, str(e)) from None
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001 - DALI's error, or our source's from its worker
+                    raise self.failure_in_flight(k, e) from None
                 images = out[0]["images"]
                 real = min(self.batch_size, length - (k - self.start_batch) * self.batch_size)
                 if real < self.batch_size:  # the padded last batch of an evaluation epoch
@@ -308,10 +312,18 @@ class DALILoader(LoaderContract):
                 while True:
                     next(self.iterator)
             except StopIteration:
-                pass
+                self.dali_epoch += 1
             except Exception:  # noqa: BLE001 - the pipeline failed (a decode error, raised above): rebuild next epoch
                 self.pipe = self.iterator = None
-            self.dali_epoch += 1
+                self.dali_epoch = 0
+
+    def failure_in_flight(self, batch: int, error: Exception) -> DatasetError:
+        """`decode_failure` for an error at `batch` of this epoch: DALI's message names no file, so
+        the files of the batches in flight around it are checked."""
+        first = (batch - self.start_batch) * self.batch_size
+        order = self.source.order(self.epoch, self.start_batch * self.batch_size)
+        window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
+        return self.decode_failure([self.samples.path(int(i)) for i in window], batch, str(error))
 
     def decode_failure(self, files: list[str], batch: int, dali_error: str) -> DatasetError:
         """A one-line DatasetError for a DALI failure at `batch`, naming the bad files among `files`

@@ -114,6 +114,18 @@ class SampleList:
         for i in range(len(self)):
             yield self.path(i), int(self.labels[i])
 
+    def __eq__(self, other) -> bool:
+        """Equal to another SampleList or a sequence of (path, label) with the same samples in order."""
+        if isinstance(other, SampleList):
+            return self.root == other.root and np.array_equal(self.names, other.names) and \
+                np.array_equal(self.offsets, other.offsets) and np.array_equal(self.labels, other.labels)
+        try:
+            return len(self) == len(other) and list(self) == [tuple(x) for x in other]
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         """The paths of samples start..stop-1 as a list (a chunk's worth, not the whole list)."""
         return [self.path(i) for i in range(start, len(self) if stop is None else min(stop, len(self)))]

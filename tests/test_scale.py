@@ -86,8 +86,8 @@ def test_forked_reader_keeps_sample_list_shared():
     assert flat_growth < 4, flat_growth
 
 
-def _stub_check(path):
-    return None
+def _stub_check(path, max_pixels=None):
+    return None, (1, 1)
 
 
 def bookkeeping_seconds(samples, n, chunk) -> float:
@@ -138,7 +138,8 @@ def test_scan_keeps_bounded_work_in_flight(monkeypatch):
             pass
 
     monkeypatch.setattr(scan_module, "ProcessPoolExecutor", Pool)
-    monkeypatch.setattr(scan_module, "check_image", lambda p: "bad" if p.endswith("7.JPEG") else None)
+    monkeypatch.setattr(scan_module, "check_image",
+                        lambda p, m=None: ("bad", (0, 0)) if p.endswith("7.JPEG") else (None, (1, 1)))
     names = [b"c/%d.JPEG" % i for i in range(1000)]
     samples = SampleList.from_names("/x/", names, np.zeros(1000, np.int32))
     result = scan_module.scan_images(samples, ["c"], workers=2, chunk=10, progress=False)
@@ -177,7 +178,7 @@ def test_convert_decodes_each_image_once(hostile, tmp_path, monkeypatch):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(convert_module, "decode_rgb", counting)
-    monkeypatch.setattr(scan_module, "check_image", lambda p: pytest.fail("a separate check pass ran"))
+    monkeypatch.setattr(scan_module, "check_image", lambda *a: pytest.fail("a separate check pass ran"))
     dst = tmp_path / "h.beton"
     report = convert(str(hostile), str(dst), max_resolution=64, workers=2, progress=False)
     decoded = log.read_text().split()
