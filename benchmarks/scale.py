@@ -324,7 +324,7 @@ def step_inspect(args) -> dict:
         convert(str(args.tree), str(dst), workers=args.workers, limit=args.inspect_n, progress=False)
         convert_s = time.perf_counter() - t0
         reader = open_beton(dst)
-        victim = reader.num_samples // 2
+        victim = int(reader.num_samples) // 2
         ptr = int(reader.metadata["f0"]["data_ptr"][victim])
         size = int(reader.alloc_table["size"][reader.alloc_table["ptr"] == ptr][0])
         with open(dst, "r+b") as f:
