@@ -28,6 +28,7 @@ from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shar
 from .masking import MaskGenerator
 from .reference import LoaderContract
 from .scan import clean_list_path
+from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class DALILoader(LoaderContract):
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
                       device_id=self.device_id,
-                      seed=(self.seed * 1_000_003 + self.epoch) * 1009 + self.rank + 1,
+                      seed=derive_seed("dali", self.seed, self.epoch, self.rank, self.start_batch, bits=31),
                       exec_dynamic=True)
         def pipe():
             jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")

@@ -31,6 +31,7 @@ from .convert import open_beton
 from .folder import DatasetError, ShardedSampler, num_batches, read_classes, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
+from .seeding import derive_seed
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -101,7 +102,7 @@ class ShardedOrder:
         return order[self.start:].astype(np.uint64)
 
     def quasi_random(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, 0x51AB])
+        rng = np.random.default_rng(derive_seed("pages", self.seed, epoch))
         unique_pages = np.unique(self.pages)
         page_rank = np.empty(unique_pages.max() + 1, np.int64)
         page_rank[rng.permutation(unique_pages)] = np.arange(len(unique_pages))

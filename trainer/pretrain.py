@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from simmim.pipeline import Augmentation, MaskGenerator, build_loader
-from simmim.pipeline.augment import normalize, sample_seed
+from simmim.pipeline.augment import normalize
+from simmim.pipeline.seeding import derive_seed, torch_generator
 from simmim.pipeline.loaders import BACKEND_OPTIONS
 
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -118,8 +119,8 @@ def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentati
         return images[:n].clone(), batch_masks[:n].clone()
     ds = loader.dataset
     idx = [round(i * (len(ds) - 1) / max(1, n - 1)) for i in range(min(n, len(ds)))]
-    images = torch.stack([ds[(i, sample_seed(seed, 0, i))][0] for i in idx]).to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
+    images = torch.stack([ds[(i, derive_seed("sample", seed, 0, i))][0] for i in idx]).to(device)
+    g = torch_generator("figure", seed, device=device)
     return normalize(images, aug.mean, aug.std), masks.sample(len(idx), generator=g, device=device)
 
 
@@ -272,6 +273,7 @@ def fit(cfg: Config, task) -> dict:
     stop = StopFlag()
     history, start = [], time.perf_counter()
     for epoch in range(epoch, t.epochs):
+        loader.set_accum_steps(accum)  # masks are drawn per optimizer step's global batch
         loader.set_epoch(epoch, start_step * accum)
         res = train_one_epoch(
             train_model, loader, optimizer, schedule, epoch=epoch, steps_per_epoch=steps_per_epoch,
