@@ -42,7 +42,7 @@ def test_sigterm_resume_is_bit_exact(command, sample_root, tmp_path):
     proc.send_signal(signal.SIGTERM)
     code, text = finish(proc)
     assert code == 75, text
-    stopped = load_checkpoint(checkpoints(out)[-1][1])
+    stopped = load_checkpoint(checkpoints(out)[-1][1])["train_state"]
     assert stopped["epoch"] == 1 and 0 < stopped["step_in_epoch"] < 7, "not stopped mid-epoch"
     code, text = finish(start(command, sample_root, out))
     assert code == 0 and "resumed from" in text, text
