@@ -13,7 +13,7 @@ from test_distributed import env, finish, losses, wait_for
 
 from simmim.trainer.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 
-TINY = ["data.img_size=64", "data.batch_size=8", "model.arch=swin_micro", "model.window_size=2",
+TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "model.arch=swin_micro", "model.window_size=2",
         "model.drop_path=0.1", "run.progress=false", "run.vis_every=100", "train.epochs=2",
         "train.warmup_epochs=1", "run.log_every=1", "run.save_every=1"]
 RECIPES = {
