@@ -32,7 +32,9 @@ def derive_seed(stream: str, seed: int, *key: int, bits: int = 63) -> int:
 
     stream: a name in STREAMS; seed: the run seed (train.seed); key: non-negative ints.
     Raises KeyError for an unknown stream."""
-    entropy = [int(seed) % 2 ** 64, STREAMS[stream], *(int(k) % 2 ** 64 for k in key)]
+    # the key's length is part of the entropy: SeedSequence pads with zeros, so (0,) and (0, 0)
+    # would otherwise collide
+    entropy = [int(seed) % 2 ** 64, STREAMS[stream], len(key), *(int(k) % 2 ** 64 for k in key)]
     state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return int(state) >> (64 - bits)
 
