@@ -131,6 +131,7 @@ def test_dali_pixels_match_reference_on_same_box(sample_root):
     assert aliased["mean"] > 1.0 and aliased["p99"] >= 8, aliased  # the comparison sees aliasing (1.89 / 15)
 
 
+@pytest.mark.slow  # numba compiles FFCV's decoder functions: ~20 s on 2 cores
 @pytest.mark.skipif(not available("ffcv"), reason="FFCV not installed")
 def test_ffcv_pixels_near_reference_on_same_box(sample_root):
     """FFCV decodes with turbojpeg (Pillow: libjpeg), the one difference left after the resize."""
