@@ -9,8 +9,14 @@ from pathlib import Path
 
 import torch
 
+from simmim.pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that is missing, truncated or not ours; the caller says what to do."""
 
 
 UMASK = os.umask(0o022)
@@ -46,14 +52,17 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, keep_last: int = 3) -
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents on the CPU (weights_only). Raises CheckpointError for a missing,
+    truncated or foreign file; the message says what is wrong, not what to do (that depends on
+    the command: resume falls back to an older one, evaluate and finetune name another)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise ValueError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): "
-                         f"delete it to resume from an earlier one") from None
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {first})") from None
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -34,7 +34,7 @@ from torch import nn
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import amp_dtype_for, fit, loader_options
@@ -83,7 +83,9 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure
-        raise ConfigError(f"finetune.pretrained: '{path}' is not a simmim checkpoint ({type(e).__name__})") from None
+        raise ConfigError(f"finetune.pretrained: '{path}' cannot be read ({type(e).__name__}): it is truncated or not "
+                          f"a simmim checkpoint; point finetune.pretrained at another checkpoint of the "
+                          f"pre-training run") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ConfigError(f"finetune.pretrained: '{path}' holds no model weights")
@@ -380,7 +382,11 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist")
-    state = load_checkpoint(Path(path))
+    try:
+        state = load_checkpoint(Path(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}: it is truncated or not a simmim checkpoint; evaluate another checkpoint "
+                              f"of the fine-tuning run") from None
     if "config" not in state or not any(k.startswith("net.") for k in state.get("model", {})):
         raise ConfigError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
                           f"(simmim finetune --config ... finetune.pretrained={path})")
