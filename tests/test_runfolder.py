@@ -185,6 +185,7 @@ def test_one_job_per_run_folder(sample_root, tmp_path, capsys):
         pass
 
 
+@pytest.mark.slow  # a launcher and a worker process, each importing torch
 def test_torch_distributed_launch_local_rank_is_accepted(tmp_path):
     """torch.distributed.launch adds --local-rank=N to the command: accepted, ignored, with a note."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

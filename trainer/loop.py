@@ -293,7 +293,7 @@ class Run:
             # the failing rank alone: the others wait for its gradients, so no collective can run
             path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
             raise DataFailure(f"{one_line(res.error)} (epoch {epoch}, step {res.steps_done}); the steps before it are saved in "
-                              f"{path.name}: rebuild the file list with `simmim scan {self.cfg.data.path}` (it leaves "
+                              f"{path}: rebuild the file list with `simmim scan {self.cfg.data.path}` (it leaves "
                               f"out unreadable files), point data.path at it and run again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         barrier()
