@@ -22,7 +22,7 @@ from simmim.trainer.config import ConfigError, load_config
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.runfolder import RunFolderBusy, RunLock
 
-TINY = ["data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
+TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
         "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
         "run.log_every=1"]
 

@@ -42,6 +42,7 @@ from .checkpoint import CheckpointError, atomic_write, save_checkpoint
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochResult, StepState, train_one_epoch
+from .monitor import RunMonitor, plot_curves, read_metrics
 from .runfolder import RunLock, check_resume_config, job_id, newest_readable_checkpoint, set_aside
 from .schedule import LRSchedule
 
@@ -80,7 +81,8 @@ class Task(Protocol):
 
     def after_epoch(self, model: nn.Module, epoch: int, last: bool, out_dir: Path, dist: DistInfo,
                     amp_dtype: torch.dtype | None) -> dict:
-        """End-of-epoch work (figures, evaluation); returns extra metrics for the epoch's record."""
+        """End-of-epoch work (figures, evaluation); returns extra metrics for the epoch's record
+        (floats) and the figures it wrote (Paths, shown in TensorBoard under their keys)."""
 
 
 @dataclass
@@ -232,8 +234,14 @@ class Run:
     accum: int
     steps_per_epoch: int
     metrics: Callable[[dict], None]
+    monitor: RunMonitor
     carried: tuple[float, int] = (0.0, 0)  # the resumed epoch's loss sum and good steps before the resume
     last_save: float = dataclasses.field(default_factory=time.monotonic)
+
+    def record(self, rec: dict) -> None:
+        """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0)."""
+        self.metrics(rec)
+        self.monitor.log(rec)
 
     def checkpoint(self, epoch: int, step_in_epoch: int, loss_sum: float = 0.0, good_steps: int = 0,
                    any_rank: bool = False) -> Path | None:
@@ -262,9 +270,10 @@ class Run:
         return self.carried[0] + res.loss_sum, self.carried[1] + res.good_steps
 
     def log_step(self, rec: dict) -> None:
-        self.metrics(rec)
-        log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s%s", rec["epoch"], rec["step"],
-                 rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
+        self.record(rec)
+        log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  data wait %.0f%%%s",
+                 rec["epoch"], rec["step"], rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
+                 100 * rec["data_wait"],
                  f"  skipped {rec['skipped_steps']}" if rec["skipped_steps"] else "")
 
     def run_epoch(self, epoch: int, start_step: int, stop: StopFlag) -> EpochResult:
@@ -289,12 +298,15 @@ class Run:
 
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
         """A diverged, signalled or data-failed epoch: checkpoint, leave the process group, raise."""
+        self.monitor.close()
         if res.stopped == "data":
             # the failing rank alone: the others wait for its gradients, so no collective can run
             path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
-            raise DataFailure(f"{one_line(res.error)} (epoch {epoch}, step {res.steps_done}); the steps before it are saved in "
-                              f"{path}: rebuild the file list with `simmim scan {self.cfg.data.path}` (it leaves "
-                              f"out unreadable files), point data.path at it and run again to resume")
+            what = one_line(res.error)
+            fix = "" if "simmim scan" in what else (f"; rebuild the file list with `simmim scan {self.cfg.data.path}` "
+                                                    f"(it leaves out unreadable files) and point data.path at it")
+            raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
+                              f"saved in {path}: run the same command again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         barrier()
         cleanup()
@@ -309,12 +321,18 @@ class Run:
         """The task's end-of-epoch work, the epoch record, the periodic checkpoint."""
         self.carried = (0.0, 0)
         last = epoch == self.cfg.train.epochs - 1
-        extra = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
+        out = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
+        extra = {k: v for k, v in out.items() if not isinstance(v, Path)}
         log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
                  "".join(f", {k} {v:.4g}" for k, v in extra.items()), elapsed)
         if self.dist.is_main:
-            self.metrics({"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch - 1,
-                          "epoch_loss": res.loss, **extra})
+            step = (epoch + 1) * self.steps_per_epoch - 1
+            self.record({"epoch": epoch, "step": step, "epoch_loss": res.loss, **extra})
+            for tag, png in out.items():
+                if isinstance(png, Path):
+                    self.monitor.image(tag, png, step)
+            plot_curves({self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
+                        title=f"{self.cfg.model.arch}, {self.out_dir}")
             if (epoch + 1) % self.cfg.run.save_every == 0 or last:
                 self.checkpoint(epoch, self.steps_per_epoch)
         barrier()
@@ -398,13 +416,14 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
         if start_step == steps_per_epoch:
             epoch, start_step, carried = epoch + 1, 0, (0.0, 0)
         log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", epoch * steps_per_epoch + start_step if ckpt else None) \
-        if dist.is_main else (lambda record: None)
+    resume_step = epoch * steps_per_epoch + start_step if ckpt else None
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
+    monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
     train_model = wrap_for_training(model, dist, t.compile)
     task.prepare(model, loader, dist)
     run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
               step_state, TrainState(global_batch=global_batch, world_size=dist.world_size), accum,
-              steps_per_epoch, metrics, carried)
+              steps_per_epoch, metrics, monitor, carried)
     return run, epoch, start_step
 
 
@@ -451,5 +470,6 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
                **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
     if history:
         log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], run.out_dir)
+    run.monitor.close()
     cleanup()
     return summary
