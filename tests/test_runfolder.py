@@ -60,7 +60,7 @@ def copy_run(base, tmp_path) -> Path:
 
 def test_resume_with_another_arch_refuses_before_writing(sample_root, base_run, tmp_path):
     out = copy_run(base_run, tmp_path)
-    files = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}  # noqa: E731
+    files = lambda: {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
     before = files()
     with pytest.raises(ConfigError) as e:
         pretrain(cfg_for(sample_root, out, "train.epochs=3", "model.arch=swin_tiny", "data.mask_ratio=0.5"))
@@ -224,3 +224,30 @@ def test_worker_error_message_is_one_line():
                      "last):\n  File \"x.py\", line 1, in f\nsimmim.pipeline.errors.DatasetError: cannot decode 'a.JPEG'")
     assert loop.one_line(e) == "cannot decode 'a.JPEG'"
     assert loop.one_line(DatasetError("cannot decode 'b.JPEG'")) == "cannot decode 'b.JPEG'"
+
+
+def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_path):
+    """The real case: DALI reads a scanned list, files deleted since; the run ends with a checkpoint
+    and one line naming a file and `simmim scan`; after the scan the same command resumes."""
+    pytest.importorskip("nvidia.dali")
+    from simmim.pipeline.scan import scan_command
+
+    train = tmp_path / "train"
+    shutil.copytree(sample_root / "train", train)
+    scan_command(str(train), None, 1, "skip")
+    listed = tmp_path / "train.clean.txt"
+    gone = sorted(train.rglob("*.JPEG"))[::12]  # 5 of 60: more than the 4 an epoch leaves out
+    for p in gone:
+        p.unlink()
+    out = tmp_path / "run"
+    cfg = cfg_for(sample_root, out, "data.backend=dali", f"data.path={listed}", "train.epochs=1")
+    with pytest.raises(DatasetError) as e:
+        pretrain(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and any(f"cannot decode '{p}'" in msg for p in gone) and f"simmim scan {train}" in msg
+    assert "saved in" in msg and "run the same command again to resume" in msg
+    (ckpt,) = [p for _, p in checkpoints(out)]
+    assert str(ckpt) in msg
+    scan_command(str(train), None, 1, "skip")  # the fix the message names
+    summary = pretrain(cfg)
+    assert [e["epoch"] for e in summary["epochs"]] == [0] and "resumed from" in (out / "log.txt").read_text()
