@@ -251,3 +251,35 @@ def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_pat
     scan_command(str(train), None, 1, "skip")  # the fix the message names
     summary = pretrain(cfg)
     assert [e["epoch"] for e in summary["epochs"]] == [0] and "resumed from" in (out / "log.txt").read_text()
+
+
+def test_checkpoint_on_a_full_disk_is_one_line(tmp_path):
+    """A write that fails (here the file-size limit, as a full disk or a quota would) leaves the
+    older checkpoints and no partial file, and says so in one line."""
+    import resource
+
+    from simmim.trainer.checkpoint import save_checkpoint
+
+    state = {"model": {"w": torch.zeros(1 << 20)}}  # 4 MiB
+    save_checkpoint(tmp_path, 1, {"model": {}})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        with pytest.raises(CheckpointError) as e:
+            save_checkpoint(tmp_path, 2, state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot write checkpoint" in msg and "checkpoints before it are intact" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001.pt"]
+
+
+def test_metrics_log_drops_a_torn_line(tmp_path):
+    """A process killed while writing metrics.jsonl leaves half a line; the resumed run drops it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    log = loop.MetricsLog(path, keep_before_step=2)
+    log({"step": 2, "loss": 0.8})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]

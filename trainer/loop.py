@@ -171,13 +171,14 @@ class StopFlag:
 
 class MetricsLog:
     """run_dir/metrics.jsonl, one record per line. On resume, records at or past the resumed
-    step are dropped (atomically), so the log never holds a step twice."""
+    step are dropped (atomically), so the log never holds a step twice, and so is a torn line
+    (a process killed while writing it)."""
 
     def __init__(self, path: Path, keep_before_step: int | None):
         self.path = path
         if path.exists() and keep_before_step is not None:
             kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", -1) < keep_before_step]
+                    if (rec := _record(line)) is not None and rec.get("step", -1) < keep_before_step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
         elif path.exists():
             path.unlink()
@@ -186,6 +187,14 @@ class MetricsLog:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+def _record(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def resolve_accumulation(state: TrainState | None, batch_size: int, world: int, accum: int) -> int:
