@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simmim.pipeline.errors import DatasetError
+from simmim.pipeline.errors import DatasetError, UserError
 from simmim.trainer import loop
 from simmim.trainer import pretrain as pretrain_mod
 from simmim.trainer.checkpoint import CheckpointError, checkpoints, load_checkpoint
@@ -212,7 +212,7 @@ def test_checkpoint_messages_fit_the_command(tmp_path):
 
     bad = tmp_path / "checkpoint-00000007.pt"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(UserError) as e:
         evaluate_checkpoint(str(bad))
     msg = str(e.value)
     assert "\n" not in msg and "cannot be read" in msg and "evaluate another checkpoint" in msg
