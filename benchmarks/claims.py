@@ -2,7 +2,8 @@
 ~4.0x and 1.5x less to pre-train than DINO, MoCo v3, ViT (masked patch prediction) and BEiT
 (SimMIM Table 2, "pre-training costs").
 
-    simmim bench claims [--out results] [--batch B] [--steps N] [--no-timing] [--methods SimMIM,MAE,...]
+    simmim bench claims [--out results] [--batch B] [--steps N] [--no-timing] [--no-head-timing]
+                        [--methods SimMIM,MAE,...]
 
 Each method's training step is built on the same ViT-B/16 backbone, faithful in what costs compute,
 with random weights (cost, not accuracy): SimMIM (all tokens, linear head); MAE (encoder on 25% of
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=64 if cuda else 2)
     ap.add_argument("--steps", type=int, default=10 if cuda else 1)
     ap.add_argument("--no-timing", action="store_true", help="FLOPs only")
+    ap.add_argument("--no-head-timing", action="store_true", help="the head ablation by FLOPs only")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of the methods to time (SimMIM among them); the others get FLOPs only")
     args = ap.parse_args(argv)
     flops = {name: flops_per_image(name) for name in METHODS}
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ips[name] = images_per_sec(name, args.batch, args.steps, device, amp)
             print(f"{name}: {ips[name]:.1f} img/s", flush=True)
     rows = build_table(flops, ips)
-    heads = head_table(not args.no_timing, max(1, args.batch // 2), args.steps)
+    heads = head_table(not (args.no_timing or args.no_head_timing), max(1, args.batch // 2), args.steps)
     out = results_dir(args.out, "claims")
     report = markdown(rows, device_name(), ips is not None) + "\n" + head_markdown(heads)
     (out / "claims.md").write_text(report)

@@ -24,7 +24,7 @@ PY=${PYTHON:-python3}
 PARTS=${WHEEL_PARTS:-/tmp/wheelparts}
 SITE=${SITE:-/tmp/site}
 die() { echo "gpu_wheels.sh $CMD: $*" >&2; exit 1; }
-mib() { echo "$(( ($1 + 1048575) / 1048576 )) MiB"; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
 
 prepare() {
   local reqs=${GPU_WHEELS_REQUIREMENTS:-benchmarks/gpu_wheels.txt} out=${GPU_WHEELS_OUT:-.whl}
