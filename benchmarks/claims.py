@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=10 if cuda else 1)
     ap.add_argument("--no-timing", action="store_true", help="FLOPs only")
     ap.add_argument("--no-head-timing", action="store_true", help="the head ablation by FLOPs only")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of the methods to time (SimMIM among them); the others get FLOPs only")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma list of the methods to time (SimMIM among them); the others get FLOPs only")
     args = ap.parse_args(argv)
     flops = {name: flops_per_image(name) for name in METHODS}
     timed = [n.strip() for n in args.methods.split(",") if n.strip()]

@@ -177,7 +177,8 @@ else
     --synthetic "$JPEGS" --workers "$WORKERS" --out "$RES"
 fi
 
-TITLE="gpu_check summary: part $PART$( ((DRY)) && echo ', DRY RUN on the CPU'), $(date -u +%H:%M:%S) UTC, $((SECONDS - T0)) s of the ${BUDGET} s budget"
+TITLE="gpu_check summary: part $PART$( ((DRY)) && echo ', DRY RUN on the CPU'), $(date -u +%H:%M:%S) UTC,"
+TITLE+=" $((SECONDS - T0)) s of the ${BUDGET} s budget"
 echo | tee -a "$LOG"
 if ! "$PY" benchmarks/gpu_summary.py "$RES" "$RES/steps.tsv" --title "$TITLE" >"$RES/summary.txt" 2>&1; then
   { echo "================ $TITLE (figures unreadable: gpu_summary.py failed)"; cat "$RES/steps.tsv"; } >>"$RES/summary.txt"

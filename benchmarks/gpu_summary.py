@@ -119,8 +119,9 @@ def claims_lines(root: Path) -> list[str]:
                        f"{f(x.get('cost_vs_simmim_time')):>10} {f(x.get('cost_vs_simmim_flops')):>11} "
                        f"{f(x['claimed'], 1):>6}")
         for h in r.get("heads", []):
+            paper = f" (paper {h['claimed']}x)" if h.get("claimed") else ""
             out.append(f"  head {h['head']:<15} x linear: FLOPs {h['flops_vs_linear']:.2f}, time "
-                       f"{f(h.get('time_vs_linear')) or 'n/a'}" + (f" (paper {h['claimed']}x)" if h.get("claimed") else ""))
+                       f"{f(h.get('time_vs_linear')) or 'n/a'}{paper}")
     return out
 
 

@@ -93,7 +93,8 @@ travelling() {  # manifest lines of the files that are sent: parts, and wheels t
 }
 
 install() {
-  [ -f "$PARTS/SHA256SUMS" ] || die "no $PARTS/SHA256SUMS: send the batches first (gpu_wheels.sh receive .whl/batch-N, one call each)"
+  [ -f "$PARTS/SHA256SUMS" ] \
+    || die "no $PARTS/SHA256SUMS: send the batches first (gpu_wheels.sh receive .whl/batch-N, one call each)"
   local missing h f
   missing=$(travelling | while read -r h f; do if [ ! -f "$PARTS/$f" ]; then echo "$f"; fi; done)
   [ -z "$missing" ] || die "missing $(echo "$missing" | wc -l) file(s), send their batches again: $(echo $missing)"
@@ -104,7 +105,8 @@ install() {
     if [ -f "$PARTS/$f" ]; then ln -s "$PARTS/$f" "$joined/$f"; continue; fi
     cat "$PARTS/$f".part-* >"$joined/$f"
     [ "$(sha256sum <"$joined/$f" | cut -d' ' -f1)" = "$h" ] \
-      || die "$f joined from $(ls "$PARTS/$f".part-* | wc -l) parts does not match its sha256 (a part truncated or missing); nothing installed"
+      || die "$f joined from $(ls "$PARTS/$f".part-* | wc -l) parts does not match its sha256" \
+             "(a part truncated or missing); nothing installed"
     echo "joined $f ($(mib "$(stat -c %s "$joined/$f")"), sha256 OK)"
   done <"$PARTS/SHA256SUMS"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$joined"/*.whl

@@ -150,7 +150,8 @@ def markdown(rows: list[dict], device: str) -> str:
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(f"| {r['model']} {r['image_size']} | {r['batch']} | {r['precision']} | "
                      f"{'yes' if r['compiled'] else 'no'} | {r['kernels']} | "
-                     f"{'in loss' if r['fused_shuffle'] else 'PixelShuffle'} | {r.get('loader') or r['data']} | {r['img_per_s']:.1f} | "
+                     f"{'in loss' if r['fused_shuffle'] else 'PixelShuffle'} | {r.get('loader') or r['data']} | "
+                     f"{r['img_per_s']:.1f} | "
                      f"{r['step_ms']:.1f} | {r['data_wait_pct']:.1f}% | {r['gflops_per_image']:.1f} | "
                      f"{r['tflops']:.2f} | {mfu} | {mem} |")
     return "\n".join(lines) + "\n"

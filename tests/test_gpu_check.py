@@ -23,7 +23,8 @@ MAIN_STEPS = ["tests: kernels", "bench kernels", "bench step bf16", "bench step 
 DALI_STEPS = ["wheels: verify, join, install", "dali: import", "bench loaders (dali)", "bench step data wait (dali)"]
 
 
-def run_script(script: str, out: Path, timeout: float, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_script(script: str, out: Path, timeout: float, *args: str,
+               **env: str) -> tuple[subprocess.CompletedProcess, float]:
     full = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "GPU_CHECK_DRY_RUN": "1", **env}
     full.pop("CUDA_VISIBLE_DEVICES", None)
     start = time.monotonic()
@@ -170,7 +171,8 @@ def test_summary_reads_gpu_kernel_figures(tmp_path):
     """The kernels block as a GPU run writes it: GB/s and % of copy bandwidth, speed-ups."""
     folder = tmp_path / "kernels-nvidia-h200"
     folder.mkdir()
-    timings = [{"shape": "swin_b_192", "op": "masked_l1", "impl": impl, "ms": ms, "floor_bytes": 4e8, "gb_s": 4e8 / ms / 1e6}
+    timings = [{"shape": "swin_b_192", "op": "masked_l1", "impl": impl, "ms": ms, "floor_bytes": 4e8,
+                "gb_s": 4e8 / ms / 1e6}
                for impl, ms in (("fused", 0.2), ("eager ref", 1.0), ("compiled ref", 0.4))]
     (folder / "kernels.json").write_text(json.dumps({
         "device": "NVIDIA H200", "batch": 128, "copy_gb_s": 4000.0, "timings": timings,
