@@ -1,0 +1,111 @@
+"""A hostile data tree, walked (pipeline/folder.py) and checked (decode/scan): links across classes
+and out of the root, non-regular files, second names of one file, list labels. Each case builds
+its own input; none decodes more than a few 4x4 images."""
+import logging
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simmim.pipeline import DatasetError, scan_folder
+from simmim.pipeline.decode import check_image
+from simmim.pipeline.folder import read_file_list
+from simmim.pipeline.scan import scan_images
+
+
+def png(path, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(path)
+
+
+def names(samples):
+    return sorted((os.path.relpath(p, p.split("/root/")[0] + "/root"), label) for p, label in samples)
+
+
+def test_links_into_other_classes_and_out_of_root_skipped(tmp_path, caplog):
+    root = tmp_path / "root"
+    png(root / "a" / "1.png")
+    png(root / "b" / "2.png")
+    png(tmp_path / "outside" / "3.png")  # beside the root: must not enter class a
+    (root / "a" / "sibling_b_link").symlink_to("../b")
+    (root / "a" / "up").symlink_to("../..")
+    (root / "a" / "out").symlink_to(tmp_path / "outside")
+    png(root / "a" / "real_sub" / "4.png")
+    with caplog.at_level(logging.WARNING):
+        samples, classes = scan_folder(root)
+    assert classes == ["a", "b"]
+    assert names(samples) == [("a/1.png", 0), ("a/real_sub/4.png", 0), ("b/2.png", 1)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("sibling_b_link" in m and "into class folder 'b'" in m for m in lines), lines
+    assert any("/a/up'" in m and "outside the data path" in m for m in lines), lines
+    assert any("/a/out'" in m and "outside the data path" in m for m in lines), lines
+
+
+def test_class_folder_linked_from_elsewhere_is_walked(tmp_path):
+    """The usual `root/cls -> /big/disk/cls`: the class folder itself may live anywhere, and links
+    inside it may stay inside it."""
+    png(tmp_path / "disk" / "c" / "1.png")
+    png(tmp_path / "disk" / "c" / "deep" / "2.png")
+    (tmp_path / "disk" / "c" / "again").symlink_to("deep")  # a second name of a folder: walked once
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "c").symlink_to(tmp_path / "disk" / "c")
+    samples, _ = scan_folder(tmp_path / "root")
+    assert names(samples) == [("c/1.png", 0), ("c/again/2.png", 0)]
+
+
+def test_non_regular_files_skipped_everywhere(tmp_path, caplog):
+    """A FIFO named x.jpg made the scan block forever in open(); a socket, a link to a device:
+    skipped in the walk with one line each, refused by the decode check for a list naming them."""
+    cls = tmp_path / "root" / "c"
+    png(cls / "ok.png")
+    os.mkfifo(cls / "fifo.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(cls / "sock.png"))
+    (cls / "urandom.jpg").symlink_to("/dev/urandom")
+    (cls / "dangling.jpg").symlink_to(cls / "nothing")
+    with caplog.at_level(logging.WARNING):
+        samples, _ = scan_folder(tmp_path / "root")
+    assert names(samples) == [("c/ok.png", 0)]
+    text = caplog.text
+    assert "fifo.jpg' (not a regular file: a FIFO)" in text and "a socket" in text
+    assert "urandom.jpg' (not a regular file: a character device)" in text and "dangling.jpg" in text
+    # a list that names them anyway (the scan, convert and loaders decode by check_image's rule)
+    done = {}
+    thread = threading.Thread(target=lambda: done.update(
+        r=[check_image(cls / n)[0] for n in ("fifo.jpg", "sock.png", "urandom.jpg")]), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "check_image blocked on a FIFO"
+    assert done["r"] == ["not a regular file (a FIFO)", "not a regular file (a socket)",
+                         "not a regular file (a character device)"]
+    result = scan_images([(str(cls / "fifo.jpg"), 0), (str(cls / "ok.png"), 0)], ["c"], workers=1, progress=False)
+    assert [p for p, _ in result.good] == [str(cls / "ok.png")] and "FIFO" in result.bad[0][1]
+    sock.close()
+
+
+def test_each_real_file_once(tmp_path, caplog):
+    """A symbolic link to a file in the tree and a hard link: the real file is listed once (its real
+    name preferred over a symbolic link, the first name in walk order among hard links)."""
+    root = tmp_path / "root"
+    png(root / "b" / "real.png", 1)
+    png(root / "a" / "own.png", 2)
+    (root / "a" / "alias.png").symlink_to(root / "b" / "real.png")  # walked before b/real.png
+    os.link(root / "a" / "own.png", root / "a" / "z_hard.png")
+    with caplog.at_level(logging.WARNING):
+        samples, _ = scan_folder(root)
+    assert names(samples) == [("a/own.png", 0), ("b/real.png", 1)]
+    assert "left out 2 second name(s)" in caplog.text
+
+
+def test_list_labels_are_ascii_digits(tmp_path):
+    png(tmp_path / "x.png")
+    for label in ("\u00b2", "\u0663", "-1", "1.0"):  # superscript two, Arabic-Indic three: str.isdigit() says yes
+        lst = tmp_path / "list.txt"
+        lst.write_text(f"x.png {label}\n", encoding="utf-8")
+        with pytest.raises(DatasetError, match="ASCII digits"):
+            read_file_list(lst)
+    lst.write_text("x.png 3\n")
+    assert read_file_list(lst)[0] == [(str(tmp_path / "x.png"), 3)]
