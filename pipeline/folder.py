@@ -236,14 +236,16 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
 class ImageFolder(torch.utils.data.Dataset):
     """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
 
-    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). A file that
-    breaks them is logged once and replaced by the next readable sample, so one bad JPEG never
-    stops an epoch.
+    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). `listed`: the
+    (samples, classes) to serve instead of walking `root` (a checked scan list). A file that
+    breaks the rules is logged once and replaced by the next readable sample (the epoch keeps its
+    length), so one bad JPEG never stops an epoch.
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
-                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS):
-        self.samples, self.classes = scan_folder(root)
+                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS,
+                 listed: tuple[list[tuple[str, int]], list[str]] | None = None):
+        self.samples, self.classes = listed if listed is not None else scan_folder(root)
         self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
