@@ -43,6 +43,9 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
         raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
                            f"`simmim sample-data`, or set data.path)")
     if root.is_file():
+        if root.suffix == ".beton" or root.open("rb").read(4096).count(b"\0"):
+            raise DatasetError(f"data path '{root}' is a binary file, not a class folder or a `path label` list"
+                               f"{' (an FFCV .beton: use data.backend=ffcv)' if root.suffix == '.beton' else ''}")
         return read_file_list(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:

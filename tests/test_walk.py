@@ -109,3 +109,87 @@ def test_list_labels_are_ascii_digits(tmp_path):
             read_file_list(lst)
     lst.write_text("x.png 3\n")
     assert read_file_list(lst)[0] == [(str(tmp_path / "x.png"), 3)]
+
+
+# --- outputs, options and paths checked before any work (no traceback, the user's own names) ---
+
+@pytest.fixture
+def tree(tmp_path):
+    png(tmp_path / "src" / "c" / "1.png")
+    return tmp_path / "src"
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fails a test that reaches the decode check: the error had to come first."""
+    import simmim.pipeline.convert as convert_mod
+    import simmim.pipeline.scan as scan_mod
+
+    def boom(*a, **k):
+        raise AssertionError("the images were checked before the bad output was found")
+
+    monkeypatch.setattr(scan_mod, "scan_images", boom)
+    monkeypatch.setattr(convert_mod, "scan_images", boom)
+
+
+def test_scan_output_checked_first(tree, tmp_path, no_decoding):
+    from simmim.pipeline.scan import scan_command
+
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    for out, expect in ((tmp_path / "file.jpg" / "x.txt", f"{tmp_path / 'file.jpg'} is a file, not a folder"),
+                        ("/proc/x.txt", "cannot write --out /proc/x.txt:"), (tmp_path, "is a folder")):
+        with pytest.raises(DatasetError) as e:
+            scan_command(str(tree), str(out), 1, "skip")
+        assert expect in str(e.value) and ".tmp" not in str(e.value) and ".probe" not in str(e.value), e.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.jpg", "src"]  # nothing left behind
+
+
+def test_convert_output_and_page_size_checked_first(tree, tmp_path, no_decoding):
+    pytest.importorskip("ffcv")
+    from simmim.pipeline.convert import convert
+
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetError, match=r"file.jpg/x.beton: .*file.jpg is a file, not a folder$"):
+        convert(str(tree), str(tmp_path / "file.jpg" / "x.beton"), progress=False)
+    with pytest.raises(DatasetError, match=r"^cannot write /proc/x.beton"):
+        convert(str(tree), "/proc/x.beton", progress=False)
+    for bad in (3, 1 << 20, 3 << 21, 1 << 32):
+        with pytest.raises(DatasetError, match=f"--page-size must be a power of two .* got {bad}$"):
+            convert(str(tree), str(tmp_path / "ok.beton"), page_size=bad, progress=False)
+
+
+def test_beton_given_to_the_wrong_backend(tmp_path):
+    from simmim.pipeline import Augmentation, build_loader
+
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(bytes(range(256)) * 64)
+    for backend in ("torch", "dali"):
+        with pytest.raises(DatasetError, match=r"is an FFCV .beton: use data.backend=ffcv$"):
+            build_loader(backend, str(beton), Augmentation(size=8), None, 1, 0, "cpu")
+    with pytest.raises(DatasetError, match=r"use data.backend=ffcv\)$"):
+        scan_folder(beton)
+    (tmp_path / "blob.bin").write_bytes(b"\x00\xff" * 100)
+    with pytest.raises(DatasetError, match="is a binary file, not a class folder or a `path label` list$"):
+        scan_folder(tmp_path / "blob.bin")
+
+
+def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
+    from simmim.trainer.config import load_config
+    from simmim.trainer.loop import start_run
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "data.max_pixels=0", "train.device=cpu"])
+    with pytest.raises(DatasetError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
+        start_run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_writer_says_what_to_do(tmp_path):
+    pytest.importorskip("ffcv")
+    from simmim.pipeline.ffcv_writer import CheckedWriter, WriterFailed
+
+    class Killed:
+        exitcode = -9
+
+    with pytest.raises(WriterFailed, match=r"exit code -9\) \(killed by the system: most likely out of memory\); "
+                                           r"lower --workers"):
+        CheckedWriter._raise_if_failed(type("W", (), {"error_dir": tmp_path})(), [Killed()])

@@ -285,6 +285,9 @@ class Run:
 
 def start_run(cfg: Config) -> tuple[DistInfo, Path]:
     """Process group, run folder, config file, logging."""
+    from simmim.pipeline.loaders import validate_data_args
+
+    validate_data_args(cfg.data.backend, cfg.data.path, cfg.data.max_pixels)  # before anything is written
     dist = init_distributed(cfg.train.device)
     out_dir = Path(cfg.run.out_dir)
     if dist.is_main:
