@@ -3,8 +3,9 @@
 `simmim scan SRC` writes, beside its list `LIST` (`SRC.clean.txt` by default), `LIST.files.json`:
 the pixel limit the check used and, for every file it saw, `[size, mtime_ns, pixels, reason]`
 (pixels = width x height of a good image, reason = null for a good file, else the one-line reason).
-Before the first epoch a loader reads that record and stats every file again (a stat per file:
-0.3 s per 100k files here, next to minutes for an epoch); only files that are new, changed (size or
+Before the first epoch a loader reads that record and stats every file again (measured on a
+shared 2-core machine, 100k unchanged files: 1.0 s of stats, 3.1 s for the whole check with the
+walk and the record, next to minutes for an epoch); only files that are new, changed (size or
 modification time) or refused for a pixel limit now raised are decoded again, files over a limit
 now lowered are dropped from their recorded size, and files gone are dropped. For a folder the
 walk is redone too (so files added in any subfolder are found) and the list and record beside it
