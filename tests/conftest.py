@@ -13,6 +13,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~20 s on 2 cores; CI runs it in its second tier")
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """A small build of the embedded sample dataset (5 classes, 4 JPEGs per photo)."""
@@ -39,3 +43,7 @@ def ramps(tmp_path_factory) -> Path:
     from helpers import make_ramps
 
     return make_ramps(tmp_path_factory.mktemp("ramps"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~20 s on 2 cores; CI runs it, `-m 'not slow'` skips it")

@@ -174,12 +174,15 @@ def test_beton_given_to_the_wrong_backend(tmp_path):
 
 
 def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
+    import torch
+
     from simmim.trainer.config import load_config
-    from simmim.trainer.loop import start_run
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.loop import open_run_folder
 
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "data.max_pixels=0", "train.device=cpu"])
     with pytest.raises(DatasetError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
-        start_run(cfg)
+        open_run_folder(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
     assert not (tmp_path / "run").exists()
 
 
