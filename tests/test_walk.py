@@ -83,6 +83,15 @@ def test_non_regular_files_skipped_everywhere(tmp_path, caplog):
                          "not a regular file (a character device)"]
     result = scan_images([(str(cls / "fifo.jpg"), 0), (str(cls / "ok.png"), 0)], ["c"], workers=1, progress=False)
     assert [p for p, _ in result.good] == [str(cls / "ok.png")] and "FIFO" in result.bad[0][1]
+    # the loaders' check of a list (DALI opens files itself): left out before the first epoch
+    from simmim.pipeline.scanlist import checked_samples
+
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{cls / 'fifo.jpg'} 0\n{cls / 'ok.png'} 0\n{cls / 'urandom.jpg'} 0\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert checked_samples(str(lst), 1000, 1)[0] == [(str(cls / "ok.png"), 0)]
+    assert "left out 2 listed file(s) that are gone or not regular files" in caplog.text
     sock.close()
 
 
