@@ -32,7 +32,7 @@ import torch
 
 from .augment import Augmentation
 from .decode import DALI_DECODE_ARGS, MAX_PIXELS, check_image, checked_max_pixels
-from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size, sidecar
+from .folder import DatasetError, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
 from .scanlist import checked_samples

@@ -210,7 +210,8 @@ def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
                 continue
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
-                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label of ASCII digits 0-9), got '{line[:200]}'")
+                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label of ASCII digits 0-9), "
+                                   f"got '{line[:200]}'")
             file = unquote_path(parts[0])
             file = file if os.path.isabs(file) else str(path.parent / file)
             samples.append((file, int(parts[1])))

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, scan_folder, sidecar, write_list_text
+from .folder import DatasetError, scan_folder, write_list_text
 
 log = logging.getLogger(__name__)
 
