@@ -75,10 +75,6 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     raises DatasetError naming it before anything is written. A writer worker that fails ends
     the run with DatasetError (one line).
     """
-    from ffcv.fields import IntField, RGBImageField
-
-    from .ffcv_writer import CheckedWriter, WriterFailed
-
     dst_path = Path(dst)
     if write_mode not in WRITE_MODES:
         raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
@@ -102,6 +98,9 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     if not scan.good:
         raise DatasetError(f"no image under {src} decodes")
     page_size = fit_page_size(scan.good, scan.sizes, max_resolution, page_size)
+    from ffcv.fields import IntField, RGBImageField  # after the checks: importing FFCV takes seconds
+
+    from .ffcv_writer import CheckedWriter, WriterFailed
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")

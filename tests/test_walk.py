@@ -154,7 +154,6 @@ def test_scan_output_checked_first(tree, tmp_path, no_decoding):
 
 
 def test_convert_output_and_page_size_checked_first(tree, tmp_path, no_decoding):
-    pytest.importorskip("ffcv")
     from simmim.pipeline.convert import convert
 
     (tmp_path / "file.jpg").write_bytes(b"x")
