@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
-from .folder import (DatasetError, SampleList, iter_class_images, list_classes, read_classes, scan_folder,
-                     sidecar)
-from .scan import write_json
+from .folder import DatasetError, SampleList, list_classes, read_classes, scan_folder, sidecar, walk_tree
+from .scan import check_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
     """The samples to convert. With `limit` on a class-folder tree: `limit` images spread over the
     classes (evenly spaced classes when limit < classes, else limit // classes per class, the
     first ones each folder lists), reading only as much of each folder as needed, never the whole
-    tree (`folder.iter_class_images`); on a list file, every `len // limit`-th entry."""
+    tree (`folder.walk_tree` with a quota); on a list file, every `len // limit`-th entry."""
     path = Path(src)
     if not limit or not path.is_dir():
         samples, classes = scan_folder(src)
@@ -100,10 +99,10 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
         quota = {int(c): 1 for c in np.linspace(0, len(classes) - 1, limit).round()}
     else:
         quota = {c: limit // len(classes) + (c < limit % len(classes)) for c in range(len(classes))}
-    pairs = [(os.fsdecode(p), c) for c, k in quota.items() for p in iter_class_images(path / classes[c], limit=k)]
-    if not pairs:
+    samples = walk_tree(path, classes, quota)
+    if not len(samples):
         raise DatasetError(f"data path '{src}' has {len(classes)} class folders but no images")
-    return SampleList.from_pairs(pairs, os.path.join(path, "")), classes
+    return samples, classes
 
 
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
@@ -118,10 +117,6 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     raises DatasetError naming it before anything is written. A writer worker that fails ends
     the run with DatasetError (one line).
     """
-    from ffcv.fields import IntField, RGBImageField
-
-    from .ffcv_writer import CheckedWriter, WriterFailed
-
     dst_path = Path(dst)
     if write_mode not in WRITE_MODES:
         raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
@@ -129,15 +124,21 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
         raise DatasetError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
     if on_error not in ("skip", "fail"):
         raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
-    if dst_path.exists() and not force:
-        raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
+    if page_size:
+        check_page_size(page_size)
     if dst_path.is_dir():
         raise DatasetError(f"{dst_path} is a directory; give a file name such as train.beton")
+    if dst_path.exists() and not force:
+        raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
+    check_output(dst_path)  # before the listing and any decoding
     t0 = time.perf_counter()
     samples, classes = list_samples(src, limit)
     workers = workers or os.cpu_count() or 1
     page_size = fit_page_size(samples, max_resolution, page_size)
     log.info("converting %d images from %s", len(samples), src)
+    from ffcv.fields import IntField, RGBImageField  # after the checks: importing FFCV takes seconds
+
+    from .ffcv_writer import CheckedWriter, WriterFailed
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
@@ -218,8 +219,7 @@ def fit_page_size(samples: SampleList, max_resolution: int | None, page_size: in
     need = 3 * w * h
     largest = need + need // 4 + 4096
     if page_size:
-        if page_size & (page_size - 1) or not (1 << 21) <= page_size < (1 << 32):
-            raise DatasetError(f"--page-size must be a power of two in 2 MiB..2 GiB, got {page_size}")
+        check_page_size(page_size)
         if largest > page_size:
             raise DatasetError(f"{what} needs up to {largest} bytes, more than the page of {page_size}: "
                                f"raise --page-size (or 0: sized for the largest sample), or lower --max-resolution")
@@ -269,6 +269,14 @@ def drop_samples(path: Path, drop: np.ndarray) -> None:
         f.truncate()
         f.seek(0)
         f.write(header.tobytes())
+
+
+def check_page_size(page_size: int) -> int:
+    """A --page-size FFCV can use (a power of two, 2 MiB..2 GiB), else DatasetError."""
+    if page_size & (page_size - 1) or not (1 << 21) <= page_size < (1 << 32):
+        raise DatasetError(f"--page-size must be a power of two in 2 MiB..2 GiB (or 0: sized for the largest "
+                           f"sample), got {page_size}")
+    return page_size
 
 
 def _raise_interrupt(signum, frame):

@@ -1,7 +1,8 @@
 r"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
 
-The walk follows symbolic links but enters each real directory once (a link back up the tree, or a
-second link to a folder already walked, is skipped and reported in one warning line).
+The walk follows symbolic links but enters each real directory once (a link back up the tree, a
+second link to a folder already walked, a link into another class folder or out of the data path
+is skipped and reported in one warning line), lists regular files only, and each real file once.
 
 Also reads a file list. The list format (what `simmim scan` writes, what every loader reads):
 UTF-8 text, one sample per line, `<path> <label>`: the path, one or more spaces or tabs, a
@@ -19,6 +20,7 @@ import os
 import random
 from array import array
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -159,19 +161,12 @@ def scan_folder(root: str | os.PathLike) -> tuple[SampleList, list[str]]:
         raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
                            f"`simmim sample-data`, or set data.path)")
     if root.is_file():
+        if root.suffix == ".beton" or root.open("rb").read(4096).count(b"\0"):
+            raise DatasetError(f"data path '{root}' is a binary file, not a class folder or a `path label` list"
+                               f"{' (an FFCV .beton: use data.backend=ffcv)' if root.suffix == '.beton' else ''}")
         return read_file_list(root)
     classes = list_classes(root)
-    prefix = len(os.fsencode(os.path.join(root, "")))
-    parts = []  # one (names, lengths, labels) per class: a class's Python strings are freed as it ends
-    seen, skipped = set(), []
-    for label, name in enumerate(classes):
-        names = [p[prefix:] for p in iter_class_images(root / name, seen=seen, skipped=skipped)]
-        parts.append((b"".join(names), np.fromiter(map(len, names), np.int64, len(names)),
-                      np.full(len(names), label, np.int32)))
-    samples = SampleList.concat(os.path.join(root, ""), parts)
-    if skipped:
-        log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
-                    root, len(skipped), skipped[0])
+    samples = walk_tree(root, classes)
     if not len(samples):
         raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -186,52 +181,158 @@ def list_classes(root: Path) -> list[str]:
     return classes
 
 
-def iter_class_images(folder: str | os.PathLike, limit: int | None = None, seen: set | None = None,
-                      skipped: list | None = None):
-    """The image paths (file-system bytes) under one class folder, sub-folders included: each
-    folder's files sorted, then its sub-folders in sorted order. Symbolic links are followed, but
-    a directory already walked (a link loop, a second link to it; `seen` holds the (device, inode)
-    of those walked, shared across class folders by `scan_folder`) is skipped and added to `skipped`.
-
-    With `limit`: stops after that many, reading each folder only until it has them (those are the
-    first ones in the file system's directory order, then sorted), so a few images per class never
-    list a whole ImageNet class folder."""
-    yield from _walk_images(os.fsencode(folder), limit, set() if seen is None else seen, skipped)
+def walk_tree(root: Path, classes: list[str], quota: dict[int, int] | None = None) -> SampleList:
+    """The images of class folders `classes` under root (`_Walk`'s rules), label = index in
+    `classes`. `quota` {label: k}: only those classes, the first k images each (reading each
+    folder only until it has them: a few images per class never list an ImageNet class folder)."""
+    walk = _Walk(root, classes)
+    for label, name in enumerate(classes):
+        if quota is None:
+            walk.walk_class(label, name)
+        elif label in quota:
+            walk.walk_class(label, name, limit=quota[label])
+    return walk.result()
 
 
 _IMAGE_EXTENSIONS_B = {e.encode() for e in IMAGE_EXTENSIONS}
 
 
-def _walk_images(folder: bytes, limit: int | None, seen: set, skipped: list | None):
-    try:
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link: walked already
-            if skipped is not None:
-                skipped.append(os.fsdecode(folder))
-            return 0
-        seen.add((st.st_dev, st.st_ino))
-        files, dirs = [], []
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if e.is_dir():
-                    dirs.append(e.name)
-                elif os.path.splitext(e.name)[1].lower() in _IMAGE_EXTENSIONS_B:
-                    files.append(e.name)
-                    if limit is not None and len(files) >= limit:
-                        break
-    except OSError:  # unreadable or vanished: skipped, as os.walk does
-        return 0
-    files.sort()
-    base = folder + b"/"
-    count = 0
-    for f in files:
-        yield base + f
-        count += 1
-    for d in sorted(dirs):
-        if limit is not None and count >= limit:
-            return count
-        count += yield from _walk_images(base + d, None if limit is None else limit - count, seen, skipped)
-    return count
+class _Walk:
+    """The walk of `scan_folder` (and of `convert --limit`), in file-system bytes, into flat arrays.
+
+    Every class folder's real directory is marked as seen before any is walked, so a link from one
+    class into another, a link leading outside the data root (and outside the class folder's own
+    real place), and a link back up the tree are all skipped, each link named in one warning line.
+    Files: regular files only (a FIFO, socket or device, or a link to one, is skipped in one line:
+    opening a FIFO blocks forever), each real file once (a second name for it -- a symbolic or
+    hard link -- is left out; a real name is preferred over a symbolic link). Order: within a
+    folder its files sorted by name, then its sub-folders in sorted order (depth first).
+
+    Memory: a class's names are joined into one bytes object as the class ends; per file only the
+    (st_dev, st_ino) and a link flag are kept, in arrays, until `result` drops second names.
+    """
+
+    def __init__(self, root: Path, classes: list[str]):
+        self.root = root
+        self.prefix = os.fsencode(os.path.join(root, ""))
+        self.root_real = os.fsencode(os.path.realpath(root))
+        self.classes = {}  # (st_dev, st_ino) -> class name
+        for name in classes:
+            st = os.stat(root / name)
+            self.classes.setdefault((st.st_dev, st.st_ino), name)
+        self.seen, self.walked = set(self.classes), set()
+        self.parts: list[tuple[bytes, np.ndarray, np.ndarray]] = []  # (names joined, lengths, labels) per class
+        self.devs, self.inos, self.links = array("Q"), array("Q"), array("b")  # per file found
+        self.loops: list[str] = []
+
+    def walk_class(self, label: int, name: str, limit: int | None = None) -> None:
+        """Adds the files of class folder `name` with `label`. With `limit`: stops after that many,
+        reading each folder only until it has them (the first ones in the file system's directory
+        order, then sorted), so a few images per class never list a whole ImageNet class folder."""
+        top = self.prefix + os.fsencode(name)
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in self.walked:  # two class folders, one real folder
+            self.loops.append(os.fsdecode(top))
+            return
+        self.walked.add((st.st_dev, st.st_ino))
+        allowed = (self.root_real, os.fsencode(os.path.realpath(top)))
+        cut = len(self.prefix)
+        names: list[bytes] = []
+        stack = [top]
+        while stack and (limit is None or len(names) < limit):
+            folder = stack.pop()
+            files, subdirs = [], []
+            try:
+                dev = os.stat(folder).st_dev
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        try:
+                            is_dir, is_link = e.is_dir(), e.is_symlink()
+                        except OSError:
+                            is_dir, is_link = False, False
+                        if is_dir:
+                            subdirs.append((e.name, is_link))
+                            continue
+                        if os.path.splitext(e.name)[1].lower() not in _IMAGE_EXTENSIONS_B:
+                            continue
+                        try:
+                            st = e.stat() if is_link else None
+                            regular = e.is_file()
+                        except OSError:  # a dangling link
+                            log.warning("skipping %r (a link to nothing)", os.fsdecode(e.path))
+                            continue
+                        if not regular:
+                            log.warning("skipping %r (not a regular file: %s)", os.fsdecode(e.path), _kind(e.path))
+                            continue
+                        key = (st.st_dev, st.st_ino) if st is not None else (dev, e.inode())
+                        files.append((e.name, key, is_link))
+                        if limit is not None and len(names) + len(files) >= limit:
+                            break
+            except OSError as e:  # unreadable or vanished: skipped, as os.walk does
+                log.warning("skipping folder %r (%s)", os.fsdecode(folder), e.strerror or e)
+                continue
+            base = folder + b"/"
+            for f, (d, i), link in sorted(files):
+                names.append((base + f)[cut:])
+                self.devs.append(d)
+                self.inos.append(i)
+                self.links.append(link)
+            entered = [base + d for d, link in sorted(subdirs) if self.enter(base + d, link, name, allowed)]
+            stack.extend(reversed(entered))
+        self.parts.append((b"".join(names), np.fromiter(map(len, names), np.int64, len(names)),
+                           np.full(len(names), label, np.int32)))
+
+    def enter(self, path: bytes, is_link: bool, name: str, allowed: tuple[bytes, bytes]) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.classes:
+            if self.classes[key] != name:
+                log.warning("skipping link %r: it leads into class folder '%s'", os.fsdecode(path), self.classes[key])
+            else:
+                self.loops.append(os.fsdecode(path))
+            return False
+        if key in self.seen:
+            self.loops.append(os.fsdecode(path))
+            return False
+        if is_link:
+            real = os.path.realpath(path)
+            if not any(real == a or real.startswith(a.rstrip(b"/") + b"/") for a in allowed):
+                log.warning("skipping link %r: it leads outside the data path (to %s)", os.fsdecode(path),
+                            os.fsdecode(real))
+                return False
+        self.seen.add(key)
+        return True
+
+    def result(self) -> SampleList:
+        """Every class's files in walk order, second names of a real file left out."""
+        if self.loops:
+            log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
+                        self.root, len(self.loops), self.loops[0])
+        samples = SampleList.concat(os.fsdecode(self.prefix), self.parts)
+        n = len(samples)
+        dev, ino = np.frombuffer(self.devs, np.uint64), np.frombuffer(self.inos, np.uint64)
+        link = np.frombuffer(self.links, np.int8)
+        # per real file (st_dev, st_ino): its first real name, else its first link
+        order = np.lexsort((np.arange(n), link, ino, dev))
+        first = np.ones(n, dtype=bool)
+        first[1:] = (dev[order][1:] != dev[order][:-1]) | (ino[order][1:] != ino[order][:-1])
+        keep = np.sort(order[first])
+        if len(keep) == n:
+            return samples
+        dup = int(np.flatnonzero(np.isin(np.arange(n), keep, invert=True))[0])
+        log.warning("%s: left out %d second name(s) of files already listed (symbolic or hard links), e.g. %r",
+                    self.root, n - len(keep), samples.path(dup))
+        return samples.take(keep)
+
+
+def _kind(path) -> str:
+    mode = os.stat(path).st_mode
+    return next((what for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                         (stat.S_ISDIR, "a folder")) if test(mode)), "not a regular file")
 
 
 def quote_path(path: str) -> str:
@@ -274,9 +375,10 @@ def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
             if not line or line.startswith(b"#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].isdigit():
+            if len(parts) != 2 or not parts[1].isdigit():  # bytes.isdigit: ASCII digits 0-9 only
                 text = os.fsdecode(line)[:200]
-                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label >= 0), got '{text}'")
+                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label of ASCII digits 0-9), "
+                                   f"got '{text}'")
             file = parts[0] if b"\\" not in parts[0] else os.fsencode(unquote_path(os.fsdecode(parts[0])))
             names.append(file if file.startswith(b"/") else base + file)
             labels.append(int(parts[1]))
@@ -321,14 +423,17 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
 class ImageFolder(torch.utils.data.Dataset):
     """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
 
-    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). A file that
-    breaks them is logged once and replaced by the next readable sample, so one bad JPEG never
-    stops an epoch.
+    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). `listed`: the
+    (samples, classes) to serve instead of walking `root` (a checked scan list). A file that
+    breaks the rules is logged once and replaced by the next readable sample (the epoch keeps its
+    length), so one bad JPEG never stops an epoch.
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
-                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS):
-        self.samples, self.classes = scan_folder(root)  # a SampleList: flat arrays, shared by forked workers
+                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS,
+                 listed: tuple[SampleList, list[str]] | None = None):
+        # a SampleList: flat arrays, shared by forked workers
+        self.samples, self.classes = listed if listed is not None else scan_folder(root)
         self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
