@@ -122,7 +122,8 @@ step() {  # step NAME CAP_S [--needs STEP] COMMAND...   (CAP_S: the step's own l
   local took=$((SECONDS - t1))
   if ((rc == 0)); then record "$name" OK "$took" ""
   elif ((rc == 124 || took >= limit)) || tail -c +"$from" "$LOG" | grep -q '^timeout: sending signal'; then
-    record "$name" FAILED "$took" "stopped at its ${limit} s limit (rc $rc$( ((rc == 137)) && echo ': TERM ignored, then KILL'))"
+    ((rc == 137)) && note=": TERM ignored, then KILL"
+    record "$name" FAILED "$took" "stopped at its ${limit} s limit (rc $rc$note)"
   elif ((rc > 128)); then
     local sig
     sig=$(kill -l $((rc - 128)) 2>/dev/null || echo "signal $((rc - 128))")
