@@ -47,16 +47,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 }
 
 step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
-step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
-step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
-step "bench step shuffle" 240 $PY -m simmim.trainer.cli bench step --no-fused-shuffle --out "$RESULTS"
-step "bench claims" 240 $PY -m simmim.trainer.cli bench claims --out "$RESULTS"
+step "bench kernels" 240 $PY -m simmim.benchmarks.cli bench kernels --out "$RESULTS"
+step "bench step bf16" 240 $PY -m simmim.benchmarks.cli bench step --out "$RESULTS"
+step "bench step shuffle" 240 $PY -m simmim.benchmarks.cli bench step --no-fused-shuffle --out "$RESULTS"
+step "bench claims" 240 $PY -m simmim.benchmarks.cli bench claims --out "$RESULTS"
 # GPU decoding: DALI mixed (with and without the hardware JPEG decoder) and CPU, beside the
 # reference loader, on ImageNet-sized synthetic JPEGs (and the sample set when it can be built)
-step "bench loaders synthetic" 300 $PY -m simmim.trainer.cli bench loaders --synthetic 4000 --size 192 \
+step "bench loaders synthetic" 300 $PY -m simmim.benchmarks.cli bench loaders --synthetic 4000 --size 192 \
   --batch 128 --workers 16 --epochs 3 --out "$RESULTS"
 if $PY -c "import skimage" 2>/dev/null; then
-  step "bench loaders sample" 180 $PY -m simmim.trainer.cli bench loaders --size 192 --batch 64 --workers 16 --out "$RESULTS"
+  step "bench loaders sample" 180 $PY -m simmim.benchmarks.cli bench loaders --size 192 --batch 64 --workers 16 --out "$RESULTS"
 fi
 
 echo

@@ -23,14 +23,12 @@ def results_dir(base: str | Path, name: str) -> Path:
 
 
 def write_bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     n = len(series)
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    fig = Figure(figsize=(max(6, 1.6 * len(groups)), 4))
+    ax = fig.subplots()
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
         bars = ax.bar(xs, values, width, label=label)
@@ -41,4 +39,3 @@ def write_bar_chart(path: Path, groups: list[str], series: dict[str, list[float]
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -23,8 +23,9 @@ from simmim.kernels import dispatch
 from simmim.pipeline import Augmentation, MaskGenerator, build_loader
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.model import build_simmim, param_groups
+from simmim.trainer.precision import autocast
 
-from .measure import autocast, count_flops
+from .measure import count_flops
 from .report import device_name, results_dir, write_bar_chart
 
 MODELS = {  # name: (arch, image size, window)

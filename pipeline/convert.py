@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .folder import DatasetError, read_classes, scan_folder, sidecar
-from .scan import open_rgb, scan_images, write_json
+from .io import write_json
+from .scan import open_rgb, scan_images
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ mode), which finds truncation and corruption for a fraction of a full decode's c
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .folder import DatasetError, scan_folder, sidecar
+from .io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +108,9 @@ def scan_images(samples: list[tuple[str, int]], classes: list[str], workers: int
     return ScanResult(good, bad, classes, time.perf_counter() - t0)
 
 
-def write_json(path: Path, obj) -> None:
-    from simmim.trainer.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
-
-
 def write_file_list(path: Path, samples: list[tuple[str, int]]) -> None:
-    """`path label` per line, absolute paths (the format `scan_folder` reads)."""
-    from simmim.trainer.checkpoint import atomic_write
-
-    text = "".join(f"{os.path.abspath(p)} {label}\n" for p, label in samples)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """`path label` per line, absolute paths (the format `scan_folder` reads), written atomically."""
+    write_text(path, "".join(f"{os.path.abspath(p)} {label}\n" for p, label in samples))
 
 
 def clean_list_path(src: str | os.PathLike) -> Path:

@@ -181,3 +181,33 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert list(run.glob("checkpoint-*.pt")) and list(run.glob("*.png"))
     assert "data ffcv:" in out.stdout + out.stderr
+
+
+def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
+    """pipeline/ffcv_compat.py reaches into FFCV's Loader and EpochIterator: every attribute it
+    uses exists on a live loader, an epoch runs and stops through it, and the numba finalizer
+    filter is installed on first use (not at import), once."""
+    import sys
+
+    import numba.core.dispatcher
+
+    from simmim.pipeline import ffcv_compat
+
+    assert numba.core.dispatcher.__file__.endswith("numba/core/dispatcher.py")  # the filter's frame test
+    loader = FFCVLoader(str(sample_beton), Augmentation(size=32), None, 4, 1)
+    assert ffcv_compat._hook_installed and sys.unraisablehook.__module__ == ffcv_compat.__name__
+    hook = sys.unraisablehook
+    FFCVLoader(str(sample_beton), Augmentation(size=32), None, 4, 1)
+    assert sys.unraisablehook is hook  # not wrapped twice
+    for name in ffcv_compat.ATTRIBUTES["Loader"]:
+        assert hasattr(loader.loader, name), f"ffcv Loader.{name}"
+    assert loader.loader.traversal_order is loader.order
+    epoch = iter(loader.loader)
+    try:
+        for name in ffcv_compat.ATTRIBUTES["EpochIterator"]:
+            assert hasattr(epoch, name), f"ffcv EpochIterator.{name}"
+        batch = ffcv_compat.next_batch(epoch)  # (images,): no label pipeline
+        assert batch[0].shape[:2] == (4, 3)
+    finally:
+        ffcv_compat.close_epoch(epoch)
+    assert not epoch.is_alive() and epoch.closed

@@ -2,33 +2,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from simmim.pipeline.errors import CheckpointError
+from simmim.pipeline.io import atomic_write
+
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
-
-
-UMASK = os.umask(0o022)
-os.umask(UMASK)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path), then renames tmp onto `path`: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["CheckpointError", "checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -46,14 +30,16 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, keep_last: int = 3) -
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at `path` (weights_only=True, on the CPU). CheckpointError if it is missing
+    or cannot be read (truncated, not a torch file, holds arbitrary objects)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise ValueError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): "
-                         f"delete it to resume from an earlier one") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): "
+                              f"delete it to resume from an earlier one") from None
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -7,14 +7,14 @@
     simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
     simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
     simmim inspect X.beton                                samples, labels, resolutions, decode check
-    simmim bench avgdist [...]                            the paper's Figure 3a
-    simmim bench kernels [...]                            fused kernels vs references
-    simmim bench step [...]                               training-step speed and MFU
-    simmim bench claims [...]                             the paper's efficiency claims vs other methods
-    simmim bench loaders [...]                            images/sec of each loader, same images
-    simmim bench compile [...]                            Triton kernels built for sm_90/sm_80, no GPU
 
-User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
+`simmim bench NAME` is added by `simmim.benchmarks.cli`, the `simmim` console script: benchmarks
+sit above the trainer and nothing imports them (DESIGN.md), so this module builds the parser
+(`build_parser`) and runs a parsed command (`run`) for both; `python -m simmim.trainer.cli`, as
+trainer/run.sh calls it, has every command but `bench`.
+
+User errors (a `UserError`: bad path, config key or value, unreadable data or checkpoint) end with
+one line on stderr and exit 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -87,20 +87,17 @@ def cmd_inspect(args) -> None:
         sys.exit(1)
 
 
-BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
-           "loaders": "loaders", "compile": "compile_check"}  # name -> module of simmim.benchmarks
-
-
-def cmd_bench(args) -> None:
-    import importlib
-
-    importlib.import_module(f"simmim.benchmarks.{BENCHES[args.name]}").main(args.rest)
-
-
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `simmim` parser and its subcommand table (to which `simmim.benchmarks.cli` adds `bench`);
+    each subcommand sets `fn`, called by `run` with the parsed arguments."""
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
+    add_training_commands(sub)
+    add_data_commands(sub)
+    return ap, sub
 
+
+def add_training_commands(sub) -> None:
     p = sub.add_parser("pretrain", help="pre-train a SimMIM model")
     p.add_argument("--config", "-c", default=None, help="a recipe name (e.g. demo, swin_base_100ep) or YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
@@ -119,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.batch_size=64")
     p.set_defaults(fn=cmd_evaluate)
 
+
+def add_data_commands(sub) -> None:
     p = sub.add_parser("sample-data", help="build the embedded sample dataset (no download)")
     p.add_argument("--out", default="data/sample")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -153,15 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=list(BENCHES))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
 
-    args = ap.parse_args(argv)
-    from simmim.pipeline.folder import DatasetError
-
-    from .config import ConfigError
+def run(args: argparse.Namespace) -> None:
+    """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
+    from simmim.pipeline.errors import UserError
 
     from .loop import REQUEUE_EXIT, Diverged, Preempted
 
@@ -173,12 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     except Diverged as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"simmim {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The trainer's commands (no `bench`: see the module docstring)."""
+    ap, _ = build_parser()
+    run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ from torch import nn
 
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
+from simmim.pipeline.errors import CheckpointError
 
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .loop import amp_dtype_for, fit, loader_options
+from .loop import fit, loader_options
 from .model import ARCHS, no_weight_decay, timm_model
+from .precision import amp_dtype_for, autocast
 
 log = logging.getLogger("simmim")
 
@@ -63,7 +65,7 @@ def interpolate_rel_pos_bias(table: torch.Tensor, size: int) -> torch.Tensor:
     n, heads = table.shape
     old = math.isqrt(n)
     if old * old != n:
-        raise ValueError(f"relative position table of {n} rows is not square")
+        raise CheckpointError(f"relative position table of {n} rows is not square: not a Swin checkpoint")
     if old == size:
         return table
     grid = table.T.reshape(1, heads, old, old).float()
@@ -73,23 +75,23 @@ def interpolate_rel_pos_bias(table: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     """Loads a SimMIM (or fine-tuned) checkpoint into `model` (built by build_classifier).
-    Returns {"missing", "unexpected", "resized"} key lists; raises ConfigError for a file that is
-    not a checkpoint or holds another architecture."""
+    Returns {"missing", "unexpected", "resized"} key lists; raises CheckpointError for a file that
+    is missing, not a checkpoint, or holds another architecture."""
     from timm.layers import resample_abs_pos_embed
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"finetune.pretrained: '{path}' does not exist")
+        raise CheckpointError(f"finetune.pretrained: '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure
-        raise ConfigError(f"finetune.pretrained: '{path}' is not a simmim checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(f"finetune.pretrained: '{path}' is not a simmim checkpoint ({type(e).__name__})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise ConfigError(f"finetune.pretrained: '{path}' holds no model weights")
+        raise CheckpointError(f"finetune.pretrained: '{path}' holds no model weights")
     their_arch = (ckpt.get("config") or {}).get("model", {}).get("arch") if isinstance(ckpt, dict) else None
     if their_arch is not None and their_arch != arch:
-        raise ConfigError(f"finetune.pretrained: '{path}' is a {their_arch} checkpoint; model.arch is {arch}")
+        raise CheckpointError(f"finetune.pretrained: '{path}' is a {their_arch} checkpoint; model.arch is {arch}")
 
     weights = {}
     for key, value in state.items():
@@ -115,8 +117,8 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
             del weights[key]  # another number of classes: the head starts fresh
             continue
         else:
-            raise ConfigError(f"finetune.pretrained: '{path}' does not match model.arch {arch}: {key} is "
-                              f"{tuple(value.shape)} there, {tuple(own[key].shape)} here")
+            raise CheckpointError(f"finetune.pretrained: '{path}' does not match model.arch {arch}: {key} is "
+                                  f"{tuple(value.shape)} there, {tuple(own[key].shape)} here")
         resized.append(key)
     # buffers timm recomputes from the window (index tables, attention masks) are not weights
     weights = {k: v for k, v in weights.items() if not k.endswith(("relative_position_index", "attn_mask"))}
@@ -124,8 +126,8 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     missing = [k for k in result.missing_keys if not k.endswith(("relative_position_index", "attn_mask"))]
     encoder_keys = [k for k in own if not k.startswith(("head", "fc_norm"))]
     if len([k for k in encoder_keys if k in weights]) < 0.9 * len(encoder_keys):
-        raise ConfigError(f"finetune.pretrained: '{path}' does not match model.arch {arch} "
-                          f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
+        raise CheckpointError(f"finetune.pretrained: '{path}' does not match model.arch {arch} "
+                              f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
 
 
@@ -242,8 +244,10 @@ class Classifier(nn.Module):
         super().__init__()
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
+        from timm.loss import SoftTargetCrossEntropy
 
         self.net, self.label_smoothing = net, label_smoothing
+        self.soft_target_loss = SoftTargetCrossEntropy()
         self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
                            label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
         self.erase = RandomErasing(reprob, mode="pixel", device="cpu") if reprob > 0 else None
@@ -268,7 +272,7 @@ class Classifier(nn.Module):
                     images, targets = self.mixup(images, labels)
         logits = self.net(images).float()
         if targets is not None:  # soft targets: mixed and label-smoothed
-            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return self.soft_target_loss(logits, targets)
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if self.training else 0.0)
 
 
@@ -277,19 +281,18 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
     """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks."""
+    from timm.utils import accuracy
+
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training
     net.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # n, top1, top5, loss sum
     for images, labels in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device.type, amp_dtype):
             logits = net(images).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
+        top1, top5 = (a.double() * len(labels) / 100 for a in accuracy(logits, labels, topk=(1, 5)))  # % -> hits
         totals += torch.stack([torch.tensor(len(labels), device=device, dtype=torch.float64),
-                               hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                               F.cross_entropy(logits, labels, reduction="sum").double()])
+                               top1.round(), top5.round(), F.cross_entropy(logits, labels, reduction="sum").double()])
     totals = all_reduce_sum(totals)
     net.train(was_training)
     n = max(totals[0].item(), 1)
@@ -371,29 +374,34 @@ class FinetuneTask:
 
 def finetune(cfg: Config) -> dict:
     if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).is_file():
-        raise ConfigError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
+        raise CheckpointError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
 
 
 def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None = None,
                         overrides: list[str] = ()) -> dict:
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
-    if not Path(path).is_file():
-        raise ConfigError(f"checkpoint '{path}' does not exist")
-    state = load_checkpoint(Path(path))
+    state = load_checkpoint(Path(path))  # CheckpointError if missing or unreadable
     if "config" not in state or not any(k.startswith("net.") for k in state.get("model", {})):
-        raise ConfigError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
-                          f"(simmim finetune --config ... finetune.pretrained={path})")
+        raise CheckpointError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
+                              f"(simmim finetune --config ... finetune.pretrained={path})")
     cfg = config_from_dict(state["config"], overrides)
-    dist = init_distributed(cfg.train.device)
     val = data or cfg.finetune.val_path
     if not val:
         raise ConfigError("no validation data: pass --data or set finetune.val_path")
-    loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
-    head = next(v for k, v in state["model"].items() if k.endswith(("head.fc.weight", "head.weight")))
-    net = build_classifier(cfg.model.arch, cfg.data.img_size, head.shape[0], cfg.model.window_size, 0.0)
+    head = [v for k, v in state["model"].items() if k.endswith(("head.fc.weight", "head.weight"))]
+    if len(head) != 1:
+        raise CheckpointError(f"'{path}' holds {len(head)} classification heads, not one: not a complete "
+                              f"fine-tuned checkpoint")
+    net = build_classifier(cfg.model.arch, cfg.data.img_size, head[0].shape[0], cfg.model.window_size, 0.0)
     weights = {k.removeprefix("net."): v for k, v in state["model"].items() if k.startswith("net.")}
-    net.load_state_dict(weights)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:  # keys or shapes that do not match the checkpoint's own config
+        raise CheckpointError(f"'{path}' does not match its own config (model.arch {cfg.model.arch}): "
+                              f"{str(e).splitlines()[0]}") from None
+    dist = init_distributed(cfg.train.device)
+    loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
     result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
     cleanup()
     return {**result, "checkpoint": str(path), "data": val}
