@@ -80,8 +80,6 @@ def validate_config(cfg) -> None:
     d, m, t, o = cfg.data, cfg.model, cfg.train, cfg.optim
     if d.img_size % d.mask_patch_size:
         raise ConfigError(f"data.img_size {d.img_size} must be a multiple of data.mask_patch_size {d.mask_patch_size}")
-    if t.warmup_epochs > t.epochs:
-        raise ConfigError(f"train.warmup_epochs {t.warmup_epochs} exceeds train.epochs {t.epochs}")
     if o.scheduler == "step" and o.milestones and o.milestones[-1] >= t.epochs:
         raise ConfigError(f"optim.milestones {o.milestones} must lie before train.epochs {t.epochs}")
     if cfg.finetune.rand_augment:
