@@ -92,6 +92,7 @@ def reference_run(sample_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(sample_root, tmp_path, reference_run):
     """Same global batch (2 x 4 vs 1 x 8): the same loss at every step, within float tolerance."""
     out = tmp_path / "ddp"
@@ -108,6 +109,7 @@ def test_two_processes_match_one(sample_root, tmp_path, reference_run):
     torch.testing.assert_close([v for _, v in two], [v for _, v in one], rtol=2e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_nodes_through_run_sh(sample_root, tmp_path):
     out = tmp_path / "two_nodes"
     port = free_port()
@@ -124,6 +126,7 @@ def test_two_nodes_through_run_sh(sample_root, tmp_path):
     assert len(losses(out)) == 14
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_path, reference_run):
     out = tmp_path / "sigterm"
     args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=8", "run.save_every=1")
@@ -143,6 +146,7 @@ def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_pa
     torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_same_losses(sample_root, tmp_path, reference_run):
     """A run killed outright (no chance to checkpoint) and restarted with the same command resumes
     from its last checkpoint and reproduces the uninterrupted run's losses; the log holds each step once."""
@@ -172,6 +176,7 @@ def process_children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow
 def test_killed_rank_is_restarted_and_run_finishes(sample_root, tmp_path):
     out = tmp_path / "killed_rank"
     args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=4", "run.save_every=1")

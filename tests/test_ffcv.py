@@ -35,6 +35,7 @@ def test_convert_sample(sample_root, sample_beton):
     assert info["jpeg_fraction"] == 1.0
 
 
+@pytest.mark.slow
 def test_convert_hostile(hostile, tmp_path):
     dst = tmp_path / "out" / "h.beton"
     report = convert(str(hostile), str(dst), max_resolution=64, workers=2, progress=False)
@@ -78,6 +79,7 @@ def test_inspect_errors(tmp_path):
         inspect(str(tmp_path / "x.beton"))
 
 
+@pytest.mark.slow
 def test_loader_contract_and_epochs(sample_beton):
     aug = Augmentation(size=64)
     loader = FFCVLoader(str(sample_beton), aug, MaskGenerator(64, 32, 0.6), 8, 2, order="quasi_random",
@@ -111,6 +113,7 @@ def test_loader_contract_and_epochs(sample_beton):
     assert psutil.Process().memory_info().rss - rss < 64 * 2**20
 
 
+@pytest.mark.slow
 def test_same_augmentation_as_reference(ramps, tmp_path):
     aug = Augmentation(size=48)
     beton = tmp_path / "ramps.beton"
@@ -155,6 +158,7 @@ def test_distributed_quasi_random(world):
     assert again.sample_order(1).tolist() == orders[1][: n // world][5:].tolist()
 
 
+@pytest.mark.slow
 def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     import subprocess
 

@@ -202,6 +202,7 @@ def test_eval_loaders_see_every_image_once(backend, sample_root, tmp_path):
     assert sorted(labels) == sorted(label for _, label in scan_folder(sample_root / "val")[0])
 
 
+@pytest.mark.slow
 def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     common = ["data.img_size=64", "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
               "data.num_workers=0", "data.batch_size=8"]

@@ -11,7 +11,8 @@ import pytest
 
 from simmim.kernels import dispatch
 
-pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not installed")
+# building every specialisation takes a minute or more on 2 cores
+pytestmark = [pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not installed"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
