@@ -15,10 +15,11 @@ import threading
 import time
 
 # Loader: the order objects `Loader.next_epoch`/`__iter__` read. EpochIterator (a Thread): the
-# rest. memory_context.executor.threads exists only with os_cache=False.
+# rest; current_stream exists only on CUDA, memory_context.executor.threads only with os_cache=False.
 ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch"),
-              "EpochIterator": ("output_queue", "terminate_event", "cuda_streams", "current_stream",
-                                "memory_context", "closed", "close")}
+              "EpochIterator": ("output_queue", "terminate_event", "cuda_streams", "memory_context", "closed",
+                                "close"),
+              "EpochIterator on CUDA": ("current_stream",)}
 
 
 def install_order(loader, order) -> None:

@@ -208,7 +208,8 @@ def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
     assert loader.loader.traversal_order is loader.order
     epoch = iter(loader.loader)
     try:
-        for name in ffcv_compat.ATTRIBUTES["EpochIterator"]:
+        for name in ffcv_compat.ATTRIBUTES["EpochIterator"] + (
+                ffcv_compat.ATTRIBUTES["EpochIterator on CUDA"] if torch.cuda.is_available() else ()):
             assert hasattr(epoch, name), f"ffcv EpochIterator.{name}"
         batch = ffcv_compat.next_batch(epoch)  # (images,): no label pipeline
         assert batch[0].shape[:2] == (4, 3)
