@@ -24,14 +24,17 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
+        "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
+        "scipy",  # the released relative-position-table resize (FITPACK cubic spline)
     ],
     extras_require={
         # The fast paths; `make setup` installs ffcv and dali (and FFCV's apt build deps), `full` all.
         "triton": ["triton"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "psutil"],
+        "test": ["pytest", "psutil", "wandb"],  # wandb: the offline-logging test
         "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil"],
     },
     # the full command, `bench` included, lives at the top of the dependency graph (benchmarks/cli.py)

@@ -38,9 +38,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     return path
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """`text` to `path`, atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def write_text(path: str | os.PathLike, text: str, errors: str | None = None) -> Path:
+    """`text` to `path` as UTF-8, atomically; `errors` as for `open` (e.g. "surrogateescape" to
+    write back file names that are not valid UTF-8)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors=errors))
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

@@ -112,3 +112,19 @@ def test_validation_reads_the_kernel_environment(monkeypatch):
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_packaged_recipe_passes_validation(name):
     assert load_config(name).train.epochs > 0
+
+
+def test_every_numeric_option_has_a_range():
+    """A new int / float option cannot slip past validation: each has a rule in trainer/validate.py
+    (or a check of its own there, listed here)."""
+    import dataclasses
+
+    from simmim.trainer.validate import rules
+
+    checked_apart = {"data.max_pixels"}  # decode.check_max_pixels
+    known = set(rules()) | checked_apart
+    numeric = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+               for f in dataclasses.fields(section.type if isinstance(section.type, type) else
+                                           type(getattr(Config(), section.name)))
+               if any(t in str(f.type) for t in ("int", "float"))]
+    assert numeric and not [k for k in numeric if k not in known]

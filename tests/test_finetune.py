@@ -15,7 +15,7 @@ from simmim.trainer.checkpoint import CheckpointError
 from simmim.trainer.config import Config, ConfigError
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.finetune import (Classifier, DeviceRandAugment, PILRandAugment, build_classifier,
-                                     interpolate_rel_pos_bias, layer_decay_groups, layer_id, load_pretrained,
+                                     layer_decay_groups, resize_rel_pos_bias, layer_id, load_pretrained,
                                      num_layers)
 from simmim.trainer.model import build_simmim
 
@@ -40,23 +40,25 @@ def test_load_pretrained_same_size_is_exact(tmp_path):
 
 
 def test_load_pretrained_resizes_window_tables(tmp_path):
-    save_simmim(tmp_path / "c.pt", window=2)  # 64 px, window 2 -> window 4 (3x3 -> 7x7 offset tables)
-    net = build_classifier("swin_micro", 64, 5, 4, 0.0)
+    save_simmim(tmp_path / "c.pt", img=128, window=4)  # 128 px, window 4 -> 8 (7x7 -> 15x15 offset tables)
+    net = build_classifier("swin_micro", 128, 5, 8, 0.0)
     report = load_pretrained(net, tmp_path / "c.pt", "swin_micro")
     assert report["resized"] and all(k.endswith("relative_position_bias_table") for k in report["resized"])
     table = net.state_dict()[report["resized"][0]]
-    assert table.shape[0] == 49
+    assert table.shape[0] == 225
 
 
 def test_rel_pos_bias_interpolation():
     t = torch.randn(11 * 11, 4)
-    assert interpolate_rel_pos_bias(t, 11) is t  # exact when sizes match
+    assert resize_rel_pos_bias(t, 11) is t  # exact when sizes match
     const = torch.full((11 * 11, 3), 0.7)
-    assert torch.allclose(interpolate_rel_pos_bias(const, 13), torch.full((13 * 13, 3), 0.7), atol=1e-6)
+    assert torch.allclose(resize_rel_pos_bias(const, 13), torch.full((13 * 13, 3), 0.7), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot resize"):  # 3x3 offsets (window 2) have no tail to stretch
+        resize_rel_pos_bias(torch.randn(9, 2), 7)
     # 192/window 6 -> 224/window 7: a smooth bias keeps its shape (centre = zero offset stays the peak)
     yy, xx = torch.meshgrid(torch.arange(11.) - 5, torch.arange(11.) - 5, indexing="ij")
     bump = torch.exp(-(xx ** 2 + yy ** 2) / 8).reshape(-1, 1)
-    out = interpolate_rel_pos_bias(bump, 13).reshape(13, 13)
+    out = resize_rel_pos_bias(bump, 13).reshape(13, 13)
     assert out.argmax() == 6 * 13 + 6 and torch.allclose(out, out.T, atol=1e-6)
 
 
@@ -85,11 +87,11 @@ def test_evaluate_refuses_incomplete_checkpoints(tmp_path):
     weights = {f"net.{k}": v for k, v in net.state_dict().items()}
     headless = {k: v for k, v in weights.items() if ".head." not in k}
     torch.save({"model": headless, "config": cfg.to_dict()}, tmp_path / "headless.pt")
-    with pytest.raises(CheckpointError, match="holds 0 classification heads"):
+    with pytest.raises(CheckpointError, match="has no classification head"):
         evaluate_checkpoint(str(tmp_path / "headless.pt"), data="/not/read")
     cfg.model.arch = "swin_tiny"
     torch.save({"model": weights, "config": cfg.to_dict()}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="does not match its own config"):
+    with pytest.raises(CheckpointError, match="does not match model.arch swin_tiny"):
         evaluate_checkpoint(str(tmp_path / "other.pt"), data="/not/read")
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate_checkpoint(str(tmp_path / "none.pt"))
@@ -207,7 +209,7 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     common = ["data.img_size=64", "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
               "data.num_workers=0", "data.batch_size=8"]
     run = lambda *a: subprocess.run([*simmim_cmd, *a], capture_output=True, text=True, timeout=600)  # noqa: E731
-    out = run("pretrain", "--config", "demo", f"data.path={sample_root / 'train'}", "train.epochs=1",
+    out = run("pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'train'}", "train.epochs=1",
               f"run.out_dir={tmp_path / 'pre'}", *common)
     assert out.returncode == 0, out.stderr[-2000:]
     ckpt = sorted((tmp_path / "pre").glob("checkpoint-*.pt"))[-1]

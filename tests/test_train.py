@@ -12,7 +12,7 @@ from simmim.trainer.model import build_simmim
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.schedule import LRSchedule
 
-TINY = ["data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
+TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
         "model.window_size=2", "run.progress=false"]
 
 
@@ -26,7 +26,7 @@ def losses(run_dir):
 
 
 def test_lr_schedule():
-    s = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    s = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=10, total_steps=110, anchor="warmup_end")
     assert s(0) == 0.0 and s(5) == pytest.approx(0.5) and s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1)
     st = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.0, warmup_steps=2, total_steps=100, kind="step",
@@ -83,7 +83,8 @@ def run_cli(args, **kw):
 def test_cli_error_is_one_line_and_exit_2(tmp_path, sample_root):
     """The whole process: a user mistake found while building (a missing data folder) ends with
     one line on stderr, exit status 2, no traceback."""
-    proc = run_cli(["pretrain", "--config", "demo", f"run.out_dir={tmp_path}", "data.path=/no/such/folder"])
+    proc = run_cli(["pretrain", "--config", "demo", "data.val_path=", f"run.out_dir={tmp_path}",
+                    "data.path=/no/such/folder"])
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2
     lines = [line for line in out.splitlines() if line.strip()]

@@ -28,7 +28,9 @@ class DataConfig:
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
     batch_size: int = 128  # per process, per micro-step
+    val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
     num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
+    max_pixels: int = 89_478_485  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
     # ffcv
     order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
     os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
@@ -63,6 +65,14 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 5.0  # 0 disables
     scheduler: str = "cosine"  # cosine | step
+    # cosine: "released" computes it from iteration 0 over the whole run and lets warmup override the
+    # first iterations (the released SimMIM code, timm's CosineLRScheduler); "warmup_end" starts it
+    # at the end of warmup (reaches the peak lr)
+    cosine_anchor: str = "released"
+    # "released": what the released code's parameter groups did (its pre-training no-decay keywords
+    # never matched: Swin's relative-position tables, ViT's mask token and shared bias table decay);
+    # "intended": no decay on any norm, bias, position table or token (see trainer/model.py)
+    weight_decay_rule: str = "released"
     milestones: list[int] = field(default_factory=list)  # epochs, for step
     gamma: float = 0.1
 
@@ -90,6 +100,9 @@ class RunConfig:
     vis_every: int = 10  # epochs; the final epoch always writes a figure
     progress: bool = True
     stop_check_every: int = 10  # steps between checks for a stop signal across ranks
+    val_every: int = 1  # epochs between validation losses on data.val_path (0: never); the last epoch always
+    tensorboard: bool = True  # TensorBoard events in out_dir/tensorboard (rank 0)
+    wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
 
 
 @dataclass

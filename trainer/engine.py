@@ -60,7 +60,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     step_loss = torch.zeros((), device=device)
     bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False,
                disable=not progress, dynamic_ncols=True)
-    tick, images_seen, run_steps = time.perf_counter(), 0, 0
+    tick, images_seen, run_steps, waited = time.perf_counter(), 0, 0, 0.0
     result = EpochResult(epoch, start_step, float("nan"))
     data = iter(loader)
     for step_in_epoch in range(start_step, steps_per_epoch):
@@ -71,7 +71,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss.zero_()
         for micro in range(accum_steps):
+            t0 = time.perf_counter()
             batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
+            waited += time.perf_counter() - t0  # host time blocked on the loader
             last = micro == accum_steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
@@ -102,10 +104,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             elapsed = time.perf_counter() - tick
             record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
                       "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed,
+                      "data_wait": waited / elapsed,
                       "skipped_steps": int(state.skipped.item())}
             log(record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-            tick, images_seen = time.perf_counter(), 0
+            tick, images_seen, waited = time.perf_counter(), 0, 0.0
             if state.streak.item() >= max_skipped_streak:
                 result.stopped = "diverged"
                 break

@@ -37,7 +37,8 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
     from simmim.pipeline.ffcv_loader import ORDERS
     from simmim.pipeline.loaders import BACKENDS
 
-    from .model import ARCHS
+    from .model import ARCHS, WEIGHT_DECAY_RULES
+    from .schedule import ANCHORS
     return {
         "data.backend": one_of(*BACKENDS), "data.img_size": POSITIVE, "data.mask_patch_size": POSITIVE,
         "data.mask_ratio": OPEN_UNIT, "data.batch_size": POSITIVE, "data.num_workers": NON_NEGATIVE,
@@ -52,12 +53,14 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
         "optim.eps": POSITIVE, "optim.clip_grad": NON_NEGATIVE, "optim.scheduler": one_of("cosine", "step"),
         "optim.milestones": _rule(lambda v: all(m > 0 for m in v) and list(v) == sorted(set(v)),
                                   "increasing epochs > 0"),
-        "optim.gamma": POSITIVE,
+        "optim.gamma": POSITIVE, "optim.cosine_anchor": one_of(*ANCHORS),
+        "optim.weight_decay_rule": one_of(*WEIGHT_DECAY_RULES),
         "train.epochs": POSITIVE, "train.warmup_epochs": NON_NEGATIVE, "train.accum_steps": POSITIVE,
         "train.seed": NON_NEGATIVE, "train.device": one_of("auto", "cpu", "cuda"),
         "train.precision": one_of("auto", "bf16", "fp16", "fp32"), "train.max_skipped_steps": POSITIVE,
         "run.out_dir": _rule(bool, "a folder"), "run.log_every": POSITIVE, "run.save_every": POSITIVE,
         "run.keep_last": NON_NEGATIVE, "run.vis_every": POSITIVE, "run.stop_check_every": POSITIVE,
+        "run.val_every": NON_NEGATIVE,
         "finetune.num_classes": NON_NEGATIVE, "finetune.layer_decay": UP_TO_ONE, "finetune.crop_scale": UP_TO_ONE,
         "finetune.mixup": NON_NEGATIVE, "finetune.cutmix": NON_NEGATIVE, "finetune.mixup_switch_prob": UNIT,
         "finetune.label_smoothing": HALF_OPEN_UNIT, "finetune.reprob": UNIT, "finetune.eval_crop_ratio": UP_TO_ONE,
@@ -82,6 +85,12 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"data.img_size {d.img_size} must be a multiple of data.mask_patch_size {d.mask_patch_size}")
     if o.scheduler == "step" and o.milestones and o.milestones[-1] >= t.epochs:
         raise ConfigError(f"optim.milestones {o.milestones} must lie before train.epochs {t.epochs}")
+    from simmim.pipeline.decode import check_max_pixels
+
+    try:
+        check_max_pixels(d.max_pixels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.finetune.rand_augment:
         from .finetune import rand_augment_ops
 
