@@ -20,7 +20,7 @@ def test_forward_backward_shapes(arch, size):
 
 
 @pytest.mark.parametrize("arch,size,stride,params", [("swin_base", 192, 32, 86_725_304),
-                                                     ("vit_base", 224, 16, 85_799_424)])
+                                                     ("vit_base", 224, 16, 85_666_128)])
 def test_paper_models_build_and_run(arch, size, stride, params):
     """The full-size encoders of the paper, built, run forward and backward on the meta device
     (shapes only: no memory, no compute); their parameter counts exactly."""
