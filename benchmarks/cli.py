@@ -16,9 +16,10 @@ error handler.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable
 
-from simmim.trainer.cli import build_parser, run
+from simmim.trainer.cli import build_parser, drop_local_rank, run
 
 
 def _avgdist(argv):
@@ -71,7 +72,7 @@ def add_bench(sub) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap, sub = build_parser()
     add_bench(sub)
-    run(ap.parse_args(argv))
+    run(ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -22,4 +22,5 @@ class DatasetError(UserError):
 
 
 class CheckpointError(UserError):
-    """A checkpoint the user pointed us at is missing, unreadable or of another kind."""
+    """A checkpoint file that is missing, truncated, not ours or of another kind; the caller says
+    what to do."""

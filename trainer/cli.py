@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -100,6 +101,24 @@ def cmd_plot(args) -> None:
     from .monitor import plot_runs
 
     print(plot_runs(args.runs, args.out))
+
+
+def drop_local_rank(argv: list[str]) -> list[str]:
+    """`python -m torch.distributed.launch` passes --local-rank=N (or --local_rank N): the rank
+    comes from the environment (LOCAL_RANK) here, so the flag is dropped, with a note once."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in ("--local-rank", "--local_rank"):
+            skip = "=" not in a and i + 1 < len(argv) and argv[i + 1].lstrip("-").isdigit()
+            continue
+        out.append(a)
+    if len(out) < len(argv) and os.environ.get("RANK", "0") == "0":
+        print("simmim: --local-rank ignored (the rank comes from the environment); torch.distributed.launch is "
+              "deprecated: start with torchrun or trainer/run.sh", file=sys.stderr)
+    return out
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -215,7 +234,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """The trainer's commands (no `bench`: see the module docstring)."""
     ap, _ = build_parser()
-    run(ap.parse_args(argv))
+    run(ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
