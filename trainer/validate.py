@@ -60,7 +60,7 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
         "train.precision": one_of("auto", "bf16", "fp16", "fp32"), "train.max_skipped_steps": POSITIVE,
         "run.out_dir": _rule(bool, "a folder"), "run.log_every": POSITIVE, "run.save_every": POSITIVE,
         "run.keep_last": NON_NEGATIVE, "run.vis_every": POSITIVE, "run.stop_check_every": POSITIVE,
-        "run.val_every": NON_NEGATIVE,
+        "run.val_every": NON_NEGATIVE, "run.save_every_minutes": NON_NEGATIVE,
         "finetune.num_classes": NON_NEGATIVE, "finetune.layer_decay": UP_TO_ONE, "finetune.crop_scale": UP_TO_ONE,
         "finetune.mixup": NON_NEGATIVE, "finetune.cutmix": NON_NEGATIVE, "finetune.mixup_switch_prob": UNIT,
         "finetune.label_smoothing": HALF_OPEN_UNIT, "finetune.reprob": UNIT, "finetune.eval_crop_ratio": UP_TO_ONE,
