@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from simmim.pipeline.errors import DatasetError
+from simmim.pipeline.seeding import keyed_rng
 
 from .compat import skip_nonfinite_step
 from .distributed import all_reduce_mean, any_rank
@@ -78,7 +79,6 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     data = iter(loader)
     for step_in_epoch in range(start_step, steps_per_epoch):
         step = epoch * steps_per_epoch + step_in_epoch
-        torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # drop path: a function of (step, rank)
         lr = lr_at(step)
         for group in optimizer.param_groups:  # set from the schedule each step: a scale applies once
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -93,7 +93,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             waited += time.perf_counter() - t0  # host time blocked on the loader
             last = micro == accum_steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
+            # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
+            with sync, keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
                 with autocast(device.type, amp_dtype):
                     loss = model(*batch)
                 scaler.scale(loss / accum_steps).backward()

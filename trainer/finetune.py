@@ -40,6 +40,7 @@ from torch import nn
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 from simmim.pipeline.errors import CheckpointError
+from simmim.pipeline.seeding import keyed_rng
 
 from .config import Config, ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
@@ -305,7 +306,10 @@ class PILRandAugment:
                 op.aug_fn = _posterize_at_least_one_bit
 
     def __call__(self, img, rng):
-        return self.op(img)
+        """timm draws from the global generators: seeded from the sample's own `rng`, so the result
+        is a function of (seed, epoch, index) whichever worker or process runs it."""
+        with keyed_rng("randaugment", rng.getrandbits(63)):
+            return self.op(img)
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):

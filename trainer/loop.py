@@ -38,6 +38,7 @@ from torch import nn
 from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.io import atomic_write
 from simmim.pipeline.loaders import BACKEND_OPTIONS
+from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import Config, save_config
@@ -283,6 +284,7 @@ class Run:
     def run_epoch(self, epoch: int, start_step: int, stop: StopFlag) -> EpochResult:
         """Steps start_step.. of `epoch`; `loss` of the result is the whole epoch's mean."""
         t, o, r = self.cfg.train, self.cfg.optim, self.cfg.run
+        self.loader.set_accum_steps(self.accum)  # masks are drawn per optimizer step's global batch
         self.loader.set_epoch(epoch, start_step * self.accum)
 
         def save(steps_done: int, loss_sum: float, good_steps: int) -> None:
@@ -363,8 +365,8 @@ def open_run_folder(cfg: Config, dist: DistInfo) -> tuple[Path | None, dict | No
 
 def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, object]:
     t = cfg.train
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model, loader = task.build(dist)
+    with keyed_rng("init", t.seed):  # identical initial weights on every rank; global RNG restored after
+        model, loader = task.build(dist)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if t.channels_last and dist.device.type == "cuda":
