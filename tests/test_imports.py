@@ -108,6 +108,7 @@ print("imported", len(sys.argv) - 1)
 """
 
 
+@pytest.mark.slow
 def test_importing_changes_no_process_state():
     """No import-time global side effects: importing every module of ours leaves hooks, umask,
     threads, default dtype, signal handlers and matplotlib's global state as they were."""
