@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from .folder import DatasetError, scan_folder, sidecar
-from .scan import ScanResult, clean_list_path, scan_images, write_file_list, write_json
+from .io import write_json
+from .scan import ScanResult, clean_list_path, scan_images, write_file_list
 
 log = logging.getLogger(__name__)
 
