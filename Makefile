@@ -1,4 +1,5 @@
-# Fresh machine: `make demo` (set up + pre-train on the sample data) or `make test` (set up + tests).
+# Fresh machine: `make demo` (set up + pre-train on the sample data) or `make test` (set up + tests;
+# `make test-fast` leaves out the tests marked slow).
 # Everything Python goes into .venv in this checkout; system packages come from apt when missing.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 # Debian packages the set-up needs: FFCV builds from source against OpenCV and libjpeg-turbo.
 SYS_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: setup sysdeps demo test avgdist clean
+.PHONY: setup sysdeps demo test test-fast avgdist clean
 
 setup: $(VENV)/.installed
 
@@ -30,8 +31,12 @@ demo: setup data/sample/.complete
 	$(VENV)/bin/simmim pretrain --config demo
 	@echo "reconstruction: runs/demo/reconstruction.png   metrics: runs/demo/metrics.jsonl"
 
+# every test, the `slow` ones included (CI runs this); `make test-fast` leaves out the slow tier
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 avgdist: setup
 	$(VENV)/bin/simmim bench avgdist --out results/avgdist

@@ -42,12 +42,10 @@ def format_table(table: dict) -> str:
 
 
 def plot(table: dict, path: Path, input_size: int) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for p, row in table.items():
         ax.plot(list(row.keys()), list(row.values()), marker="o", label=f"{p}px cells")
     ax.set_xlabel("mask ratio")
@@ -58,7 +56,6 @@ def plot(table: dict, path: Path, input_size: int) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:

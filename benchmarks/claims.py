@@ -27,9 +27,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.model import build_simmim
+from simmim.trainer.precision import autocast
 
 from .heads import head_markdown, head_table
-from .measure import autocast, count_flops, seconds_per_call
+from .measure import count_flops, seconds_per_call
 from .report import device_name, results_dir, write_bar_chart, write_results
 
 # Pre-training epochs of each method's ViT-B result (ImageNet-1K), from the papers.

@@ -16,8 +16,9 @@ from timm.models.swin_transformer import SwinTransformerStage
 from simmim.kernels import masked_l1_loss
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.model import ARCHS, SwinEncoder
+from simmim.trainer.precision import autocast
 
-from .measure import autocast, count_flops, seconds_per_call
+from .measure import count_flops, seconds_per_call
 
 CLAIMED_INVERSE_SWIN = 2.3
 

@@ -1,17 +1,12 @@
-"""Measuring helpers shared by the benchmarks: autocast or not, exact FLOPs, seconds per call."""
+"""Measuring helpers shared by the benchmarks: exact FLOPs, seconds per call (autocast is the
+trainer's, `simmim.trainer.precision.autocast`)."""
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-
-def autocast(device_type: str, amp_dtype: torch.dtype | None):
-    """bf16/fp16 autocast, or nothing (also where autocast does not exist, e.g. the meta device)."""
-    return torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
 def count_flops(fn: Callable[[], object]) -> float:

@@ -26,7 +26,7 @@ def results_dir(base: str | Path, name: str) -> Path:
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes text to path through a temporary file and a rename: a reader (or an archive taken
     while a benchmark runs, or after it was killed) sees the old file or the new, never a torn one."""
-    from simmim.trainer.checkpoint import atomic_write
+    from simmim.pipeline.io import atomic_write
 
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
@@ -39,14 +39,12 @@ def write_results(out: Path, stem: str, report: str, result: dict) -> None:
 
 
 def write_bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     n = len(series)
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    fig = Figure(figsize=(max(6, 1.6 * len(groups)), 4))
+    ax = fig.subplots()
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
         bars = ax.bar(xs, values, width, label=label)
@@ -57,4 +55,3 @@ def write_bar_chart(path: Path, groups: list[str], series: dict[str, list[float]
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

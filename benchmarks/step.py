@@ -26,9 +26,10 @@ from simmim.kernels import dispatch
 from simmim.pipeline import Augmentation, MaskGenerator, build_loader
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.model import ARCHS, build_simmim, param_groups
+from simmim.trainer.precision import autocast
 
 from .loaders import synthetic_jpegs
-from .measure import autocast, count_flops
+from .measure import count_flops
 from .report import device_name, results_dir, write_bar_chart, write_results
 
 MODELS = {  # name: (arch, image size, window)

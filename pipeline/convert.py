@@ -28,7 +28,8 @@ import numpy as np
 
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .folder import DatasetError, SampleList, list_classes, read_classes, scan_folder, sidecar, walk_tree
-from .scan import check_output, write_json
+from .io import write_json
+from .scan import check_output
 
 log = logging.getLogger(__name__)
 

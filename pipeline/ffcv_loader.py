@@ -21,41 +21,18 @@ batch memory (`close_epoch`); a producer that dies raises here instead of hangin
 """
 from __future__ import annotations
 
-import queue
-import time
-
 import numpy as np
 import torch
 
 from .augment import Augmentation, normalize
 from .convert import open_beton
+from .ffcv_compat import close_epoch, install_order, next_batch, quiet_numba_finalizer
 from .folder import DatasetError, ShardedSampler, num_batches, read_classes, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
 from .seeding import derive_seed
 
 ORDERS = ("random", "quasi_random", "sequential")
-
-
-def _quiet_numba_finalizer(previous):
-    """When a Loader's compiled pipeline is garbage-collected, numba's dispatcher finalizer raises
-    a harmless KeyError for FFCV's dynamically built functions (numba 0.6x), which Python prints
-    as a traceback. Drop exactly that one; everything else goes to the previous hook."""
-    import sys
-
-    def hook(unraisable):
-        tb = unraisable.exc_traceback
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if (unraisable.exc_type is KeyError and tb is not None
-                and tb.tb_frame.f_code.co_filename.endswith("numba/core/dispatcher.py")):
-            return
-        previous(unraisable)
-
-    sys.unraisablehook = hook
-
-
-_quiet_numba_finalizer(__import__("sys").unraisablehook)
 
 
 def page_of_samples(reader) -> np.ndarray:
@@ -209,9 +186,8 @@ class FFCVLoader(LoaderContract):
         self.loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, num_workers),
                              os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=drop_last,
                              batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
-        # FFCV takes custom orders only as instances it then calls; install ours directly
-        self.loader.traversal_order = self.order
-        self.loader.first_traversal_order = self.order.sample_order(0)
+        install_order(self.loader, self.order)
+        quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
 
     def __len__(self) -> int:
         """Batches per epoch per rank (a full epoch, whatever `start_batch`)."""
@@ -232,42 +208,3 @@ class FFCVLoader(LoaderContract):
                 yield self.make_batch(k, masks, images, lambda: out[1].long())
         finally:
             close_epoch(epoch)
-
-
-def next_batch(epoch, poll: float = 0.5):
-    """FFCV's EpochIterator.__next__, but raising if the producer thread died (FFCV would wait
-    forever); None at the end of the epoch."""
-    while True:
-        try:
-            item = epoch.output_queue.get(timeout=poll)
-            break
-        except queue.Empty:
-            if not epoch.is_alive() and epoch.output_queue.empty():
-                raise RuntimeError("the FFCV loader thread stopped with an error (printed above)") from None
-    if item is None:
-        return None
-    slot, result = item
-    stream = epoch.cuda_streams[slot]
-    if stream is not None:
-        epoch.current_stream.wait_stream(stream)
-    return result
-
-
-def close_epoch(epoch, timeout: float = 10.0) -> None:
-    """Stops FFCV's producer thread and frees its epoch memory. The producer checks for the stop
-    request only while its output queue is full (it gives up a put after 0.5 s); its last put, of
-    the end marker, waits without limit, so a queue that stays full is given room once."""
-    epoch.terminate_event.set()
-    deadline = time.monotonic() + timeout
-    while epoch.is_alive() and time.monotonic() < deadline:
-        epoch.join(0.6)
-        if epoch.is_alive() and epoch.output_queue.full():
-            try:
-                epoch.output_queue.get_nowait()
-            except queue.Empty:
-                pass
-    epoch.close()
-    epoch.closed = True  # FFCV's close() never sets it, so its __del__ would release the pages again
-    # os_cache=False: the page-reader threads got their stop marker in close(); wait for them
-    for reader in getattr(getattr(epoch.memory_context, "executor", None), "threads", ()):
-        reader.join(max(0.0, deadline - time.monotonic()))

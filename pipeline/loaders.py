@@ -15,7 +15,7 @@ import torch
 
 from .augment import Augmentation
 from .decode import MAX_PIXELS
-from .folder import DatasetError
+from .errors import ConfigError, DatasetError
 from .masking import MaskGenerator
 from .reference import ReferenceLoader
 
@@ -65,7 +65,7 @@ def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerato
                  num_workers: int, device: torch.device, rank: int = 0, world: int = 1, seed: int = 0,
                  **options):
     if backend not in BACKENDS:
-        raise ValueError(f"unknown data.backend '{backend}' (one of: {', '.join(BACKENDS)})")
+        raise ConfigError(f"unknown data.backend '{backend}' (one of: {', '.join(BACKENDS)})")
     if not available(backend):
         raise DatasetError(f"data.backend {backend} is not installed: {INSTALL[backend][1]}")
     args = (path, aug, masks, batch_size, num_workers, device, rank, world, seed)

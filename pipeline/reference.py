@@ -11,6 +11,7 @@ import torch
 
 from .augment import Augmentation, normalize
 from .decode import MAX_PIXELS, checked_max_pixels
+from .errors import DatasetError
 from .folder import ImageFolder, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 from .scanlist import checked_samples
@@ -35,8 +36,8 @@ class LoaderContract:
 
     def require_one_batch(self) -> None:
         if len(self) == 0:
-            raise ValueError(f"{self.num_samples} images over {self.world} ranks do not fill one batch of "
-                             f"{self.batch_size}: lower data.batch_size")
+            raise DatasetError(f"{self.num_samples} images over {self.world} ranks do not fill one batch of "
+                               f"{self.batch_size}: lower data.batch_size")
 
     def epoch_masks(self) -> GlobalBatchMasks | None:
         if self.mask_generator is None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import DatasetError
+
 log = logging.getLogger(__name__)
 
 # class -> scikit-image data files (all shipped in skimage/data, none fetched)
@@ -35,7 +37,8 @@ def skimage_photo(name: str) -> Image.Image:
 
     path = Path(skimage.__file__).parent / "data" / name
     if not path.exists():
-        raise FileNotFoundError(f"scikit-image does not ship {name} in {path.parent}")
+        raise DatasetError(f"scikit-image does not ship {name} in {path.parent}: reinstall it "
+                           f"(pip install --force-reinstall scikit-image)")
     img = Image.open(path)
     img.load()
     return img.convert("L") if img.mode in ("L", "I", "I;16", "1") else img.convert("RGB")

@@ -18,7 +18,6 @@ mode), which finds truncation and corruption for a fraction of a full decode's c
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
 from .folder import DatasetError, SampleList, quote_path, scan_folder
+from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,6 @@ def _in_order(pool, starts, make_chunk, check, in_flight: int):
         yield a, result
 
 
-def write_json(path: Path, obj) -> None:
-    from simmim.trainer.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
-
-
 # a path needs `quote_path` if it holds a backslash or a control character, starts with '#' or
 # white space, or ends with white space; the rest are written as their bytes
 _NEEDS_QUOTING = re.compile(rb"[\x00-\x1f\x7f\\]|^[#\s]|\s$")
@@ -157,8 +151,6 @@ def write_file_list(path: Path, samples: SampleList, block: int = 65536) -> None
     """The list format of `folder` (what `scan_folder` reads), absolute paths, written a block of
     lines at a time into a temporary file renamed into place. `samples`: a SampleList, or (path,
     label) pairs."""
-    from simmim.trainer.checkpoint import atomic_write
-
     if not isinstance(samples, SampleList):
         samples = SampleList.from_pairs(samples)
 

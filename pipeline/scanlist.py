@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .folder import DatasetError, SampleList, scan_folder, sidecar
-from .scan import ScanResult, clean_list_path, scan_images, write_file_list, write_json
+from .io import write_json
+from .scan import ScanResult, clean_list_path, scan_images, write_file_list
 
 log = logging.getLogger(__name__)
 

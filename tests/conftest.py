@@ -14,7 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over ~20 s on 2 cores; CI runs it in its second tier")
+    config.addinivalue_line("markers", "slow: over ~20 s on a 2-core CPU; `make test-fast` leaves these out, "
+                                       "`make test` (and CI) runs them")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global random state (torch, numpy, random): unseeded test
+    inputs are the same every run, so a failure reproduces."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +41,8 @@ def sample_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def simmim_cmd():
-    return [sys.executable, "-m", "simmim.trainer.cli"]
+    """The `simmim` console script, as setup.py installs it."""
+    return [sys.executable, "-m", "simmim.benchmarks.cli"]
 
 
 @pytest.fixture

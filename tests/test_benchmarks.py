@@ -37,14 +37,30 @@ def test_step_bench_synthetic_and_loader(tmp_path, sample_root):
 
 
 def test_flops_counted_exactly_at_full_size():
-    """ViT-B/16 at 224 is ~17.6 G multiply-adds forward, 35 GFLOPs; a step (forward + backward) ~3x."""
+    """ViT-B/16 at 224 is ~17.6 G multiply-adds forward, 35 GFLOPs; a step (forward + backward) ~3x.
+    Counted on the meta device: shapes only, no memory, no compute."""
     import torch
 
     from simmim.trainer.model import build_simmim
 
-    model = build_simmim("vit_base", 224, 32)
-    gflops = step.flops_per_image(model, 224, 1, torch.device("cpu"), None) / 1e9
+    meta = torch.device("meta")
+    with meta:
+        model = build_simmim("vit_base", 224, 32)
+    gflops = step.flops_per_image(model, 224, 1, meta, None) / 1e9
     assert 95 < gflops < 112
+    assert step.flops_per_image(model, 224, 2, meta, None) / 1e9 == gflops  # per image, whatever the batch
+
+
+def test_bench_runs_through_the_simmim_command(tmp_path, capsys):
+    """`simmim bench NAME` is the benchmarks' own CLI (the console script); the trainer's has no bench."""
+    from simmim.benchmarks import cli
+    from simmim.trainer import cli as trainer_cli
+
+    cli.main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4"])
+    assert (tmp_path / "avgdist.json").stat().st_size > 0
+    with pytest.raises(SystemExit) as e:
+        trainer_cli.main(["bench", "avgdist"])
+    assert e.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
 
 
 def test_claims_flop_table_at_full_size(tmp_path):

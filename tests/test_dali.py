@@ -252,6 +252,7 @@ def test_same_augmentation_as_reference(ramps):
                              loader_crop_stats(ReferenceLoader(str(ramps), aug, None, 16, 0), aug))
 
 
+@pytest.mark.slow
 def test_pretrain_with_dali(sample_root, tmp_path, simmim_cmd):
     run = tmp_path / "run"
     out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'val'}",

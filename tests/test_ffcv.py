@@ -36,6 +36,7 @@ def test_convert_sample(sample_root, sample_beton):
     assert info["jpeg_fraction"] == 1.0
 
 
+@pytest.mark.slow
 def test_convert_hostile(hostile, tmp_path):
     dst = tmp_path / "out" / "h.beton"
     report = convert(str(hostile), str(dst), max_resolution=64, workers=2, progress=False)
@@ -79,6 +80,7 @@ def test_inspect_errors(tmp_path):
         inspect(str(tmp_path / "x.beton"))
 
 
+@pytest.mark.slow
 def test_loader_contract_and_epochs(sample_beton):
     aug = Augmentation(size=64)
     loader = FFCVLoader(str(sample_beton), aug, MaskGenerator(64, 32, 0.6), 8, 2, order="quasi_random",
@@ -112,6 +114,7 @@ def test_loader_contract_and_epochs(sample_beton):
     assert psutil.Process().memory_info().rss - rss < 64 * 2**20
 
 
+@pytest.mark.slow
 def test_same_augmentation_as_reference(ramps, tmp_path):
     aug = Augmentation(size=48)
     beton = tmp_path / "ramps.beton"
@@ -156,6 +159,7 @@ def test_distributed_quasi_random(world):
     assert again.sample_order(1).tolist() == orders[1][: n // world][5:].tolist()
 
 
+@pytest.mark.slow
 def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     import subprocess
 
@@ -182,6 +186,37 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert list(run.glob("checkpoint-*.pt")) and list(run.glob("*.png"))
     assert "data ffcv:" in out.stdout + out.stderr
+
+
+def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
+    """pipeline/ffcv_compat.py reaches into FFCV's Loader and EpochIterator: every attribute it
+    uses exists on a live loader, an epoch runs and stops through it, and the numba finalizer
+    filter is installed on first use (not at import), once."""
+    import sys
+
+    import numba.core.dispatcher
+
+    from simmim.pipeline import ffcv_compat
+
+    assert numba.core.dispatcher.__file__.endswith("numba/core/dispatcher.py")  # the filter's frame test
+    loader = FFCVLoader(str(sample_beton), Augmentation(size=32), None, 4, 1)
+    assert ffcv_compat._hook_installed and sys.unraisablehook.__module__ == ffcv_compat.__name__
+    hook = sys.unraisablehook
+    FFCVLoader(str(sample_beton), Augmentation(size=32), None, 4, 1)
+    assert sys.unraisablehook is hook  # not wrapped twice
+    for name in ffcv_compat.ATTRIBUTES["Loader"]:
+        assert hasattr(loader.loader, name), f"ffcv Loader.{name}"
+    assert loader.loader.traversal_order is loader.order
+    epoch = iter(loader.loader)
+    try:
+        for name in ffcv_compat.ATTRIBUTES["EpochIterator"] + (
+                ffcv_compat.ATTRIBUTES["EpochIterator on CUDA"] if torch.cuda.is_available() else ()):
+            assert hasattr(epoch, name), f"ffcv EpochIterator.{name}"
+        batch = ffcv_compat.next_batch(epoch)  # (images,): no label pipeline
+        assert batch[0].shape[:2] == (4, 3)
+    finally:
+        ffcv_compat.close_epoch(epoch)
+    assert not epoch.is_alive() and epoch.closed
 
 
 def test_convert_orientation_and_bit_depth(tmp_path):

@@ -11,7 +11,8 @@ from PIL import Image
 
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.folder import center_crop
-from simmim.trainer.config import ConfigError
+from simmim.trainer.checkpoint import CheckpointError
+from simmim.trainer.config import Config, ConfigError
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.finetune import (Classifier, DeviceRandAugment, PILRandAugment, build_classifier,
                                      layer_decay_groups, resize_rel_pos_bias, layer_id, load_pretrained,
@@ -63,17 +64,60 @@ def test_rel_pos_bias_interpolation():
 
 def test_load_pretrained_refuses_other_architecture(tmp_path):
     save_simmim(tmp_path / "vit.pt", arch="vit_micro", img=64, window=0)
-    with pytest.raises(ConfigError, match="is a vit_micro checkpoint; model.arch is swin_micro"):
+    with pytest.raises(CheckpointError, match="is a vit_micro checkpoint; model.arch is swin_micro"):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "vit.pt", "swin_micro")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ConfigError, match="cannot be read .* another checkpoint of the pre-training run") as e:
+    with pytest.raises(CheckpointError, match="cannot be read .* another checkpoint of the pre-training run") as e:
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     assert "delete" not in str(e.value)
     # a checkpoint without a config naming its arch is still checked by its shapes
     state = build_simmim("swin_tiny", 64, 32, 2).state_dict()
     torch.save({"model": state}, tmp_path / "tiny.pt")
-    with pytest.raises(ConfigError, match="does not match model.arch swin_micro"):
+    with pytest.raises(CheckpointError, match="does not match model.arch swin_micro"):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "tiny.pt", "swin_micro")
+
+
+def test_evaluate_refuses_incomplete_checkpoints(tmp_path):
+    """A fine-tuned checkpoint without its head, or with weights of another arch, is a one-line
+    CheckpointError before any data is read (it used to be a bare StopIteration)."""
+    from simmim.trainer.finetune import evaluate_checkpoint
+
+    cfg = Config()
+    cfg.model.arch, cfg.model.window_size, cfg.data.img_size = "swin_micro", 2, 64
+    net = build_classifier("swin_micro", 64, 5, 2, 0.0)
+    weights = {f"net.{k}": v for k, v in net.state_dict().items()}
+    headless = {k: v for k, v in weights.items() if ".head." not in k}
+    torch.save({"model": headless, "config": cfg.to_dict()}, tmp_path / "headless.pt")
+    with pytest.raises(CheckpointError, match="has no classification head"):
+        evaluate_checkpoint(str(tmp_path / "headless.pt"), data="/not/read")
+    cfg.model.arch = "swin_tiny"
+    torch.save({"model": weights, "config": cfg.to_dict()}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not match model.arch swin_tiny"):
+        evaluate_checkpoint(str(tmp_path / "other.pt"), data="/not/read")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_soft_target_loss_and_accuracy_are_timms():
+    """Mixed targets go through timm's SoftTargetCrossEntropy, accuracy through timm.utils.accuracy,
+    checked against the formulas."""
+    from simmim.trainer.finetune import evaluate
+
+    logits = torch.randn(6, 5)
+    net = torch.nn.Linear(5, 5)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(5)), net.bias.zero_()
+    model = Classifier(net, 5, mixup=1.0, cutmix=0.0, label_smoothing=0.1, reprob=0).train()
+    targets = model.mixup(logits.clone(), torch.arange(6) % 5)[1]
+    assert torch.allclose(model.soft_target_loss(logits, targets),
+                          (-targets * torch.log_softmax(logits, -1)).sum(-1).mean())
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    ranks = (logits > logits.gather(1, labels[:, None])).sum(1)  # classes scored above the label
+    result = evaluate(net, [(logits[:4], labels[:4]), (logits[4:], labels[4:])], torch.device("cpu"))
+    assert result["val_images"] == 6
+    assert result["top1"] == pytest.approx(100 * (ranks == 0).float().mean().item())
+    assert result["top5"] == 100.0  # 5 classes: the label is always in the top 5
+    assert result["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("arch,img,window", [("swin_micro", 64, 2), ("vit_micro", 64, 0)])
@@ -164,6 +208,7 @@ def test_eval_loaders_see_every_image_once(backend, sample_root, tmp_path):
     assert sorted(labels) == sorted(label for _, label in scan_folder(sample_root / "val")[0])
 
 
+@pytest.mark.slow
 def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     common = ["data.img_size=64", "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
               "data.num_workers=0", "data.batch_size=8"]

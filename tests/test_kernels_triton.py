@@ -125,12 +125,19 @@ def test_masked_loss_any_strides(pred_layout, target_layout):
         assert g.is_contiguous(memory_format=CL)
 
 
-def test_norm_target_matches():
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_norm_target_matches(loss):
+    """Per-window normalised targets: the loss and its gradient (the target is a constant)."""
     pred, target = rand(2, 3, 32, 32, grad=True), rand(2, 3, 32, 32)
     masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
-    got = masked_l1_loss(pred, target, masks, norm_target=7, backend="triton")
-    want = masked_l1_loss_ref(pred, target, masks, norm_target=7)
+    got = masked_l1_loss(pred, target, masks, loss=loss, norm_target=7, backend="triton")
+    (g,) = torch.autograd.grad(got, pred)
+    pr = pred.detach().clone().requires_grad_()
+    want = masked_l1_loss_ref(pr, target, masks, loss=loss, norm_target=7)
+    (gr,) = torch.autograd.grad(want, pr)
     torch.testing.assert_close(got, want, **SUM_TOL)
+    torch.testing.assert_close(g, gr)
+    assert g.abs().sum() > 0
 
 
 def test_unmasked_cells_cost_nothing_and_no_grad_forward():

@@ -14,7 +14,8 @@ from scipy import stats
 from scipy.interpolate import make_interp_spline
 
 from simmim.pipeline import MaskGenerator
-from simmim.trainer.config import ConfigError, load_config
+from simmim.trainer.checkpoint import CheckpointError
+from simmim.trainer.config import load_config
 from simmim.trainer.finetune import (build_classifier, evaluate_checkpoint, layer_decay_groups, load_pretrained,
                                      load_weights, resize_rel_pos_bias)
 from simmim.trainer.model import ARCHS, build_simmim, no_weight_decay, param_groups
@@ -358,10 +359,10 @@ def test_released_file_with_its_yacs_config_loads(tmp_path, monkeypatch):
 def test_checkpoint_of_another_family_is_refused_in_one_line(tmp_path):
     vit = released_vit_state("vit_micro", 64)
     torch.save({"model": vit}, tmp_path / "vit.pth")
-    with pytest.raises(ConfigError, match="holds a vit encoder; model.arch swin_micro is a swin"):
+    with pytest.raises(CheckpointError, match="holds a vit encoder; model.arch swin_micro is a swin"):
         load_pretrained(build_classifier("swin_micro", 128, 5, 4, 0.0), tmp_path / "vit.pth", "swin_micro")
     torch.save({"model": released_swin_state("swin_micro", 128, 4, pretrain=True)}, tmp_path / "swin.pth")
-    with pytest.raises(ConfigError, match="holds a swin encoder; model.arch vit_micro is a vit"):
+    with pytest.raises(CheckpointError, match="holds a swin encoder; model.arch vit_micro is a vit"):
         load_pretrained(build_classifier("vit_micro", 64, 5, 0, 0.0), tmp_path / "swin.pth", "vit_micro")
 
 
@@ -387,7 +388,7 @@ def test_released_swin_finetuned_checkpoint_evaluates(tmp_path, sample_root):
                                 ["model.arch=swin_micro", "data.img_size=128", "model.window_size=4",
                                  "data.num_workers=0", "data.batch_size=8", "train.device=cpu"])
     assert again["top1"] == result["top1"] and again["val_loss"] == pytest.approx(result["val_loss"])
-    with pytest.raises(ConfigError, match="does not match model.arch swin_tiny"):
+    with pytest.raises(CheckpointError, match="does not match model.arch swin_tiny"):
         evaluate_checkpoint(str(tmp_path / "released_ft.pth"), str(sample_root / "val"), "torch",
                             ["model.arch=swin_tiny", "data.img_size=128", "model.window_size=4",
                              "data.num_workers=0", "train.device=cpu"])

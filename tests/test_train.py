@@ -8,6 +8,7 @@ import torch
 
 from simmim.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from simmim.trainer.config import load_config
+from simmim.trainer.model import build_simmim
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.schedule import LRSchedule
 
@@ -51,7 +52,13 @@ def test_short_run_loss_falls_and_writes_outputs(sample_root, tmp_path):
         assert (out / name).exists(), name
     state = load_checkpoint(latest_checkpoint(out))  # weights_only=True
     train_state = state["train_state"]
-    assert train_state["epoch"] == 7 and train_state["step_in_epoch"] == 7 and "mask_token" in "".join(state["model"]) and state["optimizer"]["state"]
+    assert train_state["epoch"] == 7 and train_state["step_in_epoch"] == 7
+    fresh = build_simmim("swin_micro", 64, 32, window_size=2)
+    fresh.load_state_dict(state["model"])  # strict: every weight, mask token and head included
+    trained = fresh.encoder.mask_token.detach()
+    assert not torch.equal(trained, build_simmim("swin_micro", 64, 32, window_size=2).encoder.mask_token.detach())
+    adam = state["optimizer"]["state"]
+    assert len(adam) == sum(1 for _ in fresh.parameters()) and {int(s["step"]) for s in adam.values()} == {56}
     assert load_config(str(out / "config.yaml")) == cfg
     log = (out / "log.txt").read_text()
     assert "effective" in log and "img/s" in log and "grad_norm" in log
@@ -86,17 +93,65 @@ def run_cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["data.path=/no/such/folder"], "data path '/no/such/folder' does not exist"),
-    (["train.epochz=3"], "unknown config key 'train.epochz'"),
-    (["optim.base_lr=fast"], "config key 'optim.base_lr' expects float"),
-    (["model.arch=resnet"], "unknown model.arch 'resnet'"),
-])
-def test_cli_errors_are_one_line(args, message, tmp_path, sample_root):
-    proc = run_cli(["pretrain", "--config", "demo", "data.val_path=", f"run.out_dir={tmp_path}", f"data.path={sample_root}/train",
-                    *args])
-    out = proc.communicate(timeout=120)[0]
+def test_cli_error_is_one_line_and_exit_2(tmp_path, sample_root):
+    """The whole process: a user mistake found while building (a missing data folder) ends with
+    one line on stderr, exit status 2, no traceback."""
+    proc = run_cli(["pretrain", "--config", "demo", "data.val_path=", f"run.out_dir={tmp_path}",
+                    "data.path=/no/such/folder"])
+    out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines[-1].startswith("simmim pretrain: error:") and message in lines[-1]
+    assert lines[-1].startswith("simmim pretrain: error:") and "data path '/no/such/folder' does not exist" in lines[-1]
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.epochz=3"], "unknown config key 'train.epochz'"),
+    (["optim.base_lr=fast"], "config key 'optim.base_lr' expects float"),
+    (["model.arch=resnet"], "config key 'model.arch' must be one of"),
+    (["data.batch_size=0"], "config key 'data.batch_size' must be > 0, got 0"),  # was a ZeroDivisionError
+    (["train.accum_steps=0"], "config key 'train.accum_steps' must be > 0, got 0"),  # was a ZeroDivisionError
+    (["optim.base_lr=0"], "config key 'optim.base_lr' must be > 0, got 0.0"),  # trained at lr 0
+])
+def test_cli_config_errors_are_one_line(args, message, tmp_path, capsys):
+    """Config mistakes stop the command at load, before anything is built (in process: no set-up cost)."""
+    from simmim.trainer import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain", "--config", "demo", f"run.out_dir={tmp_path / 'run'}", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("simmim pretrain: error:") and message in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_cli_keeps_tracebacks_of_bugs(monkeypatch, capsys):
+    """Only a UserError becomes one line; a ValueError from a bug propagates with its traceback."""
+    from simmim.pipeline.errors import DatasetError
+    from simmim.trainer import cli
+
+    def user_mistake(args):
+        raise DatasetError("data path '/x' does not exist")
+
+    def bug(args):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cli, "cmd_sample_data", user_mistake)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sample-data"])
+    assert e.value.code == 2 and capsys.readouterr().err == "simmim sample-data: error: data path '/x' does not exist\n"
+    monkeypatch.setattr(cli, "cmd_sample_data", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["sample-data"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(sample_root, tmp_path):
+    """train.compile=true (inductor on CPU) trains a tiny model to the same losses as eager."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=1", "run.log_every=1",
+                                                    "model.arch=vit_micro", f"train.compile={str(compiled).lower()}")))
+        runs[compiled] = losses(out)
+    assert [s for s, _ in runs[True]] == [s for s, _ in runs[False]] and len(runs[True]) >= 3
+    torch.testing.assert_close([v for _, v in runs[True]], [v for _, v in runs[False]], rtol=1e-3, atol=1e-4)

@@ -190,7 +190,13 @@ def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
     from simmim.trainer.distributed import DistInfo
     from simmim.trainer.loop import open_run_folder
 
-    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "data.max_pixels=0", "train.device=cpu"])
+    from simmim.pipeline.errors import ConfigError
+
+    overrides = [f"run.out_dir={tmp_path / 'run'}", "data.max_pixels=0", "train.device=cpu"]
+    with pytest.raises(ConfigError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
+        load_config(None, overrides)  # at load, with every other value
+    cfg = load_config(None, overrides[:1] + overrides[2:])
+    cfg.data.max_pixels = 0  # a config built in code still stops before the run folder
     with pytest.raises(DatasetError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
         open_run_folder(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
     assert not (tmp_path / "run").exists()

@@ -2,39 +2,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from simmim.pipeline.errors import UserError
+from simmim.pipeline.errors import CheckpointError
+from simmim.pipeline.io import atomic_write
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
-
-
-class CheckpointError(UserError):
-    """A checkpoint file that is missing, truncated or not ours; the caller says what to do."""
-
-
-UMASK = os.umask(0o022)
-os.umask(UMASK)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path), then renames tmp onto `path`: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["CheckpointError", "checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

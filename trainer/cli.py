@@ -9,15 +9,14 @@
     simmim inspect X.beton                                samples, labels, resolutions, decode check
     simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
     simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
-    simmim bench avgdist [...]                            the paper's Figure 3a
-    simmim bench kernels [...]                            fused kernels vs references
-    simmim bench step [...]                               training-step speed and MFU
-    simmim bench claims [...]                             the paper's efficiency claims vs other methods
-    simmim bench loaders [...]                            images/sec of each loader, same images
-    simmim bench compile [...]                            Triton kernels built for sm_90/sm_80, no GPU
-    simmim bench scale [...]                              data tools and loaders at ImageNet scale
 
-User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
+`simmim bench NAME` is added by `simmim.benchmarks.cli`, the `simmim` console script: benchmarks
+sit above the trainer and nothing imports them (DESIGN.md), so this module builds the parser
+(`build_parser`) and runs a parsed command (`run`) for both; `python -m simmim.trainer.cli`, as
+trainer/run.sh calls it, has every command but `bench`.
+
+User errors (a `UserError`: bad path, config key or value, unreadable data or checkpoint) end with
+one line on stderr and exit 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -104,16 +103,6 @@ def cmd_plot(args) -> None:
     print(plot_runs(args.runs, args.out))
 
 
-BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
-           "loaders": "loaders", "compile": "compile_check", "scale": "scale"}  # name -> module of simmim.benchmarks
-
-
-def cmd_bench(args) -> None:
-    import importlib
-
-    importlib.import_module(f"simmim.benchmarks.{BENCHES[args.name]}").main(args.rest)
-
-
 def drop_local_rank(argv: list[str]) -> list[str]:
     """`python -m torch.distributed.launch` passes --local-rank=N (or --local_rank N): the rank
     comes from the environment (LOCAL_RANK) here, so the flag is dropped, with a note once."""
@@ -132,12 +121,18 @@ def drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    from simmim.pipeline.decode import MAX_PIXELS
-
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `simmim` parser and its subcommand table (to which `simmim.benchmarks.cli` adds `bench`);
+    each subcommand sets `fn`, called by `run` with the parsed arguments."""
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
+    add_training_commands(sub)
+    add_data_commands(sub)
+    add_output_commands(sub)
+    return ap, sub
 
+
+def add_training_commands(sub) -> None:
     p = sub.add_parser("pretrain", help="pre-train a SimMIM model")
     p.add_argument("--config", "-c", default=None, help="a recipe name (e.g. demo, swin_base_100ep) or YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
@@ -155,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.batch_size=64")
     p.set_defaults(fn=cmd_evaluate)
+
+
+def add_data_commands(sub) -> None:
+    from simmim.pipeline.decode import MAX_PIXELS
 
     p = sub.add_parser("sample-data", help="build the embedded sample dataset (no download)")
     p.add_argument("--out", default="data/sample")
@@ -193,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
 
+
+def add_output_commands(sub) -> None:
     p = sub.add_parser("export", help="the encoder of a pre-training checkpoint, for timm or detection codebases")
     p.add_argument("checkpoint", help="a simmim pre-training checkpoint (runs/NAME/checkpoint-*.pt)")
     p.add_argument("out", help="output folder (written atomically)")
@@ -207,15 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="curves.png", help="the PNG to write")
     p.set_defaults(fn=cmd_plot)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("name", choices=list(BENCHES))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
 
-    args = ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv))
-    from simmim.pipeline.folder import DatasetError
-
-    from .config import ConfigError
+def run(args: argparse.Namespace) -> None:
+    """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
+    from simmim.pipeline.errors import UserError
 
     from .loop import REQUEUE_EXIT, Diverged, Preempted
 
@@ -227,12 +223,18 @@ def main(argv: list[str] | None = None) -> None:
     except Diverged as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"simmim {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The trainer's commands (no `bench`: see the module docstring)."""
+    ap, _ = build_parser()
+    run(ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

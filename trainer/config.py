@@ -13,13 +13,11 @@ from pathlib import Path
 
 import yaml
 
-from simmim.pipeline.errors import UserError
+from simmim.pipeline.errors import ConfigError
+from simmim.pipeline.io import write_text
 
 RECIPES = Path(__file__).parent / "configs"
-
-
-class ConfigError(UserError):
-    """A config file, key or value the user gave is wrong."""
+__all__ = ["Config", "ConfigError", "RECIPES", "config_from_dict", "load_config", "parse_override", "save_config"]
 
 
 @dataclass
@@ -233,6 +231,10 @@ def _float_strings(node):
 
 
 def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
+    """The defaults, then the recipe (a packaged name or a YAML path), then `a.b=c` overrides;
+    checked whole (`validate_config`). ConfigError naming the key for any mistake."""
+    from .validate import validate_config
+
     cfg = Config()
     if recipe:
         path = resolve_recipe(recipe)
@@ -245,17 +247,21 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
         _fill(cfg, _float_strings(values))
     for text in overrides:
         _fill(cfg, _float_strings(parse_override(text)))
+    validate_config(cfg)
     return cfg
 
 
 def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
-    """A Config from a saved one (e.g. a checkpoint's), then `a.b=c` overrides."""
+    """A Config from a saved one (e.g. a checkpoint's), then `a.b=c` overrides; checked whole."""
+    from .validate import validate_config
+
     cfg = Config()
     _fill(cfg, _float_strings(values))
     for text in overrides:
         _fill(cfg, _float_strings(parse_override(text)))
+    validate_config(cfg)
     return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

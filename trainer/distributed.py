@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from simmim.pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,9 +28,9 @@ class DistInfo:
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got '{preference}'")
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got '{preference}'")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible: use train.device=cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

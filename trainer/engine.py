@@ -3,8 +3,9 @@
 One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP
 all-reduce skipped on non-final micro-steps), grad-norm clipping, a GradScaler that is a no-op
 unless fp16. A step whose gradient norm is not finite is skipped on the device (the fused AdamW
-reads a found-inf flag), so the host waits on the device only at log intervals, where the loss,
-the skipped-step count and a stop request (preemption signal) are read.
+reads a found-inf flag, through `compat.skip_nonfinite_step`; other optimizers read it on the
+host), so the host waits on the device only at log intervals, where the loss, the skipped-step
+count and a stop request (preemption signal) are read.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tqdm import tqdm
 from simmim.pipeline.errors import DatasetError
 from simmim.pipeline.seeding import keyed_rng
 
+from .compat import skip_nonfinite_step
 from .distributed import all_reduce_mean, any_rank
+from .precision import autocast
 
 
 class StepState:
@@ -93,7 +96,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
             # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
             with sync, keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with autocast(device.type, amp_dtype):
                     loss = model(*batch)
                 scaler.scale(loss / accum_steps).backward()
             step_loss += loss.detach() / accum_steps
@@ -107,8 +110,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         if scaler.is_enabled():
             scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself
         else:
-            optimizer.found_inf = found_inf  # read by the fused AdamW: no update, no host sync
-            optimizer.step()
+            skip_nonfinite_step(optimizer, found_inf)  # fused AdamW: decided on the device, no host sync
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.skipped += found_inf

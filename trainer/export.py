@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simmim.pipeline.errors import UserError
+from simmim.pipeline.errors import CheckpointError
 
 from .model import ARCHS, build_simmim
 
@@ -41,7 +41,7 @@ TIMM_ARCHITECTURES = {
 }
 
 
-class ExportError(UserError):
+class ExportError(CheckpointError):
     """The checkpoint cannot be exported (not a SimMIM pre-training checkpoint, unknown encoder)."""
 
 

@@ -39,12 +39,14 @@ from torch import nn
 
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
+from simmim.pipeline.errors import CheckpointError
 from simmim.pipeline.seeding import keyed_rng
 
 from .config import Config, ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .loop import amp_dtype_for, fit, loader_options
+from .loop import fit, loader_options
 from .model import ARCHS, log_decay, no_weight_decay, timm_model
+from .precision import amp_dtype_for, autocast
 
 log = logging.getLogger("simmim")
 
@@ -125,9 +127,9 @@ RELEASED_CONFIG_GLOBALS = [(collections.OrderedDict, "yacs.config.CfgNode"), set
 
 
 def read_checkpoint(path: Path, what: str) -> dict:
-    """The dict a checkpoint file holds (weights_only); ConfigError if it cannot be read."""
+    """The dict a checkpoint file holds (weights_only); CheckpointError if it cannot be read."""
     if not path.is_file():
-        raise ConfigError(f"{what}: '{path}' does not exist")
+        raise CheckpointError(f"{what}: '{path}' does not exist")
     try:
         with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,9 +139,9 @@ def read_checkpoint(path: Path, what: str) -> dict:
                     "weights with torch.save({'model': torch.load(f, weights_only=False)['model']}, f2)")
         else:  # what to do depends on the command (a resume falls back to an older one by itself)
             hint = ": it is truncated or not a simmim checkpoint; " + INSTEAD.get(what, "pass another checkpoint")
-        raise ConfigError(f"{what}: '{path}' cannot be read ({type(e).__name__}){hint}") from None
+        raise CheckpointError(f"{what}: '{path}' cannot be read ({type(e).__name__}){hint}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
-        raise ConfigError(f"{what}: '{path}' holds no model weights")
+        raise CheckpointError(f"{what}: '{path}' holds no model weights")
     return ckpt
 
 
@@ -196,29 +198,29 @@ def encoder_family(state: dict) -> str | None:
 def load_weights(model: nn.Module, state: dict, arch: str, what: str) -> dict:
     """Loads `state` (this project's SimMIM or fine-tuned weights, the released SimMIM pre-training
     {"encoder.*"} or fine-tuned weights) into `model` (built by build_classifier). Returns
-    {"missing", "unexpected", "resized"} key lists; ConfigError if they do not fit `arch`."""
+    {"missing", "unexpected", "resized"} key lists; CheckpointError if they do not fit `arch`."""
     own = model.state_dict()
     theirs, family = encoder_family(state), ARCHS[arch].family
     if theirs is not None and theirs != family:
-        raise ConfigError(f"{what} holds a {theirs} encoder; model.arch {arch} is a {family}: pick the "
+        raise CheckpointError(f"{what} holds a {theirs} encoder; model.arch {arch} is a {family}: pick the "
                           f"model.arch it was trained with")
     try:
         weights, resized = to_timm_layout(state, model, family)
     except ValueError as e:
-        raise ConfigError(f"{what} does not match model.arch {arch}: {e}") from None
+        raise CheckpointError(f"{what} does not match model.arch {arch}: {e}") from None
     for key, value in list(weights.items()):
         if key in own and own[key].shape != value.shape:
             if key.startswith("head"):
                 del weights[key]  # another number of classes: the head starts fresh
                 continue
-            raise ConfigError(f"{what} does not match model.arch {arch}: {key} is "
-                              f"{tuple(value.shape)} there, {tuple(own[key].shape)} here")
+            raise CheckpointError(f"{what} does not match model.arch {arch}: {key} is "
+                                  f"{tuple(value.shape)} there, {tuple(own[key].shape)} here")
     result = model.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(BUFFERS)]
     encoder_keys = [k for k in own if not k.startswith(("head", "fc_norm")) and not k.endswith(BUFFERS)]
     if len([k for k in encoder_keys if k in weights]) < 0.9 * len(encoder_keys):
-        raise ConfigError(f"{what} does not match model.arch {arch} "
-                          f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
+        raise CheckpointError(f"{what} does not match model.arch {arch} "
+                              f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
 
 
@@ -232,7 +234,7 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     config = ckpt.get("config")
     their_arch = config.get("model", {}).get("arch") if isinstance(config, dict) else None
     if their_arch is not None and their_arch != arch:
-        raise ConfigError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
+        raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
     return load_weights(model, ckpt.get("model", ckpt), arch, what)
 
 
@@ -359,8 +361,10 @@ class Classifier(nn.Module):
         super().__init__()
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
+        from timm.loss import SoftTargetCrossEntropy
 
         self.net, self.label_smoothing = net, label_smoothing
+        self.soft_target_loss = SoftTargetCrossEntropy()
         self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
                            label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
         self.erase = RandomErasing(reprob, mode="pixel", device="cpu") if reprob > 0 else None
@@ -385,7 +389,7 @@ class Classifier(nn.Module):
                     images, targets = self.mixup(images, labels)
         logits = self.net(images).float()
         if targets is not None:  # soft targets: mixed and label-smoothed
-            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return self.soft_target_loss(logits, targets)
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if self.training else 0.0)
 
 
@@ -394,19 +398,18 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
     """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks."""
+    from timm.utils import accuracy
+
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training
     net.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # n, top1, top5, loss sum
     for images, labels in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device.type, amp_dtype):
             logits = net(images).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
+        top1, top5 = (a.double() * len(labels) / 100 for a in accuracy(logits, labels, topk=(1, 5)))  # % -> hits
         totals += torch.stack([torch.tensor(len(labels), device=device, dtype=torch.float64),
-                               hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                               F.cross_entropy(logits, labels, reduction="sum").double()])
+                               top1.round(), top5.round(), F.cross_entropy(logits, labels, reduction="sum").double()])
     totals = all_reduce_sum(totals)
     net.train(was_training)
     n = max(totals[0].item(), 1)
@@ -488,7 +491,7 @@ class FinetuneTask:
 
 def finetune(cfg: Config) -> dict:
     if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).is_file():
-        raise ConfigError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
+        raise CheckpointError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
 
 
@@ -498,26 +501,26 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     state = read_checkpoint(Path(path), "checkpoint")
     weights = state.get("model", state)
     if any(k.removeprefix("module.").startswith(("encoder.", "decoder.")) for k in weights):
-        raise ConfigError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
-                          f"(simmim finetune --config ... finetune.pretrained={path})")
+        raise CheckpointError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
+                              f"(simmim finetune --config ... finetune.pretrained={path})")
     # this project's checkpoints carry their config; the released code's fine-tuned weights take
     # model.arch / data.img_size / model.window_size from the command line
     config = state.get("config")  # the released code's yacs config (upper-case keys) is not ours
     ours = isinstance(config, dict) and isinstance(config.get("model"), dict)
     cfg = config_from_dict(config, overrides) if ours else load_config(None, overrides)
-    dist = init_distributed(cfg.train.device)
     val = data or cfg.finetune.val_path
     if not val:
         raise ConfigError("no validation data: pass --data or set finetune.val_path")
-    loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
     heads = [v for k, v in weights.items() if k.endswith(("head.fc.weight", "head.weight"))]
-    if not heads:
-        raise ConfigError(f"'{path}' has no classification head (head.weight): not a fine-tuned checkpoint")
+    if not heads:  # (a bare StopIteration once)
+        raise CheckpointError(f"'{path}' has no classification head (head.weight): not a fine-tuned checkpoint")
     net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0)
     report = load_weights(net, weights, cfg.model.arch, f"checkpoint '{path}'")
     if report["missing"]:
-        raise ConfigError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
-                          f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")
+        raise CheckpointError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
+                              f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")
+    dist = init_distributed(cfg.train.device)  # the checkpoint is checked whole before any data is read
+    loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
     result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
     cleanup()
     return {**result, "checkpoint": str(path), "data": val}

@@ -35,20 +35,22 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from simmim.pipeline.errors import DatasetError
+from simmim.pipeline.errors import ConfigError, DatasetError
+from simmim.pipeline.io import atomic_write
 from simmim.pipeline.loaders import BACKEND_OPTIONS
 from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import CheckpointError, atomic_write, save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochResult, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
+from .precision import amp_dtype_for
 from .runfolder import RunLock, check_resume_config, job_id, newest_readable_checkpoint, set_aside
 from .schedule import LRSchedule
+from .validate import validate_config
 
 log = logging.getLogger("simmim")
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
 
 
@@ -135,14 +137,6 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
             handlers.append(logging.FileHandler(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got '{precision}'")
-    return PRECISIONS[precision]
 
 
 def loader_options(d) -> dict:
@@ -413,8 +407,8 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
     global_batch = d.batch_size * dist.world_size * accum
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
-                         f"accumulation steps: lower train.accum_steps or data.batch_size")
+        raise ConfigError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
+                          f"accumulation steps: lower train.accum_steps or data.batch_size")
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
     optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
@@ -463,7 +457,9 @@ def fit(cfg: Config, task: Task) -> dict:
     records, "wall_s", "final_loss", and the last epoch's extra metrics}. Each after writing a
     checkpoint, raises Preempted after a stop signal, Diverged after train.max_skipped_steps
     non-finite steps in a row, DataFailure when a data file fails. RunFolderBusy if another job
-    holds run.out_dir, ConfigError if it holds a run of another config."""
+    holds run.out_dir, ConfigError if it holds a run of another config or any value of `cfg` is out
+    of range."""
+    validate_config(cfg)  # a Config built in code, not by load_config, is checked here too
     dist = init_distributed(cfg.train.device)
     with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
         return train(cfg, task, dist)

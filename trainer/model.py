@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from simmim.kernels import mask_token_fill, masked_l1_loss
 from simmim.kernels.masked_l1 import check_options
+from simmim.pipeline.errors import ConfigError
 
 log = logging.getLogger("simmim")
 
@@ -91,18 +92,22 @@ def no_weight_decay(name: str, param: nn.Parameter, family: str, rule: str = "re
     return False
 
 
+def check_swin_window(arch: Arch, img_size: int, window_size: int) -> None:
+    grid = img_size // arch.patch_size
+    for stage in range(len(arch.depths)):
+        res = grid // 2 ** stage
+        if res % window_size and res > window_size:
+            raise ConfigError(f"Swin window {window_size} does not tile stage {stage} ({res}x{res} tokens) "
+                              f"at image size {img_size}: pick model.window_size dividing {res}")
+
+
 def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0):
     """The timm Swin / BEiT-style ViT of `arch`: the SimMIM encoder (num_classes=0: ViT with one shared
     relative position bias table) or, with a head, the fine-tuning classifier (ViT: one table per
     block, mean of the patch tokens + fc_norm, as the released fine-tuning)."""
     if arch.family == "swin":
         window_size = window_size or arch.window_size
-        grid = img_size // arch.patch_size
-        for stage in range(len(arch.depths)):
-            res = grid // 2 ** stage
-            if res % window_size and res > window_size:
-                raise ValueError(f"Swin window {window_size} does not tile stage {stage} ({res}x{res} tokens) "
-                                 f"at image size {img_size}: pick model.window_size dividing {res}")
+        check_swin_window(arch, img_size, window_size)
         return SwinTransformer(
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
             num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes)
@@ -229,21 +234,32 @@ class SimMIM(nn.Module):
         return loss, shuffle(out) if self.fused_shuffle else pred
 
 
+def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0) -> None:
+    """ConfigError (naming the keys) unless `arch` exists, its output stride divides
+    data.img_size, the mask cell is a whole number of patches tiling the image, and (Swin) the
+    window tiles every stage."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
+    a = ARCHS[arch]
+    stride = SwinEncoder.stride if a.family == "swin" else ViTEncoder.stride
+    if img_size % stride:
+        raise ConfigError(f"data.img_size {img_size} must be a multiple of the {arch} output stride {stride}")
+    if img_size % mask_patch_size or mask_patch_size % a.patch_size:
+        raise ConfigError(f"data.mask_patch_size {mask_patch_size} must divide data.img_size {img_size} and be a "
+                          f"multiple of the {arch} patch size {a.patch_size}")
+    if a.family == "swin":
+        check_swin_window(a, img_size, window_size or a.window_size)
+
+
 def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
                  drop_path: float = 0.0, loss: LossOptions = LossOptions(), fused_shuffle: bool = True) -> SimMIM:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
+    check_model_options(arch, img_size, mask_patch_size, window_size)
+    check_options(loss.loss, loss.norm_target)
     a = ARCHS[arch]
     if a.family == "swin":
         encoder = SwinEncoder(a, img_size, window_size, drop_path)
     else:
         encoder = ViTEncoder(a, img_size, drop_path)
-    check_options(loss.loss, loss.norm_target)
-    if img_size % encoder.stride:
-        raise ValueError(f"image size {img_size} must be a multiple of the {arch} output stride {encoder.stride}")
-    if img_size % mask_patch_size or mask_patch_size % a.patch_size:
-        raise ValueError(f"mask patch size {mask_patch_size} must divide image size {img_size} and be a "
-                         f"multiple of the {arch} patch size {a.patch_size}")
     return SimMIM(encoder, loss=loss, fused_shuffle=fused_shuffle)
 
 

@@ -129,14 +129,12 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
     """Loss (logged steps faint, epoch means and validation loss bold) and lr against the optimizer
     step, one colour per run, written atomically as PNG. `runs`: label -> metrics records."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from simmim.pipeline.io import atomic_write
 
-    from .checkpoint import atomic_write  # moves to simmim.pipeline.io
-
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_lr = fig.subplots(1, 2)
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
         steps, loss = _series(records, "loss")
@@ -159,7 +157,6 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return path
 
 

@@ -18,6 +18,7 @@ from .config import Config
 from .distributed import DistInfo, all_reduce_sum
 from .loop import fit, loader_options
 from .model import ARCHS, LossOptions, build_simmim, param_groups
+from .precision import autocast
 from .visualize import save_reconstruction
 
 log = logging.getLogger("simmim")
@@ -47,7 +48,7 @@ def validation_loss(model, loader, amp_dtype: torch.dtype | None) -> float:
     loader.set_epoch(0)
     total = None
     for images, masks in loader:
-        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(images.device.type, amp_dtype):
             loss = model(images, masks)
         part = torch.stack([loss.detach().float() * images.shape[0], torch.tensor(float(images.shape[0]),
                                                                                   device=images.device)])

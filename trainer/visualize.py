@@ -3,15 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from simmim.pipeline.augment import denormalize  # noqa: E402
-
-from .checkpoint import atomic_write  # noqa: E402
+from simmim.pipeline.augment import denormalize
+from simmim.pipeline.io import atomic_write
 
 
 def pixel_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -34,7 +30,8 @@ def reconstruction_panels(images: torch.Tensor, masks: torch.Tensor, pred: torch
 def save_reconstruction(images, masks, pred, mean, std, path: str | Path, title: str = "") -> Path:
     panels = reconstruction_panels(images, masks, pred, mean, std)
     n = images.shape[0]
-    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), squeeze=False)
+    fig = Figure(figsize=(1.6 * n, 5.2))
+    axes = fig.subplots(3, n, squeeze=False)
     for row, (name, panel) in enumerate(zip(("original", "masked input", "reconstruction"), panels)):
         for col in range(n):
             ax = axes[row][col]
@@ -47,5 +44,4 @@ def save_reconstruction(images, masks, pred, mean, std, path: str | Path, title:
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return path

@@ -1,0 +1,84 @@
+"""The full `simmim` command: the trainer's commands plus `simmim bench NAME [...]`.
+
+Dependencies run one way (DESIGN.md): benchmarks use the trainer, the pipeline and the kernels,
+and nothing imports benchmarks. So the trainer's CLI (`simmim.trainer.cli`, which `trainer/run.sh`
+calls) knows nothing of them, and the `simmim` console script is this module, at the top of the
+graph: it takes the trainer's parser, adds `bench`, and runs the result through the trainer's one
+error handler.
+
+    simmim bench avgdist [...]    the paper's Figure 3a
+    simmim bench kernels [...]    fused kernels vs references
+    simmim bench step [...]       training-step speed and MFU
+    simmim bench claims [...]     the paper's efficiency claims vs other methods
+    simmim bench loaders [...]    images/sec of each loader, same images
+    simmim bench compile [...]    Triton kernels built for sm_90/sm_80, no GPU
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from simmim.trainer.cli import build_parser, drop_local_rank, run
+
+
+def _avgdist(argv):
+    from .avg_dist import main
+    return main(argv)
+
+
+def _kernels(argv):
+    from .kernels import main
+    return main(argv)
+
+
+def _step(argv):
+    from .step import main
+    return main(argv)
+
+
+def _claims(argv):
+    from .claims import main
+    return main(argv)
+
+
+def _loaders(argv):
+    from .loaders import main
+    return main(argv)
+
+
+def _compile(argv):
+    from .compile_check import main
+    return main(argv)
+
+
+def _scale(argv):
+    from .scale import main
+    return main(argv)
+
+
+# name -> the benchmark's main (imported on use: each pulls in its own heavy dependencies)
+BENCHES: dict[str, Callable[[list[str]], object]] = {
+    "avgdist": _avgdist, "kernels": _kernels, "step": _step, "claims": _claims, "loaders": _loaders,
+    "compile": _compile, "scale": _scale}
+
+
+def cmd_bench(args) -> None:
+    BENCHES[args.name](args.rest)
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (results/<name>-<device>/: markdown, JSON, PNG)")
+    p.add_argument("name", choices=list(BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help)")
+    p.set_defaults(fn=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap, sub = build_parser()
+    add_bench(sub)
+    run(ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Atomic file output: a reader sees the old file or the new one, never half of one.
+
+Every output the project writes (clean lists, reports, `.beton` side files, checkpoints, figures,
+resolved configs, metrics) goes through `atomic_write`: the content is written to a temporary file
+in the destination's folder, then renamed onto the destination (`os.replace`, atomic on POSIX
+within one filesystem). The temporary file is created with mode 0o666, so the process umask
+applies exactly as for any file `open()` creates (the usual 0644); nothing reads or changes the
+umask.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Calls `write(tmp_path)`, then renames tmp onto `path`; creates the parent folder. On any
+    failure (an exception, Ctrl-C) the temporary file is removed and `path` is left as it was.
+    Returns `path` as a Path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:  # O_EXCL: a fresh name; 0o666 & ~umask, as open() would create it
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 1 in 4e9
+            continue
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, errors: str | None = None) -> Path:
+    """`text` to `path` as UTF-8, atomically; `errors` as for `open` (e.g. "surrogateescape" to
+    write back file names that are not valid UTF-8)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors=errors))
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """`obj` as indented JSON (one trailing newline) to `path`, atomically."""
+    return write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -1,0 +1,121 @@
+"""Dependencies run one way (DESIGN.md): kernels <- pipeline <- trainer <- benchmarks.
+
+Every module of every subpackage is parsed (not imported), and every import statement in it, at
+module level or inside a function, absolute or relative, is resolved to the subpackage it
+reaches. Dynamic imports (importlib.import_module, __import__) are refused outright: they would
+hide a dependency from this check.
+"""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# what each subpackage may import of ours (itself included)
+ALLOWED = {"kernels": {"kernels"},
+           "pipeline": {"pipeline", "kernels"},
+           "trainer": {"trainer", "pipeline", "kernels"},
+           "benchmarks": {"benchmarks", "trainer", "pipeline", "kernels"}}
+MODULES = sorted(p for pkg in ALLOWED for p in (REPO / pkg).rglob("*.py"))
+
+
+def imported_subpackages(path: Path) -> list[tuple[int, str]]:
+    """(line, subpackage) for every import of ours in `path`; raises on dynamic imports."""
+    rel = path.relative_to(REPO)
+    package = ["simmim", *rel.parts[:-1]]  # the module's own package, e.g. simmim.trainer
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if name in ("import_module", "__import__"):
+                raise AssertionError(f"{rel}:{node.lineno}: dynamic import ({name}); import by name instead")
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the module's package, `level - 1` packages up
+                base = package[:len(package) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            # `from simmim import trainer` names the subpackage in the imported names
+            names = [f"simmim.{a.name}" for a in node.names] if module == "simmim" else [module]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "simmim" and len(parts) > 1:
+                found.append((node.lineno, parts[1]))
+            elif parts[0] in ALLOWED:  # `import trainer...`: the folder name, not the package
+                found.append((node.lineno, parts[0]))
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(REPO)))
+def test_dependencies_run_one_way(path):
+    own = path.relative_to(REPO).parts[0]
+    bad = [f"line {line}: imports {pkg}" for line, pkg in imported_subpackages(path) if pkg not in ALLOWED[own]]
+    assert not bad, f"{path.relative_to(REPO)} ({own}) may import only {sorted(ALLOWED[own])}: {bad}"
+
+
+def test_the_check_sees_every_kind_of_import(tmp_path, monkeypatch):
+    """The parser catches absolute, relative (one and two levels), function-level and dynamic imports."""
+    pkg = tmp_path / "pipeline"
+    pkg.mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    cases = {"import simmim.trainer.config": "trainer", "from simmim.benchmarks import step": "benchmarks",
+             "from ..trainer import cli": "trainer", "from .. import benchmarks": "benchmarks",
+             "from simmim import trainer": "trainer", "from .folder import x": "pipeline",
+             "def f():\n    from simmim.trainer.checkpoint import atomic_write": "trainer"}
+    for i, (src, want) in enumerate(cases.items()):
+        f = pkg / f"m{i}.py"
+        f.write_text(src + "\n")
+        assert [p for _, p in imported_subpackages(f)] == [want], src
+    f = pkg / "dyn.py"
+    f.write_text("import importlib\nimportlib.import_module('simmim.trainer')\n")
+    with pytest.raises(AssertionError, match="dynamic import"):
+        imported_subpackages(f)
+
+
+def test_every_module_is_checked():
+    names = {str(p.relative_to(REPO)) for p in MODULES}
+    assert {"pipeline/scan.py", "trainer/cli.py", "benchmarks/cli.py", "kernels/masked_l1.py"} <= names
+
+
+IMPORT_ALL = """
+import importlib, os, signal, sys
+import torch
+# third-party libraries first: what they do at import is theirs (ffcv's compiler module sets torch's
+# thread count to 1); the check is that our modules add nothing
+for lib in ("ffcv.writer", "ffcv.loader", "nvidia.dali", "triton", "timm", "matplotlib.figure", "scipy.interpolate"):
+    try:
+        importlib.import_module(lib)
+    except ImportError:
+        pass
+def state():
+    umask = next(l.split()[1] for l in open("/proc/self/status") if l.startswith("Umask:"))
+    return (sys.unraisablehook, sys.excepthook, umask, torch.get_num_threads(), torch.get_default_dtype(),
+            [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)],
+            "matplotlib.pyplot" in sys.modules)
+before = state()
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+after = state()
+assert after == before, (before, after)
+print("imported", len(sys.argv) - 1)
+"""
+
+
+@pytest.mark.slow
+def test_importing_changes_no_process_state():
+    """No import-time global side effects: importing every module of ours leaves hooks, umask,
+    threads, default dtype, signal handlers and matplotlib's global state as they were."""
+    import subprocess
+
+    names = [f"simmim.{'.'.join(p.relative_to(REPO).with_suffix('').parts)}".removesuffix(".__init__")
+             for p in MODULES]
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL, *names], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"imported {len(names)}" in r.stdout
