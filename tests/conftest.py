@@ -58,7 +58,3 @@ def ramps(tmp_path_factory) -> Path:
     from helpers import make_ramps
 
     return make_ramps(tmp_path_factory.mktemp("ramps"))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over ~20 s on 2 cores; deselect with -m 'not slow' (CI runs both tiers)")
