@@ -13,7 +13,12 @@ mask token and the prediction head are dropped), go into a timm classifier of th
 architecture; missing and unexpected keys are reported; another architecture is refused;
 relative-position-bias tables are resized (bicubic, in torch) when the window changes, e.g.
 192 px / window 6 pre-training to 224 px / window 7 fine-tuning, and ViT position tables when the
-grid changes. Same sizes load unchanged.
+grid changes. Same sizes load unchanged. SwinV2 has no table to resize: its position bias is an
+MLP over log-spaced relative coordinates, which load as they are; when the window changes (e.g.
+192 px / window 12 -> 224 px / window 14), the coordinates are normalised by the pre-training
+window of each stage (read from the checkpoint's config), as the released SwinV2 fine-tuning does
+with pretrained_window_sizes, so offsets seen in pre-training give the MLP the same inputs and the
+new, larger offsets extrapolate along the log scale.
 
 Data: the same loaders as pre-training, in their classification form (`labels=True`, no masks):
 random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment
@@ -36,7 +41,7 @@ from simmim.pipeline.augment import denormalize, normalize
 
 from .config import Config, ConfigError
 from .distributed import DistInfo
-from .model import ARCHS, no_weight_decay, timm_model
+from .model import ARCHS, SWIN_FAMILIES, no_weight_decay, timm_model
 
 log = logging.getLogger("simmim")
 
@@ -119,6 +124,8 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     # buffers timm recomputes from the window (index tables, attention masks) are not weights
     weights = {k: v for k, v in weights.items() if not k.endswith(("relative_position_index", "attn_mask"))}
     result = model.load_state_dict(weights, strict=False)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+        resized += set_pretrained_windows(model, ckpt["config"])
     missing = [k for k in result.missing_keys if not k.endswith(("relative_position_index", "attn_mask"))]
     encoder_keys = [k for k in own if not k.startswith(("head", "fc_norm"))]
     if len([k for k in encoder_keys if k in weights]) < 0.9 * len(encoder_keys):
@@ -127,11 +134,36 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
 
 
+def set_pretrained_windows(model: nn.Module, pretrain_cfg: dict) -> list[str]:
+    """SwinV2 only: each attention's continuous-position-bias coordinates normalised by the window
+    its stage had in pre-training (pretrain_cfg: the checkpoint's config). Returns the names of the
+    attentions whose window differs from pre-training."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    if not isinstance(model, SwinTransformerV2):
+        return []
+    arch = ARCHS.get(pretrain_cfg.get("model", {}).get("arch", ""))
+    img = pretrain_cfg.get("data", {}).get("img_size")
+    if arch is None or not img:
+        return []
+    window = pretrain_cfg["model"].get("window_size") or arch.window_size
+    changed = []
+    for i, stage in enumerate(model.layers):
+        pre = min(window, img // arch.patch_size // 2 ** i)  # timm clamps a window to its stage's grid
+        for j, block in enumerate(stage.blocks):
+            attn = block.attn
+            if attn.window_size[0] != pre:
+                changed.append(f"layers.{i}.blocks.{j}.attn (window {pre} -> {attn.window_size[0]})")
+            attn.pretrained_window_size = (pre, pre)
+            attn.init_non_persistent_buffers()
+    return changed
+
+
 # ---------------------------------------------------------------- layer-wise lr decay
 
 def num_layers(arch: str) -> int:
     a = ARCHS[arch]
-    return sum(a.depths) if a.family == "swin" else a.depths[0]
+    return sum(a.depths) if a.family in SWIN_FAMILIES else a.depths[0]
 
 
 def layer_id(name: str, arch: str) -> int:
@@ -140,7 +172,7 @@ def layer_id(name: str, arch: str) -> int:
     a = ARCHS[arch]
     if name.startswith(("patch_embed", "cls_token", "pos_embed", "absolute_pos_embed", "reg_token")):
         return 0
-    if a.family == "swin":
+    if a.family in SWIN_FAMILIES:
         m = re.match(r"layers\.(\d+)\.(blocks\.(\d+)|downsample)", name)
         if m:
             stage = int(m.group(1))

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint_seq
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 
 from simmim.kernels import mask_token_fill, masked_l1_loss
@@ -23,7 +24,7 @@ from simmim.kernels.masked_l1 import check_options
 
 @dataclass(frozen=True)
 class Arch:
-    family: str  # "swin" | "vit"
+    family: str  # "swin" | "swinv2" | "vit"
     embed_dim: int
     depths: tuple[int, ...]  # per stage for Swin; (depth,) for ViT
     num_heads: tuple[int, ...]
@@ -41,19 +42,35 @@ ARCHS = {
     "swin_mini": Arch("swin", 64, (2, 2, 2, 2), (2, 4, 8, 16), window_size=4),
     "swin_micro": Arch("swin", 32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=4),
     "vit_micro": Arch("vit", 96, (4,), (3,), patch_size=16),
+    # SwinV2 (scaled cosine attention, log-spaced continuous position bias, res-post-norm): the
+    # paper's scaling study (SwinV2-H 658M, SwinV2-G 3.0B parameters) and a CPU-sized variant.
+    "swinv2_base": Arch("swinv2", 128, (2, 2, 18, 2), (4, 8, 16, 32), window_size=12),
+    "swinv2_large": Arch("swinv2", 192, (2, 2, 18, 2), (6, 12, 24, 48), window_size=12),
+    "swinv2_huge": Arch("swinv2", 352, (2, 2, 18, 2), (11, 22, 44, 88), window_size=12),
+    "swinv2_giant": Arch("swinv2", 512, (2, 2, 42, 4), (16, 32, 64, 128), window_size=12),
+    "swinv2_mini": Arch("swinv2", 64, (2, 2, 2, 2), (2, 4, 8, 16), window_size=4),
 }
+SWIN_FAMILIES = ("swin", "swinv2")  # hierarchical, stride 32, mask token after patch embed + norm
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases (all 1-D), position tables and the mask token take no weight decay."""
-    keys = ("mask_token", "pos_embed", "cls_token", "relative_position_bias_table", "absolute_pos_embed")
+    """Norms, biases (all 1-D), position tables, SwinV2's continuous-position-bias MLP and
+    attention logit scales (as the released SwinV2 code) and the mask token take no weight decay."""
+    keys = ("mask_token", "pos_embed", "cls_token", "relative_position_bias_table", "absolute_pos_embed",
+            "cpb_mlp", "logit_scale")
     return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
 
 
-def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0):
-    """The timm Swin / ViT of `arch`: the SimMIM encoder (num_classes=0) or, with a head, the
-    fine-tuning classifier (ViT classifies from the mean of its patch tokens, as BEiT and SimMIM do)."""
-    if arch.family == "swin":
+def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0,
+               pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)):
+    """The timm Swin / SwinV2 / ViT of `arch`: the SimMIM encoder (num_classes=0) or, with a head,
+    the fine-tuning classifier (ViT classifies from the mean of its patch tokens, as BEiT and SimMIM do).
+
+    SwinV2 only: `pretrained_window_sizes` (per stage; 0: this model's own window) is the window the
+    continuous position bias was trained at; its log-spaced coordinates are normalised by it, so a
+    model fine-tuned at another window or resolution reads the same inputs for the offsets it saw.
+    A stage whose grid is smaller than the window attends over the whole grid (timm clamps it)."""
+    if arch.family in SWIN_FAMILIES:
         window_size = window_size or arch.window_size
         grid = img_size // arch.patch_size
         for stage in range(len(arch.depths)):
@@ -61,6 +78,11 @@ def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float
             if res % window_size and res > window_size:
                 raise ValueError(f"Swin window {window_size} does not tile stage {stage} ({res}x{res} tokens) "
                                  f"at image size {img_size}: pick model.window_size dividing {res}")
+        if arch.family == "swinv2":
+            return SwinTransformerV2(
+                img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
+                num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path,
+                num_classes=num_classes, pretrained_window_sizes=tuple(pretrained_window_sizes))
         return SwinTransformer(
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
             num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes)
@@ -71,6 +93,8 @@ def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float
 
 
 class SwinEncoder(nn.Module):
+    """Swin or SwinV2 (by `arch.family`): timm's model minus its head, the mask token after the
+    patch embedding and its norm. Returns features (B, 8C, H/32, W/32)."""
     stride = 32
 
     def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float):
@@ -163,7 +187,7 @@ def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: in
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
     a = ARCHS[arch]
-    if a.family == "swin":
+    if a.family in SWIN_FAMILIES:
         encoder = SwinEncoder(a, img_size, window_size, drop_path)
     else:
         encoder = ViTEncoder(a, img_size, drop_path)
