@@ -88,7 +88,7 @@ def cmd_inspect(args) -> None:
 
 
 BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
-           "loaders": "loaders", "compile": "compile_check"}  # name -> module of simmim.benchmarks
+           "loaders": "loaders", "compile": "compile_check", "memory": "memory"}  # name -> module of simmim.benchmarks
 
 
 def cmd_bench(args) -> None:
