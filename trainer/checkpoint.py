@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -59,3 +60,184 @@ def load_checkpoint(path: str | Path) -> dict:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = checkpoints(Path(out_dir))
     return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------- sharded (DCP) checkpoints
+#
+# train.parallel=fsdp writes checkpoints through torch.distributed.checkpoint: a folder
+# checkpoint-{step} holding every rank's shards (written in parallel) and DCP's .metadata. The
+# folder is written as .checkpoint-{step}.tmp and renamed by rank 0 once DCP has returned on every
+# rank (its coordinator writes .metadata last), so a folder with the final name is complete; a
+# killed save leaves only a .tmp folder, which the next save or start removes. Model and
+# optimizer state go through get_state_dict / set_state_dict (fully qualified names, sharded
+# DTensors under FSDP2), so a checkpoint loads at any world size, sharded or not: DCP reshards.
+DCP_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ModelOptimizerState:
+    """DCP's Stateful for a model and its optimizer (plain, DDP-free or FSDP2-sharded)."""
+
+    def __init__(self, model, optimizer=None):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+
+
+def dcp_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete DCP checkpoints in out_dir, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*")
+             if p.is_dir() and (m := DCP_PATTERN.match(p.name)) and (p / ".metadata").is_file()]
+    return sorted(found)
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def remove_partial_saves(out_dir: Path) -> None:
+    """Deletes .checkpoint-*.tmp folders left by a save that did not finish (rank 0 only)."""
+    for tmp in Path(out_dir).glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, out_dir: Path, keep_last: int) -> None:
+    """tmp -> final (replacing an older save of the same step), then keep the newest keep_last."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, stale in dcp_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+class DCPCheckpointer:
+    """Saves and loads DCP checkpoints for every rank; rank 0 (`is_main`) publishes and prunes.
+
+    async_save: the state is staged to host memory, then written by a background thread over a
+    separate gloo group while training goes on; the next save (or `wait()`) waits for it."""
+
+    def __init__(self, out_dir: Path, is_main: bool, keep_last: int = 3, async_save: bool = False):
+        import torch.distributed as dist
+
+        self.out_dir, self.is_main, self.keep_last = Path(out_dir), is_main, keep_last
+        self.distributed = dist.is_initialized()
+        self.async_group = dist.new_group(backend="gloo") if async_save and self.distributed else None
+        self.async_save = async_save
+        self.pending = None
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_saves(self.out_dir)
+
+    def latest(self) -> Path | None:
+        found = dcp_checkpoints(self.out_dir)
+        return found[-1][1] if found else None
+
+    def save(self, step: int, model, optimizer, train_state: dict) -> Path:
+        """Writes checkpoint-{step} (every rank calls this); returns its path (published when this
+        returns, or when the async write finishes)."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        final = self.out_dir / f"checkpoint-{step:08d}"
+        tmp = self.out_dir / f".{final.name}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if self.distributed:
+            dist.barrier()
+        state = {"app": ModelOptimizerState(model, optimizer), "train": dict(train_state)}
+        if self.async_save:
+            self.pending = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
+            if self.is_main:
+                self.pending.add_done_callback(
+                    lambda f: f.exception() is None and _publish(tmp, final, self.out_dir, self.keep_last))
+            return final
+        dcp.save(state, checkpoint_id=str(tmp))  # returns on every rank once .metadata is written
+        if self.is_main:
+            _publish(tmp, final, self.out_dir, self.keep_last)
+        if self.distributed:
+            dist.barrier()
+        return final
+
+    def wait(self) -> None:
+        """Waits for an async save in flight (raises its error, if any)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+            if self.distributed:
+                import torch.distributed as dist
+
+                dist.barrier()  # rank 0's publish callback has run before anyone looks for the folder
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Loads model and optimizer state in place (resharded to this world size); returns the
+        train state saved beside them."""
+        import torch.distributed.checkpoint as dcp
+
+        state = {"app": ModelOptimizerState(model, optimizer), "train": read_dcp_train_state(path)}
+        dcp.load(state, checkpoint_id=str(path))
+        return state["train"]
+
+
+def read_dcp_train_state(path: str | Path) -> dict:
+    """The train state (epoch, step, global batch, world size, config, ...) of a DCP checkpoint,
+    without reading its tensors."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata()
+    keys = [k for k, v in meta.state_dict_metadata.items() if k.startswith("train.")
+            and isinstance(v, BytesStorageMetadata)]
+    flat = {k: None for k in keys}
+    dcp.load(flat, storage_reader=reader, no_dist=True)
+    out: dict = {}
+    for k, v in flat.items():
+        node = out
+        parts = k.split(".")[1:]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = pickle.loads(v) if isinstance(v, bytes) else v
+    return out
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> dict:
+    """A DCP checkpoint as one torch.save-style dict {"model", "optimizer"?, "config", ...} (the
+    layout train.parallel=ddp writes), through torch.distributed.checkpoint.format_utils.
+    dcp_to_torch_save; also written to `out` (atomically) when given."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        raise FileNotFoundError(f"'{path}' is not a complete DCP checkpoint (no .metadata)")
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "full.pt"
+        dcp_to_torch_save(path, flat)
+        full = torch.load(flat, map_location="cpu", weights_only=False)
+    app = full.get("app", {})
+    state = {**full.get("train", {}), "model": app.get("model", {})}
+    if "optim" in app:
+        state["optimizer"] = app["optim"]
+    if out is not None:
+        atomic_write(Path(out), lambda t: torch.save(state, t))
+    return state
