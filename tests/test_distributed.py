@@ -14,7 +14,8 @@ import torch
 
 from simmim.trainer.checkpoint import checkpoints, load_checkpoint
 from simmim.trainer.config import load_config
-from simmim.trainer.pretrain import Diverged, pretrain, resolve_accumulation
+from simmim.trainer.loop import Diverged, TrainState, resolve_accumulation
+from simmim.trainer.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "trainer" / "run.sh"
@@ -131,7 +132,7 @@ def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_pa
     code, text = finish(proc)
     assert code == 75, text
     assert "received SIGTERM" in text and "run the same command to resume" in text
-    step = load_checkpoint(checkpoints(out)[-1][1])
+    step = load_checkpoint(checkpoints(out)[-1][1])["train_state"]
     assert step["epoch"] == 1 and 0 < step["step_in_epoch"] < 7  # stopped mid-epoch 1
     code, text = finish(cli(args))
     assert code == 0, text
@@ -236,7 +237,7 @@ def test_nonfinite_steps_are_skipped(sample_root, tmp_path, monkeypatch):
     assert [r["loss"] is None for r in recs] == [False, False, True, True, False, False, False]  # JSON null
     assert summary["epochs"][0]["loss"] == summary["epochs"][0]["loss"]  # the epoch mean skips NaN steps
     state = load_checkpoint(checkpoints(out)[-1][1])
-    assert state["skipped_steps"] == 2
+    assert state["train_state"]["skipped_steps"] == 2
     adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {7 - 2}  # the optimizer took 5 real steps of 7
 
@@ -257,12 +258,13 @@ def test_divergence_stops_with_checkpoint(sample_root, tmp_path, monkeypatch):
     with pytest.raises(Diverged, match="3 consecutive steps had a non-finite loss"):
         pretrain(tiny_cfg(sample_root, out, "train.epochs=2", "data.batch_size=8", "train.max_skipped_steps=3"))
     state = load_checkpoint(checkpoints(out)[-1][1])
-    assert state["epoch"] == 0 and state["step_in_epoch"] == 5 and state["skipped_steps"] == 3
+    train_state = state["train_state"]
+    assert train_state["epoch"] == 0 and train_state["step_in_epoch"] == 5 and train_state["skipped_steps"] == 3
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
 
 def test_world_size_change_keeps_global_batch(caplog):
-    state = {"global_batch": 2048, "world_size": 16}
+    state = TrainState(global_batch=2048, world_size=16)
     with caplog.at_level("WARNING"):
         assert resolve_accumulation(state, 128, 8, 1) == 2
     assert "accum_steps 1 -> 2 keeps the global batch at 2048" in caplog.text
@@ -270,3 +272,13 @@ def test_world_size_change_keeps_global_batch(caplog):
     with caplog.at_level("WARNING"):
         assert resolve_accumulation(state, 128, 24, 1) == 1
     assert "the global batch changes from 2048 to 3072" in caplog.text
+
+
+def test_train_state_round_trip_and_old_checkpoints():
+    s = TrainState(epoch=3, step_in_epoch=5, global_batch=64, world_size=2, skipped_steps=1)
+    t = TrainState()
+    t.load_state_dict(s.state_dict())
+    assert t == s
+    # checkpoints written before TrainState kept these keys at the top level
+    old = {"model": {}, "epoch": 3, "step_in_epoch": 5, "global_batch": 64, "world_size": 2, "skipped_steps": 1}
+    assert TrainState.from_checkpoint(old) == s

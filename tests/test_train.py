@@ -45,7 +45,8 @@ def test_short_run_loss_falls_and_writes_outputs(sample_root, tmp_path):
                  "checkpoint-00000021.pt", "checkpoint-00000056.pt"):
         assert (out / name).exists(), name
     state = load_checkpoint(latest_checkpoint(out))  # weights_only=True
-    assert state["epoch"] == 7 and state["step_in_epoch"] == 7 and "mask_token" in "".join(state["model"]) and state["optimizer"]["state"]
+    train_state = state["train_state"]
+    assert train_state["epoch"] == 7 and train_state["step_in_epoch"] == 7 and "mask_token" in "".join(state["model"]) and state["optimizer"]["state"]
     assert load_config(str(out / "config.yaml")) == cfg
     log = (out / "log.txt").read_text()
     assert "effective" in log and "img/s" in log and "grad_norm" in log

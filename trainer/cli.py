@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .config import ConfigError
 
-    from .pretrain import REQUEUE_EXIT, Diverged, Preempted
+    from .loop import REQUEUE_EXIT, Diverged, Preempted
 
     try:
         args.fn(args)

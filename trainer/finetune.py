@@ -39,8 +39,10 @@ from torch import nn
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 
-from .config import Config, ConfigError
-from .distributed import DistInfo
+from .checkpoint import load_checkpoint
+from .config import Config, ConfigError, config_from_dict
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .loop import amp_dtype_for, fit, loader_options
 from .model import ARCHS, SWIN_FAMILIES, no_weight_decay, timm_model
 
 log = logging.getLogger("simmim")
@@ -307,8 +309,6 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
     """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks."""
-    from .distributed import all_reduce_sum
-
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training
     net.eval()
@@ -331,8 +331,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
 
 def eval_loader(cfg: Config, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
-    from .pretrain import loader_options
-
     aug = Augmentation(size=d.img_size)
     return build_loader(backend, path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
                         dist.world_size, cfg.train.seed, **{**loader_options(d), "train": False, "labels": True,
@@ -357,8 +355,6 @@ class FinetuneTask:
         self.best = 0.0
 
     def build(self, dist: DistInfo):
-        from .pretrain import loader_options
-
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
         aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
         options = {**loader_options(d), "train": True, "labels": True}
@@ -406,8 +402,6 @@ class FinetuneTask:
 
 
 def finetune(cfg: Config) -> dict:
-    from .pretrain import fit
-
     if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).is_file():
         raise ConfigError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
@@ -416,10 +410,6 @@ def finetune(cfg: Config) -> dict:
 def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None = None,
                         overrides: list[str] = ()) -> dict:
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
-    from .checkpoint import load_checkpoint
-    from .config import config_from_dict
-    from .distributed import cleanup, init_distributed
-
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist")
     state = load_checkpoint(Path(path))
@@ -436,8 +426,6 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     net = build_classifier(cfg.model.arch, cfg.data.img_size, head.shape[0], cfg.model.window_size, 0.0)
     weights = {k.removeprefix("net."): v for k, v in state["model"].items() if k.startswith("net.")}
     net.load_state_dict(weights)
-    from .pretrain import amp_dtype_for
-
     result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
     cleanup()
     return {**result, "checkpoint": str(path), "data": val}

@@ -1,0 +1,377 @@
+"""The run loop shared by pre-training and fine-tuning: `fit(cfg, task)`.
+
+`fit` owns what every training run does the same way: distributed set-up, the run folder (config,
+log, metrics), resume from the newest checkpoint (mid-epoch if that is where it stopped), the lr
+schedule, the optimizer, epochs, checkpoints and stop signals. What differs between pre-training
+and fine-tuning (the model, the loader, parameter groups, end-of-epoch work) comes from a `Task`.
+
+Restarting the same command resumes and continues the same trajectory: order, augmentation,
+masks and drop-path noise are functions of (seed, epoch, step, rank), never of how the run got there.
+
+SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
+is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from simmim.pipeline.loaders import BACKEND_OPTIONS
+
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .engine import EpochResult, StepState, train_one_epoch
+from .schedule import LRSchedule
+
+log = logging.getLogger("simmim")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
+
+
+class Preempted(Exception):
+    """Stopped by a signal after writing a checkpoint."""
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite steps."""
+
+
+class Task(Protocol):
+    """What a kind of training (pre-training, fine-tuning) gives `fit`."""
+
+    def build(self, dist: DistInfo) -> tuple[nn.Module, object]:
+        """The model (on dist.device; `model(*batch)` returns the loss) and the training loader
+        (`set_epoch(epoch, start_batch)`, `len()`, `num_samples`)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The optimizer's parameter groups (a group's `lr_scale` multiplies the schedule's lr)."""
+
+    def describe_data(self) -> str:
+        """One phrase for the start-of-run log line about the data."""
+
+    def prepare(self, model: nn.Module, loader, dist: DistInfo) -> None:
+        """Work that needs the built loader, before the first step (e.g. a fixed figure batch)."""
+
+    def after_epoch(self, model: nn.Module, epoch: int, last: bool, out_dir: Path, dist: DistInfo,
+                    amp_dtype: torch.dtype | None) -> dict:
+        """End-of-epoch work (figures, evaluation); returns extra metrics for the epoch's record."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, saved in every checkpoint beside the weights and optimizer state.
+
+    `step_in_epoch` counts optimizer steps of `epoch` completed (steps_per_epoch at an epoch's end);
+    `global_batch` and `world_size` let a resume on another world size keep the global batch."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_batch: int = 0
+    world_size: int = 1
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "TrainState":
+        """From a checkpoint's `train_state`, or from the flat keys written before it existed."""
+        s = cls()
+        s.load_state_dict(ckpt.get("train_state", ckpt))
+        return s
+
+
+def setup_logging(out_dir: Path | None, is_main: bool) -> None:
+    handlers: list[logging.Handler] = []
+    if is_main:
+        handlers.append(logging.StreamHandler(sys.stdout))
+        if out_dir is not None:
+            handlers.append(logging.FileHandler(out_dir / "log.txt"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    return PRECISIONS[precision]
+
+
+def loader_options(d) -> dict:
+    """The `data.*` keys that are backend options (see `pipeline.loaders`), for `build_loader`."""
+    return {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if f.name in BACKEND_OPTIONS}
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the training loop polls it."""
+
+    def __init__(self):
+        self.signum = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now, without a checkpoint
+            raise SystemExit(128 + signum)
+        log.warning("received %s: stopping after the current step with a checkpoint (send it again "
+                    "to stop at once)", signal.Signals(signum).name)
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum != 0
+
+
+class MetricsLog:
+    """run_dir/metrics.jsonl, one record per line. On resume, records at or past the resumed
+    step are dropped (atomically), so the log never holds a step twice."""
+
+    def __init__(self, path: Path, keep_before_step: int | None):
+        self.path = path
+        if path.exists() and keep_before_step is not None:
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", -1) < keep_before_step]
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+        elif path.exists():
+            path.unlink()
+
+    def __call__(self, record: dict) -> None:
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def resolve_accumulation(state: TrainState | None, batch_size: int, world: int, accum: int) -> int:
+    """Keeps a resumed run's global batch when the world size changed, through accumulation;
+    if that cannot be done exactly, says what changes."""
+    if state is None or state.global_batch == batch_size * world * accum:
+        return accum
+    old = state.global_batch
+    if old % (batch_size * world) == 0:
+        new_accum = old // (batch_size * world)
+        log.warning("world size %d -> %d: train.accum_steps %d -> %d keeps the global batch at %d",
+                    state.world_size, world, accum, new_accum, old)
+        return new_accum
+    log.warning("world size %d -> %d: the global batch changes from %d to %d (%d is not a multiple of "
+                "%d x %d ranks); the lr is rescaled to the new batch and the schedule to the new "
+                "steps per epoch", state.world_size, world, old, batch_size * world * accum, old,
+                batch_size, world)
+    return accum
+
+
+def build_schedule(o, t, global_batch: int, steps_per_epoch: int) -> LRSchedule:
+    """The per-step lr: base values scaled by global batch / 512 (the paper's rule)."""
+    scale = global_batch / 512
+    return LRSchedule(
+        lr=o.base_lr * scale, warmup_lr=o.warmup_lr * scale, min_lr=o.min_lr * scale,
+        warmup_steps=t.warmup_epochs * steps_per_epoch, total_steps=t.epochs * steps_per_epoch,
+        kind=o.scheduler, milestones=tuple(e * steps_per_epoch for e in o.milestones), gamma=o.gamma)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between its set-up and its end."""
+    cfg: Config
+    task: Task
+    dist: DistInfo
+    out_dir: Path
+    amp_dtype: torch.dtype | None
+    model: nn.Module
+    train_model: nn.Module  # the model wrapped for training (DDP, torch.compile)
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: LRSchedule
+    step_state: StepState
+    state: TrainState
+    accum: int
+    steps_per_epoch: int
+    metrics: Callable[[dict], None]
+
+    def checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
+        """Rank 0 writes checkpoint-{global step}.pt; the others return None."""
+        if not self.dist.is_main:
+            return None
+        self.state.epoch, self.state.step_in_epoch = epoch, step_in_epoch
+        self.state.skipped_steps = int(self.step_state.skipped.item())
+        s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "scaler": self.scaler.state_dict(), "train_state": self.state.state_dict(),
+             "config": self.cfg.to_dict()}
+        path = save_checkpoint(self.out_dir, epoch * self.steps_per_epoch + step_in_epoch, s,
+                               self.cfg.run.keep_last)
+        log.info("saved %s", path)
+        return path
+
+    def log_step(self, rec: dict) -> None:
+        self.metrics(rec)
+        log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s%s", rec["epoch"], rec["step"],
+                 rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
+                 f"  skipped {rec['skipped_steps']}" if rec["skipped_steps"] else "")
+
+    def run_epoch(self, epoch: int, start_step: int, stop: StopFlag) -> EpochResult:
+        t, o, r = self.cfg.train, self.cfg.optim, self.cfg.run
+        self.loader.set_epoch(epoch, start_step * self.accum)
+        return train_one_epoch(
+            self.train_model, self.loader, self.optimizer, self.schedule, epoch=epoch,
+            steps_per_epoch=self.steps_per_epoch, start_step=start_step, accum_steps=self.accum,
+            clip_grad=o.clip_grad, amp_dtype=self.amp_dtype, scaler=self.scaler, state=self.step_state,
+            world_size=self.dist.world_size, log_every=r.log_every, log=self.log_step, seed=t.seed,
+            rank=self.dist.rank, stop_requested=stop, max_skipped_streak=t.max_skipped_steps,
+            stop_check_every=r.stop_check_every,
+            progress=r.progress and self.dist.is_main and sys.stderr.isatty())
+
+    def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
+        """A diverged or signalled epoch: checkpoint, leave the process group, raise."""
+        path = self.checkpoint(epoch, res.steps_done)  # skipped steps left the weights untouched
+        barrier()
+        cleanup()
+        if res.stopped == "diverged":
+            raise Diverged(f"{self.cfg.train.max_skipped_steps} consecutive steps had a non-finite loss or "
+                           f"gradient (epoch {epoch}); the weights from before are in {path or self.out_dir}: "
+                           f"lower optim.base_lr or raise train.max_skipped_steps")
+        raise Preempted(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
+                        f"at epoch {epoch}, step {res.steps_done}: run the same command to resume")
+
+    def end_epoch(self, epoch: int, res: EpochResult, elapsed: float) -> dict:
+        """The task's end-of-epoch work, the epoch record, the periodic checkpoint."""
+        last = epoch == self.cfg.train.epochs - 1
+        extra = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
+        log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
+                 "".join(f", {k} {v:.4g}" for k, v in extra.items()), elapsed)
+        if self.dist.is_main:
+            self.metrics({"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch - 1,
+                          "epoch_loss": res.loss, **extra})
+            if (epoch + 1) % self.cfg.run.save_every == 0 or last:
+                self.checkpoint(epoch, self.steps_per_epoch)
+        barrier()
+        return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
+
+
+def start_run(cfg: Config) -> tuple[DistInfo, Path]:
+    """Process group, run folder, config file, logging."""
+    dist = init_distributed(cfg.train.device)
+    out_dir = Path(cfg.run.out_dir)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    setup_logging(out_dir if dist.is_main else None, dist.is_main)
+    return dist, out_dir
+
+
+def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, object]:
+    t = cfg.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model, loader = task.build(dist)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if t.channels_last and dist.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, loader
+
+
+def wrap_for_training(model: nn.Module, dist: DistInfo, compile: bool) -> nn.Module:
+    train_model = model
+    if dist.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return torch.compile(train_model) if compile else train_model
+
+
+def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
+    """Builds everything and resumes; returns the run and the (epoch, step) to start from."""
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    dist, out_dir = start_run(cfg)
+    amp_dtype = amp_dtype_for(t.precision, dist.device)
+    model, loader = build_model(cfg, task, dist)
+
+    resumed = latest_checkpoint(out_dir)
+    ckpt = load_checkpoint(resumed) if resumed is not None else None
+    old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
+    accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
+    global_batch = d.batch_size * dist.world_size * accum
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
+                         f"accumulation steps: lower train.accum_steps or data.batch_size")
+    schedule = build_schedule(o, t, global_batch, steps_per_epoch)
+    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
+    step_state = StepState(dist.device)
+    state = TrainState(global_batch=global_batch, world_size=dist.world_size)
+
+    epoch, start_step = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step_state.skipped += old.skipped_steps
+        epoch, start_step = old.epoch, min(old.step_in_epoch, steps_per_epoch)
+        if start_step == steps_per_epoch:
+            epoch, start_step = epoch + 1, 0
+        log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", epoch * steps_per_epoch + start_step if ckpt else None) \
+        if dist.is_main else (lambda record: None)
+    train_model = wrap_for_training(model, dist, t.compile)
+    task.prepare(model, loader, dist)
+    run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
+              step_state, state, accum, steps_per_epoch, metrics)
+    return run, epoch, start_step
+
+
+def log_start(run: Run) -> None:
+    cfg, dist = run.cfg, run.dist
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    n_params = sum(p.numel() for p in run.model.parameters())
+    precision = {None: "fp32"}.get(run.amp_dtype, str(run.amp_dtype).removeprefix("torch."))
+    log.info("model %s: %.1fM parameters, %s, precision %s, world size %d%s%s", cfg.model.arch, n_params / 1e6,
+             dist.device, precision, dist.world_size, ", compiled" if t.compile else "",
+             ", activation checkpointing" if t.grad_checkpointing else "")
+    log.info("data %s: %d images, %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
+             d.backend, run.loader.num_samples, run.task.describe_data(), run.steps_per_epoch,
+             run.state.global_batch, d.batch_size, dist.world_size, run.accum)
+    s = run.schedule
+    log.info("lr: base %.3g -> effective %.3g (x %.4g = global batch / 512); warmup %.3g, min %.3g",
+             o.base_lr, s.lr, run.state.global_batch / 512, s.warmup_lr, s.min_lr)
+
+
+def fit(cfg: Config, task: Task) -> dict:
+    """Trains `task` as `cfg` says (see the module docstring); returns {"epochs": per-epoch
+    records, "wall_s", "final_loss", and the last epoch's extra metrics}. Raises Preempted after a
+    stop signal and Diverged after train.max_skipped_steps non-finite steps in a row, each after
+    writing a checkpoint."""
+    run, first_epoch, start_step = setup_run(cfg, task)
+    log_start(run)
+    stop = StopFlag()
+    history, start = [], time.perf_counter()
+    for epoch in range(first_epoch, cfg.train.epochs):
+        res = run.run_epoch(epoch, start_step, stop)
+        start_step = 0
+        if res.stopped:
+            run.stop_early(epoch, res, stop)
+        history.append(run.end_epoch(epoch, res, time.perf_counter() - start))
+    summary = {"epochs": history, "wall_s": time.perf_counter() - start,
+               "final_loss": history[-1]["loss"] if history else math.nan,
+               **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
+    if history:
+        log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], run.out_dir)
+    cleanup()
+    return summary
