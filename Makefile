@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Debian packages the set-up needs: FFCV builds from source against OpenCV and libjpeg-turbo.
 SYS_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: setup sysdeps demo test avgdist clean
+.PHONY: setup sysdeps demo test test-slow avgdist clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ demo: setup data/sample/.complete
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-slow: setup  # the multi-process tier (FSDP2 / DCP over gloo), minutes on 2 cores
+	$(PY) -m pytest -q --slow -m slow tests
 
 avgdist: setup
 	$(VENV)/bin/simmim bench avgdist --out results/avgdist

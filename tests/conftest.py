@@ -39,3 +39,20 @@ def ramps(tmp_path_factory) -> Path:
     from helpers import make_ramps
 
     return make_ramps(tmp_path_factory.mktemp("ramps"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (multi-process, > 20 s)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process tests over ~20 s; skipped unless --slow or -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow tier: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,6 +1,7 @@
 """Atomic checkpoints (temp file + rename), the last K kept, loadable with weights_only=True."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -47,7 +48,11 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, keep_last: int = 3) -
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as one dict ({"model", "optimizer", "train_state", "scaler", "config"}): a
+    torch.save file, or a DCP folder consolidated in memory."""
     path = Path(path)
+    if is_dcp_checkpoint(path):
+        return consolidate(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     try:
@@ -60,6 +65,43 @@ def load_checkpoint(path: str | Path) -> dict:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     found = checkpoints(Path(out_dir))
     return found[-1][1] if found else None
+
+
+class TorchSaveCheckpointer:
+    """train.parallel=ddp: rank 0 writes the whole model and optimizer to checkpoint-{step}.pt
+    (atomically), every rank reads it. `train_state` is the rest of a checkpoint (train_state,
+    scaler, config), saved beside "model" and "optimizer"."""
+
+    def __init__(self, out_dir: Path, is_main: bool, keep_last: int = 3):
+        self.out_dir, self.is_main, self.keep_last = Path(out_dir), is_main, keep_last
+        self._cached: tuple[Path, dict] | None = None
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.out_dir)
+
+    def _read(self, path: Path) -> dict:
+        if self._cached is None or self._cached[0] != path:
+            self._cached = (path, load_checkpoint(path))
+        return self._cached[1]
+
+    def read(self, path: Path) -> dict:
+        return {k: v for k, v in self._read(path).items() if k not in ("model", "optimizer")}
+
+    def save(self, step: int, model, optimizer, train_state: dict) -> Path | None:
+        if not self.is_main:
+            return None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **train_state}
+        return save_checkpoint(self.out_dir, step, state, self.keep_last)
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        ckpt = self._read(path)
+        self._cached = None
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+
+    def wait(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- sharded (DCP) checkpoints
@@ -149,6 +191,9 @@ class DCPCheckpointer:
         found = dcp_checkpoints(self.out_dir)
         return found[-1][1] if found else None
 
+    def read(self, path: Path) -> dict:
+        return read_dcp_train_state(path)
+
     def save(self, step: int, model, optimizer, train_state: dict) -> Path:
         """Writes checkpoint-{step} (every rank calls this); returns its path (published when this
         returns, or when the async write finishes)."""
@@ -159,18 +204,18 @@ class DCPCheckpointer:
         final = self.out_dir / f"checkpoint-{step:08d}"
         tmp = self.out_dir / f".{final.name}.tmp"
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_partial_saves(self.out_dir)
             tmp.mkdir(parents=True)
         if self.distributed:
             dist.barrier()
-        state = {"app": ModelOptimizerState(model, optimizer), "train": dict(train_state)}
+        state = {"app": ModelOptimizerState(model, optimizer), "train": {"json": json.dumps(train_state)}}
         if self.async_save:
             self.pending = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
             if self.is_main:
                 self.pending.add_done_callback(
                     lambda f: f.exception() is None and _publish(tmp, final, self.out_dir, self.keep_last))
             return final
-        dcp.save(state, checkpoint_id=str(tmp))  # returns on every rank once .metadata is written
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)  # returns on every rank once .metadata is written
         if self.is_main:
             _publish(tmp, final, self.out_dir, self.keep_last)
         if self.distributed:
@@ -192,33 +237,19 @@ class DCPCheckpointer:
         train state saved beside them."""
         import torch.distributed.checkpoint as dcp
 
-        state = {"app": ModelOptimizerState(model, optimizer), "train": read_dcp_train_state(path)}
-        dcp.load(state, checkpoint_id=str(path))
-        return state["train"]
+        train = read_dcp_train_state(path)
+        dcp.load({"app": ModelOptimizerState(model, optimizer)}, checkpoint_id=str(path), no_dist=not self.distributed)
+        return train
 
 
 def read_dcp_train_state(path: str | Path) -> dict:
-    """The train state (epoch, step, global batch, world size, config, ...) of a DCP checkpoint,
-    without reading its tensors."""
-    import pickle
-
+    """The train state (train_state, scaler, config), saved as one JSON entry in a DCP checkpoint,
+    read without its tensors."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
-    meta = reader.read_metadata()
-    keys = [k for k, v in meta.state_dict_metadata.items() if k.startswith("train.")
-            and isinstance(v, BytesStorageMetadata)]
-    flat = {k: None for k in keys}
-    dcp.load(flat, storage_reader=reader, no_dist=True)
-    out: dict = {}
-    for k, v in flat.items():
-        node = out
-        parts = k.split(".")[1:]
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = pickle.loads(v) if isinstance(v, bytes) else v
-    return out
+    entry = {"train": {"json": ""}}
+    dcp.load(entry, checkpoint_id=str(path), no_dist=True)
+    return json.loads(entry["train"]["json"])
 
 
 def consolidate(path: str | Path, out: str | Path | None = None) -> dict:
@@ -235,9 +266,16 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> dict:
         dcp_to_torch_save(path, flat)
         full = torch.load(flat, map_location="cpu", weights_only=False)
     app = full.get("app", {})
-    state = {**full.get("train", {}), "model": app.get("model", {})}
+    state = {**json.loads(full["train"]["json"]), "model": app.get("model", {})}
     if "optim" in app:
         state["optimizer"] = app["optim"]
     if out is not None:
         atomic_write(Path(out), lambda t: torch.save(state, t))
     return state
+
+
+def make_checkpointer(parallel: str, out_dir: Path, is_main: bool, keep_last: int, async_save: bool):
+    """torch.save files for DDP, sharded DCP folders for FSDP2 (see each class)."""
+    if parallel == "fsdp":
+        return DCPCheckpointer(out_dir, is_main, keep_last, async_save)
+    return TorchSaveCheckpointer(out_dir, is_main, keep_last)

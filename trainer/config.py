@@ -81,6 +81,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
     channels_last: bool = True  # CUDA only
     max_skipped_steps: int = 20  # consecutive non-finite steps before the run stops
+    parallel: str = "ddp"  # ddp (whole model per rank, torch.save checkpoints) | fsdp (FSDP2, DCP checkpoints)
+    cpu_offload: bool = False  # fsdp: parameter / gradient / optimizer shards in host memory
 
 
 @dataclass
@@ -92,6 +94,7 @@ class RunConfig:
     vis_every: int = 10  # epochs; the final epoch always writes a figure
     progress: bool = True
     stop_check_every: int = 10  # steps between checks for a stop signal across ranks
+    async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
 
 
 @dataclass

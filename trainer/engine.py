@@ -1,14 +1,13 @@
 """One training epoch, pre-training or fine-tuning: the only place a step is written.
 
-One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP
-all-reduce skipped on non-final micro-steps), grad-norm clipping, a GradScaler that is a no-op
-unless fp16. A step whose gradient norm is not finite is skipped on the device (the fused AdamW
+One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP's
+all-reduce or FSDP2's reduce-scatter skipped on non-final micro-steps), grad-norm clipping (over
+all ranks' shards under FSDP2), a GradScaler that is a no-op unless fp16. A step whose gradient norm is not finite is skipped on the device (the fused AdamW
 reads a found-inf flag), so the host waits on the device only at log intervals, where the loss,
 the skipped-step count and a stop request (preemption signal) are read.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -17,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .distributed import all_reduce_max, all_reduce_mean
+from .parallel import clip_grad_norm, sync_context
 
 
 class StepState:
@@ -70,15 +70,14 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         for micro in range(accum_steps):
             batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
             last = micro == accum_steps - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            with sync_context(model, last):
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss = model(*batch)
                 scaler.scale(loss / accum_steps).backward()
             step_loss += loss.detach() / accum_steps
             images_seen += batch[0].shape[0]
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+        grad_norm = clip_grad_norm(params, clip_grad if clip_grad > 0 else float("inf"))
         found_inf = (~torch.isfinite(grad_norm)).float()
         if scaler.is_enabled():
             scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself

@@ -39,7 +39,7 @@ from torch import nn
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 
-from .checkpoint import load_checkpoint
+from .checkpoint import consolidate, is_dcp_checkpoint, load_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import amp_dtype_for, fit, loader_options
@@ -83,10 +83,10 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     from timm.layers import resample_abs_pos_embed
 
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or is_dcp_checkpoint(path)):
         raise ConfigError(f"finetune.pretrained: '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a DCP folder (train.parallel=fsdp) is consolidated in memory first
+        ckpt = consolidate(path) if is_dcp_checkpoint(path) else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure
         raise ConfigError(f"finetune.pretrained: '{path}' is not a simmim checkpoint ({type(e).__name__})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
@@ -402,7 +402,8 @@ class FinetuneTask:
 
 
 def finetune(cfg: Config) -> dict:
-    if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).is_file():
+    if cfg.finetune.pretrained and not (Path(cfg.finetune.pretrained).is_file() or
+                                        is_dcp_checkpoint(cfg.finetune.pretrained)):
         raise ConfigError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
 
@@ -410,7 +411,7 @@ def finetune(cfg: Config) -> dict:
 def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None = None,
                         overrides: list[str] = ()) -> dict:
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or is_dcp_checkpoint(path)):
         raise ConfigError(f"checkpoint '{path}' does not exist")
     state = load_checkpoint(Path(path))
     if "config" not in state or not any(k.startswith("net.") for k in state.get("model", {})):

@@ -30,10 +30,11 @@ from torch import nn
 
 from simmim.pipeline.loaders import BACKEND_OPTIONS
 
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, make_checkpointer
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochResult, StepState, train_one_epoch
+from .parallel import PARALLEL, is_fsdp, wrap_for_training
 from .schedule import LRSchedule
 
 log = logging.getLogger("simmim")
@@ -196,7 +197,7 @@ class Run:
     out_dir: Path
     amp_dtype: torch.dtype | None
     model: nn.Module
-    train_model: nn.Module  # the model wrapped for training (DDP, torch.compile)
+    train_model: nn.Module  # the model wrapped for training (DDP, torch.compile; FSDP2 shards `model` itself)
     loader: object
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -206,19 +207,20 @@ class Run:
     accum: int
     steps_per_epoch: int
     metrics: Callable[[dict], None]
+    checkpointer: object  # checkpoint.TorchSaveCheckpointer (ddp) | checkpoint.DCPCheckpointer (fsdp)
 
     def checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
-        """Rank 0 writes checkpoint-{global step}.pt; the others return None."""
-        if not self.dist.is_main:
-            return None
+        """checkpoint-{global step}: every rank calls this; DDP's rank 0 writes one file (the others
+        return None), FSDP2's ranks each write their shards."""
         self.state.epoch, self.state.step_in_epoch = epoch, step_in_epoch
         self.state.skipped_steps = int(self.step_state.skipped.item())
-        s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-             "scaler": self.scaler.state_dict(), "train_state": self.state.state_dict(),
-             "config": self.cfg.to_dict()}
-        path = save_checkpoint(self.out_dir, epoch * self.steps_per_epoch + step_in_epoch, s,
-                               self.cfg.run.keep_last)
-        log.info("saved %s", path)
+        train = {"train_state": self.state.state_dict(), "scaler": self.scaler.state_dict(),
+                 "config": self.cfg.to_dict()}
+        path = self.checkpointer.save(epoch * self.steps_per_epoch + step_in_epoch, self.model,
+                                      self.optimizer, train)
+        if path is not None:
+            log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
+                     else "saved", path)
         return path
 
     def log_step(self, rec: dict) -> None:
@@ -242,6 +244,7 @@ class Run:
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
         """A diverged or signalled epoch: checkpoint, leave the process group, raise."""
         path = self.checkpoint(epoch, res.steps_done)  # skipped steps left the weights untouched
+        self.checkpointer.wait()
         barrier()
         cleanup()
         if res.stopped == "diverged":
@@ -260,8 +263,8 @@ class Run:
         if self.dist.is_main:
             self.metrics({"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch - 1,
                           "epoch_loss": res.loss, **extra})
-            if (epoch + 1) % self.cfg.run.save_every == 0 or last:
-                self.checkpoint(epoch, self.steps_per_epoch)
+        if (epoch + 1) % self.cfg.run.save_every == 0 or last:
+            self.checkpoint(epoch, self.steps_per_epoch)
         barrier()
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
 
@@ -288,23 +291,26 @@ def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, obj
     return model, loader
 
 
-def wrap_for_training(model: nn.Module, dist: DistInfo, compile: bool) -> nn.Module:
-    train_model = model
-    if dist.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    return torch.compile(train_model) if compile else train_model
+def check_parallel(t) -> None:
+    if t.parallel not in PARALLEL:
+        raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got '{t.parallel}'")
+    if t.parallel != "fsdp" and t.cpu_offload:
+        raise ValueError("train.cpu_offload needs train.parallel=fsdp")
+    if t.parallel == "fsdp" and t.precision == "fp16":
+        raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
 
 
 def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
     """Builds everything and resumes; returns the run and the (epoch, step) to start from."""
     d, t, o = cfg.data, cfg.train, cfg.optim
+    check_parallel(t)
     dist, out_dir = start_run(cfg)
     amp_dtype = amp_dtype_for(t.precision, dist.device)
     model, loader = build_model(cfg, task, dist)
 
-    resumed = latest_checkpoint(out_dir)
-    ckpt = load_checkpoint(resumed) if resumed is not None else None
+    checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
+    resumed = checkpointer.latest()
+    ckpt = checkpointer.read(resumed) if resumed is not None else None  # all but the weights
     old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
     accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
     global_batch = d.batch_size * dist.world_size * accum
@@ -313,16 +319,19 @@ def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
         raise ValueError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
                          f"accumulation steps: lower train.accum_steps or data.batch_size")
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
-    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
+    # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
+    train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, amp_dtype, t.cpu_offload,
+                                    t.compile)
+    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps,
+                                  fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
     step_state = StepState(dist.device)
     state = TrainState(global_batch=global_batch, world_size=dist.world_size)
 
     epoch, start_step = 0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        checkpointer.load(resumed, model, optimizer)
+        scaler.load_state_dict(ckpt.get("scaler") or {})
         step_state.skipped += old.skipped_steps
         epoch, start_step = old.epoch, min(old.step_in_epoch, steps_per_epoch)
         if start_step == steps_per_epoch:
@@ -330,10 +339,9 @@ def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
         log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
     metrics = MetricsLog(out_dir / "metrics.jsonl", epoch * steps_per_epoch + start_step if ckpt else None) \
         if dist.is_main else (lambda record: None)
-    train_model = wrap_for_training(model, dist, t.compile)
     task.prepare(model, loader, dist)
     run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
-              step_state, state, accum, steps_per_epoch, metrics)
+              step_state, state, accum, steps_per_epoch, metrics, checkpointer)
     return run, epoch, start_step
 
 
@@ -342,8 +350,10 @@ def log_start(run: Run) -> None:
     d, t, o = cfg.data, cfg.train, cfg.optim
     n_params = sum(p.numel() for p in run.model.parameters())
     precision = {None: "fp32"}.get(run.amp_dtype, str(run.amp_dtype).removeprefix("torch."))
-    log.info("model %s: %.1fM parameters, %s, precision %s, world size %d%s%s", cfg.model.arch, n_params / 1e6,
-             dist.device, precision, dist.world_size, ", compiled" if t.compile else "",
+    sharding = "FSDP2" + (" + CPU offload" if t.cpu_offload else "") if is_fsdp(run.model) else \
+        "DDP" if dist.world_size > 1 else "one process"
+    log.info("model %s: %.1fM parameters, %s, precision %s, world size %d (%s)%s%s", cfg.model.arch,
+             n_params / 1e6, dist.device, precision, dist.world_size, sharding, ", compiled" if t.compile else "",
              ", activation checkpointing" if t.grad_checkpointing else "")
     log.info("data %s: %d images, %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
              d.backend, run.loader.num_samples, run.task.describe_data(), run.steps_per_epoch,
@@ -371,6 +381,7 @@ def fit(cfg: Config, task: Task) -> dict:
     summary = {"epochs": history, "wall_s": time.perf_counter() - start,
                "final_loss": history[-1]["loss"] if history else math.nan,
                **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
+    run.checkpointer.wait()  # an async save in flight
     if history:
         log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], run.out_dir)
     cleanup()

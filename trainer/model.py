@@ -49,6 +49,7 @@ ARCHS = {
     "swinv2_huge": Arch("swinv2", 352, (2, 2, 18, 2), (11, 22, 44, 88), window_size=12),
     "swinv2_giant": Arch("swinv2", 512, (2, 2, 42, 4), (16, 32, 64, 128), window_size=12),
     "swinv2_mini": Arch("swinv2", 64, (2, 2, 2, 2), (2, 4, 8, 16), window_size=4),
+    "swinv2_micro": Arch("swinv2", 32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=4),  # multi-process tests
 }
 SWIN_FAMILIES = ("swin", "swinv2")  # hierarchical, stride 32, mask token after patch embed + norm
 

@@ -17,6 +17,7 @@ from .config import Config
 from .distributed import DistInfo
 from .loop import fit, loader_options
 from .model import LossOptions, build_simmim, param_groups
+from .parallel import is_fsdp
 from .visualize import save_reconstruction
 
 log = logging.getLogger("simmim")
@@ -36,12 +37,15 @@ def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentati
     return normalize(images, aug.mean, aug.std), masks.sample(len(idx), generator=g, device=device)
 
 
-def write_figure(model, batch, aug, path: Path, title: str) -> None:
+def write_figure(model, batch, aug, path: Path, title: str, save: bool = True) -> None:
+    """Reconstructs `batch` and saves the figure if `save` (a sharded model needs every rank in
+    its forward, and only one of them to save)."""
     model.eval()
     with torch.no_grad():
         _, pred = model(*batch, return_pred=True)
     model.train()
-    save_reconstruction(batch[0], batch[1], pred, aug.mean, aug.std, path, title)
+    if save:
+        save_reconstruction(batch[0], batch[1], pred, aug.mean, aug.std, path, title)
 
 
 class PretrainTask:
@@ -69,13 +73,15 @@ class PretrainTask:
         return str(self.masks)
 
     def prepare(self, model, loader, dist: DistInfo) -> None:
+        self.every_rank = is_fsdp(model)  # a sharded forward needs every rank
         self.vis_batch = fixed_batch(loader, 8, self.cfg.train.seed, self.masks, self.aug, dist.device) \
-            if dist.is_main else None
+            if dist.is_main or self.every_rank else None
 
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
-        if dist.is_main and ((epoch + 1) % self.cfg.run.vis_every == 0 or last):
+        if (dist.is_main or self.every_rank) and ((epoch + 1) % self.cfg.run.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}")
+            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}",
+                         save=dist.is_main)
         return {}
 
 

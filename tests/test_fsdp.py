@@ -1,0 +1,159 @@
+"""FSDP2 and sharded (DCP) checkpoints on CPU over gloo: FSDP2 against DDP step for step, a
+checkpoint written by 2 ranks resumed by 1 and by 3, SIGKILL in the middle of a save; and, in one
+process, the DCP checkpointer's publish / prune / partial-save rules and consolidation."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simmim.trainer.checkpoint import (DCPCheckpointer, consolidate, dcp_checkpoints, is_dcp_checkpoint,
+                                       load_checkpoint, read_dcp_train_state)
+from simmim.trainer.finetune import build_classifier, load_pretrained
+from simmim.trainer.model import build_simmim, param_groups
+
+SMALL = ["--config", "demo", "data.img_size=64", "data.num_workers=0", "model.arch=swinv2_micro",
+         "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
+         "run.log_every=1", "train.precision=fp32", "run.keep_last=10"]
+
+
+def env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc: int, out: Path, sample_root: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "simmim.trainer.cli", "pretrain", *SMALL, f"data.path={sample_root}/train", f"run.out_dir={out}",
+           *extra]
+    return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"timed out:\n{proc.communicate()[0][-6000:]}")
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(sample_root, tmp_path_factory):
+    """2 ranks x 6 images, FSDP2, 3 epochs, a DCP checkpoint after every epoch."""
+    out = tmp_path_factory.mktemp("fsdp_ref")
+    text = finish(torchrun(2, out, sample_root, "train.parallel=fsdp", "data.batch_size=6", "train.epochs=3",
+                           "run.save_every=1"))
+    assert "world size 2 (FSDP2)" in text
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp(sample_root, tmp_path, fsdp_reference):
+    """Same seed, data and float32 arithmetic: FSDP2's losses equal DDP's at every step, up to
+    summation order (reduce-scatter vs all-reduce)."""
+    out = tmp_path / "ddp"
+    text = finish(torchrun(2, out, sample_root, "train.parallel=ddp", "data.batch_size=6", "train.epochs=3",
+                           "run.save_every=3"))
+    assert "world size 2 (DDP)" in text
+    ddp, fsdp = losses(out), losses(fsdp_reference)
+    assert sorted(ddp) == sorted(fsdp) and len(ddp) >= 10
+    steps = sorted(ddp)
+    diff = max(abs(ddp[s] - fsdp[s]) for s in steps)
+    print(f"FSDP2 vs DDP over {len(steps)} steps: max |loss difference| {diff:.3g}")
+    torch.testing.assert_close([fsdp[s] for s in steps], [ddp[s] for s in steps], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,batch", [(1, 6), (3, 4)])
+def test_dcp_resumes_at_another_world_size(sample_root, tmp_path, fsdp_reference, nproc, batch):
+    """The 2-rank run's checkpoint after epoch 0, resumed by 1 rank (2 accumulation steps of 6) or
+    3 ranks (4 each): the same global batch of 12, the same losses for epochs 1 and 2."""
+    ref = losses(fsdp_reference)
+    out = tmp_path / f"resume{nproc}"
+    shutil.copytree(fsdp_reference, out)
+    found = dcp_checkpoints(out)
+    first = found[0][0]
+    for _, path in found[1:]:
+        shutil.rmtree(path)
+    text = finish(torchrun(nproc, out, sample_root, "train.parallel=fsdp", f"data.batch_size={batch}",
+                           "train.epochs=3", "run.save_every=1"))
+    assert f"checkpoint-{first:08d}: epoch 1, step 0" in text
+    assert f"global batch 12 ({batch} x {nproc} ranks x {12 // (batch * nproc)} accum)" in text
+    got = losses(out)
+    assert sorted(got) == sorted(ref)
+    later = [s for s in sorted(ref) if s >= first]
+    torch.testing.assert_close([got[s] for s in later], [ref[s] for s in later], rtol=1e-4, atol=1e-6)
+    assert read_dcp_train_state(dcp_checkpoints(out)[-1][1])["train_state"]["world_size"] == nproc
+
+
+@pytest.mark.slow
+def test_sigkill_during_dcp_save_resumes_from_previous(sample_root, tmp_path, fsdp_reference):
+    out = tmp_path / "killed"
+    proc = torchrun(2, out, sample_root, "train.parallel=fsdp", "data.batch_size=6", "train.epochs=3",
+                    "run.save_every=1")
+    deadline, complete_before = time.time() + 600, None
+    while True:  # kill the whole job while a .tmp folder (a save in progress) exists
+        if any(out.glob(".checkpoint-*.tmp")):
+            complete_before = [s for s, _ in dcp_checkpoints(out)]
+            if complete_before:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"no save caught in progress:\n{proc.communicate()[0][-4000:]}")
+        time.sleep(0.002)
+    proc.communicate()
+    assert any(out.glob(".checkpoint-*.tmp"))
+    assert [s for s, _ in dcp_checkpoints(out)] == complete_before  # the partial save is not a checkpoint
+    text = finish(torchrun(2, out, sample_root, "train.parallel=fsdp", "data.batch_size=6", "train.epochs=3",
+                           "run.save_every=1"))
+    assert f"resumed from {out}/checkpoint-{complete_before[-1]:08d}" in text
+    assert not any(out.glob(".checkpoint-*.tmp"))
+    ref, got = losses(fsdp_reference), losses(out)
+    assert sorted(got) == sorted(ref)
+    torch.testing.assert_close([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5, atol=1e-6)
+
+
+def test_dcp_checkpointer_single_process(tmp_path):
+    """Publish by rename, keep-last-K, a stale .tmp ignored and removed, consolidation to the
+    torch.save layout, and fine-tuning from the folder."""
+    torch.manual_seed(0)
+    model = build_simmim("swinv2_mini", 64, 32, window_size=2)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    ck = DCPCheckpointer(tmp_path, True, keep_last=2)
+    (tmp_path / ".checkpoint-00000099.tmp").mkdir()  # a save that never finished
+    assert ck.latest() is None
+    cfg = {"model": {"arch": "swinv2_mini", "window_size": 2}, "data": {"img_size": 64}}
+    for step in (1, 2, 3):
+        model(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool)).backward()
+        opt.step()
+        ck.save(step, model, opt, {"train_state": {"epoch": 0, "step_in_epoch": step}, "scaler": {}, "config": cfg})
+    assert [s for s, _ in dcp_checkpoints(tmp_path)] == [2, 3] and not any(tmp_path.glob(".*.tmp"))
+    latest = ck.latest()
+    assert is_dcp_checkpoint(latest) and read_dcp_train_state(latest)["train_state"]["step_in_epoch"] == 3
+    fresh = build_simmim("swinv2_mini", 64, 32, window_size=2)
+    fresh_opt = torch.optim.AdamW(param_groups(fresh, 0.05), lr=1e-3)
+    train = ck.load(latest, fresh, fresh_opt)
+    assert train["config"] == cfg
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert fresh_opt.state_dict()["state"][0]["step"] == 3
+    flat = load_checkpoint(latest)
+    assert set(flat) >= {"model", "optimizer", "train_state", "config"}
+    net = build_classifier("swinv2_mini", 64, 5, 2, 0.0)
+    report = load_pretrained(net, latest, "swinv2_mini")
+    assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
+    consolidate(latest, tmp_path / "one.pt")
+    assert torch.load(tmp_path / "one.pt", weights_only=True)["train_state"]["step_in_epoch"] == 3
