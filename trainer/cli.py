@@ -13,6 +13,7 @@
     simmim bench claims [...]                             the paper's efficiency claims vs other methods
     simmim bench loaders [...]                            images/sec of each loader, same images
     simmim bench compile [...]                            Triton kernels built for sm_90/sm_80, no GPU
+    simmim bench memory [...]                             per-GPU memory: DDP vs FSDP2, Swin-B to SwinV2-G
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
