@@ -51,6 +51,7 @@ step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS
 step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
 step "bench step shuffle" 240 $PY -m simmim.trainer.cli bench step --no-fused-shuffle --out "$RESULTS"
 step "bench claims" 240 $PY -m simmim.trainer.cli bench claims --out "$RESULTS"
+step "bench memory" 300 $PY -m simmim.trainer.cli bench memory --out "$RESULTS"  # activations under CUDA autocast
 # GPU decoding: DALI mixed (with and without the hardware JPEG decoder) and CPU, beside the
 # reference loader, on ImageNet-sized synthetic JPEGs (and the sample set when it can be built)
 step "bench loaders synthetic" 300 $PY -m simmim.trainer.cli bench loaders --synthetic 4000 --size 192 \
