@@ -24,6 +24,8 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
+        "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
     ],
     extras_require={
@@ -31,7 +33,7 @@ setup(
         "triton": ["triton"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "psutil"],
+        "test": ["pytest", "psutil", "wandb"],  # wandb: the offline-logging test
         "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil"],
     },
     entry_points={"console_scripts": ["simmim = simmim.trainer.cli:main"]},

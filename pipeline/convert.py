@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .folder import DatasetError, read_classes, scan_folder, sidecar
-from .scan import open_rgb, scan_images, write_json
+from .decode import MAX_PIXELS, decode_rgb
+from .scan import scan_images, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,18 @@ class ConvertDataset:
     and named in `failed_dir`, and the conversion then fails.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, failed_dir: Path):
+    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, failed_dir: Path,
+                 max_pixels: int = MAX_PIXELS):
         self.samples, self.max_resolution, self.failed_dir = samples, max_resolution, failed_dir
+        self.max_pixels = max_pixels
+        self.current = ""  # the sample this worker is on, for a one-line error if FFCV's encode fails
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        self.current = path
         try:
             return self.load(path), label
         except Exception as e:  # noqa: BLE001 - see the class docstring
@@ -50,12 +55,10 @@ class ConvertDataset:
     def load(self, path: str) -> np.ndarray:
         import cv2
 
-        img = np.asarray(open_rgb(path, self.max_resolution))
+        img = np.asarray(decode_rgb(path, self.max_pixels, draft=self.max_resolution))
         h, w = img.shape[:2]
-        if self.max_resolution and max(h, w) > self.max_resolution:
-            r = self.max_resolution / max(h, w)
-            # at least one pixel on the short side: a 10000x10 image must not round to 0 rows
-            size = (max(1, round(w * r)), max(1, round(h * r)))
+        size = stored_shape(w, h, self.max_resolution)
+        if size != (w, h):
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(img)
 
@@ -63,11 +66,18 @@ class ConvertDataset:
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
             compress_probability: float = 0.5, jpeg_quality: int = 90, workers: int = 0,
             chunk_size: int = 100, limit: int = 0, on_error: str = "skip", force: bool = False,
-            page_size: int = 1 << 22, progress: bool = True) -> dict:
+            page_size: int = 0, progress: bool = True, max_pixels: int = MAX_PIXELS) -> dict:
     """Writes DST (an FFCV .beton) from a class-folder tree or a `path label` list; returns the
-    report (also written to DST.report.json)."""
+    report (also written to DST.report.json).
+
+    page_size: bytes per .beton page, a power of two; 0: sized for the largest sample (at least
+    FFCV's 4 MiB). Every sample must fit in one page; a page_size that cannot hold the largest
+    raises DatasetError naming it before anything is written. A writer worker that fails ends
+    the run with DatasetError (one line).
+    """
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+
+    from .ffcv_writer import CheckedWriter, WriterFailed
 
     dst_path = Path(dst)
     if write_mode not in WRITE_MODES:
@@ -85,9 +95,10 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
         samples = samples[::step][:limit]
     workers = workers or os.cpu_count() or 1
     log.info("checking %d images from %s", len(samples), src)
-    scan = scan_images(samples, classes, workers, on_error=on_error, progress=progress)
+    scan = scan_images(samples, classes, workers, on_error=on_error, progress=progress, max_pixels=max_pixels)
     if not scan.good:
         raise DatasetError(f"no image under {src} decodes")
+    page_size = fit_page_size(scan.good, scan.sizes, max_resolution, page_size)
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
@@ -100,16 +111,21 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed conversion still removes its temp file
     try:
-        writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=workers)
-        writer.from_indexed_dataset(ConvertDataset(scan.good, max_resolution, failed_dir), chunksize=chunk_size)
-        failed = sorted(p.read_text() for p in failed_dir.iterdir())
+        writer = CheckedWriter(str(tmp), fields, failed_dir, page_size, workers, progress)
+        try:
+            writer.from_indexed_dataset(ConvertDataset(scan.good, max_resolution, failed_dir, max_pixels),
+                                        chunksize=chunk_size)
+        except WriterFailed as e:
+            raise DatasetError(f"conversion stopped: {e}") from None
+        failed = sorted(p.read_text() for p in failed_dir.iterdir() if p.name.isdigit())
         if failed:
             raise DatasetError(f"{len(failed)} file(s) changed during conversion, e.g. {failed[0]}; run again")
         seconds = time.perf_counter() - t0
         report = {**scan.report(), "written": len(scan.good), "write_seconds": round(seconds, 2),
                   "images_per_sec": round(len(scan.good) / max(seconds, 1e-9), 1),
                   "source": str(Path(src).resolve()), "max_resolution": max_resolution,
-                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "bytes": tmp.stat().st_size}
+                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size,
+                  "bytes": tmp.stat().st_size}
         write_json(sidecar(dst_path, "classes.json"), classes)
         write_json(sidecar(dst_path, "report.json"), report)
         os.replace(tmp, dst_path)
@@ -122,6 +138,40 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     log.info("wrote %s: %d images (%d skipped) in %.1fs, %.0f images/sec, %.1f MB", dst_path,
              len(scan.good), len(scan.bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
     return report
+
+
+def stored_shape(width: int, height: int, max_resolution: int | None) -> tuple[int, int]:
+    """(width, height) as written: the longer side capped at max_resolution, at least one pixel on
+    the short side (a 10000x10 image must not round to 0 rows)."""
+    if max_resolution and max(width, height) > max_resolution:
+        r = max_resolution / max(width, height)
+        return max(1, round(width * r)), max(1, round(height * r))
+    return width, height
+
+
+def fit_page_size(samples: list[tuple[str, int]], sizes: list[tuple[int, int]], max_resolution: int | None,
+                  page_size: int = 0) -> int:
+    """The .beton page size for these samples (their header sizes): 0 picks the smallest power of
+    two >= 4 MiB that holds the largest as raw RGB plus a quarter (a JPEG of noise can exceed its
+    raw size); a given page_size is checked instead. DatasetError names the sample that does not fit."""
+    need = [3 * w * h for w, h in (stored_shape(w, h, max_resolution) for w, h in sizes)]
+    i = max(range(len(need)), key=need.__getitem__)
+    largest = need[i] + need[i] // 4 + 4096
+    if page_size:
+        if page_size & (page_size - 1) or not (1 << 21) <= page_size < (1 << 32):
+            raise DatasetError(f"--page-size must be a power of two in 2 MiB..2 GiB, got {page_size}")
+        if largest > page_size:
+            raise DatasetError(f"{samples[i][0]} needs up to {largest} bytes, more than the page of {page_size}: "
+                               f"raise --page-size (or 0: sized for the largest sample), or lower --max-resolution")
+        return page_size
+    size = 1 << 22
+    while size < largest:
+        size <<= 1
+    if size >= 1 << 32:
+        raise DatasetError(f"{samples[i][0]} needs {largest} bytes, over FFCV's 4 GiB page; lower --max-resolution")
+    if size > 1 << 22:
+        log.info("page size %d MiB, for %s", size >> 20, samples[i][0])
+    return size
 
 
 def _raise_interrupt(signum, frame):

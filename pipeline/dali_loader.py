@@ -13,18 +13,25 @@ reader in that order. So every backend sees the same global batches, ranks are d
 the dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
 right sample. The augmentation is seeded by (seed, epoch, rank).
 
-DALI stops at the first file it cannot decode. `simmim scan SRC` writes a clean `path label` list
-(`SRC.clean.txt`); point data.path at it, or keep data.path at SRC and the list beside it is used.
+Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied).
+DALI stops at the first file it cannot decode, so the files are checked before the first epoch:
+`simmim scan SRC` writes a clean list (`SRC.clean.txt`); with data.path at SRC the list beside it
+is used while it is newer than every class folder, and without one the loader runs the same scan
+itself and keeps its result there (rank 0 scans when torch.distributed is initialised; the others
+wait for the list). A file that fails anyway (deleted or changed since the scan) raises
+`DatasetError` naming it and the command that fixes the list.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
 import torch
 
 from .augment import Augmentation
-from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size
+from .decode import DALI_DECODE_ARGS, MAX_PIXELS, check_image, checked_max_pixels
+from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size, sidecar
 from .masking import MaskGenerator
 from .reference import LoaderContract
 from .scan import clean_list_path
@@ -35,9 +42,70 @@ DEVICES = ("auto", "mixed", "cpu")
 
 
 def clean_list_for(path: str | Path) -> Path | None:
-    """`simmim scan`'s default output for a folder, if it exists."""
+    """`simmim scan`'s default output for a folder, if it exists and is newer than the folder and
+    its class folders (adding or removing a file changes its folder's modification time)."""
     p = clean_list_path(path)
-    return p if Path(path).is_dir() and p.is_file() else None
+    if not (Path(path).is_dir() and p.is_file()):
+        return None
+    written = p.stat().st_mtime
+    folders = [Path(path), *(d for d in Path(path).iterdir() if d.is_dir())]
+    if any(d.stat().st_mtime > written for d in folders):
+        log.warning("dali: %s is older than %s; scanning again", p, path)
+        return None
+    return p
+
+
+def text_named(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The samples whose paths are text: DALI's file reader takes names as UTF-8 strings, so a name
+    holding other bytes (read through Python's surrogateescape) is left out, in one warning line."""
+    def text(p: str) -> bool:
+        try:
+            p.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    kept = [s for s in samples if text(s[0])]
+    if len(kept) < len(samples):
+        first = next(p for p, _ in samples if not text(p))
+        log.warning("dali: left out %d file(s) whose names are not UTF-8 (DALI reads names as text), e.g. %r",
+                    len(samples) - len(kept), first)
+    return kept
+
+
+def scanned_samples(path: str, workers: int, max_pixels: int, rank: int, world: int):
+    """(samples, classes) of a folder with every file checked by the decode rules: the scan list
+    beside it if fresh, else a scan (kept beside the folder when it can be written)."""
+    import torch.distributed as dist
+
+    from .scan import scan_images, write_file_list, write_json
+
+    clean = clean_list_for(path)
+    shared = world > 1 and dist.is_available() and dist.is_initialized()
+    if clean is None and (rank == 0 or not shared):
+        samples, classes = scan_folder(path)
+        log.info("dali: no scan list beside %s; checking its %d files first (`simmim scan %s` does it once)",
+                 path, len(samples), path)
+        result = scan_images(samples, classes, workers, progress=False, max_pixels=max_pixels)
+        if not result.good:
+            raise DatasetError(f"no image under {path} decodes")
+        out = clean_list_path(path)
+        try:
+            write_file_list(out, result.good)
+            write_json(sidecar(out, "classes.json"), classes)
+            write_json(sidecar(out, "report.json"), result.report())
+            log.info("dali: %d of %d files decode; list kept in %s", len(result.good), len(samples), out)
+        except OSError as e:
+            log.warning("dali: cannot keep the scan list beside %s (%s); every run scans again", path, e)
+        if not shared:
+            return result.good, classes
+    if shared:
+        dist.barrier()  # rank 0 has written the list
+        clean = clean_list_path(path)
+        if not clean.is_file():
+            return scanned_samples(path, workers, max_pixels, rank, 1)
+    log.info("dali: reading the scanned list %s", clean)
+    return scan_folder(clean)
 
 
 class DALILoader(LoaderContract):
@@ -54,7 +122,8 @@ class DALILoader(LoaderContract):
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                  seed: int = 0, dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
                  crop_ratio: float = 0.875, decode_device: str = "auto", hw_decoder_load: float = 0.65, prefetch: int = 2, threads: int = 0,
-                 preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0), drop_last: bool = True):
+                 preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0), drop_last: bool = True,
+                 max_pixels: int = MAX_PIXELS):
         import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
 
         self.device = torch.device(device)
@@ -62,13 +131,14 @@ class DALILoader(LoaderContract):
             raise DatasetError(f"data.dali_device must be one of {', '.join(DEVICES)}, got '{decode_device}'")
         if decode_device == "mixed" and self.device.type != "cuda":
             raise DatasetError("data.dali_device mixed decodes on the GPU, but training runs on the CPU")
-        clean = clean_list_for(path)
-        if clean is not None:
-            log.info("dali: reading the scanned list %s", clean)
-            path = str(clean)
-        elif Path(path).is_dir():
-            log.info("dali: no `simmim scan` list beside %s; a file DALI cannot decode will stop the run", path)
-        self.samples, self.classes = scan_folder(path)
+        max_pixels = checked_max_pixels(max_pixels)
+        self.path = str(path)
+        if Path(path).is_dir():
+            self.samples, self.classes = scanned_samples(str(path), max(1, num_workers), max_pixels, rank, world)
+        else:  # a list: `simmim scan` wrote it, or the user vouches for it
+            self.samples, self.classes = scan_folder(path)
+        self.samples = text_named(self.samples)
+        self.max_pixels = max_pixels
         self.num_samples = len(self.samples)
         self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
         self.seed, self.rank, self.world = seed, rank, world
@@ -100,7 +170,7 @@ class DALILoader(LoaderContract):
         decode, ops = self.decode, "gpu" if self.decode == "mixed" else "cpu"
         out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
                      torch.bfloat16: types.FLOAT}[self.dtype]  # DALI has no bf16 output: cast in torch
-        decoder_opts = {"device": decode, "output_type": types.RGB}
+        decoder_opts = {"device": decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
         if decode == "mixed":
             decoder_opts["hw_decoder_load"] = self.hw_decoder_load
             if self.preallocate:
@@ -151,7 +221,15 @@ class DALILoader(LoaderContract):
                                  last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
                                  auto_reset=False)
         try:
-            for k, out in enumerate(it, start=self.start_batch):
+            for k in itertools.count(self.start_batch):
+                try:
+                    out = next(it)
+                except StopIteration:
+                    break
+                except RuntimeError as e:  # DALI names no file: look among the batches in flight
+                    first = (k - self.start_batch) * self.batch_size
+                    window = files[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
+                    raise self.decode_failure(window, k, str(e)) from None
                 images = out[0]["images"]
                 if images.device != self.device:
                     images = images.to(self.device, non_blocking=True)
@@ -160,4 +238,43 @@ class DALILoader(LoaderContract):
                 yield self.make_batch(k, masks, images, lambda: out[0]["labels"].to(self.device).view(-1).long())
         finally:
             del it, pipe
+
+    def decode_failure(self, files: list[str], batch: int, dali_error: str) -> DatasetError:
+        """A one-line DatasetError for a DALI failure at `batch`, naming the bad files among `files`
+        (by the decode rules, then by DALI itself) and the command that rebuilds the list."""
+        bad = [(f, r) for f in files for r in [check_image(f, self.max_pixels)[0]] if r is not None]
+        if not bad:
+            bad = [(f, "DALI cannot decode it") for f in files if not dali_decodes(f)]
+        src = Path(self.path)
+        folder = Path(str(src).removesuffix(".clean.txt"))  # the list `simmim scan FOLDER` writes
+        if src.is_dir() or (folder != src and folder.is_dir()):
+            fix = f"`simmim scan {folder if folder.is_dir() else src}`"
+        else:
+            fix = f"`simmim scan {src} --out {src}`"
+        where = f"epoch {self.epoch}, batch {batch}"
+        if not bad:
+            detail = dali_error.strip().splitlines()
+            return DatasetError(f"DALI stopped in {where} ({detail[-1] if detail else 'no message'}); "
+                                f"check the files with {fix}")
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return DatasetError(f"cannot decode {bad[0][0]!r} ({bad[0][1]}){more} in {where}; "
+                            f"changed since the scan? rebuild the list with {fix}")
+
+
+def dali_decodes(path: str) -> bool:
+    """Whether DALI's CPU decoder, with our decode arguments, reads `path`."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def one():
+        data, _ = fn.readers.file(files=[path])
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB, **DALI_DECODE_ARGS)
+
+    try:
+        p = one()
+        p.build()
+        p.run()
+        return True
+    except Exception:  # noqa: BLE001 - any DALI error: it does not decode
+        return False
 

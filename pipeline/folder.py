@@ -1,6 +1,15 @@
-"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
+r"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
 
-Also reads a file list (`path label` per line, paths relative to the list's folder or absolute).
+The walk follows symbolic links but enters each real directory once (a link back up the tree, or a
+second link to a folder already walked, is skipped and reported in one warning line).
+
+Also reads a file list. The list format (what `simmim scan` writes, what every loader reads):
+UTF-8 text, one sample per line, `<path> <label>`: the path, one or more spaces or tabs, a
+non-negative integer label. Blank lines and lines starting with `#` are ignored. A relative path
+is relative to the list's folder. In a path a backslash starts an escape: `\\` (backslash),
+`\n`, `\r`, `\t`, and `\xHH` or `\uHHHH` (a character by its code: we write it for other
+control characters, a leading `#` and leading or trailing white space); bytes that are not UTF-8 are
+written as they are (Python's surrogateescape), so any name the file system allows round-trips.
 Every user-facing failure is a `DatasetError` with a one-line message.
 """
 from __future__ import annotations
@@ -8,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +25,13 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation, sample_crop, sample_seed
+from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
+                    ".jp2", ".j2k"}  # the formats of `decode.FORMATS`
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
@@ -33,29 +45,72 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DatasetError(f"data path '{root}' has no class folders: expected {root}/<class>/<image>")
-    samples = []
+    samples, seen, skipped = [], set(), []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link: walked already
+                skipped.append(dirpath)
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames.sort()
             samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
                         if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if skipped:
+        log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
+                    root, len(skipped), skipped[0])
     if not samples:
         raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return samples, classes
 
 
+def quote_path(path: str) -> str:
+    """A path as the list format writes it (see the module docstring)."""
+    out = []
+    for i, c in enumerate(path):
+        if c == "\\":
+            out.append("\\\\")
+        elif c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F or (c == "#" and i == 0) or (c.isspace() and i in (0, len(path) - 1)):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPE = re.compile(r"\\(\\|n|r|t|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+
+
+def unquote_path(text: str) -> str:
+    """Inverse of `quote_path`; a backslash not starting one of its escapes is kept as it is."""
+    def one(m: re.Match) -> str:
+        e = m.group(1)
+        return {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}.get(e) or chr(int(e[1:], 16))
+
+    return _UNESCAPE.sub(one, text) if "\\" in text else text
+
+
+def write_list_text(samples: list[tuple[str, int]]) -> str:
+    """The list file's text for (absolute path, label) samples."""
+    return "".join(f"{quote_path(os.path.abspath(p))} {label}\n" for p, label in samples)
+
+
 def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
     samples = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DatasetError(f"{path}:{lineno}: expected '<path> <integer label>', got '{line}'")
-            file = parts[0] if os.path.isabs(parts[0]) else str(path.parent / parts[0])
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label >= 0), got '{line[:200]}'")
+            file = unquote_path(parts[0])
+            file = file if os.path.isabs(file) else str(path.parent / file)
             samples.append((file, int(parts[1])))
     if not samples:
         raise DatasetError(f"file list '{path}' lists no images")
@@ -80,23 +135,18 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
     return json.loads(names.read_text()) if names.is_file() else None
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Any PIL-readable image (CMYK, grayscale, palette, RGBA, a PNG named .JPEG) as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
-
-
 class ImageFolder(torch.utils.data.Dataset):
     """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
 
-    A file that cannot be read is logged once and replaced by the next readable sample, so one
-    bad JPEG never stops an epoch.
+    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). A file that
+    breaks them is logged once and replaced by the next readable sample, so one bad JPEG never
+    stops an epoch.
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
-                 crop_ratio: float = 0.875, transform=None):
+                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS):
         self.samples, self.classes = scan_folder(root)
+        self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
         self._bad: set[int] = set()
@@ -112,10 +162,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                img = load_rgb(path)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a skipped file
+                img = decode_rgb(path, self.max_pixels)
+            except DecodeError as e:
                 self._bad.add(i)
-                log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                log.warning("skipping unreadable image %s (%s)", path, e)
                 continue
             if not self.train:
                 return self.center_crop(img), label

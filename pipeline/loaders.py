@@ -23,9 +23,11 @@ INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev 
            "dali": ("nvidia.dali", "pip install -e '.[dali]'")}
 COMMON = ("train", "labels", "dtype", "crop_ratio", "drop_last")
 FFCV_OPTIONS = ("order", "os_cache", "buffer_pages", "batches_ahead") + COMMON
-DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate") + COMMON
-TORCH_OPTIONS = ("transform",) + COMMON
-BACKEND_OPTIONS = frozenset(FFCV_OPTIONS + DALI_OPTIONS) - set(COMMON)  # the backend-only `data.*` keys
+DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate",
+                "max_pixels") + COMMON
+TORCH_OPTIONS = ("transform", "max_pixels") + COMMON
+# the backend-only `data.*` keys (ffcv decodes what `simmim convert` checked: no max_pixels)
+BACKEND_OPTIONS = frozenset(FFCV_OPTIONS + DALI_OPTIONS + TORCH_OPTIONS) - set(COMMON)
 
 
 def available(backend: str) -> bool:

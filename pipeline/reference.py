@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .augment import Augmentation, normalize
+from .decode import MAX_PIXELS, checked_max_pixels
 from .folder import ImageFolder, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 
@@ -38,7 +39,8 @@ class LoaderContract:
 
     def make_batch(self, k: int, masks: GlobalBatchMasks | None, images: torch.Tensor, labels) -> tuple:
         """Batch k of the epoch; `labels` (a callable giving them on the device) only when asked for."""
-        batch = (images, masks(k)) if masks is not None else (images,)
+        # a short last batch (drop_last=False, evaluation) takes the first masks of its slice
+        batch = (images, masks(k)[:images.shape[0]]) if masks is not None else (images,)
         return batch + (labels(),) if self.labels else batch
 
 
@@ -53,8 +55,8 @@ class ReferenceLoader(LoaderContract):
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
                  world: int = 1, seed: int = 0, shuffle: bool | None = None,
                  dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
-                 crop_ratio: float = 0.875, transform=None, drop_last: bool = True):
-        self.dataset = ImageFolder(root, aug, train, crop_ratio, transform)
+                 crop_ratio: float = 0.875, transform=None, drop_last: bool = True, max_pixels: int = MAX_PIXELS):
+        self.dataset = ImageFolder(root, aug, train, crop_ratio, transform, checked_max_pixels(max_pixels))
         self.num_samples, self.labels, self.classes = len(self.dataset), labels, self.dataset.classes
         self.drop_last = drop_last
         shuffle = train if shuffle is None else shuffle

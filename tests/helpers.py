@@ -2,6 +2,8 @@
 from, so a loader's crops and flips can be measured from its output alone."""
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +12,39 @@ from PIL import Image
 
 from simmim.pipeline.augment import denormalize
 
-# every kind of odd-but-valid image ImageNet holds, and the broken kinds
+# every kind of odd-but-valid image real data holds, and the broken kinds (see pipeline/decode.py)
+EXIF = tuple(f"exif{o}.JPEG" for o in range(1, 9))  # 40x20 pixels, EXIF Orientation 1..8
 HOSTILE_GOOD = ("ok.JPEG", "cmyk.JPEG", "gray.JPEG", "png_named.JPEG", "rgba.png", "thin.JPEG",
-                "wide.JPEG", "tiny.JPEG", "large.JPEG", "progressive.JPEG")
-HOSTILE_BAD = ("empty.JPEG", "text.JPEG", "truncated.JPEG")
+                "wide.JPEG", "tiny.JPEG", "large.JPEG", "progressive.JPEG", *EXIF, "gray16.png", "rgb16.png",
+                "palette_alpha.png", "la.png", "gray16.tif", "float.tif", "gray16.pgm", "animated.webp", "bi.bmp",
+                "pages.tif", "j2k.jp2")
+HOSTILE_BAD = ("empty.JPEG", "text.JPEG", "truncated.JPEG", "._ok.JPEG", "bomb.png", "gif.JPEG", "int32.tif")
+RAMP16 = (np.arange(64 * 32, dtype=np.uint16) * 16).reshape(32, 64)  # 16-bit grey, 0..32752
+
+
+def png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows) -> bytes:
+    """A PNG written by hand (PIL cannot write 16-bit RGB or huge images cheaply): `rows` yields
+    each row's raw bytes (filter byte added here)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(b"\0" + row) for row in rows) + z.flush()
+    head = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def make_bomb(path: Path, side: int = 30000) -> Path:
+    """A side x side 1-bit black PNG (30000: 900 Mpx in ~110 KB), the issue's decompression bomb."""
+    row = bytes((side + 7) // 8)
+    path.write_bytes(png_bytes(side, side, 1, 0, (row for _ in range(side))))
+    return path
 
 
 def make_hostile(root: Path) -> Path:
     cls = root / "n0"
     cls.mkdir(parents=True)
+    add_decode_cases(cls)
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
     rgb.save(cls / "ok.JPEG")
     rgb.convert("CMYK").save(cls / "cmyk.JPEG")
@@ -35,7 +61,36 @@ def make_hostile(root: Path) -> Path:
     (cls / "text.JPEG").write_text("not an image")
     data = (cls / "ok.JPEG").read_bytes()
     (cls / "truncated.JPEG").write_bytes(data[: len(data) // 3])
+    (cls / "._ok.JPEG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))  # AppleDouble
     return root
+
+
+def add_decode_cases(cls: Path) -> None:
+    """The decode rules' cases (pipeline/decode.py), small files in `cls`."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o  # Orientation
+        Image.fromarray(rgb).save(cls / f"exif{o}.JPEG", exif=exif, quality=95)
+    Image.fromarray(RAMP16).save(cls / "gray16.png")  # mode I;16
+    Image.fromarray(RAMP16).save(cls / "gray16.tif")
+    (cls / "gray16.pgm").write_bytes(b"P5\n64 32\n65535\n" + RAMP16.astype(">u2").tobytes())  # PIL: mode I
+    rgb16 = rng.integers(0, 65536, (16, 24, 3)).astype(">u2")
+    (cls / "rgb16.png").write_bytes(png_bytes(24, 16, 16, 2, (r.tobytes() for r in rgb16)))
+    Image.fromarray(RAMP16.astype(np.float32) / 65535).save(cls / "float.tif")  # mode F, 0..0.5
+    Image.fromarray(RAMP16.astype(np.int32) * 1000).save(cls / "int32.tif")  # mode I, no agreed range
+    pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.save(cls / "palette_alpha.png", transparency=3)
+    Image.fromarray(rgb).convert("LA").save(cls / "la.png")
+    Image.fromarray(rgb).save(cls / "bi.bmp")
+    frames = [Image.fromarray(np.full((20, 40, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(cls / "animated.webp", save_all=True, append_images=frames[1:], lossless=True)
+    frames[0].save(cls / "pages.tif", save_all=True, append_images=frames[1:])  # multi-page: the first
+    Image.fromarray(rgb).save(cls / "j2k.jp2")  # JPEG 2000 (PIL's OpenJPEG)
+    Image.fromarray(rgb).save(cls / "gif.JPEG", format="GIF")  # PIL reads GIF, DALI does not
+    # the issue's bomb is 30000 px a side; a header that large with no data is refused the same way
+    (cls / "bomb.png").write_bytes(png_bytes(30000, 30000, 1, 0, [bytes(3750)]))
 
 
 RAMP = 256

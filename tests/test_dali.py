@@ -9,37 +9,27 @@ import torch
 from PIL import Image
 
 from simmim.pipeline import Augmentation, MaskGenerator, ReferenceLoader, build_loader
-from simmim.pipeline.folder import load_rgb
+from simmim.pipeline.decode import DALI_DECODE_ARGS, decode_rgb
 
-from helpers import HOSTILE_BAD, HOSTILE_GOOD, assert_same_augmentation, loader_crop_stats
+from helpers import EXIF, HOSTILE_BAD, HOSTILE_GOOD, add_decode_cases, assert_same_augmentation, loader_crop_stats
 
 pytest.importorskip("nvidia.dali")
 from simmim.pipeline.dali_loader import DALILoader  # noqa: E402
 
 
-def dali_decode(path):
+def dali_decode_all(paths) -> list[np.ndarray]:
+    """DALI's CPU decoder, with our decode arguments, on every file in one batch (raises if one fails)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=None)
     def pipe():
-        data, _ = fn.readers.file(files=[str(path)])
-        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+        data, _ = fn.readers.file(files=[str(p) for p in paths])
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB, **DALI_DECODE_ARGS)
 
     p = pipe()
     p.build()
-    return np.array(p.run()[0].at(0))
-
-
-def check_decodes(files: list[str]) -> list[bool]:
-    """Which files DALI's CPU decoder reads."""
-    ok = []
-    for f in files:
-        try:
-            dali_decode(f)
-            ok.append(True)
-        except Exception:  # noqa: BLE001 - any DALI error means it does not decode
-            ok.append(False)
-    return ok
+    out = p.run()[0]
+    return [np.array(out.at(i)) for i in range(len(paths))]
 
 
 def test_scan_and_hostile_files(hostile, simmim_cmd):
@@ -56,19 +46,110 @@ def test_scan_and_hostile_files(hostile, simmim_cmd):
 
     assert scan_folder(listed)[1] == ["n0"]  # the class names travel with the list
     # DALI reads exactly the files the scan keeps ...
-    files = sorted(hostile.rglob("*"))
-    files = [f for f in files if f.is_file()]
-    ok = check_decodes([str(f) for f in files])
-    assert {f.name for f, good in zip(files, ok) if good} == set(HOSTILE_GOOD)
-    # ... and decodes the odd ones to the same RGB pixels as PIL
-    for name in ("cmyk.JPEG", "gray.JPEG", "png_named.JPEG", "rgba.png", "progressive.JPEG"):
-        ours = dali_decode(hostile / "n0" / name).astype(float)
-        ref = np.asarray(load_rgb(str(hostile / "n0" / name))).astype(float)
-        assert ours.shape == ref.shape and np.abs(ours - ref).mean() < 3, name
+    from simmim.pipeline.dali_loader import dali_decodes
+
+    assert not any(dali_decodes(str(hostile / "n0" / name)) for name in HOSTILE_BAD)
+    decoded = dali_decode_all([hostile / "n0" / name for name in HOSTILE_GOOD])
+    # ... and decodes every one to the pixels of our decode rule: EXIF orientation not applied,
+    # 16-bit scaled, float as [0, 1], alpha dropped, first frame (JPEG decoders differ slightly;
+    # PIL keeps the high byte of 16-bit RGB PNGs, DALI rounds v / 257)
+    for name, ours in zip(HOSTILE_GOOD, decoded):
+        ours = ours.astype(float)
+        ref = np.asarray(decode_rgb(hostile / "n0" / name)).astype(float)
+        assert ours.shape == ref.shape, name
+        if name.endswith(".JPEG") and name != "png_named.JPEG":
+            assert np.abs(ours - ref).mean() < 3, name
+        else:
+            assert np.abs(ours - ref).max() <= 1, name
     # with the list beside the folder, the loader trains through the folder without stopping
     loader = DALILoader(str(hostile), Augmentation(size=32), MaskGenerator(32, 32, 0.6), 2, 1)
     assert loader.num_samples == len(HOSTILE_GOOD)
     assert sum(len(images) for images, _ in loader) == len(HOSTILE_GOOD) // 2 * 2
+
+
+def eval_batch(loader) -> torch.Tensor:
+    (images,) = next(iter(loader))
+    return images
+
+
+def test_orientation_and_bit_depth_agree_with_reference(tmp_path):
+    """EXIF Orientation 1..8 on the same pixels gives the same images; a 16-bit PNG is scaled (the
+    issue: DALI rotated Orientation=6, the torch loader clipped 16-bit grey to mean 238)."""
+    cls = tmp_path / "d" / "c"
+    cls.mkdir(parents=True)
+    add_decode_cases(cls)
+    for f in cls.iterdir():
+        if f.name not in EXIF + ("gray16.png",):
+            f.unlink()
+    aug = Augmentation(size=16)
+    kw = dict(train=False, drop_last=False)
+    ref = eval_batch(ReferenceLoader(str(tmp_path / "d"), aug, None, 9, 0, **kw))
+    dali = eval_batch(DALILoader(str(tmp_path / "d"), aug, None, 9, 1, **kw))
+    for images in (ref, dali):
+        assert images.shape == (9, 3, 16, 16)
+        for i in range(1, 8):
+            torch.testing.assert_close(images[i], images[0], atol=1e-5, rtol=0)
+    from simmim.pipeline import denormalize
+
+    grey_ref, grey_dali = (denormalize(x[8:], aug.mean, aug.std) * 255 for x in (ref, dali))
+    assert (grey_ref - grey_dali).abs().mean() < 1.5 and 40 < grey_ref.mean() < 90
+
+
+def test_folder_without_list_is_scanned_first(hostile, caplog):
+    """DALI on a folder with broken files and no scan list: checked before the first epoch (the
+    list kept beside the folder), not a traceback naming no file; a file deleted after the scan is
+    named in one line, with the command that rebuilds the list."""
+    import logging
+
+    from simmim.pipeline.errors import DatasetError
+
+    aug, masks = Augmentation(size=32), MaskGenerator(32, 32, 0.6)
+    with caplog.at_level(logging.INFO):
+        loader = DALILoader(str(hostile), aug, masks, 2, 1)
+    assert loader.num_samples == len(HOSTILE_GOOD) and "checking its" in caplog.text
+    assert sum(len(images) for images, _ in loader) == len(HOSTILE_GOOD) // 2 * 2
+    listed = hostile.parent / "hostile.clean.txt"
+    assert listed.is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        DALILoader(str(hostile), aug, masks, 2, 1)
+    assert "checking its" not in caplog.text and "reading the scanned list" in caplog.text
+    gone = hostile / "n0" / "ok.JPEG"
+    gone.unlink()
+    loader = DALILoader(str(listed), aug, masks, 2, 1)
+    with pytest.raises(DatasetError) as e:
+        for _ in loader:
+            pass
+    msg = str(e.value)
+    assert "\n" not in msg and f"cannot decode '{gone}'" in msg and f"simmim scan {hostile}`" in msg
+    with caplog.at_level(logging.WARNING):  # the folder changed after the list: scanned again
+        assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) - 1
+    assert "scanning again" in caplog.text
+
+
+def test_odd_file_names(tmp_path, caplog):
+    """Names with newlines, tabs, edge spaces, ...: through the scan list into DALI; a name that is
+    not UTF-8 (DALI takes names as text) is left out in one warning line."""
+    import logging
+    import os
+
+    from test_decode import NAMES
+
+    cls = tmp_path / "root" / "c"
+    cls.mkdir(parents=True)
+    for i, name in enumerate(NAMES):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(cls / name, format="PNG")
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(os.fsencode(cls) + b"/latin1-\xe9.png", format="PNG")
+    with caplog.at_level(logging.WARNING):
+        loader = DALILoader(str(tmp_path / "root"), Augmentation(size=8), None, len(NAMES), 1, train=False,
+                            labels=True)
+    assert loader.num_samples == len(NAMES) and "left out 1 file(s) whose names are not UTF-8" in caplog.text
+    images, labels = next(iter(loader))
+    assert (tmp_path / "root.clean.txt").is_file()  # written and read back through the list format
+    from simmim.pipeline import denormalize
+
+    values = (denormalize(images, loader.aug.mean, loader.aug.std) * 255).round()[:, 0, 0, 0]
+    assert sorted(values.tolist()) == [10.0 * i for i in range(len(NAMES))]  # each file, once
 
 
 def test_contract(sample_root):
@@ -147,7 +228,7 @@ def test_same_augmentation_as_reference(ramps):
 
 def test_pretrain_with_dali(sample_root, tmp_path, simmim_cmd):
     run = tmp_path / "run"
-    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", f"data.path={sample_root / 'val'}",
+    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'val'}",
                           "data.backend=dali", "data.img_size=64", "data.batch_size=4", "data.num_workers=2",
                           "model.arch=swin_micro", "model.window_size=2", "run.progress=false", "train.epochs=2",
                           "train.warmup_epochs=1", f"run.out_dir={run}"], capture_output=True, text=True, timeout=600)

@@ -19,7 +19,7 @@ from simmim.trainer.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "trainer" / "run.sh"
-TINY = ["--config", "demo", "data.img_size=64", "data.num_workers=0", "model.arch=swin_micro",
+TINY = ["--config", "demo", "data.val_path=", "data.img_size=64", "data.num_workers=0", "model.arch=swin_micro",
         "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
         "run.log_every=1"]
 

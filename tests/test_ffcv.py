@@ -1,5 +1,6 @@
 """FFCV: `simmim convert` / `inspect`, the FFCV loader, and our traversal orders."""
 import json
+import re
 import threading
 
 import numpy as np
@@ -53,18 +54,18 @@ def test_convert_hostile(hostile, tmp_path):
 
     with pytest.raises(DatasetError, match="exists; pass --force"):
         convert(str(hostile), str(dst), workers=1, progress=False)
-    with pytest.raises(DatasetError, match="cannot decode .*(empty|text|truncated).JPEG"):
+    with pytest.raises(DatasetError, match=r"cannot decode .*(\._ok|empty|text|truncated).JPEG"):
         convert(str(hostile), str(tmp_path / "f.beton"), workers=1, on_error="fail", progress=False)
     assert not (tmp_path / "f.beton").exists()
 
 
 def test_convert_is_atomic(sample_root, tmp_path, monkeypatch):
-    from ffcv.writer import DatasetWriter
+    from simmim.pipeline.ffcv_writer import CheckedWriter
 
     def killed(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", killed)
+    monkeypatch.setattr(CheckedWriter, "from_indexed_dataset", killed)
     with pytest.raises(KeyboardInterrupt):
         convert(str(sample_root / "val"), str(tmp_path / "v.beton"), workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []  # no DST, no temp file, no sidecars
@@ -170,7 +171,7 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
                          timeout=300)
     assert out.returncode == 0 and "15 samples" in out.stdout and "longer_side" in out.stdout
     run = tmp_path / "run"
-    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", f"data.path={beton}", "data.backend=ffcv",
+    out = subprocess.run([*simmim_cmd, "pretrain", "--config", "demo", "data.val_path=", f"data.path={beton}", "data.backend=ffcv",
                           "data.img_size=64", "data.batch_size=4", "data.num_workers=2", "model.arch=swin_micro",
                           "model.window_size=2", "run.progress=false", "train.epochs=2", "train.warmup_epochs=1",
                           f"run.out_dir={run}"], capture_output=True, text=True, timeout=600)
@@ -181,3 +182,102 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
     assert all(np.isfinite(r["loss"]) for r in steps)
     assert list(run.glob("checkpoint-*.pt")) and list(run.glob("*.png"))
     assert "data ffcv:" in out.stdout + out.stderr
+
+
+def test_convert_orientation_and_bit_depth(tmp_path):
+    """convert stores what the decode rule gives: EXIF orientation not applied (every value 1..8
+    stays 40x20, same pixels), 16-bit grey scaled (the issue: mean 238, 93% at 255)."""
+    from simmim.pipeline.decode import decode_rgb
+
+    from helpers import EXIF, RAMP16, add_decode_cases
+
+    cls = tmp_path / "d" / "c"
+    cls.mkdir(parents=True)
+    add_decode_cases(cls)
+    for f in cls.iterdir():
+        if f.name not in EXIF + ("gray16.png",):
+            f.unlink()
+    dst = tmp_path / "d.beton"
+    convert(str(tmp_path / "d"), str(dst), max_resolution=None, write_mode="raw", workers=1, progress=False)
+    from ffcv.reader import Reader
+
+    meta = Reader(str(dst)).metadata["f0"]
+    assert [(int(w), int(h)) for w, h in zip(meta["width"], meta["height"])] == [(40, 20)] * 8 + [(64, 32)]
+    loader = FFCVLoader(str(dst), Augmentation(size=16), None, 9, 1, train=False, drop_last=False)
+    (images,) = next(iter(loader))
+    for i in range(1, 8):
+        torch.testing.assert_close(images[i], images[0], atol=1e-5, rtol=0)
+    from simmim.pipeline import denormalize
+
+    grey = denormalize(images[8:], loader.aug.mean, loader.aug.std) * 255
+    ref = np.asarray(decode_rgb(cls / "gray16.png")).astype(float)
+    assert 40 < grey.mean() < 90 and abs(ref.mean() - RAMP16.mean() / 257) < 0.5
+
+
+def test_convert_raw_full_resolution_sizes_the_page(tmp_path, capsys):
+    """The issue: `--max-resolution 0 --write-mode raw` with one 1400x1400 JPEG (5,880,000 bytes,
+    over the 4 MiB page) printed a worker error and hung. Now the page fits the largest sample; a
+    page given too small is refused up front in one line."""
+    from PIL import Image
+
+    from simmim.trainer.cli import main
+
+    cls = tmp_path / "src" / "c"
+    cls.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1400, 1400, 3), dtype=np.uint8)).save(cls / "big.JPEG")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cls / "small.JPEG")
+    dst = tmp_path / "big.beton"
+    main(["convert", str(tmp_path / "src"), str(dst), "--max-resolution", "0", "--write-mode", "raw",
+          "--workers", "2"])  # in this process: FFCV is imported once
+    report = json.loads(dst.with_name("big.report.json").read_text())
+    assert report["written"] == 2 and report["page_size"] == 1 << 23
+    from ffcv.reader import Reader
+
+    meta = Reader(str(dst)).metadata["f0"]
+    assert sorted(zip(meta["width"].tolist(), meta["height"].tolist())) == [(8, 8), (1400, 1400)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "x.beton"), "--max-resolution", "0",
+              "--write-mode", "raw", "--page-size", str(1 << 22)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("scan:")]
+    assert e.value.code == 2 and len(err) == 1 and not (tmp_path / "x.beton").exists()  # one line, no traceback
+    err = err[0]
+    assert re.search(r"big.JPEG needs up to \d+ bytes, more than the page of 4194304: raise --page-size", err)
+
+
+class _Failing:
+    """An indexable dataset whose item 3 raises, as a writer worker's failure."""
+
+    current = ""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        self.current = f"sample-{i}"
+        if i == 3:
+            raise OSError("disk on fire")
+        return (i,)
+
+
+def test_a_failing_writer_worker_ends_the_run(tmp_path):
+    """FFCV's writer waits forever for a worker that raised; ours raises one line naming it."""
+    import signal
+
+    from ffcv.fields import IntField
+
+    from ffcv.writer import DatasetWriter
+
+    from simmim.pipeline.ffcv_writer import REQUIRED, CheckedWriter, WriterFailed
+
+    assert all(hasattr(DatasetWriter, name) for name in REQUIRED)  # the private API the adapter overrides
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    writer = CheckedWriter(str(tmp_path / "f.beton"), {"label": IntField()}, errors, 1 << 21, 2, progress=False)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("the writer hung")))
+    signal.alarm(60)
+    try:
+        with pytest.raises(WriterFailed, match=r"^sample-3: OSError: disk on fire$"):
+            writer.from_indexed_dataset(_Failing(), chunksize=2)
+    finally:
+        signal.alarm(0)

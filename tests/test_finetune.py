@@ -162,7 +162,7 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     common = ["data.img_size=64", "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
               "data.num_workers=0", "data.batch_size=8"]
     run = lambda *a: subprocess.run([*simmim_cmd, *a], capture_output=True, text=True, timeout=600)  # noqa: E731
-    out = run("pretrain", "--config", "demo", f"data.path={sample_root / 'train'}", "train.epochs=1",
+    out = run("pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'train'}", "train.epochs=1",
               f"run.out_dir={tmp_path / 'pre'}", *common)
     assert out.returncode == 0, out.stderr[-2000:]
     ckpt = sorted((tmp_path / "pre").glob("checkpoint-*.pt"))[-1]

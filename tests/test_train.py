@@ -10,7 +10,7 @@ from simmim.trainer.config import load_config
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.schedule import LRSchedule
 
-TINY = ["data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
+TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
         "model.window_size=2", "run.progress=false"]
 
 
@@ -79,7 +79,7 @@ def run_cli(args, **kw):
     (["model.arch=resnet"], "unknown model.arch 'resnet'"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, sample_root):
-    proc = run_cli(["pretrain", "--config", "demo", f"run.out_dir={tmp_path}", f"data.path={sample_root}/train",
+    proc = run_cli(["pretrain", "--config", "demo", "data.val_path=", f"run.out_dir={tmp_path}", f"data.path={sample_root}/train",
                     *args])
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2

@@ -7,6 +7,8 @@
     simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
     simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
     simmim inspect X.beton                                samples, labels, resolutions, decode check
+    simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
+    simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
     simmim bench avgdist [...]                            the paper's Figure 3a
     simmim bench kernels [...]                            fused kernels vs references
     simmim bench step [...]                               training-step speed and MFU
@@ -62,7 +64,7 @@ def cmd_scan(args) -> None:
     from simmim.pipeline.scan import scan_command
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    scan_command(args.src, args.out, args.workers, args.on_error)
+    scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels)
 
 
 def cmd_convert(args) -> None:
@@ -72,7 +74,7 @@ def cmd_convert(args) -> None:
     report = convert(args.src, args.dst, max_resolution=args.max_resolution or None, write_mode=args.write_mode,
                      compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
                      workers=args.workers, chunk_size=args.chunk_size, limit=args.limit, on_error=args.on_error,
-                     force=args.force)
+                     force=args.force, page_size=args.page_size, max_pixels=args.max_pixels)
     if report["bad"]:
         print(f"{report['bad']} unreadable file(s) skipped; listed in the report beside {args.dst}")
 
@@ -88,6 +90,19 @@ def cmd_inspect(args) -> None:
         sys.exit(1)
 
 
+def cmd_export(args) -> None:
+    from .export import export
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(export(args.checkpoint, args.out, fmt=args.format, force=args.force))
+
+
+def cmd_plot(args) -> None:
+    from .monitor import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+
+
 BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
            "loaders": "loaders", "compile": "compile_check", "memory": "memory"}  # name -> module of simmim.benchmarks
 
@@ -99,6 +114,8 @@ def cmd_bench(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from simmim.pipeline.decode import MAX_PIXELS
+
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="the clean list (default: SRC.clean.txt beside SRC)")
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
     p.set_defaults(fn=cmd_scan)
 
     p = sub.add_parser("convert", help="convert an ImageNet-style folder or list to an FFCV .beton")
@@ -145,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="unreadable files: skip and report them, or stop naming the first")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
+    p.add_argument("--page-size", type=int, default=0, help="bytes per .beton page (0: fits the largest sample)")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("inspect", help="summarise a .beton and check that every sample decodes")
@@ -153,6 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--workers", type=int, default=0)
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("export", help="the encoder of a pre-training checkpoint, for timm or detection codebases")
+    p.add_argument("checkpoint", help="a simmim pre-training checkpoint (runs/NAME/checkpoint-*.pt)")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--format", default="timm", choices=["timm", "swin"],
+                   help="timm: model.safetensors + config.json for timm.create_model('local-dir:OUT', "
+                        "pretrained=True); swin: the original Swin key layout (detection / segmentation)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("plot", help="overlay the loss and lr curves of runs in one PNG")
+    p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write")
+    p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("name", choices=list(BENCHES))

@@ -30,7 +30,9 @@ class DataConfig:
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
     batch_size: int = 128  # per process, per micro-step
+    val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
     num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
+    max_pixels: int = 89_478_485  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
     # ffcv
     order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
     os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
@@ -94,6 +96,9 @@ class RunConfig:
     vis_every: int = 10  # epochs; the final epoch always writes a figure
     progress: bool = True
     stop_check_every: int = 10  # steps between checks for a stop signal across ranks
+    val_every: int = 1  # epochs between validation losses on data.val_path (0: never); the last epoch always
+    tensorboard: bool = True  # TensorBoard events in out_dir/tensorboard (rank 0)
+    wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
     async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
 
 

@@ -2,9 +2,10 @@
 
 One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP's
 all-reduce or FSDP2's reduce-scatter skipped on non-final micro-steps), grad-norm clipping (over
-all ranks' shards under FSDP2), a GradScaler that is a no-op unless fp16. A step whose gradient norm is not finite is skipped on the device (the fused AdamW
-reads a found-inf flag), so the host waits on the device only at log intervals, where the loss,
-the skipped-step count and a stop request (preemption signal) are read.
+all ranks' shards under FSDP2), a GradScaler that is a no-op unless fp16. A step whose gradient
+norm is not finite is skipped on the device (the fused AdamW reads a found-inf flag), so the host
+waits on the device only at log intervals, where the loss, the skipped-step count and a stop
+request (preemption signal) are read.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     step_loss = torch.zeros((), device=device)
     bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False,
                disable=not progress, dynamic_ncols=True)
-    tick, images_seen, run_steps = time.perf_counter(), 0, 0
+    tick, images_seen, run_steps, waited = time.perf_counter(), 0, 0, 0.0
     result = EpochResult(epoch, start_step, float("nan"))
     data = iter(loader)
     for step_in_epoch in range(start_step, steps_per_epoch):
@@ -68,7 +69,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss.zero_()
         for micro in range(accum_steps):
+            t0 = time.perf_counter()
             batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
+            waited += time.perf_counter() - t0  # host time blocked on the loader
             last = micro == accum_steps - 1
             with sync_context(model, last):
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -99,10 +102,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             elapsed = time.perf_counter() - tick
             record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
                       "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed,
+                      "data_wait": waited / elapsed,
                       "skipped_steps": int(state.skipped.item())}
             log(record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-            tick, images_seen = time.perf_counter(), 0
+            tick, images_seen, waited = time.perf_counter(), 0, 0.0
             if state.streak.item() >= max_skipped_streak:
                 result.stopped = "diverged"
                 break

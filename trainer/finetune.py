@@ -44,6 +44,7 @@ from .config import Config, ConfigError, config_from_dict
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import amp_dtype_for, fit, loader_options
 from .model import ARCHS, SWIN_FAMILIES, no_weight_decay, timm_model
+from .parallel import lockstep
 
 log = logging.getLogger("simmim")
 
@@ -313,9 +314,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
     was_training = net.training
     net.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # n, top1, top5, loss sum
-    for images, labels in loader:
+    for (images, labels), real in lockstep(loader, net, device):
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = net(images).float()
+        if not real:
+            continue
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == labels[:, None]

@@ -34,6 +34,7 @@ from .checkpoint import atomic_write, make_checkpointer
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochResult, StepState, train_one_epoch
+from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
 from .schedule import LRSchedule
 
@@ -68,7 +69,8 @@ class Task(Protocol):
 
     def after_epoch(self, model: nn.Module, epoch: int, last: bool, out_dir: Path, dist: DistInfo,
                     amp_dtype: torch.dtype | None) -> dict:
-        """End-of-epoch work (figures, evaluation); returns extra metrics for the epoch's record."""
+        """End-of-epoch work (figures, evaluation); returns extra metrics for the epoch's record
+        (floats) and the figures it wrote (Paths, shown in TensorBoard under their keys)."""
 
 
 @dataclass
@@ -207,7 +209,13 @@ class Run:
     accum: int
     steps_per_epoch: int
     metrics: Callable[[dict], None]
+    monitor: RunMonitor
     checkpointer: object  # checkpoint.TorchSaveCheckpointer (ddp) | checkpoint.DCPCheckpointer (fsdp)
+
+    def record(self, rec: dict) -> None:
+        """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0)."""
+        self.metrics(rec)
+        self.monitor.log(rec)
 
     def checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
         """checkpoint-{global step}: every rank calls this; DDP's rank 0 writes one file (the others
@@ -224,9 +232,10 @@ class Run:
         return path
 
     def log_step(self, rec: dict) -> None:
-        self.metrics(rec)
-        log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s%s", rec["epoch"], rec["step"],
-                 rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
+        self.record(rec)
+        log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  data wait %.0f%%%s",
+                 rec["epoch"], rec["step"], rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
+                 100 * rec["data_wait"],
                  f"  skipped {rec['skipped_steps']}" if rec["skipped_steps"] else "")
 
     def run_epoch(self, epoch: int, start_step: int, stop: StopFlag) -> EpochResult:
@@ -245,6 +254,7 @@ class Run:
         """A diverged or signalled epoch: checkpoint, leave the process group, raise."""
         path = self.checkpoint(epoch, res.steps_done)  # skipped steps left the weights untouched
         self.checkpointer.wait()
+        self.monitor.close()
         barrier()
         cleanup()
         if res.stopped == "diverged":
@@ -257,12 +267,18 @@ class Run:
     def end_epoch(self, epoch: int, res: EpochResult, elapsed: float) -> dict:
         """The task's end-of-epoch work, the epoch record, the periodic checkpoint."""
         last = epoch == self.cfg.train.epochs - 1
-        extra = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
+        out = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
+        extra = {k: v for k, v in out.items() if not isinstance(v, Path)}
         log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
                  "".join(f", {k} {v:.4g}" for k, v in extra.items()), elapsed)
         if self.dist.is_main:
-            self.metrics({"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch - 1,
-                          "epoch_loss": res.loss, **extra})
+            step = (epoch + 1) * self.steps_per_epoch - 1
+            self.record({"epoch": epoch, "step": step, "epoch_loss": res.loss, **extra})
+            for tag, png in out.items():
+                if isinstance(png, Path):
+                    self.monitor.image(tag, png, step)
+            plot_curves({self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
+                        title=f"{self.cfg.model.arch}, {self.out_dir}")
         if (epoch + 1) % self.cfg.run.save_every == 0 or last:
             self.checkpoint(epoch, self.steps_per_epoch)
         barrier()
@@ -337,11 +353,12 @@ def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
         if start_step == steps_per_epoch:
             epoch, start_step = epoch + 1, 0
         log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", epoch * steps_per_epoch + start_step if ckpt else None) \
-        if dist.is_main else (lambda record: None)
+    resume_step = epoch * steps_per_epoch + start_step if ckpt else None
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
+    monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
     task.prepare(model, loader, dist)
     run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
-              step_state, state, accum, steps_per_epoch, metrics, checkpointer)
+              step_state, state, accum, steps_per_epoch, metrics, monitor, checkpointer)
     return run, epoch, start_step
 
 
@@ -384,5 +401,6 @@ def fit(cfg: Config, task: Task) -> dict:
     run.checkpointer.wait()  # an async save in flight
     if history:
         log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], run.out_dir)
+    run.monitor.close()
     cleanup()
     return summary

@@ -55,6 +55,9 @@ def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None, cpu_offload
             block.compile()
         # the last block's parameters are needed again at once by backward: keep them gathered
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+    net = getattr(model, "net", None)  # fine-tuning's Classifier: evaluation calls its network alone
+    if isinstance(net, nn.Module):
+        fully_shard(net, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
@@ -104,5 +107,17 @@ def wrap_for_training(model: nn.Module, parallel: str, world_size: int, device: 
     return torch.compile(train_model) if compile else train_model
 
 
-def group_ranks() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def lockstep(loader, model: nn.Module, device: torch.device):
+    """Yields (batch, real) over an evaluation loader whose ranks may hold different numbers of
+    batches: under FSDP2, whose forward is collective, ranks with fewer batches repeat their last
+    one (real=False: run the forward, count nothing) until every rank has run as many forwards."""
+    from .distributed import all_reduce_max
+
+    mine = len(loader)
+    most = int(all_reduce_max(float(mine), device)) if is_fsdp(model) else mine
+    last = None
+    for batch in loader:
+        last = batch
+        yield batch, True
+    for _ in range(most - mine):
+        yield last, False

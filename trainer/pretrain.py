@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from simmim.pipeline import Augmentation, MaskGenerator, build_loader
+from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, build_loader
 from simmim.pipeline.augment import normalize, sample_seed
 
 from .config import Config
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_sum
 from .loop import fit, loader_options
 from .model import LossOptions, build_simmim, param_groups
-from .parallel import is_fsdp
+from .parallel import is_fsdp, lockstep
 from .visualize import save_reconstruction
 
 log = logging.getLogger("simmim")
@@ -35,6 +35,29 @@ def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentati
     images = torch.stack([ds[(i, sample_seed(seed, 0, i))][0] for i in idx]).to(device)
     g = torch.Generator(device=device).manual_seed(seed)
     return normalize(images, aug.mean, aug.std), masks.sample(len(idx), generator=g, device=device)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, amp_dtype: torch.dtype | None) -> float:
+    """The masked loss over the whole held-out set, summed over ranks: the mean of the per-batch
+    losses weighted by batch size (every image has the same number of masked cells, so this is the
+    loss over all masked pixels). Masks are the loader's epoch-0 masks and the view is the evaluation
+    view (resize + centre crop), so every call sees the same inputs and runs compare on one number."""
+    model.eval()
+    loader.set_epoch(0)
+    total = None
+    device = next(model.parameters()).device
+    for (images, masks), real in lockstep(loader, model, device):  # FSDP2: the same forwards on every rank
+        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = model(images, masks)
+        if not real:
+            continue
+        part = torch.stack([loss.detach().float() * images.shape[0], torch.tensor(float(images.shape[0]),
+                                                                                  device=images.device)])
+        total = part if total is None else total + part
+    model.train()
+    total = all_reduce_sum(total)  # every rank has at least one batch (drop_last=False keeps remainders)
+    return (total[0] / total[1]).item()
 
 
 def write_figure(model, batch, aug, path: Path, title: str, save: bool = True) -> None:
@@ -64,6 +87,15 @@ class PretrainTask:
                              m.fused_shuffle).to(dist.device)
         loader = build_loader(d.backend, d.path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device,
                               dist.rank, dist.world_size, t.seed, **loader_options(d))
+        self.val_loader = None
+        if d.val_path and self.cfg.run.val_every > 0:
+            if not Path(d.val_path).exists():
+                raise DatasetError(f"data.val_path '{d.val_path}' does not exist: point it at held-out images, "
+                                   f"or set data.val_path= (empty) to train without a validation loss")
+            # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
+            self.val_loader = build_loader(
+                d.backend, d.val_path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device, dist.rank,
+                dist.world_size, t.seed, **{**loader_options(d), "train": False, "drop_last": False})
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
@@ -78,11 +110,15 @@ class PretrainTask:
             if dist.is_main or self.every_rank else None
 
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
-        if (dist.is_main or self.every_rank) and ((epoch + 1) % self.cfg.run.vis_every == 0 or last):
+        out = {}
+        r = self.cfg.run
+        if self.val_loader is not None and ((epoch + 1) % r.val_every == 0 or last):
+            out["val_loss"] = validation_loss(model, self.val_loader, amp_dtype)  # every rank takes part
+        if dist.is_main and ((epoch + 1) % r.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}",
-                         save=dist.is_main)
-        return {}
+            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}")
+            out["reconstruction"] = out_dir / name
+        return out
 
 
 def pretrain(cfg: Config) -> dict:

@@ -1,0 +1,194 @@
+"""Export a pre-trained encoder for use elsewhere: timm (local folder / Hugging Face hub layout) or the
+original Swin key layout that detection and segmentation codebases load.
+
+    simmim export runs/demo/checkpoint-00000240.pt exported/demo            # timm: model.safetensors + config.json
+    simmim export CKPT OUT_DIR --format swin                                # OUT_DIR/swin_encoder.pth
+
+timm format: the encoder alone (mask token and prediction head dropped) in a timm model of the same
+architecture, written with timm's own `save_for_hf` (`model.safetensors` and a `config.json` that names
+a registered timm architecture plus the model arguments that differ), so that
+`timm.create_model("local-dir:OUT_DIR", pretrained=True)` rebuilds it with no missing keys.
+
+Swin format: `{"model": state_dict}` as the original Swin Transformer code saved it, which is what
+detection / segmentation codebases' Swin backbones convert from: each stage's patch-merging layer is
+stored at the end of the stage it follows (`layers.i.downsample`, i = 0..2; timm keeps it at the start
+of the next stage), and the `relative_position_index` buffers are included.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from simmim.pipeline.errors import UserError
+
+from .model import ARCHS, build_simmim
+
+log = logging.getLogger("simmim")
+
+FORMATS = ("timm", "swin")
+# A registered timm architecture per encoder family: config.json names it, and the model arguments
+# written beside it (embed_dim, depths, heads, window, image size) make it our exact encoder.
+TIMM_ARCHITECTURES = {
+    "swin": "swin_base_patch4_window7_224",
+    "swinv2": "swinv2_base_window12_192",
+    "vit": "vit_base_patch16_224",
+    "beit": "beit_base_patch16_224",
+}
+
+
+class ExportError(UserError):
+    """The checkpoint cannot be exported (not a SimMIM pre-training checkpoint, unknown encoder)."""
+
+
+def read_pretraining_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """Returns (model state dict, config dict) of a simmim pre-training checkpoint.
+
+    Raises ExportError, naming the file, for a missing or unreadable file, a fine-tuned checkpoint
+    (no mask token / prediction head) or a checkpoint without the config simmim writes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise ExportError(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not isinstance(config, dict):
+        raise ExportError(f"'{path}' is not a simmim checkpoint (no model weights with their config): export "
+                          f"reads what `simmim pretrain` writes")
+    if not any(k.startswith("encoder.") for k in state) or "encoder.mask_token" not in state:
+        raise ExportError(f"'{path}' is not a SimMIM pre-training checkpoint (a fine-tuned classifier?): "
+                          f"export the pre-training checkpoint, or load this one with timm directly")
+    return state, config
+
+
+def encoder_network(model: nn.Module) -> nn.Module:
+    """The timm network inside the SimMIM encoder (`SimMIM.encoder.<swin|vit|...>`)."""
+    nets = [m for m in model.encoder.children() if hasattr(m, "default_cfg") or hasattr(m, "patch_embed")]
+    if len(nets) != 1:
+        raise RuntimeError(f"expected one timm network inside {type(model.encoder).__name__}, found {len(nets)}")
+    return nets[0]
+
+
+def build_encoder(config: dict, state: dict) -> tuple[nn.Module, str]:
+    """Rebuilds the SimMIM model of `config`, loads `state` strictly and returns (its timm encoder
+    network, family). Raises ExportError for an architecture this version does not know."""
+    m, d = config.get("model", {}), config.get("data", {})
+    arch = m.get("arch")
+    if arch not in ARCHS:
+        raise ExportError(f"the checkpoint's model.arch '{arch}' is unknown here (known: {', '.join(ARCHS)})")
+    model = build_simmim(arch, d.get("img_size", 192), d.get("mask_patch_size", 32), m.get("window_size", 0))
+    model.load_state_dict(state)
+    return encoder_network(model).eval(), ARCHS[arch].family
+
+
+def timm_model_args(net: nn.Module, family: str, img_size: int) -> dict:
+    """The constructor arguments that make timm's registered architecture our encoder."""
+    if family in ("swin", "swinv2"):
+        stages = net.layers
+        return {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "embed_dim": net.embed_dim,
+                "depths": [len(s.blocks) for s in stages],
+                "num_heads": [s.blocks[0].attn.num_heads for s in stages],
+                "window_size": _window(stages[0].blocks[0]), "num_classes": 0}
+    args = {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "embed_dim": net.embed_dim,
+            "depth": len(net.blocks), "num_heads": net.blocks[0].attn.num_heads, "num_classes": 0}
+    if family == "beit":
+        args.update(use_abs_pos_emb=net.pos_embed is not None,
+                    use_shared_rel_pos_bias=net.rel_pos_bias is not None,
+                    use_rel_pos_bias=net.blocks[0].attn.relative_position_bias_table is not None,
+                    init_values=0.1, global_pool="avg", use_fc_norm=False)
+    return args
+
+
+def _window(block: nn.Module) -> int:
+    w = getattr(block, "window_size", None)
+    return int(w[0] if isinstance(w, (tuple, list)) else w)
+
+
+def export_timm(net: nn.Module, family: str, img_size: int, out_dir: Path) -> Path:
+    """Writes out_dir/model.safetensors + config.json with timm's `save_for_hf`; returns out_dir."""
+    import timm
+    from timm.models import save_for_hf
+
+    name = TIMM_ARCHITECTURES[family]
+    args = timm_model_args(net, family, img_size)
+    target = timm.create_model(name, pretrained=False, **args)
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    missing, unexpected = target.load_state_dict(own, strict=False)
+    missing = [k for k in missing if not k.endswith(("relative_position_index", "attn_mask"))]
+    if missing or unexpected:
+        raise RuntimeError(f"{name} does not hold the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _write_dir(out_dir, lambda tmp: save_for_hf(target, tmp, safe_serialization=True))
+    return out_dir
+
+
+def swin_original_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's Swin state dict in the original Swin code's layout (see the module docstring).
+
+    Inverse of the layout half of timm's `swin_transformer.checkpoint_filter_fn`: timm's
+    `layers.{i+1}.downsample.*` becomes `layers.{i}.downsample.*`. The merged-channel order is the
+    same in both (timm concatenates the 2x2 neighbours in the original order), so no weight moves.
+    """
+    out = {}
+    for key, value in net.state_dict().items():
+        if key.startswith(("head.", "fc_norm.")):
+            continue
+        key = re.sub(r"^layers\.(\d+)\.downsample", lambda g: f"layers.{int(g.group(1)) - 1}.downsample", key)
+        out[key] = value.detach().clone().contiguous()
+    for name, module in net.named_modules():
+        index = getattr(module, "relative_position_index", None)
+        if isinstance(index, torch.Tensor) and f"{name}.relative_position_index" not in out:
+            out[f"{name}.relative_position_index"] = index.clone()
+    return out
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", force: bool = False) -> Path:
+    """Exports the encoder of a SimMIM pre-training checkpoint.
+
+    fmt "timm": `out` is a folder with model.safetensors + config.json (timm local-dir / HF hub layout).
+    fmt "swin": `out` is a folder with swin_encoder.pth, `{"model": state_dict}` in the original Swin
+    layout (Swin encoders only). Outputs are written atomically. Returns the folder.
+
+    Raises ExportError (a UserError) for a missing, unreadable, fine-tuned or foreign checkpoint, an
+    unknown format, a non-Swin encoder with fmt "swin", or an existing `out` without `force`.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"'{out}' exists and is not empty: pick another folder or pass --force")
+    state, config = read_pretraining_checkpoint(checkpoint)
+    net, family = build_encoder(config, state)
+    img_size = config.get("data", {}).get("img_size", 192)
+    if fmt == "timm":
+        export_timm(net, family, img_size, out)
+    else:
+        if family not in ("swin",):
+            raise ExportError(f"--format swin needs a Swin encoder; '{checkpoint}' holds a {family} encoder "
+                              f"(use --format timm)")
+        sd = swin_original_state_dict(net)
+        _write_dir(out, lambda tmp: torch.save({"model": sd}, Path(tmp) / "swin_encoder.pth"))
+    log.info("exported the %s encoder of %s to %s (%s format)", config["model"]["arch"], checkpoint, out, fmt)
+    return out
+
+
+def _write_dir(out: Path, write) -> None:
+    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (atomic per folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
