@@ -152,12 +152,12 @@ def test_dcp_checkpointer_single_process(tmp_path):
     """Publish by rename, keep-last-K, a stale .tmp ignored and removed, consolidation to the
     torch.save layout, and fine-tuning from the folder."""
     torch.manual_seed(0)
-    model = build_simmim("swinv2_mini", 64, 32, window_size=2)
+    model = build_simmim("swinv2_micro", 64, 32, window_size=2)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
     ck = DCPCheckpointer(tmp_path, True, keep_last=2)
     (tmp_path / ".checkpoint-00000099.tmp").mkdir()  # a save that never finished
     assert ck.latest() is None
-    cfg = {"model": {"arch": "swinv2_mini", "window_size": 2}, "data": {"img_size": 64}}
+    cfg = {"model": {"arch": "swinv2_micro", "window_size": 2}, "data": {"img_size": 64}}
     for step in (1, 2, 3):
         model(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool)).backward()
         opt.step()
@@ -165,7 +165,7 @@ def test_dcp_checkpointer_single_process(tmp_path):
     assert [s for s, _ in dcp_checkpoints(tmp_path)] == [2, 3] and not any(tmp_path.glob(".*.tmp"))
     latest = ck.latest()
     assert is_dcp_checkpoint(latest) and read_dcp_train_state(latest)["train_state"]["step_in_epoch"] == 3
-    fresh = build_simmim("swinv2_mini", 64, 32, window_size=2)
+    fresh = build_simmim("swinv2_micro", 64, 32, window_size=2)
     fresh_opt = torch.optim.AdamW(param_groups(fresh, 0.05), lr=1e-3)
     train = ck.load(latest, fresh, fresh_opt)
     assert train["config"] == cfg
@@ -174,8 +174,8 @@ def test_dcp_checkpointer_single_process(tmp_path):
     assert fresh_opt.state_dict()["state"][0]["step"] == 3
     flat = load_checkpoint(latest)
     assert set(flat) >= {"model", "optimizer", "train_state", "config"}
-    net = build_classifier("swinv2_mini", 64, 5, 2, 0.0)
-    report = load_pretrained(net, latest, "swinv2_mini")
+    net = build_classifier("swinv2_micro", 64, 5, 2, 0.0)
+    report = load_pretrained(net, latest, "swinv2_micro")
     assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
     consolidate(latest, tmp_path / "one.pt")
     assert torch.load(tmp_path / "one.pt", weights_only=True)["train_state"]["step_in_epoch"] == 3

@@ -114,10 +114,12 @@ class PretrainTask:
         r = self.cfg.run
         if self.val_loader is not None and ((epoch + 1) % r.val_every == 0 or last):
             out["val_loss"] = validation_loss(model, self.val_loader, amp_dtype)  # every rank takes part
-        if dist.is_main and ((epoch + 1) % r.vis_every == 0 or last):
+        if (dist.is_main or self.every_rank) and ((epoch + 1) % r.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}")
-            out["reconstruction"] = out_dir / name
+            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}",
+                         save=dist.is_main)
+            if dist.is_main:
+                out["reconstruction"] = out_dir / name
         return out
 
 
