@@ -27,6 +27,7 @@ setup(
         "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
         "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
+        "scipy",  # the released relative-position-table resize (FITPACK cubic spline)
     ],
     extras_require={
         # The fast paths; `make setup` installs ffcv and dali (and FFCV's apt build deps), `full` all.

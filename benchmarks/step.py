@@ -22,7 +22,7 @@ import torch
 from simmim.kernels import dispatch
 from simmim.pipeline import Augmentation, MaskGenerator, build_loader
 from simmim.trainer.engine import StepState, train_one_epoch
-from simmim.trainer.model import build_simmim, param_groups
+from simmim.trainer.model import ARCHS, build_simmim, param_groups
 
 from .measure import autocast, count_flops
 from .report import device_name, results_dir, write_bar_chart
@@ -98,7 +98,7 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
     flops = flops_per_image(model, size, min(batch, 8), device, amp_dtype)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05, ARCHS[arch].family), lr=1e-4, fused=True)
     train_model = torch.compile(model) if compile_ else model
     if data == "loader":
         source = build_loader("torch", data_path, Augmentation(size=size), MaskGenerator(size, 32, 0.6),

@@ -14,7 +14,7 @@ from simmim.pipeline.folder import center_crop
 from simmim.trainer.config import ConfigError
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.finetune import (Classifier, DeviceRandAugment, PILRandAugment, build_classifier,
-                                     interpolate_rel_pos_bias, layer_decay_groups, layer_id, load_pretrained,
+                                     layer_decay_groups, resize_rel_pos_bias, layer_id, load_pretrained,
                                      num_layers)
 from simmim.trainer.model import build_simmim
 
@@ -39,23 +39,25 @@ def test_load_pretrained_same_size_is_exact(tmp_path):
 
 
 def test_load_pretrained_resizes_window_tables(tmp_path):
-    save_simmim(tmp_path / "c.pt", window=2)  # 64 px, window 2 -> window 4 (3x3 -> 7x7 offset tables)
-    net = build_classifier("swin_micro", 64, 5, 4, 0.0)
+    save_simmim(tmp_path / "c.pt", img=128, window=4)  # 128 px, window 4 -> 8 (7x7 -> 15x15 offset tables)
+    net = build_classifier("swin_micro", 128, 5, 8, 0.0)
     report = load_pretrained(net, tmp_path / "c.pt", "swin_micro")
     assert report["resized"] and all(k.endswith("relative_position_bias_table") for k in report["resized"])
     table = net.state_dict()[report["resized"][0]]
-    assert table.shape[0] == 49
+    assert table.shape[0] == 225
 
 
 def test_rel_pos_bias_interpolation():
     t = torch.randn(11 * 11, 4)
-    assert interpolate_rel_pos_bias(t, 11) is t  # exact when sizes match
+    assert resize_rel_pos_bias(t, 11) is t  # exact when sizes match
     const = torch.full((11 * 11, 3), 0.7)
-    assert torch.allclose(interpolate_rel_pos_bias(const, 13), torch.full((13 * 13, 3), 0.7), atol=1e-6)
+    assert torch.allclose(resize_rel_pos_bias(const, 13), torch.full((13 * 13, 3), 0.7), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot resize"):  # 3x3 offsets (window 2) have no tail to stretch
+        resize_rel_pos_bias(torch.randn(9, 2), 7)
     # 192/window 6 -> 224/window 7: a smooth bias keeps its shape (centre = zero offset stays the peak)
     yy, xx = torch.meshgrid(torch.arange(11.) - 5, torch.arange(11.) - 5, indexing="ij")
     bump = torch.exp(-(xx ** 2 + yy ** 2) / 8).reshape(-1, 1)
-    out = interpolate_rel_pos_bias(bump, 13).reshape(13, 13)
+    out = resize_rel_pos_bias(bump, 13).reshape(13, 13)
     assert out.argmax() == 6 * 13 + 6 and torch.allclose(out, out.T, atol=1e-6)
 
 

@@ -153,7 +153,7 @@ def test_dcp_checkpointer_single_process(tmp_path):
     torch.save layout, and fine-tuning from the folder."""
     torch.manual_seed(0)
     model = build_simmim("swinv2_micro", 64, 32, window_size=2)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(model, 0.05, "swinv2"), lr=1e-3)
     ck = DCPCheckpointer(tmp_path, True, keep_last=2)
     (tmp_path / ".checkpoint-00000099.tmp").mkdir()  # a save that never finished
     assert ck.latest() is None
@@ -166,7 +166,7 @@ def test_dcp_checkpointer_single_process(tmp_path):
     latest = ck.latest()
     assert is_dcp_checkpoint(latest) and read_dcp_train_state(latest)["train_state"]["step_in_epoch"] == 3
     fresh = build_simmim("swinv2_micro", 64, 32, window_size=2)
-    fresh_opt = torch.optim.AdamW(param_groups(fresh, 0.05), lr=1e-3)
+    fresh_opt = torch.optim.AdamW(param_groups(fresh, 0.05, "swinv2"), lr=1e-3)
     train = ck.load(latest, fresh, fresh_opt)
     assert train["config"] == cfg
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):

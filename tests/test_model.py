@@ -52,7 +52,7 @@ def test_mask_token_changes_only_masked_regions_input():
 
 def test_weight_decay_groups():
     model = build_simmim("swin_micro", 128, 32, window_size=4)
-    decay, no_decay = param_groups(model, 0.05)
+    decay, no_decay = param_groups(model, 0.05, "swin", rule="intended")
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
@@ -63,8 +63,9 @@ def test_weight_decay_groups():
     assert any(n.endswith("qkv.weight") for n in d) and "decoder.0.weight" in d
     vit = build_simmim("vit_micro", 64, 32)
     vnames = {id(p): n for n, p in vit.named_parameters()}
-    vnd = {vnames[id(p)] for p in param_groups(vit, 0.05)[1]["params"]}
-    assert {"encoder.vit.pos_embed", "encoder.vit.cls_token", "encoder.mask_token"} <= vnd
+    vnd = {vnames[id(p)] for p in param_groups(vit, 0.05, "vit", rule="intended")[1]["params"]}
+    assert {"encoder.vit.rel_pos_bias.relative_position_bias_table", "encoder.vit.cls_token",
+            "encoder.mask_token"} <= vnd
 
 
 @pytest.mark.parametrize("kwargs", [dict(arch="nope", img_size=192, mask_patch_size=32),

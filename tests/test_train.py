@@ -24,7 +24,7 @@ def losses(run_dir):
 
 
 def test_lr_schedule():
-    s = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    s = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.1, warmup_steps=10, total_steps=110, anchor="warmup_end")
     assert s(0) == 0.0 and s(5) == pytest.approx(0.5) and s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1)
     st = LRSchedule(lr=1.0, warmup_lr=0.0, min_lr=0.0, warmup_steps=2, total_steps=100, kind="step",

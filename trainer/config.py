@@ -67,6 +67,14 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 5.0  # 0 disables
     scheduler: str = "cosine"  # cosine | step
+    # cosine: "released" computes it from iteration 0 over the whole run and lets warmup override the
+    # first iterations (the released SimMIM code, timm's CosineLRScheduler); "warmup_end" starts it
+    # at the end of warmup (reaches the peak lr)
+    cosine_anchor: str = "released"
+    # "released": what the released code's parameter groups did (its pre-training no-decay keywords
+    # never matched: Swin's relative-position tables, ViT's mask token and shared bias table decay);
+    # "intended": no decay on any norm, bias, position table or token (see trainer/model.py)
+    weight_decay_rule: str = "released"
     milestones: list[int] = field(default_factory=list)  # epochs, for step
     gamma: float = 0.1
 

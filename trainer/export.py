@@ -37,8 +37,7 @@ FORMATS = ("timm", "swin")
 TIMM_ARCHITECTURES = {
     "swin": "swin_base_patch4_window7_224",
     "swinv2": "swinv2_base_window12_192",
-    "vit": "vit_base_patch16_224",
-    "beit": "beit_base_patch16_224",
+    "vit": "beit_base_patch16_224",  # the paper's ViT is BEiT-style (trainer/model.py)
 }
 
 
@@ -100,7 +99,7 @@ def timm_model_args(net: nn.Module, family: str, img_size: int) -> dict:
                 "window_size": _window(stages[0].blocks[0]), "num_classes": 0}
     args = {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "embed_dim": net.embed_dim,
             "depth": len(net.blocks), "num_heads": net.blocks[0].attn.num_heads, "num_classes": 0}
-    if family == "beit":
+    if family == "vit":
         args.update(use_abs_pos_emb=net.pos_embed is not None,
                     use_shared_rel_pos_bias=net.rel_pos_bias is not None,
                     use_rel_pos_bias=net.blocks[0].attn.relative_position_bias_table is not None,

@@ -8,17 +8,20 @@ decay (each parameter group's lr = schedule lr x decay^(depth - layer), set once
 drop path 0.1, RandAugment (rand-m9-mstd0.5-inc1), mixup 0.8 / cutmix 1.0 (switch 0.5), label
 smoothing 0.1, random erasing 0.25, warmup then cosine; evaluation by resize + centre crop.
 
-Loading a SimMIM checkpoint: the encoder's weights, with the wrapper's prefixes stripped (the
-mask token and the prediction head are dropped), go into a timm classifier of the same
-architecture; missing and unexpected keys are reported; another architecture is refused;
-relative-position-bias tables are resized (bicubic, in torch) when the window changes, e.g.
-192 px / window 6 pre-training to 224 px / window 7 fine-tuning, and ViT position tables when the
-grid changes. Same sizes load unchanged. SwinV2 has no table to resize: its position bias is an
-MLP over log-spaced relative coordinates, which load as they are; when the window changes (e.g.
-192 px / window 12 -> 224 px / window 14), the coordinates are normalised by the pre-training
-window of each stage (read from the checkpoint's config), as the released SwinV2 fine-tuning does
-with pretrained_window_sizes, so offsets seen in pre-training give the MLP the same inputs and the
-new, larger offsets extrapolate along the log scale.
+Loading a SimMIM checkpoint (this project's, or the released code's {"model": {"encoder.*"}}):
+the encoder's weights, with the wrapper's prefixes stripped (the mask token and the prediction
+head are dropped), go into a timm classifier of the same architecture through timm's checkpoint
+filters (the original Swin layout's patch merging moves to the next stage); ViT's shared relative
+position table is copied into every block; missing and unexpected keys are reported; another
+architecture is refused; relative-position-bias tables are resized as the released fine-tuning did
+(a cubic spline on a geometric offset grid, see `resize_rel_pos_bias`) when the window changes,
+e.g. 192 px / window 6 pre-training to 224 px / window 7 fine-tuning. Same sizes load unchanged.
+SwinV2 has no table to resize: its position bias is an MLP over log-spaced relative coordinates,
+which loads as it is; when the window changes (e.g. 192 px / window 12 -> 224 px / window 14), the
+coordinates are normalised by each stage's pre-training window (read from the checkpoint's
+config), as the released SwinV2 fine-tuning does with pretrained_window_sizes, so offsets seen in
+pre-training give the MLP the same inputs and the new, longer ones extrapolate along the log scale.
+A DCP checkpoint folder (train.parallel=fsdp) is consolidated in memory first.
 
 Data: the same loaders as pre-training, in their classification form (`labels=True`, no masks):
 random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment
@@ -32,18 +35,21 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.interpolate import RectBivariateSpline
+from scipy.optimize import brentq
 from torch import nn
 
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 
-from .checkpoint import consolidate, is_dcp_checkpoint, load_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .checkpoint import consolidate, is_dcp_checkpoint
+from .config import Config, ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import amp_dtype_for, fit, loader_options
-from .model import ARCHS, SWIN_FAMILIES, no_weight_decay, timm_model
+from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
 from .parallel import lockstep
 
 log = logging.getLogger("simmim")
@@ -59,82 +65,159 @@ def build_classifier(arch: str, img_size: int, num_classes: int, window_size: in
     return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes)
 
 
-ENCODER_PREFIXES = ("encoder.swin.", "encoder.vit.")
+# Prefixes of the weight layouts `load_weights` reads, stripped in this order (first match):
+# this project's pre-training (encoder.swin. / encoder.vit.), the released SimMIM pre-training
+# (encoder.), this project's fine-tuned classifier (net.); DDP's module. goes first.
+PREFIXES = ("encoder.swin.", "encoder.vit.", "encoder.", "net.")
 DROPPED = ("encoder.mask_token", "decoder.")
+BUFFERS = ("relative_position_index", "attn_mask", "k_bias")  # recomputed by timm, not weights
 
 
-def interpolate_rel_pos_bias(table: torch.Tensor, size: int) -> torch.Tensor:
-    """A Swin relative-position-bias table ((2w-1)^2, heads) resized to (size^2, heads) with
-    bicubic interpolation over the (2w-1) x (2w-1) offset grid; unchanged when sizes match."""
+def geometric_offsets(src: int, dst: int) -> np.ndarray:
+    """Where the `src` offsets -(src//2)..src//2 of a relative-position table sit on a target grid
+    of offsets -(dst//2)..dst//2 (float64, shape (src,)), as the released SimMIM fine-tuning placed
+    them: the gaps from 0 outwards grow geometrically, 1, q, q^2, ..., with q chosen so that the
+    outermost source offset lands on the outermost target offset. Offsets -1, 0, +1 stay in place;
+    only the tails stretch. Raises ValueError when the table is too small to be stretched (3 offsets)."""
+    n, m = src // 2, dst // 2
+    if n == m:
+        return np.arange(-n, n + 1, dtype=np.float64)
+    if n < 2 or m < 1:
+        raise ValueError(f"cannot resize a relative position table of {src}x{src} offsets to {dst}x{dst}")
+    excess = lambda r: np.sum(r ** np.arange(n)) - m  # noqa: E731 - (1 + r + ... + r^(n-1)) - m
+    if excess(1.01) <= 0 < excess(1.5):
+        # the released code's search: bisection on [1.01, 1.5] until the bracket is under 1e-6, q = the
+        # last midpoint; kept so that window 6 -> 7 (q = 1.0903) gives the released tables to float precision
+        lo, hi = 1.01, 1.5
+        while hi - lo > 1e-6:
+            q = (lo + hi) / 2
+            lo, hi = (lo, q) if excess(q) > 0 else (q, hi)
+    else:  # outside that bracket (larger stretches, shrinking) the released search fails; solve exactly
+        q = brentq(excess, 1e-9, float(m), xtol=1e-15)
+    gaps = np.cumsum(q ** np.arange(n))  # 1, 1 + q, 1 + q + q^2, ...
+    return np.concatenate([-gaps[::-1], [0.0], gaps])
+
+
+def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch.Tensor:
+    """A relative position bias table ((2w-1)^2 + extra, heads) resized to (size^2 + extra, heads)
+    as the released SimMIM fine-tuning did (e.g. 11x11 -> 13x13 for window 6 -> 7): per head, a
+    cubic interpolating spline (FITPACK via SciPy's RectBivariateSpline, kx = ky = 3, s = 0: what
+    the released code's `interp2d(kind='cubic')` ran) through the source values placed on the
+    geometric grid of `geometric_offsets`, evaluated at the integer target offsets. The `extra`
+    rows at the end (BEiT's 3 cls entries) are kept as they are. Unchanged when the sizes match."""
     n, heads = table.shape
-    old = math.isqrt(n)
-    if old * old != n:
-        raise ValueError(f"relative position table of {n} rows is not square")
+    old = math.isqrt(n - extra)
+    if old * old != n - extra:
+        raise ValueError(f"relative position table of {n} rows ({extra} extra) is not square")
     if old == size:
         return table
-    grid = table.T.reshape(1, heads, old, old).float()
-    out = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
-    return out.reshape(heads, size * size).T.to(table.dtype).contiguous()
+    x = geometric_offsets(old, size)
+    t = np.arange(-(size // 2), size // 2 + 1, dtype=np.float64)
+    grid = table[:n - extra].double().numpy().reshape(old, old, heads)  # (offset h, offset w, heads)
+    out = np.stack([RectBivariateSpline(x, x, grid[:, :, h], kx=3, ky=3, s=0)(t, t) for h in range(heads)], -1)
+    out = torch.from_numpy(out.reshape(size * size, heads)).to(table.dtype)
+    return torch.cat([out, table[n - extra:]]).contiguous()
 
 
-def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
-    """Loads a SimMIM (or fine-tuned) checkpoint into `model` (built by build_classifier).
-    Returns {"missing", "unexpected", "resized"} key lists; raises ConfigError for a file that is
-    not a checkpoint or holds another architecture."""
-    from timm.layers import resample_abs_pos_embed
-
-    path = Path(path)
-    if not (path.is_file() or is_dcp_checkpoint(path)):
-        raise ConfigError(f"finetune.pretrained: '{path}' does not exist")
-    try:  # a DCP folder (train.parallel=fsdp) is consolidated in memory first
-        ckpt = consolidate(path) if is_dcp_checkpoint(path) else torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path: Path, what: str) -> dict:
+    """The dict a checkpoint file holds (weights_only), or a DCP folder's consolidated in memory;
+    ConfigError if it cannot be read."""
+    if is_dcp_checkpoint(path):
+        return consolidate(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure
-        raise ConfigError(f"finetune.pretrained: '{path}' is not a simmim checkpoint ({type(e).__name__})") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"finetune.pretrained: '{path}' holds no model weights")
-    their_arch = (ckpt.get("config") or {}).get("model", {}).get("arch") if isinstance(ckpt, dict) else None
-    if their_arch is not None and their_arch != arch:
-        raise ConfigError(f"finetune.pretrained: '{path}' is a {their_arch} checkpoint; model.arch is {arch}")
+        hint = ""
+        if "weights_only" in str(e) or "global" in str(e).lower():
+            hint = (": it holds Python objects besides tensors (e.g. the released code's yacs config); keep its "
+                    "weights with torch.save({'model': torch.load(f, weights_only=False)['model']}, f2)")
+        raise ConfigError(f"{what}: '{path}' is not a simmim checkpoint ({type(e).__name__}){hint}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
+        raise ConfigError(f"{what}: '{path}' holds no model weights")
+    return ckpt
+
+
+def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
+    """Weights of any layout `load_weights` reads, in the layout of `model` (a timm classifier):
+    prefixes stripped, mask token and prediction head dropped, ViT's shared bias table copied into
+    every block (as the released fine-tuning did), relative-position tables resized with
+    `resize_rel_pos_bias`, then timm's own checkpoint filter (Swin: the original code's patch
+    merging at the end of stage i moves to the start of stage i + 1 and head. becomes head.fc.;
+    index buffers dropped). Returns (weights, names of the resized tables); ValueError if a table
+    cannot be fitted."""
+    from timm.models import beit, swin_transformer, swin_transformer_v2
 
     weights = {}
     for key, value in state.items():
+        key = key.removeprefix("module.")
         if key.startswith(DROPPED):
             continue
-        for prefix in ENCODER_PREFIXES + ("module.",):
+        for prefix in PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
                 break
         weights[key] = value
     own = model.state_dict()
+    shared = "rel_pos_bias.relative_position_bias_table"
+    if family == "vit" and shared in weights and shared not in own:
+        table = weights.pop(shared)
+        for i in range(len(model.blocks)):
+            weights.setdefault(f"blocks.{i}.attn.relative_position_bias_table", table.clone())
+    extra = 3 if family == "vit" else 0  # BEiT's cls-to-token, token-to-cls, cls-to-cls entries
     resized = []
+    for key, value in weights.items():
+        if key.endswith("relative_position_bias_table") and key in own and own[key].shape != value.shape:
+            if own[key].shape[1] != value.shape[1]:
+                raise ValueError(f"{key} has {value.shape[1]} heads there, {own[key].shape[1]} here")
+            weights[key] = resize_rel_pos_bias(value, math.isqrt(own[key].shape[0] - extra), extra)
+            resized.append(key)
+    weights = {k: v for k, v in weights.items() if not k.endswith(BUFFERS)}
+    module = {"swin": swin_transformer, "swinv2": swin_transformer_v2}.get(family, beit)
+    return module.checkpoint_filter_fn(weights, model), resized
+
+
+def load_weights(model: nn.Module, state: dict, arch: str, what: str) -> dict:
+    """Loads `state` (this project's SimMIM or fine-tuned weights, the released SimMIM pre-training
+    {"encoder.*"} or fine-tuned weights) into `model` (built by build_classifier). Returns
+    {"missing", "unexpected", "resized"} key lists; ConfigError if they do not fit `arch`."""
+    own = model.state_dict()
+    try:
+        weights, resized = to_timm_layout(state, model, ARCHS[arch].family)
+    except ValueError as e:
+        raise ConfigError(f"{what} does not match model.arch {arch}: {e}") from None
     for key, value in list(weights.items()):
-        if key not in own or own[key].shape == value.shape:
-            continue
-        if key.endswith("relative_position_bias_table"):
-            weights[key] = interpolate_rel_pos_bias(value, math.isqrt(own[key].shape[0]))
-        elif key == "pos_embed":
-            prefix = getattr(model, "num_prefix_tokens", 1)
-            grid = int(math.isqrt(own[key].shape[1] - prefix))
-            weights[key] = resample_abs_pos_embed(value, (grid, grid), num_prefix_tokens=prefix)
-        elif key.startswith("head"):
-            del weights[key]  # another number of classes: the head starts fresh
-            continue
-        else:
-            raise ConfigError(f"finetune.pretrained: '{path}' does not match model.arch {arch}: {key} is "
+        if key in own and own[key].shape != value.shape:
+            if key.startswith("head"):
+                del weights[key]  # another number of classes: the head starts fresh
+                continue
+            raise ConfigError(f"{what} does not match model.arch {arch}: {key} is "
                               f"{tuple(value.shape)} there, {tuple(own[key].shape)} here")
-        resized.append(key)
-    # buffers timm recomputes from the window (index tables, attention masks) are not weights
-    weights = {k: v for k, v in weights.items() if not k.endswith(("relative_position_index", "attn_mask"))}
     result = model.load_state_dict(weights, strict=False)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-        resized += set_pretrained_windows(model, ckpt["config"])
-    missing = [k for k in result.missing_keys if not k.endswith(("relative_position_index", "attn_mask"))]
-    encoder_keys = [k for k in own if not k.startswith(("head", "fc_norm"))]
+    missing = [k for k in result.missing_keys if not k.endswith(BUFFERS)]
+    encoder_keys = [k for k in own if not k.startswith(("head", "fc_norm")) and not k.endswith(BUFFERS)]
     if len([k for k in encoder_keys if k in weights]) < 0.9 * len(encoder_keys):
-        raise ConfigError(f"finetune.pretrained: '{path}' does not match model.arch {arch} "
+        raise ConfigError(f"{what} does not match model.arch {arch} "
                           f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
+
+
+def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
+    """Loads a SimMIM pre-training checkpoint (this project's or the released code's) or a
+    fine-tuned one into `model` (see `load_weights`); refuses a checkpoint whose config names
+    another architecture."""
+    path = Path(path)
+    what = f"finetune.pretrained: '{path}'"
+    ckpt = read_checkpoint(path, "finetune.pretrained")
+    config = ckpt.get("config")
+    their_arch = config.get("model", {}).get("arch") if isinstance(config, dict) else None
+    if their_arch is not None and their_arch != arch:
+        raise ConfigError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
+    report = load_weights(model, ckpt.get("model", ckpt), arch, what)
+    if isinstance(config, dict):
+        report["resized"] += set_pretrained_windows(model, config)
+    return report
 
 
 def set_pretrained_windows(model: nn.Module, pretrain_cfg: dict) -> list[str]:
@@ -189,19 +272,26 @@ def layer_id(name: str, arch: str) -> int:
     return num_layers(arch) + 1
 
 
-def layer_decay_groups(model: nn.Module, arch: str, weight_decay: float, decay: float) -> list[dict]:
+def layer_decay_groups(model: nn.Module, arch: str, weight_decay: float, decay: float,
+                       rule: str = "released") -> list[dict]:
     """One parameter group per (layer, weight decay or not), with lr_scale = decay^(L + 1 - layer);
-    the engine multiplies the schedule's lr by it once per step."""
+    the engine multiplies the schedule's lr by it once per step. Weight decay follows `rule` (see
+    model.no_weight_decay; the released fine-tuning exempts Swin's tables, not ViT's per-block ones).
+    ViT's per-block bias tables and layer-scale gammas of block i go with block i (layer i + 1)."""
     depth = num_layers(arch) + 1
+    family = ARCHS[arch].family
     groups: dict[tuple[int, bool], dict] = {}
+    named = {True: [], False: []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        layer, no_wd = layer_id(name, arch), no_weight_decay(name, p)
+        layer, no_wd = layer_id(name, arch), no_weight_decay(name, p, family, rule, pretrain=False)
         g = groups.setdefault((layer, no_wd), {"params": [], "layer": layer,
                                                "weight_decay": 0.0 if no_wd else weight_decay,
                                                "lr_scale": decay ** (depth - layer)})
         g["params"].append(p)
+        named[no_wd].append((name, p))
+    log_decay(named[False], named[True], weight_decay, rule)
     return [groups[k] for k in sorted(groups)]
 
 
@@ -385,7 +475,7 @@ class FinetuneTask:
 
     def param_groups(self, model) -> list[dict]:
         o, f = self.cfg.optim, self.cfg.finetune
-        return layer_decay_groups(model.net, self.cfg.model.arch, o.weight_decay, f.layer_decay)
+        return layer_decay_groups(model.net, self.cfg.model.arch, o.weight_decay, f.layer_decay, o.weight_decay_rule)
 
     def describe_data(self) -> str:
         f = self.cfg.finetune
@@ -414,22 +504,28 @@ def finetune(cfg: Config) -> dict:
 def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None = None,
                         overrides: list[str] = ()) -> dict:
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
-    if not (Path(path).is_file() or is_dcp_checkpoint(path)):
-        raise ConfigError(f"checkpoint '{path}' does not exist")
-    state = load_checkpoint(Path(path))
-    if "config" not in state or not any(k.startswith("net.") for k in state.get("model", {})):
+    state = read_checkpoint(Path(path), "checkpoint")
+    weights = state.get("model", state)
+    if any(k.removeprefix("module.").startswith(("encoder.", "decoder.")) for k in weights):
         raise ConfigError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
                           f"(simmim finetune --config ... finetune.pretrained={path})")
-    cfg = config_from_dict(state["config"], overrides)
+    # this project's checkpoints carry their config; the released code's fine-tuned weights take
+    # model.arch / data.img_size / model.window_size from the command line
+    config = state.get("config")
+    cfg = config_from_dict(config, overrides) if isinstance(config, dict) else load_config(None, overrides)
     dist = init_distributed(cfg.train.device)
     val = data or cfg.finetune.val_path
     if not val:
         raise ConfigError("no validation data: pass --data or set finetune.val_path")
     loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
-    head = next(v for k, v in state["model"].items() if k.endswith(("head.fc.weight", "head.weight")))
-    net = build_classifier(cfg.model.arch, cfg.data.img_size, head.shape[0], cfg.model.window_size, 0.0)
-    weights = {k.removeprefix("net."): v for k, v in state["model"].items() if k.startswith("net.")}
-    net.load_state_dict(weights)
+    heads = [v for k, v in weights.items() if k.endswith(("head.fc.weight", "head.weight"))]
+    if not heads:
+        raise ConfigError(f"'{path}' has no classification head (head.weight): not a fine-tuned checkpoint")
+    net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0)
+    report = load_weights(net, weights, cfg.model.arch, f"checkpoint '{path}'")
+    if report["missing"]:
+        raise ConfigError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
+                          f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")
     result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
     cleanup()
     return {**result, "checkpoint": str(path), "data": val}

@@ -187,7 +187,8 @@ def build_schedule(o, t, global_batch: int, steps_per_epoch: int) -> LRSchedule:
     return LRSchedule(
         lr=o.base_lr * scale, warmup_lr=o.warmup_lr * scale, min_lr=o.min_lr * scale,
         warmup_steps=t.warmup_epochs * steps_per_epoch, total_steps=t.epochs * steps_per_epoch,
-        kind=o.scheduler, milestones=tuple(e * steps_per_epoch for e in o.milestones), gamma=o.gamma)
+        kind=o.scheduler, milestones=tuple(e * steps_per_epoch for e in o.milestones), gamma=o.gamma,
+        anchor=o.cosine_anchor)
 
 
 @dataclass

@@ -1,25 +1,43 @@
 """SimMIM on timm encoders: mask tokens after patch embedding, a linear head, masked L1 loss.
 
     images (B, 3, H, W), masks (B, H/32, W/32)
-      -> encoder: patch embed (+ Swin's patch norm) -> mask-token fill -> [pos embed, cls] -> blocks
+      -> encoder: patch embed (+ Swin's patch norm) -> mask-token fill -> [cls token] -> blocks
       -> features (B, C, H/stride, W/stride)
       -> head: 1x1 conv to stride^2 * 3 channels + PixelShuffle(stride) -> pred (B, 3, H, W)
       -> masked_l1_loss(pred, images, masks)
     (by default the loss takes the conv's output and does the shuffle's indexing itself)
+
+The encoders are the paper's (the released SimMIM code's):
+- Swin: timm's SwinTransformer (patch norm, no absolute position embedding).
+- ViT: the BEiT-style ViT, timm's `Beit`: one relative position bias table shared by all blocks
+  (its cls rows / columns included), layer scale on both residual branches initialised at 0.1, no
+  absolute position embedding, q and v biases without a k bias, LayerNorm eps 1e-6, the cls token
+  kept through the blocks and dropped at the output. Initialised as the released code did:
+  truncated normal std 0.02 cut at +-1 sigma (+-0.02, so an effective std of 0.0108) for every
+  linear and conv weight, the cls token and the mask token, then each block's attn.proj and
+  mlp.fc2 weights divided by sqrt(2 * layer) (layer = 1..depth). For fine-tuning the shared table
+  becomes one table per block and the classifier pools the mean of the patch tokens + fc_norm.
 """
 from __future__ import annotations
 
+import logging
+import re
+from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models import checkpoint_seq
+from timm.layers import LayerNorm
+from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
-from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 from simmim.kernels import mask_token_fill, masked_l1_loss
 from simmim.kernels.masked_l1 import check_options
+
+log = logging.getLogger("simmim")
 
 
 @dataclass(frozen=True)
@@ -54,18 +72,42 @@ ARCHS = {
 SWIN_FAMILIES = ("swin", "swinv2")  # hierarchical, stride 32, mask token after patch embed + norm
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases (all 1-D), position tables, SwinV2's continuous-position-bias MLP and
-    attention logit scales (as the released SwinV2 code) and the mask token take no weight decay."""
-    keys = ("mask_token", "pos_embed", "cls_token", "relative_position_bias_table", "absolute_pos_embed",
-            "cpb_mlp", "logit_scale")
-    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
+WEIGHT_DECAY_RULES = ("released", "intended")
+
+
+def no_weight_decay(name: str, param: nn.Parameter, family: str, rule: str = "released",
+                    pretrain: bool = True) -> bool:
+    """True if the parameter `name` (a SimMIM model's or a classifier's) takes no weight decay.
+
+    "intended": no decay on norms and biases (every 1-D parameter), position tables (SwinV2: its
+    continuous-position-bias MLP and attention logit scales), the cls and mask tokens.
+    "released": what the released SimMIM code's parameter groups did. It exempts 1-D parameters,
+    biases and the names the encoder lists; in pre-training those names and keywords are prefixed
+    with "encoder." while the keywords are matched as substrings of full names, so the keyword
+    `relative_position_bias_table` never matches. Hence, in pre-training, every Swin relative
+    position table decays (24 tables, 45,496 values in Swin-B), and for ViT, which lists only
+    pos_embed and cls_token, the mask token (stored (1, 1, C) there, so not 1-D) and the shared bias
+    table decay. In fine-tuning (no prefix) Swin's tables are exempt and ViT's per-block tables decay.
+    """
+    if rule not in WEIGHT_DECAY_RULES:
+        raise ValueError(f"optim.weight_decay_rule must be 'released' or 'intended', got '{rule}'")
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "mask_token":  # ours is (C,); the released (1, 1, C) was exempt by name for Swin only
+        return rule == "intended" or family.startswith("swin")
+    if param.ndim <= 1 or leaf == "bias" or leaf in ("cls_token", "pos_embed", "absolute_pos_embed"):
+        return True
+    if leaf == "relative_position_bias_table":
+        return rule == "intended" or (family.startswith("swin") and not pretrain)
+    if leaf == "logit_scale" or ".cpb_mlp." in name:  # SwinV2's encoder lists these keywords, so the
+        return rule == "intended" or not pretrain  # same prefix rule leaves them decaying in pre-training
+    return False
 
 
 def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0,
                pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)):
-    """The timm Swin / SwinV2 / ViT of `arch`: the SimMIM encoder (num_classes=0) or, with a head,
-    the fine-tuning classifier (ViT classifies from the mean of its patch tokens, as BEiT and SimMIM do).
+    """The timm Swin / SwinV2 / BEiT-style ViT of `arch`: the SimMIM encoder (num_classes=0: ViT with
+    one shared relative position bias table) or, with a head, the fine-tuning classifier (ViT: one
+    table per block, mean of the patch tokens + fc_norm, as the released fine-tuning).
 
     SwinV2 only: `pretrained_window_sizes` (per stage; 0: this model's own window) is the window the
     continuous position bias was trained at; its log-spaced coordinates are normalised by it, so a
@@ -87,10 +129,32 @@ def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float
         return SwinTransformer(
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
             num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes)
-    pool = {"global_pool": "avg", "fc_norm": True} if num_classes else {}
-    return VisionTransformer(
+    shared = num_classes == 0
+    return Beit(
         img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depths[0],
-        num_heads=arch.num_heads[0], drop_path_rate=drop_path, num_classes=num_classes, **pool)
+        num_heads=arch.num_heads[0], qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes,
+        global_pool="" if shared else "avg", norm_layer=partial(LayerNorm, eps=1e-6), init_values=0.1,
+        use_abs_pos_emb=False, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared)
+
+
+@torch.no_grad()
+def released_vit_init(vit: Beit, *tokens: nn.Parameter, std: float = 0.02) -> None:
+    """The released SimMIM ViT initialisation: every linear and conv weight, the cls token and
+    `tokens` drawn from a normal of std 0.02 truncated at +-1 sigma; biases 0; LayerNorm 1 / 0;
+    then attn.proj and mlp.fc2 of block i (1-based) divided by sqrt(2 i) (timm's fix_init_weight).
+    Relative position tables stay 0, layer-scale gammas at their init value (0.1)."""
+    trunc = partial(nn.init.trunc_normal_, std=std, a=-std, b=std)
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for t in (vit.cls_token, *tokens):
+        trunc(t)
+    vit.fix_init_weight()
 
 
 class SwinEncoder(nn.Module):
@@ -120,6 +184,8 @@ class SwinEncoder(nn.Module):
 
 
 class ViTEncoder(nn.Module):
+    """The BEiT-style ViT (timm's Beit) with the mask token filled after patch embedding, before
+    the cls token is prepended; the cls token goes through the blocks and is dropped at the end."""
     stride = 16
 
     def __init__(self, arch: Arch, img_size: int, drop_path: float):
@@ -128,7 +194,7 @@ class ViTEncoder(nn.Module):
         self.num_features = self.vit.num_features
         self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        released_vit_init(self.vit, self.mask_token)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -136,8 +202,13 @@ class ViTEncoder(nn.Module):
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         v = self.vit
         x = mask_token_fill(v.patch_embed(images), masks, self.mask_token)  # (B, L, D)
-        x = v.norm_pre(v.patch_drop(v._pos_embed(x)))  # cls token and position table after the fill
-        x = checkpoint_seq(v.blocks, x) if self.grad_checkpointing and self.training else v.blocks(x)
+        x = v.pos_drop(torch.cat((v.cls_token.expand(len(x), -1, -1), x), dim=1))  # (B, 1 + L, D)
+        bias = v.rel_pos_bias()  # (heads, 1 + L, 1 + L), shared by all blocks
+        for blk in v.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, shared_rel_pos_bias=bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=bias)
         x = v.norm(x)[:, v.num_prefix_tokens:]  # (B, L, D)
         B, L, D = x.shape
         gh, gw = images.shape[2] // self.stride, images.shape[3] // self.stride
@@ -201,10 +272,24 @@ def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: in
     return SimMIM(encoder, loss=loss, fused_shuffle=fused_shuffle)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, family: str, rule: str = "released") -> list[dict]:
+    """Two AdamW groups of a SimMIM model, weight decay or none (see `no_weight_decay`); logs which
+    parameters decay."""
+    groups = {True: [], False: []}  # no decay? -> [(name, param)]
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            groups[no_weight_decay(name, p, family, rule, pretrain=True)].append((name, p))
+    log_decay(groups[False], groups[True], weight_decay, rule)
+    return [{"params": [p for _, p in groups[False]], "weight_decay": weight_decay},
+            {"params": [p for _, p in groups[True]], "weight_decay": 0.0}]
+
+
+def log_decay(decay: list, no_decay: list, weight_decay: float, rule: str) -> None:
+    """One line per side: tensor and value counts, then the names with block indices folded (`*`)."""
+    def summary(items):
+        folded = Counter(re.sub(r"\.\d+\.", ".*.", n) for n, _ in items)
+        names = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in folded.items())
+        return f"{len(items)} tensors, {sum(p.numel() for _, p in items):,} values: {names}"
+
+    log.info("weight decay %g (rule %s) on %s", weight_decay, rule, summary(decay))
+    log.info("no weight decay on %s", summary(no_decay))

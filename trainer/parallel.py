@@ -26,13 +26,14 @@ PARALLEL = ("ddp", "fsdp")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a SimMIM or fine-tuning model (timm Swin, SwinV2, ViT), in order:
+    """The transformer blocks of a SimMIM or fine-tuning model (timm Swin, SwinV2, BEiT / ViT), in order:
     the units FSDP2 shards and activation checkpointing recomputes."""
+    from timm.models.beit import Block as BeitBlock
     from timm.models.swin_transformer import SwinTransformerBlock
     from timm.models.swin_transformer_v2 import SwinTransformerV2Block
     from timm.models.vision_transformer import Block
 
-    kinds = (SwinTransformerBlock, SwinTransformerV2Block, Block)
+    kinds = (SwinTransformerBlock, SwinTransformerV2Block, BeitBlock, Block)
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 

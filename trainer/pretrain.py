@@ -16,7 +16,7 @@ from simmim.pipeline.augment import normalize, sample_seed
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum
 from .loop import fit, loader_options
-from .model import LossOptions, build_simmim, param_groups
+from .model import ARCHS, LossOptions, build_simmim, param_groups
 from .parallel import is_fsdp, lockstep
 from .visualize import save_reconstruction
 
@@ -99,7 +99,8 @@ class PretrainTask:
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
-        return param_groups(model, self.cfg.optim.weight_decay)
+        o, arch = self.cfg.optim, ARCHS[self.cfg.model.arch]
+        return param_groups(model, o.weight_decay, arch.family, o.weight_decay_rule)
 
     def describe_data(self) -> str:
         return str(self.masks)
