@@ -177,5 +177,9 @@ def test_dcp_checkpointer_single_process(tmp_path):
     net = build_classifier("swinv2_micro", 64, 5, 2, 0.0)
     report = load_pretrained(net, latest, "swinv2_micro")
     assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
+    from simmim.trainer.export import build_encoder, read_pretraining_checkpoint
+
+    state, config = read_pretraining_checkpoint(latest)  # simmim export reads the folder too
+    assert config == cfg and build_encoder(config, state)[1] == "swinv2"
     consolidate(latest, tmp_path / "one.pt")
     assert torch.load(tmp_path / "one.pt", weights_only=True)["train_state"]["step_in_epoch"] == 3
