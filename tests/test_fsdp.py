@@ -31,7 +31,8 @@ def env():
 
 def torchrun(nproc: int, out: Path, sample_root: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "simmim.trainer.cli", "pretrain", *SMALL, f"data.path={sample_root}/train", f"run.out_dir={out}",
+           "-m", "simmim.trainer.cli", "pretrain", *SMALL, f"data.path={sample_root}/train",
+           f"data.val_path={sample_root}/val", f"run.out_dir={out}",
            *extra]
     return subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
