@@ -159,9 +159,9 @@ def test_dcp_checkpointer_single_process(tmp_path):
     (tmp_path / ".checkpoint-00000099.tmp").mkdir()  # a save that never finished
     assert ck.latest() is None
     cfg = {"model": {"arch": "swinv2_micro", "window_size": 2}, "data": {"img_size": 64}}
+    model(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool)).backward()
+    opt.step()
     for step in (1, 2, 3):
-        model(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool)).backward()
-        opt.step()
         ck.save(step, model, opt, {"train_state": {"epoch": 0, "step_in_epoch": step}, "scaler": {}, "config": cfg})
     assert [s for s, _ in dcp_checkpoints(tmp_path)] == [2, 3] and not any(tmp_path.glob(".*.tmp"))
     latest = ck.latest()
@@ -172,9 +172,7 @@ def test_dcp_checkpointer_single_process(tmp_path):
     assert train["config"] == cfg
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
-    assert fresh_opt.state_dict()["state"][0]["step"] == 3
-    flat = load_checkpoint(latest)
-    assert set(flat) >= {"model", "optimizer", "train_state", "config"}
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
     net = build_classifier("swinv2_micro", 64, 5, 2, 0.0)
     report = load_pretrained(net, latest, "swinv2_micro")
     assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
@@ -182,5 +180,6 @@ def test_dcp_checkpointer_single_process(tmp_path):
 
     state, config = read_pretraining_checkpoint(latest)  # simmim export reads the folder too
     assert config == cfg and build_encoder(config, state)[1] == "swinv2"
-    consolidate(latest, tmp_path / "one.pt")
-    assert torch.load(tmp_path / "one.pt", weights_only=True)["train_state"]["step_in_epoch"] == 3
+    consolidate(latest, tmp_path / "one.pt")  # the torch.save layout DDP runs write
+    flat = load_checkpoint(tmp_path / "one.pt")
+    assert set(flat) >= {"model", "optimizer", "train_state", "config"} and flat["train_state"]["step_in_epoch"] == 3
