@@ -1,100 +1,194 @@
 #!/usr/bin/env bash
-# The one prepared GPU script: every GPU test and benchmark in a few minutes, a short table last.
+# The one prepared GPU script: the GPU tests and benchmarks within one time budget, a summary last.
 #
-#   bash benchmarks/gpu_check.sh            (OUT=folder for results; default ./results)
+#   bash benchmarks/gpu_check.sh                          part 1: kernel tests, kernels, bf16 step and
+#                                                         MFU (eager, compiled), data wait, claims, loaders,
+#                                                         memory (DDP vs FSDP2)
+#   GPU_CHECK_PART=dali bash benchmarks/gpu_check.sh      part 2, a second call: DALI's wheels (sent by
+#                                                         benchmarks/gpu_wheels.sh) checked and installed,
+#                                                         DALI loaders and the data wait with DALI
+#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh      every step on the CPU at tiny sizes, through the
+#                                                         same commands (tests/test_gpu_check.py runs it)
 #
-# A bare GPU machine without a package index: `simmim` is made importable by mapping the repo's
-# folders (no pip needed). Wheels (DALI and its dependencies, prepared by benchmarks/gpu_wheels.sh
-# and copied batch by batch into $WHEEL_PARTS, default /tmp/wheelparts) are installed to /tmp/site;
-# a wheel split into NAME.whl.part-aa, -ab, ... is joined first. Without them, the DALI rows are
-# left out of the loader benchmark.
+# Made for a lent GPU machine (one call of at most 600 s, at most 8 files back from $OUT, no package
+# index). It writes exactly two files into $OUT (default results/gpu_check):
+#   gpu_check[-dali].log     everything, line by line as it happens (complete even if a step hangs);
+#                            line 1: versions, GPU, /dev/shm size, CPU count; the summary table last
+#   gpu_check[-dali].tar.gz  every result file (results/<bench>-<device>/*.json, .md, .png, the pytest
+#                            JUnit XML, steps.tsv, summary.txt), rewritten after every step
+# Budget: one overall budget (GPU_CHECK_BUDGET, default 480 s); each step may use what is left (less
+# GPU_CHECK_RESERVE for the summary), at most its own cap on the GPU, and is SKIPPED when less than
+# GPU_CHECK_MIN_STEP seconds are left. A step past its limit is stopped with everything it started
+# (its process group: TERM, then KILL); so is anything a finished step left running.
+# Other settings: PYTHON (default python3), WHEEL_PARTS (default /tmp/wheelparts), GPU_CHECK_INJECT
+# (a shell command run as an extra first step: how the tests make a step hang).
+# The dry run hides any GPU, runs the Triton kernels in the interpreter, sets TORCH_COMPILE_DISABLE=1
+# (inductor on a CPU takes minutes; compilation itself is checked by the pytest step on the GPU) and
+# times the claims' methods (SimMIM) but not the three Swin-B heads.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=${OUT:-results}
+T0=$SECONDS
+PART=${GPU_CHECK_PART:-main}
+DRY=${GPU_CHECK_DRY_RUN:-0}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-mkdir -p "$RESULTS"
-LOG="$RESULTS/gpu_check.log"
-: > "$LOG"
-
-PARTS=${WHEEL_PARTS:-/tmp/wheelparts}
-mkdir -p /tmp/joined
-for first in "$PARTS"/*.whl.part-aa; do
-  [ -e "$first" ] || continue
-  wheel=$(basename "${first%.part-aa}")
-  cat "${first%aa}"* > "/tmp/joined/$wheel" && echo "joined $wheel" | tee -a "$LOG"
+case "$PART" in main) SUFFIX= ;; dali) SUFFIX=-dali ;;
+  *) echo "gpu_check.sh: GPU_CHECK_PART must be main or dali, got '$PART'" >&2; exit 2 ;; esac
+case "$DRY" in 0|1) ;; *) echo "gpu_check.sh: GPU_CHECK_DRY_RUN must be 0 or 1, got '$DRY'" >&2; exit 2 ;; esac
+if ((DRY)); then D_BUDGET=300 D_MIN=1 D_RESERVE=3; else D_BUDGET=480 D_MIN=20 D_RESERVE=10; fi
+BUDGET=${GPU_CHECK_BUDGET:-$D_BUDGET}
+MIN_STEP=${GPU_CHECK_MIN_STEP:-$D_MIN}
+RESERVE=${GPU_CHECK_RESERVE:-$D_RESERVE}
+for v in BUDGET MIN_STEP RESERVE; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: GPU_CHECK_$v must be whole seconds, got '${!v}'" >&2; exit 2; }
 done
-if ls "$PARTS"/*.whl /tmp/joined/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(ls "$PARTS"/*.whl /tmp/joined/*.whl 2>/dev/null) >>"$LOG" 2>&1 \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-if ! $PY -c "import simmim.kernels" 2>/dev/null; then
-  mkdir -p /tmp/simmim_path/simmim
-  for p in pipeline kernels trainer benchmarks; do ln -sfn "$PWD/$p" "/tmp/simmim_path/simmim/$p"; done
-  export PYTHONPATH=/tmp/simmim_path${PYTHONPATH:+:$PYTHONPATH}
-fi
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$LOG"
+OUTDIR=${OUT:-results/gpu_check}
+mkdir -p "$OUTDIR" || exit 2
+LOG=$OUTDIR/gpu_check$SUFFIX.log
+ARCHIVE=$OUTDIR/gpu_check$SUFFIX.tar.gz
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+RES=$WORK/results
+mkdir -p "$RES" "$WORK/path/simmim"
+: >"$RES/steps.tsv"
+: >"$LOG"
 
-declare -A STATUS
-step() {  # step NAME TIMEOUT_S COMMAND...
-  local name=$1 limit=$2; shift 2
-  echo "== $name" | tee -a "$LOG"
-  local t0=$SECONDS
-  if timeout "$limit" "$@" >>"$LOG" 2>&1; then STATUS[$name]="ok ($((SECONDS - t0)) s)"
-  else STATUS[$name]="FAILED rc=$? ($((SECONDS - t0)) s), see $LOG"; fi
-  tail -n 3 "$LOG"
+# simmim from this checkout, without pip: its folders mapped into a namespace package
+for p in pipeline kernels trainer benchmarks; do ln -sfn "$PWD/$p" "$WORK/path/simmim/$p"; done
+export PYTHONPATH=$WORK/path${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+SIMMIM=("$PY" -m simmim.trainer.cli)
+
+# Sizes: the paper's on the GPU; tiny on the CPU (the same commands and flags)
+if ((DRY)); then
+  export CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 TORCH_COMPILE_DISABLE=1
+  PYTEST_K="dispatch or deterministic" KBATCH=2 MODELS=vit_micro LMODEL=vit_micro BATCH=2 STEPS=1 WARMUP=1
+  JPEGS=8 WORKERS=1 LSIZE=64 LBATCH=4 LEPOCHS=1 LOADERS=torch CBATCH=1 CSTEPS=1 CMETHODS=SimMIM
+  CHEADS=--no-head-timing  # three Swin-B models: minutes on a shared 2-core CPU
+  MEMMODELS=swin_base
+  SITE=$WORK/site
+else
+  export TRITON_INTERPRET=0
+  PYTEST_K="" KBATCH=128 MODELS=swin_base,vit_base LMODEL=swin_base BATCH=128 STEPS=20 WARMUP=5
+  JPEGS=4000 WORKERS=$(nproc) LSIZE=192 LBATCH=128 LEPOCHS=3 LOADERS=torch,ffcv CBATCH=64 CSTEPS=10
+  CMETHODS="SimMIM,MAE,BEiT,DINO,MoCo v3,ViT-MPP,DeiT-B" CHEADS=
+  MEMMODELS=swin_base,swin_large,swinv2_base,swinv2_large,swinv2_huge,swinv2_giant
+  SITE=/tmp/site
+fi
+export WHEEL_PARTS=${WHEEL_PARTS:-/tmp/wheelparts} SITE
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+archive() {  # every result so far, replaced atomically
+  tar -czf "$ARCHIVE.part" -C "$WORK" results 2>>"$LOG" && mv -f "$ARCHIVE.part" "$ARCHIVE"
 }
 
-step "gpu tests: kernels" 300 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
-step "bench kernels" 240 $PY -m simmim.trainer.cli bench kernels --out "$RESULTS"
-step "bench step bf16" 240 $PY -m simmim.trainer.cli bench step --out "$RESULTS"
-step "bench step shuffle" 240 $PY -m simmim.trainer.cli bench step --no-fused-shuffle --out "$RESULTS"
-step "bench claims" 240 $PY -m simmim.trainer.cli bench claims --out "$RESULTS"
-step "bench memory" 300 $PY -m simmim.trainer.cli bench memory --out "$RESULTS"  # activations under CUDA autocast
-# GPU decoding: DALI mixed (with and without the hardware JPEG decoder) and CPU, beside the
-# reference loader, on ImageNet-sized synthetic JPEGs (and the sample set when it can be built)
-step "bench loaders synthetic" 300 $PY -m simmim.trainer.cli bench loaders --synthetic 4000 --size 192 \
-  --batch 128 --workers 16 --epochs 3 --out "$RESULTS"
-if $PY -c "import skimage" 2>/dev/null; then
-  step "bench loaders sample" 180 $PY -m simmim.trainer.cli bench loaders --size 192 --batch 64 --workers 16 --out "$RESULTS"
+declare -A STATUS
+record() {  # record NAME STATUS SECONDS NOTE
+  STATUS[$1]=$2
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES/steps.tsv"
+  say "-- $1: $2 ($3 s)${4:+ $4}"
+  archive
+}
+
+STOP=
+CURRENT=
+trap 'STOP="interrupted"; [ -n "$CURRENT" ] && kill -TERM -- "-$CURRENT" 2>/dev/null' TERM INT
+
+step() {  # step NAME CAP_S [--needs STEP] COMMAND...   (CAP_S: the step's own limit on the GPU)
+  local name=$1 cap=$2 needs= note= rc; shift 2
+  if [ "${1:-}" = --needs ]; then needs=$2; shift 2; fi
+  local left=$((BUDGET - (SECONDS - T0) - RESERVE))
+  ((DRY)) && cap=$left
+  local limit=$((cap < left ? cap : left))
+  if [ -n "$STOP" ]; then record "$name" SKIPPED 0 "$STOP"; return; fi
+  if [ -n "$needs" ] && [ "${STATUS[$needs]:-}" != OK ]; then record "$name" SKIPPED 0 "needs '$needs'"; return; fi
+  if ((limit < MIN_STEP)); then record "$name" SKIPPED 0 "${left} s of the budget left, under ${MIN_STEP} s"; return; fi
+  say "== $name (limit ${limit} s): $*"
+  local t1=$SECONDS
+  # timeout leads a process group of its own: on expiry TERM, 5 s later KILL, to the whole group
+  timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1 </dev/null &
+  CURRENT=$!
+  wait "$CURRENT"; rc=$?
+  while kill -0 "$CURRENT" 2>/dev/null; do wait "$CURRENT"; rc=$?; done  # a trapped signal ends wait early
+  kill -KILL -- "-$CURRENT" 2>/dev/null  # whatever the step left running
+  CURRENT=
+  local took=$((SECONDS - t1))
+  if ((rc == 0)); then record "$name" OK "$took" ""
+  elif ((rc == 124 || rc == 137)); then record "$name" FAILED "$took" "stopped at its ${limit} s limit (rc $rc)"
+  else record "$name" FAILED "$took" "rc $rc, see the log above"; fi
+}
+
+versions() {  # the log's first line
+  "$PY" - "$PART" "$DRY" "$BUDGET" <<'PY' 2>&1 || echo "gpu_check part=$PART dry_run=$DRY: versions unreadable ($PY)"
+import importlib.metadata as md, os, platform, shutil, subprocess, sys
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+dali = next((f"{d.metadata['Name']} {d.version}" for d in md.distributions()
+             if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")), None)
+pkgs = [f"{n} {v(n) or 'missing'}" for n in ("torch", "triton", "timm", "numpy")] + ([dali] if dali else ["dali none"])
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip().replace("\n", "; ") or "none"
+except (OSError, subprocess.TimeoutExpired):
+    gpu = "none (no nvidia-smi)"
+if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+    gpu += " [hidden: dry run]"
+shm = shutil.disk_usage("/dev/shm").total / 2**30 if os.path.exists("/dev/shm") else 0
+part, dry, budget = sys.argv[1:4]
+print(f"gpu_check part={part} dry_run={dry} budget={budget}s | python {platform.python_version()} | "
+      + ", ".join(pkgs) + f" | GPU: {gpu} | /dev/shm {shm:.1f} GiB | CPUs {os.cpu_count()} "
+      f"(usable {len(os.sched_getaffinity(0))})")
+PY
+}
+
+if [ -n "${GPU_CHECK_INJECT:-}" ]; then INJECT=(step "injected" 60 bash -c "$GPU_CHECK_INJECT"); else INJECT=(true); fi
+
+if [ "$PART" = main ]; then
+  versions | tee -a "$LOG"
+  "${INJECT[@]}"
+  step "tests: kernels" 180 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py \
+    -k "$PYTEST_K" --junitxml="$RES/pytest-kernels.xml"
+  step "bench kernels" 180 "${SIMMIM[@]}" bench kernels --batch "$KBATCH" --out "$RES"
+  step "bench step bf16" 120 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" --steps "$STEPS" \
+    --warmup "$WARMUP" --precision bf16 --out "$RES"
+  step "bench step bf16 compiled" 240 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
+    --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --compile --out "$RES"
+  step "bench step data wait (torch)" 120 "${SIMMIM[@]}" bench step --models "$LMODEL" --batch "$BATCH" \
+    --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --data loader --loader torch --synthetic "$JPEGS" \
+    --workers "$WORKERS" --out "$RES"
+  step "bench claims" 150 "${SIMMIM[@]}" bench claims --batch "$CBATCH" --steps "$CSTEPS" --methods "$CMETHODS" \
+    ${CHEADS:+"$CHEADS"} --out "$RES"
+  step "bench loaders" 120 "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" --size "$LSIZE" --batch "$LBATCH" \
+    --workers "$WORKERS" --epochs "$LEPOCHS" --backends "$LOADERS" --out "$RES"
+  step "bench step PixelShuffle" 120 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
+    --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --no-fused-shuffle --out "$RES"
+  # per-GPU memory, DDP vs FSDP2 over 8 GPUs: activations measured under CUDA bf16 autocast
+  step "bench memory" 120 "${SIMMIM[@]}" bench memory --models "$MEMMODELS" --gpus 8 --precision bf16 --out "$RES"
+else
+  # the install's output follows the versions line, which must name the DALI it installed
+  MAIN_LOG=$LOG LOG=$WORK/install.log
+  "${INJECT[@]}"
+  step "wheels: verify, join, install" 180 bash benchmarks/gpu_wheels.sh install
+  LOG=$MAIN_LOG
+  [ -d "$SITE" ] && export PYTHONPATH=$PYTHONPATH:$SITE
+  { versions; cat "$WORK/install.log"; } >>"$LOG"
+  head -n 1 "$LOG"
+  step "dali: import" 60 "$PY" -c "import nvidia.dali as d; print('nvidia.dali', d.__version__, d.__file__)"
+  step "bench loaders (dali)" 180 --needs "dali: import" "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" \
+    --size "$LSIZE" --batch "$LBATCH" --workers "$WORKERS" --epochs "$LEPOCHS" --backends torch,dali --out "$RES"
+  step "bench step data wait (dali)" 120 --needs "dali: import" "${SIMMIM[@]}" bench step --models "$LMODEL" \
+    --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --data loader --loader dali \
+    --synthetic "$JPEGS" --workers "$WORKERS" --out "$RES"
 fi
 
-echo
-echo "================ summary ($(date -u +%H:%M:%S) UTC)"
-for k in "${!STATUS[@]}"; do printf '%-22s %s\n' "$k" "${STATUS[$k]}"; done
-$PY - "$RESULTS" <<'PY'
-import glob, json, sys
-for path in glob.glob(f"{sys.argv[1]}/kernels-*/kernels.json"):
-    r = json.load(open(path))
-    print(f"\nkernels on {r['device']}, batch {r['batch']}, copy bandwidth {r['copy_gb_s'] or 0:.0f} GB/s")
-    print(f"{'shape':<11} {'op':<10} {'fused ms':>9} {'eager ms':>9} {'compiled':>9} {'vs eager':>9} {'vs comp.':>9} {'% copy bw':>9}")
-    for shape in dict.fromkeys(t["shape"] for t in r["timings"]):
-        for op in ("mask_fill", "masked_l1", "l1_head"):
-            t = {x["impl"]: x for x in r["timings"] if x["shape"] == shape and x["op"] == op}
-            f, e, c = t["fused"], t["eager ref"], t["compiled ref"]
-            print(f"{shape:<11} {op:<10} {f['ms']:>9.3f} {e['ms']:>9.3f} {c['ms']:>9.3f} {e['ms'] / f['ms']:>8.2f}x "
-                  f"{c['ms'] / f['ms']:>8.2f}x {100 * f['gb_s'] / r['copy_gb_s']:>8.0f}%")
-for path in glob.glob(f"{sys.argv[1]}/claims-*/claims.json"):
-    r = json.load(open(path))
-    print(f"\nclaims on {r['device']} (total cost x SimMIM by time; paper's claim)")
-    for x in r["rows"]:
-        if x["claimed"]:
-            print(f"{x['method']:<8} {x.get('cost_vs_simmim_time') or float('nan'):5.2f}x  claim {x['claimed']:.1f}x")
-for path in glob.glob(f"{sys.argv[1]}/loaders-*/loaders*.json"):
-    r = json.load(open(path))
-    print(f"\nloaders on {r['device']}: {r['images']} {r['source']} images, {r['size']} px, {r['workers']} workers")
-    base = next((x["img_per_s"] for x in r["rows"] if x["loader"] == "torch"), None)
-    for x in r["rows"]:
-        ratio = f"{x['img_per_s'] / base:6.2f}x" if base else ""
-        print(f"{x['loader']:<14} {x['img_per_s']:8.0f} img/s {ratio}  steady {x.get('steady_img_per_s') or 0:8.0f} img/s"
-              f"  epoch start {x.get('epoch_start_s', 0):.2f} s")
-for path in glob.glob(f"{sys.argv[1]}/step-*/step-*.json"):
-    r = json.load(open(path))
-    print(f"\ntraining step on {r['device']} ({path.rsplit('/', 1)[1][5:-5]})")
-    for x in r["rows"]:
-        mfu = f"{x['mfu_pct']:.1f}%" if x["mfu_pct"] is not None else "n/a"
-        print(f"{x['model']:<10} {x['image_size']} batch {x['batch']}{'' if x['fused_shuffle'] else ' PixelShuffle'}: "
-              f"{x['img_per_s']:8.0f} img/s  MFU {mfu:>6}  "
-              f"data wait {x['data_wait_pct']:.1f}%  peak {x['peak_mem_gib'] or 0:.1f} GiB")
-PY
+TITLE="gpu_check summary: part $PART$( ((DRY)) && echo ', DRY RUN on the CPU'), $(date -u +%H:%M:%S) UTC,"
+TITLE+=" $((SECONDS - T0)) s of the ${BUDGET} s budget"
+echo | tee -a "$LOG"
+if ! "$PY" benchmarks/gpu_summary.py "$RES" "$RES/steps.tsv" --title "$TITLE" >"$RES/summary.txt" 2>&1; then
+  { echo "================ $TITLE (figures unreadable: gpu_summary.py failed)"; cat "$RES/steps.tsv"; } >>"$RES/summary.txt"
+fi
+tee -a "$LOG" <"$RES/summary.txt"
+archive
+rm -rf "$WORK"
+[[ " ${STATUS[*]} " != *" FAILED "* ]]

@@ -4,7 +4,7 @@ peak).
 
     simmim bench step [--models swin_base,vit_base] [--batch 128] [--precision bf16]
                       [--compile] [--kernels auto|triton|reference] [--data synthetic|loader]
-                      [--no-fused-shuffle]
+                      [--loader torch|dali] [--synthetic N] [--no-fused-shuffle]
 
 On CUDA the paper's models (Swin-B 192, ViT-B 224) at batch 128; on CPU their small variants. Each
 configuration runs the trainer's own step (engine.train_one_epoch) after a warm-up, so the numbers
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from simmim.pipeline import Augmentation, MaskGenerator, build_loader
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.model import ARCHS, build_simmim, param_groups
 
+from .loaders import synthetic_jpegs
 from .measure import autocast, count_flops
 from .report import device_name, results_dir, write_bar_chart
 
@@ -90,7 +93,8 @@ class TimedIter:
 
 
 def measure(name: str, batch: int, steps: int, warmup: int, precision: str, compile_: bool,
-            data: str, data_path: str, workers: int, device, fused_shuffle: bool = True) -> dict:
+            data: str, data_path: str, workers: int, device, fused_shuffle: bool = True,
+            loader: str = "torch") -> dict:
     arch, size, window = MODELS[name]
     torch.manual_seed(0)
     model = build_simmim(arch, size, 32, window, fused_shuffle=fused_shuffle).to(device)
@@ -101,7 +105,7 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
     optimizer = torch.optim.AdamW(param_groups(model, 0.05, ARCHS[arch].family), lr=1e-4, fused=True)
     train_model = torch.compile(model) if compile_ else model
     if data == "loader":
-        source = build_loader("torch", data_path, Augmentation(size=size), MaskGenerator(size, 32, 0.6),
+        source = build_loader(loader, data_path, Augmentation(size=size), MaskGenerator(size, 32, 0.6),
                               batch, workers, device)
         source = itertools.chain.from_iterable(itertools.repeat(source))  # epochs back to back
     else:
@@ -129,7 +133,8 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
     peak = peak_tflops(precision)
     return {"model": name, "image_size": size, "batch": batch, "precision": precision, "compiled": compile_,
             "kernels": "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "reference",
-            "fused_shuffle": fused_shuffle, "data": data, "img_per_s": ips, "step_ms": 1000 * wall / steps,
+            "fused_shuffle": fused_shuffle, "data": data,
+            "loader": loader if data == "loader" else None, "img_per_s": ips, "step_ms": 1000 * wall / steps,
             "data_wait_pct": 100 * it.wait / wall,
             "gflops_per_image": flops / 1e9, "tflops": flops * ips / 1e12,
             "mfu_pct": 100 * flops * ips / (peak * 1e12) if peak else None,
@@ -145,7 +150,8 @@ def markdown(rows: list[dict], device: str) -> str:
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(f"| {r['model']} {r['image_size']} | {r['batch']} | {r['precision']} | "
                      f"{'yes' if r['compiled'] else 'no'} | {r['kernels']} | "
-                     f"{'in loss' if r['fused_shuffle'] else 'PixelShuffle'} | {r['data']} | {r['img_per_s']:.1f} | "
+                     f"{'in loss' if r['fused_shuffle'] else 'PixelShuffle'} | {r.get('loader') or r['data']} | "
+                     f"{r['img_per_s']:.1f} | "
                      f"{r['step_ms']:.1f} | {r['data_wait_pct']:.1f}% | {r['gflops_per_image']:.1f} | "
                      f"{r['tflops']:.2f} | {mfu} | {mem} |")
     return "\n".join(lines) + "\n"
@@ -164,7 +170,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data", choices=["synthetic", "loader"], default="synthetic")
     ap.add_argument("--no-fused-shuffle", dest="fused_shuffle", action="store_false",
                     help="PixelShuffle before the loss (model.fused_shuffle=false), to compare")
+    ap.add_argument("--loader", choices=["torch", "dali"], default="torch", help="the loader --data loader uses")
     ap.add_argument("--data-path", default="data/sample/train")
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="--data loader reads N ImageNet-sized JPEGs written to a temporary folder, not --data-path")
     ap.add_argument("--workers", type=int, default=8 if cuda else 2)
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
@@ -174,15 +183,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise SystemExit(f"simmim bench step: unknown model {', '.join(unknown)} (choose from {', '.join(MODELS)})")
     rows = []
-    with dispatch.use_backend(args.kernels):
+    tmp = tempfile.TemporaryDirectory(prefix="simmim-bench-step-")
+    if args.data == "loader" and args.synthetic:
+        args.data_path = str(synthetic_jpegs(Path(tmp.name), args.synthetic))
+    with tmp, dispatch.use_backend(args.kernels):
         for name in names:
             row = measure(name, args.batch, args.steps, args.warmup, args.precision, args.compile, args.data,
-                          args.data_path, args.workers, device, args.fused_shuffle)
+                          args.data_path, args.workers, device, args.fused_shuffle, args.loader)
             print(f"{name}: {row['img_per_s']:.1f} img/s, data wait {row['data_wait_pct']:.1f}%, "
                   f"MFU {row['mfu_pct'] if row['mfu_pct'] is None else round(row['mfu_pct'], 1)}%", flush=True)
             rows.append(row)
     out = results_dir(args.out, "step")
-    tag = (f"{args.precision}{'-compiled' if args.compile else ''}-{args.kernels}-{args.data}"
+    data = args.data if args.data == "synthetic" or args.loader == "torch" else f"loader-{args.loader}"
+    tag = (f"{args.precision}{'-compiled' if args.compile else ''}-{args.kernels}-{data}"
            f"{'' if args.fused_shuffle else '-shuffle'}")
     report = markdown(rows, device_name())
     (out / f"step-{tag}.md").write_text(report)

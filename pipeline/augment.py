@@ -5,9 +5,10 @@ with p = 0.5, ImageNet mean/std normalisation; no colour jitter (DESIGN.md). Loa
 (B, 3, H, W) and `normalize` turns it into float on the training device, so host-to-device copies
 move a quarter of the bytes.
 
-Crop parameters come from a per-sample `random.Random`, so a sample's augmentation depends only on
-(seed, epoch, index): the same images whatever the number of workers, and a resumed run sees the
-same data as an uninterrupted one.
+Crop parameters come from a per-sample `random.Random` seeded by `derive_seed("sample", seed,
+epoch, index)` (seeding.py), so a sample's augmentation depends only on (seed, epoch, index): the
+same images whatever the number of workers, and a resumed run sees the same data as an
+uninterrupted one. The box is cropped first, then resized (torchvision's RandomResizedCrop).
 """
 from __future__ import annotations
 
@@ -52,11 +53,6 @@ def sample_crop(width: int, height: int, scale: tuple[float, float], ratio: tupl
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A per-sample seed from (run seed, epoch, dataset index); distinct across all three."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (1 << 63)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],

@@ -1,7 +1,8 @@
 """`data.backend: ffcv`: SimMIM batches from an FFCV `.beton` (`simmim convert`).
 
 The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JPEG decode (scale
-(0.67, 1), ratio (3/4, 4/3)), horizontal flip, uint8 to torch and to the device; on a GPU the
+(0.67, 1), ratio (3/4, 4/3); the crop resized by Pillow's antialiased bilinear filter, as the
+reference loader does, not FFCV's INTER_AREA), horizontal flip, uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
 normaliser needs cupy), on the CPU in FFCV's pipeline threads.
 Masks come from `GlobalBatchMasks`, as in the reference loader.
@@ -31,6 +32,7 @@ from .convert import open_beton
 from .folder import DatasetError, ShardedSampler, num_batches, read_classes, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
+from .seeding import derive_seed
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -101,7 +103,7 @@ class ShardedOrder:
         return order[self.start:].astype(np.uint64)
 
     def quasi_random(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, 0x51AB])
+        rng = np.random.default_rng(derive_seed("pages", self.seed, epoch))
         unique_pages = np.unique(self.pages)
         page_rank = np.empty(unique_pages.max() + 1, np.int64)
         page_rank[rng.permutation(unique_pages)] = np.arange(len(unique_pages))
@@ -115,6 +117,48 @@ class ShardedOrder:
         return block[np.lexsort((key, window))]
 
 
+def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float]):
+    """FFCV's RandomResizedCropRGBImageDecoder with the crop resized by Pillow's antialiased bilinear
+    filter (`resample.resize_bilinear`) instead of OpenCV's INTER_AREA, so FFCV's pixels follow the
+    reference loader's (torchvision's) on the same box: the remaining difference is turbojpeg's
+    decode against Pillow's (tests/test_pixels.py)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.compiler import Compiler
+
+    from .resample import resize_bilinear
+
+    class PILResizedCropDecoder(RandomResizedCropRGBImageDecoder):
+        def generate_code(self):
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            get_crop_c = Compiler.compile(self.get_crop_generator)
+            scale, ratio = np.array(self.scale), np.array(self.ratio)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    field = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    resize_bilinear(temp_buffer[i:i + h, j:j + w], destination[dst_ix])
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return PILResizedCropDecoder(size, scale=scale, ratio=ratio)
+
+
 class FFCVLoader(LoaderContract):
     """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` adds the
     labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`."""
@@ -126,7 +170,7 @@ class FFCVLoader(LoaderContract):
                  labels: bool = False, batches_ahead: int = 3, crop_ratio: float = 0.875,
                  drop_last: bool = True):
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
                                      ToTorchImage)
@@ -144,7 +188,7 @@ class FFCVLoader(LoaderContract):
         self.require_one_batch()
         size = (aug.size, aug.size)
         if train:
-            decoder = RandomResizedCropRGBImageDecoder(size, scale=aug.scale, ratio=aug.ratio)
+            decoder = pil_resized_crop_decoder(size, aug.scale, aug.ratio)
             image = [decoder, RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else [decoder]
         else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
             image = [CenterCropRGBImageDecoder(size, crop_ratio)]

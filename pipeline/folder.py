@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Augmentation, sample_crop, sample_seed
+from .augment import Augmentation, sample_crop
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .errors import DatasetError
+from .seeding import derive_seed, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         a = self.aug
         left, top, w, h = sample_crop(img.width, img.height, a.scale, a.ratio, rng)
-        img = img.resize((a.size, a.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        img = resized_crop(img, left, top, w, h, a.size)
         if rng.random() < a.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.transform is not None:
@@ -185,6 +186,15 @@ class ImageFolder(torch.utils.data.Dataset):
     def center_crop(self, img: Image.Image) -> torch.Tensor:
         """The evaluation view: shorter side resized to size / crop_ratio, centre size x size."""
         return to_tensor(center_crop(img, self.aug.size, self.crop_ratio))
+
+
+def resized_crop(img: Image.Image, left: int, top: int, width: int, height: int, size: int) -> Image.Image:
+    """torchvision's RandomResizedCrop given its box: crop first, then a bilinear (antialiased, as
+    PIL always is) resize of the crop to size x size. Pixels at the crop's border see only pixels
+    inside it; resizing the full image with `box=` would borrow from outside it (up to 15 levels).
+    Equal to `torchvision.transforms.v2.functional.resized_crop(img, top, left, height, width,
+    [size, size])` on a PIL image (tests/test_pixels.py)."""
+    return img.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
 
 
 def center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.Image:
@@ -225,8 +235,7 @@ class ShardedSampler(torch.utils.data.Sampler):
     def indices(self) -> list[int]:
         """This rank's dataset indices for the epoch, from `start` on."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
+            order = torch.randperm(self.size, generator=torch_generator("order", self.seed, self.epoch)).tolist()
         else:
             order = list(range(self.size))
         per_rank = self.size // self.world if self.drop_last else -(-self.size // self.world)
@@ -234,7 +243,7 @@ class ShardedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for i in self.indices():
-            yield i, sample_seed(self.seed, self.epoch, i)
+            yield i, derive_seed("sample", self.seed, self.epoch, i)
 
 
 def shard_size(size: int, rank: int, world: int, drop_last: bool = True) -> int:

@@ -13,6 +13,7 @@ from .augment import Augmentation, normalize
 from .decode import MAX_PIXELS, checked_max_pixels
 from .folder import ImageFolder, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
+from .seeding import torch_generator
 
 
 class LoaderContract:
@@ -21,6 +22,11 @@ class LoaderContract:
     Expects mask_generator, seed, rank, world, batch_size, device, labels, num_samples."""
 
     epoch = start_batch = 0
+    accum_steps = 1  # micro-batches per optimizer step: masks are drawn per step (GlobalBatchMasks)
+
+    def set_accum_steps(self, accum_steps: int) -> None:
+        """The trainer's gradient accumulation: `accum_steps` consecutive batches form one step."""
+        self.accum_steps = accum_steps
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Next iteration yields epoch `epoch` from batch `start_batch` on (mid-epoch resume)."""
@@ -35,7 +41,7 @@ class LoaderContract:
         if self.mask_generator is None:
             return None
         return GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
-                                self.batch_size, self.device)
+                                self.batch_size, self.device, self.accum_steps)
 
     def make_batch(self, k: int, masks: GlobalBatchMasks | None, images: torch.Tensor, labels) -> tuple:
         """Batch k of the epoch; `labels` (a callable giving them on the device) only when asked for."""
@@ -68,6 +74,9 @@ class ReferenceLoader(LoaderContract):
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", drop_last=drop_last,
+            # workers' base seed from an explicit generator, never the global RNG (augmentation is
+            # seeded per sample anyway; this keeps the process's global state out of the data path)
+            generator=torch_generator("loader", seed, rank),
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
     def __len__(self) -> int:
@@ -87,19 +96,30 @@ class ReferenceLoader(LoaderContract):
 
 
 class GlobalBatchMasks:
-    """Masks for batch k of an epoch, drawn for the whole global batch from a seed of
-    (seed, epoch, k) and sliced to this rank's samples (positions rank, rank + world, ...). A
-    sample gets the same mask whatever the world size, and any batch can be drawn directly, so
-    resuming mid-epoch needs no replay."""
+    """Masks for micro-batch k of an epoch, drawn per optimizer step for the step's whole global
+    batch (batch_size x world x accum_steps samples) from `derive_seed("masks", seed, epoch, step)`.
+
+    Global position p of an epoch's sample stream (the `ShardedSampler` permutation) lies in step
+    p // G at offset p % G (G the global batch); rank r's micro-batch m of step s holds offsets
+    world * batch_size * m + r + world * j (j < batch_size), so it takes those masks. A sample thus
+    gets the same mask whatever the split of G into ranks and accumulation steps, and any batch can
+    be drawn directly, so resuming mid-epoch needs no replay.
+    """
 
     def __init__(self, generator: MaskGenerator, seed: int, epoch: int, rank: int, world: int,
-                 batch_size: int, device: torch.device):
-        self.generator, self.rank, self.world, self.batch_size = generator, rank, world, batch_size
-        self.base = (seed * 1_000_003 + epoch) * 1_000_033
-        self.rng = torch.Generator(device=device)
+                 batch_size: int, device: torch.device, accum_steps: int = 1):
+        self.generator, self.seed, self.epoch = generator, seed, epoch
+        self.rank, self.world, self.batch_size, self.accum = rank, world, batch_size, accum_steps
         self.device = device
+        self.step, self.step_masks = -1, None
 
     def __call__(self, k: int) -> torch.Tensor:
-        self.rng.manual_seed(self.base + k)
-        masks = self.generator.sample(self.batch_size * self.world, generator=self.rng, device=self.device)
-        return masks[self.rank::self.world].contiguous()
+        """(batch_size, h, w) bool: the masks of this rank's micro-batch k of the epoch."""
+        step, micro = divmod(k, self.accum)
+        if step != self.step:
+            g = torch_generator("masks", self.seed, self.epoch, step, device=self.device)
+            self.step_masks = self.generator.sample(self.batch_size * self.world * self.accum, generator=g,
+                                                    device=self.device)  # (G, h, w)
+            self.step = step
+        micro_masks = self.step_masks[micro * self.batch_size * self.world:(micro + 1) * self.batch_size * self.world]
+        return micro_masks[self.rank::self.world].contiguous()

@@ -13,6 +13,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # slow tests run by default (`pytest tests`, `make test`: both tiers, as CI does);
+    # `make test-fast` (-m "not slow") leaves them out, `make test-slow` (-m slow) runs them alone
+    config.addinivalue_line("markers", "slow: over ~20 s on 2 cores (multi-process FSDP2 / DCP, dry runs)")
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """A small build of the embedded sample dataset (5 classes, 4 JPEGs per photo)."""
@@ -39,20 +45,3 @@ def ramps(tmp_path_factory) -> Path:
     from helpers import make_ramps
 
     return make_ramps(tmp_path_factory.mktemp("ramps"))
-
-
-def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (multi-process, > 20 s)")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process tests over ~20 s; skipped unless --slow or -m slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--slow") or "slow" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow tier: run with --slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

@@ -183,3 +183,42 @@ def test_dcp_checkpointer_single_process(tmp_path):
     consolidate(latest, tmp_path / "one.pt")  # the torch.save layout DDP runs write
     flat = load_checkpoint(tmp_path / "one.pt")
     assert set(flat) >= {"model", "optimizer", "train_state", "config"} and flat["train_state"]["step_in_epoch"] == 3
+
+
+def test_dcp_run_folder_rules(tmp_path):
+    """runloop's rules for DCP folders: the newest readable folder is resumed (a truncated one set
+    aside as .corrupt, a .tmp folder never a checkpoint), and a write that fails (the file-size
+    limit, as a full disk would) is one CheckpointError line, the partial folder removed."""
+    import resource
+
+    from simmim.trainer.checkpoint import CheckpointError
+    from simmim.trainer.runfolder import newest_readable_checkpoint, set_aside
+
+    model = build_simmim("swinv2_micro", 64, 32, window_size=2)
+    opt = torch.optim.AdamW(param_groups(model, 0.05, "swinv2"), lr=1e-3)
+    ck = DCPCheckpointer(tmp_path, True, keep_last=3)
+    for step in (1, 2):
+        ck.save(step, model, opt, {"train_state": {"epoch": 0, "step_in_epoch": step}, "scaler": {}, "config": {}})
+    (tmp_path / ".checkpoint-00000009.tmp").mkdir()  # an unfinished save: never a checkpoint
+    newest = tmp_path / "checkpoint-00000002"
+    (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:40])  # truncated
+    path, ckpt, bad = newest_readable_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoint-00000001" and ckpt["train_state"]["step_in_epoch"] == 1
+    assert [p for p, _ in bad] == [newest] and "cannot be read" in str(bad[0][1])
+    set_aside(bad, path)
+    assert (tmp_path / "checkpoint-00000002.corrupt").is_dir() and not newest.exists()
+    assert [p.name for _, p in dcp_checkpoints(tmp_path)] == ["checkpoint-00000001"]
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 12, hard))
+        with pytest.raises(CheckpointError) as e:
+            ck.save(3, model, opt, {"train_state": {}, "scaler": {}, "config": {}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot write checkpoint 'checkpoint-00000003'" in msg and "intact" in msg
+    assert not any(tmp_path.glob(".checkpoint-*.tmp")) and not (tmp_path / "checkpoint-00000003").exists()
+    assert [p.name for _, p in dcp_checkpoints(tmp_path)] == ["checkpoint-00000001"]

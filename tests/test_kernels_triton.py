@@ -152,13 +152,13 @@ def test_deterministic():
 
 
 def test_dispatch(monkeypatch):
-    x = torch.randn(1, 4, 2)
-    m = torch.ones(1, 2, 2, dtype=torch.bool)
-    assert not dispatch.use_triton(x, backend="auto") or x.is_cuda
+    x = rand(1, 4, 2)
+    m = torch.ones(1, 2, 2, dtype=torch.bool, device=DEVICE)
+    assert dispatch.use_triton(x, backend="auto") == x.is_cuda
     assert not dispatch.use_triton(x, backend="reference")
     monkeypatch.setenv("SIMMIM_KERNELS", "bogus")
     with pytest.raises(ValueError, match="SIMMIM_KERNELS"):
-        mask_token_fill(x, m, torch.zeros(2))
+        mask_token_fill(x, m, torch.zeros(2, device=DEVICE))
     monkeypatch.setenv("SIMMIM_KERNELS", "reference")
     with dispatch.use_backend("triton"):
         assert dispatch.use_triton(x) == (dispatch.interpreting() or x.is_cuda)

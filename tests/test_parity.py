@@ -325,6 +325,36 @@ def test_released_swin_pretraining_checkpoint_loads(tmp_path, img, window):
     assert bool(report["resized"]) == (window == 5)
 
 
+def test_released_file_with_its_yacs_config_loads(tmp_path, monkeypatch):
+    """The released code saves {model, optimizer, lr_scheduler, max_accuracy, epoch, config} with its
+    yacs CfgNode config pickled in: read with weights_only=True, without yacs installed."""
+    import sys
+    import types
+
+    class CfgNode(dict):  # pickles as yacs does: dict items, then an attribute dict holding a set
+        def __init__(self, init=None):
+            super().__init__(init or {})
+            self.__dict__.update({"__immutable__": True, "__deprecated_keys__": set(), "__new_allowed__": False})
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    yacs, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+    config.CfgNode, yacs.config = CfgNode, config
+    monkeypatch.setitem(sys.modules, "yacs", yacs)
+    monkeypatch.setitem(sys.modules, "yacs.config", config)
+    state = released_swin_state("swin_micro", 128, 4, pretrain=True)
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {"t": 1},
+                "max_accuracy": 0.0, "epoch": 99,
+                "config": CfgNode({"MODEL": CfgNode({"TYPE": "swin"}), "DATA": CfgNode({"IMG_SIZE": 192})})},
+               tmp_path / "released.pth")
+    monkeypatch.delitem(sys.modules, "yacs.config")
+    monkeypatch.delitem(sys.modules, "yacs")
+    net = build_classifier("swin_micro", 128, 5, 4, 0.0)
+    report = load_pretrained(net, tmp_path / "released.pth", "swin_micro")
+    assert sorted(report["missing"]) == ["head.fc.bias", "head.fc.weight"] and report["unexpected"] == []
+    assert torch.equal(net.state_dict()["layers.1.downsample.reduction.weight"],
+                       state["encoder.layers.0.downsample.reduction.weight"])
+
+
 def test_released_swin_finetuned_checkpoint_evaluates(tmp_path, sample_root):
     state = released_swin_state("swin_micro", 128, 4, pretrain=False, num_classes=5)
     net = build_classifier("swin_micro", 128, 5, 4, 0.0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -113,6 +114,24 @@ def cmd_bench(args) -> None:
     importlib.import_module(f"simmim.benchmarks.{BENCHES[args.name]}").main(args.rest)
 
 
+def drop_local_rank(argv: list[str]) -> list[str]:
+    """`python -m torch.distributed.launch` passes --local-rank=N (or --local_rank N): the rank
+    comes from the environment (LOCAL_RANK) here, so the flag is dropped, with a note once."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in ("--local-rank", "--local_rank"):
+            skip = "=" not in a and i + 1 < len(argv) and argv[i + 1].lstrip("-").isdigit()
+            continue
+        out.append(a)
+    if len(out) < len(argv) and os.environ.get("RANK", "0") == "0":
+        print("simmim: --local-rank ignored (the rank comes from the environment); torch.distributed.launch is "
+              "deprecated: start with torchrun or trainer/run.sh", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from simmim.pipeline.decode import MAX_PIXELS
 
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 
-    args = ap.parse_args(argv)
+    args = ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv))
     from simmim.pipeline.folder import DatasetError
 
     from .config import ConfigError

@@ -100,6 +100,7 @@ class RunConfig:
     out_dir: str = "runs/simmim"
     log_every: int = 100  # optimizer steps
     save_every: int = 5  # epochs
+    save_every_minutes: float = 30.0  # also mid-epoch, at the next stop check after this long; 0: off
     keep_last: int = 3  # checkpoints kept
     vis_every: int = 10  # epochs; the final epoch always writes a figure
     progress: bool = True

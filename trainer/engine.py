@@ -16,7 +16,10 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from .distributed import all_reduce_max, all_reduce_mean
+from simmim.pipeline.errors import DatasetError
+from simmim.pipeline.seeding import keyed_rng
+
+from .distributed import all_reduce_mean, any_rank
 from .parallel import clip_grad_norm, sync_context
 
 
@@ -34,7 +37,10 @@ class EpochResult:
     epoch: int
     steps_done: int  # optimizer steps of this epoch completed (from step 0 of the epoch)
     loss: float  # mean over the steps run in this call, over ranks
-    stopped: str = ""  # "" | "signal" | "diverged"
+    loss_sum: float = 0.0  # sum of the finite steps' losses run in this call (mean over ranks)
+    good_steps: int = 0  # steps run in this call that were not skipped
+    stopped: str = ""  # "" | "signal" | "diverged" | "data" (the loader raised `error`)
+    error: DatasetError | None = None
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -42,13 +48,21 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     accum_steps: int, clip_grad: float, amp_dtype: torch.dtype | None,
                     scaler: torch.amp.GradScaler, state: StepState, world_size: int, log_every: int,
                     log: Callable[[dict], None], seed: int, rank: int, stop_requested: Callable[[], bool],
-                    max_skipped_streak: int, stop_check_every: int = 10, progress: bool = False) -> EpochResult:
+                    max_skipped_streak: int, stop_check_every: int = 10, progress: bool = False,
+                    checkpoint_due: Callable[[], bool] = lambda: False,
+                    save: Callable[[int, float, int], None] | None = None) -> EpochResult:
     """Runs optimizer steps start_step .. steps_per_epoch - 1 of `epoch` (each `accum_steps`
     micro-batches; the loader must already be positioned at start_step).
 
     Every `log_every` steps: log(record) with the step's loss (mean over ranks), lr, grad norm,
     images/sec and skipped steps; then a stop is honoured if requested on any rank, or if
-    `max_skipped_streak` steps in a row were skipped (divergence).
+    `max_skipped_streak` steps in a row were skipped (divergence). Where ranks agree on a stop,
+    they also agree on a checkpoint: if `checkpoint_due()` is true on any rank, save(steps done,
+    loss sum, good steps so far this call) runs on every rank and the epoch goes on.
+
+    A DatasetError from the loader (a file unreadable mid-run) ends the epoch at the last
+    complete step (stopped "data", the error in `error`, this rank's own loss sums: the other
+    ranks cannot be reached without the failing rank's gradients).
     """
     model.train()
     device = state.device
@@ -63,22 +77,30 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     data = iter(loader)
     for step_in_epoch in range(start_step, steps_per_epoch):
         step = epoch * steps_per_epoch + step_in_epoch
-        torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # drop path: a function of (step, rank)
         lr = lr_at(step)
         for group in optimizer.param_groups:  # set from the schedule each step: a scale applies once
             group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss.zero_()
         for micro in range(accum_steps):
             t0 = time.perf_counter()
-            batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
+            try:
+                batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
+            except DatasetError as e:
+                result.stopped, result.error = "data", e
+                break
             waited += time.perf_counter() - t0  # host time blocked on the loader
             last = micro == accum_steps - 1
-            with sync_context(model, last):
+            # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
+            # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
+            with sync_context(model, last), keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss = model(*batch)
                 scaler.scale(loss / accum_steps).backward()
             step_loss += loss.detach() / accum_steps
             images_seen += batch[0].shape[0]
+        if result.stopped:
+            optimizer.zero_grad(set_to_none=True)  # the step's micro-batches are incomplete: not taken
+            break
         scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(params, clip_grad if clip_grad > 0 else float("inf"))
         found_inf = (~torch.isfinite(grad_norm)).float()
@@ -112,11 +134,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                 break
         # A signal may reach ranks at different steps: they agree through an all-reduce, which
         # costs a host sync, so with several ranks only every `stop_check_every` steps.
-        if (at_log or world_size == 1 or run_steps % stop_check_every == 0) and \
-                all_reduce_max(float(stop_requested()), device) > 0:
-            result.stopped = "signal"
-            break
+        if at_log or world_size == 1 or run_steps % stop_check_every == 0:
+            stop, save_now = any_rank([stop_requested(), checkpoint_due()], device)
+            if stop:
+                result.stopped = "signal"
+                break
+            if save_now and save is not None:
+                save(result.steps_done, all_reduce_mean(loss_sum).item(), run_steps - int(epoch_skipped.item()))
     bar.close()
-    good_steps = run_steps - int(epoch_skipped.item())  # skipped steps added nothing to loss_sum
-    result.loss = all_reduce_mean(loss_sum).item() / good_steps if good_steps else float("nan")
+    result.good_steps = run_steps - int(epoch_skipped.item())  # skipped steps added nothing to loss_sum
+    result.loss_sum = (loss_sum if result.stopped == "data" else all_reduce_mean(loss_sum)).item()
+    result.loss = result.loss_sum / result.good_steps if result.good_steps else float("nan")
     return result

@@ -30,6 +30,7 @@ random erasing, mixup / cutmix on the device.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
@@ -44,6 +45,7 @@ from torch import nn
 
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.augment import denormalize, normalize
+from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import Config, ConfigError, config_from_dict, load_config
@@ -119,6 +121,17 @@ def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch
     return torch.cat([out, table[n - extra:]]).contiguous()
 
 
+INSTEAD = {"finetune.pretrained": "point finetune.pretrained at another checkpoint of the pre-training run",
+           "checkpoint": "evaluate another checkpoint of the fine-tuning run"}
+
+
+# The released SimMIM code saves its yacs config object in every checkpoint. weights_only loading
+# refuses unknown classes; this reads `yacs.config.CfgNode` (a dict subclass: items, then a plain
+# attribute dict holding a set) as an OrderedDict, so those files load without yacs and without
+# unpickling arbitrary code. The tuple form (class, "module.name") is torch.serialization's own.
+RELEASED_CONFIG_GLOBALS = [(collections.OrderedDict, "yacs.config.CfgNode"), set]
+
+
 def read_checkpoint(path: Path, what: str) -> dict:
     """The dict a checkpoint file holds (weights_only), or a DCP folder's consolidated in memory;
     ConfigError if it cannot be read."""
@@ -127,13 +140,15 @@ def read_checkpoint(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what}: '{path}' does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure
-        hint = ""
         if "weights_only" in str(e) or "global" in str(e).lower():
-            hint = (": it holds Python objects besides tensors (e.g. the released code's yacs config); keep its "
+            hint = (": it holds Python objects besides tensors (another framework's objects); keep its "
                     "weights with torch.save({'model': torch.load(f, weights_only=False)['model']}, f2)")
-        raise ConfigError(f"{what}: '{path}' is not a simmim checkpoint ({type(e).__name__}){hint}") from None
+        else:  # what to do depends on the command (a resume falls back to an older one by itself)
+            hint = ": it is truncated or not a simmim checkpoint; " + INSTEAD.get(what, "pass another checkpoint")
+        raise ConfigError(f"{what}: '{path}' cannot be read ({type(e).__name__}){hint}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
         raise ConfigError(f"{what}: '{path}' holds no model weights")
     return ckpt
@@ -328,7 +343,10 @@ class PILRandAugment:
                 op.aug_fn = _posterize_at_least_one_bit
 
     def __call__(self, img, rng):
-        return self.op(img)
+        """timm draws from the global generators: seeded from the sample's own `rng`, so the result
+        is a function of (seed, epoch, index) whichever worker or process runs it."""
+        with keyed_rng("randaugment", rng.getrandbits(63)):
+            return self.op(img)
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):

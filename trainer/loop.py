@@ -8,11 +8,18 @@ and fine-tuning (the model, the loader, parameter groups, end-of-epoch work) com
 Restarting the same command resumes and continues the same trajectory: order, augmentation,
 masks and drop-path noise are functions of (seed, epoch, step, rank), never of how the run got there.
 
-SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
-is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
+Checkpoints: every run.save_every epochs, every run.save_every_minutes mid-epoch (rank 0's clock
+decides, the ranks agree at their stop checks), and on the way out of a stopped run:
+- SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
+  is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
+- A data file that fails mid-run (DatasetError from the loader): the last complete step is saved
+  and the run ends with one line naming the file and the command that rebuilds the list.
+The run folder is one job's (runfolder.RunLock); a resume first checks the checkpoint's config
+against the new one and writes nothing if a key that defines the run changed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +35,9 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from simmim.pipeline.errors import DatasetError
 from simmim.pipeline.loaders import BACKEND_OPTIONS
+from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import atomic_write, make_checkpointer
 from .config import Config, save_config
@@ -36,6 +45,7 @@ from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochResult, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
+from .runfolder import RunLock, check_resume_config, job_id, newest_readable_checkpoint, set_aside
 from .schedule import LRSchedule
 
 log = logging.getLogger("simmim")
@@ -49,6 +59,10 @@ class Preempted(Exception):
 
 class Diverged(Exception):
     """Too many consecutive non-finite steps."""
+
+
+class DataFailure(DatasetError):
+    """A data file failed mid-run; the steps before it are saved."""
 
 
 class Task(Protocol):
@@ -84,6 +98,10 @@ class TrainState:
     global_batch: int = 0
     world_size: int = 1
     skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
+    # the epoch's loss so far (steps 0 .. step_in_epoch - 1), so that a mid-epoch resume reports the
+    # whole epoch's mean: the sum of the finite steps' losses (mean over ranks) and their count
+    epoch_loss_sum: float = 0.0
+    epoch_good_steps: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,6 +117,15 @@ class TrainState:
         s = cls()
         s.load_state_dict(ckpt.get("train_state", ckpt))
         return s
+
+
+def one_line(e: Exception) -> str:
+    """The message of `e`; for an error a DataLoader worker raised, the original message (the
+    loader re-raises it with the worker's traceback folded into the text)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[-1].startswith(f"{type(e).__module__}.{type(e).__name__}: "):
+        return lines[-1].split(": ", 1)[1]
+    return " ".join(lines)
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
@@ -146,13 +173,14 @@ class StopFlag:
 
 class MetricsLog:
     """run_dir/metrics.jsonl, one record per line. On resume, records at or past the resumed
-    step are dropped (atomically), so the log never holds a step twice."""
+    step are dropped (atomically), so the log never holds a step twice, and so is a torn line
+    (a process killed while writing it)."""
 
     def __init__(self, path: Path, keep_before_step: int | None):
         self.path = path
         if path.exists() and keep_before_step is not None:
             kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", -1) < keep_before_step]
+                    if (rec := _record(line)) is not None and rec.get("step", -1) < keep_before_step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
         elif path.exists():
             path.unlink()
@@ -161,6 +189,14 @@ class MetricsLog:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+def _record(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def resolve_accumulation(state: TrainState | None, batch_size: int, world: int, accum: int) -> int:
@@ -212,25 +248,40 @@ class Run:
     metrics: Callable[[dict], None]
     monitor: RunMonitor
     checkpointer: object  # checkpoint.TorchSaveCheckpointer (ddp) | checkpoint.DCPCheckpointer (fsdp)
+    carried: tuple[float, int] = (0.0, 0)  # the resumed epoch's loss sum and good steps before the resume
+    last_save: float = dataclasses.field(default_factory=time.monotonic)
 
     def record(self, rec: dict) -> None:
         """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0)."""
         self.metrics(rec)
         self.monitor.log(rec)
 
-    def checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
-        """checkpoint-{global step}: every rank calls this; DDP's rank 0 writes one file (the others
-        return None), FSDP2's ranks each write their shards."""
-        self.state.epoch, self.state.step_in_epoch = epoch, step_in_epoch
-        self.state.skipped_steps = int(self.step_state.skipped.item())
-        train = {"train_state": self.state.state_dict(), "scaler": self.scaler.state_dict(),
-                 "config": self.cfg.to_dict()}
-        path = self.checkpointer.save(epoch * self.steps_per_epoch + step_in_epoch, self.model,
-                                      self.optimizer, train)
-        if path is not None:
+    def checkpoint(self, epoch: int, step_in_epoch: int, loss_sum: float = 0.0, good_steps: int = 0,
+                   any_rank: bool = False) -> Path | None:
+        """checkpoint-{global step}: every rank calls this; DDP's rank 0 (or this rank, if
+        `any_rank`: DDP's states are replicated) writes one .pt file (the others return None),
+        FSDP2's ranks each write their shards of one DCP folder. `loss_sum` / `good_steps` cover
+        the epoch's steps so far. CheckpointError if it cannot be written."""
+        self.last_save = time.monotonic()
+        s = self.state
+        s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(self.step_state.skipped.item())
+        s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
+        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict()}
+        path = self.checkpointer.save(epoch * self.steps_per_epoch + step_in_epoch, self.model, self.optimizer,
+                                      train, any_rank=any_rank)
+        if path is not None and (self.dist.is_main or any_rank):
             log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
                      else "saved", path)
         return path
+
+    def checkpoint_due(self) -> bool:
+        """Rank 0's clock only: the ranks agree through the engine's stop check."""
+        minutes = self.cfg.run.save_every_minutes
+        return self.dist.is_main and minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
+
+    def epoch_totals(self, res: EpochResult) -> tuple[float, int]:
+        """The epoch's loss sum and good steps from its first step, across a resume."""
+        return self.carried[0] + res.loss_sum, self.carried[1] + res.good_steps
 
     def log_step(self, rec: dict) -> None:
         self.record(rec)
@@ -240,22 +291,47 @@ class Run:
                  f"  skipped {rec['skipped_steps']}" if rec["skipped_steps"] else "")
 
     def run_epoch(self, epoch: int, start_step: int, stop: StopFlag) -> EpochResult:
+        """Steps start_step.. of `epoch`; `loss` of the result is the whole epoch's mean."""
         t, o, r = self.cfg.train, self.cfg.optim, self.cfg.run
+        self.loader.set_accum_steps(self.accum)  # masks are drawn per optimizer step's global batch
         self.loader.set_epoch(epoch, start_step * self.accum)
-        return train_one_epoch(
+
+        def save(steps_done: int, loss_sum: float, good_steps: int) -> None:
+            self.checkpoint(epoch, steps_done, self.carried[0] + loss_sum, self.carried[1] + good_steps)
+
+        res = train_one_epoch(
             self.train_model, self.loader, self.optimizer, self.schedule, epoch=epoch,
             steps_per_epoch=self.steps_per_epoch, start_step=start_step, accum_steps=self.accum,
             clip_grad=o.clip_grad, amp_dtype=self.amp_dtype, scaler=self.scaler, state=self.step_state,
             world_size=self.dist.world_size, log_every=r.log_every, log=self.log_step, seed=t.seed,
             rank=self.dist.rank, stop_requested=stop, max_skipped_streak=t.max_skipped_steps,
-            stop_check_every=r.stop_check_every,
-            progress=r.progress and self.dist.is_main and sys.stderr.isatty())
+            stop_check_every=r.stop_check_every, progress=r.progress and self.dist.is_main and sys.stderr.isatty(),
+            checkpoint_due=self.checkpoint_due, save=save)
+        loss_sum, good_steps = self.epoch_totals(res)
+        res.loss = loss_sum / good_steps if good_steps else math.nan
+        return res
 
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
-        """A diverged or signalled epoch: checkpoint, leave the process group, raise."""
-        path = self.checkpoint(epoch, res.steps_done)  # skipped steps left the weights untouched
-        self.checkpointer.wait()
+        """A diverged, signalled or data-failed epoch: checkpoint, leave the process group, raise."""
         self.monitor.close()
+        if res.stopped == "data":
+            # the failing rank alone: the others wait for its gradients, so no collective can run
+            what = one_line(res.error)
+            fix = "" if "simmim scan" in what else (f"; rebuild the file list with `simmim scan {self.cfg.data.path}` "
+                                                    f"(it leaves out unreadable files) and point data.path at it")
+            if is_fsdp(self.model):  # sharded: one rank holds only its shards, so no checkpoint can be written
+                path = self.checkpointer.finished_latest()
+                saved = (f"train.parallel=fsdp cannot save from one rank (the model is sharded over all), so "
+                         f"the run resumes from {path}" if path else
+                         "train.parallel=fsdp cannot save from one rank (the model is sharded over all) and "
+                         "there is no checkpoint yet, so the run starts afresh")
+                raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; {saved}: run the "
+                                  f"same command again to resume")
+            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
+            raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
+                              f"saved in {path}: run the same command again to resume")
+        path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
+        self.checkpointer.wait()
         barrier()
         cleanup()
         if res.stopped == "diverged":
@@ -267,6 +343,7 @@ class Run:
 
     def end_epoch(self, epoch: int, res: EpochResult, elapsed: float) -> dict:
         """The task's end-of-epoch work, the epoch record, the periodic checkpoint."""
+        self.carried = (0.0, 0)
         last = epoch == self.cfg.train.epochs - 1
         out = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
         extra = {k: v for k, v in out.items() if not isinstance(v, Path)}
@@ -286,21 +363,28 @@ class Run:
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
 
 
-def start_run(cfg: Config) -> tuple[DistInfo, Path]:
-    """Process group, run folder, config file, logging."""
-    dist = init_distributed(cfg.train.device)
+def open_run_folder(cfg: Config, dist: DistInfo) -> tuple[Path | None, dict | None]:
+    """The newest readable checkpoint of run.out_dir (if any), checked against `cfg` before
+    anything is written; then the config file and the log file. Rank 0 holds the folder's lock."""
     out_dir = Path(cfg.run.out_dir)
+    setup_logging(None, dist.is_main)  # console only until the folder is known to be this run's
+    path, ckpt, bad = newest_readable_checkpoint(out_dir)
+    changed = check_resume_config(ckpt.get("config"), cfg.to_dict(), path) if ckpt is not None else []
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     setup_logging(out_dir if dist.is_main else None, dist.is_main)
-    return dist, out_dir
+    if dist.is_main and bad:
+        set_aside(bad, path)
+    if changed:
+        log.info("resuming with changed %s", ", ".join(changed))
+    return path, ckpt
 
 
 def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, object]:
     t = cfg.train
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model, loader = task.build(dist)
+    with keyed_rng("init", t.seed):  # identical initial weights on every rank; global RNG restored after
+        model, loader = task.build(dist)
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if t.channels_last and dist.device.type == "cuda":
@@ -317,17 +401,15 @@ def check_parallel(t) -> None:
         raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
 
 
-def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
+def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
     """Builds everything and resumes; returns the run and the (epoch, step) to start from."""
     d, t, o = cfg.data, cfg.train, cfg.optim
     check_parallel(t)
-    dist, out_dir = start_run(cfg)
+    resumed, ckpt = open_run_folder(cfg, dist)  # all but a DCP checkpoint's tensors
+    out_dir = Path(cfg.run.out_dir)
     amp_dtype = amp_dtype_for(t.precision, dist.device)
     model, loader = build_model(cfg, task, dist)
-
     checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
-    resumed = checkpointer.latest()
-    ckpt = checkpointer.read(resumed) if resumed is not None else None  # all but the weights
     old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
     accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
     global_batch = d.batch_size * dist.world_size * accum
@@ -343,23 +425,24 @@ def setup_run(cfg: Config, task: Task) -> tuple[Run, int, int]:
                                   fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
     step_state = StepState(dist.device)
-    state = TrainState(global_batch=global_batch, world_size=dist.world_size)
 
-    epoch, start_step = 0, 0
+    epoch, start_step, carried = 0, 0, (0.0, 0)
     if ckpt is not None:
-        checkpointer.load(resumed, model, optimizer)
+        checkpointer.load(resumed, model, optimizer, ckpt)  # in place; FSDP2: each rank its shards
         scaler.load_state_dict(ckpt.get("scaler") or {})
         step_state.skipped += old.skipped_steps
         epoch, start_step = old.epoch, min(old.step_in_epoch, steps_per_epoch)
+        carried = (old.epoch_loss_sum, old.epoch_good_steps)
         if start_step == steps_per_epoch:
-            epoch, start_step = epoch + 1, 0
+            epoch, start_step, carried = epoch + 1, 0, (0.0, 0)
         log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
     resume_step = epoch * steps_per_epoch + start_step if ckpt else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
     monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
     task.prepare(model, loader, dist)
     run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
-              step_state, state, accum, steps_per_epoch, metrics, monitor, checkpointer)
+              step_state, TrainState(global_batch=global_batch, world_size=dist.world_size), accum,
+              steps_per_epoch, metrics, monitor, checkpointer, carried)
     return run, epoch, start_step
 
 
@@ -383,10 +466,17 @@ def log_start(run: Run) -> None:
 
 def fit(cfg: Config, task: Task) -> dict:
     """Trains `task` as `cfg` says (see the module docstring); returns {"epochs": per-epoch
-    records, "wall_s", "final_loss", and the last epoch's extra metrics}. Raises Preempted after a
-    stop signal and Diverged after train.max_skipped_steps non-finite steps in a row, each after
-    writing a checkpoint."""
-    run, first_epoch, start_step = setup_run(cfg, task)
+    records, "wall_s", "final_loss", and the last epoch's extra metrics}. Each after writing a
+    checkpoint, raises Preempted after a stop signal, Diverged after train.max_skipped_steps
+    non-finite steps in a row, DataFailure when a data file fails. RunFolderBusy if another job
+    holds run.out_dir, ConfigError if it holds a run of another config."""
+    dist = init_distributed(cfg.train.device)
+    with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
+        return train(cfg, task, dist)
+
+
+def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
+    run, first_epoch, start_step = setup_run(cfg, task, dist)
     log_start(run)
     stop = StopFlag()
     history, start = [], time.perf_counter()

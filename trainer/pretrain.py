@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, build_loader
-from simmim.pipeline.augment import normalize, sample_seed
+from simmim.pipeline.augment import normalize
+from simmim.pipeline.seeding import derive_seed, torch_generator
 
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum
@@ -32,8 +33,8 @@ def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentati
         return images[:n].clone(), batch_masks[:n].clone()
     ds = loader.dataset
     idx = [round(i * (len(ds) - 1) / max(1, n - 1)) for i in range(min(n, len(ds)))]
-    images = torch.stack([ds[(i, sample_seed(seed, 0, i))][0] for i in idx]).to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
+    images = torch.stack([ds[(i, derive_seed("sample", seed, 0, i))][0] for i in idx]).to(device)
+    g = torch_generator("figure", seed, device=device)
     return normalize(images, aug.mean, aug.std), masks.sample(len(idx), generator=g, device=device)
 
 

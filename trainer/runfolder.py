@@ -1,0 +1,159 @@
+"""The run folder stays consistent: one job owns it, a resume starts from a readable checkpoint,
+and a resumed run is the same run.
+
+- `RunLock`: run.out_dir/.lock, held with flock(2) by the job's rank 0 for the whole run. The
+  kernel drops it when the process ends however it ends (SIGKILL, OOM, a node reboot), so a crashed
+  job never leaves it stuck. A torchrun restart of the same job (same TORCHELASTIC_RUN_ID) waits a
+  while for the old rank 0 to exit; any other job is refused at once.
+- `newest_readable_checkpoint`: the newest checkpoint that loads; `set_aside` keeps unreadable
+  newer ones (truncated, foreign), renamed to `*.corrupt`, with a warning naming them.
+- `check_resume_config`: the checkpoint's config against the new one, before anything is written:
+  only keys that leave the run the same run (`RESUMABLE`) may change.
+"""
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointError, all_checkpoints, peek_checkpoint
+from .config import ConfigError
+
+log = logging.getLogger("simmim")
+
+# Keys a resume may change (fnmatch patterns over dotted keys): where the run writes and how often,
+# its length, where the data is read from and how fast, the device and precision, the learning
+# rates (lowered after a divergence), FSDP2's CPU offload and the batch split (the global batch is kept through
+# accumulation). Anything else (the model, image and mask sizes, the augmentation, the seed,
+# the optimizer's form) would make the checkpoint a different run's.
+RESUMABLE = ("run.*", "train.epochs", "train.device", "train.precision", "train.compile", "train.cpu_offload",
+             "train.grad_checkpointing", "train.channels_last", "train.max_skipped_steps", "train.accum_steps",
+             "data.path", "data.val_path", "data.max_pixels", "data.backend", "data.batch_size", "data.num_workers", "data.order", "data.os_cache",
+             "data.buffer_pages", "data.dali_*", "optim.base_lr", "optim.warmup_lr", "optim.min_lr",
+             "optim.clip_grad", "model.fused_shuffle", "finetune.val_path", "finetune.eval_every")
+
+
+class RunFolderBusy(ConfigError):
+    """Another job holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on `out_dir` for this process (use on rank 0 only); a context manager.
+
+    `job` identifies the job (torchrun's run id): a lock held by the same job is waited for up to
+    `wait_s` seconds (a restarted worker group whose old rank 0 is still exiting); a lock held by
+    another job raises RunFolderBusy naming its pid and host."""
+
+    def __init__(self, out_dir: str | Path, job: str | None = None, wait_s: float = 90.0):
+        self.path = Path(out_dir) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self._holder()
+                if job and holder.get("job") == job and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                os.close(self.fd)
+                raise RunFolderBusy(
+                    f"run.out_dir '{self.path.parent}' is in use by another job (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}, since {holder.get('since', '?')}): wait for it to end, or set "
+                    f"another run.out_dir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(os.pread(self.fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def job_id() -> str | None:
+    """The same for every worker group of one torchrun job (across restarts), else None."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+
+
+def newest_readable_checkpoint(out_dir: str | Path) -> tuple[Path | None, dict | None, list]:
+    """(path, contents) of the newest checkpoint in `out_dir` that loads, or (None, None) if there
+    is none, and [(path, CheckpointError)] of the newer ones that do not. Checkpoints are .pt files
+    (contents: the whole file) and DCP folders (contents: all but the tensors, which the
+    checkpointer loads sharded; a folder is readable if its .metadata lists model and optimizer
+    state and its train state reads; an unfinished `.checkpoint-*.tmp` folder is never one).
+    Raises CheckpointError if checkpoints exist and none loads. Reads only; see `set_aside`."""
+    bad: list[tuple[Path, CheckpointError]] = []
+    for _, path in reversed(all_checkpoints(Path(out_dir))):
+        try:
+            ckpt = peek_checkpoint(path)
+        except CheckpointError as e:  # a file renamed by rank 0 under another rank reads as missing
+            bad.append((path, e))
+            continue
+        return path, ckpt, bad
+    if bad:
+        raise CheckpointError(f"no checkpoint in '{out_dir}' can be read ({len(bad)} tried; newest: {bad[0][1]}): "
+                              f"move them away to start afresh, or set another run.out_dir")
+    return None, None, bad
+
+
+def set_aside(bad: list, resumed: Path) -> None:
+    """Renames each unreadable checkpoint (file or DCP folder) `<name>.corrupt` (kept for the user
+    to judge, out of the resume order; `<name>.corrupt.1`, ... if that name is taken), with a
+    warning naming it; rank 0 only."""
+    for path, why in bad:
+        if not path.exists():
+            continue
+        corrupt, n = path.with_name(path.name + ".corrupt"), 0
+        while corrupt.exists():
+            n += 1
+            corrupt = path.with_name(f"{path.name}.corrupt.{n}")
+        os.replace(path, corrupt)
+        log.warning("%s; kept as %s, resumed from %s instead", why, corrupt.name, resumed.name)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
+    """Compares a checkpoint's config with the new run's (both as `Config.to_dict()`); returns the
+    changed keys a resume allows, raises ConfigError naming those it does not. Keys only one side
+    knows (a config schema of another version) are not compared."""
+    if not saved:
+        return []
+    old, cur = flatten(saved), flatten(new)
+    changed = [k for k in cur if k in old and old[k] != cur[k] and k != "run.out_dir"]  # the folder may move
+    refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
+    if refused:
+        diff = ", ".join(f"{k} {old[k]!r} -> {cur[k]!r}" for k in refused)
+        raise ConfigError(f"run.out_dir '{path.parent}' holds another run ({path.name}): {diff} cannot change on "
+                          f"resume (only {', '.join(RESUMABLE)} can): set another run.out_dir, or set them back")
+    return changed
