@@ -19,7 +19,7 @@ import numpy as np
 
 from .folder import DatasetError, read_classes, scan_folder, sidecar
 from .decode import MAX_PIXELS, decode_rgb
-from .scan import scan_images, write_json
+from .scan import check_output, scan_images, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +75,19 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     raises DatasetError naming it before anything is written. A writer worker that fails ends
     the run with DatasetError (one line).
     """
-    from ffcv.fields import IntField, RGBImageField
-
-    from .ffcv_writer import CheckedWriter, WriterFailed
-
     dst_path = Path(dst)
     if write_mode not in WRITE_MODES:
         raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
     if not 1 <= jpeg_quality <= 100:
         raise DatasetError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
-    if dst_path.exists() and not force:
-        raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
+    if page_size:
+        check_page_size(page_size)
     if dst_path.is_dir():
         raise DatasetError(f"{dst_path} is a directory; give a file name such as train.beton")
-    samples, classes = scan_folder(src)
+    if dst_path.exists() and not force:
+        raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
+    samples, classes = scan_folder(src)  # the walk only: the output is checked before any decoding
+    check_output(dst_path)
     if limit:
         # a spread over all classes rather than the first class only
         step = max(1, len(samples) // limit)
@@ -99,6 +98,9 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     if not scan.good:
         raise DatasetError(f"no image under {src} decodes")
     page_size = fit_page_size(scan.good, scan.sizes, max_resolution, page_size)
+    from ffcv.fields import IntField, RGBImageField  # after the checks: importing FFCV takes seconds
+
+    from .ffcv_writer import CheckedWriter, WriterFailed
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
@@ -158,8 +160,7 @@ def fit_page_size(samples: list[tuple[str, int]], sizes: list[tuple[int, int]], 
     i = max(range(len(need)), key=need.__getitem__)
     largest = need[i] + need[i] // 4 + 4096
     if page_size:
-        if page_size & (page_size - 1) or not (1 << 21) <= page_size < (1 << 32):
-            raise DatasetError(f"--page-size must be a power of two in 2 MiB..2 GiB, got {page_size}")
+        check_page_size(page_size)
         if largest > page_size:
             raise DatasetError(f"{samples[i][0]} needs up to {largest} bytes, more than the page of {page_size}: "
                                f"raise --page-size (or 0: sized for the largest sample), or lower --max-resolution")
@@ -172,6 +173,14 @@ def fit_page_size(samples: list[tuple[str, int]], sizes: list[tuple[int, int]], 
     if size > 1 << 22:
         log.info("page size %d MiB, for %s", size >> 20, samples[i][0])
     return size
+
+
+def check_page_size(page_size: int) -> int:
+    """A --page-size FFCV can use (a power of two, 2 MiB..2 GiB), else DatasetError."""
+    if page_size & (page_size - 1) or not (1 << 21) <= page_size < (1 << 32):
+        raise DatasetError(f"--page-size must be a power of two in 2 MiB..2 GiB (or 0: sized for the largest "
+                           f"sample), got {page_size}")
+    return page_size
 
 
 def _raise_interrupt(signum, frame):

@@ -15,10 +15,11 @@ right sample. The augmentation is seeded by (seed, epoch, rank).
 
 Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied).
 DALI stops at the first file it cannot decode, so the files are checked before the first epoch:
-`simmim scan SRC` writes a clean list (`SRC.clean.txt`); with data.path at SRC the list beside it
-is used while it is newer than every class folder, and without one the loader runs the same scan
-itself and keeps its result there (rank 0 scans when torch.distributed is initialised; the others
-wait for the list). A file that fails anyway (deleted or changed since the scan) raises
+`simmim scan SRC` writes a clean list (`SRC.clean.txt`) and its record; with data.path at SRC the
+list beside it is brought up to date (`scanlist.checked_samples`: a stat per file, only new or
+changed files decoded again, data.max_pixels applied), and without one the loader runs the same
+scan itself and keeps its result there (rank 0 scans when torch.distributed is initialised; the
+others wait for the list). A file that fails anyway (changed during the run) raises
 `DatasetError` naming it and the command that fixes the list.
 """
 from __future__ import annotations
@@ -31,10 +32,10 @@ import torch
 
 from .augment import Augmentation
 from .decode import DALI_DECODE_ARGS, MAX_PIXELS, check_image, checked_max_pixels
-from .folder import DatasetError, ShardedSampler, num_batches, scan_folder, shard_size, sidecar
+from .folder import DatasetError, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
-from .scan import clean_list_path
+from .scanlist import checked_samples
 from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,6 @@ def resize_square(images, size: int, device: str):
                      antialias=True)
 
 
-def clean_list_for(path: str | Path) -> Path | None:
-    """`simmim scan`'s default output for a folder, if it exists and is newer than the folder and
-    its class folders (adding or removing a file changes its folder's modification time)."""
-    p = clean_list_path(path)
-    if not (Path(path).is_dir() and p.is_file()):
-        return None
-    written = p.stat().st_mtime
-    folders = [Path(path), *(d for d in Path(path).iterdir() if d.is_dir())]
-    if any(d.stat().st_mtime > written for d in folders):
-        log.warning("dali: %s is older than %s; scanning again", p, path)
-        return None
-    return p
-
-
 def text_named(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """The samples whose paths are text: DALI's file reader takes names as UTF-8 strings, so a name
     holding other bytes (read through Python's surrogateescape) is left out, in one warning line."""
@@ -84,41 +71,6 @@ def text_named(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
         log.warning("dali: left out %d file(s) whose names are not UTF-8 (DALI reads names as text), e.g. %r",
                     len(samples) - len(kept), first)
     return kept
-
-
-def scanned_samples(path: str, workers: int, max_pixels: int, rank: int, world: int):
-    """(samples, classes) of a folder with every file checked by the decode rules: the scan list
-    beside it if fresh, else a scan (kept beside the folder when it can be written)."""
-    import torch.distributed as dist
-
-    from .scan import scan_images, write_file_list, write_json
-
-    clean = clean_list_for(path)
-    shared = world > 1 and dist.is_available() and dist.is_initialized()
-    if clean is None and (rank == 0 or not shared):
-        samples, classes = scan_folder(path)
-        log.info("dali: no scan list beside %s; checking its %d files first (`simmim scan %s` does it once)",
-                 path, len(samples), path)
-        result = scan_images(samples, classes, workers, progress=False, max_pixels=max_pixels)
-        if not result.good:
-            raise DatasetError(f"no image under {path} decodes")
-        out = clean_list_path(path)
-        try:
-            write_file_list(out, result.good)
-            write_json(sidecar(out, "classes.json"), classes)
-            write_json(sidecar(out, "report.json"), result.report())
-            log.info("dali: %d of %d files decode; list kept in %s", len(result.good), len(samples), out)
-        except OSError as e:
-            log.warning("dali: cannot keep the scan list beside %s (%s); every run scans again", path, e)
-        if not shared:
-            return result.good, classes
-    if shared:
-        dist.barrier()  # rank 0 has written the list
-        clean = clean_list_path(path)
-        if not clean.is_file():
-            return scanned_samples(path, workers, max_pixels, rank, 1)
-    log.info("dali: reading the scanned list %s", clean)
-    return scan_folder(clean)
 
 
 class DALILoader(LoaderContract):
@@ -146,10 +98,8 @@ class DALILoader(LoaderContract):
             raise DatasetError("data.dali_device mixed decodes on the GPU, but training runs on the CPU")
         max_pixels = checked_max_pixels(max_pixels)
         self.path = str(path)
-        if Path(path).is_dir():
-            self.samples, self.classes = scanned_samples(str(path), max(1, num_workers), max_pixels, rank, world)
-        else:  # a list: `simmim scan` wrote it, or the user vouches for it
-            self.samples, self.classes = scan_folder(path)
+        self.samples, self.classes = checked_samples(str(path), max_pixels, max(1, num_workers), rank, world,
+                                                     required=True, who="dali")
         self.samples = text_named(self.samples)
         self.max_pixels = max_pixels
         self.num_samples = len(self.samples)

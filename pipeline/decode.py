@@ -12,8 +12,9 @@ pixels and refuses the same files:
   DALI is told the same (`adjust_orientation=False`).
 - Bit depth: 16-bit samples are scaled to 8 bits, round(v / 257), as DALI does (PIL's own
   `convert` clips them to 255). PIL reads 16-bit RGB(A) PNGs by keeping the high byte, v >> 8, so
-  those may differ from DALI by one level. A PNM whose maxval lies strictly between 255 and
-  65535 is refused (PIL stretches it to the full range, DALI does not). Float images (TIFF mode
+  those may differ from DALI by one level. A PNM whose maxval is neither 255 nor 65535 is
+  refused (PIL stretches it to the full range, DALI does not: maxval 100 gives mean 111.8 in PIL,
+  43.8 in DALI). Float images (TIFF mode
   F) are read as [0, 1] and scaled by 255, as DALI does. 32-bit integer images have no agreed
   range and are refused.
 - Colour: grey, palette (with or without transparency), CMYK (Adobe-inverted or not) and YCbCr
@@ -23,6 +24,7 @@ pixels and refuses the same files:
   before anything is decoded. The default is PIL's own decompression-bomb limit; nothing here
   changes PIL's process-wide `Image.MAX_IMAGE_PIXELS`, so a limit is at most twice that value
   (PIL's `open` refuses larger images itself).
+- Files: anything but a regular file (a FIFO, socket or device) is refused before it is opened.
 - Empty: zero-byte files and images of zero width or height are refused.
 
 Sources: PIL's `Image.open`/`convert` and mode list (pillow.readthedocs.io, "Concepts: Modes");
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 
 import numpy as np
@@ -87,6 +90,8 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, draft: int
 def _decode(path, max_pixels: int, draft: int | None) -> tuple[Image.Image, tuple[int, int]]:
     """decode_rgb, and the (width, height) of the header (before any draft scaling)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
+            raise DecodeError(f"not a regular file ({_kind(path)})")
         with warnings.catch_warnings():
             # PIL warns between its threshold and twice it; our own limit decides (below)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -115,8 +120,8 @@ def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None) -> Image.Image
         raise DecodeError(f"empty image ({w}x{h})")
     if img.format == "PPM":  # PIL stretches any maxval to the full range; DALI only up to 255
         maxval = next((t.args[1] for t in img.tile if t.codec_name in ("ppm", "ppm_plain")), None)
-        if maxval is not None and 255 < maxval < 65535:
-            raise DecodeError(f"PNM with maxval {maxval}: loaders scale it differently; store 8 or 16 bits")
+        if maxval is not None and maxval not in (255, 65535):
+            raise DecodeError(f"PNM with maxval {maxval}: loaders scale it differently; store it with maxval 255 or 65535")
     if draft is not None and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (draft, draft))
     img.load()  # first frame only: PIL opens animated and multi-page files at frame 0
@@ -135,6 +140,12 @@ def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None) -> Image.Image
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns on P -> RGB with transparency; same colours via RGBA
     return img.convert("RGB")
+
+
+def _kind(path) -> str:
+    from .folder import _kind as kind
+
+    return kind(str(path))
 
 
 def _grey(v: np.ndarray) -> Image.Image:

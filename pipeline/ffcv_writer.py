@@ -104,4 +104,9 @@ class CheckedWriter(DatasetWriter):
         if any(p.exitcode not in (None, 0) for p in processes):
             errors = sorted(f.read_text() for f in self.error_dir.glob("worker-*"))
             codes = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
-            raise WriterFailed(errors[0] if errors else f"a writer process died (exit code {codes[0]})")
+            if errors:
+                raise WriterFailed(errors[0])
+            why = (" (killed by the system: most likely out of memory)" if codes[0] == -9 else
+                   f" (killed by signal {-codes[0]})" if codes[0] < 0 else "")
+            raise WriterFailed(f"a writer process died (exit code {codes[0]}){why}; lower --workers "
+                               f"(each holds images at up to --max-resolution) or --max-pixels, and run again")

@@ -1,7 +1,8 @@
 r"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
 
-The walk follows symbolic links but enters each real directory once (a link back up the tree, or a
-second link to a folder already walked, is skipped and reported in one warning line).
+The walk follows symbolic links but enters each real directory once (a link back up the tree, a
+second link to a folder already walked, a link into another class folder or out of the data path
+is skipped and reported in one warning line), lists regular files only, and each real file once.
 
 Also reads a file list. The list format (what `simmim scan` writes, what every loader reads):
 UTF-8 text, one sample per line, `<path> <label>`: the path, one or more spaces or tabs, a
@@ -18,6 +19,7 @@ import logging
 import os
 import random
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -42,29 +44,128 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
         raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
                            f"`simmim sample-data`, or set data.path)")
     if root.is_file():
+        if root.suffix == ".beton" or root.open("rb").read(4096).count(b"\0"):
+            raise DatasetError(f"data path '{root}' is a binary file, not a class folder or a `path label` list"
+                               f"{' (an FFCV .beton: use data.backend=ffcv)' if root.suffix == '.beton' else ''}")
         return read_file_list(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DatasetError(f"data path '{root}' has no class folders: expected {root}/<class>/<image>")
-    samples, seen, skipped = [], set(), []
+    walk = _Walk(root, classes)
     for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            st = os.stat(dirpath)
-            if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link: walked already
-                skipped.append(dirpath)
-                dirnames[:] = []
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            dirnames.sort()
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    if skipped:
-        log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
-                    root, len(skipped), skipped[0])
+        walk.walk_class(label, name)
+    samples = walk.result()
     if not samples:
         raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return samples, classes
+
+
+class _Walk:
+    """The walk of `scan_folder`: every class folder's real directory is marked as seen before
+    any is walked, so a link from one class into another, a link leading outside the data root
+    (and outside the class folder's own real place), and a link back up the tree are all skipped,
+    each link named in one warning line. Files: regular files only (a FIFO, socket or device, or a
+    link to one, is skipped in one line: opening a FIFO blocks forever), each real file once
+    (a second name for it -- a symbolic or hard link -- is left out; a real name is preferred
+    over a symbolic link)."""
+
+    def __init__(self, root: Path, classes: list[str]):
+        self.root_real = os.path.realpath(root)
+        self.classes = {}  # (st_dev, st_ino) -> class name
+        for name in classes:
+            st = os.stat(root / name)
+            self.classes.setdefault((st.st_dev, st.st_ino), name)
+        self.root, self.seen, self.walked = root, set(self.classes), set()
+        self.found: list[tuple[str, int, tuple[int, int], bool]] = []  # path, label, file id, via a link
+        self.loops: list[str] = []
+
+    def walk_class(self, label: int, name: str) -> None:
+        top = os.path.join(self.root, name)
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in self.walked:  # two class folders, one real folder
+            self.loops.append(top)
+            return
+        self.walked.add((st.st_dev, st.st_ino))
+        allowed = (self.root_real, os.path.realpath(top))
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                dev = os.stat(folder).st_dev
+            except OSError as e:
+                log.warning("skipping folder %r (%s)", folder, e.strerror or e)
+                continue
+            subdirs = []
+            for e in entries:
+                try:
+                    is_dir, is_link = e.is_dir(), e.is_symlink()
+                except OSError:
+                    is_dir, is_link = False, False
+                if is_dir:
+                    if self.enter(e.path, is_link, name, allowed):
+                        subdirs.append(e.path)
+                    continue
+                if os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                try:
+                    st = e.stat() if is_link else None
+                    regular = e.is_file()
+                except OSError:  # a dangling link
+                    log.warning("skipping %r (a link to nothing)", e.path)
+                    continue
+                if not regular:
+                    log.warning("skipping %r (not a regular file: %s)", e.path, _kind(e.path))
+                    continue
+                key = (st.st_dev, st.st_ino) if st is not None else (dev, e.inode())
+                self.found.append((e.path, label, key, is_link))
+            stack.extend(reversed(subdirs))
+
+    def enter(self, path: str, is_link: bool, name: str, allowed: tuple[str, str]) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.classes:
+            if self.classes[key] != name:
+                log.warning("skipping link %r: it leads into class folder '%s'", path, self.classes[key])
+            else:
+                self.loops.append(path)
+            return False
+        if key in self.seen:
+            self.loops.append(path)
+            return False
+        if is_link:
+            real = os.path.realpath(path)
+            if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+                log.warning("skipping link %r: it leads outside the data path (to %s)", path, real)
+                return False
+        self.seen.add(key)
+        return True
+
+    def result(self) -> list[tuple[str, int]]:
+        if self.loops:
+            log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
+                        self.root, len(self.loops), self.loops[0])
+        first: dict[tuple[int, int], int] = {}
+        for i, (_, _, key, link) in enumerate(self.found):
+            if key not in first or (self.found[first[key]][3] and not link):
+                first[key] = i
+        keep = sorted(first.values())
+        if len(keep) < len(self.found):
+            dup = next(p for i, (p, *_) in enumerate(self.found) if first[self.found[i][2]] != i)
+            log.warning("%s: left out %d second name(s) of files already listed (symbolic or hard links), e.g. %r",
+                        self.root, len(self.found) - len(keep), dup)
+        return [(self.found[i][0], self.found[i][1]) for i in keep]
+
+
+def _kind(path: str) -> str:
+    mode = os.stat(path).st_mode
+    return next((what for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                         (stat.S_ISDIR, "a folder")) if test(mode)), "not a regular file")
 
 
 def quote_path(path: str) -> str:
@@ -108,8 +209,9 @@ def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label >= 0), got '{line[:200]}'")
+            if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+                raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label of ASCII digits 0-9), "
+                                   f"got '{line[:200]}'")
             file = unquote_path(parts[0])
             file = file if os.path.isabs(file) else str(path.parent / file)
             samples.append((file, int(parts[1])))
@@ -139,14 +241,16 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
 class ImageFolder(torch.utils.data.Dataset):
     """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
 
-    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). A file that
-    breaks them is logged once and replaced by the next readable sample, so one bad JPEG never
-    stops an epoch.
+    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). `listed`: the
+    (samples, classes) to serve instead of walking `root` (a checked scan list). A file that
+    breaks the rules is logged once and replaced by the next readable sample (the epoch keeps its
+    length), so one bad JPEG never stops an epoch.
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
-                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS):
-        self.samples, self.classes = scan_folder(root)
+                 crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS,
+                 listed: tuple[list[tuple[str, int]], list[str]] | None = None):
+        self.samples, self.classes = listed if listed is not None else scan_folder(root)
         self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img

@@ -14,6 +14,7 @@ import importlib.util
 import torch
 
 from .augment import Augmentation
+from .decode import MAX_PIXELS
 from .folder import DatasetError
 from .masking import MaskGenerator
 from .reference import ReferenceLoader
@@ -40,6 +41,26 @@ def available(backend: str) -> bool:
         return False
 
 
+def validate_data_args(backend: str, path: str, max_pixels: int, key: str = "data") -> None:
+    """The data options checked at config time, before anything is built or written: DatasetError
+    (one line naming the key) for an unknown backend, a .beton given to a backend that does not read
+    one (or the reverse), or an unusable pixel limit."""
+    from .decode import check_max_pixels
+
+    if backend not in BACKENDS:
+        raise DatasetError(f"unknown {key}.backend '{backend}' (one of: {', '.join(BACKENDS)})")
+    if backend == "ffcv" and not str(path).endswith(".beton"):
+        raise DatasetError(f"{key}.backend ffcv reads a .beton file, got {key}.path '{path}' "
+                           f"(write one with `simmim convert {path} OUT.beton`)")
+    if backend != "ffcv" and str(path).endswith(".beton"):
+        raise DatasetError(f"{key}.path '{path}' is an FFCV .beton: use {key}.backend=ffcv")
+    if backend != "ffcv":
+        try:
+            check_max_pixels(max_pixels, f"{key}.max_pixels")
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+
+
 def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerator | None, batch_size: int,
                  num_workers: int, device: torch.device, rank: int = 0, world: int = 1, seed: int = 0,
                  **options):
@@ -48,12 +69,10 @@ def build_loader(backend: str, path: str, aug: Augmentation, masks: MaskGenerato
     if not available(backend):
         raise DatasetError(f"data.backend {backend} is not installed: {INSTALL[backend][1]}")
     args = (path, aug, masks, batch_size, num_workers, device, rank, world, seed)
+    validate_data_args(backend, path, options.get("max_pixels", MAX_PIXELS))
     if backend == "ffcv":
         from .ffcv_loader import FFCVLoader
 
-        if not str(path).endswith(".beton"):
-            raise DatasetError(f"data.backend ffcv reads a .beton file, got '{path}' "
-                               f"(write one with `simmim convert {path} OUT.beton`)")
         return FFCVLoader(*args, **_pick(options, FFCV_OPTIONS))
     if backend == "dali":
         from .dali_loader import DALILoader

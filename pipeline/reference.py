@@ -13,6 +13,7 @@ from .augment import Augmentation, normalize
 from .decode import MAX_PIXELS, checked_max_pixels
 from .folder import ImageFolder, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
+from .scanlist import checked_samples
 from .seeding import torch_generator
 
 
@@ -62,7 +63,11 @@ class ReferenceLoader(LoaderContract):
                  world: int = 1, seed: int = 0, shuffle: bool | None = None,
                  dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
                  crop_ratio: float = 0.875, transform=None, drop_last: bool = True, max_pixels: int = MAX_PIXELS):
-        self.dataset = ImageFolder(root, aug, train, crop_ratio, transform, checked_max_pixels(max_pixels))
+        max_pixels = checked_max_pixels(max_pixels)
+        # the scan list beside a folder (or data.path a list) when there is one, as DALI reads it
+        listed = checked_samples(str(root), max_pixels, max(1, num_workers), rank, world, required=False,
+                                 who="torch")
+        self.dataset = ImageFolder(root, aug, train, crop_ratio, transform, max_pixels, listed)
         self.num_samples, self.labels, self.classes = len(self.dataset), labels, self.dataset.classes
         self.drop_last = drop_last
         shuffle = train if shuffle is None else shuffle

@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, scan_folder, sidecar, write_list_text
+from .folder import DatasetError, scan_folder, write_list_text
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,41 @@ def clean_list_path(src: str | os.PathLike) -> Path:
     return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
 
 
+def check_output(path: str | os.PathLike, flag: str = "") -> Path:
+    """`path` if a file can be written there (its folder is created), else DatasetError naming
+    it: checked before any work, so a long scan or conversion never ends on a bad output path."""
+    import tempfile
+
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    if path.is_dir():
+        raise DatasetError(f"{name} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        parent = next((p for p in path.parents if p.exists()), path.parent)
+        raise DatasetError(f"cannot write {name}: {parent} is a file, not a folder") from None
+    except OSError as e:
+        raise DatasetError(f"cannot write {name}: {e.strerror or e} in {path.parent}") from None
+    return path
+
+
 def scan_command(src: str, out: str | None, workers: int, on_error: str,
                  max_pixels: int = MAX_PIXELS) -> ScanResult:
-    """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file
-    and a JSON report of the bad files beside it."""
-    samples, classes = scan_folder(src)
+    """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file,
+    a JSON report of the bad files and the record the loaders check the list against
+    (`scanlist`) beside it."""
+    from .scanlist import entries_of, file_stat, write_scan
+
+    samples, classes = scan_folder(src)  # the walk only: the output is checked before any decoding
+    out_path = check_output(out, "--out") if out else check_output(clean_list_path(src))
+    stats = {p: st for p, _ in samples if (st := file_stat(p)) is not None}
     result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels)
-    out_path = Path(out) if out else clean_list_path(src)
     if not result.good:
         raise DatasetError(f"no image under {src} decodes")
-    write_file_list(out_path, result.good)
-    write_json(sidecar(out_path, "classes.json"), classes)
-    write_json(sidecar(out_path, "report.json"), result.report())
+    write_scan(out_path, result, entries_of(result, stats), max_pixels)
     rate = len(samples) / max(result.seconds, 1e-9)
     print(f"scanned {len(samples)} images in {result.seconds:.1f}s ({rate:.0f} img/s): "
           f"{len(result.good)} good, {len(result.bad)} bad -> {out_path}")

@@ -97,9 +97,12 @@ def test_orientation_and_bit_depth_agree_with_reference(tmp_path):
 
 def test_folder_without_list_is_scanned_first(hostile, caplog):
     """DALI on a folder with broken files and no scan list: checked before the first epoch (the
-    list kept beside the folder), not a traceback naming no file; a file deleted after the scan is
-    named in one line, with the command that rebuilds the list."""
+    list kept beside the folder), not a traceback naming no file. Later runs stat the listed files
+    and decode only what changed; a file deleted or replaced in a subfolder after the scan is found
+    before the first epoch; one deleted during the run is named in one line, with the command that
+    rebuilds the list."""
     import logging
+    import shutil
 
     from simmim.pipeline.errors import DatasetError
 
@@ -109,22 +112,46 @@ def test_folder_without_list_is_scanned_first(hostile, caplog):
     assert loader.num_samples == len(HOSTILE_GOOD) and "checking its" in caplog.text
     assert sum(len(images) for images, _ in loader) == len(HOSTILE_GOOD) // 2 * 2
     listed = hostile.parent / "hostile.clean.txt"
-    assert listed.is_file()
+    assert listed.is_file() and (hostile.parent / "hostile.clean.files.json").is_file()
     caplog.clear()
     with caplog.at_level(logging.INFO):
         DALILoader(str(hostile), aug, masks, 2, 1)
-    assert "checking its" not in caplog.text and "reading the scanned list" in caplog.text
+    assert "checking its" not in caplog.text and "changed since" not in caplog.text
+    # changes below the class folders (their mtimes stay): a file deleted, one replaced by a broken one
+    sub = hostile / "n0" / "deep"
+    sub.mkdir()
+    shutil.copy(hostile / "n0" / "ok.JPEG", sub / "a.JPEG")
+    shutil.copy(hostile / "n0" / "ok.JPEG", sub / "b.JPEG")
+    assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) + 2
+    (sub / "a.JPEG").unlink()
+    (sub / "b.JPEG").write_bytes((hostile / "n0" / "ok.JPEG").read_bytes()[:300])  # truncated
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD)
+    assert "1 file(s) new or changed, checked again; 1 gone" in caplog.text
+    # a stricter data.max_pixels than the list was made with: applied from the record, no decode
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        strict = DALILoader(str(hostile), aug, masks, 1, 1, max_pixels=40 * 20)
+    assert 0 < strict.num_samples < len(HOSTILE_GOOD)
+    assert "0 file(s) new or changed" in caplog.text and "over data.max_pixels=800" in caplog.text
+    assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD)  # and back
+    # data.path the list itself, a file gone since: left out before the first epoch, in one line
     gone = hostile / "n0" / "ok.JPEG"
+    kept = gone.read_bytes()
     gone.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert DALILoader(str(listed), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) - 1
+    assert f"simmim scan SRC --out {listed}" in caplog.text
+    gone.write_bytes(kept)
     loader = DALILoader(str(listed), aug, masks, 2, 1)
+    gone.unlink()  # during the run
     with pytest.raises(DatasetError) as e:
         for _ in loader:
             pass
     msg = str(e.value)
     assert "\n" not in msg and f"cannot decode '{gone}'" in msg and f"simmim scan {hostile}`" in msg
-    with caplog.at_level(logging.WARNING):  # the folder changed after the list: scanned again
-        assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) - 1
-    assert "scanning again" in caplog.text
 
 
 def test_odd_file_names(tmp_path, caplog):
@@ -251,3 +278,23 @@ def test_finetune_with_dali(sample_root, tmp_path):
         "run.progress=false", f"run.out_dir={tmp_path}"]))
     assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["best_top1"] >= summary["top1"]
     assert np.isfinite(summary["final_loss"]) and list(tmp_path.glob("checkpoint-*.pt"))
+
+
+def test_torch_and_dali_agree_on_the_samples(hostile, caplog):
+    """Same data.path, same samples: with a scan list beside the folder the torch loader reads the
+    checked list as DALI does (before: it walked the folder, 36 files, and served a neighbour in
+    place of each of the 7 bad ones); a file changed since the scan is checked by both."""
+    import logging
+
+    from simmim.pipeline.scan import scan_command
+
+    aug = Augmentation(size=8)
+    torch_before = ReferenceLoader(str(hostile), aug, None, 1, 0)
+    assert torch_before.num_samples == len(HOSTILE_GOOD) + len(HOSTILE_BAD)  # no list yet: lazy, as before
+    scan_command(str(hostile), None, 1, "skip")
+    (hostile / "n0" / "ok.JPEG").write_bytes(b"")  # broken after the scan
+    with caplog.at_level(logging.WARNING):
+        counts = {"torch": ReferenceLoader(str(hostile), aug, None, 1, 0).num_samples,
+                  "dali": DALILoader(str(hostile), aug, None, 1, 1).num_samples}
+    assert counts == {"torch": len(HOSTILE_GOOD) - 1, "dali": len(HOSTILE_GOOD) - 1}
+    assert caplog.text.count("changed since its scan") == 1  # torch updated the list; DALI found it fresh

@@ -71,8 +71,15 @@ def test_refused(cases, name, reason):
 def test_pnm_maxval(tmp_path):
     (tmp_path / "12.pgm").write_bytes(b"P5\n2 2\n4095\n" + np.full(4, 4095, ">u2").tobytes())
     assert "maxval 4095" in check_image(tmp_path / "12.pgm")[0]  # DALI would give 15, PIL 255
-    (tmp_path / "100.pgm").write_text("P2\n2 2\n100\n0 10 20 100\n")  # both stretch 8-bit maxvals
-    np.testing.assert_array_equal(np.asarray(decode_rgb(tmp_path / "100.pgm"))[..., 0].ravel(), [0, 26, 51, 255])
+    # below 255: PIL stretches, DALI gives binary (P5/P6) samples as stored, [0, 10, 20, 100], and
+    # stretches plain (P2) ones with other rounding, [0, 25, 51, 255] (DALI 1.x on CPU): refused
+    (tmp_path / "100.pgm").write_text("P2\n2 2\n100\n0 10 20 100\n")
+    (tmp_path / "100b.pgm").write_bytes(b"P5\n2 2\n100\n" + bytes([0, 10, 20, 100]))
+    (tmp_path / "100.ppm").write_bytes(b"P6\n2 1\n100\n" + bytes([0, 10, 20, 100, 50, 30]))
+    for name in ("100.pgm", "100b.pgm", "100.ppm"):
+        assert check_image(tmp_path / name)[0].startswith("PNM with maxval 100:"), name
+    (tmp_path / "255.pgm").write_bytes(b"P5\n2 2\n255\n" + bytes([0, 10, 20, 100]))
+    np.testing.assert_array_equal(np.asarray(decode_rgb(tmp_path / "255.pgm"))[..., 0].ravel(), [0, 10, 20, 100])
 
 
 def test_pixel_limit_configurable_and_not_global(cases, tmp_path):

@@ -226,10 +226,12 @@ def test_worker_error_message_is_one_line():
     assert loop.one_line(DatasetError("cannot decode 'b.JPEG'")) == "cannot decode 'b.JPEG'"
 
 
-def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_path):
-    """The real case: DALI reads a scanned list, files deleted since; the run ends with a checkpoint
-    and one line naming a file and `simmim scan`; after the scan the same command resumes."""
+def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_path, monkeypatch):
+    """The real case: DALI reads a scanned list, files deleted during the run (after the loader's
+    check of the list before the first epoch, which finds files deleted earlier); the run ends with
+    a checkpoint and one line naming a file and `simmim scan`; after the scan the same command resumes."""
     pytest.importorskip("nvidia.dali")
+    import simmim.pipeline.dali_loader as dali_loader
     from simmim.pipeline.scan import scan_command
 
     train = tmp_path / "train"
@@ -237,8 +239,15 @@ def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_pat
     scan_command(str(train), None, 1, "skip")
     listed = tmp_path / "train.clean.txt"
     gone = sorted(train.rglob("*.JPEG"))[::12]  # 5 of 60: more than the 4 an epoch leaves out
-    for p in gone:
-        p.unlink()
+    checked = dali_loader.checked_samples
+
+    def then_delete(*args, **kwargs):
+        result = checked(*args, **kwargs)
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return result
+
+    monkeypatch.setattr(dali_loader, "checked_samples", then_delete)
     out = tmp_path / "run"
     cfg = cfg_for(sample_root, out, "data.backend=dali", f"data.path={listed}", "train.epochs=1")
     with pytest.raises(DatasetError) as e:

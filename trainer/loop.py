@@ -366,6 +366,9 @@ class Run:
 def open_run_folder(cfg: Config, dist: DistInfo) -> tuple[Path | None, dict | None]:
     """The newest readable checkpoint of run.out_dir (if any), checked against `cfg` before
     anything is written; then the config file and the log file. Rank 0 holds the folder's lock."""
+    from simmim.pipeline.loaders import validate_data_args
+
+    validate_data_args(cfg.data.backend, cfg.data.path, cfg.data.max_pixels)  # before anything is written
     out_dir = Path(cfg.run.out_dir)
     setup_logging(None, dist.is_main)  # console only until the folder is known to be this run's
     path, ckpt, bad = newest_readable_checkpoint(out_dir)

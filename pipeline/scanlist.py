@@ -1,0 +1,193 @@
+"""A scan list kept true to the files: what the loaders read instead of re-decoding a folder.
+
+`simmim scan SRC` writes, beside its list `LIST` (`SRC.clean.txt` by default), `LIST.files.json`:
+the pixel limit the check used and, for every file it saw, `[size, mtime_ns, pixels, reason]`
+(pixels = width x height of a good image, reason = null for a good file, else the one-line reason).
+Before the first epoch a loader reads that record and stats every file again (measured on a
+shared 2-core machine, 100k unchanged files: 1.0 s of stats, 3.1 s for the whole check with the
+walk and the record, next to minutes for an epoch); only files that are new, changed (size or
+modification time) or refused for a pixel limit now raised are decoded again, files over a limit
+now lowered are dropped from their recorded size, and files gone are dropped. For a folder the
+walk is redone too (so files added in any subfolder are found) and the list and record beside it
+are rewritten when anything changed; a list given as data.path is checked the same way but never
+rewritten (the warning names the command that does). A list without a record (written by hand or
+by an older `simmim scan`) is only stat-checked: missing and non-regular files are dropped.
+
+One rule for every backend: DALI (which stops at the first file it cannot decode) always reads a
+checked list, scanning a folder first when it has none; the torch loader reads the checked list
+when a record exists beside the folder, so both train on the same samples.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+from .folder import DatasetError, scan_folder, sidecar
+from .scan import ScanResult, clean_list_path, scan_images, write_file_list, write_json
+
+log = logging.getLogger(__name__)
+
+Entry = list  # [size, mtime_ns, pixels, reason | None]
+
+
+def record_path(list_path: str | os.PathLike) -> Path:
+    return sidecar(list_path, "files.json")
+
+
+def file_stat(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a regular file; None if it is gone or not a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def read_record(list_path: Path) -> dict | None:
+    path = record_path(list_path)
+    if not (list_path.is_file() and path.is_file()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return record if isinstance(record.get("files"), dict) and isinstance(record.get("max_pixels"), int) else None
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; checking every file again", path)
+        return None
+
+
+def check(samples: list[tuple[str, int]], classes: list[str], record: dict | None, max_pixels: int,
+          workers: int, progress: bool = False) -> tuple[ScanResult, dict, dict]:
+    """Sorts samples into good and bad, decoding only what `record` cannot vouch for.
+    Returns (result, new record entries, counts: checked / gone / limit)."""
+    t0 = time.perf_counter()
+    files = record["files"] if record else {}
+    old_limit = record["max_pixels"] if record else max_pixels
+    verdict: dict[str, tuple[str | None, int]] = {}  # path -> (reason, pixels)
+    entries: dict[str, Entry] = {}
+    todo, gone, limit = [], 0, 0
+    for path, label in samples:
+        st = file_stat(path)
+        if st is None:
+            gone += 1
+            continue
+        e = files.get(path)
+        if e is not None and tuple(e[:2]) == st:
+            size_, mtime, pixels, reason = e
+            if reason is None and pixels > max_pixels:
+                verdict[path] = (f"{pixels} pixels, over the limit of {max_pixels} (data.max_pixels, --max-pixels)", 0)
+                limit += 1
+            elif reason is None or not ("over the limit" in reason and max_pixels > old_limit):
+                verdict[path] = (reason, pixels)
+            if path in verdict:
+                entries[path] = e
+                continue
+        todo.append((path, label, st))
+    if todo:
+        result = scan_images([(p, label) for p, label, _ in todo], classes, workers, progress=progress,
+                             max_pixels=max_pixels)
+        for (p, _), (w, h) in zip(result.good, result.sizes):
+            verdict[p] = (None, w * h)
+        verdict.update((p, (reason, 0)) for p, reason in result.bad)
+        for p, _, (size, mtime) in todo:
+            entries[p] = [size, mtime, verdict[p][1], verdict[p][0]]
+    good = [(p, label) for p, label in samples if p in verdict and verdict[p][0] is None]
+    bad = [(p, verdict[p][0]) for p, _ in samples if p in verdict and verdict[p][0] is not None]
+    result = ScanResult(good, bad, classes, time.perf_counter() - t0)
+    return result, entries, {"checked": len(todo), "gone": gone, "limit": limit}
+
+
+def write_scan(out: Path, result: ScanResult, entries: dict, max_pixels: int) -> None:
+    """The list, its class names, the bad-file report and the record (each written atomically)."""
+    write_file_list(out, result.good)
+    write_json(sidecar(out, "classes.json"), result.classes)
+    write_json(sidecar(out, "report.json"), result.report())
+    write_json(record_path(out), {"max_pixels": max_pixels, "files": entries})
+
+
+def entries_of(result: ScanResult, stats: dict) -> dict:
+    """A record's entries for a full scan's result; `stats` taken before the scan (so a file
+    changed during the scan is checked again next time)."""
+    entries = {p: [*stats[p], w * h, None] for (p, _), (w, h) in zip(result.good, result.sizes) if p in stats}
+    entries.update((p, [*stats[p], 0, reason]) for p, reason in result.bad if p in stats)
+    return entries
+
+
+def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, world: int = 1,
+                    required: bool = True, who: str = "data") -> tuple[list[tuple[str, int]], list[str]] | None:
+    """(samples, classes) every backend agrees on, for data.path `path` (a folder or a list).
+
+    A folder: its checked list (see the module docstring), brought up to date; without a list
+    beside it, scanned first when `required` (DALI), else None (the torch loader decodes lazily).
+    A list: its files stat-checked (and re-decoded where its record says they changed).
+    Rank 0 does the work when torch.distributed is initialised; the other ranks read its list.
+    """
+    import torch.distributed as dist
+
+    src = Path(path)
+    shared = world > 1 and dist.is_available() and dist.is_initialized()
+    if not src.is_dir():
+        return checked_file_list(src, max_pixels, workers, who)
+    clean = clean_list_path(src)
+    if not required and not clean.is_file():
+        return None
+    if rank == 0 or not shared:
+        samples, classes = refresh_folder(src, clean, max_pixels, workers, who)
+        if not shared:
+            return samples, classes
+    dist.barrier()  # rank 0 has brought the list up to date
+    if not clean.is_file() or read_record(clean) is None:
+        return refresh_folder(src, clean, max_pixels, workers, who, write=False)
+    return scan_folder(clean)
+
+
+def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: str = "data",
+                   write: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
+    samples, classes = scan_folder(src)
+    record = read_record(clean)
+    if record is None:
+        log.info("%s: no scan record beside %s; checking its %d files first (`simmim scan %s` does it once)",
+                 who, src, len(samples), src)
+    result, entries, counts = check(samples, classes, record, max_pixels, workers)
+    if not result.good:
+        raise DatasetError(f"no image under {src} decodes")
+    changed = record is None or counts["checked"] or set(entries) != set(record["files"]) \
+        or record["max_pixels"] != max_pixels
+    if record is not None and changed:
+        log.warning("%s: %s changed since its scan (%d file(s) new or changed, checked again; %d gone; "
+                    "%d over data.max_pixels=%d); list updated", who, src, counts["checked"],
+                    len(set(record["files"]) - set(entries)), counts["limit"], max_pixels)
+    if changed and write:
+        try:
+            write_scan(clean, result, entries, max_pixels)
+        except OSError as e:
+            log.warning("%s: cannot keep the scan list beside %s (%s); every run checks again", who, src,
+                        e.strerror or e)
+    log.info("%s: %d of %d files decode (list %s)", who, len(result.good), len(samples), clean)
+    return result.good, classes
+
+
+def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data"):
+    samples, classes = scan_folder(lst)
+    record = read_record(lst)
+    if record is None:
+        kept = [(p, label) for p, label in samples if file_stat(p) is not None]
+        if len(kept) < len(samples):
+            first = next(p for p, _ in samples if file_stat(p) is None)
+            log.warning("%s: left out %d listed file(s) that are gone or not regular files, e.g. %r "
+                        "(`simmim scan` on the source rebuilds the list)", who, len(samples) - len(kept), first)
+        if not kept:
+            raise DatasetError(f"no file listed in {lst} exists")
+        return kept, classes
+    result, _, counts = check(samples, classes, record, max_pixels, workers)
+    dropped = len(samples) - len(result.good)
+    if dropped or counts["checked"]:
+        log.warning("%s: %s is out of date (%d file(s) changed and checked again, %d left out, e.g. %r); "
+                    "`simmim scan SRC --out %s` rebuilds it", who, lst, counts["checked"], dropped,
+                    result.bad[0][0] if result.bad else next((p for p, _ in samples if file_stat(p) is None), ""), lst)
+    if not result.good:
+        raise DatasetError(f"no file listed in {lst} decodes")
+    return result.good, classes
