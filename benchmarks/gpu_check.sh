@@ -2,8 +2,9 @@
 # The one prepared GPU script: the GPU tests and benchmarks within one time budget, a summary last.
 #
 #   bash benchmarks/gpu_check.sh                          part 1: kernel tests, kernels, bf16 step and
-#                                                         MFU (eager, compiled), data wait, claims, loaders,
-#                                                         memory (DDP vs FSDP2)
+#                                                         MFU (eager), data wait, claims, loaders, the step
+#                                                         with PixelShuffle, memory (DDP vs FSDP2); last the
+#                                                         compiled step (ViT-B, then Swin-B: they take what is left)
 #   GPU_CHECK_PART=dali bash benchmarks/gpu_check.sh      part 2, a second call: DALI's wheels (sent by
 #                                                         benchmarks/gpu_wheels.sh) checked and installed,
 #                                                         DALI loaders and the data wait with DALI
@@ -18,8 +19,15 @@
 #                            JUnit XML, steps.tsv, summary.txt), rewritten after every step
 # Budget: one overall budget (GPU_CHECK_BUDGET, default 480 s); each step may use what is left (less
 # GPU_CHECK_RESERVE for the summary), at most its own cap on the GPU, and is SKIPPED when less than
-# GPU_CHECK_MIN_STEP seconds are left. A step past its limit is stopped with everything it started
-# (its process group: TERM, then KILL); so is anything a finished step left running.
+# GPU_CHECK_MIN_STEP seconds are left. The caps add up to the budget less the reserve; the cheap
+# steps come first, the compiled steps last (the last takes all that is left), so a slow compilation
+# can cost only its own figures. A step past its limit is stopped with everything it started (its
+# process group: TERM, then KILL 5 s later); so is anything a finished step left running. The status
+# tells a stop at the limit from a kill by a signal before it (SIGKILL: likely the kernel's OOM
+# killer; SIGBUS: likely a full /dev/shm). The benchmarks rewrite their JSON after every model, op or
+# method, so a stopped step still leaves what it finished in the archive.
+# Loader workers: as many as /dev/shm holds (each keeps 4 batches there; a 2x margin), at most one
+# per CPU; 0 (loading in the main process) when not even one fits. The log names the choice.
 # Other settings: PYTHON (default python3), WHEEL_PARTS (default /tmp/wheelparts), GPU_CHECK_INJECT
 # (a shell command run as an extra first step: how the tests make a step hang).
 # The dry run hides any GPU, runs the Triton kernels in the interpreter, sets TORCH_COMPILE_DISABLE=1
@@ -60,14 +68,16 @@ SIMMIM=("$PY" -m simmim.trainer.cli)
 if ((DRY)); then
   export CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 TORCH_COMPILE_DISABLE=1
   PYTEST_K="dispatch or deterministic" KBATCH=2 MODELS=vit_micro LMODEL=vit_micro BATCH=2 STEPS=1 WARMUP=1
-  JPEGS=8 WORKERS=1 LSIZE=64 LBATCH=4 LEPOCHS=1 LOADERS=torch CBATCH=1 CSTEPS=1 CMETHODS=SimMIM
+  VIT=vit_micro SWIN=swin_mini JPEGS=8 MAX_WORKERS=1 LSIZE=64 LBATCH=4 LEPOCHS=1 LOADERS=torch CBATCH=1 CSTEPS=1
+  CMETHODS=SimMIM
   CHEADS=--no-head-timing  # three Swin-B models: minutes on a shared 2-core CPU
   MEMMODELS=swin_base
   SITE=$WORK/site
 else
   export TRITON_INTERPRET=0
   PYTEST_K="" KBATCH=128 MODELS=swin_base,vit_base LMODEL=swin_base BATCH=128 STEPS=20 WARMUP=5
-  JPEGS=4000 WORKERS=$(nproc) LSIZE=192 LBATCH=128 LEPOCHS=3 LOADERS=torch,ffcv CBATCH=64 CSTEPS=10
+  VIT=vit_base SWIN=swin_base JPEGS=4000 MAX_WORKERS=$(nproc) LSIZE=192 LBATCH=128 LEPOCHS=3 LOADERS=torch,ffcv
+  CBATCH=64 CSTEPS=10
   CMETHODS="SimMIM,MAE,BEiT,DINO,MoCo v3,ViT-MPP,DeiT-B" CHEADS=
   MEMMODELS=swin_base,swin_large,swinv2_base,swinv2_large,swinv2_huge,swinv2_giant
   SITE=/tmp/site
@@ -92,19 +102,20 @@ STOP=
 CURRENT=
 trap 'STOP="interrupted"; [ -n "$CURRENT" ] && kill -TERM -- "-$CURRENT" 2>/dev/null' TERM INT
 
-step() {  # step NAME CAP_S [--needs STEP] COMMAND...   (CAP_S: the step's own limit on the GPU)
+step() {  # step NAME CAP_S [--needs STEP] COMMAND...   (CAP_S: the step's own limit on the GPU; rest: all that is left)
   local name=$1 cap=$2 needs= note= rc; shift 2
   if [ "${1:-}" = --needs ]; then needs=$2; shift 2; fi
   local left=$((BUDGET - (SECONDS - T0) - RESERVE))
-  ((DRY)) && cap=$left
+  if ((DRY)) || [ "$cap" = rest ]; then cap=$left; fi
   local limit=$((cap < left ? cap : left))
   if [ -n "$STOP" ]; then record "$name" SKIPPED 0 "$STOP"; return; fi
   if [ -n "$needs" ] && [ "${STATUS[$needs]:-}" != OK ]; then record "$name" SKIPPED 0 "needs '$needs'"; return; fi
   if ((limit < MIN_STEP)); then record "$name" SKIPPED 0 "${left} s of the budget left, under ${MIN_STEP} s"; return; fi
   say "== $name (limit ${limit} s): $*"
-  local t1=$SECONDS
-  # timeout leads a process group of its own: on expiry TERM, 5 s later KILL, to the whole group
-  timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1 </dev/null &
+  local t1=$SECONDS from=$(($(stat -c %s "$LOG") + 1))
+  # timeout leads a process group of its own: on expiry TERM, 5 s later KILL, to the whole group;
+  # -v writes "timeout: sending signal ..." into the log when (and only when) it fires
+  timeout -v -k 5 "$limit" "$@" >>"$LOG" 2>&1 </dev/null &
   CURRENT=$!
   wait "$CURRENT"; rc=$?
   while kill -0 "$CURRENT" 2>/dev/null; do wait "$CURRENT"; rc=$?; done  # a trapped signal ends wait early
@@ -112,8 +123,30 @@ step() {  # step NAME CAP_S [--needs STEP] COMMAND...   (CAP_S: the step's own l
   CURRENT=
   local took=$((SECONDS - t1))
   if ((rc == 0)); then record "$name" OK "$took" ""
-  elif ((rc == 124 || rc == 137)); then record "$name" FAILED "$took" "stopped at its ${limit} s limit (rc $rc)"
+  elif ((rc == 124 || took >= limit)) || tail -c +"$from" "$LOG" | grep -q '^timeout: sending signal'; then
+    ((rc == 137)) && note=": TERM ignored, then KILL"
+    record "$name" FAILED "$took" "stopped at its ${limit} s limit (rc $rc$note)"
+  elif ((rc > 128)); then
+    local sig
+    sig=$(kill -l $((rc - 128)) 2>/dev/null || echo "signal $((rc - 128))")
+    case "$sig" in
+      KILL) note="; not the time limit: likely the kernel's OOM killer (host memory), see dmesg" ;;
+      BUS) note="; likely a full /dev/shm (loader workers' shared memory)" ;;
+      *) note= ;;
+    esac
+    record "$name" FAILED "$took" "killed by SIG$sig (rc $rc) after $took s, before its ${limit} s limit$note"
   else record "$name" FAILED "$took" "rc $rc, see the log above"; fi
+}
+
+loader_workers() {  # loader_workers MAX BATCH_BYTES: as many workers as /dev/shm holds, at most MAX
+  local max=$1 batch_bytes=$2 shm per fit
+  shm=$(df -B1 --output=size /dev/shm 2>/dev/null | tail -n 1 | tr -d ' ')
+  [[ $shm =~ ^[0-9]+$ ]] || shm=0
+  per=$((4 * batch_bytes * 2))  # the reference loader's prefetch_factor=4 batches per worker, a 2x margin
+  fit=$((shm / per))
+  WORKERS=$((fit < max ? fit : max))
+  say "loader workers: $WORKERS (CPUs $max; /dev/shm $((shm >> 20)) MiB holds $fit workers of 4 float32 batches of" \
+    "$((batch_bytes >> 20)) MiB with a 2x margin)$( ((WORKERS == 0)) && echo ': loading in the main process')"
 }
 
 versions() {  # the log's first line
@@ -144,27 +177,36 @@ PY
 
 if [ -n "${GPU_CHECK_INJECT:-}" ]; then INJECT=(step "injected" 60 bash -c "$GPU_CHECK_INJECT"); else INJECT=(true); fi
 
+# a loader's batch in /dev/shm: (B, 3, S, S) float32 images, B the larger of the two loader steps'
+# batches (on the GPU both read 192 px: the loaders' size and Swin-B's)
+BATCH_BYTES=$(( (BATCH > LBATCH ? BATCH : LBATCH) * 3 * LSIZE * LSIZE * 4 ))
+
 if [ "$PART" = main ]; then
   versions | tee -a "$LOG"
+  loader_workers "$MAX_WORKERS" "$BATCH_BYTES"
   "${INJECT[@]}"
-  step "tests: kernels" 180 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py \
+  # caps: 35+65+40+45+55+50+35+30+65 = 420 s; the last step takes the rest (~50 s of a 480 s budget)
+  step "tests: kernels" 35 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py \
     -k "$PYTEST_K" --junitxml="$RES/pytest-kernels.xml"
-  step "bench kernels" 180 "${SIMMIM[@]}" bench kernels --batch "$KBATCH" --out "$RES"
-  step "bench step bf16" 120 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" --steps "$STEPS" \
+  step "bench kernels" 65 "${SIMMIM[@]}" bench kernels --batch "$KBATCH" --out "$RES"
+  step "bench step bf16" 40 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" --steps "$STEPS" \
     --warmup "$WARMUP" --precision bf16 --out "$RES"
-  step "bench step bf16 compiled" 240 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
-    --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --compile --out "$RES"
-  step "bench step data wait (torch)" 120 "${SIMMIM[@]}" bench step --models "$LMODEL" --batch "$BATCH" \
+  step "bench step data wait (torch)" 45 "${SIMMIM[@]}" bench step --models "$LMODEL" --batch "$BATCH" \
     --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --data loader --loader torch --synthetic "$JPEGS" \
     --workers "$WORKERS" --out "$RES"
-  step "bench claims" 150 "${SIMMIM[@]}" bench claims --batch "$CBATCH" --steps "$CSTEPS" --methods "$CMETHODS" \
+  step "bench claims" 55 "${SIMMIM[@]}" bench claims --batch "$CBATCH" --steps "$CSTEPS" --methods "$CMETHODS" \
     ${CHEADS:+"$CHEADS"} --out "$RES"
-  step "bench loaders" 120 "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" --size "$LSIZE" --batch "$LBATCH" \
+  step "bench loaders" 50 "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" --size "$LSIZE" --batch "$LBATCH" \
     --workers "$WORKERS" --epochs "$LEPOCHS" --backends "$LOADERS" --out "$RES"
-  step "bench step PixelShuffle" 120 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
+  step "bench step PixelShuffle" 35 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
     --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --no-fused-shuffle --out "$RES"
   # per-GPU memory, DDP vs FSDP2 over 8 GPUs: activations measured under CUDA bf16 autocast
-  step "bench memory" 120 "${SIMMIM[@]}" bench memory --models "$MEMMODELS" --gpus 8 --precision bf16 --out "$RES"
+  step "bench memory" 30 "${SIMMIM[@]}" bench memory --models "$MEMMODELS" --gpus 8 --precision bf16 --out "$RES"
+  # compilation (inductor, cold cache) last, one model per step: ViT-B compiles faster than Swin-B
+  step "bench step bf16 compiled ViT-B" 65 "${SIMMIM[@]}" bench step --models "$VIT" --batch "$BATCH" \
+    --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --compile --tag "$VIT" --out "$RES"
+  step "bench step bf16 compiled Swin-B" rest "${SIMMIM[@]}" bench step --models "$SWIN" --batch "$BATCH" \
+    --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --compile --tag "$SWIN" --out "$RES"
 else
   # the install's output follows the versions line, which must name the DALI it installed
   MAIN_LOG=$LOG LOG=$WORK/install.log
@@ -174,6 +216,7 @@ else
   [ -d "$SITE" ] && export PYTHONPATH=$PYTHONPATH:$SITE
   { versions; cat "$WORK/install.log"; } >>"$LOG"
   head -n 1 "$LOG"
+  loader_workers "$MAX_WORKERS" "$BATCH_BYTES"
   step "dali: import" 60 "$PY" -c "import nvidia.dali as d; print('nvidia.dali', d.__version__, d.__file__)"
   step "bench loaders (dali)" 180 --needs "dali: import" "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" \
     --size "$LSIZE" --batch "$LBATCH" --workers "$WORKERS" --epochs "$LEPOCHS" --backends torch,dali --out "$RES"

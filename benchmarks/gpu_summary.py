@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 def status_table(steps_tsv: Path) -> list[str]:
-    lines = [f"{'#':>2}  {'step':<30} {'status':<8} {'seconds':>7}  note"]
+    lines = [f"{'#':>2}  {'step':<32} {'status':<8} {'seconds':>7}  note"]
     rows = [ln.split("\t") for ln in steps_tsv.read_text().splitlines() if ln.strip()] if steps_tsv.exists() else []
     for i, r in enumerate(rows, 1):
         name, status, seconds, note = (r + ["", "", ""])[:4]
-        lines.append(f"{i:>2}  {name:<30} {status:<8} {seconds:>7}  {note}")
+        lines.append(f"{i:>2}  {name:<32} {status:<8} {seconds:>7}  {note}")
     return lines
 
 

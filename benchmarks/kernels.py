@@ -11,12 +11,12 @@
 On CUDA: forward+backward time of the fused kernel, the eager reference and torch.compile of the
 reference (measured side by side in one run), the bytes each op must move at least (its floor),
 and the achieved GB/s against the device's measured copy bandwidth. On CPU: correctness only
-(Triton interpreter vs reference, at batch 2). Writes kernels.md, kernels.json, kernels.png.
+(Triton interpreter vs reference, at batch 2). Writes kernels.md, kernels.json, kernels.png; the
+.md and .json are rewritten after every shape's checks and every op's timings.
 """
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -24,7 +24,7 @@ from simmim.kernels import dispatch
 from simmim.kernels.mask_fill import mask_token_fill, mask_token_fill_ref
 from simmim.kernels.masked_l1 import masked_l1_loss, masked_l1_loss_ref
 
-from .report import device_name, results_dir, write_bar_chart
+from .report import device_name, results_dir, write_bar_chart, write_results
 
 SHAPES = {  # name: (fill tokens (L, D, cell span s, grid), fill dtype, image size, encoder stride)
     "swin_b_192": ((48 * 48, 128, 8, 6), torch.float32, 192, 32),
@@ -88,24 +88,36 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def time_candidates(name: str, batch: int, device: str) -> list[dict]:
+CANDIDATES = (("mask_fill", fill_step, mask_token_fill, mask_token_fill_ref),
+              ("masked_l1", loss_step, masked_l1_loss, masked_l1_loss_ref),
+              ("l1_head", head_step, masked_l1_loss, masked_l1_loss_ref))
+
+
+def compile_reference(ref):
+    """torch.compile of a reference for one shape: dynamo's caches emptied first, so each (op,
+    shape) gets its own static graph (no recompilation with dynamic shapes from the op or shape
+    timed before it), as a model compiled for one input size would. The references compile
+    without graph breaks (tests/test_kernels_ref.py checks)."""
+    torch._dynamo.reset()
+    return torch.compile(ref, dynamic=False)
+
+
+def time_candidates(name: str, batch: int, device: str):
+    """Yields, op by op, the three rows (fused, eager ref, compiled ref) of one shape."""
     from triton.testing import do_bench
 
     inp = make_inputs(name, batch, device)
-    rows = []
-    for op, step, fused, ref in (("mask_fill", fill_step, mask_token_fill, mask_token_fill_ref),
-                                 ("masked_l1", loss_step, masked_l1_loss, masked_l1_loss_ref),
-                                 ("l1_head", head_step, masked_l1_loss, masked_l1_loss_ref)):
+    for op, step, fused, ref in CANDIDATES:
         floor = floor_bytes(op, inp)
-        compiled = torch.compile(ref)
+        rows = []
         for label, fn in (("fused", lambda *a: fused(*a, backend="triton")), ("eager ref", ref),
-                          ("compiled ref", compiled)):
+                          ("compiled ref", compile_reference(ref))):
             for p in GRADS:
                 inp[p].grad = None
             ms = do_bench(lambda: step(fn, inp), warmup=10, rep=50, grad_to_none=[inp[p] for p in GRADS])
             rows.append({"shape": name, "op": op, "impl": label, "ms": ms, "floor_bytes": floor,
                          "gb_s": floor / ms / 1e6})
-    return rows
+        yield rows
 
 
 def check_correctness(name: str, device: str) -> list[dict]:
@@ -159,16 +171,26 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("simmim bench kernels: Triton is not installed")
     if device == "cpu" and not dispatch.interpreting():
         raise SystemExit("simmim bench kernels: on CPU run it with TRITON_INTERPRET=1 (correctness only)")
-    checks = [c for name in SHAPES for c in check_correctness(name, device)]
-    rows, bw = [], None
+    out = results_dir(args.out, "kernels")
+    checks, rows, bw = [], [], None
+
+    def save() -> None:  # after every shape's checks and every op's timings: a stopped run keeps them
+        write_results(out, "kernels", markdown(rows, checks, bw, device_name()),
+                      {"device": device_name(), "batch": args.batch, "copy_gb_s": bw, "timings": rows,
+                       "checks": checks})
+
+    for name in SHAPES:
+        checks += check_correctness(name, device)
+        save()
     if device == "cuda":
         bw = copy_bandwidth(device)
-        rows = [r for name in SHAPES for r in time_candidates(name, args.batch, device)]
-    out = results_dir(args.out, "kernels")
+        for name in SHAPES:
+            for op_rows in time_candidates(name, args.batch, device):
+                rows += op_rows
+                save()
+                print(f"{name} {op_rows[0]['op']}: " + ", ".join(f"{r['impl']} {r['ms']:.3f} ms" for r in op_rows),
+                      flush=True)
     report = markdown(rows, checks, bw, device_name())
-    (out / "kernels.md").write_text(report)
-    (out / "kernels.json").write_text(json.dumps({"device": device_name(), "batch": args.batch,
-                                                  "copy_gb_s": bw, "timings": rows, "checks": checks}, indent=1))
     if rows:
         write_bar_chart(out / "kernels.png", [f"{r['shape']}\n{r['op']}" for r in rows if r["impl"] == "fused"],
                         {impl: [r["ms"] for r in rows if r["impl"] == impl]

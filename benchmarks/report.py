@@ -1,6 +1,7 @@
 """Shared output helpers: results folders that name the device, and grouped bar charts."""
 from __future__ import annotations
 
+import json
 import platform
 import re
 from pathlib import Path
@@ -20,6 +21,21 @@ def results_dir(base: str | Path, name: str) -> Path:
     out = Path(base) / f"{name}-{slug}"
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes text to path through a temporary file and a rename: a reader (or an archive taken
+    while a benchmark runs, or after it was killed) sees the old file or the new, never a torn one."""
+    from simmim.trainer.checkpoint import atomic_write
+
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_results(out: Path, stem: str, report: str, result: dict) -> None:
+    """out/stem.md and out/stem.json, each atomically. Benchmarks call it after every model, op or
+    method, so a run stopped at a time limit leaves what it finished."""
+    write_text_atomic(out / f"{stem}.md", report)
+    write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=1))
 
 
 def write_bar_chart(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:

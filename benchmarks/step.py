@@ -4,17 +4,18 @@ peak).
 
     simmim bench step [--models swin_base,vit_base] [--batch 128] [--precision bf16]
                       [--compile] [--kernels auto|triton|reference] [--data synthetic|loader]
-                      [--loader torch|dali] [--synthetic N] [--no-fused-shuffle]
+                      [--loader torch|dali] [--synthetic N] [--no-fused-shuffle] [--tag NAME]
 
 On CUDA the paper's models (Swin-B 192, ViT-B 224) at batch 128; on CPU their small variants. Each
 configuration runs the trainer's own step (engine.train_one_epoch) after a warm-up, so the numbers
-are the trainer's. Writes step.md, step.json and step.png under a results folder naming the device.
+are the trainer's. Writes step-<tag>.md, .json and .png under a results folder naming the device
+(<tag>: precision, compiled, kernels, data, shuffle, then --tag); the .md and .json are rewritten
+after every model, so a run stopped at a time limit keeps the models it finished.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from simmim.trainer.model import ARCHS, build_simmim, param_groups
 
 from .loaders import synthetic_jpegs
 from .measure import autocast, count_flops
-from .report import device_name, results_dir, write_bar_chart
+from .report import device_name, results_dir, write_bar_chart, write_results
 
 MODELS = {  # name: (arch, image size, window)
     "swin_base": ("swin_base", 192, 6), "vit_base": ("vit_base", 224, 0),
@@ -176,12 +177,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="--data loader reads N ImageNet-sized JPEGs written to a temporary folder, not --data-path")
     ap.add_argument("--workers", type=int, default=8 if cuda else 2)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--tag", default="", help="appended to the output file names, e.g. to keep one file per model")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
-    if unknown:
+    if unknown or not names:
         raise SystemExit(f"simmim bench step: unknown model {', '.join(unknown)} (choose from {', '.join(MODELS)})")
+    out = results_dir(args.out, "step")
+    data = args.data if args.data == "synthetic" or args.loader == "torch" else f"loader-{args.loader}"
+    tag = (f"{args.precision}{'-compiled' if args.compile else ''}-{args.kernels}-{data}"
+           f"{'' if args.fused_shuffle else '-shuffle'}{'-' + args.tag if args.tag else ''}")
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="simmim-bench-step-")
     if args.data == "loader" and args.synthetic:
@@ -193,13 +199,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{name}: {row['img_per_s']:.1f} img/s, data wait {row['data_wait_pct']:.1f}%, "
                   f"MFU {row['mfu_pct'] if row['mfu_pct'] is None else round(row['mfu_pct'], 1)}%", flush=True)
             rows.append(row)
-    out = results_dir(args.out, "step")
-    data = args.data if args.data == "synthetic" or args.loader == "torch" else f"loader-{args.loader}"
-    tag = (f"{args.precision}{'-compiled' if args.compile else ''}-{args.kernels}-{data}"
-           f"{'' if args.fused_shuffle else '-shuffle'}")
-    report = markdown(rows, device_name())
-    (out / f"step-{tag}.md").write_text(report)
-    (out / f"step-{tag}.json").write_text(json.dumps({"device": device_name(), "rows": rows}, indent=1))
+            report = markdown(rows, device_name())
+            write_results(out, f"step-{tag}", report, {"device": device_name(), "rows": rows})
     write_bar_chart(out / f"step-{tag}.png", [f"{r['model']} {r['image_size']}" for r in rows],
                     {"images/sec": [r["img_per_s"] for r in rows]}, ylabel="images / second",
                     title=f"SimMIM step ({tag}), {device_name()}")

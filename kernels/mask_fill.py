@@ -18,9 +18,11 @@ from .dispatch import HAS_TRITON, use_triton
 
 
 def cell_span(num_tokens: int, masks: torch.Tensor) -> int:
-    """Tokens per cell side, s, from L = h*s * w*s."""
+    """Tokens per cell side, s, from L = h*s * w*s. Rounded float square root, then checked exactly
+    (exact for any L below 2**52): torch.compile traces math.sqrt on a size, whereas math.isqrt
+    breaks the graph once sizes are symbolic."""
     h, w = masks.shape[1:]
-    s = math.isqrt(num_tokens // (h * w)) if num_tokens % (h * w) == 0 else 0
+    s = int(math.sqrt(num_tokens // (h * w)) + 0.5)
     if s == 0 or s * s * h * w != num_tokens:
         raise ValueError(f"{num_tokens} tokens do not form a grid of {h}x{w} cells of s x s tokens")
     return s

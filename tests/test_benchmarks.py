@@ -91,6 +91,7 @@ def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
     assert all(400 <= max(s) <= 500 and min(s) >= 300 for s in sizes)
 
 
+<<<<<<< HEAD
 def test_memory_bench_extrapolates_activations_and_counts_on_meta():
     """The activation estimate from a two-blocks-per-stage model, scaled to the real depths,
     matches a direct measurement of the real model; parameters are counted on the meta device."""
@@ -113,3 +114,49 @@ def test_memory_bench_extrapolates_activations_and_counts_on_meta():
     counts = parameter_counts("swinv2_giant", 192, 12)
     assert 2.95e9 < counts["total"] < 3.1e9 and counts["max_block"] < counts["total"] / 10
     assert DDP_BYTES == 22
+=======
+class Stopped(Exception):
+    """Stands in for the time limit's TERM arriving while a benchmark runs."""
+
+
+def test_stopped_benchmarks_keep_what_they_finished(tmp_path, monkeypatch):
+    """gpu_check.sh stops a step at its limit: step, kernels and claims write their JSON after every
+    model, shape and method, so what finished is in the archive. Here the second of each stops."""
+    import pytest
+
+    from simmim.benchmarks import claims
+
+    def second_stops(real):
+        calls = []
+
+        def wrapped(*args, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise Stopped
+            return real(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(step, "measure", second_stops(lambda name, *a, **k: {
+        "model": name, "image_size": 128, "batch": 1, "precision": "fp32", "compiled": False, "kernels": "reference",
+        "fused_shuffle": True, "data": "synthetic", "loader": None, "img_per_s": 5.0, "step_ms": 200.0,
+        "data_wait_pct": 0.0, "gflops_per_image": 1.0, "tflops": 0.005, "mfu_pct": None, "peak_mem_gib": None}))
+    with pytest.raises(Stopped):
+        step.main(["--models", "vit_micro,swin_mini", "--out", str(tmp_path), "--tag", "t"])
+    saved = json.loads(next(tmp_path.glob("step-*/step-fp32-auto-synthetic-t.json")).read_text())
+    assert [r["model"] for r in saved["rows"]] == ["vit_micro"]
+
+    monkeypatch.setattr(kernels, "check_correctness", second_stops(kernels.check_correctness))
+    with pytest.raises(Stopped):
+        kernels.main(["--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.glob("kernels-*/kernels.json")).read_text())
+    assert {c["shape"] for c in saved["checks"]} == {"swin_b_192"} and len(saved["checks"]) == 3
+
+    monkeypatch.setattr(claims, "images_per_sec", second_stops(lambda *a: 7.0))
+    with pytest.raises(Stopped):
+        claims.main(["--methods", "MAE,SimMIM", "--steps", "1", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.glob("claims-*/claims.json")).read_text())
+    timed = {r["method"]: r.get("img_per_s") for r in saved["rows"]}
+    assert timed["SimMIM"] == 7.0 and timed["MAE"] is None  # SimMIM timed first, whatever the order given
+    assert len(timed) == len(claims.METHODS) and saved["heads"] == []
+    assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temporary files
+>>>>>>> main

@@ -18,9 +18,9 @@ import pytest
 from simmim.benchmarks import gpu_summary
 
 REPO = Path(__file__).resolve().parents[1]
-MAIN_STEPS = ["tests: kernels", "bench kernels", "bench step bf16", "bench step bf16 compiled",
-              "bench step data wait (torch)", "bench claims", "bench loaders", "bench step PixelShuffle",
-              "bench memory"]
+MAIN_STEPS = ["tests: kernels", "bench kernels", "bench step bf16", "bench step data wait (torch)", "bench claims",
+              "bench loaders", "bench step PixelShuffle", "bench memory", "bench step bf16 compiled ViT-B",
+              "bench step bf16 compiled Swin-B"]
 DALI_STEPS = ["wheels: verify, join, install", "dali: import", "bench loaders (dali)", "bench step data wait (dali)"]
 
 
@@ -124,7 +124,7 @@ def test_budget_holds_when_a_step_hangs_and_its_processes_die(tmp_path):
     summary = check_outputs(tmp_path / "out", proc)
     steps = steps_of(tmp_path / "out")
     assert [s[0] for s in steps] == ["injected"] + MAIN_STEPS
-    assert steps[0][1] == "FAILED" and "limit" in steps[0][3]
+    assert steps[0][1] == "FAILED" and "stopped at its" in steps[0][3]
     assert all(s[1] == "SKIPPED" for s in steps[1:])
     assert "injected" in summary and summary.count("SKIPPED") == len(MAIN_STEPS)
     # the budget covers the steps; the summary after them fits the reserve, KILL comes 5 s after TERM
@@ -132,6 +132,18 @@ def test_budget_holds_when_a_step_hangs_and_its_processes_die(tmp_path):
     pid = int(pidfile.read_text())
     state = Path(f"/proc/{pid}/status")
     assert not state.exists() or "zombie" in state.read_text(), "the step's child outlived it"
+
+
+def test_a_kill_before_the_limit_is_not_called_the_limit(tmp_path):
+    """rc 137 is also what the kernel's OOM killer leaves: a step killed by SIGKILL well before its
+    limit must say so, not "stopped at its limit"."""
+    proc, _ = run_script("gpu_check.sh", tmp_path / "out", 60, GPU_CHECK_BUDGET="10", GPU_CHECK_MIN_STEP="6",
+                         GPU_CHECK_INJECT="sleep 2; kill -KILL $$")
+    assert proc.returncode == 1
+    check_outputs(tmp_path / "out", proc)
+    injected = steps_of(tmp_path / "out")[0]
+    assert injected[:2] == ["injected", "FAILED"], injected
+    assert "killed by SIGKILL (rc 137)" in injected[3] and "OOM" in injected[3] and "stopped at" not in injected[3]
 
 
 @pytest.mark.slow
@@ -148,7 +160,9 @@ def test_dry_run_every_step(tmp_path, batches):
         assert figure in summary, figure
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
-    for pattern in ("kernels.json", "step-bf16-auto-synthetic.json", "step-bf16-compiled-auto-synthetic.json",
+    assert "loader workers: 1 (CPUs 1; /dev/shm" in (out / "gpu_check.log").read_text()
+    for pattern in ("kernels.json", "step-bf16-auto-synthetic.json", "step-bf16-compiled-auto-synthetic-vit_micro.json",
+                    "step-bf16-compiled-auto-synthetic-swin_mini.json",
                     "step-bf16-auto-loader.json", "claims.json", "loaders-synthetic8.json", "pytest-kernels.xml",
                     "summary.txt"):
         assert any(n.endswith(pattern) for n in names), pattern

@@ -60,3 +60,28 @@ def test_mask_token_fill_touches_exactly_masked_cells(B, h, w, s, D):
 def test_mask_token_fill_bad_grid():
     with pytest.raises(ValueError):
         mask_token_fill(torch.randn(1, 10, 4), torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(4))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_references_compile_without_graph_breaks(dynamic):
+    """`simmim bench kernels` times torch.compile of the references against the fused kernels: a
+    graph break (e.g. math.isqrt on a symbolic size) would time a split graph, not the best that
+    the compiler does. fullgraph=True raises on any break; the "eager" backend keeps this on the
+    CPU in seconds. Two shapes per reference, as the benchmark's two models, and the results equal
+    the uncompiled reference's."""
+    from simmim.kernels.mask_fill import mask_token_fill_ref
+    from simmim.kernels.masked_l1 import masked_l1_loss_ref
+
+    g = torch.Generator().manual_seed(0)
+    for (B, h, w, s, D, stride) in ((2, 6, 6, 8, 16, 32), (3, 7, 7, 2, 24, 16)):
+        masks = torch.rand(B, h, w, generator=g) < 0.6
+        x = torch.randn(B, h * s * w * s, D, generator=g)
+        token = torch.randn(D, generator=g)
+        target = torch.randn(B, 3, h * stride, w * stride, generator=g)
+        pred = torch.randn(B, 3, h * stride, w * stride, generator=g)
+        head = torch.randn(B, 3 * stride * stride, h, w, generator=g).to(memory_format=torch.channels_last)
+        for ref, args in ((mask_token_fill_ref, (x, masks, token)), (masked_l1_loss_ref, (pred, target, masks)),
+                          (masked_l1_loss_ref, (head, target, masks))):
+            torch._dynamo.reset()
+            compiled = torch.compile(ref, backend="eager", fullgraph=True, dynamic=dynamic)
+            torch.testing.assert_close(compiled(*args), ref(*args), rtol=0, atol=0)
