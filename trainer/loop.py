@@ -13,7 +13,12 @@ decides, the ranks agree at their stop checks), and on the way out of a stopped 
 - SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
   is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
 - A data file that fails mid-run (DatasetError from the loader): the last complete step is saved
-  and the run ends with one line naming the file and the command that rebuilds the list.
+  and the run ends with one line naming the file and the command that rebuilds the list. Under
+  FSDP2 (train.parallel=fsdp, several ranks) nothing is saved then: the failing rank holds only its
+  shards and the others are blocked in the step's collectives, so the line names the newest
+  checkpoint instead (the periodic or time-based one the run resumes from).
+Checkpoints go through a checkpointer (checkpoint.py): torch.save files for DDP, DCP folders for
+FSDP2; both follow the same run-folder rules (runfolder.py).
 The run folder is one job's (runfolder.RunLock); a resume first checks the checkpoint's config
 against the new one and writes nothing if a key that defines the run changed.
 """
