@@ -18,7 +18,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
-        "timm>=1.0",
+        "timm>=1.0.31",  # its Swin filter tells our layout from the original by the layer shapes; Beit use_fc_norm
         "numpy",
         "pyyaml",
         "pillow",

@@ -1,14 +1,23 @@
 """`simmim convert SRC DST.beton` and `simmim inspect X.beton`.
 
-Conversion: scan every image once (`scan.scan_images`: hostile-but-valid files decode, broken ones
-are skipped and reported, or stop the run with `on_error='fail'`), then FFCV's writer stores each
-good image as RGB, its longer side capped at `max_resolution`, with its integer label. The output
-is written under a temporary name and renamed into place at the end, so an interrupted run never
-leaves a DST that looks complete; the class list (`DST.classes.json`) and the report
-(`DST.report.json`: counts, images/sec, bad files) are written beside it.
+Conversion is one pass: FFCV's writer workers decode each image (`decode.decode_rgb`: the rules
+`simmim scan` and every loader follow; hostile-but-valid files decode, broken ones do not) and
+store it as RGB,
+its longer side capped at `max_resolution`, with its integer label. A file that does not decode
+is written as a 1x1 placeholder and recorded; at the end the placeholders are dropped from the
+.beton's tables (`drop_samples`), so the output holds exactly the good images, in source order,
+and the bad ones are reported (or, with `on_error='fail'`, the run stops naming the first).
+Nothing waits for a separate check of the whole tree: the first samples are written seconds after
+the listing. The output is written under a temporary name and renamed into place at the end, so
+an interrupted run never leaves a DST that looks complete; the class list (`DST.classes.json`)
+and the report (`DST.report.json`: counts, images/sec, bad files) are written beside it. The
+page size is fixed before anything is read: from `max_resolution` (no stored image is larger), or,
+at full resolution, from the image headers (read, not decoded). A writer worker that fails ends
+the run in one line (`ffcv_writer.CheckedWriter`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,27 +26,31 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import DatasetError, read_classes, scan_folder, sidecar
-from .decode import MAX_PIXELS, decode_rgb
-from .scan import check_output, scan_images, write_json
+from .decode import MAX_PIXELS, DecodeError, decode_rgb
+from .folder import DatasetError, SampleList, list_classes, read_classes, scan_folder, sidecar, walk_tree
+from .scan import check_output, write_json
 
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+STOP = "stop"  # the marker file that tells every writer worker to stop decoding (on_error='fail')
 
 
 class ConvertDataset:
     """Indexable for FFCV's writer: (uint8 HxWx3 image, label), longer side <= max_resolution.
 
-    FFCV's writer waits forever for a worker that raised, so no exception may leave here: a file
-    that decoded in the scan but not now (it changed meanwhile) is written as a 1x1 black image
-    and named in `failed_dir`, and the conversion then fails.
+    Runs in the writer's worker processes and decodes each image exactly once. FFCV's writer waits
+    forever for a worker that raised, so no exception may leave here: a file that does not decode
+    is returned as a 1x1 black placeholder and recorded as `failed_dir/<index>` (JSON
+    [path, reason]); `convert` drops the placeholders afterwards. With `stop_on_error`, the first
+    failure also writes `failed_dir/stop` and the remaining samples are placeholders too (no more
+    decoding), so a failing run ends quickly.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], max_resolution: int | None, failed_dir: Path,
-                 max_pixels: int = MAX_PIXELS):
+    def __init__(self, samples: SampleList, max_resolution: int | None, failed_dir: Path,
+                 stop_on_error: bool = False, max_pixels: int = MAX_PIXELS):
         self.samples, self.max_resolution, self.failed_dir = samples, max_resolution, failed_dir
-        self.max_pixels = max_pixels
+        self.stop_on_error, self.max_pixels = stop_on_error, max_pixels
         self.current = ""  # the sample this worker is on, for a one-line error if FFCV's encode fails
 
     def __len__(self) -> int:
@@ -46,21 +59,50 @@ class ConvertDataset:
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         self.current = path
-        try:
-            return self.load(path), label
-        except Exception as e:  # noqa: BLE001 - see the class docstring
-            (self.failed_dir / f"{i}").write_text(f"{path}: {type(e).__name__}: {e}")
+        if self.stop_on_error and (self.failed_dir / STOP).exists():
             return np.zeros((1, 1, 3), np.uint8), label
+        try:
+            img = decode_rgb(path, self.max_pixels, draft=self.max_resolution)
+            return self.resize(np.asarray(img)), label
+        except DecodeError as e:
+            err = str(e)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            err = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        (self.failed_dir / f"{i}").write_text(json.dumps([path, err]))
+        if self.stop_on_error:
+            (self.failed_dir / STOP).touch()
+        return np.zeros((1, 1, 3), np.uint8), label
 
-    def load(self, path: str) -> np.ndarray:
+    def resize(self, img: np.ndarray) -> np.ndarray:
         import cv2
 
-        img = np.asarray(decode_rgb(path, self.max_pixels, draft=self.max_resolution))
         h, w = img.shape[:2]
         size = stored_shape(w, h, self.max_resolution)
         if size != (w, h):
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(img)
+
+
+def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
+    """The samples to convert. With `limit` on a class-folder tree: `limit` images spread over the
+    classes (evenly spaced classes when limit < classes, else limit // classes per class, the
+    first ones each folder lists), reading only as much of each folder as needed, never the whole
+    tree (`folder.walk_tree` with a quota); on a list file, every `len // limit`-th entry."""
+    path = Path(src)
+    if not limit or not path.is_dir():
+        samples, classes = scan_folder(src)
+        if limit:
+            samples = samples[::max(1, len(samples) // limit)][:limit]
+        return samples, classes
+    classes = list_classes(path)
+    if limit < len(classes):
+        quota = {int(c): 1 for c in np.linspace(0, len(classes) - 1, limit).round()}
+    else:
+        quota = {c: limit // len(classes) + (c < limit % len(classes)) for c in range(len(classes))}
+    samples = walk_tree(path, classes, quota)
+    if not len(samples):
+        raise DatasetError(f"data path '{src}' has {len(classes)} class folders but no images")
+    return samples, classes
 
 
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
@@ -80,24 +122,20 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
         raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
     if not 1 <= jpeg_quality <= 100:
         raise DatasetError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
+    if on_error not in ("skip", "fail"):
+        raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
     if page_size:
         check_page_size(page_size)
     if dst_path.is_dir():
         raise DatasetError(f"{dst_path} is a directory; give a file name such as train.beton")
     if dst_path.exists() and not force:
         raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
-    samples, classes = scan_folder(src)  # the walk only: the output is checked before any decoding
-    check_output(dst_path)
-    if limit:
-        # a spread over all classes rather than the first class only
-        step = max(1, len(samples) // limit)
-        samples = samples[::step][:limit]
+    check_output(dst_path)  # before the listing and any decoding
+    t0 = time.perf_counter()
+    samples, classes = list_samples(src, limit)
     workers = workers or os.cpu_count() or 1
-    log.info("checking %d images from %s", len(samples), src)
-    scan = scan_images(samples, classes, workers, on_error=on_error, progress=progress, max_pixels=max_pixels)
-    if not scan.good:
-        raise DatasetError(f"no image under {src} decodes")
-    page_size = fit_page_size(scan.good, scan.sizes, max_resolution, page_size)
+    page_size = fit_page_size(samples, max_resolution, page_size)
+    log.info("converting %d images from %s", len(samples), src)
     from ffcv.fields import IntField, RGBImageField  # after the checks: importing FFCV takes seconds
 
     from .ffcv_writer import CheckedWriter, WriterFailed
@@ -109,22 +147,30 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      jpeg_quality=jpeg_quality, compress_probability=compress_probability),
               "label": IntField()}
-    t0 = time.perf_counter()
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed conversion still removes its temp file
     try:
         writer = CheckedWriter(str(tmp), fields, failed_dir, page_size, workers, progress)
         try:
-            writer.from_indexed_dataset(ConvertDataset(scan.good, max_resolution, failed_dir, max_pixels),
-                                        chunksize=chunk_size)
+            writer.from_indexed_dataset(ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail",
+                                                       max_pixels), chunksize=chunk_size)
         except WriterFailed as e:
             raise DatasetError(f"conversion stopped: {e}") from None
-        failed = sorted(p.read_text() for p in failed_dir.iterdir() if p.name.isdigit())
-        if failed:
-            raise DatasetError(f"{len(failed)} file(s) changed during conversion, e.g. {failed[0]}; run again")
+        bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name.isdigit())
+        if bad and on_error == "fail":
+            raise DatasetError(f"cannot decode {bad[0][1]} ({bad[0][2]}); use --on-error skip to leave it out")
+        if len(bad) == len(samples):
+            raise DatasetError(f"no image under {src} decodes")
+        for _, path, err in bad:
+            log.warning("skipping %r (%s)", path, err)
+        if bad:
+            drop_samples(tmp, np.array([i for i, _, _ in bad], dtype=np.int64))
         seconds = time.perf_counter() - t0
-        report = {**scan.report(), "written": len(scan.good), "write_seconds": round(seconds, 2),
-                  "images_per_sec": round(len(scan.good) / max(seconds, 1e-9), 1),
+        written = len(samples) - len(bad)
+        report = {"images": len(samples), "good": written, "bad": len(bad), "seconds": round(seconds, 2),
+                  "classes": len(classes), "bad_files": [{"path": p, "error": e} for _, p, e in bad],
+                  "written": written, "write_seconds": round(seconds, 2),
+                  "images_per_sec": round(written / max(seconds, 1e-9), 1),
                   "source": str(Path(src).resolve()), "max_resolution": max_resolution,
                   "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size,
                   "bytes": tmp.stat().st_size}
@@ -138,7 +184,7 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
             p.unlink()
         failed_dir.rmdir()
     log.info("wrote %s: %d images (%d skipped) in %.1fs, %.0f images/sec, %.1f MB", dst_path,
-             len(scan.good), len(scan.bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
+             written, len(bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
     return report
 
 
@@ -151,28 +197,78 @@ def stored_shape(width: int, height: int, max_resolution: int | None) -> tuple[i
     return width, height
 
 
-def fit_page_size(samples: list[tuple[str, int]], sizes: list[tuple[int, int]], max_resolution: int | None,
-                  page_size: int = 0) -> int:
-    """The .beton page size for these samples (their header sizes): 0 picks the smallest power of
-    two >= 4 MiB that holds the largest as raw RGB plus a quarter (a JPEG of noise can exceed its
-    raw size); a given page_size is checked instead. DatasetError names the sample that does not fit."""
-    need = [3 * w * h for w, h in (stored_shape(w, h, max_resolution) for w, h in sizes)]
-    i = max(range(len(need)), key=need.__getitem__)
-    largest = need[i] + need[i] // 4 + 4096
+def fit_page_size(samples: SampleList, max_resolution: int | None, page_size: int = 0) -> int:
+    """The .beton page size: 0 picks the smallest power of two >= 4 MiB that holds the largest
+    stored image as raw RGB plus a quarter (a JPEG of noise can exceed its raw size); a given
+    page_size is checked instead. The largest is bounded by max_resolution (a max_resolution
+    square) without reading anything; at full resolution (0) it is the largest image header's
+    (headers are read, not decoded). DatasetError names what does not fit."""
+    if max_resolution:
+        w = h = max_resolution
+        what = f"an image of {max_resolution}x{max_resolution} (--max-resolution)"
+    else:
+        w, h, what = 0, 0, ""
+        for i in range(len(samples)):
+            path = samples.path(i)
+            try:
+                size = image_size(path)
+            except Exception:  # noqa: BLE001 - an unreadable file is a placeholder later: no page need
+                continue
+            if size[0] * size[1] > w * h:
+                (w, h), what = size, path
+    need = 3 * w * h
+    largest = need + need // 4 + 4096
     if page_size:
         check_page_size(page_size)
         if largest > page_size:
-            raise DatasetError(f"{samples[i][0]} needs up to {largest} bytes, more than the page of {page_size}: "
+            raise DatasetError(f"{what} needs up to {largest} bytes, more than the page of {page_size}: "
                                f"raise --page-size (or 0: sized for the largest sample), or lower --max-resolution")
         return page_size
     size = 1 << 22
     while size < largest:
         size <<= 1
     if size >= 1 << 32:
-        raise DatasetError(f"{samples[i][0]} needs {largest} bytes, over FFCV's 4 GiB page; lower --max-resolution")
+        raise DatasetError(f"{what} needs {largest} bytes, over FFCV's 4 GiB page; lower --max-resolution")
     if size > 1 << 22:
-        log.info("page size %d MiB, for %s", size >> 20, samples[i][0])
+        log.info("page size %d MiB, for %s", size >> 20, what)
     return size
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
+def drop_samples(path: Path, drop: np.ndarray) -> None:
+    """Removes samples `drop` (indices) from the .beton at `path`, in place: the remaining
+    samples keep their order and are renumbered 0..; their bytes stay where they are (the dropped
+    placeholders' few bytes become unused). Rewrites the header's sample count, the metadata rows
+    (where they were) and the allocation table (at its old place, the file cut after it), in
+    FFCV's file layout (`ffcv.types`, as `ffcv.reader.Reader` reads it)."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    reader = Reader(str(path))
+    keep = np.ones(int(reader.num_samples), dtype=bool)
+    keep[drop] = False
+    new_id = np.cumsum(keep) - 1
+    metadata = reader.metadata[keep]
+    alloc = np.array(reader.alloc_table, dtype=ALLOC_TABLE_TYPE)
+    alloc = alloc[keep[alloc["sample_id"].astype(np.int64)]]
+    alloc["sample_id"] = new_id[alloc["sample_id"].astype(np.int64)]
+    header = np.array(reader.header, dtype=HeaderType)
+    header["num_samples"] = int(keep.sum())
+    with open(path, "r+b") as f:
+        f.seek(HeaderType.itemsize + reader.field_descriptors.nbytes)
+        f.write(metadata.tobytes())
+        f.seek(int(header["alloc_table_ptr"]))
+        f.write(alloc.tobytes())
+        f.truncate()
+        f.seek(0)
+        f.write(header.tobytes())
 
 
 def check_page_size(page_size: int) -> int:
@@ -235,31 +331,40 @@ def _stats(x: np.ndarray) -> dict:
             "max": float(np.max(x))}
 
 
-def decode_all(path: str, reader, workers: int = 0) -> list[int]:
-    """Decodes every image through FFCV's own decoder (one pass, small centre crops); returns the
-    indices that fail. A failing batch is retried one sample at a time to name the culprits."""
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+def decode_all(path: str, reader, workers: int = 0, chunk: int = 1024) -> list[int]:
+    """Decodes every image once with FFCV's own decoder (libffcv's `imdecode`, the function its
+    loader pipelines call, at full size) and returns the indices that fail: a JPEG that libjpeg-turbo
+    reports an error or warning for (FFCV's loader ignores those and trains on whatever came out),
+    raw pixels of the wrong size, or data outside the file. O(N) in total, in `workers` threads
+    (the decoder releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def run(indices, batch):
-        loader = Loader(str(path), batch_size=batch, num_workers=workers or os.cpu_count() or 1,
-                        order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False,
-                        pipelines={"image": [CenterCropRGBImageDecoder((8, 8), 1.0)], "label": None})
-        for _ in loader:
-            pass
+    from ffcv.libffcv import imdecode
 
-    all_idx = np.arange(reader.num_samples, dtype=np.uint64)
-    try:
-        run(all_idx, 256)
-        return []
-    except Exception:  # noqa: BLE001 - narrow down below
-        failures = []
-        for i in all_idx:
-            try:
-                run(np.array([i], dtype=np.uint64), 1)
-            except Exception:  # noqa: BLE001
-                failures.append(int(i))
-        return failures
+    field = reader.metadata[f"f{reader.field_names.index('image')}"]
+    table = np.sort(reader.alloc_table, order="ptr")
+    ptrs, sizes = table["ptr"].astype(np.int64), table["size"].astype(np.int64)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    mode, height, width = field["mode"], field["height"].astype(np.int64), field["width"].astype(np.int64)
+    ptr = field["data_ptr"].astype(np.int64)
+    slot = np.minimum(np.searchsorted(ptrs, ptr), len(ptrs) - 1) if len(ptrs) else np.zeros(len(ptr), np.int64)
+    found = (ptrs[slot] == ptr) if len(ptrs) else np.zeros(len(ptr), bool)
+
+    def bad(i: int) -> bool:
+        if not found[i] or ptr[i] + sizes[slot[i]] > len(data):
+            return True
+        src = np.asarray(data[ptr[i]:ptr[i] + sizes[slot[i]]])
+        h, w = int(height[i]), int(width[i])
+        if mode[i] != 0:  # raw RGB
+            return src.size < h * w * 3
+        dst = np.empty((h, w, 3), np.uint8)
+        return imdecode(src, dst, h, w, h, w, 0, 0, 1, 1, False, False) != 0
+
+    def run(start: int) -> list[int]:
+        return [i for i in range(start, min(start + chunk, len(field))) if bad(i)]
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return [i for got in pool.map(run, range(0, len(field), chunk)) for i in got]
 
 
 def format_inspect(info: dict) -> str:

@@ -1,17 +1,26 @@
 """`data.backend: dali`: SimMIM batches decoded and augmented by NVIDIA DALI, straight from JPEGs.
 
-One DALI pipeline per epoch: DALI's file reader over this rank's share of the epoch, JPEG decoding
-with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`; only the crop window is decoded)
-on `device='mixed'` when a GPU is present (nvJPEG, with `hw_decoder_load` of the images sent to the
-hardware JPEG decoder of A100/H100) or on the CPU otherwise (`device_id=None`), antialiased bilinear
-resize of the decoded crop to the input size (the reference loader's crop-then-resize), random horizontal flip, and normalisation to CHW float/bf16 in one
-crop_mirror_normalize. Masks come from `GlobalBatchMasks`, as in the other loaders.
+One DALI pipeline, built at the first epoch and kept: a parallel external source (`EpochSource`,
+run per sample by DALI's Python worker processes) reads each sample's file bytes in the order of
+the epoch, then JPEG decoding with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`;
+only the crop window is decoded) on `device='mixed'` when a GPU is present (nvJPEG, with
+`hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the CPU
+otherwise (`device_id=None`), antialiased bilinear resize of the decoded crop to the input size
+(the reference loader's crop-then-resize), random horizontal flip, and normalisation to CHW
+float/bf16 in one crop_mirror_normalize. Masks come from `GlobalBatchMasks`,
+as in the other loaders.
 
-Sharding: the rank's files for an epoch are the reference loader's (`ShardedSampler`: a permutation
-of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), handed to the
-reader in that order. So every backend sees the same global batches, ranks are disjoint and cover
-the dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
-right sample. The augmentation is seeded by (seed, epoch, rank).
+Sharding: the rank's samples for an epoch are the reference loader's (`ShardedSampler`: a
+permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
+that order. So every backend sees the same global batches, ranks are disjoint and cover the
+dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
+right sample. Each epoch's (epoch, start, length) goes to the workers through a small shared
+table (`EpochSchedule`); every worker derives the order itself from it (an array, tens of ms at
+1.28M), so nothing is rebuilt or re-sent per epoch, and no rank holds more than the sample list.
+The augmentation stream is seeded by `derive_seed("dali", seed, epoch, rank, start batch)` of
+the epoch the pipeline is built at and continues from epoch to epoch (a rebuild comes only after
+a failure). Files reach DALI as bytes read in Python, so any name the file
+system allows works.
 
 Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied).
 DALI stops at the first file it cannot decode, so the files are checked before the first epoch:
@@ -24,15 +33,18 @@ others wait for the list). A file that fails anyway (changed during the run) rai
 """
 from __future__ import annotations
 
-import itertools
 import logging
+import os
+import tempfile
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .augment import Augmentation
 from .decode import DALI_DECODE_ARGS, MAX_PIXELS, check_image, checked_max_pixels
-from .folder import DatasetError, ShardedSampler, num_batches, shard_size
+from .folder import DatasetError, SampleList, ShardedSampler, num_batches, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
 from .scanlist import checked_samples
@@ -55,22 +67,61 @@ def resize_square(images, size: int, device: str):
                      antialias=True)
 
 
-def text_named(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """The samples whose paths are text: DALI's file reader takes names as UTF-8 strings, so a name
-    holding other bytes (read through Python's surrogateescape) is left out, in one warning line."""
-    def text(p: str) -> bool:
-        try:
-            p.encode("utf-8")
-            return True
-        except UnicodeEncodeError:
-            return False
+class EpochSchedule:
+    """What each DALI epoch reads, shared with the source's worker processes: row `e % SLOTS` holds
+    (epoch, first sample, samples) for the pipeline's e-th epoch. A file-backed memmap (under
+    /dev/shm where there is one), so forked and spawned workers alike open it by name."""
 
-    kept = [s for s in samples if text(s[0])]
-    if len(kept) < len(samples):
-        first = next(p for p, _ in samples if not text(p))
-        log.warning("dali: left out %d file(s) whose names are not UTF-8 (DALI reads names as text), e.g. %r",
-                    len(samples) - len(kept), first)
-    return kept
+    SLOTS = 4
+
+    def __init__(self):
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, self.path = tempfile.mkstemp(prefix="simmim-dali-epochs-", dir=base)
+        os.close(fd)
+        self.table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.SLOTS, 3))
+        self._cleanup = weakref.finalize(self, os.unlink, self.path)
+
+    def set(self, dali_epoch: int, epoch: int, start: int, length: int) -> None:
+        self.table[dali_epoch % self.SLOTS] = (epoch, start, length)
+        self.table.flush()
+
+    def stop(self, dali_epoch: int) -> None:
+        """End DALI epoch `dali_epoch` early: every sample not yet asked for raises StopIteration."""
+        self.table[dali_epoch % self.SLOTS, 2] = 0
+
+
+class EpochSource:
+    """DALI's per-sample callback (parallel external source): (file bytes uint8 (n,), label int32
+    (1,)) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`. Positions
+    past the epoch's padded length raise StopIteration (DALI ends the epoch there). Pickled to
+    spawned workers as the sample arrays plus the schedule's file name."""
+
+    def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
+                 shuffle: bool, drop_last: bool, batch_size: int):
+        self.samples, self.schedule_path = samples, schedule_path
+        self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
+        self.batch_size = batch_size
+        self._table, self._key, self._order = None, None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_table": None, "_key": None, "_order": None}
+
+    def order(self, epoch: int, start: int) -> np.ndarray:
+        if self._key != (epoch, start):
+            self.sampler.set_epoch(epoch, start)
+            self._order, self._key = self.sampler.indices(), (epoch, start)
+        return self._order
+
+    def __call__(self, info):
+        if self._table is None:
+            self._table = np.memmap(self.schedule_path, dtype=np.int64, mode="r", shape=(EpochSchedule.SLOTS, 3))
+        epoch, start, length = (int(x) for x in self._table[info.epoch_idx % EpochSchedule.SLOTS])
+        j = info.idx_in_epoch
+        if j >= -(-length // self.batch_size) * self.batch_size:
+            raise StopIteration
+        order = self.order(epoch, start)
+        i = int(order[min(j, length - 1)])  # a partial last batch is padded with its last sample
+        return np.fromfile(self.samples.path(i), dtype=np.uint8), np.array([self.samples.labels[i]], np.int32)
 
 
 class DALILoader(LoaderContract):
@@ -98,9 +149,9 @@ class DALILoader(LoaderContract):
             raise DatasetError("data.dali_device mixed decodes on the GPU, but training runs on the CPU")
         max_pixels = checked_max_pixels(max_pixels)
         self.path = str(path)
+        # a folder: its checked list (scanned first when there is none); a list: stat-checked
         self.samples, self.classes = checked_samples(str(path), max_pixels, max(1, num_workers), rank, world,
                                                      required=True, who="dali")
-        self.samples = text_named(self.samples)
         self.max_pixels = max_pixels
         self.num_samples = len(self.samples)
         self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
@@ -112,21 +163,28 @@ class DALILoader(LoaderContract):
         self.decode = "cpu" if decode_device == "cpu" or self.device.type != "cuda" else "mixed"
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.drop_last = drop_last
-        self.sampler = ShardedSampler(self.num_samples, rank, world, seed, shuffle=train, drop_last=drop_last)
+        if self.num_samples < world and drop_last:
+            raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {world} ranks sharing it")
         self.require_one_batch()
+        self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
+        self.schedule = EpochSchedule()
+        self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
+                                  train, drop_last, batch_size)
+        self.pipe = self.iterator = None
+        self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
     def __len__(self) -> int:
         return num_batches(shard_size(self.num_samples, self.rank, self.world, self.drop_last), self.batch_size,
                            self.drop_last)
 
-    def files_for_epoch(self) -> tuple[list[str], list[int]]:
-        self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        idx = self.sampler.indices()
+    def epoch_length(self) -> int:
+        """Samples this rank reads from `start_batch` on in the current epoch."""
+        start = self.start_batch * self.batch_size
         if self.drop_last:
-            idx = idx[: (len(self) - self.start_batch) * self.batch_size]
-        return [self.samples[i][0] for i in idx], [self.samples[i][1] for i in idx]
+            return max(0, (len(self) - self.start_batch) * self.batch_size)
+        return max(0, shard_size(self.num_samples, self.rank, self.world, False) - start)
 
-    def build_pipeline(self, files: list[str], labels: list[int]):
+    def build_pipeline(self):
         from nvidia.dali import fn, pipeline_def, types
 
         a, size = self.aug, self.aug.size
@@ -147,9 +205,11 @@ class DALILoader(LoaderContract):
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
                       device_id=self.device_id,
                       seed=derive_seed("dali", self.seed, self.epoch, self.rank, self.start_batch, bits=31),
-                      exec_dynamic=True)
+                      exec_dynamic=True, py_num_workers=self.py_workers,
+                      py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
-            jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
+            jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
+                                              dtype=[types.UINT8, types.INT32])
             if self.train:
                 images = fn.decoders.image_random_crop(jpegs, random_area=list(a.scale),
                                                        random_aspect_ratio=list(a.ratio), num_attempts=10,
@@ -171,35 +231,64 @@ class DALILoader(LoaderContract):
         return pipe()
 
     def __iter__(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         masks = self.epoch_masks()
-        files, labels = self.files_for_epoch()
-        if not files:
+        length = self.epoch_length()
+        if length == 0:
             return
-        pipe = self.build_pipeline(files, labels)
-        pipe.build()
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
-                                 last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
-                                 auto_reset=False)
+        self.schedule.set(self.dali_epoch, self.epoch, self.start_batch * self.batch_size, length)
         try:
-            for k in itertools.count(self.start_batch):
+            if self.iterator is None:  # the first batch is scheduled as the iterator is made
+                self.pipe = self.build_pipeline()
+                self.pipe.build()
+                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+            else:
+                self.iterator.reset()
+        except Exception as e:  # noqa: BLE001 - a file that fails in the first batches
+            self.pipe = self.iterator = None
+            self.dali_epoch = 0
+            raise self.failure_in_flight(self.start_batch, e) from None
+        finished = False
+        try:
+            batches = -(-length // self.batch_size)
+            for k in range(self.start_batch, self.start_batch + batches):
                 try:
-                    out = next(it)
+                    out = next(self.iterator)
                 except StopIteration:
                     break
-                except RuntimeError as e:  # DALI names no file: look among the batches in flight
-                    first = (k - self.start_batch) * self.batch_size
-                    window = files[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
-                    raise self.decode_failure(window, k, str(e)) from None
+                except Exception as e:  # noqa: BLE001 - DALI's error, or our source's from its worker
+                    raise self.failure_in_flight(k, e) from None
                 images = out[0]["images"]
+                real = min(self.batch_size, length - (k - self.start_batch) * self.batch_size)
+                if real < self.batch_size:  # the padded last batch of an evaluation epoch
+                    images = images[:real]
                 if images.device != self.device:
                     images = images.to(self.device, non_blocking=True)
                 if self.dtype is torch.bfloat16:
                     images = images.to(torch.bfloat16)
-                yield self.make_batch(k, masks, images, lambda: out[0]["labels"].to(self.device).view(-1).long())
+                yield self.make_batch(k, masks, images,
+                                      lambda: out[0]["labels"][:real].to(self.device).view(-1).long())
+            finished = True
         finally:
-            del it, pipe
+            if not finished:  # left early: nothing more is read, the batches already made are dropped
+                self.schedule.stop(self.dali_epoch)
+            try:  # next(), not a for loop: iter() on a DALI iterator resets it
+                while True:
+                    next(self.iterator)
+            except StopIteration:
+                self.dali_epoch += 1
+            except Exception:  # noqa: BLE001 - the pipeline failed (a decode error, raised above): rebuild next epoch
+                self.pipe = self.iterator = None
+                self.dali_epoch = 0
+
+    def failure_in_flight(self, batch: int, error: Exception) -> DatasetError:
+        """`decode_failure` for an error at `batch` of this epoch: DALI's message names no file, so
+        the files of the batches in flight around it are checked."""
+        first = (batch - self.start_batch) * self.batch_size
+        order = self.source.order(self.epoch, self.start_batch * self.batch_size)
+        window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
+        return self.decode_failure([self.samples.path(int(i)) for i in window], batch, str(error))
 
     def decode_failure(self, files: list[str], batch: int, dali_error: str) -> DatasetError:
         """A one-line DatasetError for a DALI failure at `batch`, naming the bad files among `files`

@@ -99,7 +99,7 @@ class ShardedOrder:
             sampler = ShardedSampler(self.size, self.rank, self.world, self.seed, self.mode == "random",
                                      self.drop_last)
             sampler.set_epoch(epoch)
-            order = np.array(sampler.indices(), dtype=np.int64)
+            order = sampler.indices()
         return order[self.start:].astype(np.uint64)
 
     def quasi_random(self, epoch: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from array import array
 import re
 import stat
 from pathlib import Path
@@ -37,8 +38,124 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
                     ".jp2", ".j2k"}  # the formats of `decode.FORMATS`
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
-    """Returns ([(path, label)], class_names) for a class-folder tree or a `path label` list."""
+class SampleList:
+    """`(path, label)` samples held in three flat arrays, so that N entries are three objects.
+
+    A Python list of N `(path, label)` tuples is ~3N objects whose reference counts change when
+    they are read; forked DataLoader workers reading them turn the parent's shared pages into
+    private copies (~200 MiB per worker at 1.28M images, ~2.4 GB at 14M). Reading a numpy array
+    touches no per-sample object, so the pages stay shared.
+
+    names:   uint8 (total bytes,): every path's file-system bytes after `root`, end to end
+    offsets: int64 (N + 1,): path i is root + names[offsets[i]:offsets[i + 1]]
+    labels:  int32 (N,)
+    root:    str prefix shared by every path ('' if none): ImageNet's 1.28M paths share the tree's
+             root, so ~30 bytes a path are kept instead of ~70
+
+    Reads like the list it replaces: `len`, `samples[i] -> (path, label)`, iteration, and
+    `samples[a:b]` / `samples.take(indices)` for subsets (new arrays, in the same order).
+    """
+
+    def __init__(self, root: str, names: np.ndarray, offsets: np.ndarray, labels: np.ndarray):
+        if len(offsets) != len(labels) + 1:
+            raise ValueError(f"{len(offsets)} offsets for {len(labels)} labels (expected one more)")
+        self.root, self.names, self.offsets, self.labels = root, names, offsets, labels
+        self._root_bytes = os.fsencode(root)
+
+    @classmethod
+    def from_pairs(cls, pairs, root: str = "") -> "SampleList":
+        """From an iterable of (path, label); `root` is stripped from every path (all must start
+        with it). A path is stored as its file-system bytes (`os.fsencode`), so any name survives."""
+        prefix = os.fsencode(root)
+        names, labels = [], []
+        for path, label in pairs:
+            b = os.fsencode(path)
+            if not b.startswith(prefix):
+                raise ValueError(f"{path} is not under {root}")
+            names.append(b[len(prefix):])
+            labels.append(label)
+        return cls.from_names(root, names, np.asarray(labels, dtype=np.int32))
+
+    @classmethod
+    def from_names(cls, root: str, names: list[bytes], labels: np.ndarray) -> "SampleList":
+        offsets = np.zeros(len(names) + 1, np.int64)
+        np.cumsum([len(b) for b in names], out=offsets[1:])
+        buf = np.frombuffer(b"".join(names), dtype=np.uint8)  # read-only, over one bytes object
+        return cls(root, buf, offsets, np.asarray(labels, dtype=np.int32).reshape(-1))
+
+    @classmethod
+    def concat(cls, root: str, parts: list[tuple[bytes, np.ndarray, np.ndarray]]) -> "SampleList":
+        """From (names joined, name lengths, labels) parts, in order."""
+        offsets = np.zeros(sum(len(p[1]) for p in parts) + 1, np.int64)
+        if parts:
+            np.cumsum(np.concatenate([p[1] for p in parts]), out=offsets[1:])
+        names = np.frombuffer(b"".join(p[0] for p in parts), dtype=np.uint8)
+        labels = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
+        return cls(root, names, offsets, labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> str:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return os.fsdecode(self._root_bytes + self.names[a:b].tobytes())
+
+    def path_bytes(self, i: int) -> bytes:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self._root_bytes + self.names[a:b].tobytes()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        return self.path(i), int(self.labels[i])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.path(i), int(self.labels[i])
+
+    def __eq__(self, other) -> bool:
+        """Equal to another SampleList or a sequence of (path, label) with the same samples in order."""
+        if isinstance(other, SampleList):
+            return self.root == other.root and np.array_equal(self.names, other.names) and \
+                np.array_equal(self.offsets, other.offsets) and np.array_equal(self.labels, other.labels)
+        try:
+            return len(self) == len(other) and list(self) == [tuple(x) for x in other]
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
+    def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The paths of samples start..stop-1 as a list (a chunk's worth, not the whole list)."""
+        return [self.path(i) for i in range(start, len(self) if stop is None else min(stop, len(self)))]
+
+    def take(self, indices) -> "SampleList":
+        """The samples at `indices` (int array), in that order, as a new SampleList."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        starts, ends = self.offsets[idx], self.offsets[idx + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # gather every selected byte: position p of the output comes from starts[k] + (p - offsets[k])
+        owner = np.repeat(np.arange(len(idx)), lengths)
+        src = starts[owner] + (np.arange(offsets[-1]) - offsets[:-1][owner])
+        return SampleList(self.root, self.names[src], offsets, self.labels[idx].copy())
+
+    @property
+    def nbytes(self) -> int:
+        return self.names.nbytes + self.offsets.nbytes + self.labels.nbytes
+
+    def __repr__(self) -> str:
+        return f"SampleList({len(self)} samples under '{self.root}', {self.nbytes / 2**20:.1f} MiB)"
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[SampleList, list[str]]:
+    """Returns (samples, class_names) for a class-folder tree or a `path label` list; labels index
+    the sorted class folder names; within a class, paths are in sorted order."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
@@ -48,81 +165,124 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[st
             raise DatasetError(f"data path '{root}' is a binary file, not a class folder or a `path label` list"
                                f"{' (an FFCV .beton: use data.backend=ffcv)' if root.suffix == '.beton' else ''}")
         return read_file_list(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"data path '{root}' has no class folders: expected {root}/<class>/<image>")
-    walk = _Walk(root, classes)
-    for label, name in enumerate(classes):
-        walk.walk_class(label, name)
-    samples = walk.result()
-    if not samples:
+    classes = list_classes(root)
+    samples = walk_tree(root, classes)
+    if not len(samples):
         raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return samples, classes
 
 
+def list_classes(root: Path) -> list[str]:
+    """The sorted class folder names under root (hidden folders left out)."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"data path '{root}' has no class folders: expected {root}/<class>/<image>")
+    return classes
+
+
+def walk_tree(root: Path, classes: list[str], quota: dict[int, int] | None = None) -> SampleList:
+    """The images of class folders `classes` under root (`_Walk`'s rules), label = index in
+    `classes`. `quota` {label: k}: only those classes, the first k images each (reading each
+    folder only until it has them: a few images per class never list an ImageNet class folder)."""
+    walk = _Walk(root, classes)
+    for label, name in enumerate(classes):
+        if quota is None:
+            walk.walk_class(label, name)
+        elif label in quota:
+            walk.walk_class(label, name, limit=quota[label])
+    return walk.result()
+
+
+_IMAGE_EXTENSIONS_B = {e.encode() for e in IMAGE_EXTENSIONS}
+
+
 class _Walk:
-    """The walk of `scan_folder`: every class folder's real directory is marked as seen before
-    any is walked, so a link from one class into another, a link leading outside the data root
-    (and outside the class folder's own real place), and a link back up the tree are all skipped,
-    each link named in one warning line. Files: regular files only (a FIFO, socket or device, or a
-    link to one, is skipped in one line: opening a FIFO blocks forever), each real file once
-    (a second name for it -- a symbolic or hard link -- is left out; a real name is preferred
-    over a symbolic link)."""
+    """The walk of `scan_folder` (and of `convert --limit`), in file-system bytes, into flat arrays.
+
+    Every class folder's real directory is marked as seen before any is walked, so a link from one
+    class into another, a link leading outside the data root (and outside the class folder's own
+    real place), and a link back up the tree are all skipped, each link named in one warning line.
+    Files: regular files only (a FIFO, socket or device, or a link to one, is skipped in one line:
+    opening a FIFO blocks forever), each real file once (a second name for it -- a symbolic or
+    hard link -- is left out; a real name is preferred over a symbolic link). Order: within a
+    folder its files sorted by name, then its sub-folders in sorted order (depth first).
+
+    Memory: a class's names are joined into one bytes object as the class ends; per file only the
+    (st_dev, st_ino) and a link flag are kept, in arrays, until `result` drops second names.
+    """
 
     def __init__(self, root: Path, classes: list[str]):
-        self.root_real = os.path.realpath(root)
+        self.root = root
+        self.prefix = os.fsencode(os.path.join(root, ""))
+        self.root_real = os.fsencode(os.path.realpath(root))
         self.classes = {}  # (st_dev, st_ino) -> class name
         for name in classes:
             st = os.stat(root / name)
             self.classes.setdefault((st.st_dev, st.st_ino), name)
-        self.root, self.seen, self.walked = root, set(self.classes), set()
-        self.found: list[tuple[str, int, tuple[int, int], bool]] = []  # path, label, file id, via a link
+        self.seen, self.walked = set(self.classes), set()
+        self.parts: list[tuple[bytes, np.ndarray, np.ndarray]] = []  # (names joined, lengths, labels) per class
+        self.devs, self.inos, self.links = array("Q"), array("Q"), array("b")  # per file found
         self.loops: list[str] = []
 
-    def walk_class(self, label: int, name: str) -> None:
-        top = os.path.join(self.root, name)
+    def walk_class(self, label: int, name: str, limit: int | None = None) -> None:
+        """Adds the files of class folder `name` with `label`. With `limit`: stops after that many,
+        reading each folder only until it has them (the first ones in the file system's directory
+        order, then sorted), so a few images per class never list a whole ImageNet class folder."""
+        top = self.prefix + os.fsencode(name)
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in self.walked:  # two class folders, one real folder
-            self.loops.append(top)
+            self.loops.append(os.fsdecode(top))
             return
         self.walked.add((st.st_dev, st.st_ino))
-        allowed = (self.root_real, os.path.realpath(top))
+        allowed = (self.root_real, os.fsencode(os.path.realpath(top)))
+        cut = len(self.prefix)
+        names: list[bytes] = []
         stack = [top]
-        while stack:
+        while stack and (limit is None or len(names) < limit):
             folder = stack.pop()
+            files, subdirs = [], []
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
                 dev = os.stat(folder).st_dev
-            except OSError as e:
-                log.warning("skipping folder %r (%s)", folder, e.strerror or e)
+                with os.scandir(folder) as entries:
+                    for e in entries:
+                        try:
+                            is_dir, is_link = e.is_dir(), e.is_symlink()
+                        except OSError:
+                            is_dir, is_link = False, False
+                        if is_dir:
+                            subdirs.append((e.name, is_link))
+                            continue
+                        if os.path.splitext(e.name)[1].lower() not in _IMAGE_EXTENSIONS_B:
+                            continue
+                        try:
+                            st = e.stat() if is_link else None
+                            regular = e.is_file()
+                        except OSError:  # a dangling link
+                            log.warning("skipping %r (a link to nothing)", os.fsdecode(e.path))
+                            continue
+                        if not regular:
+                            log.warning("skipping %r (not a regular file: %s)", os.fsdecode(e.path), _kind(e.path))
+                            continue
+                        key = (st.st_dev, st.st_ino) if st is not None else (dev, e.inode())
+                        files.append((e.name, key, is_link))
+                        if limit is not None and len(names) + len(files) >= limit:
+                            break
+            except OSError as e:  # unreadable or vanished: skipped, as os.walk does
+                log.warning("skipping folder %r (%s)", os.fsdecode(folder), e.strerror or e)
                 continue
-            subdirs = []
-            for e in entries:
-                try:
-                    is_dir, is_link = e.is_dir(), e.is_symlink()
-                except OSError:
-                    is_dir, is_link = False, False
-                if is_dir:
-                    if self.enter(e.path, is_link, name, allowed):
-                        subdirs.append(e.path)
-                    continue
-                if os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
-                    continue
-                try:
-                    st = e.stat() if is_link else None
-                    regular = e.is_file()
-                except OSError:  # a dangling link
-                    log.warning("skipping %r (a link to nothing)", e.path)
-                    continue
-                if not regular:
-                    log.warning("skipping %r (not a regular file: %s)", e.path, _kind(e.path))
-                    continue
-                key = (st.st_dev, st.st_ino) if st is not None else (dev, e.inode())
-                self.found.append((e.path, label, key, is_link))
-            stack.extend(reversed(subdirs))
+            base = folder + b"/"
+            for f, (d, i), link in sorted(files):
+                names.append((base + f)[cut:])
+                self.devs.append(d)
+                self.inos.append(i)
+                self.links.append(link)
+            entered = [base + d for d, link in sorted(subdirs) if self.enter(base + d, link, name, allowed)]
+            stack.extend(reversed(entered))
+        self.parts.append((b"".join(names), np.fromiter(map(len, names), np.int64, len(names)),
+                           np.full(len(names), label, np.int32)))
 
-    def enter(self, path: str, is_link: bool, name: str, allowed: tuple[str, str]) -> bool:
+    def enter(self, path: bytes, is_link: bool, name: str, allowed: tuple[bytes, bytes]) -> bool:
         try:
             st = os.stat(path)
         except OSError:
@@ -130,38 +290,45 @@ class _Walk:
         key = (st.st_dev, st.st_ino)
         if key in self.classes:
             if self.classes[key] != name:
-                log.warning("skipping link %r: it leads into class folder '%s'", path, self.classes[key])
+                log.warning("skipping link %r: it leads into class folder '%s'", os.fsdecode(path), self.classes[key])
             else:
-                self.loops.append(path)
+                self.loops.append(os.fsdecode(path))
             return False
         if key in self.seen:
-            self.loops.append(path)
+            self.loops.append(os.fsdecode(path))
             return False
         if is_link:
             real = os.path.realpath(path)
-            if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
-                log.warning("skipping link %r: it leads outside the data path (to %s)", path, real)
+            if not any(real == a or real.startswith(a.rstrip(b"/") + b"/") for a in allowed):
+                log.warning("skipping link %r: it leads outside the data path (to %s)", os.fsdecode(path),
+                            os.fsdecode(real))
                 return False
         self.seen.add(key)
         return True
 
-    def result(self) -> list[tuple[str, int]]:
+    def result(self) -> SampleList:
+        """Every class's files in walk order, second names of a real file left out."""
         if self.loops:
             log.warning("%s: skipped %d linked folder(s) already walked (symlink loops or repeated links), e.g. %s",
                         self.root, len(self.loops), self.loops[0])
-        first: dict[tuple[int, int], int] = {}
-        for i, (_, _, key, link) in enumerate(self.found):
-            if key not in first or (self.found[first[key]][3] and not link):
-                first[key] = i
-        keep = sorted(first.values())
-        if len(keep) < len(self.found):
-            dup = next(p for i, (p, *_) in enumerate(self.found) if first[self.found[i][2]] != i)
-            log.warning("%s: left out %d second name(s) of files already listed (symbolic or hard links), e.g. %r",
-                        self.root, len(self.found) - len(keep), dup)
-        return [(self.found[i][0], self.found[i][1]) for i in keep]
+        samples = SampleList.concat(os.fsdecode(self.prefix), self.parts)
+        n = len(samples)
+        dev, ino = np.frombuffer(self.devs, np.uint64), np.frombuffer(self.inos, np.uint64)
+        link = np.frombuffer(self.links, np.int8)
+        # per real file (st_dev, st_ino): its first real name, else its first link
+        order = np.lexsort((np.arange(n), link, ino, dev))
+        first = np.ones(n, dtype=bool)
+        first[1:] = (dev[order][1:] != dev[order][:-1]) | (ino[order][1:] != ino[order][:-1])
+        keep = np.sort(order[first])
+        if len(keep) == n:
+            return samples
+        dup = int(np.flatnonzero(np.isin(np.arange(n), keep, invert=True))[0])
+        log.warning("%s: left out %d second name(s) of files already listed (symbolic or hard links), e.g. %r",
+                    self.root, n - len(keep), samples.path(dup))
+        return samples.take(keep)
 
 
-def _kind(path: str) -> str:
+def _kind(path) -> str:
     mode = os.stat(path).st_mode
     return next((what for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                                          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -196,32 +363,47 @@ def unquote_path(text: str) -> str:
     return _UNESCAPE.sub(one, text) if "\\" in text else text
 
 
-def write_list_text(samples: list[tuple[str, int]]) -> str:
-    """The list file's text for (absolute path, label) samples."""
-    return "".join(f"{quote_path(os.path.abspath(p))} {label}\n" for p, label in samples)
-
-
-def read_file_list(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    samples = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
+    """A list file (the format of the module docstring), read line by line as bytes into a
+    SampleList (paths keep their common folder once)."""
+    names: list[bytes] = []
+    labels = array("i")
+    base = os.fsencode(os.path.join(path.parent, ""))
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith(b"#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            if len(parts) != 2 or not parts[1].isdigit():  # bytes.isdigit: ASCII digits 0-9 only
+                text = os.fsdecode(line)[:200]
                 raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label of ASCII digits 0-9), "
-                                   f"got '{line[:200]}'")
-            file = unquote_path(parts[0])
-            file = file if os.path.isabs(file) else str(path.parent / file)
-            samples.append((file, int(parts[1])))
-    if not samples:
+                                   f"got '{text}'")
+            file = parts[0] if b"\\" not in parts[0] else os.fsencode(unquote_path(os.fsdecode(parts[0])))
+            names.append(file if file.startswith(b"/") else base + file)
+            labels.append(int(parts[1]))
+    if not names:
         raise DatasetError(f"file list '{path}' lists no images")
-    num_classes = max(label for _, label in samples) + 1
+    root = common_root(names)
+    cut = len(root)
+    samples = SampleList.from_names(os.fsdecode(root), [n[cut:] for n in names] if cut else names,
+                                    np.frombuffer(labels, np.int32))
+    num_classes = int(samples.labels.max()) + 1
     classes = read_classes(path)  # written beside a list by `simmim scan`
     if isinstance(classes, list) and len(classes) >= num_classes:
         return samples, [str(c) for c in classes]
     return samples, [str(i) for i in range(num_classes)]
+
+
+def common_root(names: list[bytes]) -> bytes:
+    """The folder (ending in '/') that every path starts with: the first path's grandparent (an
+    ImageNet list's root) if all share it, else b''."""
+    first = names[0]
+    parent = first[:first.rfind(b"/")] if b"/" in first else b""
+    grand = parent[:parent.rfind(b"/") + 1] if b"/" in parent else b""
+    if grand and all(n.startswith(grand) for n in names):
+        return grand
+    return b""
 
 
 def sidecar(path: str | os.PathLike, suffix: str) -> Path:
@@ -249,7 +431,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
                  crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS,
-                 listed: tuple[list[tuple[str, int]], list[str]] | None = None):
+                 listed: tuple[SampleList, list[str]] | None = None):
+        # a SampleList: flat arrays, shared by forked workers
         self.samples, self.classes = listed if listed is not None else scan_folder(root)
         self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
@@ -336,18 +519,24 @@ class ShardedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return shard_size(self.size, self.rank, self.world, self.drop_last) - self.start
 
-    def indices(self) -> list[int]:
-        """This rank's dataset indices for the epoch, from `start` on."""
+    def indices(self) -> np.ndarray:
+        """This rank's dataset indices for the epoch, from `start` on: int64 (len(self),).
+
+        An array, not a list: at 14M images a list of the epoch's order costs seconds and ~600 MiB
+        at every epoch start and resume; the array costs one permutation (torch.randperm, the
+        same order as ever) and a strided copy of this rank's share."""
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch_generator("order", self.seed, self.epoch)).tolist()
+            order = torch.randperm(self.size, generator=torch_generator("order", self.seed, self.epoch)).numpy()
         else:
-            order = list(range(self.size))
+            order = np.arange(self.size, dtype=np.int64)
         per_rank = self.size // self.world if self.drop_last else -(-self.size // self.world)
-        return order[self.rank + self.start * self.world:per_rank * self.world:self.world]
+        return order[self.rank + self.start * self.world:per_rank * self.world:self.world].copy()
 
     def __iter__(self):
-        for i in self.indices():
-            yield i, derive_seed("sample", self.seed, self.epoch, i)
+        order = self.indices()
+        for block in range(0, len(order), 4096):  # Python ints a block at a time, not the whole epoch
+            for i in order[block:block + 4096].tolist():
+                yield i, derive_seed("sample", self.seed, self.epoch, i)
 
 
 def shard_size(size: int, rank: int, world: int, drop_last: bool = True) -> int:

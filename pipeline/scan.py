@@ -8,6 +8,10 @@ pixels. `scan_images` sorts them; `simmim scan SRC` writes the clean list (`fold
 every loader accepts it as data.path) and a JSON report of the bad files; `simmim convert` uses
 the same check before writing a `.beton`.
 
+Linear in the number of files: the samples are flat arrays (`folder.SampleList`), chunks are cut
+as they are submitted, a bounded number are in flight, only the bad files are kept, and the clean
+list is streamed to disk.
+
 A JPEG is checked by decoding its whole entropy-coded stream at a reduced DCT scale (PIL's draft
 mode), which finds truncation and corruption for a fraction of a full decode's cost.
 """
@@ -17,31 +21,43 @@ import functools
 import json
 import logging
 import os
+import re
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, scan_folder, write_list_text
+from .folder import DatasetError, SampleList, quote_path, scan_folder
 
 log = logging.getLogger(__name__)
 
 
-def _check_chunk(paths: list[str], max_pixels: int = MAX_PIXELS) -> list[tuple[str | None, tuple[int, int]]]:
-    return [check_image(p, max_pixels) for p in paths]
+def _check_chunk(paths: list[str], max_pixels: int = MAX_PIXELS) -> tuple[list[tuple[int, str]], np.ndarray]:
+    """(position in the chunk, reason) of each path that does not decode, and the (width, height)
+    of every path (0, 0 for a bad one): int32 (len(paths), 2)."""
+    bad, sizes = [], np.zeros((len(paths), 2), np.int32)
+    for k, p in enumerate(paths):
+        err, size = check_image(p, max_pixels)
+        if err is not None:
+            bad.append((k, err))
+        else:
+            sizes[k] = size
+    return bad, sizes
 
 
 @dataclass
 class ScanResult:
-    good: list[tuple[str, int]]
+    good: SampleList
     bad: list[tuple[str, str]]  # (path, reason)
     classes: list[str]
     seconds: float = 0.0
-    sizes: list[tuple[int, int]] | None = None  # (width, height) of each good image, from its header
+    sizes: np.ndarray | None = None  # int32 (len(good), 2): (width, height) of each good image, from its header
 
     def report(self) -> dict:
         return {"images": len(self.good) + len(self.bad), "good": len(self.good), "bad": len(self.bad),
@@ -49,11 +65,17 @@ class ScanResult:
                 "bad_files": [{"path": p, "error": e} for p, e in self.bad]}
 
 
-def scan_images(samples: list[tuple[str, int]], classes: list[str], workers: int = 0,
-                chunk: int = 64, on_error: str = "skip", progress: bool = True,
-                max_pixels: int = MAX_PIXELS) -> ScanResult:
+def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk: int = 128,
+                on_error: str = "skip", progress: bool = True, max_pixels: int = MAX_PIXELS) -> ScanResult:
     """Checks every sample by the loaders' decode rules (`max_pixels`: the pixel limit); on_error
-    'fail' raises DatasetError naming the first bad file."""
+    'fail' raises DatasetError naming the first bad file.
+
+    Linear in the number of samples: chunks are cut from the sample arrays as they are submitted,
+    at most `4 * workers` chunks are in flight at a time (results come back in order), and only
+    the bad files are kept (the clean list is one index gather at the end). `samples`: a
+    SampleList, or (path, label) pairs."""
+    if not isinstance(samples, SampleList):
+        samples = SampleList.from_pairs(samples)
     if on_error not in ("skip", "fail"):
         raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
     try:
@@ -62,39 +84,62 @@ def scan_images(samples: list[tuple[str, int]], classes: list[str], workers: int
         raise DatasetError(str(e)) from None
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
-    paths = [p for p, _ in samples]
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    errors: list[str | None] = []
-    sizes: list[tuple[int, int]] = []
+    n = len(samples)
+    starts = range(0, n, chunk)
     check = functools.partial(_check_chunk, max_pixels=max_pixels)
-    bar = tqdm(total=len(paths), desc="scan", unit="img", disable=not progress, mininterval=1.0)
-    if workers == 1 or len(chunks) == 1:
-        results = map(check, chunks)
-    else:
-        pool = ProcessPoolExecutor(workers)
-        results = pool.map(check, chunks)
+    bad_index: list[int] = []
+    bad: list[tuple[str, str]] = []
+    sizes = np.zeros((n, 2), np.int32)
+    done = 0
+    bar = tqdm(total=n, desc="scan", unit="img", disable=not progress, mininterval=1.0)
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(starts) > 1 else None
     try:
-        for got in results:
-            for path, (err, _) in zip(paths[len(errors):], got):
-                if err is not None and on_error == "fail":
+        for start, (got, got_sizes) in _in_order(pool, starts, lambda a: samples.paths(a, a + chunk), check,
+                                                 4 * workers):
+            for k, err in got:
+                path = samples.path(start + k)
+                if on_error == "fail":
                     raise DatasetError(f"cannot decode {path} ({err}); use --on-error skip to leave it out")
-            errors += [e for e, _ in got]
-            sizes += [size for _, size in got]
-            bar.update(len(got))
+                bad_index.append(start + k)
+                bad.append((path, err))
+            sizes[start:start + len(got_sizes)] = got_sizes
+            done = start + len(got_sizes)
+            bar.update(len(got_sizes))
     except BrokenProcessPool:  # a worker killed (out of memory, a signal): one line, not a traceback
-        chunk_paths = paths[len(errors):len(errors) + chunk]
-        raise DatasetError(f"a scan worker died while checking files from {chunk_paths[0]!r} on (out of memory?); "
-                           f"lower --workers or --max-pixels") from None
+        raise DatasetError(f"a scan worker died while checking files from {samples.path(done)!r} on "
+                           f"(out of memory?); lower --workers or --max-pixels") from None
     finally:
         bar.close()
-        if workers != 1 and len(chunks) > 1:
+        if pool is not None:
             pool.shutdown(cancel_futures=True)
-    good = [s for s, e in zip(samples, errors) if e is None]
-    bad = [(s[0], e) for s, e in zip(samples, errors) if e is not None]
+    keep = np.ones(n, dtype=bool)
+    keep[bad_index] = False
     for path, err in bad:
         log.warning("skipping %r (%s)", path, err)
-    good_sizes = [size for size, e in zip(sizes, errors) if e is None]
-    return ScanResult(good, bad, classes, time.perf_counter() - t0, good_sizes)
+    good = np.flatnonzero(keep)
+    return ScanResult(samples.take(good), bad, classes, time.perf_counter() - t0, sizes[good])
+
+
+def _in_order(pool, starts, make_chunk, check, in_flight: int):
+    """(start, check(make_chunk(start))) for each start, in order; with a pool, at most `in_flight`
+    chunks submitted ahead of the one being consumed."""
+    if pool is None:
+        for a in starts:
+            yield a, check(make_chunk(a))
+        return
+    pending: deque = deque()
+    it = iter(starts)
+    for a in it:
+        pending.append((a, pool.submit(check, make_chunk(a))))
+        if len(pending) >= in_flight:
+            break
+    while pending:
+        a, future = pending.popleft()
+        result = future.result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(check, make_chunk(nxt))))
+        yield a, result
 
 
 def write_json(path: Path, obj) -> None:
@@ -103,12 +148,37 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
 
-def write_file_list(path: Path, samples: list[tuple[str, int]]) -> None:
-    """The list format of `folder` (what `scan_folder` reads), absolute paths."""
+# a path needs `quote_path` if it holds a backslash or a control character, starts with '#' or
+# white space, or ends with white space; the rest are written as their bytes
+_NEEDS_QUOTING = re.compile(rb"[\x00-\x1f\x7f\\]|^[#\s]|\s$")
+
+
+def write_file_list(path: Path, samples: SampleList, block: int = 65536) -> None:
+    """The list format of `folder` (what `scan_folder` reads), absolute paths, written a block of
+    lines at a time into a temporary file renamed into place. `samples`: a SampleList, or (path,
+    label) pairs."""
     from simmim.trainer.checkpoint import atomic_write
 
-    text = write_list_text(samples)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
+    if not isinstance(samples, SampleList):
+        samples = SampleList.from_pairs(samples)
+
+    root = os.fsencode(os.path.join(os.path.abspath(samples.root), "")) if samples.root else None
+
+    def line(name: bytes, label: int) -> bytes:
+        full = root + name if root is not None else os.fsencode(os.path.abspath(os.fsdecode(name)))
+        if _NEEDS_QUOTING.search(full):
+            full = os.fsencode(quote_path(os.fsdecode(full)))
+        return b"%s %d\n" % (full, label)
+
+    def write(tmp: str) -> None:
+        names, offsets = samples.names, samples.offsets
+        with open(tmp, "wb") as f:
+            for a in range(0, len(samples), block):
+                b = min(a + block, len(samples))
+                f.write(b"".join(line(names[offsets[i]:offsets[i + 1]].tobytes(), label)
+                                 for i, label in zip(range(a, b), samples.labels[a:b].tolist())))
+
+    atomic_write(path, write)
 
 
 def clean_list_path(src: str | os.PathLike) -> Path:

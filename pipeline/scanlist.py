@@ -24,9 +24,12 @@ import logging
 import os
 import stat
 import time
+from array import array
 from pathlib import Path
 
-from .folder import DatasetError, scan_folder, sidecar
+import numpy as np
+
+from .folder import DatasetError, SampleList, scan_folder, sidecar
 from .scan import ScanResult, clean_list_path, scan_images, write_file_list, write_json
 
 log = logging.getLogger(__name__)
@@ -59,17 +62,20 @@ def read_record(list_path: Path) -> dict | None:
         return None
 
 
-def check(samples: list[tuple[str, int]], classes: list[str], record: dict | None, max_pixels: int,
+def check(samples: SampleList, classes: list[str], record: dict | None, max_pixels: int,
           workers: int, progress: bool = False) -> tuple[ScanResult, dict, dict]:
     """Sorts samples into good and bad, decoding only what `record` cannot vouch for.
-    Returns (result, new record entries, counts: checked / gone / limit)."""
+    Returns (result, new record entries, counts: checked / gone / limit). The good samples are
+    `samples.take(...)` of the kept ones, in order (flat arrays, as the loaders hold them)."""
     t0 = time.perf_counter()
     files = record["files"] if record else {}
     old_limit = record["max_pixels"] if record else max_pixels
-    verdict: dict[str, tuple[str | None, int]] = {}  # path -> (reason, pixels)
+    good = np.zeros(len(samples), dtype=bool)
+    bad: list[tuple[int, str]] = []  # (index, reason)
     entries: dict[str, Entry] = {}
-    todo, gone, limit = [], 0, 0
-    for path, label in samples:
+    todo, todo_stats, gone, limit = array("q"), [], 0, 0
+    for i in range(len(samples)):
+        path = samples.path(i)
         st = file_stat(path)
         if st is None:
             gone += 1
@@ -78,25 +84,37 @@ def check(samples: list[tuple[str, int]], classes: list[str], record: dict | Non
         if e is not None and tuple(e[:2]) == st:
             size_, mtime, pixels, reason = e
             if reason is None and pixels > max_pixels:
-                verdict[path] = (f"{pixels} pixels, over the limit of {max_pixels} (data.max_pixels, --max-pixels)", 0)
+                reason = f"{pixels} pixels, over the limit of {max_pixels} (data.max_pixels, --max-pixels)"
                 limit += 1
-            elif reason is None or not ("over the limit" in reason and max_pixels > old_limit):
-                verdict[path] = (reason, pixels)
-            if path in verdict:
+            elif reason is not None and "over the limit" in reason and max_pixels > old_limit:
+                reason = "again"  # refused for a limit now raised: decoded again below
+            if reason != "again":
                 entries[path] = e
+                if reason is None:
+                    good[i] = True
+                else:
+                    bad.append((i, reason))
                 continue
-        todo.append((path, label, st))
+        todo.append(i)
+        todo_stats.append(st)
     if todo:
-        result = scan_images([(p, label) for p, label, _ in todo], classes, workers, progress=progress,
-                             max_pixels=max_pixels)
-        for (p, _), (w, h) in zip(result.good, result.sizes):
-            verdict[p] = (None, w * h)
-        verdict.update((p, (reason, 0)) for p, reason in result.bad)
-        for p, _, (size, mtime) in todo:
-            entries[p] = [size, mtime, verdict[p][1], verdict[p][0]]
-    good = [(p, label) for p, label in samples if p in verdict and verdict[p][0] is None]
-    bad = [(p, verdict[p][0]) for p, _ in samples if p in verdict and verdict[p][0] is not None]
-    result = ScanResult(good, bad, classes, time.perf_counter() - t0)
+        sub = samples.take(np.frombuffer(todo, np.int64))
+        result = scan_images(sub, classes, workers, progress=progress, max_pixels=max_pixels)
+        refused = dict(result.bad)
+        g = 0
+        for k, (i, (size, mtime)) in enumerate(zip(todo, todo_stats)):
+            path = sub.path(k)
+            if path in refused:
+                bad.append((i, refused[path]))
+                entries[path] = [size, mtime, 0, refused[path]]
+            else:
+                w, h = (int(x) for x in result.sizes[g])
+                g += 1
+                good[i] = True
+                entries[path] = [size, mtime, w * h, None]
+    bad.sort()
+    result = ScanResult(samples.take(np.flatnonzero(good)), [(samples.path(i), r) for i, r in bad], classes,
+                        time.perf_counter() - t0)
     return result, entries, {"checked": len(todo), "gone": gone, "limit": limit}
 
 
@@ -111,13 +129,14 @@ def write_scan(out: Path, result: ScanResult, entries: dict, max_pixels: int) ->
 def entries_of(result: ScanResult, stats: dict) -> dict:
     """A record's entries for a full scan's result; `stats` taken before the scan (so a file
     changed during the scan is checked again next time)."""
-    entries = {p: [*stats[p], w * h, None] for (p, _), (w, h) in zip(result.good, result.sizes) if p in stats}
+    entries = {p: [*stats[p], int(w) * int(h), None]  # sizes: int32 (N, 2); the product in Python ints
+               for (p, _), (w, h) in zip(result.good, result.sizes.tolist()) if p in stats}
     entries.update((p, [*stats[p], 0, reason]) for p, reason in result.bad if p in stats)
     return entries
 
 
 def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, world: int = 1,
-                    required: bool = True, who: str = "data") -> tuple[list[tuple[str, int]], list[str]] | None:
+                    required: bool = True, who: str = "data") -> tuple[SampleList, list[str]] | None:
     """(samples, classes) every backend agrees on, for data.path `path` (a folder or a list).
 
     A folder: its checked list (see the module docstring), brought up to date; without a list
@@ -145,14 +164,14 @@ def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, wor
 
 
 def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: str = "data",
-                   write: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
+                   write: bool = True) -> tuple[SampleList, list[str]]:
     samples, classes = scan_folder(src)
     record = read_record(clean)
     if record is None:
         log.info("%s: no scan record beside %s; checking its %d files first (`simmim scan %s` does it once)",
                  who, src, len(samples), src)
     result, entries, counts = check(samples, classes, record, max_pixels, workers)
-    if not result.good:
+    if not len(result.good):
         raise DatasetError(f"no image under {src} decodes")
     changed = record is None or counts["checked"] or set(entries) != set(record["files"]) \
         or record["max_pixels"] != max_pixels
@@ -174,12 +193,14 @@ def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data
     samples, classes = scan_folder(lst)
     record = read_record(lst)
     if record is None:
-        kept = [(p, label) for p, label in samples if file_stat(p) is not None]
+        present = np.fromiter((file_stat(samples.path(i)) is not None for i in range(len(samples))), bool,
+                              len(samples))
+        kept = samples.take(np.flatnonzero(present))
         if len(kept) < len(samples):
-            first = next(p for p, _ in samples if file_stat(p) is None)
+            first = samples.path(int(np.flatnonzero(~present)[0]))
             log.warning("%s: left out %d listed file(s) that are gone or not regular files, e.g. %r "
                         "(`simmim scan` on the source rebuilds the list)", who, len(samples) - len(kept), first)
-        if not kept:
+        if not len(kept):
             raise DatasetError(f"no file listed in {lst} exists")
         return kept, classes
     result, _, counts = check(samples, classes, record, max_pixels, workers)
@@ -188,6 +209,6 @@ def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data
         log.warning("%s: %s is out of date (%d file(s) changed and checked again, %d left out, e.g. %r); "
                     "`simmim scan SRC --out %s` rebuilds it", who, lst, counts["checked"], dropped,
                     result.bad[0][0] if result.bad else next((p for p, _ in samples if file_stat(p) is None), ""), lst)
-    if not result.good:
+    if not len(result.good):
         raise DatasetError(f"no file listed in {lst} decodes")
     return result.good, classes

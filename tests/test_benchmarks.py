@@ -1,6 +1,8 @@
 import json
 import math
 
+import pytest
+
 from simmim.benchmarks import avg_dist, kernels, step
 
 
@@ -91,7 +93,6 @@ def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
     assert all(400 <= max(s) <= 500 and min(s) >= 300 for s in sizes)
 
 
-<<<<<<< HEAD
 def test_memory_bench_extrapolates_activations_and_counts_on_meta():
     """The activation estimate from a two-blocks-per-stage model, scaled to the real depths,
     matches a direct measurement of the real model; parameters are counted on the meta device."""
@@ -114,7 +115,27 @@ def test_memory_bench_extrapolates_activations_and_counts_on_meta():
     counts = parameter_counts("swinv2_giant", 192, 12)
     assert 2.95e9 < counts["total"] < 3.1e9 and counts["max_block"] < counts["total"] / 10
     assert DDP_BYTES == 22
-=======
+
+
+@pytest.mark.slow  # ~15 s of CPU: four child processes each import torch
+def test_scale_bench_small_tree(tmp_path):
+    """The scale bench end to end on a 60-entry tree (listing, scan, orders): a table, JSON and
+    PNG, and the tree it built removed."""
+    from simmim.benchmarks import scale
+
+    tree = tmp_path / "tree"
+    result = scale.main(["--n", "60", "--classes", "4", "--distinct", "15", "--tree", str(tree), "--workers", "1",
+                         "--steps", "listing,scan,orders", "--scan-n", "400", "--scan-real", "20",
+                         "--orders", "1000", "--out", str(tmp_path / "results")])
+    steps = result["steps"]
+    assert not any("error" in v for v in steps.values()), steps
+    assert steps["listing"]["entries"] == 60 and steps["scan"]["real_bad"] == 0
+    assert steps["orders"]["order_s_1000_world8"] >= 0
+    assert not tree.exists()
+    out = next((tmp_path / "results").glob("scale-*"))
+    assert (out / "scale.png").stat().st_size > 0 and "scan bookkeeping" in (out / "scale.md").read_text()
+
+
 class Stopped(Exception):
     """Stands in for the time limit's TERM arriving while a benchmark runs."""
 
@@ -159,4 +180,3 @@ def test_stopped_benchmarks_keep_what_they_finished(tmp_path, monkeypatch):
     assert timed["SimMIM"] == 7.0 and timed["MAE"] is None  # SimMIM timed first, whatever the order given
     assert len(timed) == len(claims.METHODS) and saved["heads"] == []
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temporary files
->>>>>>> main

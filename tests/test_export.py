@@ -84,6 +84,43 @@ def test_refuses_what_it_cannot_export(trained, tmp_path):
         export(trained, tmp_path / "o4")
     with pytest.raises(ExportError, match="format"):
         export(trained, tmp_path / "o5", fmt="onnx")
+    with pytest.raises(ExportError, match="is a folder"):
+        export(trained.parent, tmp_path / "o6")
+
+
+def test_force_replaces_only_a_previous_export(trained, tmp_path, monkeypatch):
+    """--force never deletes what is not an export: a run folder, the current folder, a file."""
+    import json
+    import os
+    import shutil
+
+    run = tmp_path / "runcopy"
+    shutil.copytree(trained.parent, run)
+    before = sorted(p.name for p in run.iterdir())
+    ckpt = run / trained.name
+    with pytest.raises(ExportError, match="holds the checkpoint"):
+        export(ckpt, run, force=True)
+    with pytest.raises(ExportError, match="holds the checkpoint"):
+        export(ckpt, tmp_path, force=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="more than a previous export"):
+        export(ckpt, other, force=True)
+    monkeypatch.chdir(other)
+    with pytest.raises(ExportError, match="current folder"):
+        export(ckpt, ".", force=True)
+    with pytest.raises(ExportError, match="is a file"):
+        export(ckpt, other / "precious.txt", force=True)
+    assert sorted(p.name for p in run.iterdir()) == before and (other / "precious.txt").read_text() == "keep me"
+    out = export(ckpt, tmp_path / "exp")
+    assert export(ckpt, tmp_path / "exp", force=True) == out  # a previous export is replaced
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["tag"] == "simmim" and cfg["crop_pct"] == 0.875
 
 
 def test_run_folder_has_curves_tensorboard_and_validation(run_dir, tmp_path):

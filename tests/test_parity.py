@@ -355,6 +355,16 @@ def test_released_file_with_its_yacs_config_loads(tmp_path, monkeypatch):
                        state["encoder.layers.0.downsample.reduction.weight"])
 
 
+def test_checkpoint_of_another_family_is_refused_in_one_line(tmp_path):
+    vit = released_vit_state("vit_micro", 64)
+    torch.save({"model": vit}, tmp_path / "vit.pth")
+    with pytest.raises(ConfigError, match="holds a vit encoder; model.arch swin_micro is a swin"):
+        load_pretrained(build_classifier("swin_micro", 128, 5, 4, 0.0), tmp_path / "vit.pth", "swin_micro")
+    torch.save({"model": released_swin_state("swin_micro", 128, 4, pretrain=True)}, tmp_path / "swin.pth")
+    with pytest.raises(ConfigError, match="holds a swin encoder; model.arch vit_micro is a vit"):
+        load_pretrained(build_classifier("vit_micro", 64, 5, 0, 0.0), tmp_path / "swin.pth", "vit_micro")
+
+
 def test_released_swin_finetuned_checkpoint_evaluates(tmp_path, sample_root):
     state = released_swin_state("swin_micro", 128, 4, pretrain=False, num_classes=5)
     net = build_classifier("swin_micro", 128, 5, 4, 0.0)
@@ -370,6 +380,13 @@ def test_released_swin_finetuned_checkpoint_evaluates(tmp_path, sample_root):
                                  ["model.arch=swin_micro", "data.img_size=128", "model.window_size=4",
                                   "data.num_workers=0", "data.batch_size=8", "train.device=cpu"])
     assert result["val_images"] == len(list((sample_root / "val").rglob("*.JPEG")))
+    # as the released code saves it, with its (yacs) config: that config is not ours and is ignored
+    torch.save({"model": state, "config": {"MODEL": {"TYPE": "swin"}, "DATA": {"IMG_SIZE": 192}}, "epoch": 99},
+               tmp_path / "released_ft_cfg.pth")
+    again = evaluate_checkpoint(str(tmp_path / "released_ft_cfg.pth"), str(sample_root / "val"), "torch",
+                                ["model.arch=swin_micro", "data.img_size=128", "model.window_size=4",
+                                 "data.num_workers=0", "data.batch_size=8", "train.device=cpu"])
+    assert again["top1"] == result["top1"] and again["val_loss"] == pytest.approx(result["val_loss"])
     with pytest.raises(ConfigError, match="does not match model.arch swin_tiny"):
         evaluate_checkpoint(str(tmp_path / "released_ft.pth"), str(sample_root / "val"), "torch",
                             ["model.arch=swin_tiny", "data.img_size=128", "model.window_size=4",

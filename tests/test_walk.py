@@ -130,7 +130,8 @@ def tree(tmp_path):
 
 @pytest.fixture
 def no_decoding(monkeypatch):
-    """Fails a test that reaches the decode check: the error had to come first."""
+    """Fails a test that reaches the decode check (scan) or the listing and decoding (convert's
+    single pass decodes in the writer): the error had to come first."""
     import simmim.pipeline.convert as convert_mod
     import simmim.pipeline.scan as scan_mod
 
@@ -138,7 +139,8 @@ def no_decoding(monkeypatch):
         raise AssertionError("the images were checked before the bad output was found")
 
     monkeypatch.setattr(scan_mod, "scan_images", boom)
-    monkeypatch.setattr(convert_mod, "scan_images", boom)
+    monkeypatch.setattr(convert_mod, "list_samples", boom)
+    monkeypatch.setattr(convert_mod, "decode_rgb", boom)
 
 
 def test_scan_output_checked_first(tree, tmp_path, no_decoding):

@@ -16,6 +16,7 @@
     simmim bench loaders [...]                            images/sec of each loader, same images
     simmim bench compile [...]                            Triton kernels built for sm_90/sm_80, no GPU
     simmim bench memory [...]                             per-GPU memory: DDP vs FSDP2, Swin-B to SwinV2-G
+    simmim bench scale [...]                              data tools and loaders at ImageNet scale
 
 User errors (bad path, bad config key, unreadable data) end with one line on stderr and exit 2.
 """
@@ -105,7 +106,8 @@ def cmd_plot(args) -> None:
 
 
 BENCHES = {"avgdist": "avg_dist", "kernels": "kernels", "step": "step", "claims": "claims",
-           "loaders": "loaders", "compile": "compile_check", "memory": "memory"}  # name -> module of simmim.benchmarks
+           "loaders": "loaders", "compile": "compile_check", "memory": "memory",
+           "scale": "scale"}  # name -> module of simmim.benchmarks
 
 
 def cmd_bench(args) -> None:
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--chunk-size", type=int, default=100, help="images per work item")
-    p.add_argument("--limit", type=int, default=0, help="convert only N images, spread over the classes")
+    p.add_argument("--limit", type=int, default=0, help="convert only N images, spread over the classes (reads only those files)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="unreadable files: skip and report them, or stop naming the first")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")

@@ -118,7 +118,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         run_steps += 1
         result.steps_done = step_in_epoch + 1
         bar.update(1)
-        at_log = run_steps % log_every == 0 or step_in_epoch == steps_per_epoch - 1
+        # logged steps are fixed by the step number, so a resumed run logs the same steps
+        at_log = (step_in_epoch + 1) % log_every == 0 or step_in_epoch == steps_per_epoch - 1
         if at_log:
             mean_loss = all_reduce_mean(step_loss).item()  # host sync, at log intervals only
             elapsed = time.perf_counter() - tick

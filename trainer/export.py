@@ -53,6 +53,9 @@ def read_pretraining_checkpoint(path: str | Path) -> tuple[dict, dict]:
     (no mask token / prediction head) or a checkpoint without the config simmim writes.
     """
     path = Path(path)
+    if path.is_dir() and not is_dcp_checkpoint(path):  # a DCP checkpoint is a folder with .metadata
+        raise ExportError(f"'{path}' is a folder: pass a checkpoint file, e.g. {path}/checkpoint-NNNNNNNN.pt, "
+                          f"or a DCP checkpoint folder")
     if not (path.is_file() or is_dcp_checkpoint(path)):
         raise ExportError(f"checkpoint '{path}' does not exist")
     try:  # a DCP folder (train.parallel=fsdp) is consolidated in memory
@@ -126,7 +129,9 @@ def export_timm(net: nn.Module, family: str, img_size: int, out_dir: Path) -> Pa
     missing = [k for k in missing if not k.endswith(("relative_position_index", "attn_mask"))]
     if missing or unexpected:
         raise RuntimeError(f"{name} does not hold the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    _write_dir(out_dir, lambda tmp: save_for_hf(target, tmp, safe_serialization=True))
+    # config.json describes these weights, not the template architecture's own pretrained tag
+    meta = {"pretrained_cfg": {"tag": "simmim", "crop_pct": 0.875, "origin_url": None}}
+    _write_dir(out_dir, lambda tmp: save_for_hf(target, tmp, model_config=meta, safe_serialization=True))
     return out_dir
 
 
@@ -163,8 +168,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", force: bo
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"'{out}' exists and is not empty: pick another folder or pass --force")
+    check_output(out, Path(checkpoint), force)
     state, config = read_pretraining_checkpoint(checkpoint)
     net, family = build_encoder(config, state)
     img_size = config.get("data", {}).get("img_size", 192)
@@ -180,12 +184,52 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", force: bo
     return out
 
 
+EXPORT_FILES = {"config.json", "model.safetensors", "swin_encoder.pth"}
+
+
+def check_output(out: Path, checkpoint: Path, force: bool) -> None:
+    """Refuses, before any work, an output that is a file, holds the checkpoint or is the current
+    folder, and an existing non-empty folder unless `force` and it holds only a previous export
+    (so --force can never delete a run folder or anything else)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"'{out}' is a file: export writes a folder; pick a new folder name")
+    if out.resolve() == Path.cwd().resolve():
+        raise ExportError(f"'{out}' is the current folder: export into a new folder, e.g. exported/NAME")
+    if checkpoint.resolve().is_relative_to(out.resolve()):
+        raise ExportError(f"'{out}' holds the checkpoint '{checkpoint}': export into another folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ExportError(f"'{out}' exists and is not empty: pick another folder, or pass --force to replace "
+                          f"a previous export there")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if others:
+        raise ExportError(f"'{out}' holds more than a previous export ({', '.join(others[:3])}): --force only "
+                          f"replaces an export; pick another folder")
+
+
+def _permissions() -> tuple[int, int]:
+    """(file, folder) modes under the process umask, read without changing it (Linux /proc; else 022)."""
+    umask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o666 & ~umask, 0o777 & ~umask
+
+
 def _write_dir(out: Path, write) -> None:
     """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (atomic per folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
+        file_mode, dir_mode = _permissions()  # mkdtemp makes 0700: outputs get the usual modes
+        for f in tmp.iterdir():
+            f.chmod(file_mode)
+        tmp.chmod(dir_mode)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

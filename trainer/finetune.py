@@ -193,13 +193,28 @@ def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, li
     return module.checkpoint_filter_fn(weights, model), resized
 
 
+def encoder_family(state: dict) -> str | None:
+    """"swin", "swinv2" or "vit" from the weight names of any layout `load_weights` reads (Swin: stages
+    `layers.*`, SwinV2 also a position-bias MLP `cpb_mlp`; ViT: `blocks.*`); None if unclear."""
+    names = [k.removeprefix("module.") for k in state]
+    for prefix in PREFIXES:
+        names = [k[len(prefix):] if k.startswith(prefix) else k for k in names]
+    if any(k.startswith("layers.") for k in names):
+        return "swinv2" if any("cpb_mlp" in k for k in names) else "swin"
+    return "vit" if any(k.startswith("blocks.") for k in names) else None
+
+
 def load_weights(model: nn.Module, state: dict, arch: str, what: str) -> dict:
     """Loads `state` (this project's SimMIM or fine-tuned weights, the released SimMIM pre-training
     {"encoder.*"} or fine-tuned weights) into `model` (built by build_classifier). Returns
     {"missing", "unexpected", "resized"} key lists; ConfigError if they do not fit `arch`."""
     own = model.state_dict()
+    theirs, family = encoder_family(state), ARCHS[arch].family
+    if theirs is not None and theirs != family:
+        raise ConfigError(f"{what} holds a {theirs} encoder; model.arch {arch} is a {family}: pick the "
+                          f"model.arch it was trained with")
     try:
-        weights, resized = to_timm_layout(state, model, ARCHS[arch].family)
+        weights, resized = to_timm_layout(state, model, family)
     except ValueError as e:
         raise ConfigError(f"{what} does not match model.arch {arch}: {e}") from None
     for key, value in list(weights.items()):
@@ -529,8 +544,9 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
                           f"(simmim finetune --config ... finetune.pretrained={path})")
     # this project's checkpoints carry their config; the released code's fine-tuned weights take
     # model.arch / data.img_size / model.window_size from the command line
-    config = state.get("config")
-    cfg = config_from_dict(config, overrides) if isinstance(config, dict) else load_config(None, overrides)
+    config = state.get("config")  # the released code's yacs config (upper-case keys) is not ours
+    ours = isinstance(config, dict) and isinstance(config.get("model"), dict)
+    cfg = config_from_dict(config, overrides) if ours else load_config(None, overrides)
     dist = init_distributed(cfg.train.device)
     val = data or cfg.finetune.val_path
     if not val:

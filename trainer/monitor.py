@@ -13,6 +13,7 @@ The curves (loss of the logged steps, epoch means and validation loss; lr) are d
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 from pathlib import Path
@@ -90,7 +91,7 @@ def _start_wandb(out_dir: Path, config: dict, resume: bool):
     except ImportError:
         log.warning("run.wandb=true but wandb is not installed (pip install wandb): logging to TensorBoard only")
         return None
-    return wandb.init(dir=str(out_dir), config=config, name=Path(out_dir).name, resume="allow" if resume else None,
+    return wandb.init(dir=os.environ.get("WANDB_DIR", str(out_dir)), config=config, name=Path(out_dir).name, resume="allow" if resume else None,
                       id=_wandb_id(out_dir))
 
 
