@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Debian packages the set-up needs: FFCV builds from source against OpenCV and libjpeg-turbo.
 SYS_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: setup sysdeps demo test test-fast avgdist clean
+.PHONY: setup sysdeps demo test test-fast test-slow avgdist clean
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,11 @@ demo: setup data/sample/.complete
 test: setup
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: setup  # without the slow tier, for developers
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup  # the slow tier alone (multi-process FSDP2 / DCP over gloo, dry runs), minutes on 2 cores
+	$(PY) -m pytest -q -m slow tests
 
 avgdist: setup
 	$(VENV)/bin/simmim bench avgdist --out results/avgdist

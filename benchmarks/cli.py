@@ -52,6 +52,11 @@ def _compile(argv):
     return main(argv)
 
 
+def _memory(argv):
+    from .memory import main
+    return main(argv)
+
+
 def _scale(argv):
     from .scale import main
     return main(argv)
@@ -60,7 +65,7 @@ def _scale(argv):
 # name -> the benchmark's main (imported on use: each pulls in its own heavy dependencies)
 BENCHES: dict[str, Callable[[list[str]], object]] = {
     "avgdist": _avgdist, "kernels": _kernels, "step": _step, "claims": _claims, "loaders": _loaders,
-    "compile": _compile, "scale": _scale}
+    "compile": _compile, "memory": _memory, "scale": _scale}
 
 
 def cmd_bench(args) -> None:

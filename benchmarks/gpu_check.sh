@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh                          part 1: kernel tests, kernels, bf16 step and
 #                                                         MFU (eager), data wait, claims, loaders, the step
-#                                                         with PixelShuffle; last the compiled step (ViT-B,
-#                                                         then Swin-B: they take what is left)
+#                                                         with PixelShuffle, memory (DDP vs FSDP2); last the
+#                                                         compiled step (ViT-B, then Swin-B: they take what is left)
 #   GPU_CHECK_PART=dali bash benchmarks/gpu_check.sh      part 2, a second call: DALI's wheels (sent by
 #                                                         benchmarks/gpu_wheels.sh) checked and installed,
 #                                                         DALI loaders and the data wait with DALI
@@ -71,6 +71,7 @@ if ((DRY)); then
   VIT=vit_micro SWIN=swin_mini JPEGS=8 MAX_WORKERS=1 LSIZE=64 LBATCH=4 LEPOCHS=1 LOADERS=torch CBATCH=1 CSTEPS=1
   CMETHODS=SimMIM
   CHEADS=--no-head-timing  # three Swin-B models: minutes on a shared 2-core CPU
+  MEMMODELS=swin_base
   SITE=$WORK/site
 else
   export TRITON_INTERPRET=0
@@ -78,6 +79,7 @@ else
   VIT=vit_base SWIN=swin_base JPEGS=4000 MAX_WORKERS=$(nproc) LSIZE=192 LBATCH=128 LEPOCHS=3 LOADERS=torch,ffcv
   CBATCH=64 CSTEPS=10
   CMETHODS="SimMIM,MAE,BEiT,DINO,MoCo v3,ViT-MPP,DeiT-B" CHEADS=
+  MEMMODELS=swin_base,swin_large,swinv2_base,swinv2_large,swinv2_huge,swinv2_giant
   SITE=/tmp/site
 fi
 export WHEEL_PARTS=${WHEEL_PARTS:-/tmp/wheelparts} SITE
@@ -183,7 +185,7 @@ if [ "$PART" = main ]; then
   versions | tee -a "$LOG"
   loader_workers "$MAX_WORKERS" "$BATCH_BYTES"
   "${INJECT[@]}"
-  # caps: 35+65+40+45+55+50+35+65 = 390 s; the last step takes the rest (~80 s of a 480 s budget)
+  # caps: 35+65+40+45+55+50+35+30+65 = 420 s; the last step takes the rest (~50 s of a 480 s budget)
   step "tests: kernels" 35 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_triton.py \
     -k "$PYTEST_K" --junitxml="$RES/pytest-kernels.xml"
   step "bench kernels" 65 "${SIMMIM[@]}" bench kernels --batch "$KBATCH" --out "$RES"
@@ -198,6 +200,8 @@ if [ "$PART" = main ]; then
     --workers "$WORKERS" --epochs "$LEPOCHS" --backends "$LOADERS" --out "$RES"
   step "bench step PixelShuffle" 35 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
     --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --no-fused-shuffle --out "$RES"
+  # per-GPU memory, DDP vs FSDP2 over 8 GPUs: activations measured under CUDA bf16 autocast
+  step "bench memory" 30 "${SIMMIM[@]}" bench memory --models "$MEMMODELS" --gpus 8 --precision bf16 --out "$RES"
   # compilation (inductor, cold cache) last, one model per step: ViT-B compiles faster than Swin-B
   step "bench step bf16 compiled ViT-B" 65 "${SIMMIM[@]}" bench step --models "$VIT" --batch "$BATCH" \
     --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --compile --tag "$VIT" --out "$RES"

@@ -125,9 +125,23 @@ def claims_lines(root: Path) -> list[str]:
     return out
 
 
+def memory_lines(root: Path) -> list[str]:
+    out = []
+    for path in by_run_order(root, "memory-*/memory.json"):
+        r = json.loads(path.read_text())
+        out.append(f"memory per GPU (GB), activations measured on {r['device']}, {r['precision']}, "
+                   f"FSDP2 over {r['gpus']} GPUs (+ AC: activation checkpointing)")
+        cols = list(r["results"][0]["total_gb"]) if r["results"] else []
+        out.append(f"  {'encoder':<13} {'params':>7} {'batch':>5} " + " ".join(f"{c:>14}" for c in cols))
+        for x in r["results"]:
+            out.append(f"  {x['arch']:<13} {x['params'] / 1e6:6.0f}M {x['batch_per_gpu']:>5} "
+                       + " ".join(f"{x['total_gb'][c]:>14.1f}" for c in cols))
+    return out
+
+
 def summary(results: Path, steps_tsv: Path, title: str) -> str:
     lines = [f"================ {title}", *status_table(steps_tsv)]
-    for section in (pytest_lines, kernel_lines, step_lines, loader_lines, claims_lines):
+    for section in (pytest_lines, kernel_lines, step_lines, loader_lines, claims_lines, memory_lines):
         try:
             block = section(results)
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, ET.ParseError) as e:

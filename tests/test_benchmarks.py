@@ -109,6 +109,30 @@ def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
     assert all(400 <= max(s) <= 500 and min(s) >= 300 for s in sizes)
 
 
+def test_memory_bench_extrapolates_activations_and_counts_on_meta():
+    """The activation estimate from a two-blocks-per-stage model, scaled to the real depths,
+    matches a direct measurement of the real model; parameters are counted on the meta device."""
+    import torch
+
+    from simmim.benchmarks.memory import (DDP_BYTES, activation_bytes, measure_activations, parameter_counts,
+                                          saved_bytes)
+    from simmim.trainer.model import ARCHS, build_simmim
+
+    act = measure_activations("swinv2_micro", 64, 2, torch.device("cpu"), None)
+    assert act["per_image"]["other"] > 0 and all(s > 0 and i > 0 for s, i in act["per_image"]["per_stage"])
+    torch.manual_seed(0)
+    model = build_simmim("swinv2_micro", 64, 32, 2)  # depths (1, 1, 2, 1)
+    saved, _ = saved_bytes(model, 3, 64, torch.device("cpu"), None)
+    direct = sum(saved.values())
+    estimate = activation_bytes(act, ARCHS["swinv2_micro"].depths, 3, False)
+    assert abs(estimate - direct) / direct < 0.05, (estimate, direct)
+    with_ac = activation_bytes(act, ARCHS["swinv2_micro"].depths, 3, True)
+    assert 0 < with_ac < estimate
+    counts = parameter_counts("swinv2_giant", 192, 12)
+    assert 2.95e9 < counts["total"] < 3.1e9 and counts["max_block"] < counts["total"] / 10
+    assert DDP_BYTES == 22
+
+
 @pytest.mark.slow  # ~15 s of CPU: four child processes each import torch
 def test_scale_bench_small_tree(tmp_path):
     """The scale bench end to end on a 60-entry tree (listing, scan, orders): a table, JSON and

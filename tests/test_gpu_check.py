@@ -19,7 +19,7 @@ from simmim.benchmarks import gpu_summary
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_STEPS = ["tests: kernels", "bench kernels", "bench step bf16", "bench step data wait (torch)", "bench claims",
-              "bench loaders", "bench step PixelShuffle", "bench step bf16 compiled ViT-B",
+              "bench loaders", "bench step PixelShuffle", "bench memory", "bench step bf16 compiled ViT-B",
               "bench step bf16 compiled Swin-B"]
 DALI_STEPS = ["wheels: verify, join, install", "dali: import", "bench loaders (dali)", "bench step data wait (dali)"]
 
@@ -197,3 +197,17 @@ def test_summary_reads_gpu_kernel_figures(tmp_path):
     text = gpu_summary.summary(tmp_path, steps, "t")
     assert " 1  bench kernels " in text and " 2  bench claims " in text and "SKIPPED" in text
     assert "2000 (50%)" in text and "400 (10%)" in text and "5.00x" in text and "2.00x" in text
+
+
+def test_summary_reads_memory_figures(tmp_path):
+    """The memory block: one row per encoder, GB per GPU for each configuration, as memory.json holds them."""
+    folder = tmp_path / "memory-nvidia-h200"
+    folder.mkdir()
+    totals = {"DDP": 95.3, "FSDP2 x8": 41.0, "DDP + AC": 60.0, "FSDP2 x8 + AC": 12.5}
+    (folder / "memory.json").write_text(json.dumps({
+        "device": "NVIDIA H200", "gpus": 8, "precision": "bf16",
+        "results": [{"arch": "swinv2_huge", "params": 658e6, "batch_per_gpu": 64, "total_gb": totals}]}))
+    text = gpu_summary.summary(tmp_path, tmp_path / "steps.tsv", "t")
+    assert "FSDP2 over 8 GPUs" in text and "NVIDIA H200" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("swinv2_huge"))
+    assert row.split()[1:] == ["658M", "64", "95.3", "41.0", "60.0", "12.5"]

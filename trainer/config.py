@@ -89,6 +89,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # activation checkpointing: less memory, ~30% more compute
     channels_last: bool = True  # CUDA only
     max_skipped_steps: int = 20  # consecutive non-finite steps before the run stops
+    parallel: str = "ddp"  # ddp (whole model per rank, torch.save checkpoints) | fsdp (FSDP2, DCP checkpoints)
+    cpu_offload: bool = False  # fsdp: parameter / gradient / optimizer shards in host memory
 
 
 @dataclass
@@ -104,6 +106,7 @@ class RunConfig:
     val_every: int = 1  # epochs between validation losses on data.val_path (0: never); the last epoch always
     tensorboard: bool = True  # TensorBoard events in out_dir/tensorboard (rank 0)
     wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
+    async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
 
 
 @dataclass

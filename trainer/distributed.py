@@ -69,6 +69,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest `value` over ranks (a host sync)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag true if it is true on any rank (one all-reduce, a host sync; without a process
     group, no device work at all)."""

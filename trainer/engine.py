@@ -1,15 +1,15 @@
 """One training epoch, pre-training or fine-tuning: the only place a step is written.
 
-One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP
-all-reduce skipped on non-final micro-steps), grad-norm clipping, a GradScaler that is a no-op
-unless fp16. A step whose gradient norm is not finite is skipped on the device (the fused AdamW
-reads a found-inf flag, through `compat.skip_nonfinite_step`; other optimizers read it on the
-host), so the host waits on the device only at log intervals, where the loss, the skipped-step
-count and a stop request (preemption signal) are read.
+One path for every combination: autocast (bf16 / fp16 / off), gradient accumulation (DDP's
+all-reduce or FSDP2's reduce-scatter skipped on non-final micro-steps), grad-norm clipping (over
+all ranks' shards under FSDP2), a GradScaler that is a no-op unless fp16. A step whose gradient
+norm is not finite is skipped on the device (the fused AdamW reads a found-inf flag, through
+`compat.skip_nonfinite_step`; other optimizers read it on the host), so the host waits on the
+device only at log intervals, where the loss, the skipped-step count and a stop request
+(preemption signal) are read.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -23,6 +23,7 @@ from simmim.pipeline.seeding import keyed_rng
 from .compat import skip_nonfinite_step
 from .distributed import all_reduce_mean, any_rank
 from .precision import autocast
+from .parallel import clip_grad_norm, sync_context
 
 
 class StepState:
@@ -92,10 +93,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                 break
             waited += time.perf_counter() - t0  # host time blocked on the loader
             last = micro == accum_steps - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
             # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
-            with sync, keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
+            with sync_context(model, last), keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
                 with autocast(device.type, amp_dtype):
                     loss = model(*batch)
                 scaler.scale(loss / accum_steps).backward()
@@ -105,7 +105,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             optimizer.zero_grad(set_to_none=True)  # the step's micro-batches are incomplete: not taken
             break
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+        grad_norm = clip_grad_norm(params, clip_grad if clip_grad > 0 else float("inf"))
         found_inf = (~torch.isfinite(grad_norm)).float()
         if scaler.is_enabled():
             scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself

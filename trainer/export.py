@@ -27,6 +27,7 @@ from torch import nn
 
 from simmim.pipeline.errors import CheckpointError
 
+from .checkpoint import consolidate, is_dcp_checkpoint
 from .model import ARCHS, build_simmim
 
 log = logging.getLogger("simmim")
@@ -52,12 +53,13 @@ def read_pretraining_checkpoint(path: str | Path) -> tuple[dict, dict]:
     (no mask token / prediction head) or a checkpoint without the config simmim writes.
     """
     path = Path(path)
-    if path.is_dir() and not (path / ".metadata").is_file():  # a DCP checkpoint is a folder with .metadata
-        raise ExportError(f"'{path}' is a folder: pass a checkpoint file, e.g. {path}/checkpoint-NNNNNNNN.pt")
-    if not path.is_file():
+    if path.is_dir() and not is_dcp_checkpoint(path):  # a DCP checkpoint is a folder with .metadata
+        raise ExportError(f"'{path}' is a folder: pass a checkpoint file, e.g. {path}/checkpoint-NNNNNNNN.pt, "
+                          f"or a DCP checkpoint folder")
+    if not (path.is_file() or is_dcp_checkpoint(path)):
         raise ExportError(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a DCP folder (train.parallel=fsdp) is consolidated in memory
+        ckpt = consolidate(path) if is_dcp_checkpoint(path) else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise ExportError(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
     state = ckpt.get("model") if isinstance(ckpt, dict) else None

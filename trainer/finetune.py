@@ -16,6 +16,12 @@ position table is copied into every block; missing and unexpected keys are repor
 architecture is refused; relative-position-bias tables are resized as the released fine-tuning did
 (a cubic spline on a geometric offset grid, see `resize_rel_pos_bias`) when the window changes,
 e.g. 192 px / window 6 pre-training to 224 px / window 7 fine-tuning. Same sizes load unchanged.
+SwinV2 has no table to resize: its position bias is an MLP over log-spaced relative coordinates,
+which loads as it is; when the window changes (e.g. 192 px / window 12 -> 224 px / window 14), the
+coordinates are normalised by each stage's pre-training window (read from the checkpoint's
+config), as the released SwinV2 fine-tuning does with pretrained_window_sizes, so offsets seen in
+pre-training give the MLP the same inputs and the new, longer ones extrapolate along the log scale.
+A DCP checkpoint folder (train.parallel=fsdp) is consolidated in memory first.
 
 Data: the same loaders as pre-training, in their classification form (`labels=True`, no masks):
 random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment
@@ -42,10 +48,12 @@ from simmim.pipeline.augment import denormalize, normalize
 from simmim.pipeline.errors import CheckpointError
 from simmim.pipeline.seeding import keyed_rng
 
+from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import Config, ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .loop import fit, loader_options
-from .model import ARCHS, log_decay, no_weight_decay, timm_model
+from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
+from .parallel import lockstep
 from .precision import amp_dtype_for, autocast
 
 log = logging.getLogger("simmim")
@@ -127,7 +135,10 @@ RELEASED_CONFIG_GLOBALS = [(collections.OrderedDict, "yacs.config.CfgNode"), set
 
 
 def read_checkpoint(path: Path, what: str) -> dict:
-    """The dict a checkpoint file holds (weights_only); CheckpointError if it cannot be read."""
+    """The dict a checkpoint file holds (weights_only), or a DCP folder's consolidated in memory;
+    CheckpointError if it cannot be read."""
+    if is_dcp_checkpoint(path):
+        return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"{what}: '{path}' does not exist")
     try:
@@ -153,7 +164,7 @@ def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, li
     merging at the end of stage i moves to the start of stage i + 1 and head. becomes head.fc.;
     index buffers dropped). Returns (weights, names of the resized tables); ValueError if a table
     cannot be fitted."""
-    from timm.models import beit, swin_transformer
+    from timm.models import beit, swin_transformer, swin_transformer_v2
 
     weights = {}
     for key, value in state.items():
@@ -180,7 +191,7 @@ def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, li
             weights[key] = resize_rel_pos_bias(value, math.isqrt(own[key].shape[0] - extra), extra)
             resized.append(key)
     weights = {k: v for k, v in weights.items() if not k.endswith(BUFFERS)}
-    module = swin_transformer if family == "swin" else beit
+    module = {"swin": swin_transformer, "swinv2": swin_transformer_v2}.get(family, beit)
     return module.checkpoint_filter_fn(weights, model), resized
 
 
@@ -235,14 +246,42 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
     their_arch = config.get("model", {}).get("arch") if isinstance(config, dict) else None
     if their_arch is not None and their_arch != arch:
         raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
-    return load_weights(model, ckpt.get("model", ckpt), arch, what)
+    report = load_weights(model, ckpt.get("model", ckpt), arch, what)
+    if isinstance(config, dict):
+        report["resized"] += set_pretrained_windows(model, config)
+    return report
+
+
+def set_pretrained_windows(model: nn.Module, pretrain_cfg: dict) -> list[str]:
+    """SwinV2 only: each attention's continuous-position-bias coordinates normalised by the window
+    its stage had in pre-training (pretrain_cfg: the checkpoint's config). Returns the names of the
+    attentions whose window differs from pre-training."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    if not isinstance(model, SwinTransformerV2):
+        return []
+    arch = ARCHS.get(pretrain_cfg.get("model", {}).get("arch", ""))
+    img = pretrain_cfg.get("data", {}).get("img_size")
+    if arch is None or not img:
+        return []
+    window = pretrain_cfg["model"].get("window_size") or arch.window_size
+    changed = []
+    for i, stage in enumerate(model.layers):
+        pre = min(window, img // arch.patch_size // 2 ** i)  # timm clamps a window to its stage's grid
+        for j, block in enumerate(stage.blocks):
+            attn = block.attn
+            if attn.window_size[0] != pre:
+                changed.append(f"layers.{i}.blocks.{j}.attn (window {pre} -> {attn.window_size[0]})")
+            attn.pretrained_window_size = (pre, pre)
+            attn.init_non_persistent_buffers()
+    return changed
 
 
 # ---------------------------------------------------------------- layer-wise lr decay
 
 def num_layers(arch: str) -> int:
     a = ARCHS[arch]
-    return sum(a.depths) if a.family == "swin" else a.depths[0]
+    return sum(a.depths) if a.family in SWIN_FAMILIES else a.depths[0]
 
 
 def layer_id(name: str, arch: str) -> int:
@@ -251,7 +290,7 @@ def layer_id(name: str, arch: str) -> int:
     a = ARCHS[arch]
     if name.startswith(("patch_embed", "cls_token", "pos_embed", "absolute_pos_embed", "reg_token")):
         return 0
-    if a.family == "swin":
+    if a.family in SWIN_FAMILIES:
         m = re.match(r"layers\.(\d+)\.(blocks\.(\d+)|downsample)", name)
         if m:
             stage = int(m.group(1))
@@ -404,9 +443,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
     was_training = net.training
     net.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # n, top1, top5, loss sum
-    for images, labels in loader:
+    for (images, labels), real in lockstep(loader, net, device):  # FSDP2: the same forwards on every rank
         with autocast(device.type, amp_dtype):
             logits = net(images).float()
+        if not real:
+            continue
         top1, top5 = (a.double() * len(labels) / 100 for a in accuracy(logits, labels, topk=(1, 5)))  # % -> hits
         totals += torch.stack([torch.tensor(len(labels), device=device, dtype=torch.float64),
                                top1.round(), top5.round(), F.cross_entropy(logits, labels, reduction="sum").double()])
@@ -490,7 +531,8 @@ class FinetuneTask:
 
 
 def finetune(cfg: Config) -> dict:
-    if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).is_file():
+    if cfg.finetune.pretrained and not (Path(cfg.finetune.pretrained).is_file() or
+                                        is_dcp_checkpoint(cfg.finetune.pretrained)):
         raise CheckpointError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
 

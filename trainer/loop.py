@@ -13,7 +13,12 @@ decides, the ranks agree at their stop checks), and on the way out of a stopped 
 - SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
   is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
 - A data file that fails mid-run (DatasetError from the loader): the last complete step is saved
-  and the run ends with one line naming the file and the command that rebuilds the list.
+  and the run ends with one line naming the file and the command that rebuilds the list. Under
+  FSDP2 (train.parallel=fsdp, several ranks) nothing is saved then: the failing rank holds only its
+  shards and the others are blocked in the step's collectives, so the line names the newest
+  checkpoint instead (the periodic or time-based one the run resumes from).
+Checkpoints go through a checkpointer (checkpoint.py): torch.save files for DDP, DCP folders for
+FSDP2; both follow the same run-folder rules (runfolder.py).
 The run folder is one job's (runfolder.RunLock); a resume first checks the checkpoint's config
 against the new one and writes nothing if a key that defines the run changed.
 """
@@ -40,12 +45,13 @@ from simmim.pipeline.io import atomic_write
 from simmim.pipeline.loaders import BACKEND_OPTIONS
 from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, make_checkpointer
 from .config import Config, save_config
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochResult, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
+from .parallel import PARALLEL, is_fsdp, wrap_for_training
 from .runfolder import RunLock, check_resume_config, job_id, newest_readable_checkpoint, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
@@ -229,7 +235,7 @@ class Run:
     out_dir: Path
     amp_dtype: torch.dtype | None
     model: nn.Module
-    train_model: nn.Module  # the model wrapped for training (DDP, torch.compile)
+    train_model: nn.Module  # the model wrapped for training (DDP, torch.compile; FSDP2 shards `model` itself)
     loader: object
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -240,6 +246,7 @@ class Run:
     steps_per_epoch: int
     metrics: Callable[[dict], None]
     monitor: RunMonitor
+    checkpointer: object  # checkpoint.TorchSaveCheckpointer (ddp) | checkpoint.DCPCheckpointer (fsdp)
     carried: tuple[float, int] = (0.0, 0)  # the resumed epoch's loss sum and good steps before the resume
     last_save: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -250,19 +257,20 @@ class Run:
 
     def checkpoint(self, epoch: int, step_in_epoch: int, loss_sum: float = 0.0, good_steps: int = 0,
                    any_rank: bool = False) -> Path | None:
-        """Rank 0 (or this rank, if `any_rank`: the states are replicated) writes
-        checkpoint-{global step}.pt; `loss_sum` / `good_steps` cover the epoch's steps so far."""
+        """checkpoint-{global step}: every rank calls this; DDP's rank 0 (or this rank, if
+        `any_rank`: DDP's states are replicated) writes one .pt file (the others return None),
+        FSDP2's ranks each write their shards of one DCP folder. `loss_sum` / `good_steps` cover
+        the epoch's steps so far. CheckpointError if it cannot be written."""
         self.last_save = time.monotonic()
-        if not (self.dist.is_main or any_rank):
-            return None
         s = self.state
         s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(self.step_state.skipped.item())
         s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
-        ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "train_state": s.state_dict(), "config": self.cfg.to_dict()}
-        path = save_checkpoint(self.out_dir, epoch * self.steps_per_epoch + step_in_epoch, ckpt,
-                               self.cfg.run.keep_last)
-        log.info("saved %s", path)
+        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict()}
+        path = self.checkpointer.save(epoch * self.steps_per_epoch + step_in_epoch, self.model, self.optimizer,
+                                      train, any_rank=any_rank)
+        if path is not None and (self.dist.is_main or any_rank):
+            log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
+                     else "saved", path)
         return path
 
     def checkpoint_due(self) -> bool:
@@ -307,13 +315,22 @@ class Run:
         self.monitor.close()
         if res.stopped == "data":
             # the failing rank alone: the others wait for its gradients, so no collective can run
-            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
             what = one_line(res.error)
             fix = "" if "simmim scan" in what else (f"; rebuild the file list with `simmim scan {self.cfg.data.path}` "
                                                     f"(it leaves out unreadable files) and point data.path at it")
+            if is_fsdp(self.model):  # sharded: one rank holds only its shards, so no checkpoint can be written
+                path = self.checkpointer.finished_latest()
+                saved = (f"train.parallel=fsdp cannot save from one rank (the model is sharded over all), so "
+                         f"the run resumes from {path}" if path else
+                         "train.parallel=fsdp cannot save from one rank (the model is sharded over all) and "
+                         "there is no checkpoint yet, so the run starts afresh")
+                raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; {saved}: run the "
+                                  f"same command again to resume")
+            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
             raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
                               f"saved in {path}: run the same command again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
+        self.checkpointer.wait()
         barrier()
         cleanup()
         if res.stopped == "diverged":
@@ -339,8 +356,8 @@ class Run:
                     self.monitor.image(tag, png, step)
             plot_curves({self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
                         title=f"{self.cfg.model.arch}, {self.out_dir}")
-            if (epoch + 1) % self.cfg.run.save_every == 0 or last:
-                self.checkpoint(epoch, self.steps_per_epoch)
+        if (epoch + 1) % self.cfg.run.save_every == 0 or last:
+            self.checkpoint(epoch, self.steps_per_epoch)
         barrier()
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
 
@@ -377,31 +394,24 @@ def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, obj
     return model, loader
 
 
-def wrap_for_training(model: nn.Module, dist: DistInfo, compile: bool) -> nn.Module:
-    train_model = model
-    if dist.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    return torch.compile(train_model) if compile else train_model
-
-
-def load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # the config check passed, yet the shapes differ: say so in one line
-        first = str(e).strip().splitlines()[-1].strip()[:200]
-        raise CheckpointError(f"checkpoint '{path}' does not fit this model ({first}): set another "
-                              f"run.out_dir for a new run") from None
+def check_parallel(t) -> None:
+    if t.parallel not in PARALLEL:
+        raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got '{t.parallel}'")
+    if t.parallel != "fsdp" and t.cpu_offload:
+        raise ValueError("train.cpu_offload needs train.parallel=fsdp")
+    if t.parallel == "fsdp" and t.precision == "fp16":
+        raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
 
 
 def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
     """Builds everything and resumes; returns the run and the (epoch, step) to start from."""
     d, t, o = cfg.data, cfg.train, cfg.optim
-    resumed, ckpt = open_run_folder(cfg, dist)
+    check_parallel(t)
+    resumed, ckpt = open_run_folder(cfg, dist)  # all but a DCP checkpoint's tensors
     out_dir = Path(cfg.run.out_dir)
     amp_dtype = amp_dtype_for(t.precision, dist.device)
     model, loader = build_model(cfg, task, dist)
-
+    checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
     old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
     accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
     global_batch = d.batch_size * dist.world_size * accum
@@ -410,15 +420,18 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
         raise ConfigError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
                           f"accumulation steps: lower train.accum_steps or data.batch_size")
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
-    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
+    # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
+    train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, amp_dtype, t.cpu_offload,
+                                    t.compile)
+    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps,
+                                  fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
     step_state = StepState(dist.device)
 
     epoch, start_step, carried = 0, 0, (0.0, 0)
     if ckpt is not None:
-        load_weights(model, ckpt, resumed)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        checkpointer.load(resumed, model, optimizer, ckpt)  # in place; FSDP2: each rank its shards
+        scaler.load_state_dict(ckpt.get("scaler") or {})
         step_state.skipped += old.skipped_steps
         epoch, start_step = old.epoch, min(old.step_in_epoch, steps_per_epoch)
         carried = (old.epoch_loss_sum, old.epoch_good_steps)
@@ -428,11 +441,10 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
     resume_step = epoch * steps_per_epoch + start_step if ckpt else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
     monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
-    train_model = wrap_for_training(model, dist, t.compile)
     task.prepare(model, loader, dist)
     run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
               step_state, TrainState(global_batch=global_batch, world_size=dist.world_size), accum,
-              steps_per_epoch, metrics, monitor, carried)
+              steps_per_epoch, metrics, monitor, checkpointer, carried)
     return run, epoch, start_step
 
 
@@ -441,8 +453,10 @@ def log_start(run: Run) -> None:
     d, t, o = cfg.data, cfg.train, cfg.optim
     n_params = sum(p.numel() for p in run.model.parameters())
     precision = {None: "fp32"}.get(run.amp_dtype, str(run.amp_dtype).removeprefix("torch."))
-    log.info("model %s: %.1fM parameters, %s, precision %s, world size %d%s%s", cfg.model.arch, n_params / 1e6,
-             dist.device, precision, dist.world_size, ", compiled" if t.compile else "",
+    sharding = "FSDP2" + (" + CPU offload" if t.cpu_offload else "") if is_fsdp(run.model) else \
+        "DDP" if dist.world_size > 1 else "one process"
+    log.info("model %s: %.1fM parameters, %s, precision %s, world size %d (%s)%s%s", cfg.model.arch,
+             n_params / 1e6, dist.device, precision, dist.world_size, sharding, ", compiled" if t.compile else "",
              ", activation checkpointing" if t.grad_checkpointing else "")
     log.info("data %s: %d images, %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
              d.backend, run.loader.num_samples, run.task.describe_data(), run.steps_per_epoch,
@@ -479,6 +493,7 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
     summary = {"epochs": history, "wall_s": time.perf_counter() - start,
                "final_loss": history[-1]["loss"] if history else math.nan,
                **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
+    run.checkpointer.wait()  # an async save in flight
     if history:
         log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], run.out_dir)
     run.monitor.close()

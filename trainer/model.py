@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch.utils.checkpoint import checkpoint
 
 from simmim.kernels import mask_token_fill, masked_l1_loss
@@ -42,7 +43,7 @@ log = logging.getLogger("simmim")
 
 @dataclass(frozen=True)
 class Arch:
-    family: str  # "swin" | "vit"
+    family: str  # "swin" | "swinv2" | "vit"
     embed_dim: int
     depths: tuple[int, ...]  # per stage for Swin; (depth,) for ViT
     num_heads: tuple[int, ...]
@@ -60,7 +61,16 @@ ARCHS = {
     "swin_mini": Arch("swin", 64, (2, 2, 2, 2), (2, 4, 8, 16), window_size=4),
     "swin_micro": Arch("swin", 32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=4),
     "vit_micro": Arch("vit", 96, (4,), (3,), patch_size=16),
+    # SwinV2 (scaled cosine attention, log-spaced continuous position bias, res-post-norm): the
+    # paper's scaling study (SwinV2-H 658M, SwinV2-G 3.0B parameters) and a CPU-sized variant.
+    "swinv2_base": Arch("swinv2", 128, (2, 2, 18, 2), (4, 8, 16, 32), window_size=12),
+    "swinv2_large": Arch("swinv2", 192, (2, 2, 18, 2), (6, 12, 24, 48), window_size=12),
+    "swinv2_huge": Arch("swinv2", 352, (2, 2, 18, 2), (11, 22, 44, 88), window_size=12),
+    "swinv2_giant": Arch("swinv2", 512, (2, 2, 42, 4), (16, 32, 64, 128), window_size=12),
+    "swinv2_mini": Arch("swinv2", 64, (2, 2, 2, 2), (2, 4, 8, 16), window_size=4),
+    "swinv2_micro": Arch("swinv2", 32, (1, 1, 2, 1), (1, 2, 4, 8), window_size=4),  # multi-process tests
 }
+SWIN_FAMILIES = ("swin", "swinv2")  # hierarchical, stride 32, mask token after patch embed + norm
 
 
 WEIGHT_DECAY_RULES = ("released", "intended")
@@ -70,8 +80,8 @@ def no_weight_decay(name: str, param: nn.Parameter, family: str, rule: str = "re
                     pretrain: bool = True) -> bool:
     """True if the parameter `name` (a SimMIM model's or a classifier's) takes no weight decay.
 
-    "intended": no decay on norms and biases (every 1-D parameter), position tables, the cls and
-    mask tokens.
+    "intended": no decay on norms and biases (every 1-D parameter), position tables (SwinV2: its
+    continuous-position-bias MLP and attention logit scales), the cls and mask tokens.
     "released": what the released SimMIM code's parameter groups did. It exempts 1-D parameters,
     biases and the names the encoder lists; in pre-training those names and keywords are prefixed
     with "encoder." while the keywords are matched as substrings of full names, so the keyword
@@ -89,6 +99,8 @@ def no_weight_decay(name: str, param: nn.Parameter, family: str, rule: str = "re
         return True
     if leaf == "relative_position_bias_table":
         return rule == "intended" or (family.startswith("swin") and not pretrain)
+    if leaf == "logit_scale" or ".cpb_mlp." in name:  # SwinV2's encoder lists these keywords, so the
+        return rule == "intended" or not pretrain  # same prefix rule leaves them decaying in pre-training
     return False
 
 
@@ -101,13 +113,24 @@ def check_swin_window(arch: Arch, img_size: int, window_size: int) -> None:
                               f"at image size {img_size}: pick model.window_size dividing {res}")
 
 
-def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0):
-    """The timm Swin / BEiT-style ViT of `arch`: the SimMIM encoder (num_classes=0: ViT with one shared
-    relative position bias table) or, with a head, the fine-tuning classifier (ViT: one table per
-    block, mean of the patch tokens + fc_norm, as the released fine-tuning)."""
-    if arch.family == "swin":
+def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0,
+               pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)):
+    """The timm Swin / SwinV2 / BEiT-style ViT of `arch`: the SimMIM encoder (num_classes=0: ViT with
+    one shared relative position bias table) or, with a head, the fine-tuning classifier (ViT: one
+    table per block, mean of the patch tokens + fc_norm, as the released fine-tuning).
+
+    SwinV2 only: `pretrained_window_sizes` (per stage; 0: this model's own window) is the window the
+    continuous position bias was trained at; its log-spaced coordinates are normalised by it, so a
+    model fine-tuned at another window or resolution reads the same inputs for the offsets it saw.
+    A stage whose grid is smaller than the window attends over the whole grid (timm clamps it)."""
+    if arch.family in SWIN_FAMILIES:
         window_size = window_size or arch.window_size
         check_swin_window(arch, img_size, window_size)
+        if arch.family == "swinv2":
+            return SwinTransformerV2(
+                img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
+                num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path,
+                num_classes=num_classes, pretrained_window_sizes=tuple(pretrained_window_sizes))
         return SwinTransformer(
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
             num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes)
@@ -140,6 +163,8 @@ def released_vit_init(vit: Beit, *tokens: nn.Parameter, std: float = 0.02) -> No
 
 
 class SwinEncoder(nn.Module):
+    """Swin or SwinV2 (by `arch.family`): timm's model minus its head, the mask token after the
+    patch embedding and its norm. Returns features (B, 8C, H/32, W/32)."""
     stride = 32
 
     def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float):
@@ -241,13 +266,13 @@ def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_s
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
     a = ARCHS[arch]
-    stride = SwinEncoder.stride if a.family == "swin" else ViTEncoder.stride
+    stride = SwinEncoder.stride if a.family in SWIN_FAMILIES else ViTEncoder.stride
     if img_size % stride:
         raise ConfigError(f"data.img_size {img_size} must be a multiple of the {arch} output stride {stride}")
     if img_size % mask_patch_size or mask_patch_size % a.patch_size:
         raise ConfigError(f"data.mask_patch_size {mask_patch_size} must divide data.img_size {img_size} and be a "
                           f"multiple of the {arch} patch size {a.patch_size}")
-    if a.family == "swin":
+    if a.family in SWIN_FAMILIES:
         check_swin_window(a, img_size, window_size or a.window_size)
 
 
@@ -256,7 +281,7 @@ def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: in
     check_model_options(arch, img_size, mask_patch_size, window_size)
     check_options(loss.loss, loss.norm_target)
     a = ARCHS[arch]
-    if a.family == "swin":
+    if a.family in SWIN_FAMILIES:
         encoder = SwinEncoder(a, img_size, window_size, drop_path)
     else:
         encoder = ViTEncoder(a, img_size, drop_path)

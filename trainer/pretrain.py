@@ -19,6 +19,7 @@ from .distributed import DistInfo, all_reduce_sum
 from .loop import fit, loader_options
 from .model import ARCHS, LossOptions, build_simmim, param_groups
 from .precision import autocast
+from .parallel import is_fsdp, lockstep
 from .visualize import save_reconstruction
 
 log = logging.getLogger("simmim")
@@ -47,9 +48,12 @@ def validation_loss(model, loader, amp_dtype: torch.dtype | None) -> float:
     model.eval()
     loader.set_epoch(0)
     total = None
-    for images, masks in loader:
+    device = next(model.parameters()).device
+    for (images, masks), real in lockstep(loader, model, device):  # FSDP2: the same forwards on every rank
         with autocast(images.device.type, amp_dtype):
             loss = model(images, masks)
+        if not real:
+            continue
         part = torch.stack([loss.detach().float() * images.shape[0], torch.tensor(float(images.shape[0]),
                                                                                   device=images.device)])
         total = part if total is None else total + part
@@ -58,12 +62,15 @@ def validation_loss(model, loader, amp_dtype: torch.dtype | None) -> float:
     return (total[0] / total[1]).item()
 
 
-def write_figure(model, batch, aug, path: Path, title: str) -> None:
+def write_figure(model, batch, aug, path: Path, title: str, save: bool = True) -> None:
+    """Reconstructs `batch` and saves the figure if `save` (a sharded model needs every rank in
+    its forward, and only one of them to save)."""
     model.eval()
     with torch.no_grad():
         _, pred = model(*batch, return_pred=True)
     model.train()
-    save_reconstruction(batch[0], batch[1], pred, aug.mean, aug.std, path, title)
+    if save:
+        save_reconstruction(batch[0], batch[1], pred, aug.mean, aug.std, path, title)
 
 
 class PretrainTask:
@@ -101,18 +108,21 @@ class PretrainTask:
         return str(self.masks)
 
     def prepare(self, model, loader, dist: DistInfo) -> None:
+        self.every_rank = is_fsdp(model)  # a sharded forward needs every rank
         self.vis_batch = fixed_batch(loader, 8, self.cfg.train.seed, self.masks, self.aug, dist.device) \
-            if dist.is_main else None
+            if dist.is_main or self.every_rank else None
 
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
         out = {}
         r = self.cfg.run
         if self.val_loader is not None and ((epoch + 1) % r.val_every == 0 or last):
             out["val_loss"] = validation_loss(model, self.val_loader, amp_dtype)  # every rank takes part
-        if dist.is_main and ((epoch + 1) % r.vis_every == 0 or last):
+        if (dist.is_main or self.every_rank) and ((epoch + 1) % r.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}")
-            out["reconstruction"] = out_dir / name
+            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}",
+                         save=dist.is_main)
+            if dist.is_main:
+                out["reconstruction"] = out_dir / name
         return out
 
 

@@ -21,17 +21,17 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, checkpoints, load_checkpoint
+from .checkpoint import CheckpointError, all_checkpoints, peek_checkpoint
 from .config import ConfigError
 
 log = logging.getLogger("simmim")
 
 # Keys a resume may change (fnmatch patterns over dotted keys): where the run writes and how often,
 # its length, where the data is read from and how fast, the device and precision, the learning
-# rates (lowered after a divergence) and the batch split (the global batch is kept through
+# rates (lowered after a divergence), FSDP2's CPU offload and the batch split (the global batch is kept through
 # accumulation). Anything else (the model, image and mask sizes, the augmentation, the seed,
 # the optimizer's form) would make the checkpoint a different run's.
-RESUMABLE = ("run.*", "train.epochs", "train.device", "train.precision", "train.compile",
+RESUMABLE = ("run.*", "train.epochs", "train.device", "train.precision", "train.compile", "train.cpu_offload",
              "train.grad_checkpointing", "train.channels_last", "train.max_skipped_steps", "train.accum_steps",
              "data.path", "data.val_path", "data.max_pixels", "data.backend", "data.batch_size", "data.num_workers", "data.order", "data.os_cache",
              "data.buffer_pages", "data.dali_*", "optim.base_lr", "optim.warmup_lr", "optim.min_lr",
@@ -99,14 +99,15 @@ def job_id() -> str | None:
 
 def newest_readable_checkpoint(out_dir: str | Path) -> tuple[Path | None, dict | None, list]:
     """(path, contents) of the newest checkpoint in `out_dir` that loads, or (None, None) if there
-    is none, and [(path, CheckpointError)] of the newer ones that do not. Raises CheckpointError
-    if checkpoints exist and none loads. Reads only; see `set_aside`."""
+    is none, and [(path, CheckpointError)] of the newer ones that do not. Checkpoints are .pt files
+    (contents: the whole file) and DCP folders (contents: all but the tensors, which the
+    checkpointer loads sharded; a folder is readable if its .metadata lists model and optimizer
+    state and its train state reads; an unfinished `.checkpoint-*.tmp` folder is never one).
+    Raises CheckpointError if checkpoints exist and none loads. Reads only; see `set_aside`."""
     bad: list[tuple[Path, CheckpointError]] = []
-    for _, path in reversed(checkpoints(Path(out_dir))):
+    for _, path in reversed(all_checkpoints(Path(out_dir))):
         try:
-            ckpt = load_checkpoint(path)
-            if not isinstance(ckpt, dict) or not {"model", "optimizer"} <= ckpt.keys():
-                raise CheckpointError(f"checkpoint '{path}' holds no model and optimizer state")
+            ckpt = peek_checkpoint(path)
         except CheckpointError as e:  # a file renamed by rank 0 under another rank reads as missing
             bad.append((path, e))
             continue
@@ -118,10 +119,16 @@ def newest_readable_checkpoint(out_dir: str | Path) -> tuple[Path | None, dict |
 
 
 def set_aside(bad: list, resumed: Path) -> None:
-    """Renames each unreadable checkpoint `<name>.corrupt` (kept for the user to judge, out of
-    the resume order), with a warning naming it; rank 0 only."""
+    """Renames each unreadable checkpoint (file or DCP folder) `<name>.corrupt` (kept for the user
+    to judge, out of the resume order; `<name>.corrupt.1`, ... if that name is taken), with a
+    warning naming it; rank 0 only."""
     for path, why in bad:
-        corrupt = path.with_name(path.name + ".corrupt")
+        if not path.exists():
+            continue
+        corrupt, n = path.with_name(path.name + ".corrupt"), 0
+        while corrupt.exists():
+            n += 1
+            corrupt = path.with_name(f"{path.name}.corrupt.{n}")
         os.replace(path, corrupt)
         log.warning("%s; kept as %s, resumed from %s instead", why, corrupt.name, resumed.name)
 
