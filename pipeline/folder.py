@@ -2,7 +2,8 @@ r"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorte
 
 The walk follows symbolic links but enters each real directory once (a link back up the tree, a
 second link to a folder already walked, a link into another class folder or out of the data path
-is skipped and reported in one warning line), lists regular files only, and each real file once.
+is skipped and reported in one warning line), lists regular files only, and no file twice through
+symbolic links (hard links are names of their own).
 
 Also reads a file list. The list format (what `simmim scan` writes, what every loader reads):
 UTF-8 text, one sample per line, `<path> <label>`: the path, one or more spaces or tabs, a
@@ -204,8 +205,9 @@ class _Walk:
     class into another, a link leading outside the data root (and outside the class folder's own
     real place), and a link back up the tree are all skipped, each link named in one warning line.
     Files: regular files only (a FIFO, socket or device, or a link to one, is skipped in one line:
-    opening a FIFO blocks forever), each real file once (a second name for it -- a symbolic or
-    hard link -- is left out; a real name is preferred over a symbolic link). Order: within a
+    opening a FIFO blocks forever), each file once through symbolic links (a link to a file already
+    listed by its real name or an earlier link is left out; hard links are names of their own and
+    are all listed: the scale benchmark builds ImageNet-sized trees from them). Order: within a
     folder its files sorted by name, then its sub-folders in sorted order (depth first).
 
     Memory: a class's names are joined into one bytes object as the class ends; per file only the
@@ -315,15 +317,16 @@ class _Walk:
         n = len(samples)
         dev, ino = np.frombuffer(self.devs, np.uint64), np.frombuffer(self.inos, np.uint64)
         link = np.frombuffer(self.links, np.int8)
-        # per real file (st_dev, st_ino): its first real name, else its first link
+        # per real file (st_dev, st_ino): every real name (hard links are names of their own), and a
+        # symbolic link only when no real name and no earlier link reached that file
         order = np.lexsort((np.arange(n), link, ino, dev))
         first = np.ones(n, dtype=bool)
         first[1:] = (dev[order][1:] != dev[order][:-1]) | (ino[order][1:] != ino[order][:-1])
-        keep = np.sort(order[first])
+        keep = np.sort(order[first | (link[order] == 0)])
         if len(keep) == n:
             return samples
         dup = int(np.flatnonzero(np.isin(np.arange(n), keep, invert=True))[0])
-        log.warning("%s: left out %d second name(s) of files already listed (symbolic or hard links), e.g. %r",
+        log.warning("%s: left out %d symbolic link(s) to files already listed, e.g. %r",
                     self.root, n - len(keep), samples.path(dup))
         return samples.take(keep)
 

@@ -89,8 +89,9 @@ def test_loaders_bench_same_images_every_loader(tmp_path, sample_root):
     assert names[0] == "torch" and {"ffcv", "dali"} <= set(names)  # installed by the set-up
     n = out["images"] // 4 * 4
     assert all(r["images"] == n and r["img_per_s"] > 0 for r in out["rows"])
-    # the steady rate leaves out each epoch's start (time to its first batch), so it is the higher
-    assert all(0 < r["epoch_start_s"] and r["steady_img_per_s"] >= r["img_per_s"] for r in out["rows"])
+    # each epoch's start (time to its first batch) is timed apart, and a steady rate given beside
+    # the overall one (no ordering between the two is asserted: that would be a timed test)
+    assert all(r["epoch_start_s"] >= 0 and r["steady_img_per_s"] > 0 for r in out["rows"])
     assert out["conversion"]["written"] == out["images"]
     folder = next(tmp_path.glob("loaders-*"))
     assert {p.name for p in folder.iterdir()} == {"loaders.md", "loaders.json", "loaders.png"}
