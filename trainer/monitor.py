@@ -13,9 +13,9 @@ The curves (loss of the logged steps, epoch means and validation loss; lr) are d
 from __future__ import annotations
 
 import json
-import os
 import logging
 import math
+import os
 from pathlib import Path
 
 log = logging.getLogger("simmim")
@@ -131,7 +131,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     step, one colour per run, written atomically as PNG. `runs`: label -> metrics records."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-    from simmim.pipeline.io import atomic_write
+    from .visualize import save_png
 
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_lr = fig.subplots(1, 2)
@@ -152,12 +152,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
+    return save_png(fig, path, title)
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:

@@ -39,6 +39,11 @@ def save_reconstruction(images, masks, pred, mean, std, path: str | Path, title:
             ax.set_xticks([]), ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(name)
+    return save_png(fig, path, title)
+
+
+def save_png(fig: Figure, path: str | Path, title: str = "") -> Path:
+    """`fig` (titled, laid out) written atomically as a PNG at 100 dpi; returns the path."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
