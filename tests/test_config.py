@@ -128,3 +128,9 @@ def test_every_numeric_option_has_a_range():
                                            type(getattr(Config(), section.name)))
                if any(t in str(f.type) for t in ("int", "float"))]
     assert numeric and not [k for k in numeric if k not in known]
+
+
+def test_parallel_is_checked_at_load():
+    with pytest.raises(ConfigError, match="train.parallel"):
+        load_config("demo", ["train.parallel=zero3"])
+    assert load_config("demo", ["train.parallel=fsdp"]).train.parallel == "fsdp"

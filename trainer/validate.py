@@ -38,6 +38,7 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
     from simmim.pipeline.loaders import BACKENDS
 
     from .model import ARCHS, WEIGHT_DECAY_RULES
+    from .parallel import PARALLEL
     from .schedule import ANCHORS
     return {
         "data.backend": one_of(*BACKENDS), "data.img_size": POSITIVE, "data.mask_patch_size": POSITIVE,
@@ -58,6 +59,7 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
         "train.epochs": POSITIVE, "train.warmup_epochs": NON_NEGATIVE, "train.accum_steps": POSITIVE,
         "train.seed": NON_NEGATIVE, "train.device": one_of("auto", "cpu", "cuda"),
         "train.precision": one_of("auto", "bf16", "fp16", "fp32"), "train.max_skipped_steps": POSITIVE,
+        "train.parallel": one_of(*PARALLEL),
         "run.out_dir": _rule(bool, "a folder"), "run.log_every": POSITIVE, "run.save_every": POSITIVE,
         "run.keep_last": NON_NEGATIVE, "run.vis_every": POSITIVE, "run.stop_check_every": POSITIVE,
         "run.val_every": NON_NEGATIVE, "run.save_every_minutes": NON_NEGATIVE,
