@@ -10,7 +10,7 @@
     simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
     simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
 
-`simmim bench NAME` is added by `simmim.benchmarks.cli`, the `simmim` console script: benchmarks
+`simmim bench NAME` is added by benchmarks/cli.py, the `simmim` console script: benchmarks
 sit above the trainer and nothing imports them (DESIGN.md), so this module builds the parser
 (`build_parser`) and runs a parsed command (`run`) for both; `python -m simmim.trainer.cli`, as
 trainer/run.sh calls it, has every command but `bench`.
@@ -122,7 +122,7 @@ def drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The `simmim` parser and its subcommand table (to which `simmim.benchmarks.cli` adds `bench`);
+    """The `simmim` parser and its subcommand table (to which benchmarks/cli.py adds `bench`);
     each subcommand sets `fn`, called by `run` with the parsed arguments."""
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
