@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -44,6 +44,54 @@ class EpochResult:
     good_steps: int = 0  # steps run in this call that were not skipped
     stopped: str = ""  # "" | "signal" | "diverged" | "data" (the loader raised `error`)
     error: DatasetError | None = None
+
+
+def forward_backward(model: torch.nn.Module, data: Iterator, scaler: torch.amp.GradScaler, step_loss: torch.Tensor,
+                     *, accum_steps: int, amp_dtype: torch.dtype | None, key: tuple[int, int, int, int],
+                     device: torch.device) -> tuple[int, float, DatasetError | None]:
+    """One optimizer step's `accum_steps` micro-batches: forward under autocast and the scaled
+    backward; `step_loss` (a 0-d tensor) accumulates the step's mean loss on the device. The
+    gradient all-reduce runs on the last micro-batch only. key = (seed, epoch, step, rank).
+    Returns (images, seconds the host waited on the loader, the DatasetError that cut the step
+    short or None)."""
+    seed, epoch, step_in_epoch, rank = key
+    images, waited = 0, 0.0
+    for micro in range(accum_steps):
+        t0 = time.perf_counter()
+        try:
+            batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
+        except DatasetError as e:
+            return images, waited, e
+        waited += time.perf_counter() - t0
+        # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
+        # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
+        with sync_context(model, micro == accum_steps - 1), \
+                keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
+            with autocast(device.type, amp_dtype):
+                loss = model(*batch)
+            scaler.scale(loss / accum_steps).backward()
+        step_loss += loss.detach() / accum_steps
+        images += batch[0].shape[0]
+    return images, waited, None
+
+
+def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
+           clip_grad: float, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale, clip (0: no clipping), step, zero the gradients. A step whose gradient norm is not
+    finite is skipped on the device and counted in `state`. Returns (grad norm, found_inf 0./1.),
+    both 0-d device tensors: nothing here waits on the device."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(params, clip_grad if clip_grad > 0 else float("inf"))
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself
+    else:
+        skip_nonfinite_step(optimizer, found_inf)  # fused AdamW: decided on the device, no host sync
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.skipped += found_inf
+    state.streak = (state.streak + found_inf) * found_inf
+    return grad_norm, found_inf
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -84,38 +132,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         for group in optimizer.param_groups:  # set from the schedule each step: a scale applies once
             group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss.zero_()
-        for micro in range(accum_steps):
-            t0 = time.perf_counter()
-            try:
-                batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
-            except DatasetError as e:
-                result.stopped, result.error = "data", e
-                break
-            waited += time.perf_counter() - t0  # host time blocked on the loader
-            last = micro == accum_steps - 1
-            # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
-            # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
-            with sync_context(model, last), keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
-                with autocast(device.type, amp_dtype):
-                    loss = model(*batch)
-                scaler.scale(loss / accum_steps).backward()
-            step_loss += loss.detach() / accum_steps
-            images_seen += batch[0].shape[0]
-        if result.stopped:
+        n, w, error = forward_backward(model, data, scaler, step_loss, accum_steps=accum_steps, amp_dtype=amp_dtype,
+                                       key=(seed, epoch, step_in_epoch, rank), device=device)
+        images_seen, waited = images_seen + n, waited + w
+        if error is not None:
+            result.stopped, result.error = "data", error
             optimizer.zero_grad(set_to_none=True)  # the step's micro-batches are incomplete: not taken
             break
-        scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(params, clip_grad if clip_grad > 0 else float("inf"))
-        found_inf = (~torch.isfinite(grad_norm)).float()
-        if scaler.is_enabled():
-            scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself
-        else:
-            skip_nonfinite_step(optimizer, found_inf)  # fused AdamW: decided on the device, no host sync
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.skipped += found_inf
+        grad_norm, found_inf = update(optimizer, scaler, params, clip_grad, state)
         epoch_skipped += found_inf
-        state.streak = (state.streak + found_inf) * found_inf
         loss_sum += torch.where(found_inf > 0, 0.0, step_loss)
         run_steps += 1
         result.steps_done = step_in_epoch + 1
