@@ -106,6 +106,26 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
     return samples, classes
 
 
+def check_arguments(dst_path: Path, write_mode: str, jpeg_quality: int, on_error: str, page_size: int,
+                    force: bool) -> None:
+    """`convert`'s options and output, checked before the listing and any decoding; DatasetError
+    (one line) for a bad value, a folder or existing file as DST (without force), or an unwritable
+    place."""
+    if write_mode not in WRITE_MODES:
+        raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
+    if not 1 <= jpeg_quality <= 100:
+        raise DatasetError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
+    if on_error not in ("skip", "fail"):
+        raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
+    if page_size:
+        check_page_size(page_size)
+    if dst_path.is_dir():
+        raise DatasetError(f"{dst_path} is a directory; give a file name such as train.beton")
+    if dst_path.exists() and not force:
+        raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
+    check_output(dst_path)
+
+
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
             compress_probability: float = 0.5, jpeg_quality: int = 90, workers: int = 0,
             chunk_size: int = 100, limit: int = 0, on_error: str = "skip", force: bool = False,
@@ -119,19 +139,7 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     the run with DatasetError (one line).
     """
     dst_path = Path(dst)
-    if write_mode not in WRITE_MODES:
-        raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
-    if not 1 <= jpeg_quality <= 100:
-        raise DatasetError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
-    if on_error not in ("skip", "fail"):
-        raise DatasetError(f"on_error must be 'skip' or 'fail', got '{on_error}'")
-    if page_size:
-        check_page_size(page_size)
-    if dst_path.is_dir():
-        raise DatasetError(f"{dst_path} is a directory; give a file name such as train.beton")
-    if dst_path.exists() and not force:
-        raise DatasetError(f"{dst_path} exists; pass --force to overwrite it")
-    check_output(dst_path)  # before the listing and any decoding
+    check_arguments(dst_path, write_mode, jpeg_quality, on_error, page_size, force)
     t0 = time.perf_counter()
     samples, classes = list_samples(src, limit)
     workers = workers or os.cpu_count() or 1
