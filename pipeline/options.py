@@ -1,0 +1,101 @@
+"""The data pipeline's own options: the `data` section of a run config, and the frozen `LoaderSpec`
+a loader is built from.
+
+`DataConfig` is what a user sets (YAML `data:` / `data.x=y` overrides, filled by OmegaConf in
+`trainer/config.py`); the backend-only options sit in their own sub-sections, `data.ffcv.*` and
+`data.dali.*`, so one recipe can switch `data.backend` and every key has one owner. A task (pre-training,
+fine-tuning, evaluation) turns it into a `LoaderSpec` with what it alone knows (training or evaluation
+view, labels, the per-image transform) via `LoaderSpec.from_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .augment import Augmentation
+from .decode import MAX_PIXELS
+
+__all__ = ["DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec"]
+
+
+@dataclass
+class FFCVOptions:
+    """`data.ffcv.*`: how the FFCV backend reads its .beton."""
+    order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
+    os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
+    buffer_pages: int = 8  # quasi_random: pages shuffled together
+    batches_ahead: int = 3  # batches FFCV prepares ahead of the trainer
+
+
+@dataclass
+class DALIOptions:
+    """`data.dali.*`: the DALI backend's speed knobs."""
+    device: str = "auto"  # auto (mixed with a GPU, else cpu) | mixed | cpu
+    hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
+    prefetch: int = 2  # batches prepared ahead
+    threads: int = 0  # CPU threads; 0: data.num_workers
+    preallocate: int = 0  # bytes per image to preallocate for decoding; 0: DALI's default
+
+
+@dataclass
+class DataConfig:
+    """`data.*`: what to read and how to batch it (shared by pre-training and fine-tuning)."""
+    backend: str = "torch"  # torch | ffcv | dali
+    path: str = "data/imagenet/train"
+    img_size: int = 192
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    batch_size: int = 128  # per process, per micro-step
+    val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
+    num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
+    max_pixels: int = MAX_PIXELS  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
+    ffcv: FFCVOptions = field(default_factory=FFCVOptions)
+    dali: DALIOptions = field(default_factory=DALIOptions)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a loader is asked to produce, fixed for its life.
+
+    backend / path / batch_size (per process) / num_workers / max_pixels: as in `DataConfig`;
+    aug: the training view (`Augmentation`: size, crop scale and ratio, flip, mean/std);
+    train: the training view (random resized crop + flip) or the evaluation view (shorter side to
+    size / crop_ratio, centre crop); labels: batches end with the labels (int64, (B,));
+    drop_last: every batch full (training) or the remainder kept (evaluation);
+    dtype: the image dtype on the device (float32 | float16 | bfloat16);
+    transform: the torch backend's per-image PIL transform after the crop (fine-tuning's RandAugment);
+    ffcv / dali: the backend-only options.
+    """
+    backend: str
+    path: str
+    aug: Augmentation
+    batch_size: int
+    num_workers: int = 4
+    max_pixels: int = MAX_PIXELS
+    train: bool = True
+    labels: bool = False
+    drop_last: bool = True
+    crop_ratio: float = 0.875
+    dtype: torch.dtype = torch.float32
+    transform: Callable[..., Any] | None = None
+    ffcv: FFCVOptions = field(default_factory=FFCVOptions)
+    dali: DALIOptions = field(default_factory=DALIOptions)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, aug: Augmentation, path: str | None = None, **task) -> LoaderSpec:
+        """The spec of `data` (a `DataConfig`, or an OmegaConf node of one) for `path` (default
+        `data.path`); `task` sets the task-only fields (train, labels, drop_last, crop_ratio, dtype,
+        transform). TypeError for an unknown field name (an internal bug, not a user error)."""
+        return cls(backend=data.backend, path=str(data.path if path is None else path), aug=aug,
+                   batch_size=data.batch_size, num_workers=data.num_workers, max_pixels=data.max_pixels,
+                   ffcv=FFCVOptions(**_plain(data.ffcv)), dali=DALIOptions(**_plain(data.dali)), **task)
+
+
+def _plain(section) -> dict:
+    """A dataclass instance or an OmegaConf node -> {field: value}."""
+    if dataclasses.is_dataclass(section):
+        return dataclasses.asdict(section)
+    return dict(section)
