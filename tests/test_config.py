@@ -78,8 +78,8 @@ def test_resolved_config_round_trips(tmp_path):
     ("data.mask_patch_size=40", "data.img_size 192 must be a multiple of data.mask_patch_size 40"),
     ("data.mask_patch_size=6", "data.mask_patch_size 6 must divide data.img_size 192 and be a multiple of the swin_base patch size 4"),
     ("data.backend=tf", "'data.backend' must be one of torch, ffcv, dali, got 'tf'"),
-    ("data.order=shuffled", "'data.order' must be one of"),
-    ("data.dali_hw_decoder_load=1.5", "'data.dali_hw_decoder_load' must be in [0, 1]"),
+    ("data.ffcv.order=shuffled", "'data.ffcv.order' must be one of"),
+    ("data.dali.hw_decoder_load=1.5", "'data.dali.hw_decoder_load' must be in [0, 1]"),
     ("model.arch=resnet", "'model.arch' must be one of swin_base"),
     ("model.window_size=5", "Swin window 5 does not tile stage 0"),
     ("model.norm_target=4", "'model.norm_target' must be 0 or an odd window >= 3, got 4"),
@@ -134,3 +134,15 @@ def test_parallel_is_checked_at_load():
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config("demo", ["train.parallel=zero3"])
     assert load_config("demo", ["train.parallel=fsdp"]).train.parallel == "fsdp"
+
+
+def test_flat_backend_keys_of_earlier_versions_still_load(caplog):
+    """Saved configs and recipes of earlier versions used data.dali_device / data.order: they land in
+    the data.dali / data.ffcv sections, with a warning naming the new key."""
+    from simmim.trainer.config import config_from_dict, load_config
+
+    cfg = config_from_dict({"data": {"dali_device": "cpu", "order": "quasi_random", "dali_prefetch": 3}})
+    assert (cfg.data.dali.device, cfg.data.ffcv.order, cfg.data.dali.prefetch) == ("cpu", "quasi_random", 3)
+    assert "'data.dali_device' is now 'data.dali.device'" in caplog.text
+    cfg = load_config(None, ["data.os_cache=false", "data.dali.threads=2"])
+    assert (cfg.data.ffcv.os_cache, cfg.data.dali.threads) == (False, 2)

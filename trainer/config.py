@@ -6,6 +6,7 @@ computed by the wiring and logged, never written back here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -14,33 +15,12 @@ from pathlib import Path
 import yaml
 
 from simmim.pipeline.errors import ConfigError
+from simmim.pipeline.options import DataConfig
 from simmim.pipeline.io import write_text
 
 RECIPES = Path(__file__).parent / "configs"
+log = logging.getLogger("simmim")
 __all__ = ["Config", "ConfigError", "RECIPES", "config_from_dict", "load_config", "parse_override", "save_config"]
-
-
-@dataclass
-class DataConfig:
-    backend: str = "torch"  # torch | ffcv | dali
-    path: str = "data/imagenet/train"
-    img_size: int = 192
-    mask_patch_size: int = 32
-    mask_ratio: float = 0.6
-    batch_size: int = 128  # per process, per micro-step
-    val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
-    num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
-    max_pixels: int = 89_478_485  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
-    # ffcv
-    order: str = "random"  # random | quasi_random (page-local, for a .beton larger than RAM) | sequential
-    os_cache: bool = True  # memory-map the .beton; false: read pages per epoch (with quasi_random)
-    buffer_pages: int = 8  # quasi_random: pages shuffled together
-    # dali
-    dali_device: str = "auto"  # auto (mixed with a GPU, else cpu) | mixed | cpu
-    dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
-    dali_prefetch: int = 2  # batches prepared ahead
-    dali_threads: int = 0  # CPU threads; 0: num_workers
-    dali_preallocate: int = 0  # bytes per image to preallocate for decoding; 0: DALI's default
 
 
 @dataclass
@@ -190,6 +170,29 @@ def _fill(obj, values: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
 
+# keys of earlier versions (flat backend options) -> where they live now; saved configs and recipes
+# that use them still load, with a warning
+RENAMED = {"data.order": "data.ffcv.order", "data.os_cache": "data.ffcv.os_cache",
+           "data.buffer_pages": "data.ffcv.buffer_pages", "data.dali_device": "data.dali.device",
+           "data.dali_hw_decoder_load": "data.dali.hw_decoder_load", "data.dali_prefetch": "data.dali.prefetch",
+           "data.dali_threads": "data.dali.threads", "data.dali_preallocate": "data.dali.preallocate"}
+
+
+def _renamed(values: dict) -> dict:
+    """`values` with the `RENAMED` keys moved to their new place (a warning names each)."""
+    data = values.get("data")
+    if not isinstance(data, dict):
+        return values
+    data = dict(data)
+    for old, new in RENAMED.items():
+        name = old.split(".", 1)[1]
+        if name in data:
+            section, sub = new.split(".")[1:]
+            log.warning("config key '%s' is now '%s'", old, new)
+            data[section] = {**(data.get(section) or {}), sub: data.pop(name)}
+    return {**values, "data": data}
+
+
 def parse_override(text: str) -> dict:
     """'optim.base_lr=1e-4' -> {'optim': {'base_lr': 1e-4}}; the value is read as YAML."""
     if "=" not in text:
@@ -247,9 +250,9 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
-        _fill(cfg, _float_strings(values))
+        _fill(cfg, _renamed(_float_strings(values)))
     for text in overrides:
-        _fill(cfg, _float_strings(parse_override(text)))
+        _fill(cfg, _renamed(_float_strings(parse_override(text))))
     validate_config(cfg)
     return cfg
 
@@ -259,9 +262,9 @@ def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
     from .validate import validate_config
 
     cfg = Config()
-    _fill(cfg, _float_strings(values))
+    _fill(cfg, _renamed(_float_strings(values)))
     for text in overrides:
-        _fill(cfg, _float_strings(parse_override(text)))
+        _fill(cfg, _renamed(_float_strings(parse_override(text))))
     validate_config(cfg)
     return cfg
 

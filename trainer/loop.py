@@ -147,7 +147,9 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
 
 def loader_options(d) -> dict:
     """The `data.*` keys that are backend options (see `pipeline.loaders`), for `build_loader`."""
-    return {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if f.name in BACKEND_OPTIONS}
+    flat = {"max_pixels": d.max_pixels, **dataclasses.asdict(d.ffcv),
+            **{f"dali_{k}": v for k, v in dataclasses.asdict(d.dali).items()}}
+    return {k: v for k, v in flat.items() if k in BACKEND_OPTIONS}
 
 
 class StopFlag:

@@ -33,8 +33,8 @@ log = logging.getLogger("simmim")
 # the optimizer's form) would make the checkpoint a different run's.
 RESUMABLE = ("run.*", "train.epochs", "train.device", "train.precision", "train.compile", "train.cpu_offload",
              "train.grad_checkpointing", "train.channels_last", "train.max_skipped_steps", "train.accum_steps",
-             "data.path", "data.val_path", "data.max_pixels", "data.backend", "data.batch_size", "data.num_workers", "data.order", "data.os_cache",
-             "data.buffer_pages", "data.dali_*", "optim.base_lr", "optim.warmup_lr", "optim.min_lr",
+             "data.path", "data.val_path", "data.max_pixels", "data.backend", "data.batch_size", "data.num_workers", "data.ffcv.*",
+             "data.dali.*", "optim.base_lr", "optim.warmup_lr", "optim.min_lr",
              "optim.clip_grad", "model.fused_shuffle", "finetune.val_path", "finetune.eval_every")
 
 

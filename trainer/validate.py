@@ -43,9 +43,9 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
     return {
         "data.backend": one_of(*BACKENDS), "data.img_size": POSITIVE, "data.mask_patch_size": POSITIVE,
         "data.mask_ratio": OPEN_UNIT, "data.batch_size": POSITIVE, "data.num_workers": NON_NEGATIVE,
-        "data.order": one_of(*ORDERS), "data.buffer_pages": POSITIVE, "data.dali_device": one_of(*DEVICES),
-        "data.dali_hw_decoder_load": UNIT, "data.dali_prefetch": POSITIVE, "data.dali_threads": NON_NEGATIVE,
-        "data.dali_preallocate": NON_NEGATIVE,
+        "data.ffcv.order": one_of(*ORDERS), "data.ffcv.buffer_pages": POSITIVE, "data.ffcv.batches_ahead": POSITIVE,
+        "data.dali.device": one_of(*DEVICES), "data.dali.hw_decoder_load": UNIT, "data.dali.prefetch": POSITIVE,
+        "data.dali.threads": NON_NEGATIVE, "data.dali.preallocate": NON_NEGATIVE,
         "model.arch": one_of(*ARCHS), "model.window_size": NON_NEGATIVE, "model.drop_path": HALF_OPEN_UNIT,
         "model.loss": one_of(*LOSSES), "model.loss_beta": POSITIVE,
         "model.norm_target": _rule(lambda v: v == 0 or (v >= 3 and v % 2 == 1), "0 or an odd window >= 3"),
@@ -71,8 +71,9 @@ def rules() -> dict[str, tuple[Callable[[object], bool], str]]:
 
 
 def _value(cfg, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def validate_config(cfg) -> None:
