@@ -66,7 +66,9 @@ class LoaderSpec:
     size / crop_ratio, centre crop); labels: batches end with the labels (int64, (B,));
     drop_last: every batch full (training) or the remainder kept (evaluation);
     dtype: the image dtype on the device (float32 | float16 | bfloat16);
-    transform: the torch backend's per-image PIL transform after the crop (fine-tuning's RandAugment);
+    rand_augment: fine-tuning's RandAugment as timm's spec string (e.g. 'rand-m9-mstd0.5-inc1'; empty:
+    off), applied by each backend in its own way on the training view;
+    transform: the torch backend's per-image PIL transform after the crop;
     ffcv / dali: the backend-only options.
     """
     backend: str
@@ -80,6 +82,7 @@ class LoaderSpec:
     drop_last: bool = True
     crop_ratio: float = 0.875
     dtype: torch.dtype = torch.float32
+    rand_augment: str = ""
     transform: Callable[..., Any] | None = None
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
@@ -88,7 +91,7 @@ class LoaderSpec:
     def from_config(cls, data: DataConfig, aug: Augmentation, path: str | None = None, **task) -> LoaderSpec:
         """The spec of `data` (a `DataConfig`, or an OmegaConf node of one) for `path` (default
         `data.path`); `task` sets the task-only fields (train, labels, drop_last, crop_ratio, dtype,
-        transform). TypeError for an unknown field name (an internal bug, not a user error)."""
+        rand_augment, transform). TypeError for an unknown field name (an internal bug, not a user error)."""
         return cls(backend=data.backend, path=str(data.path if path is None else path), aug=aug,
                    batch_size=data.batch_size, num_workers=data.num_workers, max_pixels=data.max_pixels,
                    ffcv=FFCVOptions(**_plain(data.ffcv)), dali=DALIOptions(**_plain(data.dali)), **task)
