@@ -217,6 +217,38 @@ def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
     finally:
         ffcv_compat.close_epoch(epoch)
     assert not epoch.is_alive() and epoch.closed
+    from ffcv.pipeline.compiler import Compiler
+
+    for name in ffcv_compat.ATTRIBUTES["Compiler"]:
+        assert hasattr(Compiler, name), f"ffcv Compiler.{name}"
+    for name in ffcv_compat.ATTRIBUTES["Reader"]:
+        assert hasattr(loader.reader, name), f"ffcv Reader.{name}"
+
+
+def test_ffcv_leaves_torch_thread_count_alone(sample_beton):
+    """FFCV sets torch's (process-wide) thread count at import (to 1), in Loader() and at every
+    epoch start, the last from its producer thread (to num_workers); ffcv_compat.keep_torch_threads
+    keeps the trainer's count through all of them. A fresh process, so FFCV is imported there."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+torch.set_num_threads(1)
+from simmim.pipeline import Augmentation, LoaderSpec
+from simmim.pipeline.ffcv_loader import FFCVLoader
+loader = FFCVLoader(LoaderSpec("ffcv", {str(sample_beton)!r}, Augmentation(size=16), 16, 2), None, "cpu")
+counts = [torch.get_num_threads()]
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    for _ in loader:
+        counts.append(torch.get_num_threads())
+from ffcv.pipeline.compiler import Compiler
+print(sorted(set(counts)), len(counts) == 1 + 2 * len(loader) > 1, Compiler.num_threads)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[1] True 2"  # FFCV's own (numba) threads: still 2
 
 
 def test_convert_orientation_and_bit_depth(tmp_path):
