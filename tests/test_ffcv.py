@@ -225,6 +225,23 @@ def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
         assert hasattr(loader.reader, name), f"ffcv Reader.{name}"
 
 
+def test_ffcv_preview_batch_matches_the_reference(sample_root, sample_beton):
+    """The figure preview read from the .beton (ffcv_compat.read_image): the same every call, and
+    the reference loader's preview of the source folder up to the JPEG decoders' differences."""
+    from simmim.pipeline.augment import denormalize
+
+    aug = Augmentation(size=32)
+    loader = make_loader(FFCVLoader, str(sample_beton), aug, MaskGenerator(32, 16, 0.5), 4, 1, seed=2)
+    images, masks = loader.preview_batch(5)
+    again = loader.preview_batch(5)
+    assert torch.equal(again[0], images) and torch.equal(again[1], masks) and images.shape == (5, 3, 32, 32)
+    ref, ref_masks = make_loader(ReferenceLoader, str(sample_root / "train"), aug, MaskGenerator(32, 16, 0.5), 4,
+                                 seed=2).preview_batch(5)
+    assert torch.equal(masks, ref_masks)
+    diff = (denormalize(images, aug.mean, aug.std) - denormalize(ref, aug.mean, aug.std)).abs().mean().item()
+    assert diff < 2 / 255
+
+
 def test_ffcv_leaves_torch_thread_count_alone(sample_beton):
     """FFCV sets torch's (process-wide) thread count at import (to 1), in Loader() and at every
     epoch start, the last from its producer thread (to num_workers); ffcv_compat.keep_torch_threads
