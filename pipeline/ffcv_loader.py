@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from .convert import open_beton
-from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer
-from .ffcv_compat import read_image
-from .folder import center_crop, read_classes
 from .errors import DatasetError
+from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
+from .folder import center_crop, read_classes, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec
@@ -207,8 +206,6 @@ class FFCVLoader(Loader):
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
         """The evaluation view of the stored images (`simmim convert` checked they decode)."""
         from PIL import Image
-
-        from .folder import to_tensor
 
         return [to_tensor(center_crop(Image.fromarray(read_image(self.path, self.reader, i)), self.aug.size,
                                       self.spec.crop_ratio)) for i in indices]

@@ -5,8 +5,8 @@ Reads a class-folder tree or a `path label` list (the scan list beside a folder 
 as DALI reads it); the rank's samples per epoch are `sharding.ShardedSampler`'s. Each sample's crop
 and flip come from its own generator (`derive_seed("sample", seed, epoch, index)`), so the batches
 do not depend on the number of workers. `spec.rand_augment` (fine-tuning) is timm's RandAugment on
-the PIL crop (`rand_augment.PILRandAugment`). The images
-leave the workers as uint8 and are normalised on the device by the base (`loader.Loader`).
+the PIL crop (`rand_augment.PILRandAugment`). The images leave the workers as uint8 and are
+normalised on the device by the base (`loader.Loader`).
 """
 from __future__ import annotations
 
