@@ -85,6 +85,10 @@ class Task(Protocol):
     def describe_data(self) -> str:
         """One phrase for the start-of-run log line about the data."""
 
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        """The files and folders the run reads, checked before anything is written:
+        {config key: (path, what to do if it is missing)}; empty paths are not used."""
+
     def prepare(self, model: nn.Module, loader, dist: DistInfo) -> None:
         """Work that needs the built loader, before the first step (e.g. a fixed figure batch)."""
 
@@ -364,6 +368,22 @@ class Run:
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
 
 
+def check_inputs(cfg: Config, task: Task) -> None:
+    """Before the run folder is made (its lock is the first thing written): DatasetError /
+    CheckpointError, one line naming the key, for a data option out of place, a backend that is not
+    installed, or an input of the task that does not exist."""
+    from simmim.pipeline.loaders import INSTALL, available, validate_data_args
+
+    d = cfg.data
+    validate_data_args(d.backend, d.path, d.max_pixels)
+    if not available(d.backend):
+        raise DatasetError(f"data.backend {d.backend} is not installed: {INSTALL[d.backend][1]}")
+    for key, (path, hint) in task.inputs().items():
+        if path and not Path(path).exists():
+            error = CheckpointError if key == "finetune.pretrained" else DatasetError
+            raise error(f"{key} '{path}' does not exist: {hint}")
+
+
 def open_run_folder(cfg: Config, dist: DistInfo) -> tuple[Path | None, dict | None]:
     """The newest readable checkpoint of run.out_dir (if any), checked against `cfg` before
     anything is written; then the config file and the log file. Rank 0 holds the folder's lock."""
@@ -474,8 +494,9 @@ def fit(cfg: Config, task: Task) -> dict:
     checkpoint, raises Preempted after a stop signal, Diverged after train.max_skipped_steps
     non-finite steps in a row, DataFailure when a data file fails. RunFolderBusy if another job
     holds run.out_dir, ConfigError if it holds a run of another config or any value of `cfg` is out
-    of range."""
+    of range, DatasetError / CheckpointError if an input is missing (all before anything is written)."""
     validate_config(cfg)  # a Config built in code, not by load_config, is checked here too
+    check_inputs(cfg, task)
     dist = init_distributed(cfg.train.device)
     with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
         return train(cfg, task, dist)
