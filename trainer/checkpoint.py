@@ -312,17 +312,6 @@ class DCPCheckpointer:
 
                 dist.barrier()  # rank 0's publish callback has run before anyone looks for the folder
 
-    def finished_latest(self) -> Path | None:
-        """The newest published checkpoint, once an async save in flight has finished writing
-        (without the barrier of `wait()`: for a rank that leaves alone, the others being stuck in
-        a collective)."""
-        if self.pending is not None:
-            try:
-                self.pending.result()
-            except (Exception, CheckpointException):  # noqa: BLE001 - then the one before it
-                pass
-        return self.latest()
-
     def _failed(self, e: BaseException, tmp: Path) -> None:
         """A failed save: its partial folder removed (rank 0), CheckpointError for a write that
         failed with an OSError (a full disk, a quota, permissions), else the error itself."""

@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except UserError as e:
-        print(f"simmim {args.command}: error: {e}", file=sys.stderr)
+        if not (getattr(e, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):  # said once, by rank 0
+            print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"simmim {args.command}: interrupted", file=sys.stderr)

@@ -13,6 +13,8 @@ import torch.distributed as dist
 
 from simmim.pipeline.errors import ConfigError
 
+_HOST_GROUP = None  # gloo group for host-side agreement when the default group is NCCL (None: the default)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -51,6 +53,8 @@ def init_distributed(preference: str = "auto") -> DistInfo:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend=backend, store=dist.PrefixStore(f"simmim/attempt{attempt}", store),
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
     return DistInfo(rank, local_rank, world, device)
 
 
@@ -88,11 +92,34 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def host_any(flag: bool) -> bool:
+    """True if `flag` is true on any rank: one all-reduce of a CPU tensor over gloo (a side group
+    when the default is NCCL), so the device is not synchronised; a few tens of microseconds on a
+    node. Every rank must call it at the same point."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(t.item())
+
+
+def first_reported(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose `message` is not None, seen by every rank (an
+    all-gather of small objects over gloo; for the rare path after `host_any` said one failed)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None if message is None else (0, message)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, message, group=_HOST_GROUP)
+    return next(((r, m) for r, m in enumerate(every) if m is not None), None)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
+    global _HOST_GROUP
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST_GROUP = None

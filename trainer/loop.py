@@ -12,11 +12,10 @@ Checkpoints: every run.save_every epochs, every run.save_every_minutes mid-epoch
 decides, the ranks agree at their stop checks), and on the way out of a stopped run:
 - SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
   is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
-- A data file that fails mid-run (DatasetError from the loader): the last complete step is saved
-  and the run ends with one line naming the file and the command that rebuilds the list. Under
-  FSDP2 (train.parallel=fsdp, several ranks) nothing is saved then: the failing rank holds only its
-  shards and the others are blocked in the step's collectives, so the line names the newest
-  checkpoint instead (the periodic or time-based one the run resumes from).
+- A data file that fails mid-run (DatasetError from the loader, on any rank): every rank stops at
+  the same step (the ranks agree before each micro-batch's first collective), the last complete
+  step is saved (by every rank under FSDP2) and the run ends with one line naming the file, the
+  rank and the command that rebuilds the list.
 Checkpoints go through a checkpointer (checkpoint.py): torch.save files for DDP, DCP folders for
 FSDP2; both follow the same run-folder rules (runfolder.py).
 The run folder is one job's (runfolder.RunLock); a resume first checks the checkpoint's config
@@ -47,8 +46,8 @@ from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import CheckpointError, make_checkpointer
 from .config import Config, save_config
-from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .engine import EpochResult, StepState, train_one_epoch
+from .distributed import DistInfo, barrier, cleanup, first_reported, init_distributed
+from .engine import EpochResult, PeerDataFailure, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
@@ -69,7 +68,9 @@ class Diverged(Exception):
 
 
 class DataFailure(DatasetError):
-    """A data file failed mid-run; the steps before it are saved."""
+    """A data file failed mid-run; the steps before it are saved. Raised on every rank with the
+    same message, which rank 0 alone prints (`all_ranks`)."""
+    all_ranks = True
 
 
 class Task(Protocol):
@@ -319,21 +320,17 @@ class Run:
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
         """A diverged, signalled or data-failed epoch: checkpoint, leave the process group, raise."""
         self.monitor.close()
-        if res.stopped == "data":
-            # the failing rank alone: the others wait for its gradients, so no collective can run
-            what = one_line(res.error)
+        if res.stopped == "data":  # every rank stopped at the same step (engine.forward_backward)
+            mine = None if isinstance(res.error, PeerDataFailure) else one_line(res.error)
+            rank, what = first_reported(mine) or (self.dist.rank, one_line(res.error))
             fix = "" if "simmim scan" in what else (f"; rebuild the file list with `simmim scan {self.cfg.data.path}` "
                                                     f"(it leaves out unreadable files) and point data.path at it")
-            if is_fsdp(self.model):  # sharded: one rank holds only its shards, so no checkpoint can be written
-                path = self.checkpointer.finished_latest()
-                saved = (f"train.parallel=fsdp cannot save from one rank (the model is sharded over all), so "
-                         f"the run resumes from {path}" if path else
-                         "train.parallel=fsdp cannot save from one rank (the model is sharded over all) and "
-                         "there is no checkpoint yet, so the run starts afresh")
-                raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; {saved}: run the "
-                                  f"same command again to resume")
-            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
-            raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
+            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))
+            self.checkpointer.wait()
+            _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
+            cleanup()
+            where = f"rank {rank}, " if self.dist.world_size > 1 else ""
+            raise DataFailure(f"{what} ({where}at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
                               f"saved in {path}: run the same command again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         self.checkpointer.wait()
