@@ -23,11 +23,11 @@ from simmim.trainer import pretrain as task_module
 
 
 class Failing:
-    """The real loader; on rank FAIL_RANK its FAIL_AT-th batch raises a loader's DatasetError
+    """The real loader; on rank FAIL_RANK its FAIL_AT-th batch (from 0, over all epochs) raises a loader's DatasetError
     (MODE=data) or kills the process (MODE=kill)."""
 
     def __init__(self, loader):
-        self.loader = loader
+        self.loader, self.seen = loader, 0
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -36,8 +36,9 @@ class Failing:
         return len(self.loader)
 
     def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == int(os.environ["FAIL_AT"]):
+        for batch in self.loader:
+            self.seen += 1  # batches over all epochs
+            if self.seen == int(os.environ["FAIL_AT"]) + 1:
                 if os.environ["MODE"] == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise DatasetError("cannot decode '/data/train/n01/gone.JPEG' (FileNotFoundError)")
@@ -83,3 +84,31 @@ def test_data_failure_on_one_rank_stops_all_with_a_checkpoint(sample_root, tmp_p
     assert len(errors) == 1 and "gone.JPEG" in errors[0] and "rank 1," in errors[0] and str(ckpt) in errors[0], \
         text[-4000:]  # said once (rank 0), naming the failing rank's file
     assert "]: Traceback" not in text and "gloo" not in text, text[-4000:]  # no rank's traceback (torchrun's own: run.sh)
+
+
+def test_killed_rank_gives_the_others_one_line(sample_root, tmp_path):
+    """Rank 1 SIGKILLed mid-epoch 1: rank 0's collective fails; it ends with one line naming the
+    lost peer and the checkpoint to resume from (epoch 0's), not gloo's traceback."""
+    proc = torchrun(tmp_path, sample_root, "kill", 1, 14, "train.parallel=ddp", "train.epochs=3",
+                    "run.log_every=5")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("simmim pretrain: error:")]
+    assert len(errors) == 1 and "rank 0 lost the rank at" in errors[0], text[-4000:]
+    assert f"resumes from {tmp_path / 'run' / 'checkpoint-00000010.pt'}" in errors[0]
+    assert "]: Traceback" not in text and "pair.cc" not in text, text[-4000:]
+
+
+def test_peer_gone_only_for_a_peer_gone():
+    """A collective's error becomes one line only when it says a peer went away (gloo, NCCL);
+    anything else (a bug) keeps its traceback."""
+    from simmim.trainer.distributed import peer_gone
+
+    assert peer_gone("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.1.2.3]:11943. This is typically "
+                     "caused by a remote worker crashing.") == "the rank at 10.1.2.3"
+    assert peer_gone("[pair.cc:534] Connection reset by peer") == "another rank"
+    assert peer_gone("NCCL error: remote process exited or there was a network error, NCCL version 2.21") \
+        == "another rank"
+    for bug in ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", "CUDA out of memory",
+                "Expected all tensors to be on the same device"):
+        assert peer_gone(bug) is None

@@ -6,6 +6,7 @@ sets; with no RANK in the environment this is a single process. NCCL on CUDA, gl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,33 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank went away (killed, out of memory, a node lost):
+    not a bug of this process; the message says where the run can resume."""
+
+
+# how a collective fails when its peer is gone: gloo's TCP pairs, NCCL's abort / remote-error
+# reports, the TCP store. Anything else that fails in a collective is a bug and keeps its traceback.
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote process exited|ncclRemoteError|"
+                       r"NCCL communicator was aborted|failed to recv, got 0 bytes|Connection refused")
+
+
+def peer_gone(message: str) -> str | None:
+    """"the rank at HOST" (or "another rank" when the message names no address) if `message`, a
+    collective's error, says that its peer went away; else None."""
+    if not PEER_GONE.search(message):
+        return None
+    addr = re.search(r"\[([^\]\s]+)\]:\d+", message)
+    return f"the rank at {addr.group(1)}" if addr else "another rank"
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """`peer_gone` of a RuntimeError raised with a process group of several ranks; else None."""
+    if not (isinstance(e, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return peer_gone(str(e))
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

@@ -44,9 +44,9 @@ from simmim.pipeline.io import atomic_write
 from simmim.pipeline.loaders import BACKEND_OPTIONS
 from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import CheckpointError, make_checkpointer
+from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer
 from .config import Config, save_config
-from .distributed import DistInfo, barrier, cleanup, first_reported, init_distributed
+from .distributed import DistInfo, PeerLost, barrier, cleanup, first_reported, init_distributed, peer_lost
 from .engine import EpochResult, PeerDataFailure, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
@@ -491,12 +491,23 @@ def fit(cfg: Config, task: Task) -> dict:
     checkpoint, raises Preempted after a stop signal, Diverged after train.max_skipped_steps
     non-finite steps in a row, DataFailure when a data file fails. RunFolderBusy if another job
     holds run.out_dir, ConfigError if it holds a run of another config or any value of `cfg` is out
-    of range, DatasetError / CheckpointError if an input is missing (all before anything is written)."""
+    of range, DatasetError / CheckpointError if an input is missing (all before anything is written);
+    PeerLost if a collective failed because another rank went away."""
     validate_config(cfg)  # a Config built in code, not by load_config, is checked here too
     check_inputs(cfg, task)
     dist = init_distributed(cfg.train.device)
-    with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
-        return train(cfg, task, dist)
+    try:
+        with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
+            return train(cfg, task, dist)
+    except RuntimeError as e:
+        who = peer_lost(e)
+        if who is None:
+            raise
+        found = all_checkpoints(cfg.run.out_dir)
+        resume = f"resumes from {found[-1][1]}" if found else "has no checkpoint yet and starts afresh"
+        raise PeerLost(f"rank {dist.rank} lost {who} in a collective (it was killed or crashed: see that rank's log; "
+                       f"out of memory? a node lost?); run the same command again: the run {resume} "
+                       f"(trainer/run.sh restarts it by itself up to MAX_RESTARTS times)") from None
 
 
 def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
