@@ -112,3 +112,42 @@ def test_peer_gone_only_for_a_peer_gone():
     for bug in ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", "CUDA out of memory",
                 "Expected all tensors to be on the same device"):
         assert peer_gone(bug) is None
+
+
+@pytest.mark.parametrize("to", ["run.sh", pytest.param("group", marks=pytest.mark.slow)])  # ~14 s each
+def test_sigterm_under_run_sh_ends_with_our_line(sample_root, tmp_path, to):
+    """SIGTERM to run.sh (or its whole process group, as a scheduler sends it): the ranks
+    checkpoint, and the job's output ends with the trainer's one line: no SignalException
+    traceback from torchrun after it, no duplicate signal taken for "stop at once"."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "GPUS_PER_NODE": "2", "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
+    run_sh = Path(__file__).resolve().parents[1] / "trainer" / "run.sh"
+    proc = subprocess.Popen(["bash", str(run_sh), *SMALL, "train.epochs=3", f"data.path={sample_root}/train",
+                             f"run.out_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 200
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        text = proc.communicate(timeout=200)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(proc.communicate()[0][-4000:])
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert proc.returncode == 75, text[-4000:]
+    assert lines[-1].startswith("simmim pretrain: stopped by SIGTERM at epoch 0"), text[-4000:]
+    assert sum(line.startswith("simmim pretrain:") for line in lines) == 1  # rank 0 says it for the job
+    assert "Traceback" not in text and any(out.glob("checkpoint-*.pt"))

@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         args.fn(args)
     except Preempted as e:
-        print(f"simmim {args.command}: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped; one line for the job
+            print(f"simmim {args.command}: {e}", file=sys.stderr)
         sys.exit(REQUEUE_EXIT)
     except (Diverged, PeerLost) as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)

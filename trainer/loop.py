@@ -60,7 +60,7 @@ REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run agai
 
 
 class Preempted(Exception):
-    """Stopped by a signal after writing a checkpoint."""
+    """Stopped by a signal after writing a checkpoint (on every rank: rank 0 alone says so)."""
 
 
 class Diverged(Exception):
@@ -158,19 +158,25 @@ def loader_options(d) -> dict:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the training loop polls it."""
+    """Set by SIGTERM / SIGUSR1; the training loop polls it. A second signal more than `REPEAT_S`
+    seconds after the first stops at once; one sooner is the same request arriving twice (a
+    signal sent to the whole process group, which torchrun also passes on)."""
+    REPEAT_S = 5.0
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.at = 0, 0.0
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.at < self.REPEAT_S:
+            return
         if self.signum:  # a second signal: stop now, without a checkpoint
             raise SystemExit(128 + signum)
-        log.warning("received %s: stopping after the current step with a checkpoint (send it again "
-                    "to stop at once)", signal.Signals(signum).name)
+        self.at = time.monotonic()
+        log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
+                    "%.0f s or more later, to stop at once)", signal.Signals(signum).name, self.REPEAT_S)
         self.signum = signum
 
     def __call__(self) -> bool:
