@@ -196,7 +196,7 @@ def test_torch_distributed_launch_local_rank_is_accepted(tmp_path):
     text = proc.stdout + proc.stderr
     assert "unrecognized arguments" not in text
     assert "--local-rank ignored" in text and "torchrun or trainer/run.sh" in text
-    assert "data path '/no/such/folder' does not exist" in text  # it got as far as the data
+    assert "data.path '/no/such/folder' does not exist" in text  # it got as far as the data
 
 
 def test_drop_local_rank():
@@ -293,3 +293,20 @@ def test_metrics_log_drops_a_torn_line(tmp_path):
     log = loop.MetricsLog(path, keep_before_step=2)
     log({"step": 2, "loss": 0.8})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("command, key, error", [
+    ("pretrain", "data.path", DatasetError), ("pretrain", "data.val_path", DatasetError),
+    ("finetune", "data.path", DatasetError), ("finetune", "finetune.val_path", DatasetError),
+    ("finetune", "finetune.pretrained", CheckpointError)])
+def test_missing_input_refused_before_anything_is_written(sample_root, tmp_path, command, key, error):
+    """Every path a run reads is checked before the run folder (and its lock) is made."""
+    from simmim.trainer.finetune import finetune
+
+    out = tmp_path / "run"
+    recipe, fn = ("demo", pretrain) if command == "pretrain" else ("finetune_demo", finetune)
+    cfg = load_config(recipe, [f"data.path={sample_root / 'train'}", f"run.out_dir={out}", *TINY,
+                               f"{key}={tmp_path / 'no' / 'such'}", "run.val_every=1"])
+    with pytest.raises(error, match=rf"^{key}:? '.*no/such' does not exist"):
+        fn(cfg)
+    assert not out.exists()
