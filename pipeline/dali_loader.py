@@ -2,12 +2,16 @@
 
 One DALI pipeline, built at the first epoch and kept: a parallel external source (`EpochSource`,
 run per sample by DALI's Python worker processes) reads each sample's file bytes in the order of
-the epoch, then JPEG decoding with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`;
-only the crop window is decoded) on `device='mixed'` when a GPU is present (nvJPEG, with
-`hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the CPU
-otherwise (`device_id=None`), antialiased bilinear resize of the decoded crop to the input size
-(the reference loader's crop-then-resize), random horizontal flip, and normalisation to CHW
-float/bf16 in one crop_mirror_normalize. Masks, batch assembly and the figure preview are the
+the epoch and draws its training view as the reference loader does (`augment.sample_view`: the
+crop box and flip from `derive_seed("sample", seed, epoch, index)`, on the image size read from
+the file's header), then JPEG decoding of that box only (`fn.decoders.image_slice`, absolute
+pixel coordinates) on `device='mixed'` when a GPU is present (nvJPEG, with `hw_decoder_load` of
+the images sent to the hardware JPEG decoder of A100/H100) or on the CPU otherwise
+(`device_id=None`), antialiased bilinear resize of the decoded crop to the input size (the
+reference loader's crop-then-resize), the flip, and normalisation to CHW float/bf16 in one
+crop_mirror_normalize. So DALI crops the reference loader's boxes and flips its samples (the
+pixels differ only by decoder and resampler, tests/test_pixels.py), whatever the number of
+workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit. Masks, batch assembly and the figure preview are the
 base's (`loader.Loader`); `graph_augment` is where a training-view augmentation joins the graph.
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
@@ -17,12 +21,12 @@ dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume
 right sample. Each epoch's (epoch, start, length) goes to the workers through a small shared
 table (`EpochSchedule`); every worker derives the order itself from it (an array, tens of ms at
 1.28M), so nothing is rebuilt or re-sent per epoch, and no rank holds more than the sample list.
-The augmentation stream is seeded by `derive_seed("dali", seed, epoch, rank, start batch)` of
-the epoch the pipeline is built at and continues from epoch to epoch (a rebuild comes only after
-a failure). Files reach DALI as bytes read in Python, so any name the file
-system allows works.
+The pipeline's own seed (`derive_seed("dali", seed, epoch, rank, start batch)` of the epoch it is
+built at) drives only operators that `graph_augment` adds; the training view's crop and flip do
+not use it. Files reach DALI as bytes read in Python, so any name the file system allows works.
 
-Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied).
+Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied, so
+the header's width x height, as PIL reads it, is the decoded image's and the box is in its pixels).
 DALI stops at the first file it cannot decode, so the files are checked before the first epoch:
 `simmim scan SRC` writes a clean list (`SRC.clean.txt`) and its record; with data.path at SRC the
 list beside it is brought up to date (`scanlist.checked_samples`: a stat per file, only new or
@@ -33,15 +37,19 @@ others wait for the list). A file that fails anyway (changed during the run) rai
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .augment import Augmentation, sample_view
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .errors import DatasetError
 from .folder import SampleList
@@ -93,16 +101,19 @@ class EpochSchedule:
 
 
 class EpochSource:
-    """DALI's per-sample callback (parallel external source): (file bytes uint8 (n,), label int32
-    (1,)) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`. Positions
-    past the epoch's padded length raise StopIteration (DALI ends the epoch there). Pickled to
-    spawned workers as the sample arrays plus the schedule's file name."""
+    """DALI's per-sample callback (parallel external source): file bytes uint8 (n,) and label int32
+    (1,) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`; with `aug`
+    (the training view) also the sample's crop box, start (x, y) and shape (w, h) as float32 (2,)
+    each in pixels, and its flip, int32 () 0 or 1: `augment.sample_view` of (seed, epoch, index) on
+    the header's image size. Positions past the epoch's padded length raise StopIteration (DALI
+    ends the epoch there). Pickled to spawned workers as the sample arrays plus the schedule's file
+    name."""
 
     def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
-                 shuffle: bool, drop_last: bool, batch_size: int):
+                 shuffle: bool, drop_last: bool, batch_size: int, aug: Augmentation | None = None):
         self.samples, self.schedule_path = samples, schedule_path
         self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
-        self.batch_size = batch_size
+        self.batch_size, self.aug, self.seed = batch_size, aug, seed
         self._table, self._key, self._order = None, None, None
 
     def __getstate__(self):
@@ -123,7 +134,23 @@ class EpochSource:
             raise StopIteration
         order = self.order(epoch, start)
         i = int(order[min(j, length - 1)])  # a partial last batch is padded with its last sample
-        return np.fromfile(self.samples.path(i), dtype=np.uint8), np.array([self.samples.labels[i]], np.int32)
+        data = np.fromfile(self.samples.path(i), dtype=np.uint8)
+        label = np.array([self.samples.labels[i]], np.int32)
+        if self.aug is None:
+            return data, label
+        left, top, w, h, flip = sample_view(*header_size(data), self.aug, self.seed, epoch, i)
+        return (data, label, np.array([left, top], np.float32), np.array([w, h], np.float32),
+                np.array(flip, np.int32))
+
+
+def header_size(data: np.ndarray) -> tuple[int, int]:
+    """(width, height) of the image whose file bytes are `data`, from its header (PIL's lazy open:
+    nothing is decoded). As stored: the EXIF orientation is not applied (decode.py)."""
+    with warnings.catch_warnings():
+        # the scan held the image to data.max_pixels; PIL would warn between its limit and twice it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data.tobytes())) as img:
+            return img.size
 
 
 class DALILoader(Loader):
@@ -158,7 +185,7 @@ class DALILoader(Loader):
         self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
         self.schedule = EpochSchedule()
         self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
-                                  self.train, self.drop_last, self.batch_size)
+                                  self.train, self.drop_last, self.batch_size, self.aug if self.train else None)
         self.pipe = self.iterator = None
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
@@ -200,16 +227,17 @@ class DALILoader(Loader):
                       exec_dynamic=True, py_num_workers=self.py_workers,
                       py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
-            jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
-                                              dtype=[types.UINT8, types.INT32])
-            if self.train:
-                images = fn.decoders.image_random_crop(jpegs, random_area=list(a.scale),
-                                                       random_aspect_ratio=list(a.ratio), num_attempts=10,
-                                                       **decoder_opts)
+            if self.train:  # the box and flip of `augment.sample_view`, from the source
+                jpegs, label, start, shape, mirror = fn.external_source(
+                    source=self.source, num_outputs=5, batch=False, parallel=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+                images = fn.decoders.image_slice(jpegs, start, shape, axis_names="WH", normalized_anchor=False,
+                                                 normalized_shape=False, **decoder_opts)
                 images = self.graph_augment(resize_square(images, size, ops))
-                mirror = fn.random.coin_flip(probability=a.hflip) if a.hflip > 0 else 0
                 crop = None
             else:  # the evaluation view: shorter side to size / crop_ratio, centre crop
+                jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
+                                                  dtype=[types.UINT8, types.INT32])
                 images = fn.decoders.image(jpegs, **decoder_opts)
                 images = fn.resize(images, device=ops, resize_shorter=size / crop_ratio,
                                    interp_type=types.INTERP_LINEAR)

@@ -20,7 +20,7 @@ import torch
 
 # Loader: the order objects `Loader.next_epoch`/`__iter__` read. EpochIterator (a Thread): the
 # rest; current_stream exists only on CUDA, memory_context.executor.threads only with os_cache=False.
-ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch"),
+ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch", "reader"),
               "EpochIterator": ("output_queue", "terminate_event", "cuda_streams", "memory_context", "closed",
                                 "close"),
               "EpochIterator on CUDA": ("current_stream",),

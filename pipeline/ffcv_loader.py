@@ -1,8 +1,8 @@
 """`data.backend: ffcv`: SimMIM batches from an FFCV `.beton` (`simmim convert`).
 
-The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JPEG decode (scale
-(0.67, 1), ratio (3/4, 4/3); the crop resized by Pillow's antialiased bilinear filter, as the
-reference loader does, not FFCV's INTER_AREA), horizontal flip, uint8 to torch and to the device; on a GPU the
+The augmentation runs in FFCV's compiled pipeline: decode, crop, resize of the crop by Pillow's
+antialiased bilinear filter (as the reference loader does, not FFCV's INTER_AREA) and flip in one
+decoder (`pil_resized_crop_decoder`), uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
 normaliser needs cupy), on the CPU in FFCV's pipeline threads.
 Masks, batch assembly and the figure preview are the base's (`loader.Loader`).
@@ -13,8 +13,16 @@ Sample order is ours, not FFCV's (`ShardedOrder`, on `sharding.ShardedSampler`):
 - `quasi_random`: for datasets larger than RAM (`os_cache: false`), a page-local order that works
   with several ranks, which FFCV's own QUASI_RANDOM refuses: see `ShardedOrder`.
 Both drop the remainder so every rank runs the same number of full batches, honour a mid-epoch
-start (resume) and are reseeded per epoch. FFCV's random crops and flips themselves come from
-numba's per-thread generators and are not reproducible run to run (orders and masks are).
+start (resume) and are reseeded per epoch.
+
+The crop box and flip are the reference loader's draw (`augment.sample_views`: per sample from
+`derive_seed("sample", seed, epoch, index)`, on the image size stored in the .beton), computed in
+Python for the epoch's samples before the epoch starts (~20 us a sample: 1.3 s for this rank's
+64k of a 512k-sample epoch on 8 ranks; 26 s for all of ImageNet on one rank) and read by the
+compiled decoder from the .beton's metadata, which `ViewTable` extends with them. So a resumed
+epoch gives the uninterrupted epoch's batches bit for bit, whatever the thread count, and FFCV
+crops the reference loader's boxes wherever the .beton holds images at their file's size (a
+`simmim convert --max-resolution` that shrinks an image changes the size the box is drawn on).
 
 Leaving an epoch early (a benchmark, a preemption) stops FFCV's producer thread and releases its
 batch memory (`close_epoch`); a producer that dies raises here instead of hanging.
@@ -24,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .augment import Augmentation, sample_views
 from .convert import open_beton
 from .errors import DatasetError
 from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
@@ -96,11 +105,53 @@ class ShardedOrder:
         return block[np.lexsort((key, window))]
 
 
+VIEW_FIELDS = ("view_left", "view_top", "view_w", "view_h", "view_flip")
+
+
+class ViewTable:
+    """The training view of each sample, where FFCV's compiled decoder can read it: `reader`'s
+    metadata (FFCV passes it to the decoder on every batch) is replaced by a copy whose image
+    field also holds int32 `VIEW_FIELDS` (left, top, crop width, crop height, flip) per sample;
+    `fill(indices, epoch)` writes `augment.sample_views` of those samples for `epoch`."""
+
+    def __init__(self, reader, aug: Augmentation, seed: int):
+        self.aug, self.seed = aug, seed
+        meta = reader.metadata
+        self.field = f"f{reader.field_names.index('image')}"
+        image = meta.dtype[self.field]
+        image_view = np.dtype([(n, image.fields[n][0]) for n in image.names] + [(n, np.int32) for n in VIEW_FIELDS],
+                              align=True)
+        table = np.zeros(len(meta), np.dtype([(n, image_view if n == self.field else meta.dtype[n])
+                                              for n in meta.dtype.names], align=True))
+        for name in meta.dtype.names:
+            if name == self.field:
+                for sub in image.names:
+                    table[name][sub] = meta[name][sub]
+            else:
+                table[name] = meta[name]
+        reader.metadata = table
+        self.images = table[self.field]
+        self.widths, self.heights = self.images["width"].astype(np.int64), self.images["height"].astype(np.int64)
+
+    def fill(self, indices: np.ndarray, epoch: int) -> None:
+        indices = np.asarray(indices, np.int64)
+        views = sample_views(self.widths[indices], self.heights[indices], indices, self.aug, self.seed, epoch)
+        for k, name in enumerate(VIEW_FIELDS):
+            self.images[name][indices] = views[:, k]
+
+    def view(self, i: int) -> tuple[int, int, int, int, bool]:
+        """Sample i's (left, top, crop_w, crop_h, flip) as the decoder will read it."""
+        row = self.images[i]
+        return (*(int(row[n]) for n in VIEW_FIELDS[:4]), bool(row["view_flip"]))
+
+
 def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float]):
-    """FFCV's RandomResizedCropRGBImageDecoder with the crop resized by Pillow's antialiased bilinear
+    """FFCV's RandomResizedCropRGBImageDecoder with the sample's box and flip read from the metadata
+    (`ViewTable`) instead of drawn by numba, and the crop resized by Pillow's antialiased bilinear
     filter (`resample.resize_bilinear`) instead of OpenCV's INTER_AREA, so FFCV's pixels follow the
-    reference loader's (torchvision's) on the same box: the remaining difference is turbojpeg's
-    decode against Pillow's (tests/test_pixels.py)."""
+    reference loader's (torchvision's): the remaining difference is turbojpeg's decode against
+    Pillow's (tests/test_pixels.py). `scale`/`ratio` only size FFCV's buffers; a sample's box is
+    its `ViewTable` row."""
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
@@ -113,8 +164,6 @@ def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], 
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
-            get_crop_c = Compiler.compile(self.get_crop_generator)
-            scale, ratio = np.array(self.scale), np.array(self.ratio)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -128,8 +177,11 @@ def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], 
                         temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_bilinear(temp_buffer[i:i + h, j:j + w], destination[dst_ix])
+                    left, top, w, h = field["view_left"], field["view_top"], field["view_w"], field["view_h"]
+                    out = destination[dst_ix]
+                    resize_bilinear(temp_buffer[top:top + h, left:left + w], out)
+                    if field["view_flip"]:
+                        out[:] = out[:, ::-1].copy()
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
@@ -149,8 +201,7 @@ class FFCVLoader(Loader):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader as FFCVPipeline, OrderOption
-        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
-                                     ToTorchImage)
+        from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         o, aug = spec.ffcv, self.aug
         self.reader = open_beton(self.path)
@@ -161,8 +212,7 @@ class FFCVLoader(Loader):
         self.require_one_batch()
         size = (aug.size, aug.size)
         if self.train:
-            decoder = pil_resized_crop_decoder(size, aug.scale, aug.ratio)
-            image = [decoder, RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else [decoder]
+            image = [pil_resized_crop_decoder(size, aug.scale, aug.ratio)]  # crop and flip: ViewTable's
         else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
             image = [CenterCropRGBImageDecoder(size, spec.crop_ratio)]
         # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and
@@ -185,6 +235,7 @@ class FFCVLoader(Loader):
                                    os_cache=o.os_cache, order=OrderOption.SEQUENTIAL, drop_last=self.drop_last,
                                    batches_ahead=o.batches_ahead, pipelines={"image": image, "label": label})
         install_order(self.loader, self.order)
+        self.views = ViewTable(self.loader.reader, aug, seed) if self.train else None
         quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
 
     def shard_samples(self) -> int:
@@ -193,6 +244,8 @@ class FFCVLoader(Loader):
     def read_batches(self):
         self.order.start = self.start_batch * self.batch_size
         self.loader.next_epoch = self.epoch
+        if self.views is not None:
+            self.views.fill(self.order.sample_order(self.epoch), self.epoch)
         epoch = iter(self.loader)
         try:
             for _ in range(self.start_batch, len(self)):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Augmentation, sample_crop
+from .augment import Augmentation, training_view
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .errors import DatasetError
 
@@ -464,9 +464,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         a = self.aug
-        left, top, w, h = sample_crop(img.width, img.height, a.scale, a.ratio, rng)
+        left, top, w, h, flip = training_view(img.width, img.height, a, rng)
         img = resized_crop(img, left, top, w, h, a.size)
-        if rng.random() < a.hflip:
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.transform is not None:
             img = self.transform(img, rng)
