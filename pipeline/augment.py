@@ -87,6 +87,20 @@ def sample_views(widths: np.ndarray, heights: np.ndarray, indices: np.ndarray, a
     return out
 
 
+def eval_geometry(width: int, height: int, size: int, crop_ratio: float) -> tuple[int, int, int, int]:
+    """The evaluation view of a width x height image as torchvision's `Resize(int(size / crop_ratio))`
+    + `CenterCrop(size)` computes it (timm's eval transform): (resized_w, resized_h, left, top), the
+    shorter side resized to int(size / crop_ratio), the longer to int(that * long / short), then the
+    size x size crop at (left, top) = round((resized - size) / 2) (Python's round, half to even).
+    Every backend resizes the whole image to that size (antialiased bilinear) and crops there."""
+    short = int(size / crop_ratio)
+    if width <= height:
+        rw, rh = short, int(short * height / width)
+    else:
+        rw, rh = int(short * width / height), short
+    return rw, rh, int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+
+
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, 3, H, W) uint8 on the device -> normalised `dtype`; one fused multiply-add."""

@@ -11,7 +11,9 @@ the images sent to the hardware JPEG decoder of A100/H100) or on the CPU otherwi
 reference loader's crop-then-resize), the flip, and normalisation to CHW float/bf16 in one
 crop_mirror_normalize. So DALI crops the reference loader's boxes and flips its samples (the
 pixels differ only by decoder and resampler, tests/test_pixels.py), whatever the number of
-workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit. Masks, batch assembly and the figure preview are the
+workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit. The evaluation
+view decodes the whole image, resizes it to the source's size and slices the crop there
+(`augment.eval_geometry`: torchvision's Resize + CenterCrop). Masks, batch assembly and the figure preview are the
 base's (`loader.Loader`); `graph_augment` is where a training-view augmentation joins the graph.
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Augmentation, sample_view
+from .augment import Augmentation, eval_geometry, sample_view
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .errors import DatasetError
 from .folder import SampleList
@@ -102,18 +104,21 @@ class EpochSchedule:
 
 class EpochSource:
     """DALI's per-sample callback (parallel external source): file bytes uint8 (n,) and label int32
-    (1,) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`; with `aug`
-    (the training view) also the sample's crop box, start (x, y) and shape (w, h) as float32 (2,)
-    each in pixels, and its flip, int32 () 0 or 1: `augment.sample_view` of (seed, epoch, index) on
-    the header's image size. Positions past the epoch's padded length raise StopIteration (DALI
-    ends the epoch there). Pickled to spawned workers as the sample arrays plus the schedule's file
-    name."""
+    (1,) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`, then, from the
+    image size in the file's header: for the training view the sample's crop box, start (x, y)
+    and shape (w, h) as float32 (2,) each in pixels, and its flip, int32 () 0 or 1
+    (`augment.sample_view` of (seed, epoch, index)); for the evaluation view the resized size
+    (h, w) (the order of fn.resize's size for HWC images), float32 (2,), and the crop's start (x, y)
+    in it, int32 (2,) (`augment.eval_geometry`). Positions past the epoch's padded length raise
+    StopIteration (DALI ends the epoch there). Pickled to spawned workers as the sample arrays plus
+    the schedule's file name."""
 
     def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
-                 shuffle: bool, drop_last: bool, batch_size: int, aug: Augmentation | None = None):
+                 shuffle: bool, drop_last: bool, batch_size: int, aug: Augmentation, train: bool,
+                 crop_ratio: float):
         self.samples, self.schedule_path = samples, schedule_path
         self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
-        self.batch_size, self.aug, self.seed = batch_size, aug, seed
+        self.batch_size, self.aug, self.seed, self.train, self.crop_ratio = batch_size, aug, seed, train, crop_ratio
         self._table, self._key, self._order = None, None, None
 
     def __getstate__(self):
@@ -136,9 +141,11 @@ class EpochSource:
         i = int(order[min(j, length - 1)])  # a partial last batch is padded with its last sample
         data = np.fromfile(self.samples.path(i), dtype=np.uint8)
         label = np.array([self.samples.labels[i]], np.int32)
-        if self.aug is None:
-            return data, label
-        left, top, w, h, flip = sample_view(*header_size(data), self.aug, self.seed, epoch, i)
+        width, height = header_size(data)
+        if not self.train:
+            rw, rh, left, top = eval_geometry(width, height, self.aug.size, self.crop_ratio)
+            return data, label, np.array([rh, rw], np.float32), np.array([left, top], np.int32)
+        left, top, w, h, flip = sample_view(width, height, self.aug, self.seed, epoch, i)
         return (data, label, np.array([left, top], np.float32), np.array([w, h], np.float32),
                 np.array(flip, np.int32))
 
@@ -185,7 +192,8 @@ class DALILoader(Loader):
         self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
         self.schedule = EpochSchedule()
         self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
-                                  self.train, self.drop_last, self.batch_size, self.aug if self.train else None)
+                                  self.train, self.drop_last, self.batch_size, self.aug, self.train,
+                                  spec.crop_ratio)
         self.pipe = self.iterator = None
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
@@ -207,7 +215,6 @@ class DALILoader(Loader):
 
         a, size = self.aug, self.aug.size
         decode, ops = self.decode, "gpu" if self.decode == "mixed" else "cpu"
-        crop_ratio = self.spec.crop_ratio
         out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
                      torch.bfloat16: types.FLOAT}[self.dtype]  # DALI has no bf16 output: cast in torch
         decoder_opts = {"device": decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
@@ -234,16 +241,16 @@ class DALILoader(Loader):
                 images = fn.decoders.image_slice(jpegs, start, shape, axis_names="WH", normalized_anchor=False,
                                                  normalized_shape=False, **decoder_opts)
                 images = self.graph_augment(resize_square(images, size, ops))
-                crop = None
-            else:  # the evaluation view: shorter side to size / crop_ratio, centre crop
-                jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
-                                                  dtype=[types.UINT8, types.INT32])
+            else:  # the evaluation view (`augment.eval_geometry`): resize to the source's size, crop there
+                jpegs, label, resized, start = fn.external_source(
+                    source=self.source, num_outputs=4, batch=False, parallel=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT32])
                 images = fn.decoders.image(jpegs, **decoder_opts)
-                images = fn.resize(images, device=ops, resize_shorter=size / crop_ratio,
-                                   interp_type=types.INTERP_LINEAR)
-                mirror, crop = 0, (size, size)
+                images = fn.resize(images, device=ops, size=resized, interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.slice(images, start=start, shape=[size, size], axis_names="WH", device=ops)
+                mirror = 0
             images = fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
-                                              crop=crop, mean=mean, std=std, mirror=mirror)
+                                              mean=mean, std=std, mirror=mirror)
             if ops == "gpu":
                 label = label.gpu()
             return images, label

@@ -2,7 +2,7 @@
 
 The augmentation runs in FFCV's compiled pipeline: decode, crop, resize of the crop by Pillow's
 antialiased bilinear filter (as the reference loader does, not FFCV's INTER_AREA) and flip in one
-decoder (`pil_resized_crop_decoder`), uint8 to torch and to the device; on a GPU the
+decoder (`view_decoder`), uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
 normaliser needs cupy), on the CPU in FFCV's pipeline threads.
 Masks, batch assembly and the figure preview are the base's (`loader.Loader`).
@@ -23,6 +23,8 @@ compiled decoder from the .beton's metadata, which `ViewTable` extends with them
 epoch gives the uninterrupted epoch's batches bit for bit, whatever the thread count, and FFCV
 crops the reference loader's boxes wherever the .beton holds images at their file's size (a
 `simmim convert --max-resolution` that shrinks an image changes the size the box is drawn on).
+The evaluation view is torchvision's Resize + CenterCrop (`augment.eval_geometry`), also through
+`ViewTable`.
 
 Leaving an epoch early (a benchmark, a preemption) stops FFCV's producer thread and releases its
 batch memory (`close_epoch`); a producer that dies raises here instead of hanging.
@@ -32,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .augment import Augmentation, sample_views
+from .augment import Augmentation, eval_geometry, sample_views
 from .convert import open_beton
 from .errors import DatasetError
 from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
@@ -105,17 +107,17 @@ class ShardedOrder:
         return block[np.lexsort((key, window))]
 
 
-VIEW_FIELDS = ("view_left", "view_top", "view_w", "view_h", "view_flip")
+VIEW_FIELDS = ("view_x", "view_y", "view_w", "view_h", "view_flip")
 
 
 class ViewTable:
-    """The training view of each sample, where FFCV's compiled decoder can read it: `reader`'s
-    metadata (FFCV passes it to the decoder on every batch) is replaced by a copy whose image
-    field also holds int32 `VIEW_FIELDS` (left, top, crop width, crop height, flip) per sample;
-    `fill(indices, epoch)` writes `augment.sample_views` of those samples for `epoch`."""
+    """Each sample's view, where FFCV's compiled decoder can read it: `reader`'s metadata (FFCV
+    passes it to the decoder on every batch) is replaced by a copy whose image field also holds
+    int32 `VIEW_FIELDS` per sample: for the training view the crop box (x, y, w, h) and the flip
+    (`fill`: `augment.sample_views` of the epoch's samples); for the evaluation view the resized
+    size (w, h) and the crop's origin (x, y) in it (`fill_eval`: `augment.eval_geometry`)."""
 
-    def __init__(self, reader, aug: Augmentation, seed: int):
-        self.aug, self.seed = aug, seed
+    def __init__(self, reader):
         meta = reader.metadata
         self.field = f"f{reader.field_names.index('image')}"
         image = meta.dtype[self.field]
@@ -133,37 +135,47 @@ class ViewTable:
         self.images = table[self.field]
         self.widths, self.heights = self.images["width"].astype(np.int64), self.images["height"].astype(np.int64)
 
-    def fill(self, indices: np.ndarray, epoch: int) -> None:
+    def fill(self, indices: np.ndarray, aug: Augmentation, seed: int, epoch: int) -> None:
+        """The training views of samples `indices` in `epoch`."""
         indices = np.asarray(indices, np.int64)
-        views = sample_views(self.widths[indices], self.heights[indices], indices, self.aug, self.seed, epoch)
+        views = sample_views(self.widths[indices], self.heights[indices], indices, aug, seed, epoch)
         for k, name in enumerate(VIEW_FIELDS):
             self.images[name][indices] = views[:, k]
 
-    def view(self, i: int) -> tuple[int, int, int, int, bool]:
-        """Sample i's (left, top, crop_w, crop_h, flip) as the decoder will read it."""
-        row = self.images[i]
-        return (*(int(row[n]) for n in VIEW_FIELDS[:4]), bool(row["view_flip"]))
+    def fill_eval(self, size: int, crop_ratio: float) -> None:
+        """The evaluation view of every sample."""
+        geometry = np.array([eval_geometry(w, h, size, crop_ratio)
+                             for w, h in zip(self.widths.tolist(), self.heights.tolist())], np.int32).reshape(-1, 4)
+        for k, name in enumerate(("view_w", "view_h", "view_x", "view_y")):
+            self.images[name] = geometry[:, k]
+
+    def view(self, i: int) -> tuple[int, ...]:
+        """Sample i's (x, y, w, h, flip) as the decoder will read it."""
+        return tuple(int(self.images[i][n]) for n in VIEW_FIELDS)
 
 
-def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float]):
-    """FFCV's RandomResizedCropRGBImageDecoder with the sample's box and flip read from the metadata
-    (`ViewTable`) instead of drawn by numba, and the crop resized by Pillow's antialiased bilinear
-    filter (`resample.resize_bilinear`) instead of OpenCV's INTER_AREA, so FFCV's pixels follow the
-    reference loader's (torchvision's): the remaining difference is turbojpeg's decode against
-    Pillow's (tests/test_pixels.py). `scale`/`ratio` only size FFCV's buffers; a sample's box is
-    its `ViewTable` row."""
-    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+def view_decoder(size: int, train: bool):
+    """FFCV's image decoder with the sample's view read from the metadata (`ViewTable`) and every
+    resize done by Pillow's antialiased bilinear filter (`resample.resize_bilinear`), so FFCV's
+    pixels follow the reference loader's (torchvision's): the remaining difference is turbojpeg's
+    decode against Pillow's (tests/test_pixels.py).
+    train: crop the box, resize it to size x size, flip (torchvision's RandomResizedCrop + flip;
+    FFCV's own decoder draws the box with numba's generators and resizes with OpenCV's INTER_AREA);
+    else: resize the whole image to the row's (w, h), crop size x size at its (x, y)
+    (torchvision's Resize + CenterCrop; FFCV's own crops a fractional centre square first)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
 
     from .resample import resize_bilinear
 
-    class PILResizedCropDecoder(RandomResizedCropRGBImageDecoder):
+    class ViewDecoder(ResizedCropRGBImageDecoder):
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
+            side = size
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -177,17 +189,25 @@ def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], 
                         temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    left, top, w, h = field["view_left"], field["view_top"], field["view_w"], field["view_h"]
+                    x, y, w, h = field["view_x"], field["view_y"], field["view_w"], field["view_h"]
                     out = destination[dst_ix]
-                    resize_bilinear(temp_buffer[top:top + h, left:left + w], out)
-                    if field["view_flip"]:
-                        out[:] = out[:, ::-1].copy()
+                    if train:
+                        resize_bilinear(temp_buffer[y:y + h, x:x + w], out)
+                        if field["view_flip"]:
+                            out[:] = out[:, ::-1].copy()
+                    else:
+                        resized = np.empty((h, w, 3), np.uint8)
+                        resize_bilinear(temp_buffer, resized)
+                        out[:] = resized[y:y + side, x:x + side]
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    return PILResizedCropDecoder(size, scale=scale, ratio=ratio)
+        def get_crop_generator(self):  # abstract in FFCV; the view comes from the metadata
+            raise NotImplementedError
+
+    return ViewDecoder((size, size))
 
 
 class FFCVLoader(Loader):
@@ -199,7 +219,6 @@ class FFCVLoader(Loader):
         super().__init__(spec, masks, device, rank, world, seed)
         keep_torch_threads()  # before FFCV's first import: it sets torch's thread count
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader as FFCVPipeline, OrderOption
         from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
@@ -210,11 +229,7 @@ class FFCVLoader(Loader):
         pages = page_of_samples(self.reader) if order == "quasi_random" else None
         self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, o.buffer_pages, self.drop_last)
         self.require_one_batch()
-        size = (aug.size, aug.size)
-        if self.train:
-            image = [pil_resized_crop_decoder(size, aug.scale, aug.ratio)]  # crop and flip: ViewTable's
-        else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
-            image = [CenterCropRGBImageDecoder(size, spec.crop_ratio)]
+        image = [view_decoder(aug.size, self.train)]  # the view: ViewTable's
         # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and
         # leaves the consumer free (~20% more images/sec on 2 cores). The batch is then FFCV's own
         # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once. A device
@@ -235,7 +250,9 @@ class FFCVLoader(Loader):
                                    os_cache=o.os_cache, order=OrderOption.SEQUENTIAL, drop_last=self.drop_last,
                                    batches_ahead=o.batches_ahead, pipelines={"image": image, "label": label})
         install_order(self.loader, self.order)
-        self.views = ViewTable(self.loader.reader, aug, seed) if self.train else None
+        self.views = ViewTable(self.loader.reader)
+        if not self.train:
+            self.views.fill_eval(aug.size, spec.crop_ratio)
         quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
 
     def shard_samples(self) -> int:
@@ -244,8 +261,8 @@ class FFCVLoader(Loader):
     def read_batches(self):
         self.order.start = self.start_batch * self.batch_size
         self.loader.next_epoch = self.epoch
-        if self.views is not None:
-            self.views.fill(self.order.sample_order(self.epoch), self.epoch)
+        if self.train:
+            self.views.fill(self.order.sample_order(self.epoch), self.aug, self.seed, self.epoch)
         epoch = iter(self.loader)
         try:
             for _ in range(self.start_batch, len(self)):
