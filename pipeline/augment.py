@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .seeding import derive_seed
+from .seeding import derive_seed, derive_seeds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,12 +79,13 @@ def sample_view(width: int, height: int, aug: Augmentation, seed: int, epoch: in
 def sample_views(widths: np.ndarray, heights: np.ndarray, indices: np.ndarray, aug: Augmentation, seed: int,
                  epoch: int) -> np.ndarray:
     """`sample_view` of each sample in `indices` (image sizes `widths`, `heights`, aligned with it):
-    int32 (N, 5) rows of (left, top, crop_w, crop_h, flip). About 20 us a sample (one seed
-    derivation each): 1.3 s for 64k samples on one core."""
-    out = np.empty((len(indices), 5), np.int32)
-    for row, (w, h, i) in enumerate(zip(widths.tolist(), heights.tolist(), indices.tolist())):
-        out[row] = sample_view(w, h, aug, seed, epoch, i)
-    return out
+    int32 (N, 5) rows of (left, top, crop_w, crop_h, flip). The seeds come vectorised
+    (`seeding.derive_seeds`); the draws are Python's: 11.4 us a sample on a loaded 2-core machine
+    (22.6 with one `derive_seed` each)."""
+    seeds = derive_seeds("sample", seed, epoch, last=np.asarray(indices))
+    views = [training_view(w, h, aug, random.Random(s))
+             for w, h, s in zip(np.asarray(widths).tolist(), np.asarray(heights).tolist(), seeds.tolist())]
+    return np.array(views, np.int32).reshape(-1, 5)
 
 
 def eval_geometry(width: int, height: int, size: int, crop_ratio: float) -> tuple[int, int, int, int]:

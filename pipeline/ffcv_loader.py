@@ -17,9 +17,9 @@ start (resume) and are reseeded per epoch.
 
 The crop box and flip are the reference loader's draw (`augment.sample_views`: per sample from
 `derive_seed("sample", seed, epoch, index)`, on the image size stored in the .beton), computed in
-Python for the epoch's samples before the epoch starts (~20 us a sample: 1.3 s for this rank's
-64k of a 512k-sample epoch on 8 ranks; 26 s for all of ImageNet on one rank) and read by the
-compiled decoder from the .beton's metadata, which `ViewTable` extends with them. So a resumed
+Python for the epoch's samples before the epoch starts (11.4 us a sample on a loaded 2-core
+machine, half of it Python's `random.Random` seeding: 1.8 s per rank for ImageNet on 8 ranks,
+15 s on one) and read by the compiled decoder from the .beton's metadata, which `ViewTable` extends with them. So a resumed
 epoch gives the uninterrupted epoch's batches bit for bit, whatever the thread count, and FFCV
 crops the reference loader's boxes wherever the .beton holds images at their file's size (a
 `simmim convert --max-resolution` that shrinks an image changes the size the box is drawn on).
