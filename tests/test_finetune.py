@@ -12,11 +12,12 @@ from PIL import Image
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.folder import center_crop
 from simmim.trainer.checkpoint import CheckpointError
-from simmim.trainer.config import Config, ConfigError
+from simmim.trainer.config import ConfigError
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.finetune import (Classifier, DeviceRandAugment, PILRandAugment, build_classifier,
                                      layer_decay_groups, resize_rel_pos_bias, layer_id, load_pretrained,
                                      num_layers)
+from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.model import build_simmim
 
 
@@ -82,7 +83,7 @@ def test_evaluate_refuses_incomplete_checkpoints(tmp_path):
     CheckpointError before any data is read (it used to be a bare StopIteration)."""
     from simmim.trainer.finetune import evaluate_checkpoint
 
-    cfg = Config()
+    cfg = FinetuneConfig()
     cfg.model.arch, cfg.model.window_size, cfg.data.img_size = "swin_micro", 2, 64
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)
     weights = {f"net.{k}": v for k, v in net.state_dict().items()}

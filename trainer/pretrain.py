@@ -14,10 +14,10 @@ from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, build_loa
 from simmim.pipeline.augment import normalize
 from simmim.pipeline.seeding import derive_seed, torch_generator
 
-from .config import Config
+from .config import PretrainConfig
 from .distributed import DistInfo, all_reduce_sum
 from .loop import fit, loader_options
-from .model import ARCHS, LossOptions, build_simmim, param_groups
+from .model import ARCHS, build_simmim, param_groups
 from .precision import autocast
 from .parallel import is_fsdp, lockstep
 from .visualize import save_reconstruction
@@ -76,7 +76,7 @@ def write_figure(model, batch, aug, path: Path, title: str, save: bool = True) -
 class PretrainTask:
     """SimMIM: the masked-image model, the (images, masks) loader, reconstruction figures."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         d = cfg.data
         self.aug = Augmentation(size=d.img_size)
@@ -84,8 +84,7 @@ class PretrainTask:
 
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
-        model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path,
-                             LossOptions(m.loss, m.loss_beta, m.loss_all_pixels, m.norm_target),
+        model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path, self.cfg.loss,
                              m.fused_shuffle).to(dist.device)
         loader = build_loader(d.backend, d.path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device,
                               dist.rank, dist.world_size, t.seed, **loader_options(d))
@@ -126,6 +125,6 @@ class PretrainTask:
         return out
 
 
-def pretrain(cfg: Config) -> dict:
+def pretrain(cfg: PretrainConfig) -> dict:
     """SimMIM pre-training (see the module docstring)."""
     return fit(cfg, PretrainTask(cfg))
