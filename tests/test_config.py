@@ -206,8 +206,10 @@ def test_the_task_sections_belong_to_their_command():
     assert set(fine.to_dict()) == {"data", "model", "optim", "train", "run", "finetune"}
     with pytest.raises(ConfigError, match="config key 'finetune.val_path' belongs to fine-tuning"):
         load_config("finetune_demo")  # a fine-tuning recipe given to pretrain
+    with pytest.raises(ConfigError, match="config key 'loss.norm_target' belongs to pre-training"):
+        load_config("swinv2_base_800ep", [], FinetuneConfig)
     with pytest.raises(ConfigError, match="config key 'loss.kind' belongs to pre-training"):
-        load_config("demo", [], FinetuneConfig)
+        load_config("demo", ["loss.kind=l1"], FinetuneConfig)  # an override is never left out
 
 
 def test_saved_configs_of_earlier_versions_load(caplog):
@@ -226,3 +228,23 @@ def test_saved_configs_of_earlier_versions_load(caplog):
     assert not hasattr(fine, "loss")
     with pytest.raises(ConfigError, match="unknown config key 'model.lost'"):  # other unknown keys still fail
         config_from_dict({"model": {"lost": 1}})
+
+
+def test_an_earlier_versions_config_yaml_loads_as_a_recipe(tmp_path, caplog):
+    """Earlier versions wrote every section into config.yaml (a pre-training run's held the finetune
+    defaults, the loss keys under model): given back as a recipe it loads, those defaults left out with
+    a warning; a finetune section with values of its own is still refused."""
+    old = PretrainConfig().to_dict()
+    loss = old.pop("loss")
+    old["model"].update(loss=loss["kind"], loss_beta=loss["beta"], loss_all_pixels=loss["all_pixels"],
+                        norm_target=loss["norm_target"])
+    old["finetune"] = FinetuneConfig().to_dict()["finetune"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert load_config(str(path)) == PretrainConfig()
+    assert "'finetune' section (the defaults, as earlier versions wrote it) is left out" in caplog.text
+    assert load_config(str(path), [], FinetuneConfig) == FinetuneConfig()  # the loss defaults left out
+    old["finetune"]["mixup"] = 0.5
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ConfigError, match="config key 'finetune.pretrained' belongs to fine-tuning"):
+        load_config(str(path))

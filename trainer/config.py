@@ -295,11 +295,33 @@ def read_recipe(name_or_path: str) -> dict:
     return values
 
 
+def _section_defaults(section: str) -> dict:
+    if section == "loss":
+        return asdict(LossOptions())
+    from .finetune_options import FinetuneOptions
+
+    return asdict(FinetuneOptions())
+
+
+def _without_default_sections(values: dict[str, Any], schema: type[Config], where: str) -> dict[str, Any]:
+    """`values` (flat) without another task's section that holds only that task's defaults: what
+    earlier versions wrote into every config.yaml (a pre-training run's `finetune` section, a
+    fine-tuning run's loss keys), left out with a warning. Any other value there stays, to be refused."""
+    for section in TASK_SECTIONS.keys() - _fields(schema).keys():
+        keys = [k for k in values if k.split(".", 1)[0] == section]
+        defaults = _section_defaults(section)
+        if keys and all(k.count(".") == 1 and defaults.get(k.split(".")[1], ...) == values[k] for k in keys):
+            log.warning("%s: its '%s' section (the defaults, as earlier versions wrote it) is left out: it belongs "
+                        "to %s", where, section, TASK_SECTIONS[section])
+            values = {k: v for k, v in values.items() if k not in keys}
+    return values
+
+
 def load_config(recipe: str | None = None, overrides: list[str] = (), schema: type[Config] = PretrainConfig):
     """The `schema`'s defaults (PretrainConfig, or finetune_options.FinetuneConfig), then the recipe (a
     packaged name or a YAML path), then `a.b=c` overrides; checked whole (`validate_config`).
     ConfigError naming the key for any mistake."""
-    layers = [migrate(read_recipe(recipe))] if recipe else []
+    layers = [_without_default_sections(migrate(read_recipe(recipe)), schema, recipe)] if recipe else []
     return _build(schema, layers + [migrate(parse_override(text)) for text in overrides])
 
 
