@@ -217,6 +217,10 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     out = run("pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'train'}", "train.epochs=1",
               f"run.out_dir={tmp_path / 'pre'}", *common)
     assert out.returncode == 0, out.stderr[-2000:]
+    import yaml
+
+    sections = lambda run: set(yaml.safe_load((tmp_path / run / "config.yaml").read_text()))  # noqa: E731
+    assert sections("pre") == {"data", "model", "optim", "train", "run", "loss"}  # no finetune section
     ckpt = sorted((tmp_path / "pre").glob("checkpoint-*.pt"))[-1]
     out = run("evaluate", str(ckpt))
     assert out.returncode == 2 and "is not a fine-tuned checkpoint" in out.stderr
@@ -225,6 +229,7 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
               f"run.out_dir={tmp_path / 'ft'}", *common)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "missing keys ['head.fc.weight', 'head.fc.bias'], 0 unexpected" in out.stdout
+    assert sections("ft") == {"data", "model", "optim", "train", "run", "finetune"}
     records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "top1" in r]
     assert len(evals) == 2 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
