@@ -213,9 +213,8 @@ def _type_name(tp) -> str:
     return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp)
 
 
-def _explain(schema: type[Config], key: str, value) -> str | None:
-    """Why `key = value` does not fit `schema`, in one line naming the key (None if the schema
-    sees nothing wrong)."""
+def _explain(schema: type[Config], key: str, value) -> str:
+    """Why `key = value` does not fit `schema` (OmegaConf refused it), in one line naming the key."""
     tp, path = schema, []
     for part in key.split("."):
         if not dataclasses.is_dataclass(tp):
@@ -240,8 +239,8 @@ def _set(node, schema: type[Config], key: str, value) -> None:
                           f"has no '{section}' section")
     try:
         OmegaConf.update(node, key, value, merge=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(schema, key, value) or f"config key '{key}': {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException:
+        raise ConfigError(_explain(schema, key, value)) from None
 
 
 def _build(schema: type[Config], layers: list[dict[str, Any]]) -> Config:
