@@ -164,7 +164,8 @@ def test_loss_options_of_earlier_versions_move_to_the_loss_section(caplog):
                              "model.norm_target=7"])
     assert (cfg.loss.kind, cfg.loss.beta, cfg.loss.all_pixels, cfg.loss.norm_target) == ("smooth_l1", 0.5, True, 7)
     assert "'model.norm_target' is now 'loss.norm_target'" in caplog.text
-    saved = {"data": {"img_size": 128}, "model": {"arch": "swin_mini", "window_size": 4, "loss": "l2", "norm_target": 0}}
+    saved = {"data": {"img_size": 128},
+             "model": {"arch": "swin_mini", "window_size": 4, "loss": "l2", "norm_target": 0}}
     assert config_from_dict(saved).loss.kind == "l2"
 
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from simmim.kernels import LossOptions, dispatch, mask_token_fill, mask_token_fill_ref, masked_l1_loss, masked_l1_loss_ref
+from simmim.kernels import (LossOptions, dispatch, mask_token_fill, mask_token_fill_ref, masked_l1_loss,
+                            masked_l1_loss_ref)
 
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
