@@ -192,13 +192,13 @@ def migrate(values: dict, schema: type[Config] | None = None) -> dict[str, Any]:
     version: `RENAMED` keys moved (a warning names each) and, given the `schema`, the sections of
     the other task left out."""
     out = {}
-    for key, value in flatten(values).items():
-        if key in RENAMED:
-            log.warning("config key '%s' is now '%s'", key, RENAMED[key])
-            key = RENAMED[key]
+    for old, value in flatten(values).items():
+        key = RENAMED.get(old, old)
         section = key.split(".", 1)[0]
         if schema is not None and section in TASK_SECTIONS and section not in _fields(schema):
             continue
+        if key != old:
+            log.warning("config key '%s' is now '%s'", old, key)
         out[key] = value
     return out
 
