@@ -229,10 +229,10 @@ def test_worker_error_message_is_one_line():
 def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_path, monkeypatch):
     """The real case: DALI reads a scanned list, files deleted during the run (after the loader's
     check of the list before the first epoch, which finds files deleted earlier, and after the
-    figure batch, which reads the first batches of epoch 0 before training); the run ends with a
+    figure preview, read before training); the run ends with a
     checkpoint and one line naming a file and `simmim scan`; after the scan the same command resumes."""
     pytest.importorskip("nvidia.dali")
-    import simmim.trainer.pretrain as pretrain_module
+    from simmim.pipeline.dali_loader import DALILoader
     from simmim.pipeline.scan import scan_command
 
     train = tmp_path / "train"
@@ -240,15 +240,15 @@ def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_pat
     scan_command(str(train), None, 1, "skip")
     listed = tmp_path / "train.clean.txt"
     gone = sorted(train.rglob("*.JPEG"))[::12]  # 5 of 60: more than the 4 an epoch leaves out
-    figure_batch = pretrain_module.fixed_batch
+    preview = DALILoader.preview_batch
 
     def then_delete(*args, **kwargs):
-        result = figure_batch(*args, **kwargs)
+        result = preview(*args, **kwargs)
         for p in gone:
             p.unlink(missing_ok=True)
         return result
 
-    monkeypatch.setattr(pretrain_module, "fixed_batch", then_delete)
+    monkeypatch.setattr(DALILoader, "preview_batch", then_delete)
     out = tmp_path / "run"
     cfg = cfg_for(sample_root, out, "data.backend=dali", f"data.path={listed}", "train.epochs=1")
     with pytest.raises(DatasetError) as e:

@@ -31,6 +31,7 @@ random erasing, mixup / cutmix on the device.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import re
@@ -43,16 +44,16 @@ from scipy.interpolate import RectBivariateSpline
 from scipy.optimize import brentq
 from torch import nn
 
-from simmim.pipeline import Augmentation, build_loader
+from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.augment import denormalize, normalize
 from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.seeding import keyed_rng
+from simmim.pipeline.rand_augment import rand_augment_ops
 
 from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .finetune_options import FinetuneConfig
-from .loop import fit, loader_options
+from .loop import fit
 from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
 from .parallel import lockstep
 from .precision import amp_dtype_for, autocast
@@ -330,49 +331,6 @@ def layer_decay_groups(model: nn.Module, arch: str, weight_decay: float, decay: 
 
 # ---------------------------------------------------------------- training-time augmentation
 
-def rand_augment_ops(spec: str) -> tuple[int, int]:
-    """(num ops, magnitude) of a timm RandAugment string such as rand-m9-mstd0.5-inc1."""
-    parts = spec.split("-")
-    if not spec or parts[0] != "rand":
-        raise ConfigError(f"finetune.rand_augment must look like rand-m9-mstd0.5-inc1, got '{spec}'")
-    n, m = 2, 9
-    for p in parts[1:]:
-        if p.startswith("n") and p[1:].isdigit():
-            n = int(p[1:])
-        elif p.startswith("m") and p[1:].isdigit():
-            m = int(p[1:])
-    return n, m
-
-
-class PILRandAugment:
-    """timm's RandAugment on a PIL crop, for the reference loader's workers.
-
-    timm maps the top of the magnitude range of Posterize to 0 bits kept, which Pillow >= 10
-    rejects (it used to give a black image); the bits are floored at 1 here."""
-
-    def __init__(self, spec: str, mean):
-        from timm.data import auto_augment
-
-        rand_augment_ops(spec)  # validate
-        self.op = auto_augment.rand_augment_transform(spec, {"translate_const": 100,
-                                                             "img_mean": tuple(round(255 * x) for x in mean)})
-        for op in self.op.ops:
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = _posterize_at_least_one_bit
-
-    def __call__(self, img, rng):
-        """timm draws from the global generators: seeded from the sample's own `rng`, so the result
-        is a function of (seed, epoch, index) whichever worker or process runs it."""
-        with keyed_rng("randaugment", rng.getrandbits(63)):
-            return self.op(img)
-
-
-def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
-    from timm.data import auto_augment
-
-    return auto_augment.posterize(img, max(1, bits_to_keep), **kwargs)
-
-
 class DeviceRandAugment:
     """torchvision's RandAugment per image on the training device, for loaders that augment in a
     compiled pipeline (FFCV, DALI): normalised batch -> uint8 -> RandAugment -> normalised."""
@@ -462,9 +420,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
 def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
     aug = Augmentation(size=d.img_size)
-    return build_loader(backend, path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
-                        dist.world_size, cfg.train.seed, **{**loader_options(d), "train": False, "labels": True,
-                                                            "crop_ratio": f.eval_crop_ratio, "drop_last": False})
+    spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
+                                                      crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
+    return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
 
 
 def num_classes_of(cfg: FinetuneConfig, loader) -> int:
@@ -487,11 +445,10 @@ class FinetuneTask:
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
         aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
-        options = {**loader_options(d), "train": True, "labels": True}
-        if d.backend == "torch":
-            options["transform"] = PILRandAugment(f.rand_augment, aug.mean) if f.rand_augment else None
-        loader = build_loader(d.backend, d.path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
-                              dist.world_size, t.seed, **options)
+        # RandAugment reaches the loader through the spec: the torch backend applies timm's on the
+        # PIL crop; FFCV and DALI leave it to the classifier's device op below, until their own land
+        spec = LoaderSpec.from_config(d, aug, train=True, labels=True, rand_augment=f.rand_augment)
+        loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         classes = num_classes_of(self.cfg, loader)
         net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path)
         if f.pretrained:

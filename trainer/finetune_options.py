@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT, UP_TO_ONE, Rule
+from simmim.pipeline.rand_augment import rand_augment_ops
 
 from .config import Config
 
@@ -17,8 +18,6 @@ __all__ = ["FinetuneConfig", "FinetuneOptions"]
 
 
 def _is_rand_augment(spec: str) -> bool:
-    from .finetune import rand_augment_ops
-
     try:
         rand_augment_ops(spec)
     except ConfigError:

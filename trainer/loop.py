@@ -42,7 +42,6 @@ from torch import nn
 
 from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.io import atomic_write
-from simmim.pipeline.loaders import BACKEND_OPTIONS
 from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import CheckpointError, make_checkpointer
@@ -143,13 +142,6 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
             handlers.append(logging.FileHandler(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-def loader_options(d) -> dict:
-    """The `data.*` keys that are backend options (see `pipeline.loaders`), for `build_loader`."""
-    flat = {"max_pixels": d.max_pixels, **dataclasses.asdict(d.ffcv),
-            **{f"dali_{k}": v for k, v in dataclasses.asdict(d.dali).items()}}
-    return {k: v for k, v in flat.items() if k in BACKEND_OPTIONS}
 
 
 class StopFlag:
