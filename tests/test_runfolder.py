@@ -18,7 +18,8 @@ from simmim.pipeline.errors import DatasetError, UserError
 from simmim.trainer import loop
 from simmim.trainer import pretrain as pretrain_mod
 from simmim.trainer.checkpoint import CheckpointError, checkpoints, load_checkpoint
-from simmim.trainer.config import ConfigError, load_config
+from simmim.trainer.config import ConfigError, PretrainConfig, load_config
+from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.runfolder import RunFolderBusy, RunLock
 
@@ -196,7 +197,7 @@ def test_torch_distributed_launch_local_rank_is_accepted(tmp_path):
     text = proc.stdout + proc.stderr
     assert "unrecognized arguments" not in text
     assert "--local-rank ignored" in text and "torchrun or trainer/run.sh" in text
-    assert "data path '/no/such/folder' does not exist" in text  # it got as far as the data
+    assert "data.path '/no/such/folder' does not exist" in text  # it got as far as the data
 
 
 def test_drop_local_rank():
@@ -295,10 +296,27 @@ def test_metrics_log_drops_a_torn_line(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("command, key, error", [
+    ("pretrain", "data.path", DatasetError), ("pretrain", "data.val_path", DatasetError),
+    ("finetune", "data.path", DatasetError), ("finetune", "finetune.val_path", DatasetError),
+    ("finetune", "finetune.pretrained", CheckpointError)])
+def test_missing_input_refused_before_anything_is_written(sample_root, tmp_path, command, key, error):
+    """Every path a run reads is checked before the run folder (and its lock) is made."""
+    from simmim.trainer.finetune import finetune
+
+    out = tmp_path / "run"
+    recipe, fn, schema = (("demo", pretrain, PretrainConfig) if command == "pretrain" else
+                          ("finetune_demo", finetune, FinetuneConfig))
+    cfg = load_config(recipe, [f"data.path={sample_root / 'train'}", f"run.out_dir={out}", *TINY,
+                               f"{key}={tmp_path / 'no' / 'such'}", "run.val_every=1"], schema)
+    with pytest.raises(error, match=rf"^{key}:? '.*no/such' does not exist"):
+        fn(cfg)
+    assert not out.exists()
+
+
 def test_resume_reads_an_earlier_versions_keys_at_their_new_place(tmp_path):
     """A checkpoint of an earlier version (loss options under model, a finetune section) against
     today's config: the loss keys are compared at loss.*, the finetune section is not compared."""
-    from simmim.trainer.config import PretrainConfig
     from simmim.trainer.runfolder import check_resume_config
 
     new = PretrainConfig().to_dict()

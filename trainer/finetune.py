@@ -471,6 +471,14 @@ class FinetuneTask:
         o, f = self.cfg.optim, self.cfg.finetune
         return layer_decay_groups(model.net, self.cfg.model.arch, o.weight_decay, f.layer_decay, o.weight_decay_rule)
 
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        d, f = self.cfg.data, self.cfg.finetune
+        return {"data.path": (d.path, "point it at the labelled training images"),
+                "finetune.val_path": (f.val_path, "point it at the validation images, or set finetune.val_path= "
+                                                  "(empty) to train without evaluation"),
+                "finetune.pretrained": (f.pretrained, "point it at a simmim pre-training checkpoint, or set "
+                                                      "finetune.pretrained= (empty) to train from scratch")}
+
     def describe_data(self) -> str:
         f = self.cfg.finetune
         return (f"{self.classes} classes, RandAugment {f.rand_augment or 'off'}, mixup {f.mixup}, cutmix {f.cutmix}, "

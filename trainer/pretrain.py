@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from simmim.pipeline import Augmentation, DatasetError, LoaderSpec, MaskGenerator, build_loader
+from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 
 from .config import PretrainConfig
 from .distributed import DistInfo, all_reduce_sum
@@ -73,10 +73,7 @@ class PretrainTask:
         where = (dist.device, dist.rank, dist.world_size, t.seed)
         loader = build_loader(LoaderSpec.from_config(d, self.aug), self.masks, *where)
         self.val_loader = None
-        if d.val_path and self.cfg.run.val_every > 0:
-            if not Path(d.val_path).exists():
-                raise DatasetError(f"data.val_path '{d.val_path}' does not exist: point it at held-out images, "
-                                   f"or set data.val_path= (empty) to train without a validation loss")
+        if d.val_path and self.cfg.run.val_every > 0:  # found by `inputs` before the run folder is written
             # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
             spec = LoaderSpec.from_config(d, self.aug, d.val_path, train=False, drop_last=False)
             self.val_loader = build_loader(spec, self.masks, *where)
@@ -88,6 +85,13 @@ class PretrainTask:
 
     def describe_data(self) -> str:
         return str(self.masks)
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        d = self.cfg.data
+        return {"data.path": (d.path, "build the sample set with `simmim sample-data`, or set data.path"),
+                "data.val_path": (d.val_path if self.cfg.run.val_every > 0 else "",
+                                  "point it at held-out images, or set data.val_path= (empty) to train "
+                                  "without a validation loss")}
 
     def prepare(self, model, loader, dist: DistInfo) -> None:
         self.every_rank = is_fsdp(model)  # a sharded forward needs every rank
