@@ -13,8 +13,9 @@ crop_mirror_normalize. So DALI crops the reference loader's boxes and flips its 
 pixels differ only by decoder and resampler, tests/test_pixels.py), whatever the number of
 workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit. The evaluation
 view decodes the whole image, resizes it to the source's size and slices the crop there
-(`augment.eval_geometry`: torchvision's Resize + CenterCrop). Masks, batch assembly and the figure preview are the
-base's (`loader.Loader`); `graph_augment` is where a training-view augmentation joins the graph.
+(`augment.eval_geometry`: torchvision's Resize + CenterCrop). Masks, batch assembly and the
+figure preview are the base's (`loader.Loader`); `graph_augment` is where a training-view
+augmentation joins the graph.
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
 permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in

@@ -18,11 +18,12 @@ start (resume) and are reseeded per epoch.
 The crop box and flip are the reference loader's draw (`augment.sample_views`: per sample from
 `derive_seed("sample", seed, epoch, index)`, on the image size stored in the .beton), computed in
 Python for the epoch's samples before the epoch starts (11.4 us a sample on a loaded 2-core
-machine, half of it Python's `random.Random` seeding: 1.8 s per rank for ImageNet on 8 ranks,
-15 s on one) and read by the compiled decoder from the .beton's metadata, which `ViewTable` extends with them. So a resumed
-epoch gives the uninterrupted epoch's batches bit for bit, whatever the thread count, and FFCV
-crops the reference loader's boxes wherever the .beton holds images at their file's size (a
-`simmim convert --max-resolution` that shrinks an image changes the size the box is drawn on).
+machine, most of it Python's `random.Random` seeding: 1.8 s per rank for ImageNet on 8 ranks,
+15 s on one) and read by the compiled decoder from the .beton's metadata, which `ViewTable`
+extends with them. So a resumed epoch gives the uninterrupted epoch's batches bit for bit,
+whatever the thread count, and FFCV crops the reference loader's boxes wherever the .beton holds
+images at their file's size (a `simmim convert --max-resolution` that shrinks an image changes the
+size the box is drawn on).
 The evaluation view is torchvision's Resize + CenterCrop (`augment.eval_geometry`), also through
 `ViewTable`.
 
@@ -148,10 +149,6 @@ class ViewTable:
                              for w, h in zip(self.widths.tolist(), self.heights.tolist())], np.int32).reshape(-1, 4)
         for k, name in enumerate(("view_w", "view_h", "view_x", "view_y")):
             self.images[name] = geometry[:, k]
-
-    def view(self, i: int) -> tuple[int, ...]:
-        """Sample i's (x, y, w, h, flip) as the decoder will read it."""
-        return tuple(int(self.images[i][n]) for n in VIEW_FIELDS)
 
 
 def view_decoder(size: int, train: bool):
