@@ -46,7 +46,8 @@ def worker_pids(pipe) -> list[int]:
 
 def how_ended(pid: int) -> str | None:
     """None while `pid` runs; else how it ended ("killed by SIGKILL", "exited with status 1", or
-    "ended" once reaped, by DALI's own pool), from /proc/PID/stat: state Z / X and the exit code (field 52, Linux 3.5+)."""
+    "ended" once reaped, by DALI's own pool), from /proc/PID/stat: state Z / X and the exit code
+    (field 52, Linux 3.5+)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
@@ -145,9 +146,10 @@ class WorkerWatchdog:
 
 def default_stop_signals() -> None:
     """In a worker process: SIGTERM, SIGUSR1 and SIGINT back to their default action (end the
-    process), and the worker ended with its parent. A forked worker inherits the trainer's Python handlers, which would keep it alive
-    (logging, through a copy of the trainer's logging locks, "stopping after the current step") and
-    can leave it stuck; ended, it is seen by the watchdog, and the trainer stops as the signal asked."""
+    process), and the worker ended with its parent. A forked worker inherits the trainer's Python
+    handlers, which would keep it alive (logging, through a copy of the trainer's logging locks,
+    "stopping after the current step") and can leave it stuck; ended, it is seen by the watchdog,
+    and the trainer stops as the signal asked."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     # DALI's workers never notice their parent's death (they wait for tasks forever, holding the
