@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation, eval_geometry, sample_view
+from .dali_watchdog import WorkerWatchdog, default_stop_signals, remove_orphans, worker_pids
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .errors import DatasetError
 from .folder import SampleList
@@ -89,7 +90,9 @@ class EpochSchedule:
 
     def __init__(self):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="simmim-dali-epochs-", dir=base)
+        if base:
+            remove_orphans(base, "simmim-dali-epochs-")  # left by processes killed with SIGKILL
+        fd, self.path = tempfile.mkstemp(prefix=f"simmim-dali-epochs-{os.getpid()}-", dir=base)
         os.close(fd)
         self.table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.SLOTS, 3))
         self._cleanup = weakref.finalize(self, os.unlink, self.path)
@@ -132,8 +135,9 @@ class EpochSource:
         return self._order
 
     def __call__(self, info):
-        if self._table is None:
+        if self._table is None:  # the first call in this worker process
             self._table = np.memmap(self.schedule_path, dtype=np.int64, mode="r", shape=(EpochSchedule.SLOTS, 3))
+            default_stop_signals()
         epoch, start, length = (int(x) for x in self._table[info.epoch_idx % EpochSchedule.SLOTS])
         j = info.idx_in_epoch
         if j >= -(-length // self.batch_size) * self.batch_size:
@@ -196,6 +200,7 @@ class DALILoader(Loader):
                                   self.train, self.drop_last, self.batch_size, self.aug, self.train,
                                   spec.crop_ratio)
         self.pipe = self.iterator = None
+        self.watchdog = WorkerWatchdog()  # a dead worker ends the wait for it (dali_watchdog.py)
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
     def epoch_length(self) -> int:
@@ -269,19 +274,25 @@ class DALILoader(Loader):
             if self.iterator is None:  # the first batch is scheduled as the iterator is made
                 self.pipe = self.build_pipeline()
                 self.pipe.build()
-                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+                self.watchdog.watch(worker_pids(self.pipe))
+                with self.watchdog.guard():
+                    self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
             else:
-                self.iterator.reset()
+                with self.watchdog.guard():
+                    self.iterator.reset()
         except Exception as e:  # noqa: BLE001 - a file that fails in the first batches
+            error = self.failure_in_flight(self.start_batch, e)
+            self.watchdog.watch([])
             self.pipe = self.iterator = None
             self.dali_epoch = 0
-            raise self.failure_in_flight(self.start_batch, e) from None
+            raise error from None
         finished = False
         try:
             batches = -(-length // self.batch_size)
             for k in range(self.start_batch, self.start_batch + batches):
                 try:
-                    out = next(self.iterator)
+                    with self.watchdog.guard():
+                        out = next(self.iterator)
                 except StopIteration:
                     break
                 except Exception as e:  # noqa: BLE001 - DALI's error, or our source's from its worker
@@ -296,16 +307,20 @@ class DALILoader(Loader):
                 self.schedule.stop(self.dali_epoch)
             try:  # next(), not a for loop: iter() on a DALI iterator resets it
                 while True:
-                    next(self.iterator)
+                    with self.watchdog.guard():  # a dead worker's pipeline is dropped, not drained
+                        next(self.iterator)
             except StopIteration:
                 self.dali_epoch += 1
             except Exception:  # noqa: BLE001 - the pipeline failed (a decode error, raised above): rebuild next epoch
+                self.watchdog.watch([])
                 self.pipe = self.iterator = None
                 self.dali_epoch = 0
 
     def failure_in_flight(self, batch: int, error: Exception) -> DatasetError:
         """`decode_failure` for an error at `batch` of this epoch: DALI's message names no file, so
-        the files of the batches in flight around it are checked."""
+        the files of the batches in flight around it are checked. A worker that died explains it instead."""
+        if self.watchdog.scan() is not None:
+            return self.watchdog.error()
         first = (batch - self.start_batch) * self.batch_size
         order = self.source.order(self.epoch, self.start_batch * self.batch_size)
         window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
