@@ -144,14 +144,28 @@ class WorkerWatchdog:
             raise self.error()
 
 
-def default_stop_signals() -> None:
-    """In a worker process: SIGTERM, SIGUSR1 and SIGINT back to their default action (end the
-    process), and the worker ended with its parent. A forked worker inherits the trainer's Python
-    handlers, which would keep it alive (logging, through a copy of the trainer's logging locks,
-    "stopping after the current step") and can leave it stuck; ended, it is seen by the watchdog,
-    and the trainer stops as the signal asked."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def worker_stop_signals(action=signal.SIG_DFL) -> None:
+    """In a loader's worker process: the stop signals (SIGTERM, SIGUSR1, SIGINT) get `action`, and
+    the worker is ended (SIGKILL) when the thread that forked it ends (Linux's PR_SET_PDEATHSIG).
+
+    A forked worker inherits the trainer's Python handlers, which would keep it alive and logging
+    "stopping after the current step" (through a copy of the trainer's logging locks, where it can
+    get stuck). What replaces them depends on how the loader ends its workers:
+    - DALI (`signal.SIG_DFL`): its pool ends a worker that does not stop within 1 s with SIGTERM
+      and then waits for it without a limit, so a worker must die of SIGTERM. A group SIGTERM
+      ends the workers; the watchdog sees it and the trainer stops as the signal asked.
+    - torch's DataLoader (`signal.SIG_IGN`): a worker's death raises "DataLoader worker (pid N) is
+      killed by signal" from torch's SIGCHLD handler anywhere in the main thread (even inside a
+      checkpoint being written), so the workers ignore the stop signals: they keep serving
+      batches while the trainer finishes the step and writes its checkpoint, and end when the
+      DataLoader is shut down (SIGTERM after a 5 s grace there is ignored too: they also watch
+      their parent, and end with it).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, action)
     # DALI's workers never notice their parent's death (they wait for tasks forever, holding the
     # parent's stdout): Linux ends them with it
     try:

@@ -6,12 +6,17 @@ as DALI reads it); the rank's samples per epoch are `sharding.ShardedSampler`'s.
 and flip come from its own generator (`derive_seed("sample", seed, epoch, index)`), so the batches
 do not depend on the number of workers. `spec.rand_augment` (fine-tuning) is timm's RandAugment on
 the PIL crop (`rand_augment.PILRandAugment`). The images leave the workers as uint8 and are
-normalised on the device by the base (`loader.Loader`).
+normalised on the device by the base (`loader.Loader`). The workers ignore the stop signals
+(`dali_watchdog.worker_stop_signals`): a SIGTERM sent to the whole process group stops the trainer
+after its step, with a checkpoint, instead of killing the workers under it.
 """
 from __future__ import annotations
 
+import signal
+
 import torch
 
+from .dali_watchdog import worker_stop_signals
 from .decode import checked_max_pixels
 from .folder import ImageFolder
 from .loader import Loader
@@ -44,11 +49,17 @@ class ReferenceLoader(Loader):
             # workers' base seed from an explicit generator, never the global RNG (augmentation is
             # seeded per sample anyway; this keeps the process's global state out of the data path)
             generator=torch_generator("loader", seed, rank),
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals)
 
     def read_batches(self):
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
         yield from self.loader  # (uint8 (B, 3, S, S), labels (B,)) from the workers
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """The DataLoader's `worker_init_fn` (module level: picklable under spawn)."""
+    worker_stop_signals(signal.SIG_IGN)
 
 
 def pil_transform(spec: LoaderSpec):
