@@ -21,6 +21,7 @@ files of processes that no longer exist (a SIGKILL leaves them behind).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -147,7 +148,7 @@ class WorkerWatchdog:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def worker_stop_signals(action=signal.SIG_DFL) -> None:
+def worker_stop_signals(action=signal.SIG_DFL, exiting=None) -> None:
     """In a loader's worker process: the stop signals (SIGTERM, SIGUSR1, SIGINT) get `action`, and
     the worker is ended (SIGKILL) when the thread that forked it ends (Linux's PR_SET_PDEATHSIG).
 
@@ -157,14 +158,20 @@ def worker_stop_signals(action=signal.SIG_DFL) -> None:
     - DALI (`signal.SIG_DFL`): its pool ends a worker that does not stop within 1 s with SIGTERM
       and then waits for it without a limit, so a worker must die of SIGTERM. A group SIGTERM
       ends the workers; the watchdog sees it and the trainer stops as the signal asked.
-    - torch's DataLoader (`signal.SIG_IGN`): a worker's death raises "DataLoader worker (pid N) is
-      killed by signal" from torch's SIGCHLD handler anywhere in the main thread (even inside a
-      checkpoint being written), so the workers ignore the stop signals: they keep serving
-      batches while the trainer finishes the step and writes its checkpoint, and end when the
-      DataLoader is shut down (SIGTERM after a 5 s grace there is ignored too: they also watch
-      their parent, and end with it).
+    - torch's DataLoader (`signal.SIG_IGN`, and `exiting`): a worker's death raises "DataLoader
+      worker (pid N) is killed by signal" from torch's SIGCHLD handler anywhere in the main thread
+      (even inside a checkpoint being written), so the workers ignore the stop signals: they keep
+      serving batches while the trainer finishes its step and writes its checkpoint, and end when
+      the DataLoader shuts them down or their parent ends. One exception: at interpreter exit,
+      multiprocessing ends the workers of a DataLoader still alive with SIGTERM and waits for them
+      without a limit, so once `exiting[0]` is true (a shared flag the parent sets from an atexit
+      hook) SIGTERM ends the worker after all (with status 0).
     """
-    for sig in STOP_SIGNALS:
+    if exiting is not None and action == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, functools.partial(_end_if_exiting, exiting))
+    else:
+        signal.signal(signal.SIGTERM, action)
+    for sig in STOP_SIGNALS[1:]:
         signal.signal(sig, action)
     # DALI's workers never notice their parent's death (they wait for tasks forever, holding the
     # parent's stdout): Linux ends them with it
@@ -174,6 +181,11 @@ def worker_stop_signals(action=signal.SIG_DFL) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         pass
+
+
+def _end_if_exiting(exiting, signum, frame) -> None:
+    if exiting[0]:  # with status 0: torch's SIGCHLD handler in the parent takes a death by signal for a crash
+        raise SystemExit(0)
 
 
 def remove_orphans(folder: str | Path, prefix: str) -> list[Path]:
