@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -81,3 +82,29 @@ def test_broken_image_is_reported_once_with_two_workers(tmp_path):
     assert out.stdout.count("images 8") == 3, out.stdout  # the bad image replaced, every epoch whole
     skips = [line for line in out.stdout.splitlines() if "skipping unreadable image" in line]
     assert sorted(line.split()[4].split("/")[-1] for line in skips) == ["0bad.jpg", "1bad.jpg"], out.stdout
+
+
+@pytest.mark.slow  # ~20 s on 2 cores
+def test_group_sigterm_under_run_sh_with_loader_workers(sample_root, tmp_path):
+    """Two ranks through trainer/run.sh, each with two DataLoader workers, SIGTERM to the whole
+    group: a checkpoint, one "received SIGTERM" line (rank 0's), no rank's traceback, and none of
+    torchrun's "Sending process N closing signal SIGTERM" warnings."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "GPUS_PER_NODE": "2", "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
+    run_sh = Path(__file__).resolve().parents[1] / "trainer" / "run.sh"
+    proc = subprocess.Popen(["bash", str(run_sh), *ARGS[:-1], "run.stop_check_every=1", f"data.path={sample_root}/train",
+                             f"run.out_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    text = run_until(proc, "epoch 0 step 2 ", lambda: os.killpg(proc.pid, signal.SIGTERM))
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert proc.returncode == 75, text[-4000:]
+    assert lines[-1].startswith("simmim pretrain: stopped by SIGTERM at epoch 0"), text[-4000:]
+    assert sum("received SIGTERM: stopping" in line for line in lines) == 1, text[-4000:]
+    assert "Traceback" not in text and "killed by signal" not in text and "closing signal" not in text, text[-4000:]
+    assert any(out.glob("checkpoint-*.pt"))
