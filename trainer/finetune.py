@@ -24,9 +24,11 @@ pre-training give the MLP the same inputs and the new, longer ones extrapolate a
 A DCP checkpoint folder (train.parallel=fsdp) is consolidated in memory first.
 
 Data: the same loaders as pre-training, in their classification form (`labels=True`, no masks):
-random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment
-(the reference loader: timm's, on PIL in its workers; FFCV / DALI: torchvision's on the device),
-random erasing, mixup / cutmix on the device.
+random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment,
+each backend its own way (pipeline/rand_augment.py: torch: timm's on PIL in its workers; FFCV: the
+batched device op on the uint8 batch; DALI: DALI's own in its graph); then random erasing and
+mixup / cutmix as the batch transform the engine applies before the forward (`MixupErasing`,
+`FinetuneTask.batch_transform`). The classifier's forward only computes the logits and the loss.
 """
 from __future__ import annotations
 
@@ -44,9 +46,8 @@ from scipy.optimize import brentq
 from torch import nn
 
 from simmim.pipeline import Augmentation, build_loader
-from simmim.pipeline.augment import denormalize, normalize
 from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.seeding import keyed_rng
+from simmim.pipeline.rand_augment import PILRandAugment
 
 from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import Config, ConfigError, config_from_dict, load_config
@@ -329,85 +330,50 @@ def layer_decay_groups(model: nn.Module, arch: str, weight_decay: float, decay: 
 
 # ---------------------------------------------------------------- training-time augmentation
 
-def rand_augment_ops(spec: str) -> tuple[int, int]:
-    """(num ops, magnitude) of a timm RandAugment string such as rand-m9-mstd0.5-inc1."""
-    parts = spec.split("-")
-    if not spec or parts[0] != "rand":
-        raise ConfigError(f"finetune.rand_augment must look like rand-m9-mstd0.5-inc1, got '{spec}'")
-    n, m = 2, 9
-    for p in parts[1:]:
-        if p.startswith("n") and p[1:].isdigit():
-            n = int(p[1:])
-        elif p.startswith("m") and p[1:].isdigit():
-            m = int(p[1:])
-    return n, m
+class MixupErasing:
+    """The fine-tuning batch transform the engine applies before the forward (as MAE / DeiT's
+    engine_finetune): (images, labels) -> (images, targets) on the device, no gradient.
 
+    images: normalised (B, 3, H, W); labels: int64 (B,). timm's RandomErasing (per image with
+    probability `reprob`, normal noise), then timm's Mixup / CutMix (switch_prob: cutmix's share),
+    which returns soft targets float (B, classes) with label smoothing; with mixup and cutmix off,
+    or an odd batch (timm's batch mode pairs images), the labels pass through as they are. timm
+    draws from the global generators: the engine runs this inside the step's keyed_rng, so the
+    draws are a function of (seed, epoch, step, micro-batch, rank). A float batch is changed in
+    place (timm's ops work in place), as the loader's batch is not used again."""
 
-class PILRandAugment:
-    """timm's RandAugment on a PIL crop, for the reference loader's workers.
+    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.1, reprob: float = 0.25, device: torch.device | str = "cpu"):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
 
-    timm maps the top of the magnitude range of Posterize to 0 bits kept, which Pillow >= 10
-    rejects (it used to give a black image); the bits are floored at 1 here."""
+        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
+                           label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
+        self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob > 0 else None
 
-    def __init__(self, spec: str, mean):
-        from timm.data import auto_augment
-
-        rand_augment_ops(spec)  # validate
-        self.op = auto_augment.rand_augment_transform(spec, {"translate_const": 100,
-                                                             "img_mean": tuple(round(255 * x) for x in mean)})
-        for op in self.op.ops:
-            if op.aug_fn is auto_augment.posterize:
-                op.aug_fn = _posterize_at_least_one_bit
-
-    def __call__(self, img, rng):
-        """timm draws from the global generators: seeded from the sample's own `rng`, so the result
-        is a function of (seed, epoch, index) whichever worker or process runs it."""
-        with keyed_rng("randaugment", rng.getrandbits(63)):
-            return self.op(img)
-
-
-def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
-    from timm.data import auto_augment
-
-    return auto_augment.posterize(img, max(1, bits_to_keep), **kwargs)
-
-
-class DeviceRandAugment:
-    """torchvision's RandAugment per image on the training device, for loaders that augment in a
-    compiled pipeline (FFCV, DALI): normalised batch -> uint8 -> RandAugment -> normalised."""
-
-    def __init__(self, spec: str, mean, std):
-        from torchvision.transforms import v2
-
-        n, m = rand_augment_ops(spec)
-        self.op = v2.RandAugment(num_ops=n, magnitude=m)
-        self.mean, self.std = mean, std
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        u8 = (denormalize(images, self.mean, self.std) * 255).round().to(torch.uint8)
-        out = torch.stack([self.op(x) for x in u8])
-        return normalize(out, self.mean, self.std, images.dtype)
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.erase is not None:
+            self.erase.device = images.device
+            images = self.erase(images.float()).to(images.dtype)
+        if self.mixup is not None and len(images) % 2 == 0:
+            images, labels = self.mixup(images, labels)
+        return images, labels
 
 
 class Classifier(nn.Module):
-    """model(images, labels) -> loss, as the engine expects; `logits(images)` for evaluation.
-    Training batches get random erasing, then mixup / cutmix (soft targets with label smoothing),
-    then optionally device RandAugment first."""
+    """model(images, targets) -> loss, as the engine expects; `logits(images)` for evaluation.
 
-    def __init__(self, net: nn.Module, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1, reprob: float = 0.25,
-                 device_augment=None):
+    targets: soft float (B, classes) from `MixupErasing` (timm's SoftTargetCrossEntropy), or int64
+    labels (B,) (cross-entropy, label-smoothed in training). Augmentation happens before: per image
+    in the loader (crop, flip, RandAugment), per batch in the engine (`MixupErasing`)."""
+
+    def __init__(self, net: nn.Module, label_smoothing: float = 0.1):
         super().__init__()
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
         from timm.loss import SoftTargetCrossEntropy
 
         self.net, self.label_smoothing = net, label_smoothing
         self.soft_target_loss = SoftTargetCrossEntropy()
-        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
-                           label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
-        self.erase = RandomErasing(reprob, mode="pixel", device="cpu") if reprob > 0 else None
-        self.device_augment = device_augment
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.net.set_grad_checkpointing(enable)
@@ -415,21 +381,11 @@ class Classifier(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = None
-        if self.training:
-            with torch.no_grad():
-                if self.device_augment is not None:
-                    images = self.device_augment(images)
-                if self.erase is not None:
-                    self.erase.device = images.device
-                    images = self.erase(images.float()).to(images.dtype)
-                if self.mixup is not None and len(images) % 2 == 0:  # timm's batch mixup pairs images
-                    images, targets = self.mixup(images, labels)
-        logits = self.net(images).float()
-        if targets is not None:  # soft targets: mixed and label-smoothed
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.net(images).float()  # (B, classes)
+        if targets.is_floating_point():  # soft targets: mixed and label-smoothed
             return self.soft_target_loss(logits, targets)
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if self.training else 0.0)
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing if self.training else 0.0)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -482,6 +438,7 @@ class FinetuneTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.best = 0.0
+        self.batch_transform = None  # MixupErasing, once build() knows the number of classes
 
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
@@ -500,11 +457,9 @@ class FinetuneTask:
                      report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []))
         else:
             log.info("no finetune.pretrained: training from scratch")
-        device_augment = None
-        if f.rand_augment and d.backend != "torch":
-            device_augment = DeviceRandAugment(f.rand_augment, aug.mean, aug.std)
-        model = Classifier(net, classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing, f.reprob,
-                           device_augment).to(dist.device)
+        model = Classifier(net, f.label_smoothing).to(dist.device)
+        self.batch_transform = MixupErasing(classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing,
+                                            f.reprob, dist.device)
         self.val = eval_loader(self.cfg, f.val_path, d.backend, dist) if f.val_path else None
         self.classes = classes
         return model, loader

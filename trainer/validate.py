@@ -95,9 +95,9 @@ def validate_config(cfg) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.finetune.rand_augment:
-        from .finetune import rand_augment_ops
+        from simmim.pipeline.rand_augment import parse_rand_augment
 
-        rand_augment_ops(cfg.finetune.rand_augment)
+        parse_rand_augment(cfg.finetune.rand_augment, "finetune.rand_augment")
     from .model import check_model_options
 
     check_model_options(m.arch, d.img_size, d.mask_patch_size, m.window_size)
