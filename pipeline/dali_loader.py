@@ -45,7 +45,9 @@ import torch
 from .augment import Augmentation
 from .decode import DALI_DECODE_ARGS, MAX_PIXELS, check_image, checked_max_pixels
 from .folder import DatasetError, SampleList, ShardedSampler, num_batches, shard_size
+from .dali_augment import dali_rand_augment
 from .masking import MaskGenerator
+from .rand_augment import parse_rand_augment
 from .reference import LoaderContract
 from .scanlist import checked_samples
 from .seeding import derive_seed
@@ -139,7 +141,7 @@ class DALILoader(LoaderContract):
                  seed: int = 0, dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
                  crop_ratio: float = 0.875, decode_device: str = "auto", hw_decoder_load: float = 0.65, prefetch: int = 2, threads: int = 0,
                  preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0), drop_last: bool = True,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, rand_augment: str = ""):
         import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
 
         self.device = torch.device(device)
@@ -157,6 +159,7 @@ class DALILoader(LoaderContract):
         self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.train, self.labels, self.crop_ratio, self.dtype = train, labels, crop_ratio, dtype
+        self.rand_augment = parse_rand_augment(rand_augment) if train and rand_augment else None
         self.threads = max(1, threads or num_workers)
         self.hw_decoder_load, self.prefetch = hw_decoder_load, max(1, prefetch)
         self.preallocate, self.preallocate_hw = preallocate, preallocate_hw
@@ -206,6 +209,7 @@ class DALILoader(LoaderContract):
                       device_id=self.device_id,
                       seed=derive_seed("dali", self.seed, self.epoch, self.rank, self.start_batch, bits=31),
                       exec_dynamic=True, py_num_workers=self.py_workers,
+                      enable_conditionals=self.rand_augment is not None,  # auto_aug picks ops per sample
                       py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
             jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
@@ -215,6 +219,9 @@ class DALILoader(LoaderContract):
                                                        random_aspect_ratio=list(a.ratio), num_attempts=10,
                                                        **decoder_opts)
                 images = resize_square(images, size, ops)
+                if self.rand_augment is not None:  # DALI's own RandAugment, on uint8 HWC
+                    images = dali_rand_augment(images, self.rand_augment, (size, size),
+                                               tuple(round(255 * m) for m in a.mean))
                 mirror = fn.random.coin_flip(probability=a.hflip) if a.hflip > 0 else 0
                 crop = None
             else:  # the evaluation view: shorter side to size / crop_ratio, centre crop

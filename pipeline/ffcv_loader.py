@@ -30,7 +30,8 @@ from .ffcv_compat import close_epoch, install_order, next_batch, quiet_numba_fin
 from .folder import DatasetError, ShardedSampler, num_batches, read_classes, shard_size
 from .masking import MaskGenerator
 from .reference import LoaderContract
-from .seeding import derive_seed
+from .rand_augment import BatchRandAugment
+from .seeding import derive_seed, torch_generator
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -145,7 +146,7 @@ class FFCVLoader(LoaderContract):
                  world: int = 1, seed: int = 0, order: str = "random", os_cache: bool = True,
                  buffer_pages: int = 8, dtype: torch.dtype = torch.float32, train: bool = True,
                  labels: bool = False, batches_ahead: int = 3, crop_ratio: float = 0.875,
-                 drop_last: bool = True):
+                 drop_last: bool = True, rand_augment: str = ""):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -172,7 +173,11 @@ class FFCVLoader(LoaderContract):
         # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and
         # leaves the consumer free (~20% more images/sec on 2 cores). The batch is then FFCV's own
         # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once.
-        self.normalize_in_pipeline = self.device.type == "cpu" and dtype in (torch.float32, torch.float16)
+        # RandAugment (fine-tuning) runs on the uint8 batch: normalisation comes after it, in torch
+        self.rand_augment = BatchRandAugment(rand_augment, tuple(round(255 * m) for m in aug.mean)) \
+            if train and rand_augment else None
+        self.normalize_in_pipeline = self.device.type == "cpu" and dtype in (torch.float32, torch.float16) \
+            and self.rand_augment is None
         if self.normalize_in_pipeline:
             image.append(NormalizeImage(255 * np.array(aug.mean), 255 * np.array(aug.std),
                                         np.float32 if dtype == torch.float32 else np.float16))
@@ -203,8 +208,12 @@ class FFCVLoader(LoaderContract):
                 out = next_batch(epoch)
                 if out is None:
                     break
-                images = out[0] if self.normalize_in_pipeline else \
-                    normalize(out[0], self.aug.mean, self.aug.std, self.dtype)
+                images = out[0]  # uint8 (B, 3, H, W), or normalised by the pipeline
+                if self.rand_augment is not None:  # per image, batched; keyed by (seed, epoch, batch, rank)
+                    images = self.rand_augment(images, torch_generator("device_randaugment", self.seed, self.epoch,
+                                                                       k, self.rank))
+                if not self.normalize_in_pipeline:
+                    images = normalize(images, self.aug.mean, self.aug.std, self.dtype)
                 yield self.make_batch(k, masks, images, lambda: out[1].long())
         finally:
             close_epoch(epoch)

@@ -22,7 +22,7 @@ from .reference import ReferenceLoader
 BACKENDS = ("torch", "ffcv", "dali")
 INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev libturbojpeg0-dev pkg-config)"),
            "dali": ("nvidia.dali", "pip install -e '.[dali]'")}
-COMMON = ("train", "labels", "dtype", "crop_ratio", "drop_last")
+COMMON = ("train", "labels", "dtype", "crop_ratio", "drop_last", "rand_augment")
 FFCV_OPTIONS = ("order", "os_cache", "buffer_pages", "batches_ahead") + COMMON
 DALI_OPTIONS = ("dali_device", "dali_hw_decoder_load", "dali_prefetch", "dali_threads", "dali_preallocate",
                 "max_pixels") + COMMON

@@ -63,8 +63,13 @@ class ReferenceLoader(LoaderContract):
                  num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
                  world: int = 1, seed: int = 0, shuffle: bool | None = None,
                  dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
-                 crop_ratio: float = 0.875, transform=None, drop_last: bool = True, max_pixels: int = MAX_PIXELS):
+                 crop_ratio: float = 0.875, transform=None, drop_last: bool = True, max_pixels: int = MAX_PIXELS,
+                 rand_augment: str = ""):
         max_pixels = checked_max_pixels(max_pixels)
+        if train and rand_augment and transform is None:  # timm's RandAugment on the PIL crop, in the workers
+            from .rand_augment import PILRandAugment
+
+            transform = PILRandAugment(rand_augment, aug.mean)
         # the scan list beside a folder (or data.path a list) when there is one, as DALI reads it
         listed = checked_samples(str(root), max_pixels, max(1, num_workers), rank, world, required=False,
                                  who="torch")

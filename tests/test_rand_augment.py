@@ -176,3 +176,51 @@ def test_no_loop_over_the_batch(monkeypatch):
             assert max(calls) > 1  # ops saw several images at once
     print(f"BatchRandAugment, 96 px, CPU: B=8 {1e3 * times[8]:.1f} ms, B=64 {1e3 * times[64]:.1f} ms "
           f"({times[64] / times[8]:.2f}x the time for 8x the images)")
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
+def test_each_backend_applies_its_rand_augment(backend, sample_root, tmp_path, monkeypatch):
+    """The spec reaches every backend through the same loader option: torch runs timm's on PIL in
+    its workers, FFCV the batched device op keyed by (seed, epoch, batch, rank), DALI its own in
+    the graph (CPU-only here). Batches keep the contract; the evaluation view is never augmented."""
+    from simmim.pipeline import Augmentation, build_loader
+    from simmim.pipeline.seeding import derive_seed
+
+    path = str(sample_root / "train")
+    if backend == "ffcv":
+        pytest.importorskip("ffcv")
+        from simmim.pipeline.convert import convert
+
+        convert(path, str(tmp_path / "train.beton"), workers=1, progress=False)
+        path = str(tmp_path / "train.beton")
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    spec = "rand-m9-mstd0.5-inc1"
+
+    def load(rand_augment, train=True, seed=3):
+        loader = build_loader(backend, path, Augmentation(size=32), None, 4, 1, torch.device("cpu"), 0, 1, seed,
+                              train=train, labels=True, rand_augment=rand_augment)
+        loader.set_epoch(1)
+        return loader
+
+    loader = load(spec)
+    if backend == "torch":
+        assert isinstance(loader.dataset.transform, PILRandAugment)
+        assert load(spec, train=False).dataset.transform is None
+    elif backend == "ffcv":
+        assert isinstance(loader.rand_augment, BatchRandAugment) and load(spec, train=False).rand_augment is None
+        seeds, op = [], loader.rand_augment
+        monkeypatch.setattr(loader, "rand_augment", lambda x, g: seeds.append(g.initial_seed()) or op(x, g))
+    else:
+        assert loader.rand_augment == parse_rand_augment(spec) and load(spec, train=False).rand_augment is None
+    batches = [b for _, b in zip(range(2), loader)]
+    for images, labels in batches:
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (4,)
+        assert torch.isfinite(images).all() and images.abs().max() < 3  # normalised uint8 pixels
+    if backend == "ffcv":
+        assert seeds == [derive_seed("device_randaugment", 3, 1, k, 0) for k in range(2)]
+    if backend == "dali":  # DALI's CPU pipeline is seeded: same seed, same batches; and the op changes them
+        again = [b for _, b in zip(range(2), load(spec))]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+        plain = [b for _, b in zip(range(2), load(""))]
+        assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, plain))

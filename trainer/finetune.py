@@ -47,7 +47,6 @@ from torch import nn
 
 from simmim.pipeline import Augmentation, build_loader
 from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.rand_augment import PILRandAugment
 
 from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import Config, ConfigError, config_from_dict, load_config
@@ -443,9 +442,8 @@ class FinetuneTask:
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
         aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
-        options = {**loader_options(d), "train": True, "labels": True}
-        if d.backend == "torch":
-            options["transform"] = PILRandAugment(f.rand_augment, aug.mean) if f.rand_augment else None
+        # RandAugment is each backend's own (pipeline/rand_augment.py); the trainer passes the spec
+        options = {**loader_options(d), "train": True, "labels": True, "rand_augment": f.rand_augment}
         loader = build_loader(d.backend, d.path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
                               dist.world_size, t.seed, **options)
         classes = num_classes_of(self.cfg, loader)
