@@ -34,11 +34,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from .errors import ConfigError
 from .seeding import keyed_rng
 
-__all__ = ["BatchRandAugment", "PILRandAugment", "RandAugmentSpec", "parse_rand_augment"]
+__all__ = ["BATCH_OPS", "BatchRandAugment", "PILRandAugment", "RandAugmentSpec", "parse_rand_augment"]
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitudes are on a 0..10 scale
 INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
@@ -169,44 +170,47 @@ def _rotation(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return _affine(cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
 
 
+# Each op on the images that drew it: (x uint8 (n, 3, H, W), level float64 (n,) = magnitude / 10,
+# sign float64 (n,) of +-1, fill float (3,)) -> uint8 (n, 3, H, W); arguments as timm's *_level_to_arg.
+BATCH_OPS = {
+    "AutoContrast": lambda x, lv, s, fill: TF.autocontrast(x),
+    "Equalize": lambda x, lv, s, fill: TF.equalize(x),
+    "Invert": lambda x, lv, s, fill: TF.invert(x),
+    "Rotate": lambda x, lv, s, fill: _warp(x, _rotation(lv * 30 * s, *x.shape[-2:]), fill),
+    "Posterize": lambda x, lv, s, fill: _posterize(x, (lv * 4).floor()),
+    "PosterizeIncreasing": lambda x, lv, s, fill: _posterize(x, 4 - (lv * 4).floor()),
+    "Solarize": lambda x, lv, s, fill: _solarize(x, (lv * 256).floor().clamp(max=256)),
+    "SolarizeIncreasing": lambda x, lv, s, fill: _solarize(x, 256 - (lv * 256).floor().clamp(max=256)),
+    "SolarizeAdd": lambda x, lv, s, fill: _solarize_add(x, (lv * 110).floor().clamp(max=128)),
+    "Color": lambda x, lv, s, fill: _blend(x, _grayscale(x), lv * 1.8 + 0.1),
+    "ColorIncreasing": lambda x, lv, s, fill: _blend(x, _grayscale(x), _increasing_factor(lv, s)),
+    "Contrast": lambda x, lv, s, fill: _blend(x, _mean_grey(x), lv * 1.8 + 0.1),
+    "ContrastIncreasing": lambda x, lv, s, fill: _blend(x, _mean_grey(x), _increasing_factor(lv, s)),
+    "Brightness": lambda x, lv, s, fill: _blend(x, torch.zeros((), device=x.device), lv * 1.8 + 0.1),
+    "BrightnessIncreasing": lambda x, lv, s, fill: _blend(x, torch.zeros((), device=x.device),
+                                                          _increasing_factor(lv, s)),
+    "Sharpness": lambda x, lv, s, fill: _blend(x, TF.adjust_sharpness(x, 0.0), lv * 1.8 + 0.1),
+    "SharpnessIncreasing": lambda x, lv, s, fill: _blend(x, TF.adjust_sharpness(x, 0.0), _increasing_factor(lv, s)),
+    "ShearX": lambda x, lv, s, fill: _warp(x, _shear(lv * 0.3 * s, 0), fill),
+    "ShearY": lambda x, lv, s, fill: _warp(x, _shear(lv * 0.3 * s, 1), fill),
+    "TranslateXRel": lambda x, lv, s, fill: _warp(x, _translate(lv * TRANSLATE_PCT * s * x.shape[-1], 0), fill),
+    "TranslateYRel": lambda x, lv, s, fill: _warp(x, _translate(lv * TRANSLATE_PCT * s * x.shape[-2], 1), fill),
+}
+
+
 class BatchRandAugment:
     """timm's RandAugment policy (see the module docstring) on a uint8 (B, 3, H, W) batch.
 
-    spec: a timm RandAugment string (`parse_rand_augment`); fill: the geometric ops' fill colour,
-    uint8 RGB (timm's img_mean: the mean colour). `__call__(images, generator)` returns a new uint8
-    (B, 3, H, W) tensor on images' device; every random draw comes from `generator` (a CPU
-    torch.Generator), so equal seeds give equal outputs, on any device."""
+    spec: a timm RandAugment string (`parse_rand_augment`; ConfigError if malformed); fill: the
+    geometric ops' fill colour, uint8 RGB (timm's img_mean: the mean colour). `__call__(images,
+    generator)` returns a new uint8 (B, 3, H, W) tensor on images' device (ValueError for another
+    dtype or shape); every random draw comes from `generator` (a CPU torch.Generator), so equal
+    seeds give equal outputs."""
 
     def __init__(self, spec: str, fill: tuple[int, int, int] = (124, 116, 104)):
         self.spec = parse_rand_augment(spec)
         self.fill = torch.tensor(fill, dtype=torch.float32)
-        self.apply_op = {
-            "AutoContrast": lambda x, lv, s: _tv().autocontrast(x),
-            "Equalize": lambda x, lv, s: _tv().equalize(x),
-            "Invert": lambda x, lv, s: _tv().invert(x),
-            "Rotate": lambda x, lv, s: _warp(x, _rotation(lv * 30 * s, *x.shape[-2:]), self.fill),
-            "Posterize": lambda x, lv, s: _posterize(x, (lv * 4).floor()),
-            "PosterizeIncreasing": lambda x, lv, s: _posterize(x, 4 - (lv * 4).floor()),
-            "Solarize": lambda x, lv, s: _solarize(x, (lv * 256).floor().clamp(max=256)),
-            "SolarizeIncreasing": lambda x, lv, s: _solarize(x, 256 - (lv * 256).floor().clamp(max=256)),
-            "SolarizeAdd": lambda x, lv, s: _solarize_add(x, (lv * 110).floor().clamp(max=128)),
-            "Color": lambda x, lv, s: _color(x, lv * 1.8 + 0.1),
-            "ColorIncreasing": lambda x, lv, s: _color(x, _increasing_factor(lv, s)),
-            "Contrast": lambda x, lv, s: _contrast(x, lv * 1.8 + 0.1),
-            "ContrastIncreasing": lambda x, lv, s: _contrast(x, _increasing_factor(lv, s)),
-            "Brightness": lambda x, lv, s: _blend(x, torch.zeros((), device=x.device), lv * 1.8 + 0.1),
-            "BrightnessIncreasing": lambda x, lv, s: _blend(x, torch.zeros((), device=x.device),
-                                                            _increasing_factor(lv, s)),
-            "Sharpness": lambda x, lv, s: _blend(x, _tv().adjust_sharpness(x, 0.0), lv * 1.8 + 0.1),
-            "SharpnessIncreasing": lambda x, lv, s: _blend(x, _tv().adjust_sharpness(x, 0.0),
-                                                           _increasing_factor(lv, s)),
-            "ShearX": lambda x, lv, s: _warp(x, _shear(lv * 0.3 * s, 0), self.fill),
-            "ShearY": lambda x, lv, s: _warp(x, _shear(lv * 0.3 * s, 1), self.fill),
-            "TranslateXRel": lambda x, lv, s: _warp(x, _translate(lv * TRANSLATE_PCT * s * x.shape[-1], 0),
-                                                    self.fill),
-            "TranslateYRel": lambda x, lv, s: _warp(x, _translate(lv * TRANSLATE_PCT * s * x.shape[-2], 1),
-                                                    self.fill),
-        }
+        self.ops = {name: BATCH_OPS[name] for name in self.spec.ops}
 
     def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """One layer's draws for `batch` images: (op index int64 (B,), applied bool (B,), level
@@ -228,18 +232,12 @@ class BatchRandAugment:
         out = images.clone()
         for _ in range(self.spec.num_ops):
             op, applied, level, sign = self.draw(len(images), generator)
-            for k, name in enumerate(self.spec.ops):
-                rows = torch.nonzero((op == k) & applied).flatten()  # CPU: no device sync
+            for k, name in enumerate(self.spec.ops):  # a loop over ops; each runs on its rows at once
+                rows = torch.nonzero((op == k) & applied).flatten()  # on the CPU: no device sync
                 if len(rows):
                     at = rows.to(out.device)
-                    out[at] = self.apply_op[name](out[at], level[rows], sign[rows])
+                    out[at] = self.ops[name](out[at], level[rows], sign[rows], self.fill)
         return out
-
-
-def _tv():
-    from torchvision.transforms.v2 import functional
-
-    return functional
 
 
 def _increasing_factor(level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -266,15 +264,14 @@ def _solarize_add(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 128, (x.to(torch.int16) + a).clamp(max=255).to(torch.uint8), x)
 
 
-def _color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Saturation: blend with the grayscale image (torchvision's adjust_saturation, per image)."""
-    return _blend(x, _tv().rgb_to_grayscale(x.float()).floor_(), factor)
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    """float (n, 1, H, W): the degenerate image of torchvision's adjust_saturation for uint8 (floored luma)."""
+    return TF.rgb_to_grayscale(x.float()).floor_()
 
 
-def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Contrast: blend with the image's mean grey (torchvision's adjust_contrast, per image)."""
-    gray = _tv().rgb_to_grayscale(x.float()).floor_()
-    return _blend(x, gray.mean(dim=(-3, -2, -1), keepdim=True), factor)
+def _mean_grey(x: torch.Tensor) -> torch.Tensor:
+    """float (n, 1, 1, 1): the degenerate image of torchvision's adjust_contrast for uint8."""
+    return _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
 
 
 def _shear(factor: torch.Tensor, axis: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.rand_augment import (INCREASING_OPS, BatchRandAugment, PILRandAugment, RandAugmentSpec,
+from simmim.pipeline.rand_augment import (BATCH_OPS, INCREASING_OPS, BatchRandAugment, PILRandAugment, RandAugmentSpec,
                                           parse_rand_augment)
 
 FILL = (124, 116, 104)
@@ -83,11 +83,10 @@ SINGLE = {
 def test_batched_ops_match_torchvision_per_image(name):
     """Each op, run once on a batch whose images have different magnitudes and signs, gives every
     image what torchvision gives it alone with that image's parameter."""
-    ra = BatchRandAugment("rand-m9-inc1", FILL)
     x = batch()
     level = torch.tensor([0.1, 0.35, 0.62, 0.97], dtype=torch.float64)
     sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
-    out = ra.apply_op[name](x, level, sign)
+    out = BATCH_OPS[name](x, level, sign, torch.tensor(FILL, dtype=torch.float32))
     reference, tolerance = SINGLE[name]
     for i in range(len(x)):
         expected = reference(x[i], level[i].item(), sign[i].item())
@@ -109,10 +108,9 @@ def test_geometric_ops_follow_timm(name, factor):
           "TranslateYRel": A.translate_y_rel, "Rotate": A.rotate}[name]
     theirs = np.asarray(fn(pil, factor, resample=Image.BILINEAR, fillcolor=FILL)).astype(int)
     level = abs(factor) / {"ShearX": 0.3, "ShearY": 0.3, "Rotate": 30}.get(name, 0.45)
-    ra = BatchRandAugment("rand-m9-inc1", FILL)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
-    ours = ra.apply_op[name](x, torch.tensor([level], dtype=torch.float64),
-                             torch.tensor([np.sign(factor)], dtype=torch.float64))[0].permute(1, 2, 0).numpy()
+    level, sign = torch.tensor([level], dtype=torch.float64), torch.tensor([np.sign(factor)], dtype=torch.float64)
+    ours = BATCH_OPS[name](x, level, sign, torch.tensor(FILL, dtype=torch.float32))[0].permute(1, 2, 0).numpy()
     close = np.abs(ours.astype(int) - theirs) <= 2
     assert close.mean() > 0.95, (name, close.mean())
 
@@ -121,8 +119,8 @@ def test_solarize_add_matches_timm():
     from timm.data import auto_augment as A
 
     x = batch(2)
-    out = BatchRandAugment("rand-m9", FILL).apply_op["SolarizeAdd"](x, torch.tensor([0.5, 0.9], dtype=torch.float64),
-                                                                    torch.ones(2, dtype=torch.float64))
+    out = BATCH_OPS["SolarizeAdd"](x, torch.tensor([0.5, 0.9], dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                                   torch.tensor(FILL, dtype=torch.float32))
     for i, add in enumerate([55, 99]):
         pil = Image.fromarray(x[i].permute(1, 2, 0).numpy())
         assert np.array_equal(out[i].permute(1, 2, 0).numpy(), np.asarray(A.solarize_add(pil, add)))
@@ -161,8 +159,8 @@ def test_no_loop_over_the_batch(monkeypatch):
     calls than 8. The time of both is printed side by side (not asserted: a shared CPU)."""
     ra = BatchRandAugment("rand-m9-mstd0.5-inc1", FILL)
     calls = []
-    for name, fn in list(ra.apply_op.items()):
-        ra.apply_op[name] = lambda x, lv, s, fn=fn, name=name: calls.append(len(x)) or fn(x, lv, s)
+    for name, fn in list(ra.ops.items()):
+        ra.ops[name] = lambda x, lv, s, fill, fn=fn: calls.append(len(x)) or fn(x, lv, s, fill)
     times = {}
     for n in (8, 64):
         x = batch(n, 96)

@@ -346,8 +346,10 @@ class MixupErasing:
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
 
-        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
-                           label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
+                               label_smoothing=label_smoothing, num_classes=num_classes)
         self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob > 0 else None
 
     @torch.no_grad()
