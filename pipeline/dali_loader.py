@@ -7,8 +7,9 @@ only the crop window is decoded) on `device='mixed'` when a GPU is present (nvJP
 `hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the CPU
 otherwise (`device_id=None`), antialiased bilinear resize of the decoded crop to the input size
 (the reference loader's crop-then-resize), random horizontal flip, and normalisation to CHW
-float/bf16 in one crop_mirror_normalize. Masks come from `GlobalBatchMasks`,
-as in the other loaders.
+float/bf16 in one crop_mirror_normalize. Fine-tuning's RandAugment (`rand_augment`, training view
+only) is DALI's own, on the resized uint8 crop before crop_mirror_normalize (`dali_augment.py`; the
+pipeline is then built with conditionals). Masks come from `GlobalBatchMasks`, as in the other loaders.
 
 Sharding: the rank's samples for an epoch are the reference loader's (`ShardedSampler`: a
 permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in

@@ -5,7 +5,9 @@ The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JP
 reference loader does, not FFCV's INTER_AREA), horizontal flip, uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
 normaliser needs cupy), on the CPU in FFCV's pipeline threads.
-Masks come from `GlobalBatchMasks`, as in the reference loader.
+Masks come from `GlobalBatchMasks`, as in the reference loader. Fine-tuning's RandAugment
+(`rand_augment`, training view only) runs on the uint8 batch on the training device before the
+normalisation (`rand_augment.BatchRandAugment`, draws keyed by (seed, epoch, batch, rank)).
 
 Sample order is ours, not FFCV's (`ShardedOrder`):
 - `random`: the reference loader's permutation of (seed, epoch), rank r taking positions
