@@ -91,11 +91,32 @@ def dalle_encoder(width: int = 256, vocab: int = 8192) -> nn.Sequential:
     return nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(cin, vocab, 1))
 
 
+def features_with(v: VisionTransformer, x: torch.Tensor, patches=None, tokens=None) -> torch.Tensor:
+    """timm's public `v.forward_features(x)` (patch embedding, class token and position embedding,
+    blocks, norm), with `patches` applied to the patch embeddings (B, L, D) and `tokens` to the
+    blocks' input (B, 1 + L, D), through torch forward hooks: methods that edit the token sequence
+    need no private timm method (`_pos_embed`). Needs v.blocks to run as one module call (no
+    gradient checkpointing, which calls the blocks one by one); tests/test_benchmarks.py checks
+    that both hooks take effect."""
+    if getattr(v, "grad_checkpointing", False):
+        raise ValueError("features_with: the blocks' hook does not run under gradient checkpointing")
+    hooks = []
+    if patches is not None:
+        hooks.append(v.patch_embed.register_forward_hook(lambda module, args, out: patches(out)))
+    if tokens is not None:
+        hooks.append(v.blocks.register_forward_pre_hook(lambda module, args: (tokens(args[0]),)))
+    try:
+        return v.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def masked_tokens(v: VisionTransformer, x: torch.Tensor, masks: torch.Tensor, token: torch.Tensor):
-    """ViT tokens with masked patches replaced (masks at patch resolution, (B, L) bool)."""
-    t = v.patch_embed(x)
-    t = torch.where(masks[..., None], token.to(t.dtype), t)
-    return v.norm(v.blocks(v._pos_embed(t)))[:, v.num_prefix_tokens:]
+    """ViT tokens with masked patches replaced before the position embedding (masks at patch
+    resolution, (B, L) bool); the class token dropped at the end."""
+    fill = lambda t: torch.where(masks[..., None], token.to(t.dtype), t)  # noqa: E731
+    return features_with(v, x, patches=fill)[:, v.num_prefix_tokens:]
 
 
 def random_patch_mask(b: int, n: int, ratio: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,13 +164,12 @@ class MAEStep(Method):
         self.pred = nn.Linear(512, 16 * 16 * 3)
 
     def forward(self, x):
-        v = self.enc
-        t = v._pos_embed(v.patch_embed(x))  # (B, 197, 768)
-        B, n = t.shape[0], t.shape[1] - 1
+        B, n = x.shape[0], self.enc.patch_embed.num_patches  # 196
         keep = int(n * (1 - self.ratio))
         order = torch.rand(B, n, device=x.device).argsort(1)
-        kept = torch.gather(t[:, 1:], 1, order[:, :keep, None].expand(-1, -1, 768))
-        z = self.embed(v.norm(v.blocks(torch.cat([t[:, :1], kept], 1))))  # encoder on 25% + cls
+        kept = lambda t: torch.cat([t[:, :1], torch.gather(t[:, 1:], 1, order[:, :keep, None].expand(-1, -1, 768))],  # noqa: E731
+                                   1)  # (B, 197, 768) -> cls + 25%
+        z = self.embed(features_with(self.enc, x, tokens=kept))  # encoder on 25% + cls
         full = self.mask_token.expand(B, n, 512).to(z.dtype).scatter(1, order[:, :keep, None].expand(-1, -1, 512), z[:, 1:])
         y = self.pred(self.dec(torch.cat([z[:, :1], full], 1) + self.pos)[:, 1:])  # (B, 196, 768)
         target = F.unfold(x, 16, stride=16).transpose(1, 2)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simmim.pipeline import Augmentation, MaskGenerator, build_loader
+from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
+from simmim.pipeline.options import DALIOptions
 from simmim.pipeline.loaders import available
 
 from .report import device_name, results_dir, write_bar_chart
@@ -88,13 +89,13 @@ def time_loader(loader, epochs: int, device: torch.device) -> dict:
 
 
 def configurations(backends: list[str], cuda: bool) -> list[tuple[str, str, dict]]:
-    """(label, backend, options) for each loader to time."""
+    """(label, backend, LoaderSpec fields) for each loader to time."""
     out = []
     for b in backends:
         if b == "dali" and cuda:
-            out += [("dali mixed+hw", "dali", {"dali_device": "mixed", "dali_hw_decoder_load": 0.65}),
-                    ("dali mixed", "dali", {"dali_device": "mixed", "dali_hw_decoder_load": 0.0}),
-                    ("dali cpu", "dali", {"dali_device": "cpu"})]
+            out += [("dali mixed+hw", "dali", {"dali": DALIOptions(device="mixed", hw_decoder_load=0.65)}),
+                    ("dali mixed", "dali", {"dali": DALIOptions(device="mixed", hw_decoder_load=0.0)}),
+                    ("dali cpu", "dali", {"dali": DALIOptions(device="cpu")})]
         else:
             out.append((b, b, {}))
     return out
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for label, backend, options in configurations(backends, cuda):
             path = str(beton) if backend == "ffcv" else str(src)
-            loader = build_loader(backend, path, aug, masks, args.batch, args.workers, device, **options)
+            spec = LoaderSpec(backend, path, aug, args.batch, args.workers, **options)
+            loader = build_loader(spec, masks, device)
             row = {"loader": label, **time_loader(loader, args.epochs, device)}
             del loader
             print(f"{label}: {row['img_per_s']:.0f} img/s, steady {row['steady_img_per_s'] or 0:.0f}, epoch start "

@@ -255,14 +255,14 @@ def step_dali(args) -> dict:
     checked source JPEGs; a folder path would make the loader scan 1.28M copies of 300 files)."""
     import torch
 
-    from simmim.pipeline import Augmentation, MaskGenerator, build_loader, scan_folder
+    from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader, scan_folder
     from simmim.pipeline.scan import write_file_list
 
     listed = args.tree.parent / f"{args.tree.name}.list.txt"
     write_file_list(listed, scan_folder(args.tree)[0])
     try:
-        loader = build_loader("dali", str(listed), Augmentation(size=64), MaskGenerator(64, 32, 0.6), 32,
-                              args.workers, torch.device("cpu"))
+        loader = build_loader(LoaderSpec("dali", str(listed), Augmentation(size=64), 32, args.workers),
+                              MaskGenerator(64, 32, 0.6), torch.device("cpu"))
         starts, rss = [], []
         for epoch in range(5):
             loader.set_epoch(epoch)
@@ -282,7 +282,7 @@ def step_memory(args) -> dict:
     import psutil
     import torch
 
-    from simmim.pipeline import Augmentation, MaskGenerator, ReferenceLoader
+    from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, ReferenceLoader
     from simmim.pipeline import folder
 
     if args.memory_stub:  # what grows is the sample list: leave decoding out so 25% of an epoch fits
@@ -291,8 +291,8 @@ def step_memory(args) -> dict:
         tiny = Image.new("RGB", (40, 40))
         folder.decode_rgb = lambda path, *args, **kwargs: tiny.copy()
     batch = 64
-    loader = ReferenceLoader(str(args.tree), Augmentation(size=32), MaskGenerator(32, 32, 0.6), batch,
-                             num_workers=args.workers, device=torch.device("cpu"))
+    loader = ReferenceLoader(LoaderSpec("torch", str(args.tree), Augmentation(size=32), batch, args.workers),
+                             MaskGenerator(32, 32, 0.6), torch.device("cpu"))
     batches = args.memory_batches or len(loader) // 4
     children = []
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from simmim.kernels import dispatch
-from simmim.pipeline import Augmentation, MaskGenerator, build_loader
+from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.model import ARCHS, build_simmim, param_groups
 from simmim.trainer.precision import autocast
@@ -107,8 +107,8 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
     optimizer = torch.optim.AdamW(param_groups(model, 0.05, ARCHS[arch].family), lr=1e-4, fused=True)
     train_model = torch.compile(model) if compile_ else model
     if data == "loader":
-        source = build_loader(loader, data_path, Augmentation(size=size), MaskGenerator(size, 32, 0.6),
-                              batch, workers, device)
+        source = build_loader(LoaderSpec(loader, data_path, Augmentation(size=size), batch, workers),
+                              MaskGenerator(size, 32, 0.6), device)
         source = itertools.chain.from_iterable(itertools.repeat(source))  # epochs back to back
     else:
         source = SyntheticData(batch, size, device)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
+from .ffcv_compat import keep_torch_threads
 from .folder import DatasetError, SampleList, list_classes, read_classes, scan_folder, sidecar, walk_tree
 from .io import write_json
 from .scan import check_output
@@ -145,6 +146,7 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     workers = workers or os.cpu_count() or 1
     page_size = fit_page_size(samples, max_resolution, page_size)
     log.info("converting %d images from %s", len(samples), src)
+    keep_torch_threads()  # importing FFCV sets torch's thread count
     from ffcv.fields import IntField, RGBImageField  # after the checks: importing FFCV takes seconds
 
     from .ffcv_writer import CheckedWriter, WriterFailed
@@ -294,6 +296,7 @@ def _raise_interrupt(signum, frame):
 
 def open_beton(path: str | os.PathLike):
     """FFCV's Reader, with a one-line error for a missing or foreign file."""
+    keep_torch_threads()
     from ffcv.reader import Reader
 
     path = Path(path)

@@ -7,11 +7,12 @@ only the crop window is decoded) on `device='mixed'` when a GPU is present (nvJP
 `hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the CPU
 otherwise (`device_id=None`), antialiased bilinear resize of the decoded crop to the input size
 (the reference loader's crop-then-resize), random horizontal flip, and normalisation to CHW
-float/bf16 in one crop_mirror_normalize. Fine-tuning's RandAugment (`rand_augment`, training view
-only) is DALI's own, on the resized uint8 crop before crop_mirror_normalize (`dali_augment.py`; the
-pipeline is then built with conditionals). Masks come from `GlobalBatchMasks`, as in the other loaders.
+float/bf16 in one crop_mirror_normalize. Masks, batch assembly and the figure preview are the
+base's (`loader.Loader`); `graph_augment` is where a training-view augmentation joins the graph:
+fine-tuning's RandAugment (`spec.rand_augment`) is DALI's own, on the resized uint8 crop
+(`dali_augment.py`; the pipeline is then built with conditionals).
 
-Sharding: the rank's samples for an epoch are the reference loader's (`ShardedSampler`: a
+Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
 permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
 that order. So every backend sees the same global batches, ranks are disjoint and cover the
 dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
@@ -43,15 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import Augmentation
-from .decode import DALI_DECODE_ARGS, MAX_PIXELS, check_image, checked_max_pixels
-from .folder import DatasetError, SampleList, ShardedSampler, num_batches, shard_size
 from .dali_augment import dali_rand_augment
+from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
+from .errors import DatasetError
+from .folder import SampleList
+from .loader import Loader
 from .masking import MaskGenerator
+from .options import LoaderSpec
 from .rand_augment import parse_rand_augment
-from .reference import LoaderContract
 from .scanlist import checked_samples
 from .seeding import derive_seed
+from .sharding import ShardedSampler, shard_size
 
 log = logging.getLogger(__name__)
 
@@ -127,59 +130,43 @@ class EpochSource:
         return np.fromfile(self.samples.path(i), dtype=np.uint8), np.array([self.samples.labels[i]], np.int32)
 
 
-class DALILoader(LoaderContract):
-    """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` appends the
-    labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`.
+class DALILoader(Loader):
+    """`Loader` over image files decoded by DALI. `spec.dali` holds the speed knobs: `device`
+    (auto | mixed | cpu), `hw_decoder_load` (share of JPEGs for the hardware decoder), `prefetch`
+    (batches queued ahead), `threads` (CPU threads; 0: spec.num_workers), `preallocate` (bytes per
+    image preallocated for nvJPEG's host and device buffers; 0: DALI's default);
+    the attribute `preallocate_hw` (width, height) hints the hardware decoder's buffer size."""
 
-    The speed knobs: `decode_device` (auto | mixed | cpu), `hw_decoder_load` (share of JPEGs for the
-    hardware decoder), `prefetch` (batches queued ahead), `threads` (CPU threads; 0: num_workers),
-    `preallocate` (bytes per image preallocated for nvJPEG's host and device buffers; 0: DALI's
-    default), `preallocate_hw` (width, height) hint for the hardware decoder's buffers.
-    """
+    preallocate_hw: tuple[int, int] = (0, 0)
 
-    def __init__(self, path: str, aug: Augmentation, masks: MaskGenerator | None, batch_size: int,
-                 num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
-                 seed: int = 0, dtype: torch.dtype = torch.float32, train: bool = True, labels: bool = False,
-                 crop_ratio: float = 0.875, decode_device: str = "auto", hw_decoder_load: float = 0.65, prefetch: int = 2, threads: int = 0,
-                 preallocate: int = 0, preallocate_hw: tuple[int, int] = (0, 0), drop_last: bool = True,
-                 max_pixels: int = MAX_PIXELS, rand_augment: str = ""):
+    def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
+                 rank: int = 0, world: int = 1, seed: int = 0):
         import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
 
-        self.device = torch.device(device)
-        if decode_device not in DEVICES:
-            raise DatasetError(f"data.dali_device must be one of {', '.join(DEVICES)}, got '{decode_device}'")
-        if decode_device == "mixed" and self.device.type != "cuda":
-            raise DatasetError("data.dali_device mixed decodes on the GPU, but training runs on the CPU")
-        max_pixels = checked_max_pixels(max_pixels)
-        self.path = str(path)
+        super().__init__(spec, masks, device, rank, world, seed)
+        o = spec.dali
+        if o.device not in DEVICES:
+            raise DatasetError(f"data.dali.device must be one of {', '.join(DEVICES)}, got '{o.device}'")
+        if o.device == "mixed" and self.device.type != "cuda":
+            raise DatasetError("data.dali.device mixed decodes on the GPU, but training runs on the CPU")
+        self.max_pixels = checked_max_pixels(spec.max_pixels)
         # a folder: its checked list (scanned first when there is none); a list: stat-checked
-        self.samples, self.classes = checked_samples(str(path), max_pixels, max(1, num_workers), rank, world,
-                                                     required=True, who="dali")
-        self.max_pixels = max_pixels
+        self.samples, self.classes = checked_samples(self.path, self.max_pixels, max(1, spec.num_workers), rank,
+                                                     world, required=True, who="dali")
         self.num_samples = len(self.samples)
-        self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
-        self.seed, self.rank, self.world = seed, rank, world
-        self.train, self.labels, self.crop_ratio, self.dtype = train, labels, crop_ratio, dtype
-        self.rand_augment = parse_rand_augment(rand_augment) if train and rand_augment else None
-        self.threads = max(1, threads or num_workers)
-        self.hw_decoder_load, self.prefetch = hw_decoder_load, max(1, prefetch)
-        self.preallocate, self.preallocate_hw = preallocate, preallocate_hw
-        self.decode = "cpu" if decode_device == "cpu" or self.device.type != "cuda" else "mixed"
+        self.threads = max(1, o.threads or spec.num_workers)
+        self.hw_decoder_load, self.prefetch, self.preallocate = o.hw_decoder_load, max(1, o.prefetch), o.preallocate
+        self.decode = "cpu" if o.device == "cpu" or self.device.type != "cuda" else "mixed"
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.drop_last = drop_last
-        if self.num_samples < world and drop_last:
-            raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {world} ranks sharing it")
+        # parsed here: an error while DALI traces the graph would lose its one-line form
+        self.rand_augment = parse_rand_augment(spec.rand_augment) if self.train and spec.rand_augment else None
         self.require_one_batch()
         self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
         self.schedule = EpochSchedule()
         self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
-                                  train, drop_last, batch_size)
+                                  self.train, self.drop_last, self.batch_size)
         self.pipe = self.iterator = None
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
-
-    def __len__(self) -> int:
-        return num_batches(shard_size(self.num_samples, self.rank, self.world, self.drop_last), self.batch_size,
-                           self.drop_last)
 
     def epoch_length(self) -> int:
         """Samples this rank reads from `start_batch` on in the current epoch."""
@@ -188,11 +175,21 @@ class DALILoader(LoaderContract):
             return max(0, (len(self) - self.start_batch) * self.batch_size)
         return max(0, shard_size(self.num_samples, self.rank, self.world, False) - start)
 
+    def graph_augment(self, images):
+        """Hook for an augmentation of the training view inside the DALI graph: `images` are the
+        resized crops, uint8 HWC on the pipeline's device ('gpu' with mixed decoding, else 'cpu');
+        returns the same: DALI's RandAugment when `spec.rand_augment` is set, else unchanged."""
+        if self.rand_augment is None:
+            return images
+        return dali_rand_augment(images, self.rand_augment, (self.aug.size, self.aug.size),
+                                 tuple(round(255 * m) for m in self.aug.mean))
+
     def build_pipeline(self):
         from nvidia.dali import fn, pipeline_def, types
 
         a, size = self.aug, self.aug.size
         decode, ops = self.decode, "gpu" if self.decode == "mixed" else "cpu"
+        crop_ratio = self.spec.crop_ratio
         out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
                      torch.bfloat16: types.FLOAT}[self.dtype]  # DALI has no bf16 output: cast in torch
         decoder_opts = {"device": decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
@@ -219,15 +216,12 @@ class DALILoader(LoaderContract):
                 images = fn.decoders.image_random_crop(jpegs, random_area=list(a.scale),
                                                        random_aspect_ratio=list(a.ratio), num_attempts=10,
                                                        **decoder_opts)
-                images = resize_square(images, size, ops)
-                if self.rand_augment is not None:  # DALI's own RandAugment, on uint8 HWC
-                    images = dali_rand_augment(images, self.rand_augment, (size, size),
-                                               tuple(round(255 * m) for m in a.mean))
+                images = self.graph_augment(resize_square(images, size, ops))
                 mirror = fn.random.coin_flip(probability=a.hflip) if a.hflip > 0 else 0
                 crop = None
             else:  # the evaluation view: shorter side to size / crop_ratio, centre crop
                 images = fn.decoders.image(jpegs, **decoder_opts)
-                images = fn.resize(images, device=ops, resize_shorter=size / self.crop_ratio,
+                images = fn.resize(images, device=ops, resize_shorter=size / crop_ratio,
                                    interp_type=types.INTERP_LINEAR)
                 mirror, crop = 0, (size, size)
             images = fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
@@ -238,10 +232,9 @@ class DALILoader(LoaderContract):
 
         return pipe()
 
-    def __iter__(self):
+    def read_batches(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        masks = self.epoch_masks()
         length = self.epoch_length()
         if length == 0:
             return
@@ -267,16 +260,10 @@ class DALILoader(LoaderContract):
                     break
                 except Exception as e:  # noqa: BLE001 - DALI's error, or our source's from its worker
                     raise self.failure_in_flight(k, e) from None
-                images = out[0]["images"]
                 real = min(self.batch_size, length - (k - self.start_batch) * self.batch_size)
-                if real < self.batch_size:  # the padded last batch of an evaluation epoch
-                    images = images[:real]
-                if images.device != self.device:
-                    images = images.to(self.device, non_blocking=True)
-                if self.dtype is torch.bfloat16:
-                    images = images.to(torch.bfloat16)
-                yield self.make_batch(k, masks, images,
-                                      lambda: out[0]["labels"][:real].to(self.device).view(-1).long())
+                # normalised float (B, 3, S, S) (DALI has no bf16: the base casts), labels int32 (B, 1);
+                # the padded last batch of an evaluation epoch is cut to its real samples
+                yield out[0]["images"][:real], out[0]["labels"][:real]
             finished = True
         finally:
             if not finished:  # left early: nothing more is read, the batches already made are dropped

@@ -2,24 +2,30 @@
 
 FFCV 1.0 offers no public way to (1) give a `Loader` a custom sample order as an object we own,
 (2) notice that its producer thread died (its `__next__` waits forever), (3) stop an epoch early
-and free its memory, or (4) collect a loader without numba printing a harmless traceback. Each
-function below does one of those through FFCV's attributes; `ATTRIBUTES` lists every one used, and
-tests/test_ffcv.py checks them on a live loader, so an FFCV upgrade that renames one fails there
-rather than in a training run.
+and free its memory, (4) collect a loader without numba printing a harmless traceback, (5) keep
+its hands off torch's thread count, or (6) read one stored image. Each function below does one of
+those through FFCV's attributes; `ATTRIBUTES` lists every one used, and tests/test_ffcv.py checks
+them on a live loader, so an FFCV upgrade that renames one fails there rather than in a training run.
 """
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
 import time
+
+import numpy as np
+import torch
 
 # Loader: the order objects `Loader.next_epoch`/`__iter__` read. EpochIterator (a Thread): the
 # rest; current_stream exists only on CUDA, memory_context.executor.threads only with os_cache=False.
 ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch"),
               "EpochIterator": ("output_queue", "terminate_event", "cuda_streams", "memory_context", "closed",
                                 "close"),
-              "EpochIterator on CUDA": ("current_stream",)}
+              "EpochIterator on CUDA": ("current_stream",),
+              "Compiler": ("set_num_threads", "num_threads"),
+              "Reader": ("metadata", "alloc_table", "field_names")}
 
 
 def install_order(loader, order) -> None:
@@ -99,3 +105,61 @@ def quiet_numba_finalizer() -> None:
 
         sys.unraisablehook = hook
         _hook_installed = True
+
+
+_threads_lock = threading.Lock()
+_threads_kept = False
+
+
+def keep_torch_threads() -> None:
+    """FFCV's `Compiler.set_num_threads(n)` sets numba's thread count and torch's too; it runs at
+    the import of `ffcv` (n = 1), in `Loader()` and at every epoch start (n = num_workers), the last
+    in FFCV's producer thread, and torch's count is process-wide, so a training step's CPU ops
+    would run on num_workers threads (or 1), changing under the trainer between epochs. Call this
+    before FFCV is first imported: it imports it keeping torch's count, and replaces the method by
+    one that sets numba's count only (thread-local in numba: each FFCV thread sets its own). Once
+    per process, never at import of ours."""
+    global _threads_kept
+    with _threads_lock:
+        if _threads_kept:
+            return
+        n = torch.get_num_threads()
+        try:
+            from ffcv.pipeline.compiler import Compiler
+        finally:
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+        from numba import set_num_threads as numba_threads
+
+        def set_num_threads(cls, n: int) -> None:
+            if n < 1:
+                n = os.cpu_count() or 1
+            cls.num_threads = n
+            numba_threads(n)
+
+        Compiler.set_num_threads = classmethod(set_num_threads)
+        _threads_kept = True
+
+
+def read_image(path: str, reader, i: int) -> np.ndarray:
+    """Sample i's image of the .beton at `path` (`reader` its ffcv Reader): uint8 (H, W, 3) RGB,
+    decoded by FFCV's own decoder (libffcv's imdecode). DecodeError if it does not decode."""
+    from ffcv.libffcv import imdecode
+
+    from .decode import DecodeError
+
+    field = reader.metadata[f"f{reader.field_names.index('image')}"][i]
+    ptr, h, w = int(field["data_ptr"]), int(field["height"]), int(field["width"])
+    sizes = reader.alloc_table["size"][reader.alloc_table["ptr"] == ptr]
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    if len(sizes) == 0 or ptr + int(sizes[0]) > len(data):
+        raise DecodeError(f"sample {i} of {path}: its data is not in the file")
+    src = np.asarray(data[ptr:ptr + int(sizes[0])])
+    if field["mode"] != 0:  # raw RGB
+        if src.size < h * w * 3:
+            raise DecodeError(f"sample {i} of {path}: {src.size} bytes for {w}x{h} raw pixels")
+        return src[:h * w * 3].reshape(h, w, 3).copy()
+    out = np.empty((h, w, 3), np.uint8)
+    if imdecode(src, out, h, w, h, w, 0, 0, 1, 1, False, False) != 0:
+        raise DecodeError(f"sample {i} of {path}: FFCV's decoder rejects it")
+    return out

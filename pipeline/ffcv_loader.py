@@ -4,12 +4,12 @@ The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JP
 (0.67, 1), ratio (3/4, 4/3); the crop resized by Pillow's antialiased bilinear filter, as the
 reference loader does, not FFCV's INTER_AREA), horizontal flip, uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
-normaliser needs cupy), on the CPU in FFCV's pipeline threads.
-Masks come from `GlobalBatchMasks`, as in the reference loader. Fine-tuning's RandAugment
-(`rand_augment`, training view only) runs on the uint8 batch on the training device before the
-normalisation (`rand_augment.BatchRandAugment`, draws keyed by (seed, epoch, batch, rank)).
+normaliser needs cupy), on the CPU in FFCV's pipeline threads. Fine-tuning's RandAugment
+(`spec.rand_augment`, training view) runs on the uint8 batch on the training device before the
+normalisation (`device_transform`: `rand_augment.BatchRandAugment`, keyed by (seed, epoch, batch, rank)).
+Masks, batch assembly and the figure preview are the base's (`loader.Loader`).
 
-Sample order is ours, not FFCV's (`ShardedOrder`):
+Sample order is ours, not FFCV's (`ShardedOrder`, on `sharding.ShardedSampler`):
 - `random`: the reference loader's permutation of (seed, epoch), rank r taking positions
   r, r + world, ...: the same global batches as the reference loader at any world size.
 - `quasi_random`: for datasets larger than RAM (`os_cache: false`), a page-local order that works
@@ -26,14 +26,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .augment import Augmentation, normalize
 from .convert import open_beton
-from .ffcv_compat import close_epoch, install_order, next_batch, quiet_numba_finalizer
-from .folder import DatasetError, ShardedSampler, num_batches, read_classes, shard_size
+from .errors import DatasetError
+from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
+from .folder import center_crop, read_classes, to_tensor
+from .loader import Loader
 from .masking import MaskGenerator
-from .reference import LoaderContract
+from .options import LoaderSpec
 from .rand_augment import BatchRandAugment
-from .seeding import derive_seed, torch_generator
+from .seeding import derive_seed
+from .sharding import ShardedSampler, shard_size
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -60,7 +62,7 @@ class ShardedOrder:
     def __init__(self, size: int, rank: int, world: int, seed: int, mode: str = "random",
                  pages: np.ndarray | None = None, buffer_pages: int = 8, drop_last: bool = True):
         if mode not in ORDERS:
-            raise DatasetError(f"data.order must be one of {', '.join(ORDERS)}, got '{mode}'")
+            raise DatasetError(f"data.ffcv.order must be one of {', '.join(ORDERS)}, got '{mode}'")
         self.drop_last = drop_last or mode == "quasi_random"
         if size < world and self.drop_last:  # as ShardedSampler: evaluation may leave a rank empty
             raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
@@ -139,83 +141,80 @@ def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], 
     return PILResizedCropDecoder(size, scale=scale, ratio=ratio)
 
 
-class FFCVLoader(LoaderContract):
-    """Same contract as `ReferenceLoader`: `(images, masks)` per batch (`labels=True` adds the
-    labels), `len()` batches per epoch per rank, `set_epoch(epoch, start_batch)`."""
+class FFCVLoader(Loader):
+    """`Loader` over an FFCV .beton: `spec.ffcv` sets the order, the page cache and the batches
+    prepared ahead; `spec.num_workers` FFCV's pipeline threads."""
 
-    def __init__(self, path: str, aug: Augmentation, masks: MaskGenerator | None, batch_size: int,
-                 num_workers: int = 4, device: torch.device | str = "cpu", rank: int = 0,
-                 world: int = 1, seed: int = 0, order: str = "random", os_cache: bool = True,
-                 buffer_pages: int = 8, dtype: torch.dtype = torch.float32, train: bool = True,
-                 labels: bool = False, batches_ahead: int = 3, crop_ratio: float = 0.875,
-                 drop_last: bool = True, rand_augment: str = ""):
+    def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
+                 rank: int = 0, world: int = 1, seed: int = 0):
+        super().__init__(spec, masks, device, rank, world, seed)
+        keep_torch_threads()  # before FFCV's first import: it sets torch's thread count
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import Loader as FFCVPipeline, OrderOption
         from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
                                      ToTorchImage)
 
-        reader = open_beton(path)
-        self.path, self.num_samples = str(path), int(reader.num_samples)
-        self.aug, self.mask_generator, self.batch_size = aug, masks, batch_size
-        self.device, self.dtype, self.labels = torch.device(device), dtype, labels
-        self.seed, self.rank, self.world = seed, rank, world
-        pages = page_of_samples(reader) if order == "quasi_random" else None
-        if not train:
-            order = "sequential"
-        self.drop_last, self.classes = drop_last, read_classes(path)
-        self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, buffer_pages, drop_last)
+        o, aug = spec.ffcv, self.aug
+        self.reader = open_beton(self.path)
+        self.num_samples, self.classes = int(self.reader.num_samples), read_classes(self.path)
+        order = o.order if self.train else "sequential"
+        pages = page_of_samples(self.reader) if order == "quasi_random" else None
+        self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, o.buffer_pages, self.drop_last)
         self.require_one_batch()
         size = (aug.size, aug.size)
-        if train:
+        if self.train:
             decoder = pil_resized_crop_decoder(size, aug.scale, aug.ratio)
             image = [decoder, RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else [decoder]
         else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
-            image = [CenterCropRGBImageDecoder(size, crop_ratio)]
+            image = [CenterCropRGBImageDecoder(size, spec.crop_ratio)]
         # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and
         # leaves the consumer free (~20% more images/sec on 2 cores). The batch is then FFCV's own
-        # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once.
-        # RandAugment (fine-tuning) runs on the uint8 batch: normalisation comes after it, in torch
-        self.rand_augment = BatchRandAugment(rand_augment, tuple(round(255 * m) for m in aug.mean)) \
-            if train and rand_augment else None
-        self.normalize_in_pipeline = self.device.type == "cpu" and dtype in (torch.float32, torch.float16) \
-            and self.rand_augment is None
+        # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once. A device
+        # transform needs the uint8 images: then the base normalises.
+        self.normalize_in_pipeline = (self.device.type == "cpu" and self.dtype in (torch.float32, torch.float16)
+                                      and self.batch_transform is None)
         if self.normalize_in_pipeline:
             image.append(NormalizeImage(255 * np.array(aug.mean), 255 * np.array(aug.std),
-                                        np.float32 if dtype == torch.float32 else np.float16))
+                                        np.float32 if self.dtype == torch.float32 else np.float16))
         image.append(ToTensor())
         if self.device.type != "cpu":
             image.append(ToDevice(self.device, non_blocking=True))
         image.append(ToTorchImage(channels_last=True))
-        label = [IntDecoder(), ToTensor(), Squeeze()] if labels else None
-        if labels and self.device.type != "cpu":
+        label = [IntDecoder(), ToTensor(), Squeeze()] if self.labels else None
+        if self.labels and self.device.type != "cpu":
             label.append(ToDevice(self.device, non_blocking=True))
-        self.loader = Loader(self.path, batch_size=batch_size, num_workers=max(1, num_workers),
-                             os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=drop_last,
-                             batches_ahead=batches_ahead, pipelines={"image": image, "label": label})
+        self.loader = FFCVPipeline(self.path, batch_size=self.batch_size, num_workers=max(1, spec.num_workers),
+                                   os_cache=o.os_cache, order=OrderOption.SEQUENTIAL, drop_last=self.drop_last,
+                                   batches_ahead=o.batches_ahead, pipelines={"image": image, "label": label})
         install_order(self.loader, self.order)
         quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
 
-    def __len__(self) -> int:
-        """Batches per epoch per rank (a full epoch, whatever `start_batch`)."""
-        return num_batches(len(self.order), self.batch_size, self.drop_last)
+    def device_transform(self):
+        """Fine-tuning's RandAugment on the uint8 training batch, batched on the device."""
+        if not self.spec.rand_augment:
+            return None
+        return BatchRandAugment(self.spec.rand_augment, tuple(round(255 * m) for m in self.aug.mean))
 
-    def __iter__(self):
-        masks = self.epoch_masks()
+    def shard_samples(self) -> int:
+        return len(self.order)  # quasi_random drops the remainder even for drop_last=False
+
+    def read_batches(self):
         self.order.start = self.start_batch * self.batch_size
         self.loader.next_epoch = self.epoch
         epoch = iter(self.loader)
         try:
-            for k in range(self.start_batch, len(self)):
+            for _ in range(self.start_batch, len(self)):
                 out = next_batch(epoch)
                 if out is None:
                     break
-                images = out[0]  # uint8 (B, 3, H, W), or normalised by the pipeline
-                if self.rand_augment is not None:  # per image, batched; keyed by (seed, epoch, batch, rank)
-                    images = self.rand_augment(images, torch_generator("device_randaugment", self.seed, self.epoch,
-                                                                       k, self.rank))
-                if not self.normalize_in_pipeline:
-                    images = normalize(images, self.aug.mean, self.aug.std, self.dtype)
-                yield self.make_batch(k, masks, images, lambda: out[1].long())
+                yield out[0], out[1] if self.labels else None
         finally:
             close_epoch(epoch)
+
+    def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
+        """The evaluation view of the stored images (`simmim convert` checked they decode)."""
+        from PIL import Image
+
+        return [to_tensor(center_crop(Image.fromarray(read_image(self.path, self.reader, i)), self.aug.size,
+                                      self.spec.crop_ratio)) for i in indices]

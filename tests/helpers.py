@@ -142,3 +142,27 @@ def assert_same_augmentation(got: dict, ref: dict, tol_area: float = 0.04, tol_l
     assert got["aspect"].min() > 0.7 and got["aspect"].max() < 1.4
     for stats in (got, ref):
         assert abs(stats["flip"].mean() - 0.5) < 0.12
+
+
+BACKEND_OF = {"ReferenceLoader": "torch", "FFCVLoader": "ffcv", "DALILoader": "dali"}
+DALI_FIELDS = {"decode_device": "device", "hw_decoder_load": "hw_decoder_load", "prefetch": "prefetch",
+               "threads": "threads", "preallocate": "preallocate"}
+FFCV_FIELDS = ("order", "os_cache", "buffer_pages", "batches_ahead")
+
+
+def make_loader(backend, path, aug, masks, batch_size: int, num_workers: int = 0, device="cpu", rank: int = 0,
+                world: int = 1, seed: int = 0, **fields):
+    """A loader from the tests' short form: `backend` a loader class (built directly) or a backend
+    name (through `build_loader`); `fields` are `LoaderSpec` fields, or `FFCVOptions` /
+    `DALIOptions` fields by name (`decode_device` for DALI's `device`)."""
+    from simmim.pipeline import LoaderSpec, build_loader
+    from simmim.pipeline.options import DALIOptions, FFCVOptions
+
+    dali = {DALI_FIELDS[k]: fields.pop(k) for k in list(fields) if k in DALI_FIELDS}
+    ffcv = {k: fields.pop(k) for k in list(fields) if k in FFCV_FIELDS}
+    name = backend if isinstance(backend, str) else BACKEND_OF[backend.__name__]
+    spec = LoaderSpec(name, str(path), aug, batch_size, num_workers, ffcv=FFCVOptions(**ffcv),
+                      dali=DALIOptions(**dali), **fields)
+    if isinstance(backend, str):
+        return build_loader(spec, masks, device, rank, world, seed)
+    return backend(spec, masks, device, rank, world, seed)

@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from simmim.benchmarks import avg_dist, kernels, step
 
@@ -197,3 +198,23 @@ def test_stopped_benchmarks_keep_what_they_finished(tmp_path, monkeypatch):
     assert timed["SimMIM"] == 7.0 and timed["MAE"] is None  # SimMIM timed first, whatever the order given
     assert len(timed) == len(claims.METHODS) and saved["heads"] == []
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_claims_edits_tokens_through_public_timm_api():
+    """claims.features_with reaches inside timm's ViT only through forward_features and torch
+    hooks (no private `_pos_embed`): both hooks take effect, and the masked encoder matches the
+    computation written out by hand (class token, position table, blocks, norm)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from simmim.benchmarks import claims
+
+    v = VisionTransformer(img_size=48, patch_size=16, embed_dim=16, depth=1, num_heads=2, num_classes=0).eval()
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(claims.features_with(v, x), v.forward_features(x))
+    assert claims.features_with(v, x, tokens=lambda t: t[:, :4]).shape == (2, 4, 16)  # cls + 3 of 9
+    masks = torch.zeros(2, 9, dtype=torch.bool)
+    masks[0, [1, 5]] = masks[1, 8] = True
+    token = torch.randn(16)
+    t = torch.where(masks[..., None], token, v.patch_embed(x))
+    ref = v.norm(v.blocks(torch.cat([v.cls_token.expand(2, -1, -1), t], 1) + v.pos_embed))[:, 1:]
+    torch.testing.assert_close(claims.masked_tokens(v, x, masks, token), ref)

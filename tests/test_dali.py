@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim.pipeline import Augmentation, MaskGenerator, ReferenceLoader, build_loader
+from simmim.pipeline import Augmentation, MaskGenerator, ReferenceLoader
 from simmim.pipeline.decode import DALI_DECODE_ARGS, decode_rgb
 
-from helpers import EXIF, HOSTILE_BAD, HOSTILE_GOOD, add_decode_cases, assert_same_augmentation, loader_crop_stats
+from helpers import (EXIF, HOSTILE_BAD, HOSTILE_GOOD, add_decode_cases, assert_same_augmentation, loader_crop_stats,
+                     make_loader)
 
 pytest.importorskip("nvidia.dali")
 from simmim.pipeline.dali_loader import DALILoader  # noqa: E402
@@ -62,7 +63,7 @@ def test_scan_and_hostile_files(hostile, simmim_cmd):
         else:
             assert np.abs(ours - ref).max() <= 1, name
     # with the list beside the folder, the loader trains through the folder without stopping
-    loader = DALILoader(str(hostile), Augmentation(size=32), MaskGenerator(32, 32, 0.6), 2, 1)
+    loader = make_loader(DALILoader, str(hostile), Augmentation(size=32), MaskGenerator(32, 32, 0.6), 2, 1)
     assert loader.num_samples == len(HOSTILE_GOOD)
     assert sum(len(images) for images, _ in loader) == len(HOSTILE_GOOD) // 2 * 2
 
@@ -83,8 +84,8 @@ def test_orientation_and_bit_depth_agree_with_reference(tmp_path):
             f.unlink()
     aug = Augmentation(size=16)
     kw = dict(train=False, drop_last=False)
-    ref = eval_batch(ReferenceLoader(str(tmp_path / "d"), aug, None, 9, 0, **kw))
-    dali = eval_batch(DALILoader(str(tmp_path / "d"), aug, None, 9, 1, **kw))
+    ref = eval_batch(make_loader(ReferenceLoader, str(tmp_path / "d"), aug, None, 9, 0, **kw))
+    dali = eval_batch(make_loader(DALILoader, str(tmp_path / "d"), aug, None, 9, 1, **kw))
     for images in (ref, dali):
         assert images.shape == (9, 3, 16, 16)
         for i in range(1, 8):
@@ -108,44 +109,44 @@ def test_folder_without_list_is_scanned_first(hostile, caplog):
 
     aug, masks = Augmentation(size=32), MaskGenerator(32, 32, 0.6)
     with caplog.at_level(logging.INFO):
-        loader = DALILoader(str(hostile), aug, masks, 2, 1)
+        loader = make_loader(DALILoader, str(hostile), aug, masks, 2, 1)
     assert loader.num_samples == len(HOSTILE_GOOD) and "checking its" in caplog.text
     assert sum(len(images) for images, _ in loader) == len(HOSTILE_GOOD) // 2 * 2
     listed = hostile.parent / "hostile.clean.txt"
     assert listed.is_file() and (hostile.parent / "hostile.clean.files.json").is_file()
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        DALILoader(str(hostile), aug, masks, 2, 1)
+        make_loader(DALILoader, str(hostile), aug, masks, 2, 1)
     assert "checking its" not in caplog.text and "changed since" not in caplog.text
     # changes below the class folders (their mtimes stay): a file deleted, one replaced by a broken one
     sub = hostile / "n0" / "deep"
     sub.mkdir()
     shutil.copy(hostile / "n0" / "ok.JPEG", sub / "a.JPEG")
     shutil.copy(hostile / "n0" / "ok.JPEG", sub / "b.JPEG")
-    assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) + 2
+    assert make_loader(DALILoader, str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) + 2
     (sub / "a.JPEG").unlink()
     (sub / "b.JPEG").write_bytes((hostile / "n0" / "ok.JPEG").read_bytes()[:300])  # truncated
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD)
+        assert make_loader(DALILoader, str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD)
     assert "1 file(s) new or changed, checked again; 1 gone" in caplog.text
     # a stricter data.max_pixels than the list was made with: applied from the record, no decode
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        strict = DALILoader(str(hostile), aug, masks, 1, 1, max_pixels=40 * 20)
+        strict = make_loader(DALILoader, str(hostile), aug, masks, 1, 1, max_pixels=40 * 20)
     assert 0 < strict.num_samples < len(HOSTILE_GOOD)
     assert "0 file(s) new or changed" in caplog.text and "over data.max_pixels=800" in caplog.text
-    assert DALILoader(str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD)  # and back
+    assert make_loader(DALILoader, str(hostile), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD)  # and back
     # data.path the list itself, a file gone since: left out before the first epoch, in one line
     gone = hostile / "n0" / "ok.JPEG"
     kept = gone.read_bytes()
     gone.unlink()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert DALILoader(str(listed), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) - 1
+        assert make_loader(DALILoader, str(listed), aug, masks, 2, 1).num_samples == len(HOSTILE_GOOD) - 1
     assert f"simmim scan SRC --out {listed}" in caplog.text
     gone.write_bytes(kept)
-    loader = DALILoader(str(listed), aug, masks, 2, 1)
+    loader = make_loader(DALILoader, str(listed), aug, masks, 2, 1)
     gone.unlink()  # during the run
     with pytest.raises(DatasetError) as e:
         for _ in loader:
@@ -168,7 +169,7 @@ def test_odd_file_names(tmp_path, caplog):
         Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(cls / name, format="PNG")
     Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(os.fsencode(cls) + b"/latin1-\xe9.png", format="PNG")
     with caplog.at_level(logging.WARNING):
-        loader = DALILoader(str(tmp_path / "root"), Augmentation(size=8), None, len(NAMES) + 1, 1, train=False,
+        loader = make_loader(DALILoader, str(tmp_path / "root"), Augmentation(size=8), None, len(NAMES) + 1, 1, train=False,
                             labels=True)
     assert loader.num_samples == len(NAMES) + 1
     images, labels = next(iter(loader))
@@ -181,8 +182,8 @@ def test_odd_file_names(tmp_path, caplog):
 
 def test_contract(sample_root):
     aug = Augmentation(size=64)
-    loader = build_loader("dali", str(sample_root / "train"), aug, MaskGenerator(64, 32, 0.6), 8, 2,
-                          torch.device("cpu"), labels=True, dali_device="auto")
+    loader = make_loader("dali", str(sample_root / "train"), aug, MaskGenerator(64, 32, 0.6), 8, 2,
+                         torch.device("cpu"), labels=True, decode_device="auto")
     assert len(loader) == loader.num_samples // 8
     n = 0
     for images, masks, labels in loader:
@@ -196,19 +197,20 @@ def test_contract(sample_root):
     assert n == len(loader)
     loader.set_epoch(1, start_batch=len(loader) - 1)
     assert sum(1 for _ in loader) == 1
-    half = DALILoader(str(sample_root / "train"), aug, None, 8, 1, dtype=torch.bfloat16)
+    half = make_loader(DALILoader, str(sample_root / "train"), aug, None, 8, 1, dtype=torch.bfloat16)
     (images,) = next(iter(half))
     assert images.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="mixed decodes on the GPU"):
-        DALILoader(str(sample_root / "train"), aug, None, 8, 1, decode_device="mixed")
+        make_loader(DALILoader, str(sample_root / "train"), aug, None, 8, 1, decode_device="mixed")
 
 
 def test_gpu_pipeline_is_valid(sample_root):
     """The GPU graph (mixed decoding with every speed knob, GPU resize and normalise) cannot run
     here, but DALI checks each operator's device and arguments against its schema when the
     pipeline is serialised, so a misspelt knob or an operator without a GPU backend fails here."""
-    loader = DALILoader(str(sample_root / "train"), Augmentation(size=64), None, 8, 1, dtype=torch.float16,
-                        hw_decoder_load=0.5, preallocate=4 << 20, preallocate_hw=(640, 480))
+    loader = make_loader(DALILoader, str(sample_root / "train"), Augmentation(size=64), None, 8, 1,
+                         dtype=torch.float16, hw_decoder_load=0.5, preallocate=4 << 20)
+    loader.preallocate_hw = (640, 480)
     loader.decode = "mixed"  # as chosen on a CUDA device; device_id stays None to build no GPU state
     for train in (True, False):
         loader.train = train
@@ -231,7 +233,7 @@ def test_ranks_disjoint_and_covering(tmp_path):
     for epoch in range(2):
         seen = []
         for rank in range(2):
-            loader = DALILoader(str(tmp_path / "ids"), aug, None, 4, 1, rank=rank, world=2, seed=3)
+            loader = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=rank, world=2, seed=3)
             loader.set_epoch(epoch)
             got = []
             for (images,) in loader:
@@ -248,8 +250,8 @@ def test_ranks_disjoint_and_covering(tmp_path):
 
 def test_same_augmentation_as_reference(ramps):
     aug = Augmentation(size=48)
-    assert_same_augmentation(loader_crop_stats(DALILoader(str(ramps), aug, None, 16, 2), aug),
-                             loader_crop_stats(ReferenceLoader(str(ramps), aug, None, 16, 0), aug))
+    assert_same_augmentation(loader_crop_stats(make_loader(DALILoader, str(ramps), aug, None, 16, 2), aug),
+                             loader_crop_stats(make_loader(ReferenceLoader, str(ramps), aug, None, 16, 0), aug))
 
 
 @pytest.mark.slow
@@ -289,12 +291,12 @@ def test_torch_and_dali_agree_on_the_samples(hostile, caplog):
     from simmim.pipeline.scan import scan_command
 
     aug = Augmentation(size=8)
-    torch_before = ReferenceLoader(str(hostile), aug, None, 1, 0)
+    torch_before = make_loader(ReferenceLoader, str(hostile), aug, None, 1, 0)
     assert torch_before.num_samples == len(HOSTILE_GOOD) + len(HOSTILE_BAD)  # no list yet: lazy, as before
     scan_command(str(hostile), None, 1, "skip")
     (hostile / "n0" / "ok.JPEG").write_bytes(b"")  # broken after the scan
     with caplog.at_level(logging.WARNING):
-        counts = {"torch": ReferenceLoader(str(hostile), aug, None, 1, 0).num_samples,
-                  "dali": DALILoader(str(hostile), aug, None, 1, 1).num_samples}
+        counts = {"torch": make_loader(ReferenceLoader, str(hostile), aug, None, 1, 0).num_samples,
+                  "dali": make_loader(DALILoader, str(hostile), aug, None, 1, 1).num_samples}
     assert counts == {"torch": len(HOSTILE_GOOD) - 1, "dali": len(HOSTILE_GOOD) - 1}
     assert caplog.text.count("changed since its scan") == 1  # torch updated the list; DALI found it fresh

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 
 from simmim.pipeline import (Augmentation, DatasetError, ImageFolder, MaskGenerator, ReferenceLoader,
-                             ShardedSampler, build_loader, sample_crop, scan_folder)
+                             ShardedSampler, sample_crop, scan_folder)
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from simmim.pipeline.sample_data import CLASSES
 
-from helpers import HOSTILE_BAD, HOSTILE_GOOD
+from helpers import HOSTILE_BAD, HOSTILE_GOOD, make_loader
 
 
 def test_sample_dataset_layout(sample_root):
@@ -37,8 +37,8 @@ def test_sample_dataset_is_kept_and_rebuilt(sample_root, tmp_path):
 
 def test_loader_contract(sample_root):
     aug = Augmentation(size=64)
-    loader = ReferenceLoader(str(sample_root / "train"), aug, MaskGenerator(64, 32, 0.6), batch_size=8,
-                             num_workers=2)
+    loader = make_loader(ReferenceLoader, str(sample_root / "train"), aug, MaskGenerator(64, 32, 0.6), batch_size=8,
+                         num_workers=2)
     assert len(loader) == len(loader.dataset) // 8
     batches = list(loader)
     assert len(batches) == len(loader)
@@ -52,8 +52,8 @@ def test_loader_contract(sample_root):
 
 def test_loader_reproducible_and_epoch_dependent(sample_root):
     def first(epoch, workers):
-        loader = ReferenceLoader(str(sample_root / "train"), Augmentation(size=32), MaskGenerator(32, 32, 0.6),
-                                 batch_size=4, num_workers=workers, seed=5)
+        loader = make_loader(ReferenceLoader, str(sample_root / "train"), Augmentation(size=32),
+                             MaskGenerator(32, 32, 0.6), batch_size=4, num_workers=workers, seed=5)
         loader.set_epoch(epoch)
         return next(iter(loader))
     a, b, c = first(1, 0), first(1, 2), first(2, 0)
@@ -147,7 +147,7 @@ def test_dataset_errors(tmp_path):
     with pytest.raises(DatasetError, match="no images"):
         scan_folder(tmp_path)
     with pytest.raises(ValueError, match="unknown data.backend"):
-        build_loader("nope", str(tmp_path), Augmentation(), MaskGenerator(), 2, 0, torch.device("cpu"))
+        make_loader("nope", str(tmp_path), Augmentation(), MaskGenerator(), 2, 0, torch.device("cpu"))
 
 
 def test_file_list(sample_root, tmp_path):

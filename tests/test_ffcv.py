@@ -10,7 +10,7 @@ import torch
 from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, ReferenceLoader, ShardedSampler
 from simmim.pipeline.ffcv_loader import ShardedOrder
 
-from helpers import HOSTILE_BAD, HOSTILE_GOOD, assert_same_augmentation, loader_crop_stats
+from helpers import HOSTILE_BAD, HOSTILE_GOOD, assert_same_augmentation, loader_crop_stats, make_loader
 
 ffcv = pytest.importorskip("ffcv")
 from simmim.pipeline.convert import convert, inspect  # noqa: E402
@@ -49,7 +49,7 @@ def test_convert_hostile(hostile, tmp_path):
     assert info["samples"] == len(HOSTILE_GOOD) and info["decode_failures"] == []
     assert info["longer_side"]["max"] <= 64 and info["width"]["min"] >= 1 and info["height"]["min"] >= 1
     # they load through the training pipeline too, extreme aspect ratios and 1x1 included
-    loader = FFCVLoader(str(dst), Augmentation(size=32), MaskGenerator(32, 32, 0.6), len(HOSTILE_GOOD), 1)
+    loader = make_loader(FFCVLoader, str(dst), Augmentation(size=32), MaskGenerator(32, 32, 0.6), len(HOSTILE_GOOD), 1)
     images, masks = next(iter(loader))
     assert images.shape == (len(HOSTILE_GOOD), 3, 32, 32) and torch.isfinite(images).all()
 
@@ -83,7 +83,7 @@ def test_inspect_errors(tmp_path):
 @pytest.mark.slow
 def test_loader_contract_and_epochs(sample_beton):
     aug = Augmentation(size=64)
-    loader = FFCVLoader(str(sample_beton), aug, MaskGenerator(64, 32, 0.6), 8, 2, order="quasi_random",
+    loader = make_loader(FFCVLoader, str(sample_beton), aug, MaskGenerator(64, 32, 0.6), 8, 2, order="quasi_random",
                         os_cache=False, buffer_pages=2, labels=True)
     n = loader.num_samples
     assert len(loader) == n // 8
@@ -119,8 +119,8 @@ def test_same_augmentation_as_reference(ramps, tmp_path):
     aug = Augmentation(size=48)
     beton = tmp_path / "ramps.beton"
     convert(str(ramps), str(beton), write_mode="raw", workers=2, progress=False)
-    assert_same_augmentation(loader_crop_stats(FFCVLoader(str(beton), aug, None, 16, 2), aug),
-                             loader_crop_stats(ReferenceLoader(str(ramps), aug, None, 16, 0), aug))
+    assert_same_augmentation(loader_crop_stats(make_loader(FFCVLoader, str(beton), aug, None, 16, 2), aug),
+                             loader_crop_stats(make_loader(ReferenceLoader, str(ramps), aug, None, 16, 0), aug))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -199,10 +199,10 @@ def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
     from simmim.pipeline import ffcv_compat
 
     assert numba.core.dispatcher.__file__.endswith("numba/core/dispatcher.py")  # the filter's frame test
-    loader = FFCVLoader(str(sample_beton), Augmentation(size=32), None, 4, 1)
+    loader = make_loader(FFCVLoader, str(sample_beton), Augmentation(size=32), None, 4, 1)
     assert ffcv_compat._hook_installed and sys.unraisablehook.__module__ == ffcv_compat.__name__
     hook = sys.unraisablehook
-    FFCVLoader(str(sample_beton), Augmentation(size=32), None, 4, 1)
+    make_loader(FFCVLoader, str(sample_beton), Augmentation(size=32), None, 4, 1)
     assert sys.unraisablehook is hook  # not wrapped twice
     for name in ffcv_compat.ATTRIBUTES["Loader"]:
         assert hasattr(loader.loader, name), f"ffcv Loader.{name}"
@@ -217,6 +217,55 @@ def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
     finally:
         ffcv_compat.close_epoch(epoch)
     assert not epoch.is_alive() and epoch.closed
+    from ffcv.pipeline.compiler import Compiler
+
+    for name in ffcv_compat.ATTRIBUTES["Compiler"]:
+        assert hasattr(Compiler, name), f"ffcv Compiler.{name}"
+    for name in ffcv_compat.ATTRIBUTES["Reader"]:
+        assert hasattr(loader.reader, name), f"ffcv Reader.{name}"
+
+
+def test_ffcv_preview_batch_matches_the_reference(sample_root, sample_beton):
+    """The figure preview read from the .beton (ffcv_compat.read_image): the same every call, and
+    the reference loader's preview of the source folder up to the JPEG decoders' differences."""
+    from simmim.pipeline.augment import denormalize
+
+    aug = Augmentation(size=32)
+    loader = make_loader(FFCVLoader, str(sample_beton), aug, MaskGenerator(32, 16, 0.5), 4, 1, seed=2)
+    images, masks = loader.preview_batch(5)
+    again = loader.preview_batch(5)
+    assert torch.equal(again[0], images) and torch.equal(again[1], masks) and images.shape == (5, 3, 32, 32)
+    ref, ref_masks = make_loader(ReferenceLoader, str(sample_root / "train"), aug, MaskGenerator(32, 16, 0.5), 4,
+                                 seed=2).preview_batch(5)
+    assert torch.equal(masks, ref_masks)
+    diff = (denormalize(images, aug.mean, aug.std) - denormalize(ref, aug.mean, aug.std)).abs().mean().item()
+    assert diff < 2 / 255
+
+
+def test_ffcv_leaves_torch_thread_count_alone(sample_beton):
+    """FFCV sets torch's (process-wide) thread count at import (to 1), in Loader() and at every
+    epoch start, the last from its producer thread (to num_workers); ffcv_compat.keep_torch_threads
+    keeps the trainer's count through all of them. A fresh process, so FFCV is imported there."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+torch.set_num_threads(1)
+from simmim.pipeline import Augmentation, LoaderSpec
+from simmim.pipeline.ffcv_loader import FFCVLoader
+loader = FFCVLoader(LoaderSpec("ffcv", {str(sample_beton)!r}, Augmentation(size=16), 16, 2), None, "cpu")
+counts = [torch.get_num_threads()]
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    for _ in loader:
+        counts.append(torch.get_num_threads())
+from ffcv.pipeline.compiler import Compiler
+print(sorted(set(counts)), len(counts) == 1 + 2 * len(loader) > 1, Compiler.num_threads)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[1] True 2"  # FFCV's own (numba) threads: still 2
 
 
 def test_convert_orientation_and_bit_depth(tmp_path):
@@ -238,7 +287,7 @@ def test_convert_orientation_and_bit_depth(tmp_path):
 
     meta = Reader(str(dst)).metadata["f0"]
     assert [(int(w), int(h)) for w, h in zip(meta["width"], meta["height"])] == [(40, 20)] * 8 + [(64, 32)]
-    loader = FFCVLoader(str(dst), Augmentation(size=16), None, 9, 1, train=False, drop_last=False)
+    loader = make_loader(FFCVLoader, str(dst), Augmentation(size=16), None, 9, 1, train=False, drop_last=False)
     (images,) = next(iter(loader))
     for i in range(1, 8):
         torch.testing.assert_close(images[i], images[0], atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim.pipeline import Augmentation, build_loader
+from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.folder import center_crop
 from simmim.trainer.checkpoint import CheckpointError
 from simmim.trainer.config import Config, ConfigError
@@ -222,8 +222,8 @@ def test_eval_loaders_see_every_image_once(backend, sample_root, tmp_path):
     n = len(list((sample_root / "val").rglob("*.JPEG")))
     labels = []
     for rank in range(2):
-        loader = build_loader(backend, path, Augmentation(size=32), None, 4, 1, torch.device("cpu"), rank, 2,
-                              train=False, labels=True, drop_last=False)
+        spec = LoaderSpec(backend, path, Augmentation(size=32), 4, 1, train=False, labels=True, drop_last=False)
+        loader = build_loader(spec, None, torch.device("cpu"), rank, 2)
         got = [(images.shape, lab) for images, lab in loader]
         assert len(got) == len(loader) == -(-len(range(rank, n, 2)) // 4)
         labels += torch.cat([lab for _, lab in got]).tolist()

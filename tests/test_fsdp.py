@@ -222,3 +222,45 @@ def test_dcp_run_folder_rules(tmp_path):
     assert "\n" not in msg and "cannot write checkpoint 'checkpoint-00000003'" in msg and "intact" in msg
     assert not any(tmp_path.glob(".checkpoint-*.tmp")) and not (tmp_path / "checkpoint-00000003").exists()
     assert [p.name for _, p in dcp_checkpoints(tmp_path)] == ["checkpoint-00000001"]
+
+
+def test_fsdp_swinv2_view_warning_ignored_narrowly(tmp_path):
+    """FSDP2 warned at every forward that timm's SwinV2 block returns a view: that one warning is
+    ignored once sharded (see parallel.ignore_swinv2_view_warning); the same warning for another
+    module still shows. One rank over gloo: fully_shard runs, nothing is split."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from simmim.trainer.parallel import apply_fsdp
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model = apply_fsdp(build_simmim("swinv2_micro", 64, 32, window_size=2), param_dtype=None)
+            for _ in range(2):
+                model(torch.randn(2, 3, 64, 64), torch.ones(2, 2, 2, dtype=torch.bool)).backward()
+            warnings.warn("FSDP2-wrapped module (FSDPOther) returned a view tensor. ...", UserWarning)
+    finally:
+        dist.destroy_process_group()
+    views = [str(w.message) for w in seen if "returned a view tensor" in str(w.message)]
+    assert views == ["FSDP2-wrapped module (FSDPOther) returned a view tensor. ..."]
+
+
+def test_dcp_one_process_warns_nothing(tmp_path):
+    """DCP's "assuming the intent is to save in a single process" warning came at every save of
+    a one-process run; it is ignored exactly where no_dist=True is asked for."""
+    import warnings
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    ck = DCPCheckpointer(tmp_path, True, keep_last=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        path = ck.save(1, model, opt, {"train_state": {"epoch": 0}, "config": {}})
+        ck.load(path, model, opt)
+        consolidate(path)
+    assert [str(w.message) for w in seen if "single process" in str(w.message)] == []

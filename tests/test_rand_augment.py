@@ -176,12 +176,13 @@ def test_no_loop_over_the_batch(monkeypatch):
           f"({times[64] / times[8]:.2f}x the time for 8x the images)")
 
 
-@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_each_backend_applies_its_rand_augment(backend, sample_root, tmp_path, monkeypatch):
-    """The spec reaches every backend through the same loader option: torch runs timm's on PIL in
-    its workers, FFCV the batched device op keyed by (seed, epoch, batch, rank), DALI its own in
-    the graph (CPU-only here). Batches keep the contract; the evaluation view is never augmented."""
-    from simmim.pipeline import Augmentation, build_loader
+    """The spec reaches FFCV and DALI through LoaderSpec.rand_augment (the torch backend's timm op:
+    tests/test_loaders.py): FFCV runs the batched device op keyed by (seed, epoch, batch, rank), DALI
+    its own in the graph (CPU-only here). Batches keep the contract; the evaluation view is never
+    augmented."""
+    from simmim.pipeline import Augmentation, LoaderSpec, build_loader
     from simmim.pipeline.seeding import derive_seed
 
     path = str(sample_root / "train")
@@ -191,24 +192,21 @@ def test_each_backend_applies_its_rand_augment(backend, sample_root, tmp_path, m
 
         convert(path, str(tmp_path / "train.beton"), workers=1, progress=False)
         path = str(tmp_path / "train.beton")
-    if backend == "dali":
+    else:
         pytest.importorskip("nvidia.dali")
     spec = "rand-m9-mstd0.5-inc1"
 
     def load(rand_augment, train=True, seed=3):
-        loader = build_loader(backend, path, Augmentation(size=32), None, 4, 1, torch.device("cpu"), 0, 1, seed,
-                              train=train, labels=True, rand_augment=rand_augment)
+        loader = build_loader(LoaderSpec(backend, path, Augmentation(size=32), batch_size=4, num_workers=1,
+                                         train=train, labels=True, rand_augment=rand_augment), None, "cpu", 0, 1, seed)
         loader.set_epoch(1)
         return loader
 
     loader = load(spec)
-    if backend == "torch":
-        assert isinstance(loader.dataset.transform, PILRandAugment)
-        assert load(spec, train=False).dataset.transform is None
-    elif backend == "ffcv":
-        assert isinstance(loader.rand_augment, BatchRandAugment) and load(spec, train=False).rand_augment is None
-        seeds, op = [], loader.rand_augment
-        monkeypatch.setattr(loader, "rand_augment", lambda x, g: seeds.append(g.initial_seed()) or op(x, g))
+    if backend == "ffcv":
+        assert isinstance(loader.batch_transform, BatchRandAugment) and load(spec, train=False).batch_transform is None
+        seeds, op = [], loader.batch_transform
+        monkeypatch.setattr(loader, "batch_transform", lambda x, g: seeds.append(g.initial_seed()) or op(x, g))
     else:
         assert loader.rand_augment == parse_rand_augment(spec) and load(spec, train=False).rand_augment is None
     batches = [b for _, b in zip(range(2), loader)]
@@ -216,8 +214,8 @@ def test_each_backend_applies_its_rand_augment(backend, sample_root, tmp_path, m
         assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (4,)
         assert torch.isfinite(images).all() and images.abs().max() < 3  # normalised uint8 pixels
     if backend == "ffcv":
-        assert seeds == [derive_seed("device_randaugment", 3, 1, k, 0) for k in range(2)]
-    if backend == "dali":  # DALI's CPU pipeline is seeded: same seed, same batches; and the op changes them
+        assert seeds == [derive_seed("device_augment", 3, 1, k, 0) for k in range(2)]
+    else:  # DALI's CPU pipeline is seeded: same seed, same batches; and the op changes them
         again = [b for _, b in zip(range(2), load(spec))]
         assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
         plain = [b for _, b in zip(range(2), load(""))]

@@ -196,7 +196,7 @@ def test_torch_distributed_launch_local_rank_is_accepted(tmp_path):
     text = proc.stdout + proc.stderr
     assert "unrecognized arguments" not in text
     assert "--local-rank ignored" in text and "torchrun or trainer/run.sh" in text
-    assert "data path '/no/such/folder' does not exist" in text  # it got as far as the data
+    assert "data.path '/no/such/folder' does not exist" in text  # it got as far as the data
 
 
 def test_drop_local_rank():
@@ -229,10 +229,10 @@ def test_worker_error_message_is_one_line():
 def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_path, monkeypatch):
     """The real case: DALI reads a scanned list, files deleted during the run (after the loader's
     check of the list before the first epoch, which finds files deleted earlier, and after the
-    figure batch, which reads the first batches of epoch 0 before training); the run ends with a
+    figure preview, read before training); the run ends with a
     checkpoint and one line naming a file and `simmim scan`; after the scan the same command resumes."""
     pytest.importorskip("nvidia.dali")
-    import simmim.trainer.pretrain as pretrain_module
+    from simmim.pipeline.dali_loader import DALILoader
     from simmim.pipeline.scan import scan_command
 
     train = tmp_path / "train"
@@ -240,15 +240,15 @@ def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_pat
     scan_command(str(train), None, 1, "skip")
     listed = tmp_path / "train.clean.txt"
     gone = sorted(train.rglob("*.JPEG"))[::12]  # 5 of 60: more than the 4 an epoch leaves out
-    figure_batch = pretrain_module.fixed_batch
+    preview = DALILoader.preview_batch
 
     def then_delete(*args, **kwargs):
-        result = figure_batch(*args, **kwargs)
+        result = preview(*args, **kwargs)
         for p in gone:
             p.unlink(missing_ok=True)
         return result
 
-    monkeypatch.setattr(pretrain_module, "fixed_batch", then_delete)
+    monkeypatch.setattr(DALILoader, "preview_batch", then_delete)
     out = tmp_path / "run"
     cfg = cfg_for(sample_root, out, "data.backend=dali", f"data.path={listed}", "train.epochs=1")
     with pytest.raises(DatasetError) as e:
@@ -293,3 +293,20 @@ def test_metrics_log_drops_a_torn_line(tmp_path):
     log = loop.MetricsLog(path, keep_before_step=2)
     log({"step": 2, "loss": 0.8})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("command, key, error", [
+    ("pretrain", "data.path", DatasetError), ("pretrain", "data.val_path", DatasetError),
+    ("finetune", "data.path", DatasetError), ("finetune", "finetune.val_path", DatasetError),
+    ("finetune", "finetune.pretrained", CheckpointError)])
+def test_missing_input_refused_before_anything_is_written(sample_root, tmp_path, command, key, error):
+    """Every path a run reads is checked before the run folder (and its lock) is made."""
+    from simmim.trainer.finetune import finetune
+
+    out = tmp_path / "run"
+    recipe, fn = ("demo", pretrain) if command == "pretrain" else ("finetune_demo", finetune)
+    cfg = load_config(recipe, [f"data.path={sample_root / 'train'}", f"run.out_dir={out}", *TINY,
+                               f"{key}={tmp_path / 'no' / 'such'}", "run.val_every=1"])
+    with pytest.raises(error, match=rf"^{key}:? '.*no/such' does not exist"):
+        fn(cfg)
+    assert not out.exists()

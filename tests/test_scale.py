@@ -16,6 +16,8 @@ from simmim.pipeline import scan as scan_module
 from simmim.pipeline.folder import IMAGE_EXTENSIONS, SampleList, read_file_list
 from simmim.pipeline.seeding import torch_generator
 
+from helpers import make_loader
+
 
 def tuple_listing(root) -> list[tuple[str, int]]:
     """The sample list as the tools built it before flat arrays: sorted classes, os.walk sorted."""
@@ -251,7 +253,7 @@ def test_dali_epoch_feed_order_resume_and_early_exit(tmp_path):
 
     ids = grey_ids(tmp_path / "ids", 30)
     aug = Augmentation(size=16)
-    loader = DALILoader(str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world=2, seed=3)
+    loader = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world=2, seed=3)
 
     def expected(epoch, start_batch=0):
         s = ShardedSampler(30, 1, 2, seed=3)
@@ -275,7 +277,7 @@ def test_dali_epoch_feed_order_resume_and_early_exit(tmp_path):
     assert run(6) == expected(6)
     assert loader.pipe is pipe  # never rebuilt
 
-    val = DALILoader(str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world=2, train=False, drop_last=False)
+    val = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world=2, train=False, drop_last=False)
     loader, got = val, []
     for (images,) in val:
         got += ids_of(images, aug)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from simmim.pipeline import MaskGenerator, ShardedSampler
-from simmim.pipeline.reference import GlobalBatchMasks
+from simmim.pipeline.loader import GlobalBatchMasks
 from simmim.pipeline.seeding import STREAMS, derive_seed, keyed_rng
 
 

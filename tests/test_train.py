@@ -101,7 +101,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, sample_root):
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines[-1].startswith("simmim pretrain: error:") and "data path '/no/such/folder' does not exist" in lines[-1]
+    assert lines[-1].startswith("simmim pretrain: error:") and "data.path '/no/such/folder' does not exist" in lines[-1]
     assert "Traceback" not in out
 
 

@@ -173,13 +173,13 @@ def test_convert_output_and_page_size_checked_first(tree, tmp_path, no_decoding)
 
 
 def test_beton_given_to_the_wrong_backend(tmp_path):
-    from simmim.pipeline import Augmentation, build_loader
+    from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 
     beton = tmp_path / "train.beton"
     beton.write_bytes(bytes(range(256)) * 64)
     for backend in ("torch", "dali"):
         with pytest.raises(DatasetError, match=r"is an FFCV .beton: use data.backend=ffcv$"):
-            build_loader(backend, str(beton), Augmentation(size=8), None, 1, 0, "cpu")
+            build_loader(LoaderSpec(backend, str(beton), Augmentation(size=8), 1, 0), None, "cpu")
     with pytest.raises(DatasetError, match=r"use data.backend=ffcv\)$"):
         scan_folder(beton)
     (tmp_path / "blob.bin").write_bytes(b"\x00\xff" * 100)

@@ -1,12 +1,14 @@
 """Atomic checkpoints (temp file + rename), the last K kept, loadable with weights_only=True."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,21 @@ from simmim.pipeline.io import atomic_write
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 __all__ = ["CheckpointError", "checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+
+@contextlib.contextmanager
+def one_process(no_dist: bool):
+    """Around a DCP save / load: with no_dist=True, DCP's "torch.distributed is ... uninitialized,
+    assuming the intent is to save (load) in a single process" UserWarning is ignored. DCP issues it
+    on every call made without a process group, even when no_dist=True asks for exactly that, so
+    a one-process FSDP run printed it at every checkpoint; this is the only warning ignored, and
+    only there (a process group present: nothing is filtered)."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
+                                            r"assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -272,7 +289,8 @@ class DCPCheckpointer:
                     lambda f: f.exception() is None and _publish(tmp, final, self.out_dir, self.keep_last))
             return final
         try:  # returns on every rank once .metadata is written; a failure on any rank raises on all
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
+            with one_process(not self.distributed):
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors are BaseExceptions
             self._failed(e, tmp)
         if self.is_main:
@@ -293,17 +311,6 @@ class DCPCheckpointer:
                 import torch.distributed as dist
 
                 dist.barrier()  # rank 0's publish callback has run before anyone looks for the folder
-
-    def finished_latest(self) -> Path | None:
-        """The newest published checkpoint, once an async save in flight has finished writing
-        (without the barrier of `wait()`: for a rank that leaves alone, the others being stuck in
-        a collective)."""
-        if self.pending is not None:
-            try:
-                self.pending.result()
-            except (Exception, CheckpointException):  # noqa: BLE001 - then the one before it
-                pass
-        return self.latest()
 
     def _failed(self, e: BaseException, tmp: Path) -> None:
         """A failed save: its partial folder removed (rank 0), CheckpointError for a write that
@@ -328,8 +335,9 @@ class DCPCheckpointer:
                                   f"resume it with train.parallel=ddp")
         train = read_dcp_train_state(path) if ckpt is None else ckpt
         try:
-            dcp.load({"app": ModelOptimizerState(model, optimizer)}, checkpoint_id=str(path),
-                     no_dist=not self.distributed)
+            with one_process(not self.distributed):
+                dcp.load({"app": ModelOptimizerState(model, optimizer)}, checkpoint_id=str(path),
+                         no_dist=not self.distributed)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - a truncated shard, another model
             raise CheckpointError(f"checkpoint '{path}' cannot be loaded into this model ({_first_line(e)}): "
                                   f"set another run.out_dir for a new run") from None
@@ -343,7 +351,8 @@ def read_dcp_train_state(path: str | Path) -> dict:
 
     entry = {"train": {"json": ""}}
     try:
-        dcp.load(entry, checkpoint_id=str(path), no_dist=True)
+        with one_process(True):
+            dcp.load(entry, checkpoint_id=str(path), no_dist=True)
         return json.loads(entry["train"]["json"])
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - no .metadata, a truncated file
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(e)})") from None
@@ -371,7 +380,8 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> dict:
         raise FileNotFoundError(f"'{path}' is not a complete DCP checkpoint (no .metadata)")
     with tempfile.TemporaryDirectory() as tmp:
         flat = Path(tmp) / "full.pt"
-        dcp_to_torch_save(path, flat)
+        with one_process(True):
+            dcp_to_torch_save(path, flat)
         full = torch.load(flat, map_location="cpu", weights_only=False)
     app = full.get("app", {})
     state = {**json.loads(full["train"]["json"]), "model": app.get("model", {})}

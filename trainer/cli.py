@@ -16,7 +16,8 @@ sit above the trainer and nothing imports them (DESIGN.md), so this module build
 trainer/run.sh calls it, has every command but `bench`.
 
 User errors (a `UserError`: bad path, config key or value, unreadable data or checkpoint) end with
-one line on stderr and exit 2; any other exception is a bug and keeps its traceback.
+one line on stderr and exit 2; a divergence, or a collective that failed because another rank
+went away (`PeerLost`), one line and exit 1; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -213,18 +214,21 @@ def run(args: argparse.Namespace) -> None:
     """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
     from simmim.pipeline.errors import UserError
 
+    from .distributed import PeerLost
     from .loop import REQUEUE_EXIT, Diverged, Preempted
 
     try:
         args.fn(args)
     except Preempted as e:
-        print(f"simmim {args.command}: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped; one line for the job
+            print(f"simmim {args.command}: {e}", file=sys.stderr)
         sys.exit(REQUEUE_EXIT)
-    except Diverged as e:
+    except (Diverged, PeerLost) as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except UserError as e:
-        print(f"simmim {args.command}: error: {e}", file=sys.stderr)
+        if not (getattr(e, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):  # said once, by rank 0
+            print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"simmim {args.command}: interrupted", file=sys.stderr)

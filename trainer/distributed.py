@@ -6,12 +6,15 @@ sets; with no RANK in the environment this is a single process. NCCL on CUDA, gl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from simmim.pipeline.errors import ConfigError
+
+_HOST_GROUP = None  # gloo group for host-side agreement when the default group is NCCL (None: the default)
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,33 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank went away (killed, out of memory, a node lost):
+    not a bug of this process; the message says where the run can resume."""
+
+
+# how a collective fails when its peer is gone: gloo's TCP pairs, NCCL's abort / remote-error
+# reports, the TCP store. Anything else that fails in a collective is a bug and keeps its traceback.
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote process exited|ncclRemoteError|"
+                       r"NCCL communicator was aborted|failed to recv, got 0 bytes|Connection refused")
+
+
+def peer_gone(message: str) -> str | None:
+    """"the rank at HOST" (or "another rank" when the message names no address) if `message`, a
+    collective's error, says that its peer went away; else None."""
+    if not PEER_GONE.search(message):
+        return None
+    addr = re.search(r"\[([^\]\s]+)\]:\d+", message)
+    return f"the rank at {addr.group(1)}" if addr else "another rank"
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """`peer_gone` of a RuntimeError raised with a process group of several ranks; else None."""
+    if not (isinstance(e, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return peer_gone(str(e))
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -51,6 +81,8 @@ def init_distributed(preference: str = "auto") -> DistInfo:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend=backend, store=dist.PrefixStore(f"simmim/attempt{attempt}", store),
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
     return DistInfo(rank, local_rank, world, device)
 
 
@@ -88,11 +120,34 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def host_any(flag: bool) -> bool:
+    """True if `flag` is true on any rank: one all-reduce of a CPU tensor over gloo (a side group
+    when the default is NCCL), so the device is not synchronised; a few tens of microseconds on a
+    node. Every rank must call it at the same point."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(t.item())
+
+
+def first_reported(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose `message` is not None, seen by every rank (an
+    all-gather of small objects over gloo; for the rare path after `host_any` said one failed)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None if message is None else (0, message)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, message, group=_HOST_GROUP)
+    return next(((r, m) for r, m in enumerate(every) if m is not None), None)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
+    global _HOST_GROUP
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST_GROUP = None

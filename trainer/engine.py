@@ -21,7 +21,7 @@ from simmim.pipeline.errors import DatasetError
 from simmim.pipeline.seeding import keyed_rng
 
 from .compat import skip_nonfinite_step
-from .distributed import all_reduce_mean, any_rank
+from .distributed import all_reduce_mean, any_rank, host_any
 from .precision import autocast
 from .parallel import clip_grad_norm, sync_context
 
@@ -49,6 +49,10 @@ class EpochResult:
     error: DatasetError | None = None
 
 
+class PeerDataFailure(DatasetError):
+    """Another rank's loader failed in this step (that rank's DatasetError names the file)."""
+
+
 def forward_backward(model: torch.nn.Module, data: Iterator, scaler: torch.amp.GradScaler, step_loss: torch.Tensor,
                      *, accum_steps: int, amp_dtype: torch.dtype | None, key: tuple[int, int, int, int],
                      device: torch.device, batch_transform: BatchTransform | None = None,
@@ -57,17 +61,24 @@ def forward_backward(model: torch.nn.Module, data: Iterator, scaler: torch.amp.G
     random erasing, mixup / cutmix), forward under autocast and the scaled backward; `step_loss`
     (a 0-d tensor) accumulates the step's mean loss on the device. The gradient all-reduce runs on
     the last micro-batch only. key = (seed, epoch, step, rank).
-    Returns (images, seconds the host waited on the loader, the DatasetError that cut the step
-    short or None)."""
+
+    Before each micro-batch's forward the ranks agree that all of them have their batch
+    (`host_any`, a CPU all-reduce, no device sync), ahead of its first collective (FSDP2's
+    all-gather, DDP's buffer broadcast): a rank whose loader fails stops every rank at the same
+    step, and none waits in a collective for it. Returns (images, seconds the host waited on the
+    loader, None, or the DatasetError that stopped the step: this rank's own, or PeerDataFailure)."""
     seed, epoch, step_in_epoch, rank = key
     images, waited = 0, 0.0
     for micro in range(accum_steps):
         t0 = time.perf_counter()
+        batch, error = None, None
         try:
             batch = next(data)  # (images, masks) for SimMIM, (images, labels) for fine-tuning
         except DatasetError as e:
-            return images, waited, e
+            error = e
         waited += time.perf_counter() - t0
+        if host_any(error is not None):
+            return images, waited, error or PeerDataFailure("another rank's loader failed")
         # random erasing, mixup / cutmix and drop path draw from the global generators: seeded
         # here from (seed, epoch, step, micro, rank), restored afterwards
         with sync_context(model, micro == accum_steps - 1), \
@@ -120,9 +131,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     they also agree on a checkpoint: if `checkpoint_due()` is true on any rank, save(steps done,
     loss sum, good steps so far this call) runs on every rank and the epoch goes on.
 
-    A DatasetError from the loader (a file unreadable mid-run) ends the epoch at the last
-    complete step (stopped "data", the error in `error`, this rank's own loss sums: the other
-    ranks cannot be reached without the failing rank's gradients).
+    A DatasetError from the loader on any rank (a file unreadable mid-run) ends the epoch on every
+    rank at the last complete step (stopped "data"; `error` is this rank's DatasetError, or a
+    PeerDataFailure on the other ranks).
     """
     model.train()
     device = state.device
@@ -181,6 +192,6 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                 save(result.steps_done, all_reduce_mean(loss_sum).item(), run_steps - int(epoch_skipped.item()))
     bar.close()
     result.good_steps = run_steps - int(epoch_skipped.item())  # skipped steps added nothing to loss_sum
-    result.loss_sum = (loss_sum if result.stopped == "data" else all_reduce_mean(loss_sum)).item()
+    result.loss_sum = all_reduce_mean(loss_sum).item()
     result.loss = result.loss_sum / result.good_steps if result.good_steps else float("nan")
     return result

@@ -33,6 +33,7 @@ mixup / cutmix as the batch transform the engine applies before the forward (`Mi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import re
@@ -45,13 +46,13 @@ from scipy.interpolate import RectBivariateSpline
 from scipy.optimize import brentq
 from torch import nn
 
-from simmim.pipeline import Augmentation, build_loader
+from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.errors import CheckpointError
 
 from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import Config, ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
-from .loop import fit, loader_options
+from .loop import fit
 from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
 from .parallel import lockstep
 from .precision import amp_dtype_for, autocast
@@ -418,9 +419,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
 def eval_loader(cfg: Config, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
     aug = Augmentation(size=d.img_size)
-    return build_loader(backend, path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
-                        dist.world_size, cfg.train.seed, **{**loader_options(d), "train": False, "labels": True,
-                                                            "crop_ratio": f.eval_crop_ratio, "drop_last": False})
+    spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
+                                                      crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
+    return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
 
 
 def num_classes_of(cfg: Config, loader) -> int:
@@ -444,10 +445,9 @@ class FinetuneTask:
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
         aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
-        # RandAugment is each backend's own (pipeline/rand_augment.py); the trainer passes the spec
-        options = {**loader_options(d), "train": True, "labels": True, "rand_augment": f.rand_augment}
-        loader = build_loader(d.backend, d.path, aug, None, d.batch_size, d.num_workers, dist.device, dist.rank,
-                              dist.world_size, t.seed, **options)
+        # RandAugment is each backend's own (pipeline/rand_augment.py): the spec carries the string
+        spec = LoaderSpec.from_config(d, aug, train=True, labels=True, rand_augment=f.rand_augment)
+        loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         classes = num_classes_of(self.cfg, loader)
         net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path)
         if f.pretrained:
@@ -467,6 +467,14 @@ class FinetuneTask:
     def param_groups(self, model) -> list[dict]:
         o, f = self.cfg.optim, self.cfg.finetune
         return layer_decay_groups(model.net, self.cfg.model.arch, o.weight_decay, f.layer_decay, o.weight_decay_rule)
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        d, f = self.cfg.data, self.cfg.finetune
+        return {"data.path": (d.path, "point it at the labelled training images"),
+                "finetune.val_path": (f.val_path, "point it at the validation images, or set finetune.val_path= "
+                                                  "(empty) to train without evaluation"),
+                "finetune.pretrained": (f.pretrained, "point it at a simmim pre-training checkpoint, or set "
+                                                      "finetune.pretrained= (empty) to train from scratch")}
 
     def describe_data(self) -> str:
         f = self.cfg.finetune

@@ -12,11 +12,10 @@ Checkpoints: every run.save_every epochs, every run.save_every_minutes mid-epoch
 decides, the ranks agree at their stop checks), and on the way out of a stopped run:
 - SIGTERM / SIGUSR1 (preemption, a scheduler's time limit): the current step finishes, a checkpoint
   is written and the process exits with REQUEUE_EXIT, which trainer/run.sh turns into a requeue.
-- A data file that fails mid-run (DatasetError from the loader): the last complete step is saved
-  and the run ends with one line naming the file and the command that rebuilds the list. Under
-  FSDP2 (train.parallel=fsdp, several ranks) nothing is saved then: the failing rank holds only its
-  shards and the others are blocked in the step's collectives, so the line names the newest
-  checkpoint instead (the periodic or time-based one the run resumes from).
+- A data file that fails mid-run (DatasetError from the loader, on any rank): every rank stops at
+  the same step (the ranks agree before each micro-batch's first collective), the last complete
+  step is saved (by every rank under FSDP2) and the run ends with one line naming the file, the
+  rank and the command that rebuilds the list.
 Checkpoints go through a checkpointer (checkpoint.py): torch.save files for DDP, DCP folders for
 FSDP2; both follow the same run-folder rules (runfolder.py).
 The run folder is one job's (runfolder.RunLock); a resume first checks the checkpoint's config
@@ -42,13 +41,12 @@ from torch import nn
 
 from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.io import atomic_write
-from simmim.pipeline.loaders import BACKEND_OPTIONS
 from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import CheckpointError, make_checkpointer
+from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer
 from .config import Config, save_config
-from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .engine import BatchTransform, EpochResult, StepState, train_one_epoch
+from .distributed import DistInfo, PeerLost, barrier, cleanup, first_reported, init_distributed, peer_lost
+from .engine import BatchTransform, EpochResult, PeerDataFailure, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
@@ -61,7 +59,7 @@ REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run agai
 
 
 class Preempted(Exception):
-    """Stopped by a signal after writing a checkpoint."""
+    """Stopped by a signal after writing a checkpoint (on every rank: rank 0 alone says so)."""
 
 
 class Diverged(Exception):
@@ -69,7 +67,9 @@ class Diverged(Exception):
 
 
 class DataFailure(DatasetError):
-    """A data file failed mid-run; the steps before it are saved."""
+    """A data file failed mid-run; the steps before it are saved. Raised on every rank with the
+    same message, which rank 0 alone prints (`all_ranks`)."""
+    all_ranks = True
 
 
 class Task(Protocol):
@@ -89,6 +89,10 @@ class Task(Protocol):
 
     def describe_data(self) -> str:
         """One phrase for the start-of-run log line about the data."""
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        """The files and folders the run reads, checked before anything is written:
+        {config key: (path, what to do if it is missing)}; empty paths are not used."""
 
     def prepare(self, model: nn.Module, loader, dist: DistInfo) -> None:
         """Work that needs the built loader, before the first step (e.g. a fixed figure batch)."""
@@ -150,27 +154,26 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def loader_options(d) -> dict:
-    """The `data.*` keys that are backend options (see `pipeline.loaders`), for `build_loader`."""
-    flat = {"max_pixels": d.max_pixels, **dataclasses.asdict(d.ffcv),
-            **{f"dali_{k}": v for k, v in dataclasses.asdict(d.dali).items()}}
-    return {k: v for k, v in flat.items() if k in BACKEND_OPTIONS}
-
-
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the training loop polls it."""
+    """Set by SIGTERM / SIGUSR1; the training loop polls it. A second signal more than `REPEAT_S`
+    seconds after the first stops at once; one sooner is the same request arriving twice (a
+    signal sent to the whole process group, which torchrun also passes on)."""
+    REPEAT_S = 5.0
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.at = 0, 0.0
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signum and time.monotonic() - self.at < self.REPEAT_S:
+            return
         if self.signum:  # a second signal: stop now, without a checkpoint
             raise SystemExit(128 + signum)
-        log.warning("received %s: stopping after the current step with a checkpoint (send it again "
-                    "to stop at once)", signal.Signals(signum).name)
+        self.at = time.monotonic()
+        log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
+                    "%.0f s or more later, to stop at once)", signal.Signals(signum).name, self.REPEAT_S)
         self.signum = signum
 
     def __call__(self) -> bool:
@@ -320,21 +323,17 @@ class Run:
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
         """A diverged, signalled or data-failed epoch: checkpoint, leave the process group, raise."""
         self.monitor.close()
-        if res.stopped == "data":
-            # the failing rank alone: the others wait for its gradients, so no collective can run
-            what = one_line(res.error)
+        if res.stopped == "data":  # every rank stopped at the same step (engine.forward_backward)
+            mine = None if isinstance(res.error, PeerDataFailure) else one_line(res.error)
+            rank, what = first_reported(mine) or (self.dist.rank, one_line(res.error))
             fix = "" if "simmim scan" in what else (f"; rebuild the file list with `simmim scan {self.cfg.data.path}` "
                                                     f"(it leaves out unreadable files) and point data.path at it")
-            if is_fsdp(self.model):  # sharded: one rank holds only its shards, so no checkpoint can be written
-                path = self.checkpointer.finished_latest()
-                saved = (f"train.parallel=fsdp cannot save from one rank (the model is sharded over all), so "
-                         f"the run resumes from {path}" if path else
-                         "train.parallel=fsdp cannot save from one rank (the model is sharded over all) and "
-                         "there is no checkpoint yet, so the run starts afresh")
-                raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; {saved}: run the "
-                                  f"same command again to resume")
-            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res), any_rank=True)
-            raise DataFailure(f"{what} (at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
+            path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))
+            self.checkpointer.wait()
+            _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
+            cleanup()
+            where = f"rank {rank}, " if self.dist.world_size > 1 else ""
+            raise DataFailure(f"{what} ({where}at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
                               f"saved in {path}: run the same command again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         self.checkpointer.wait()
@@ -367,6 +366,22 @@ class Run:
             self.checkpoint(epoch, self.steps_per_epoch)
         barrier()
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
+
+
+def check_inputs(cfg: Config, task: Task) -> None:
+    """Before the run folder is made (its lock is the first thing written): DatasetError /
+    CheckpointError, one line naming the key, for a data option out of place, a backend that is not
+    installed, or an input of the task that does not exist."""
+    from simmim.pipeline.loaders import INSTALL, available, validate_data_args
+
+    d = cfg.data
+    validate_data_args(d.backend, d.path, d.max_pixels)
+    if not available(d.backend):
+        raise DatasetError(f"data.backend {d.backend} is not installed: {INSTALL[d.backend][1]}")
+    for key, (path, hint) in task.inputs().items():
+        if path and not Path(path).exists():
+            error = CheckpointError if key == "finetune.pretrained" else DatasetError
+            raise error(f"{key} '{path}' does not exist: {hint}")
 
 
 def open_run_folder(cfg: Config, dist: DistInfo) -> tuple[Path | None, dict | None]:
@@ -479,11 +494,23 @@ def fit(cfg: Config, task: Task) -> dict:
     checkpoint, raises Preempted after a stop signal, Diverged after train.max_skipped_steps
     non-finite steps in a row, DataFailure when a data file fails. RunFolderBusy if another job
     holds run.out_dir, ConfigError if it holds a run of another config or any value of `cfg` is out
-    of range."""
+    of range, DatasetError / CheckpointError if an input is missing (all before anything is written);
+    PeerLost if a collective failed because another rank went away."""
     validate_config(cfg)  # a Config built in code, not by load_config, is checked here too
+    check_inputs(cfg, task)
     dist = init_distributed(cfg.train.device)
-    with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
-        return train(cfg, task, dist)
+    try:
+        with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
+            return train(cfg, task, dist)
+    except RuntimeError as e:
+        who = peer_lost(e)
+        if who is None:
+            raise
+        found = all_checkpoints(cfg.run.out_dir)
+        resume = f"resumes from {found[-1][1]}" if found else "has no checkpoint yet and starts afresh"
+        raise PeerLost(f"rank {dist.rank} lost {who} in a collective (it was killed or crashed: see that rank's log; "
+                       f"out of memory? a node lost?); run the same command again: the run {resume} "
+                       f"(trainer/run.sh restarts it by itself up to MAX_RESTARTS times)") from None
 
 
 def train(cfg: Config, task: Task, dist: DistInfo) -> dict:

@@ -10,33 +10,17 @@ from pathlib import Path
 
 import torch
 
-from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, build_loader
-from simmim.pipeline.augment import normalize
-from simmim.pipeline.seeding import derive_seed, torch_generator
+from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum
-from .loop import fit, loader_options
+from .loop import fit
 from .model import ARCHS, LossOptions, build_simmim, param_groups
 from .precision import autocast
 from .parallel import is_fsdp, lockstep
 from .visualize import save_reconstruction
 
 log = logging.getLogger("simmim")
-
-
-def fixed_batch(loader, n: int, seed: int, masks: MaskGenerator, aug: Augmentation, device) -> tuple:
-    """The same n images and masks every time, for comparable reconstruction figures (loaders
-    that augment inside a compiled pipeline give the first images of epoch 0 instead)."""
-    if not hasattr(loader, "dataset"):
-        loader.set_epoch(0)
-        images, batch_masks = next(iter(loader))[:2]
-        return images[:n].clone(), batch_masks[:n].clone()
-    ds = loader.dataset
-    idx = [round(i * (len(ds) - 1) / max(1, n - 1)) for i in range(min(n, len(ds)))]
-    images = torch.stack([ds[(i, derive_seed("sample", seed, 0, i))][0] for i in idx]).to(device)
-    g = torch_generator("figure", seed, device=device)
-    return normalize(images, aug.mean, aug.std), masks.sample(len(idx), generator=g, device=device)
 
 
 @torch.no_grad()
@@ -89,17 +73,13 @@ class PretrainTask:
         model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path,
                              LossOptions(m.loss, m.loss_beta, m.loss_all_pixels, m.norm_target),
                              m.fused_shuffle).to(dist.device)
-        loader = build_loader(d.backend, d.path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device,
-                              dist.rank, dist.world_size, t.seed, **loader_options(d))
+        where = (dist.device, dist.rank, dist.world_size, t.seed)
+        loader = build_loader(LoaderSpec.from_config(d, self.aug), self.masks, *where)
         self.val_loader = None
-        if d.val_path and self.cfg.run.val_every > 0:
-            if not Path(d.val_path).exists():
-                raise DatasetError(f"data.val_path '{d.val_path}' does not exist: point it at held-out images, "
-                                   f"or set data.val_path= (empty) to train without a validation loss")
+        if d.val_path and self.cfg.run.val_every > 0:  # found by `inputs` before the run folder is written
             # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
-            self.val_loader = build_loader(
-                d.backend, d.val_path, self.aug, self.masks, d.batch_size, d.num_workers, dist.device, dist.rank,
-                dist.world_size, t.seed, **{**loader_options(d), "train": False, "drop_last": False})
+            spec = LoaderSpec.from_config(d, self.aug, d.val_path, train=False, drop_last=False)
+            self.val_loader = build_loader(spec, self.masks, *where)
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
@@ -109,10 +89,16 @@ class PretrainTask:
     def describe_data(self) -> str:
         return str(self.masks)
 
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        d = self.cfg.data
+        return {"data.path": (d.path, "build the sample set with `simmim sample-data`, or set data.path"),
+                "data.val_path": (d.val_path if self.cfg.run.val_every > 0 else "",
+                                  "point it at held-out images, or set data.val_path= (empty) to train "
+                                  "without a validation loss")}
+
     def prepare(self, model, loader, dist: DistInfo) -> None:
         self.every_rank = is_fsdp(model)  # a sharded forward needs every rank
-        self.vis_batch = fixed_batch(loader, 8, self.cfg.train.seed, self.masks, self.aug, dist.device) \
-            if dist.is_main or self.every_rank else None
+        self.vis_batch = loader.preview_batch(8) if dist.is_main or self.every_rank else None
 
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
         out = {}

@@ -50,7 +50,9 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / GPUS_PER_NODE > 0 ? $(nproc) / GPUS_PER_NODE : 1 ))}
 
 echo "run.sh: $NNODES node(s) x $GPUS_PER_NODE process(es), node rank $NODE_RANK, rendezvous $MASTER_ADDR:$MASTER_PORT ($RDZV_ID)"
-"$PYTHON" -m torch.distributed.run \
+# simmim.trainer.launch is torchrun ending with the ranks' own lines (no SignalException or
+# ChildFailedError traceback after them), waiting for the ranks' checkpoints after a signal
+"$PYTHON" -m simmim.trainer.launch \
   --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$GPUS_PER_NODE" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
   --max-restarts="$MAX_RESTARTS" \
