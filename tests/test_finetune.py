@@ -1,7 +1,6 @@
 """Fine-tuning: checkpoint loading, relative-position-bias resizing, layer decay, the
 augmentation pipeline, evaluation loaders, and the CLI from pre-training to evaluation."""
 import json
-import random
 import subprocess
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.folder import center_crop
 from simmim.trainer.checkpoint import CheckpointError
-from simmim.trainer.config import Config, ConfigError
+from simmim.trainer.config import Config
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.finetune import (Classifier, MixupErasing, build_classifier, layer_decay_groups, layer_id,
                                      load_pretrained, num_layers, resize_rel_pos_bias)
