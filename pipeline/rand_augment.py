@@ -146,14 +146,16 @@ def _warp(x: torch.Tensor, inverse: torch.Tensor, fill: torch.Tensor) -> torch.T
     bilinear; where the sample falls outside, `fill` (float (3,)) is blended in by the sampled
     coverage, as torchvision does; rounded to uint8."""
     n, c, h, w = x.shape
-    to_norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64)  # PIL -> [-1, 1]
-    full = torch.cat([inverse, inverse.new_tensor([0, 0, 1]).expand(n, 1, 3)], 1)
-    theta = (to_norm @ full @ torch.linalg.inv(to_norm))[:, :2].to(x.device, torch.float32)
+    # the same map in affine_grid's coordinates (u = 2 x / W - 1, v = 2 y / H - 1), elementwise so
+    # that nothing is copied from the host
+    (a, b, t), (d, e, f) = inverse[:, 0].unbind(-1), inverse[:, 1].unbind(-1)
+    theta = _affine(a, b * h / w, a + b * h / w + 2 * t / w - 1,
+                    d * w / h, e, d * w / h + e + 2 * f / h - 1).to(torch.float32)
     grid = F.affine_grid(theta, [n, c + 1, h, w], align_corners=False)
     src = torch.cat([x.float(), x.new_ones(n, 1, h, w, dtype=torch.float32)], 1)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     img, cover = out[:, :c], out[:, c:]
-    fill = fill.to(x.device).view(1, c, 1, 1)
+    fill = fill.view(1, c, 1, 1)
     return ((img - fill) * cover + fill).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -205,12 +207,14 @@ class BatchRandAugment:
     geometric ops' fill colour, uint8 RGB (timm's img_mean: the mean colour). `__call__(images,
     generator)` returns a new uint8 (B, 3, H, W) tensor on images' device (ValueError for another
     dtype or shape); every random draw comes from `generator` (a CPU torch.Generator), so equal
-    seeds give equal outputs."""
+    seeds give equal outputs. The draws are made on the CPU and reach the device in one pinned,
+    non-blocking copy per layer, so the host never waits for the device."""
 
     def __init__(self, spec: str, fill: tuple[int, int, int] = (124, 116, 104)):
         self.spec = parse_rand_augment(spec)
         self.fill = torch.tensor(fill, dtype=torch.float32)
         self.ops = {name: BATCH_OPS[name] for name in self.spec.ops}
+        self._fill_on = {}  # device -> fill there (copied once)
 
     def draw(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """One layer's draws for `batch` images: (op index int64 (B,), applied bool (B,), level
@@ -229,15 +233,31 @@ class BatchRandAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"BatchRandAugment takes uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        device = images.device
+        if device not in self._fill_on:
+            self._fill_on[device] = self.fill.to(device)
         out = images.clone()
         for _ in range(self.spec.num_ops):
             op, applied, level, sign = self.draw(len(images), generator)
-            for k, name in enumerate(self.spec.ops):  # a loop over ops; each runs on its rows at once
-                rows = torch.nonzero((op == k) & applied).flatten()  # on the CPU: no device sync
-                if len(rows):
-                    at = rows.to(out.device)
-                    out[at] = self.ops[name](out[at], level[rows], sign[rows], self.fill)
+            op = torch.where(applied, op, -1)  # -1: no op for this image in this layer
+            order = torch.argsort(op, stable=True)  # images grouped by op, the unchanged first
+            counts = torch.bincount(op + 1, minlength=len(self.spec.ops) + 1).tolist()
+            rows_by_op, level, sign = _to_device(torch.stack([order.double(), level, sign]), device)
+            rows_by_op, start = rows_by_op.long(), counts[0]
+            for name, n in zip(self.spec.ops, counts[1:]):  # a loop over ops; each runs on its images at once
+                if n:
+                    rows = rows_by_op[start:start + n]
+                    out[rows] = self.ops[name](out[rows], level[rows], sign[rows], self._fill_on[device])
+                    start += n
         return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; to a GPU from pinned memory without blocking (a pageable copy would make
+    the host wait for all the work queued on the device)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _increasing_factor(level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
