@@ -189,40 +189,59 @@ def test_cli_convert_inspect_and_pretrain(sample_root, tmp_path, simmim_cmd):
 
 
 def test_ffcv_internals_the_adapter_relies_on_exist(sample_beton):
-    """pipeline/ffcv_compat.py reaches into FFCV's Loader and EpochIterator: every attribute it
-    uses exists on a live loader, an epoch runs and stops through it, and the numba finalizer
-    filter is installed on first use (not at import), once."""
+    """pipeline/ffcv_compat.py reaches into FFCV's Loader, EpochIterator, Compiler and Reader: every
+    attribute it uses exists on a live loader, an epoch runs and stops through it, the numba
+    finalizer filter is installed on first use (not at import), once, and torch's thread count
+    stays the trainer's (FFCV sets it to num_workers in Loader() and at each epoch start, from its
+    producer thread)."""
     import sys
 
     import numba.core.dispatcher
+    from ffcv.pipeline.compiler import Compiler
 
     from simmim.pipeline import ffcv_compat
 
     assert numba.core.dispatcher.__file__.endswith("numba/core/dispatcher.py")  # the filter's frame test
-    loader = make_loader(FFCVLoader, str(sample_beton), Augmentation(size=32), None, 4, 1)
-    assert ffcv_compat._hook_installed and sys.unraisablehook.__module__ == ffcv_compat.__name__
-    hook = sys.unraisablehook
-    make_loader(FFCVLoader, str(sample_beton), Augmentation(size=32), None, 4, 1)
-    assert sys.unraisablehook is hook  # not wrapped twice
-    for name in ffcv_compat.ATTRIBUTES["Loader"]:
-        assert hasattr(loader.loader, name), f"ffcv Loader.{name}"
-    assert loader.loader.traversal_order is loader.order
-    epoch = iter(loader.loader)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # FFCV would set 1: num_workers
     try:
-        for name in ffcv_compat.ATTRIBUTES["EpochIterator"] + (
-                ffcv_compat.ATTRIBUTES["EpochIterator on CUDA"] if torch.cuda.is_available() else ()):
-            assert hasattr(epoch, name), f"ffcv EpochIterator.{name}"
-        batch = ffcv_compat.next_batch(epoch)  # (images,): no label pipeline
-        assert batch[0].shape[:2] == (4, 3)
+        loader = make_loader(FFCVLoader, str(sample_beton), Augmentation(size=32), None, 4, 1)
+        assert ffcv_compat._hook_installed and sys.unraisablehook.__module__ == ffcv_compat.__name__
+        hook = sys.unraisablehook
+        make_loader(FFCVLoader, str(sample_beton), Augmentation(size=32), None, 4, 1)
+        assert sys.unraisablehook is hook  # not wrapped twice
+        for kind, obj in (("Loader", loader.loader), ("Compiler", Compiler), ("Reader", loader.reader)):
+            for name in ffcv_compat.ATTRIBUTES[kind]:
+                assert hasattr(obj, name), f"ffcv {kind}.{name}"
+        assert loader.loader.traversal_order is loader.order
+        epoch = iter(loader.loader)
+        try:
+            for name in ffcv_compat.ATTRIBUTES["EpochIterator"] + (
+                    ffcv_compat.ATTRIBUTES["EpochIterator on CUDA"] if torch.cuda.is_available() else ()):
+                assert hasattr(epoch, name), f"ffcv EpochIterator.{name}"
+            for _ in range(3):  # the producer thread has started (and set FFCV's thread count) by then
+                batch = ffcv_compat.next_batch(epoch)  # (images,): no label pipeline
+                assert batch[0].shape[:2] == (4, 3) and torch.get_num_threads() == 2
+        finally:
+            ffcv_compat.close_epoch(epoch)
+        assert not epoch.is_alive() and epoch.closed
+        assert torch.get_num_threads() == 2 and Compiler.num_threads == 1  # FFCV's own (numba) threads
     finally:
-        ffcv_compat.close_epoch(epoch)
-    assert not epoch.is_alive() and epoch.closed
-    from ffcv.pipeline.compiler import Compiler
+        torch.set_num_threads(threads)
 
-    for name in ffcv_compat.ATTRIBUTES["Compiler"]:
-        assert hasattr(Compiler, name), f"ffcv Compiler.{name}"
-    for name in ffcv_compat.ATTRIBUTES["Reader"]:
-        assert hasattr(loader.reader, name), f"ffcv Reader.{name}"
+
+def test_ffcv_import_leaves_torch_thread_count_alone():
+    """Importing FFCV sets torch's (process-wide) thread count to 1; ffcv_compat.keep_torch_threads
+    imports it keeping the count (a fresh process: this one has imported FFCV already). Loader()
+    and epochs: test_ffcv_internals_the_adapter_relies_on_exist."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2)\n"
+            "from simmim.pipeline.ffcv_compat import keep_torch_threads; keep_torch_threads()\n"
+            "import ffcv.loader; print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["2"], out.stderr[-2000:]
 
 
 def test_ffcv_preview_batch_matches_the_reference(sample_root, sample_beton):
@@ -240,32 +259,6 @@ def test_ffcv_preview_batch_matches_the_reference(sample_root, sample_beton):
     assert torch.equal(masks, ref_masks)
     diff = (denormalize(images, aug.mean, aug.std) - denormalize(ref, aug.mean, aug.std)).abs().mean().item()
     assert diff < 2 / 255
-
-
-def test_ffcv_leaves_torch_thread_count_alone(sample_beton):
-    """FFCV sets torch's (process-wide) thread count at import (to 1), in Loader() and at every
-    epoch start, the last from its producer thread (to num_workers); ffcv_compat.keep_torch_threads
-    keeps the trainer's count through all of them. A fresh process, so FFCV is imported there."""
-    import subprocess
-    import sys
-
-    code = f"""
-import torch
-torch.set_num_threads(1)
-from simmim.pipeline import Augmentation, LoaderSpec
-from simmim.pipeline.ffcv_loader import FFCVLoader
-loader = FFCVLoader(LoaderSpec("ffcv", {str(sample_beton)!r}, Augmentation(size=16), 16, 2), None, "cpu")
-counts = [torch.get_num_threads()]
-for epoch in range(2):
-    loader.set_epoch(epoch)
-    for _ in loader:
-        counts.append(torch.get_num_threads())
-from ffcv.pipeline.compiler import Compiler
-print(sorted(set(counts)), len(counts) == 1 + 2 * len(loader) > 1, Compiler.num_threads)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "[1] True 2"  # FFCV's own (numba) threads: still 2
 
 
 def test_convert_orientation_and_bit_depth(tmp_path):
