@@ -27,7 +27,7 @@ setup(
         "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
         "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
-        "omegaconf>=2.3",  # structured configs: YAML + a.b=c overrides into the typed dataclasses
+        "omegaconf>=2.4",  # structured configs (YAML + a.b=c into the dataclasses); 2.4: tuple fields
         "scipy",  # the released relative-position-table resize (FITPACK cubic spline)
     ],
     extras_require={

@@ -3,9 +3,10 @@
     loss = sum(f(pred - target) * m) / (sum(m) + 1e-5) / C
 
 with `m` the (B, h, w) cell mask expanded to pixels and counted once per pixel (not per
-channel), f = |.| (L1), (.)^2 (L2) or smooth-L1. Options the paper ablates or users ask for:
-`all_pixels=True` (m = 1 everywhere), `norm_target=k` (each target pixel normalised by the mean
-and variance of its k x k neighbourhood, the SwinV2 variant). `pred` may also be the head's
+channel), f = |.| (L1), (.)^2 (L2) or smooth-L1. The options are one `LossOptions` (the `loss:`
+section of a pre-training config): `kind`, `beta` (smooth-L1), and what the paper ablates or users
+ask for: `all_pixels=True` (m = 1 everywhere), `norm_target=k` (each target pixel normalised by the
+mean and variance of its k x k neighbourhood, the SwinV2 variant). `pred` may also be the head's
 output before PixelShuffle, (B, C*s*s, H/s, W/s): both paths accept it, the kernel reads it in
 place.
 
@@ -18,9 +19,12 @@ pass reads nothing unless the upstream gradient differs from 1 (gradient accumul
 scaling), when it rescales in place. Per-cell partial sums are reduced in a fixed order, so the
 result is deterministic. Forward: three launches (mask count, the kernel, the sum of the cells).
 
-Order: reference, Triton kernels, launchers, custom ops with autograd, public function.
+Order: options, reference, Triton kernels, launchers, custom ops with autograd, public function.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +35,32 @@ EPS = 1e-5
 LOSSES = {"l1": 0, "l2": 1, "smooth_l1": 2}
 
 
-def check_options(loss: str, norm_target: int) -> None:
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got '{loss}'")
-    if norm_target and (norm_target < 3 or norm_target % 2 == 0):
-        raise ValueError(f"norm_target must be 0 or an odd window >= 3, got {norm_target}")
+@dataclass
+class LossOptions:
+    """The masked loss's options: the `loss:` section of a pre-training config (filled by OmegaConf
+    in trainer/config.py), the model's `loss` argument and the kernels' `options`."""
+    kind: str = "l1"  # l1 (the paper) | l2 | smooth_l1
+    beta: float = 1.0  # smooth_l1 only: where |d| turns from quadratic to linear
+    all_pixels: bool = False  # the paper's ablation: predict every pixel, not only masked ones
+    norm_target: int = 0  # k > 0: targets normalised over k x k windows (SwinV2's variant), k odd
+
+    @staticmethod
+    def rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
+        """field -> (test, what the value must be); trainer/validate.py checks a config with them."""
+        return {"kind": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES)),
+                "beta": (lambda v: v > 0, "> 0"),
+                "norm_target": (lambda v: v == 0 or (v >= 3 and v % 2 == 1), "0 or an odd window >= 3")}
+
+    def check(self) -> None:
+        """ValueError naming the first option out of range."""
+        for name, (test, what) in self.rules().items():
+            value = getattr(self, name)
+            if not test(value):
+                raise ValueError(f"loss option {name} must be {what}, got {value!r}")
 
 
-def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, loss: str) -> tuple[int, int, int]:
+def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> tuple[int, int, int]:
     """Returns (cell height, cell width, PixelShuffle factor of pred or 0)."""
-    check_options(loss, 0)
     if target.dim() != 4:
         raise ValueError(f"target must be (B, C, H, W), got shape {tuple(target.shape)}")
     B, C, H, W = target.shape
@@ -59,7 +79,7 @@ def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, loss: 
 def norm_targets(target: torch.Tensor, k: int) -> torch.Tensor:
     """Each pixel minus the mean of its k x k neighbourhood, over the neighbourhood's std
     (unbiased; windows clipped at the border)."""
-    check_options("l1", k)
+    LossOptions(norm_target=k).check()
     t = target.float()
     pool = lambda v: F.avg_pool2d(v, k, stride=1, padding=k // 2, count_include_pad=False)  # noqa: E731
     mean, mean_sq = pool(t), pool(t * t)
@@ -75,24 +95,27 @@ def _denominator(masks: torch.Tensor, cell_pixels: int, all_pixels: bool, H: int
 
 
 # ----------------------------------------------------------------------------- reference
-def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, *, loss: str = "l1",
-                       beta: float = 1.0, all_pixels: bool = False, norm_target: int = 0) -> torch.Tensor:
-    """pred: (B, C, H, W) or (B, C*s*s, H/s, W/s); target: (B, C, H, W); masks: (B, h, w) bool.
-    Returns a float32 scalar."""
-    sy, sx, shuffle = _check(pred, target, masks, loss)
+def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
+                       options: LossOptions | None = None) -> torch.Tensor:
+    """pred: (B, C, H, W) or (B, C*s*s, H/s, W/s); target: (B, C, H, W); masks: (B, h, w) bool;
+    options: `LossOptions` (default: L1 on masked pixels). Returns a float32 scalar; ValueError for
+    mismatched shapes or an option out of range."""
+    o = options or LossOptions()
+    o.check()
+    sy, sx, shuffle = _check(pred, target, masks)
     if shuffle:
         pred = F.pixel_shuffle(pred, shuffle)
-    if norm_target:
-        target = norm_targets(target, norm_target)
+    if o.norm_target:
+        target = norm_targets(target, o.norm_target)
     B, C, H, W = target.shape
     h, w = masks.shape[1:]
-    if loss == "smooth_l1":  # torch's own smooth-L1, an independent check on the kernel's
-        v = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta)
+    if o.kind == "smooth_l1":  # torch's own smooth-L1, an independent check on the kernel's
+        v = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=o.beta)
     else:
         d = pred.float() - target.float()  # (B, C, H, W)
-        v = d.abs() if loss == "l1" else d * d
+        v = d.abs() if o.kind == "l1" else d * d
     cell_sums = v.view(B, C, h, sy, w, sx).sum(dim=(1, 3, 5))  # (B, h, w)
-    if all_pixels:
+    if o.all_pixels:
         return cell_sums.sum() / _denominator(masks, sy * sx, True, H, W) / C
     return (cell_sums * masks.to(cell_sums.dtype)).sum() / _denominator(masks, sy * sx, False, H, W) / C
 
@@ -173,7 +196,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 def _loss_fwd(pred, target, masks, kind: int, beta: float, all_pixels: bool, norm_target: int,
               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    sy, sx, shuffle = _check(pred, target, masks, list(LOSSES)[kind])
+    sy, sx, shuffle = _check(pred, target, masks)
     if norm_target:
         target = norm_targets(target, norm_target)
     if not _dense(pred):
@@ -243,16 +266,17 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 # ----------------------------------------------------------------------------- public function
-def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, *, loss: str = "l1",
-                   beta: float = 1.0, all_pixels: bool = False, norm_target: int = 0,
-                   backend: str | None = None) -> torch.Tensor:
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
+                   options: LossOptions | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The loss the model calls: the fused kernel on CUDA when Triton is available, the
-    reference otherwise (see kernels.dispatch). Returns a float32 scalar; gradients flow to pred."""
+    reference otherwise (see kernels.dispatch). Shapes and `options` as `masked_l1_loss_ref`.
+    Returns a float32 scalar; gradients flow to pred."""
+    o = options or LossOptions()
     if not use_triton(pred, target, backend=backend):
-        return masked_l1_loss_ref(pred, target, masks, loss=loss, beta=beta, all_pixels=all_pixels,
-                                  norm_target=norm_target)
-    _check(pred, target, masks, loss)
+        return masked_l1_loss_ref(pred, target, masks, o)
+    o.check()
+    _check(pred, target, masks)
     need_grad = pred.requires_grad and torch.is_grad_enabled()
-    out, _ = _loss_op(pred, target.detach(), masks.bool(), LOSSES[loss], float(beta), all_pixels,
-                      norm_target, need_grad)
+    out, _ = _loss_op(pred, target.detach(), masks.bool(), LOSSES[o.kind], float(o.beta), o.all_pixels,
+                      o.norm_target, need_grad)
     return out

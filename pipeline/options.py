@@ -6,6 +6,10 @@ a loader is built from.
 `data.dali.*`, so one recipe can switch `data.backend` and every key has one owner. A task (pre-training,
 fine-tuning, evaluation) turns it into a `LoaderSpec` with what it alone knows (training or evaluation
 view, labels, the per-image transform) via `LoaderSpec.from_config`.
+
+Each options class states its ranges in `rules()` (field -> (test, what the value must be)), beside
+the fields; `trainer/validate.py` walks a whole config and checks every section by its own rules.
+The small vocabulary of ranges below serves the trainer's sections too.
 """
 from __future__ import annotations
 
@@ -18,7 +22,19 @@ import torch
 from .augment import Augmentation
 from .decode import MAX_PIXELS
 
-__all__ = ["DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec"]
+__all__ = ["DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec", "Rule", "one_of"]
+
+Rule = tuple[Callable[[Any], bool], str]  # (test, what the value must be: "> 0", "one of a, b")
+POSITIVE: Rule = (lambda v: v > 0, "> 0")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
+OPEN_UNIT: Rule = (lambda v: 0 < v < 1, "in (0, 1)")
+UNIT: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
+HALF_OPEN_UNIT: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+UP_TO_ONE: Rule = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def one_of(*choices) -> Rule:
+    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
 
 
 @dataclass
@@ -29,6 +45,12 @@ class FFCVOptions:
     buffer_pages: int = 8  # quasi_random: pages shuffled together
     batches_ahead: int = 3  # batches FFCV prepares ahead of the trainer
 
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        from .ffcv_loader import ORDERS
+
+        return {"order": one_of(*ORDERS), "buffer_pages": POSITIVE, "batches_ahead": POSITIVE}
+
 
 @dataclass
 class DALIOptions:
@@ -38,6 +60,13 @@ class DALIOptions:
     prefetch: int = 2  # batches prepared ahead
     threads: int = 0  # CPU threads; 0: data.num_workers
     preallocate: int = 0  # bytes per image to preallocate for decoding; 0: DALI's default
+
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        from .dali_loader import DEVICES
+
+        return {"device": one_of(*DEVICES), "hw_decoder_load": UNIT, "prefetch": POSITIVE, "threads": NON_NEGATIVE,
+                "preallocate": NON_NEGATIVE}
 
 
 @dataclass
@@ -54,6 +83,14 @@ class DataConfig:
     max_pixels: int = MAX_PIXELS  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
+
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        """max_pixels has its own check (decode.check_max_pixels), shared with scan / convert."""
+        from .loaders import BACKENDS
+
+        return {"backend": one_of(*BACKENDS), "img_size": POSITIVE, "mask_patch_size": POSITIVE,
+                "mask_ratio": OPEN_UNIT, "batch_size": POSITIVE, "num_workers": NON_NEGATIVE}
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 import pytest
 import yaml
 
-from simmim.trainer.config import RECIPES, Config, ConfigError, load_config, save_config
+from simmim.trainer.config import RECIPES, ConfigError, PretrainConfig, config_from_dict, load_config, save_config
+from simmim.trainer.finetune_options import FinetuneConfig
 
 
 def test_defaults_are_paper_recipe():
-    c = Config()
+    c = PretrainConfig()
     assert (c.data.img_size, c.data.mask_patch_size, c.data.mask_ratio) == (192, 32, 0.6)
     assert (c.optim.base_lr, c.optim.weight_decay, c.optim.clip_grad, c.optim.betas) == (2e-4, 0.05, 5.0, (0.9, 0.999))
 
@@ -82,8 +83,9 @@ def test_resolved_config_round_trips(tmp_path):
     ("data.dali.hw_decoder_load=1.5", "'data.dali.hw_decoder_load' must be in [0, 1]"),
     ("model.arch=resnet", "'model.arch' must be one of swin_base"),
     ("model.window_size=5", "Swin window 5 does not tile stage 0"),
-    ("model.norm_target=4", "'model.norm_target' must be 0 or an odd window >= 3, got 4"),
-    ("model.loss=l3", "'model.loss' must be one of l1, l2, smooth_l1"),
+    ("loss.norm_target=4", "'loss.norm_target' must be 0 or an odd window >= 3, got 4"),
+    ("loss.kind=l3", "'loss.kind' must be one of l1, l2, smooth_l1"),
+    ("loss.beta=0", "'loss.beta' must be > 0"),
     ("model.drop_path=1", "'model.drop_path' must be in [0, 1)"),
     ("optim.betas=[0.9,1.0]", "'optim.betas' must be in [0, 1)"),
     ("optim.scheduler=linear", "'optim.scheduler' must be one of cosine, step"),
@@ -94,12 +96,13 @@ def test_resolved_config_round_trips(tmp_path):
     ("train.epochs=0", "'train.epochs' must be > 0"),
     ("run.log_every=0", "'run.log_every' must be > 0"),
     ("finetune.label_smoothing=1", "'finetune.label_smoothing' must be in [0, 1)"),
-    ("finetune.rand_augment=autoaug", "finetune.rand_augment must look like rand-m9"),
+    ("finetune.rand_augment=autoaug", "'finetune.rand_augment' must be empty or like rand-m9-mstd0.5-inc1"),
 ])
 def test_values_are_validated_at_load(override, match):
     """Every value is checked when the config is loaded, before anything is built; one line naming the key."""
+    schema = FinetuneConfig if override.startswith("finetune.") else PretrainConfig
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, [override], schema)
     assert match in str(e.value) and "\n" not in str(e.value)
 
 
@@ -111,23 +114,31 @@ def test_validation_reads_the_kernel_environment(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_packaged_recipe_passes_validation(name):
-    assert load_config(name).train.epochs > 0
+    schema = FinetuneConfig if name.startswith("finetune") else PretrainConfig
+    assert load_config(name, [], schema).train.epochs > 0
 
 
-def test_every_numeric_option_has_a_range():
-    """A new int / float option cannot slip past validation: each has a rule in trainer/validate.py
-    (or a check of its own there, listed here)."""
+@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig])
+def test_every_numeric_option_has_a_range(schema):
+    """A new int / float option cannot slip past validation: each has a rule beside it (`rules()` of
+    its options class, composed by trainer/validate.py) or a check of its own there, listed here."""
     import dataclasses
+    import typing
 
     from simmim.trainer.validate import rules
 
+    def numeric(section, prefix=""):
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from numeric(hints[f.name], f"{prefix}{f.name}.")
+            elif any(t in str(hints[f.name]) for t in ("int", "float")):
+                yield prefix + f.name
+
     checked_apart = {"data.max_pixels"}  # decode.check_max_pixels
-    known = set(rules()) | checked_apart
-    numeric = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
-               for f in dataclasses.fields(section.type if isinstance(section.type, type) else
-                                           type(getattr(Config(), section.name)))
-               if any(t in str(f.type) for t in ("int", "float"))]
-    assert numeric and not [k for k in numeric if k not in known]
+    keys = list(numeric(schema))
+    assert {"data.ffcv.buffer_pages", "loss.beta", "optim.betas"} & set(keys)
+    assert not [k for k in keys if k not in set(rules(schema)) | checked_apart]
 
 
 def test_parallel_is_checked_at_load():
@@ -139,10 +150,102 @@ def test_parallel_is_checked_at_load():
 def test_flat_backend_keys_of_earlier_versions_still_load(caplog):
     """Saved configs and recipes of earlier versions used data.dali_device / data.order: they land in
     the data.dali / data.ffcv sections, with a warning naming the new key."""
-    from simmim.trainer.config import config_from_dict, load_config
-
     cfg = config_from_dict({"data": {"dali_device": "cpu", "order": "quasi_random", "dali_prefetch": 3}})
     assert (cfg.data.dali.device, cfg.data.ffcv.order, cfg.data.dali.prefetch) == ("cpu", "quasi_random", 3)
     assert "'data.dali_device' is now 'data.dali.device'" in caplog.text
     cfg = load_config(None, ["data.os_cache=false", "data.dali.threads=2"])
     assert (cfg.data.ffcv.os_cache, cfg.data.dali.threads) == (False, 2)
+
+
+def test_loss_options_of_earlier_versions_move_to_the_loss_section(caplog):
+    """model.loss / loss_beta / loss_all_pixels / norm_target were model keys: recipes, overrides and
+    saved configs that use them still load, into the loss section, with a warning per key."""
+    cfg = load_config(None, ["model.loss=smooth_l1", "model.loss_beta=0.5", "model.loss_all_pixels=true",
+                             "model.norm_target=7"])
+    assert (cfg.loss.kind, cfg.loss.beta, cfg.loss.all_pixels, cfg.loss.norm_target) == ("smooth_l1", 0.5, True, 7)
+    assert "'model.norm_target' is now 'loss.norm_target'" in caplog.text
+    saved = {"data": {"img_size": 128},
+             "model": {"arch": "swin_mini", "window_size": 4, "loss": "l2", "norm_target": 0}}
+    assert config_from_dict(saved).loss.kind == "l2"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.ffcv.ordr=random", "unknown config key 'data.ffcv.ordr' (known: data.ffcv.order, "),
+    ("loss.knd=l2", "unknown config key 'loss.knd' (known: loss.kind, loss.beta"),
+    ("data.dali.prefetch=two", "config key 'data.dali.prefetch' expects int, got 'two'"),
+    ("data.ffcv=1", "config key 'data.ffcv' is a section: expected a mapping, got 1"),
+    ("data.path.x=1", "config key 'data.path' expects str"),
+    ("finetune.mixup=0", "config key 'finetune.mixup' belongs to fine-tuning (simmim finetune)"),
+])
+def test_nested_mistakes_are_one_line_naming_the_key(override, match):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert match in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_nested_typo_in_a_recipe_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dali:\n    prefech: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    assert "unknown config key 'data.dali.prefech'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_1_1_floats_and_tuples():
+    """yaml.safe_load reads '2e-4' as a string: a float field takes it as a float; betas is a tuple."""
+    cfg = load_config(None, ["optim.base_lr=2e-4", "optim.betas=[0.9, 9e-1]", "optim.eps=1e-6"])
+    assert cfg.optim.base_lr == 2e-4 and cfg.optim.eps == 1e-6 and cfg.optim.betas == (0.9, 0.9)
+    assert isinstance(cfg.optim.betas, tuple)
+    assert load_config(None, ["run.out_dir=1e-4"]).run.out_dir == "1e-4"  # a str field keeps the text
+
+
+def test_the_task_sections_belong_to_their_command():
+    """A pre-training config has a loss section and no finetune section; a fine-tuning config the
+    reverse; both share data, model, optim, train, run."""
+    pre, fine = load_config("demo"), load_config("finetune_demo", [], FinetuneConfig)
+    assert set(pre.to_dict()) == {"data", "model", "optim", "train", "run", "loss"}
+    assert set(fine.to_dict()) == {"data", "model", "optim", "train", "run", "finetune"}
+    with pytest.raises(ConfigError, match="config key 'finetune.val_path' belongs to fine-tuning"):
+        load_config("finetune_demo")  # a fine-tuning recipe given to pretrain
+    with pytest.raises(ConfigError, match="config key 'loss.norm_target' belongs to pre-training"):
+        load_config("swinv2_base_800ep", [], FinetuneConfig)
+    with pytest.raises(ConfigError, match="config key 'loss.kind' belongs to pre-training"):
+        load_config("demo", ["loss.kind=l1"], FinetuneConfig)  # an override is never left out
+
+
+def test_saved_configs_of_earlier_versions_load(caplog):
+    """An earlier version's pre-training checkpoint config carried a finetune section and the flat loss
+    keys: it loads as a pre-training config (finetune left out) and as a fine-tuning one (loss left out)."""
+    saved = PretrainConfig().to_dict()
+    saved["model"] = {"arch": "swin_mini", "window_size": 4, "drop_path": 0.0, "loss": "l2", "loss_beta": 1.0,
+                      "loss_all_pixels": False, "norm_target": 0, "fused_shuffle": True}
+    saved.pop("loss")
+    saved["finetune"] = {"pretrained": "", "val_path": "v", "layer_decay": 0.9, "mixup": 0.8}
+    saved["data"]["dali_device"], saved["data"]["img_size"] = "cpu", 128
+    pre = config_from_dict(saved)
+    assert pre.loss.kind == "l2" and pre.data.dali.device == "cpu" and not hasattr(pre, "finetune")
+    fine = config_from_dict(saved, ["finetune.mixup=0.5"], FinetuneConfig)
+    assert (fine.finetune.val_path, fine.finetune.mixup, fine.model.arch) == ("v", 0.5, "swin_mini")
+    assert not hasattr(fine, "loss")
+    with pytest.raises(ConfigError, match="unknown config key 'model.lost'"):  # other unknown keys still fail
+        config_from_dict({"model": {"lost": 1}})
+
+
+def test_an_earlier_versions_config_yaml_loads_as_a_recipe(tmp_path, caplog):
+    """Earlier versions wrote every section into config.yaml (a pre-training run's held the finetune
+    defaults, the loss keys under model): given back as a recipe it loads, those defaults left out with
+    a warning; a finetune section with values of its own is still refused."""
+    old = PretrainConfig().to_dict()
+    loss = old.pop("loss")
+    old["model"].update(loss=loss["kind"], loss_beta=loss["beta"], loss_all_pixels=loss["all_pixels"],
+                        norm_target=loss["norm_target"])
+    old["finetune"] = FinetuneConfig().to_dict()["finetune"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert load_config(str(path)) == PretrainConfig()
+    assert "'finetune' section (the defaults, as earlier versions wrote it) is left out" in caplog.text
+    assert load_config(str(path), [], FinetuneConfig) == FinetuneConfig()  # the loss defaults left out
+    old["finetune"]["mixup"] = 0.5
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(ConfigError, match="config key 'finetune.pretrained' belongs to fine-tuning"):
+        load_config(str(path))

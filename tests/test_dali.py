@@ -272,12 +272,13 @@ def test_pretrain_with_dali(sample_root, tmp_path, simmim_cmd):
 def test_finetune_with_dali(sample_root, tmp_path):
     from simmim.trainer.config import load_config
     from simmim.trainer.finetune import finetune
+    from simmim.trainer.finetune_options import FinetuneConfig
 
     val = sample_root / "val"
     summary = finetune(load_config("finetune_demo", [
         "data.backend=dali", f"data.path={val}", f"finetune.val_path={val}", "data.img_size=64",
         "data.batch_size=4", "model.arch=swin_micro", "model.window_size=2", "train.epochs=1",
-        "run.progress=false", f"run.out_dir={tmp_path}"]))
+        "run.progress=false", f"run.out_dir={tmp_path}"], FinetuneConfig))
     assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["best_top1"] >= summary["top1"]
     assert np.isfinite(summary["final_loss"]) and list(tmp_path.glob("checkpoint-*.pt"))
 

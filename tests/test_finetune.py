@@ -11,10 +11,10 @@ from PIL import Image
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.folder import center_crop
 from simmim.trainer.checkpoint import CheckpointError
-from simmim.trainer.config import Config
 from simmim.trainer.engine import StepState, train_one_epoch
 from simmim.trainer.finetune import (Classifier, MixupErasing, build_classifier, layer_decay_groups, layer_id,
                                      load_pretrained, num_layers, resize_rel_pos_bias)
+from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.model import build_simmim
 
 
@@ -80,7 +80,7 @@ def test_evaluate_refuses_incomplete_checkpoints(tmp_path):
     CheckpointError before any data is read (it used to be a bare StopIteration)."""
     from simmim.trainer.finetune import evaluate_checkpoint
 
-    cfg = Config()
+    cfg = FinetuneConfig()
     cfg.model.arch, cfg.model.window_size, cfg.data.img_size = "swin_micro", 2, 64
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)
     weights = {f"net.{k}": v for k, v in net.state_dict().items()}
@@ -240,6 +240,10 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     out = run("pretrain", "--config", "demo", "data.val_path=", f"data.path={sample_root / 'train'}", "train.epochs=1",
               f"run.out_dir={tmp_path / 'pre'}", *common)
     assert out.returncode == 0, out.stderr[-2000:]
+    import yaml
+
+    sections = lambda run: set(yaml.safe_load((tmp_path / run / "config.yaml").read_text()))  # noqa: E731
+    assert sections("pre") == {"data", "model", "optim", "train", "run", "loss"}  # no finetune section
     ckpt = sorted((tmp_path / "pre").glob("checkpoint-*.pt"))[-1]
     out = run("evaluate", str(ckpt))
     assert out.returncode == 2 and "is not a fine-tuned checkpoint" in out.stderr
@@ -248,6 +252,7 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
               f"run.out_dir={tmp_path / 'ft'}", *common)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "missing keys ['head.fc.weight', 'head.fc.bias'], 0 unexpected" in out.stdout
+    assert sections("ft") == {"data", "model", "optim", "train", "run", "finetune"}
     records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "top1" in r]
     assert len(evals) == 2 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from simmim.kernels import dispatch, mask_token_fill, mask_token_fill_ref, masked_l1_loss, masked_l1_loss_ref
+from simmim.kernels import (LossOptions, dispatch, mask_token_fill, mask_token_fill_ref, masked_l1_loss,
+                            masked_l1_loss_ref)
 
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,7 +60,7 @@ def test_mask_token_fill(B, h, w, s, D, dtype):
 # (pred shape, mask grid): Swin 192/32, ViT 224/32, batch 1, prime channels, non-square, 1x1 cells
 LOSS_SHAPES = [((1, 3, 192, 192), (6, 6)), ((1, 3, 224, 224), (7, 7)), ((2, 5, 28, 42), (4, 6)),
                ((1, 7, 13, 11), (13, 11)), ((3, 3, 32, 64), (1, 2))]
-OPTIONS = [dict(), dict(loss="l2"), dict(loss="smooth_l1", beta=0.3), dict(all_pixels=True)]
+OPTIONS = [LossOptions(), LossOptions(kind="l2"), LossOptions(kind="smooth_l1", beta=0.3), LossOptions(all_pixels=True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -69,15 +70,15 @@ def test_masked_loss(shape, grid, dtype):
         pred = rand(*shape, dtype=dtype, grad=True)
         target = rand(*shape)
         masks = torch.rand(shape[0], *grid, device=DEVICE) < 0.6
-        got = masked_l1_loss(pred, target, masks, backend="triton", **opts)
+        got = masked_l1_loss(pred, target, masks, opts, backend="triton")
         (g,) = torch.autograd.grad(got * 0.37, pred)  # upstream gradient != 1: the rescale path
         pr = pred.detach().float().requires_grad_()
-        want = masked_l1_loss_ref(pr, target, masks, **opts)
+        want = masked_l1_loss_ref(pr, target, masks, opts)
         (gr,) = torch.autograd.grad(want * 0.37, pr)
         assert got.dtype == torch.float32 and not g.isnan().any()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # fp32 accumulation whatever the dtype
         torch.testing.assert_close(g.float(), gr.to(g.dtype).float(), **TOL[dtype])
-        (g1,) = torch.autograd.grad(masked_l1_loss(pred, target, masks, backend="triton", **opts), pred)
+        (g1,) = torch.autograd.grad(masked_l1_loss(pred, target, masks, opts, backend="triton"), pred)
         torch.testing.assert_close(g1.float(), (gr / 0.37).to(g.dtype).float(), **TOL[dtype])
 
 
@@ -114,10 +115,10 @@ def test_masked_loss_any_strides(pred_layout, target_layout):
 
     pred, target = make(pred_layout, grad=True), make(target_layout)
     masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
-    got = masked_l1_loss(pred, target, masks, loss="l2", backend="triton")
+    got = masked_l1_loss(pred, target, masks, LossOptions(kind="l2"), backend="triton")
     (g,) = torch.autograd.grad(got, pred)
     pr = pred.detach().contiguous().requires_grad_()
-    want = masked_l1_loss_ref(pr, target.contiguous(), masks, loss="l2")
+    want = masked_l1_loss_ref(pr, target.contiguous(), masks, LossOptions(kind="l2"))
     (gr,) = torch.autograd.grad(want, pr)
     torch.testing.assert_close(got, want, **SUM_TOL)
     torch.testing.assert_close(g, gr)
@@ -130,10 +131,10 @@ def test_norm_target_matches(loss):
     """Per-window normalised targets: the loss and its gradient (the target is a constant)."""
     pred, target = rand(2, 3, 32, 32, grad=True), rand(2, 3, 32, 32)
     masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
-    got = masked_l1_loss(pred, target, masks, loss=loss, norm_target=7, backend="triton")
+    got = masked_l1_loss(pred, target, masks, LossOptions(kind=loss, norm_target=7), backend="triton")
     (g,) = torch.autograd.grad(got, pred)
     pr = pred.detach().clone().requires_grad_()
-    want = masked_l1_loss_ref(pr, target, masks, loss=loss, norm_target=7)
+    want = masked_l1_loss_ref(pr, target, masks, LossOptions(kind=loss, norm_target=7))
     (gr,) = torch.autograd.grad(want, pr)
     torch.testing.assert_close(got, want, **SUM_TOL)
     torch.testing.assert_close(g, gr)

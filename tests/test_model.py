@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from simmim.pipeline.masking import MaskGenerator
-from simmim.trainer.model import ARCHS, LossOptions, build_simmim, param_groups
+from simmim.kernels import LossOptions
+from simmim.trainer.model import ARCHS, build_simmim, param_groups
 
 
 @pytest.mark.parametrize("arch,size", [("swin_micro", 128), ("vit_micro", 64), ("swin_micro", 64)])
@@ -80,7 +81,7 @@ def test_weight_decay_groups():
                                     dict(arch="swin_base", img_size=192, mask_patch_size=30),
                                     dict(arch="swin_base", img_size=160, mask_patch_size=32, window_size=7),
                                     dict(arch="vit_micro", img_size=64, mask_patch_size=32,
-                                         loss=LossOptions(loss="l3")),
+                                         loss=LossOptions(kind="l3")),
                                     dict(arch="vit_micro", img_size=64, mask_patch_size=32,
                                          loss=LossOptions(norm_target=4))])
 def test_bad_model_arguments(kwargs):

@@ -92,11 +92,11 @@ def test_swinv2_recipes():
     from simmim.trainer.config import load_config
 
     c = load_config("swinv2_base_800ep")  # as released for SimMIM SwinV2-B
-    assert (c.model.arch, c.data.img_size, c.model.window_size, c.model.drop_path, c.model.norm_target) == \
+    assert (c.model.arch, c.data.img_size, c.model.window_size, c.model.drop_path, c.loss.norm_target) == \
         ("swinv2_base", 192, 12, 0.1, 47)
     assert (c.optim.base_lr, c.optim.warmup_lr, c.train.warmup_epochs, c.optim.scheduler, c.optim.milestones,
             c.optim.gamma, c.optim.weight_decay, c.train.epochs) == (1e-4, 5e-7, 10, "step", [700], 0.1, 0.05, 800)
     for name, gpus in (("swinv2_huge_800ep", 32), ("swinv2_giant_800ep", 64)):
         r = load_config(name)
         assert r.train.parallel == "fsdp" and r.data.batch_size * gpus == 2048
-        assert (r.optim.base_lr, r.model.norm_target, r.model.window_size) == (1e-4, 47, 12)
+        assert (r.optim.base_lr, r.loss.norm_target, r.model.window_size) == (1e-4, 47, 12)

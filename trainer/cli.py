@@ -37,8 +37,9 @@ def cmd_pretrain(args) -> None:
 def cmd_finetune(args) -> None:
     from .config import load_config
     from .finetune import finetune
+    from .finetune_options import FinetuneConfig
 
-    finetune(load_config(args.config, args.overrides))
+    finetune(load_config(args.config, args.overrides, FinetuneConfig))
 
 
 def cmd_evaluate(args) -> None:

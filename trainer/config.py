@@ -1,26 +1,47 @@
-"""The one config schema: nested typed dataclasses. YAML recipes and `a.b=c` overrides only fill it.
+"""The run config: nested typed dataclasses, filled from YAML and `a.b=c` overrides by OmegaConf.
 
-Defaults are the paper's Swin-B 100-epoch recipe. Derived values (effective lr, steps) are
-computed by the wiring and logged, never written back here.
+Each module owns the options it reads: `data` is pipeline's `DataConfig` (with `data.ffcv.*`,
+`data.dali.*`), `loss` is kernels' `LossOptions`, `finetune` is trainer/finetune_options.py's; the
+sections every task shares (model, optim, train, run) are here. `Config` composes the shared
+sections; `PretrainConfig` adds `loss` (what `simmim pretrain` runs) and `FinetuneConfig`
+(finetune_options.py) adds `finetune`, so a pre-training run's config.yaml has no `finetune`
+section and a fine-tuning run's no `loss`.
+
+Loading: the schema's defaults (the paper's Swin-B 100-epoch recipe), then a recipe (a packaged name
+or a YAML path, read with yaml.safe_load), then the overrides, each key set on an
+`OmegaConf.structured` config (type checks and conversions: '2e-4' into a float field is 2e-4, a
+list into a tuple of fixed length), then `OmegaConf.to_object` back to the dataclasses and
+`validate_config` (ranges and relations). Every mistake (unknown key, wrong type, not a mapping,
+bad YAML, missing recipe) is one `ConfigError` line naming the key. Keys of earlier versions
+(`RENAMED`) move to their new place with a warning; a saved config (a checkpoint's) that carries
+the other task's section loads with that section left out.
+
+Derived values (effective lr, steps) are computed by the wiring and logged, never written back here.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from simmim.kernels import LossOptions
 from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.options import DataConfig
 from simmim.pipeline.io import write_text
+from simmim.pipeline.options import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, DataConfig, Rule, one_of)
+
+from .validate import validate_config
 
 RECIPES = Path(__file__).parent / "configs"
 log = logging.getLogger("simmim")
-__all__ = ["Config", "ConfigError", "RECIPES", "config_from_dict", "load_config", "parse_override", "save_config"]
+__all__ = ["Config", "ConfigError", "PretrainConfig", "RECIPES", "RENAMED", "config_from_dict", "load_config",
+           "migrate", "parse_override", "save_config"]
 
 
 @dataclass
@@ -28,11 +49,13 @@ class ModelConfig:
     arch: str = "swin_base"
     window_size: int = 0  # 0: the arch's own
     drop_path: float = 0.0
-    loss: str = "l1"  # l1 (the paper) | l2 | smooth_l1
-    loss_beta: float = 1.0  # smooth_l1 only
-    loss_all_pixels: bool = False  # ablation: loss on every pixel, not only masked ones
-    norm_target: int = 0  # k > 0: per-window normalised targets (SwinV2 variant), k odd
     fused_shuffle: bool = True  # the loss reads the head output before PixelShuffle: no shuffle copy
+
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        from .model import ARCHS
+
+        return {"arch": one_of(*ARCHS), "window_size": NON_NEGATIVE, "drop_path": HALF_OPEN_UNIT}
 
 
 @dataclass
@@ -56,6 +79,17 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  # epochs, for step
     gamma: float = 0.1
 
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        from .model import WEIGHT_DECAY_RULES
+        from .schedule import ANCHORS
+
+        return {"base_lr": POSITIVE, "warmup_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+                "betas": (lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"), "eps": POSITIVE,
+                "clip_grad": NON_NEGATIVE, "scheduler": one_of("cosine", "step"),
+                "milestones": (lambda v: all(m > 0 for m in v) and list(v) == sorted(set(v)), "increasing epochs > 0"),
+                "gamma": POSITIVE, "cosine_anchor": one_of(*ANCHORS), "weight_decay_rule": one_of(*WEIGHT_DECAY_RULES)}
+
 
 @dataclass
 class TrainConfig:
@@ -71,6 +105,14 @@ class TrainConfig:
     max_skipped_steps: int = 20  # consecutive non-finite steps before the run stops
     parallel: str = "ddp"  # ddp (whole model per rank, torch.save checkpoints) | fsdp (FSDP2, DCP checkpoints)
     cpu_offload: bool = False  # fsdp: parameter / gradient / optimizer shards in host memory
+
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        from .parallel import PARALLEL
+
+        return {"epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "accum_steps": POSITIVE, "seed": NON_NEGATIVE,
+                "device": one_of("auto", "cpu", "cuda"), "precision": one_of("auto", "bf16", "fp16", "fp32"),
+                "max_skipped_steps": POSITIVE, "parallel": one_of(*PARALLEL)}
 
 
 @dataclass
@@ -88,33 +130,22 @@ class RunConfig:
     wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
     async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
 
-
-@dataclass
-class FinetuneConfig:
-    """`simmim finetune` only (the paper's fine-tuning recipe by default); pre-training ignores it."""
-    pretrained: str = ""  # a SimMIM checkpoint; empty: train from scratch
-    val_path: str = ""  # validation folder / list / .beton; empty: no evaluation
-    num_classes: int = 0  # 0: the number of class folders
-    layer_decay: float = 0.9  # Swin-B 100 ep 0.9; ViT-B 0.65
-    rand_augment: str = "rand-m9-mstd0.5-inc1"  # empty: off
-    crop_scale: float = 0.08  # RandomResizedCrop lower area bound
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    reprob: float = 0.25  # random erasing
-    eval_crop_ratio: float = 0.875  # centre crop / resized shorter side (224 / 256)
-    eval_every: int = 1  # epochs
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        return {"out_dir": (bool, "a folder"), "log_every": POSITIVE, "save_every": POSITIVE,
+                "save_every_minutes": NON_NEGATIVE, "keep_last": NON_NEGATIVE, "vis_every": POSITIVE,
+                "stop_check_every": POSITIVE, "val_every": NON_NEGATIVE}
 
 
 @dataclass
 class Config:
+    """The sections every task shares; a task's config adds its own (`PretrainConfig`: loss,
+    `finetune_options.FinetuneConfig`: finetune)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         """Plain YAML-safe values (tuples become lists)."""
@@ -125,76 +156,111 @@ class Config:
         return plain(asdict(self))
 
 
-def _coerce(key: str, value, tp):
-    """Checks `value` against the annotation `tp` and converts where lossless (int -> float,
-    list -> tuple)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}' expects {tp}, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple:
-            if len(args) != len(value):
-                raise ConfigError(f"config key '{key}' expects {len(args)} values, got {value!r}")
-            return tuple(_coerce(key, v, a) for v, a in zip(value, args))
-        return [_coerce(key, v, args[0]) for v in value]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is type(None) and value is None:
-        return None
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+@dataclass
+class PretrainConfig(Config):
+    """`simmim pretrain`: the shared sections and the masked loss's options."""
+    loss: LossOptions = field(default_factory=LossOptions)
 
 
-def _fill(obj, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(prefix + n for n in names))})")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{key}' is a section: expected a mapping, got {value!r}")
-            _fill(current, value, key + ".")
-        else:
-            setattr(obj, name, _coerce(key, value, hints[name]))
+# Sections only one task has: in a user's recipe or override for the other task they are a mistake;
+# in a saved config (an earlier version's pre-training checkpoints carried `finetune`) they are left out.
+TASK_SECTIONS = {"loss": "pre-training (simmim pretrain)", "finetune": "fine-tuning (simmim finetune)"}
 
-
-# keys of earlier versions (flat backend options) -> where they live now; saved configs and recipes
-# that use them still load, with a warning
+# keys of earlier versions -> where they live now; saved configs and recipes that use them still
+# load, with a warning
 RENAMED = {"data.order": "data.ffcv.order", "data.os_cache": "data.ffcv.os_cache",
            "data.buffer_pages": "data.ffcv.buffer_pages", "data.dali_device": "data.dali.device",
            "data.dali_hw_decoder_load": "data.dali.hw_decoder_load", "data.dali_prefetch": "data.dali.prefetch",
-           "data.dali_threads": "data.dali.threads", "data.dali_preallocate": "data.dali.preallocate"}
+           "data.dali_threads": "data.dali.threads", "data.dali_preallocate": "data.dali.preallocate",
+           "model.loss": "loss.kind", "model.loss_beta": "loss.beta", "model.loss_all_pixels": "loss.all_pixels",
+           "model.norm_target": "loss.norm_target"}
 
 
-def _renamed(values: dict) -> dict:
-    """`values` with the `RENAMED` keys moved to their new place (a warning names each)."""
-    data = values.get("data")
-    if not isinstance(data, dict):
-        return values
-    data = dict(data)
-    for old, new in RENAMED.items():
-        name = old.split(".", 1)[1]
-        if name in data:
-            section, sub = new.split(".")[1:]
-            log.warning("config key '%s' is now '%s'", old, new)
-            data[section] = {**(data.get(section) or {}), sub: data.pop(name)}
-    return {**values, "data": data}
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are values, an empty mapping has no keys."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-def parse_override(text: str) -> dict:
-    """'optim.base_lr=1e-4' -> {'optim': {'base_lr': 1e-4}}; the value is read as YAML."""
+def migrate(values: dict, schema: type[Config] | None = None) -> dict[str, Any]:
+    """A saved config (nested, as `Config.to_dict()` of any version) as flat dotted keys of this
+    version: `RENAMED` keys moved (a warning names each) and, given the `schema`, the sections of
+    the other task left out."""
+    out = {}
+    for old, value in flatten(values).items():
+        key = RENAMED.get(old, old)
+        section = key.split(".", 1)[0]
+        if schema is not None and section in TASK_SECTIONS and section not in _fields(schema):
+            continue
+        if key != old:
+            log.warning("config key '%s' is now '%s'", old, key)
+        out[key] = value
+    return out
+
+
+def _fields(schema) -> dict[str, Any]:
+    """name -> resolved annotation of a dataclass's fields."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp)
+
+
+def _explain(schema: type[Config], key: str, value) -> str:
+    """Why `key = value` does not fit `schema` (OmegaConf refused it), in one line naming the key."""
+    tp, path = schema, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return f"config key '{'.'.join(path)}' expects {_type_name(tp)}, got sub-key '{key}'"
+        fields = _fields(tp)
+        if part not in fields:
+            where = ".".join(path + [part])
+            known = ", ".join(".".join(path + [n]) for n in fields)
+            return f"unknown config key '{where}' (known: {known})"
+        path.append(part)
+        tp = fields[part]
+    if dataclasses.is_dataclass(tp):
+        return f"config key '{key}' is a section: expected a mapping, got {value!r}"
+    return f"config key '{key}' expects {_type_name(tp)}, got {value!r}"
+
+
+def _set(node, schema: type[Config], key: str, value) -> None:
+    """`key = value` on the OmegaConf config `node` of `schema` (typed: converted or refused)."""
+    section = key.split(".", 1)[0]
+    if section in TASK_SECTIONS and section not in _fields(schema):
+        raise ConfigError(f"config key '{key}' belongs to {TASK_SECTIONS[section]}: this command's config "
+                          f"has no '{section}' section")
+    try:
+        OmegaConf.update(node, key, value, merge=True)
+    except OmegaConfBaseException:
+        raise ConfigError(_explain(schema, key, value)) from None
+
+
+def _build(schema: type[Config], layers: list[dict[str, Any]]) -> Config:
+    """The schema's defaults with each layer's flat keys set in order, as the dataclasses; checked whole."""
+    node = OmegaConf.structured(schema)
+    for layer in layers:
+        for key, value in layer.items():
+            _set(node, schema, key, value)
+    try:
+        cfg = OmegaConf.to_object(node)  # interpolations (${model.arch}) resolve here
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config key '{e.full_key}': {str(e).splitlines()[0]}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'optim.base_lr=1e-4' -> {'optim.base_lr': 1e-4}: the value is read as YAML (a list, a
+    number, true/false), an unreadable one is kept as text, and 'key=' is the empty string (where
+    OmegaConf.from_dotlist would give None)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
@@ -202,13 +268,7 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+    return {key.strip(): value}
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -222,51 +282,52 @@ def resolve_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a packaged recipe ({known})")
 
 
-def _float_strings(node):
-    """YAML 1.1 reads '2e-4' as a string; convert such scalars to float."""
-    if isinstance(node, dict):
-        return {k: _float_strings(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_float_strings(v) for v in node]
-    if isinstance(node, str):
-        try:
-            return float(node) if any(c in node for c in "eE") and node[0] in "0123456789.-+" else node
-        except ValueError:
-            return node
-    return node
+def read_recipe(name_or_path: str) -> dict:
+    """The mapping a recipe holds (yaml.safe_load); ConfigError if it is missing, not YAML or not a mapping."""
+    path = resolve_recipe(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
 
 
-def load_config(recipe: str | None = None, overrides: list[str] = ()) -> Config:
-    """The defaults, then the recipe (a packaged name or a YAML path), then `a.b=c` overrides;
-    checked whole (`validate_config`). ConfigError naming the key for any mistake."""
-    from .validate import validate_config
+def _section_defaults(section: str) -> dict:
+    if section == "loss":
+        return asdict(LossOptions())
+    from .finetune_options import FinetuneOptions
 
-    cfg = Config()
-    if recipe:
-        path = resolve_recipe(recipe)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
-        _fill(cfg, _renamed(_float_strings(values)))
-    for text in overrides:
-        _fill(cfg, _renamed(_float_strings(parse_override(text))))
-    validate_config(cfg)
-    return cfg
+    return asdict(FinetuneOptions())
 
 
-def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
-    """A Config from a saved one (e.g. a checkpoint's), then `a.b=c` overrides; checked whole."""
-    from .validate import validate_config
+def _without_default_sections(values: dict[str, Any], schema: type[Config], where: str) -> dict[str, Any]:
+    """`values` (flat) without another task's section that holds only that task's defaults: what
+    earlier versions wrote into every config.yaml (a pre-training run's `finetune` section, a
+    fine-tuning run's loss keys), left out with a warning. Any other value there stays, to be refused."""
+    for section in TASK_SECTIONS.keys() - _fields(schema).keys():
+        keys = [k for k in values if k.split(".", 1)[0] == section]
+        defaults = _section_defaults(section)
+        if keys and all(k.count(".") == 1 and defaults.get(k.split(".")[1], ...) == values[k] for k in keys):
+            log.warning("%s: its '%s' section (the defaults, as earlier versions wrote it) is left out: it belongs "
+                        "to %s", where, section, TASK_SECTIONS[section])
+            values = {k: v for k, v in values.items() if k not in keys}
+    return values
 
-    cfg = Config()
-    _fill(cfg, _renamed(_float_strings(values)))
-    for text in overrides:
-        _fill(cfg, _renamed(_float_strings(parse_override(text))))
-    validate_config(cfg)
-    return cfg
+
+def load_config(recipe: str | None = None, overrides: list[str] = (), schema: type[Config] = PretrainConfig):
+    """The `schema`'s defaults (PretrainConfig, or finetune_options.FinetuneConfig), then the recipe (a
+    packaged name or a YAML path), then `a.b=c` overrides; checked whole (`validate_config`).
+    ConfigError naming the key for any mistake."""
+    layers = [_without_default_sections(migrate(read_recipe(recipe)), schema, recipe)] if recipe else []
+    return _build(schema, layers + [migrate(parse_override(text)) for text in overrides])
+
+
+def config_from_dict(values: dict, overrides: list[str] = (), schema: type[Config] = PretrainConfig):
+    """A `schema` config from a saved one (e.g. a checkpoint's, of this or an earlier version: renamed
+    keys move, another task's section is left out), then `a.b=c` overrides; checked whole."""
+    return _build(schema, [migrate(values, schema)] + [migrate(parse_override(text)) for text in overrides])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

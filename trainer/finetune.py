@@ -3,8 +3,8 @@
     simmim finetune --config finetune_swin_base_100ep finetune.pretrained=runs/x/checkpoint-....pt
     simmim evaluate CKPT [--data VAL] [--backend torch|ffcv|dali]
 
-The recipe (the paper's appendix; the `finetune` section of the config): AdamW, layer-wise lr
-decay (each parameter group's lr = schedule lr x decay^(depth - layer), set once per step),
+The recipe (the paper's appendix; the `finetune` section of the config, see finetune_options.py):
+AdamW, layer-wise lr decay (each parameter group's lr = schedule lr x decay^(depth - layer), set once per step),
 drop path 0.1, RandAugment (rand-m9-mstd0.5-inc1), mixup 0.8 / cutmix 1.0 (switch 0.5), label
 smoothing 0.1, random erasing 0.25, warmup then cosine; evaluation by resize + centre crop.
 
@@ -50,8 +50,9 @@ from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.errors import CheckpointError
 
 from .checkpoint import consolidate, is_dcp_checkpoint
-from .config import Config, ConfigError, config_from_dict, load_config
+from .config import ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .finetune_options import FinetuneConfig
 from .loop import fit
 from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
 from .parallel import lockstep
@@ -416,7 +417,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
             "val_loss": totals[3].item() / n, "val_images": int(totals[0].item())}
 
 
-def eval_loader(cfg: Config, path: str, backend: str, dist: DistInfo):
+def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
     aug = Augmentation(size=d.img_size)
     spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
@@ -424,7 +425,7 @@ def eval_loader(cfg: Config, path: str, backend: str, dist: DistInfo):
     return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
 
 
-def num_classes_of(cfg: Config, loader) -> int:
+def num_classes_of(cfg: FinetuneConfig, loader) -> int:
     if cfg.finetune.num_classes:
         return cfg.finetune.num_classes
     classes = getattr(loader, "classes", None)
@@ -437,7 +438,7 @@ class FinetuneTask:
     """For `fit`: the classifier (from finetune.pretrained, or from scratch), the labelled
     loader, layer-decay groups, and evaluation after every `finetune.eval_every` epochs."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.best = 0.0
         self.batch_transform = None  # MixupErasing, once build() knows the number of classes
@@ -493,7 +494,7 @@ class FinetuneTask:
                 "best_top1": self.best}
 
 
-def finetune(cfg: Config) -> dict:
+def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.finetune.pretrained and not (Path(cfg.finetune.pretrained).is_file() or
                                         is_dcp_checkpoint(cfg.finetune.pretrained)):
         raise CheckpointError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
@@ -512,7 +513,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     # model.arch / data.img_size / model.window_size from the command line
     config = state.get("config")  # the released code's yacs config (upper-case keys) is not ours
     ours = isinstance(config, dict) and isinstance(config.get("model"), dict)
-    cfg = config_from_dict(config, overrides) if ours else load_config(None, overrides)
+    cfg = config_from_dict(config, overrides, FinetuneConfig) if ours else load_config(None, overrides, FinetuneConfig)
     val = data or cfg.finetune.val_path
     if not val:
         raise ConfigError("no validation data: pass --data or set finetune.val_path")

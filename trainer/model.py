@@ -34,8 +34,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch.utils.checkpoint import checkpoint
 
-from simmim.kernels import mask_token_fill, masked_l1_loss
-from simmim.kernels.masked_l1 import check_options
+from simmim.kernels import LossOptions, mask_token_fill, masked_l1_loss
 from simmim.pipeline.errors import ConfigError
 
 log = logging.getLogger("simmim")
@@ -220,16 +219,11 @@ class ViTEncoder(nn.Module):
         return x.transpose(1, 2).reshape(B, D, gh, gw)
 
 
-@dataclass(frozen=True)
-class LossOptions:
-    loss: str = "l1"  # l1 (the paper) | l2 | smooth_l1
-    beta: float = 1.0  # smooth_l1 only
-    all_pixels: bool = False  # the paper's ablation: predict every pixel, not only masked ones
-    norm_target: int = 0  # k > 0: targets normalised over k x k windows (SwinV2's variant)
-
-
 class SimMIM(nn.Module):
-    def __init__(self, encoder: nn.Module, in_chans: int = 3, loss: LossOptions = LossOptions(),
+    """encoder + 1x1-conv/PixelShuffle head + the masked loss of `loss` (kernels.LossOptions: the
+    `loss:` section of a pre-training config; default L1 on masked pixels)."""
+
+    def __init__(self, encoder: nn.Module, in_chans: int = 3, loss: LossOptions | None = None,
                  fused_shuffle: bool = True):
         super().__init__()
         self.encoder = encoder
@@ -237,7 +231,7 @@ class SimMIM(nn.Module):
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, self.stride ** 2 * in_chans, kernel_size=1),
             nn.PixelShuffle(self.stride))
-        self.loss_options = loss
+        self.loss_options = loss or LossOptions()
         # The fused loss can read the head's output before PixelShuffle, saving that copy forward
         # and backward; off until measured faster on the GPU (see benchmarks).
         self.fused_shuffle = fused_shuffle
@@ -251,9 +245,7 @@ class SimMIM(nn.Module):
         conv, shuffle = self.decoder
         out = conv(self.encoder(images, masks))  # (B, 3*s*s, H/s, W/s)
         pred = out if self.fused_shuffle else shuffle(out)
-        o = self.loss_options
-        loss = masked_l1_loss(pred, images, masks, loss=o.loss, beta=o.beta, all_pixels=o.all_pixels,
-                              norm_target=o.norm_target)
+        loss = masked_l1_loss(pred, images, masks, self.loss_options)
         if not return_pred:
             return loss
         return loss, shuffle(out) if self.fused_shuffle else pred
@@ -277,9 +269,10 @@ def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_s
 
 
 def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
-                 drop_path: float = 0.0, loss: LossOptions = LossOptions(), fused_shuffle: bool = True) -> SimMIM:
+                 drop_path: float = 0.0, loss: LossOptions | None = None, fused_shuffle: bool = True) -> SimMIM:
+    """The SimMIM model of `arch`; ConfigError / ValueError for options that do not fit."""
     check_model_options(arch, img_size, mask_patch_size, window_size)
-    check_options(loss.loss, loss.norm_target)
+    (loss or LossOptions()).check()
     a = ARCHS[arch]
     if a.family in SWIN_FAMILIES:
         encoder = SwinEncoder(a, img_size, window_size, drop_path)

@@ -12,10 +12,10 @@ import torch
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 
-from .config import Config
+from .config import PretrainConfig
 from .distributed import DistInfo, all_reduce_sum
 from .loop import fit
-from .model import ARCHS, LossOptions, build_simmim, param_groups
+from .model import ARCHS, build_simmim, param_groups
 from .precision import autocast
 from .parallel import is_fsdp, lockstep
 from .visualize import save_reconstruction
@@ -62,7 +62,7 @@ class PretrainTask:
 
     batch_transform = None  # (images, masks) go to the model as the loader yields them
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         d = cfg.data
         self.aug = Augmentation(size=d.img_size)
@@ -70,8 +70,7 @@ class PretrainTask:
 
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
-        model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path,
-                             LossOptions(m.loss, m.loss_beta, m.loss_all_pixels, m.norm_target),
+        model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path, self.cfg.loss,
                              m.fused_shuffle).to(dist.device)
         where = (dist.device, dist.rank, dist.world_size, t.seed)
         loader = build_loader(LoaderSpec.from_config(d, self.aug), self.masks, *where)
@@ -114,6 +113,6 @@ class PretrainTask:
         return out
 
 
-def pretrain(cfg: Config) -> dict:
+def pretrain(cfg: PretrainConfig) -> dict:
     """SimMIM pre-training (see the module docstring)."""
     return fit(cfg, PretrainTask(cfg))

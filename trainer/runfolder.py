@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError, all_checkpoints, peek_checkpoint
-from .config import ConfigError
+from .config import ConfigError, flatten, migrate
 
 log = logging.getLogger("simmim")
 
@@ -133,23 +133,14 @@ def set_aside(bad: list, resumed: Path) -> None:
         log.warning("%s; kept as %s, resumed from %s instead", why, corrupt.name, resumed.name)
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
     """Compares a checkpoint's config with the new run's (both as `Config.to_dict()`); returns the
-    changed keys a resume allows, raises ConfigError naming those it does not. Keys only one side
-    knows (a config schema of another version) are not compared."""
+    changed keys a resume allows, raises ConfigError naming those it does not. The saved keys of an
+    earlier version are read at their new place (`config.RENAMED`); keys only one side knows are not
+    compared."""
     if not saved:
         return []
-    old, cur = flatten(saved), flatten(new)
+    old, cur = migrate(saved), flatten(new)
     changed = [k for k in cur if k in old and old[k] != cur[k] and k != "run.out_dir"]  # the folder may move
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
     if refused:
