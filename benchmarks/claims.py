@@ -115,7 +115,9 @@ def features_with(v: VisionTransformer, x: torch.Tensor, patches=None, tokens=No
 def masked_tokens(v: VisionTransformer, x: torch.Tensor, masks: torch.Tensor, token: torch.Tensor):
     """ViT tokens with masked patches replaced before the position embedding (masks at patch
     resolution, (B, L) bool); the class token dropped at the end."""
-    fill = lambda t: torch.where(masks[..., None], token.to(t.dtype), t)  # noqa: E731
+    def fill(t):  # (B, L, D) patch embeddings
+        return torch.where(masks[..., None], token.to(t.dtype), t)
+
     return features_with(v, x, patches=fill)[:, v.num_prefix_tokens:]
 
 
@@ -167,8 +169,11 @@ class MAEStep(Method):
         B, n = x.shape[0], self.enc.patch_embed.num_patches  # 196
         keep = int(n * (1 - self.ratio))
         order = torch.rand(B, n, device=x.device).argsort(1)
-        kept = lambda t: torch.cat([t[:, :1], torch.gather(t[:, 1:], 1, order[:, :keep, None].expand(-1, -1, 768))],  # noqa: E731
-                                   1)  # (B, 197, 768) -> cls + 25%
+        idx = order[:, :keep, None].expand(-1, -1, 768)
+
+        def kept(t):  # (B, 197, 768) -> cls + 25%
+            return torch.cat([t[:, :1], torch.gather(t[:, 1:], 1, idx)], 1)
+
         z = self.embed(features_with(self.enc, x, tokens=kept))  # encoder on 25% + cls
         full = self.mask_token.expand(B, n, 512).to(z.dtype).scatter(1, order[:, :keep, None].expand(-1, -1, 512), z[:, 1:])
         y = self.pred(self.dec(torch.cat([z[:, :1], full], 1) + self.pos)[:, 1:])  # (B, 196, 768)

@@ -1,5 +1,5 @@
 """Data in, (images, masks) out: masks, the shared augmentation, loaders, the sample dataset."""
-from .augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, denormalize, normalize, sample_crop
+from .augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, denormalize, normalize, sample_crop, sample_view
 from .errors import CheckpointError, ConfigError, DatasetError, UserError
 from .folder import ImageFolder, SampleList, scan_folder
 from .loader import GlobalBatchMasks, Loader
@@ -14,5 +14,5 @@ __all__ = [
     "BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "Augmentation", "CheckpointError", "ConfigError", "DataConfig",
     "DatasetError", "GlobalBatchMasks", "ImageFolder", "Loader", "LoaderSpec", "MaskGenerator", "ReferenceLoader",
     "SampleList", "ShardedSampler", "UserError", "avg_dist", "build_loader", "build_sample_dataset", "denormalize",
-    "normalize", "num_masked", "sample_crop", "scan_folder",
+    "normalize", "num_masked", "sample_crop", "sample_view", "scan_folder",
 ]

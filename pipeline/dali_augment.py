@@ -14,7 +14,11 @@ The mapping from timm's spec, and where DALI's policy differs (DALI's fixed suit
 - DALI draws no magnitude noise (`mstd` is not applied: every op runs at bin m), applies each of
   the n ops always (no p = 0.5; its suite has an identity op instead), and its suite has no invert
   or solarize-add; its increasing posterize keeps 8 -> 4 bits, timm's 4 -> 0;
-- the fill of the geometric ops is one grey level (the mean of `fill`), DALI takes no colour.
+- the fill of the geometric ops is one grey level (the mean of `fill`), DALI takes no colour;
+- its draws come from the pipeline's seed (DALILoader's, keyed by the epoch and batch it is built
+  at, then continuing), not per sample: a run is reproducible from a given start, but a resumed
+  run's RandAugment draws differ from the uninterrupted run's (the torch and FFCV backends key
+  theirs per sample / per batch, so theirs match).
 """
 from __future__ import annotations
 

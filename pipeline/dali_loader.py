@@ -2,15 +2,23 @@
 
 One DALI pipeline, built at the first epoch and kept: a parallel external source (`EpochSource`,
 run per sample by DALI's Python worker processes) reads each sample's file bytes in the order of
-the epoch, then JPEG decoding with random-crop-on-decode (area `aug.scale`, aspect `aug.ratio`;
-only the crop window is decoded) on `device='mixed'` when a GPU is present (nvJPEG, with
-`hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the CPU
-otherwise (`device_id=None`), antialiased bilinear resize of the decoded crop to the input size
-(the reference loader's crop-then-resize), random horizontal flip, and normalisation to CHW
-float/bf16 in one crop_mirror_normalize. Masks, batch assembly and the figure preview are the
-base's (`loader.Loader`); `graph_augment` is where a training-view augmentation joins the graph:
-fine-tuning's RandAugment (`spec.rand_augment`) is DALI's own, on the resized uint8 crop
-(`dali_augment.py`; the pipeline is then built with conditionals).
+the epoch and draws its training view as the reference loader does (`augment.sample_view`: the
+crop box and flip from `derive_seed("sample", seed, epoch, index)`, on the image size read from
+the file's header), then JPEG decoding of that box only (`fn.decoders.image_slice`, absolute
+pixel coordinates) on `device='mixed'` when a GPU is present (nvJPEG, with `hw_decoder_load` of
+the images sent to the hardware JPEG decoder of A100/H100) or on the CPU otherwise
+(`device_id=None`), antialiased bilinear resize of the decoded crop to the input size (the
+reference loader's crop-then-resize), the flip, and normalisation to CHW float/bf16 in one
+crop_mirror_normalize. So DALI crops the reference loader's boxes and flips its samples (the
+pixels differ only by decoder and resampler, tests/test_pixels.py), whatever the number of
+workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit. The evaluation
+view decodes the whole image, resizes it to the source's size and slices the crop there
+(`augment.eval_geometry`: torchvision's Resize + CenterCrop). Masks, batch assembly and the
+figure preview are the base's (`loader.Loader`); `graph_augment` is where a training-view
+augmentation joins the graph: fine-tuning's RandAugment (`spec.rand_augment`) is DALI's own, on
+the resized uint8 crop (`dali_augment.py`; the pipeline is then built with conditionals), drawn
+from the pipeline's seed: reproducible from a given start, but after a mid-run resume its draws
+differ from the uninterrupted run's (the crops and flips do not).
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
 permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
@@ -19,12 +27,12 @@ dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume
 right sample. Each epoch's (epoch, start, length) goes to the workers through a small shared
 table (`EpochSchedule`); every worker derives the order itself from it (an array, tens of ms at
 1.28M), so nothing is rebuilt or re-sent per epoch, and no rank holds more than the sample list.
-The augmentation stream is seeded by `derive_seed("dali", seed, epoch, rank, start batch)` of
-the epoch the pipeline is built at and continues from epoch to epoch (a rebuild comes only after
-a failure). Files reach DALI as bytes read in Python, so any name the file
-system allows works.
+The pipeline's own seed (`derive_seed("dali", seed, epoch, rank, start batch)` of the epoch it is
+built at) drives only operators that `graph_augment` adds; the training view's crop and flip do
+not use it. Files reach DALI as bytes read in Python, so any name the file system allows works.
 
-Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied).
+Decoding follows `decode.decode_rgb`'s rules (`DALI_DECODE_ARGS`: EXIF orientation not applied, so
+the header's width x height, as PIL reads it, is the decoded image's and the box is in its pixels).
 DALI stops at the first file it cannot decode, so the files are checked before the first epoch:
 `simmim scan SRC` writes a clean list (`SRC.clean.txt`) and its record; with data.path at SRC the
 list beside it is brought up to date (`scanlist.checked_samples`: a stat per file, only new or
@@ -35,16 +43,21 @@ others wait for the list). A file that fails anyway (changed during the run) rai
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .augment import Augmentation, eval_geometry, sample_view
 from .dali_augment import dali_rand_augment
+from .dali_watchdog import WorkerWatchdog, default_stop_signals, remove_orphans, worker_pids
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .errors import DatasetError
 from .folder import SampleList
@@ -82,7 +95,9 @@ class EpochSchedule:
 
     def __init__(self):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="simmim-dali-epochs-", dir=base)
+        if base:
+            remove_orphans(base, "simmim-dali-epochs-")  # left by processes killed with SIGKILL
+        fd, self.path = tempfile.mkstemp(prefix=f"simmim-dali-epochs-{os.getpid()}-", dir=base)
         os.close(fd)
         self.table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.SLOTS, 3))
         self._cleanup = weakref.finalize(self, os.unlink, self.path)
@@ -97,16 +112,22 @@ class EpochSchedule:
 
 
 class EpochSource:
-    """DALI's per-sample callback (parallel external source): (file bytes uint8 (n,), label int32
-    (1,)) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`. Positions
-    past the epoch's padded length raise StopIteration (DALI ends the epoch there). Pickled to
-    spawned workers as the sample arrays plus the schedule's file name."""
+    """DALI's per-sample callback (parallel external source): file bytes uint8 (n,) and label int32
+    (1,) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`, then, from the
+    image size in the file's header: for the training view the sample's crop box, start (x, y)
+    and shape (w, h) as float32 (2,) each in pixels, and its flip, int32 () 0 or 1
+    (`augment.sample_view` of (seed, epoch, index)); for the evaluation view the resized size
+    (h, w) (the order of fn.resize's size for HWC images), float32 (2,), and the crop's start (x, y)
+    in it, int32 (2,) (`augment.eval_geometry`). Positions past the epoch's padded length raise
+    StopIteration (DALI ends the epoch there). Pickled to spawned workers as the sample arrays plus
+    the schedule's file name."""
 
     def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
-                 shuffle: bool, drop_last: bool, batch_size: int):
+                 shuffle: bool, drop_last: bool, batch_size: int, aug: Augmentation, train: bool,
+                 crop_ratio: float):
         self.samples, self.schedule_path = samples, schedule_path
         self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
-        self.batch_size = batch_size
+        self.batch_size, self.aug, self.seed, self.train, self.crop_ratio = batch_size, aug, seed, train, crop_ratio
         self._table, self._key, self._order = None, None, None
 
     def __getstate__(self):
@@ -119,15 +140,34 @@ class EpochSource:
         return self._order
 
     def __call__(self, info):
-        if self._table is None:
+        if self._table is None:  # the first call in this worker process
             self._table = np.memmap(self.schedule_path, dtype=np.int64, mode="r", shape=(EpochSchedule.SLOTS, 3))
+            default_stop_signals()
         epoch, start, length = (int(x) for x in self._table[info.epoch_idx % EpochSchedule.SLOTS])
         j = info.idx_in_epoch
         if j >= -(-length // self.batch_size) * self.batch_size:
             raise StopIteration
         order = self.order(epoch, start)
         i = int(order[min(j, length - 1)])  # a partial last batch is padded with its last sample
-        return np.fromfile(self.samples.path(i), dtype=np.uint8), np.array([self.samples.labels[i]], np.int32)
+        data = np.fromfile(self.samples.path(i), dtype=np.uint8)
+        label = np.array([self.samples.labels[i]], np.int32)
+        width, height = header_size(data)
+        if not self.train:
+            rw, rh, left, top = eval_geometry(width, height, self.aug.size, self.crop_ratio)
+            return data, label, np.array([rh, rw], np.float32), np.array([left, top], np.int32)
+        left, top, w, h, flip = sample_view(width, height, self.aug, self.seed, epoch, i)
+        return (data, label, np.array([left, top], np.float32), np.array([w, h], np.float32),
+                np.array(flip, np.int32))
+
+
+def header_size(data: np.ndarray) -> tuple[int, int]:
+    """(width, height) of the image whose file bytes are `data`, from its header (PIL's lazy open:
+    nothing is decoded). As stored: the EXIF orientation is not applied (decode.py)."""
+    with warnings.catch_warnings():
+        # the scan held the image to data.max_pixels; PIL would warn between its limit and twice it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data.tobytes())) as img:
+            return img.size
 
 
 class DALILoader(Loader):
@@ -164,8 +204,10 @@ class DALILoader(Loader):
         self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
         self.schedule = EpochSchedule()
         self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
-                                  self.train, self.drop_last, self.batch_size)
+                                  self.train, self.drop_last, self.batch_size, self.aug, self.train,
+                                  spec.crop_ratio)
         self.pipe = self.iterator = None
+        self.watchdog = WorkerWatchdog()  # a dead worker ends the wait for it (dali_watchdog.py)
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
     def epoch_length(self) -> int:
@@ -189,7 +231,6 @@ class DALILoader(Loader):
 
         a, size = self.aug, self.aug.size
         decode, ops = self.decode, "gpu" if self.decode == "mixed" else "cpu"
-        crop_ratio = self.spec.crop_ratio
         out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
                      torch.bfloat16: types.FLOAT}[self.dtype]  # DALI has no bf16 output: cast in torch
         decoder_opts = {"device": decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
@@ -210,22 +251,23 @@ class DALILoader(Loader):
                       enable_conditionals=self.rand_augment is not None,  # auto_aug picks ops per sample
                       py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
-            jpegs, label = fn.external_source(source=self.source, num_outputs=2, batch=False, parallel=True,
-                                              dtype=[types.UINT8, types.INT32])
-            if self.train:
-                images = fn.decoders.image_random_crop(jpegs, random_area=list(a.scale),
-                                                       random_aspect_ratio=list(a.ratio), num_attempts=10,
-                                                       **decoder_opts)
+            if self.train:  # the box and flip of `augment.sample_view`, from the source
+                jpegs, label, start, shape, mirror = fn.external_source(
+                    source=self.source, num_outputs=5, batch=False, parallel=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+                images = fn.decoders.image_slice(jpegs, start, shape, axis_names="WH", normalized_anchor=False,
+                                                 normalized_shape=False, **decoder_opts)
                 images = self.graph_augment(resize_square(images, size, ops))
-                mirror = fn.random.coin_flip(probability=a.hflip) if a.hflip > 0 else 0
-                crop = None
-            else:  # the evaluation view: shorter side to size / crop_ratio, centre crop
+            else:  # the evaluation view (`augment.eval_geometry`): resize to the source's size, crop there
+                jpegs, label, resized, start = fn.external_source(
+                    source=self.source, num_outputs=4, batch=False, parallel=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT32])
                 images = fn.decoders.image(jpegs, **decoder_opts)
-                images = fn.resize(images, device=ops, resize_shorter=size / crop_ratio,
-                                   interp_type=types.INTERP_LINEAR)
-                mirror, crop = 0, (size, size)
+                images = fn.resize(images, device=ops, size=resized, interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.slice(images, start=start, shape=[size, size], axis_names="WH", device=ops)
+                mirror = 0
             images = fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
-                                              crop=crop, mean=mean, std=std, mirror=mirror)
+                                              mean=mean, std=std, mirror=mirror)
             if ops == "gpu":
                 label = label.gpu()
             return images, label
@@ -243,19 +285,25 @@ class DALILoader(Loader):
             if self.iterator is None:  # the first batch is scheduled as the iterator is made
                 self.pipe = self.build_pipeline()
                 self.pipe.build()
-                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+                self.watchdog.watch(worker_pids(self.pipe))
+                with self.watchdog.guard():
+                    self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
             else:
-                self.iterator.reset()
+                with self.watchdog.guard():
+                    self.iterator.reset()
         except Exception as e:  # noqa: BLE001 - a file that fails in the first batches
+            error = self.failure_in_flight(self.start_batch, e)
+            self.watchdog.watch([])
             self.pipe = self.iterator = None
             self.dali_epoch = 0
-            raise self.failure_in_flight(self.start_batch, e) from None
+            raise error from None
         finished = False
         try:
             batches = -(-length // self.batch_size)
             for k in range(self.start_batch, self.start_batch + batches):
                 try:
-                    out = next(self.iterator)
+                    with self.watchdog.guard():
+                        out = next(self.iterator)
                 except StopIteration:
                     break
                 except Exception as e:  # noqa: BLE001 - DALI's error, or our source's from its worker
@@ -270,16 +318,20 @@ class DALILoader(Loader):
                 self.schedule.stop(self.dali_epoch)
             try:  # next(), not a for loop: iter() on a DALI iterator resets it
                 while True:
-                    next(self.iterator)
+                    with self.watchdog.guard():  # a dead worker's pipeline is dropped, not drained
+                        next(self.iterator)
             except StopIteration:
                 self.dali_epoch += 1
             except Exception:  # noqa: BLE001 - the pipeline failed (a decode error, raised above): rebuild next epoch
+                self.watchdog.watch([])
                 self.pipe = self.iterator = None
                 self.dali_epoch = 0
 
     def failure_in_flight(self, batch: int, error: Exception) -> DatasetError:
         """`decode_failure` for an error at `batch` of this epoch: DALI's message names no file, so
-        the files of the batches in flight around it are checked."""
+        the files of the batches in flight around it are checked. A worker that died explains it instead."""
+        if self.watchdog.scan() is not None:
+            return self.watchdog.error()
         first = (batch - self.start_batch) * self.batch_size
         order = self.source.order(self.epoch, self.start_batch * self.batch_size)
         window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]

@@ -3,8 +3,10 @@
 FFCV 1.0 offers no public way to (1) give a `Loader` a custom sample order as an object we own,
 (2) notice that its producer thread died (its `__next__` waits forever), (3) stop an epoch early
 and free its memory, (4) collect a loader without numba printing a harmless traceback, (5) keep
-its hands off torch's thread count, or (6) read one stored image. Each function below does one of
-those through FFCV's attributes; `ATTRIBUTES` lists every one used, and tests/test_ffcv.py checks
+its hands off torch's thread count, (6) read one stored image, or (7) hand its compiled decoder
+per-sample data of ours (`ffcv_loader.ViewTable` replaces `Loader.reader.metadata`, which FFCV
+passes to the decoder on every batch). Each function below (and that class) does one of those
+through FFCV's attributes; `ATTRIBUTES` lists every one used, and tests/test_ffcv.py checks
 them on a live loader, so an FFCV upgrade that renames one fails there rather than in a training run.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 # Loader: the order objects `Loader.next_epoch`/`__iter__` read. EpochIterator (a Thread): the
 # rest; current_stream exists only on CUDA, memory_context.executor.threads only with os_cache=False.
-ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch"),
+ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch", "reader"),
               "EpochIterator": ("output_queue", "terminate_event", "cuda_streams", "memory_context", "closed",
                                 "close"),
               "EpochIterator on CUDA": ("current_stream",),

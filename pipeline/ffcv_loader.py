@@ -1,8 +1,8 @@
 """`data.backend: ffcv`: SimMIM batches from an FFCV `.beton` (`simmim convert`).
 
-The augmentation runs in FFCV's compiled pipeline: random-resized-crop during JPEG decode (scale
-(0.67, 1), ratio (3/4, 4/3); the crop resized by Pillow's antialiased bilinear filter, as the
-reference loader does, not FFCV's INTER_AREA), horizontal flip, uint8 to torch and to the device; on a GPU the
+The augmentation runs in FFCV's compiled pipeline: decode, crop, resize of the crop by Pillow's
+antialiased bilinear filter (as the reference loader does, not FFCV's INTER_AREA) and flip in one
+decoder (`view_decoder`), uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
 normaliser needs cupy), on the CPU in FFCV's pipeline threads. Fine-tuning's RandAugment
 (`spec.rand_augment`, training view) runs on the uint8 batch on the training device before the
@@ -15,8 +15,19 @@ Sample order is ours, not FFCV's (`ShardedOrder`, on `sharding.ShardedSampler`):
 - `quasi_random`: for datasets larger than RAM (`os_cache: false`), a page-local order that works
   with several ranks, which FFCV's own QUASI_RANDOM refuses: see `ShardedOrder`.
 Both drop the remainder so every rank runs the same number of full batches, honour a mid-epoch
-start (resume) and are reseeded per epoch. FFCV's random crops and flips themselves come from
-numba's per-thread generators and are not reproducible run to run (orders and masks are).
+start (resume) and are reseeded per epoch.
+
+The crop box and flip are the reference loader's draw (`augment.sample_views`: per sample from
+`derive_seed("sample", seed, epoch, index)`, on the image size stored in the .beton), computed in
+Python for the epoch's samples before the epoch starts (11.4 us a sample on a loaded 2-core
+machine, most of it Python's `random.Random` seeding: 1.8 s per rank for ImageNet on 8 ranks,
+15 s on one) and read by the compiled decoder from the .beton's metadata, which `ViewTable`
+extends with them. So a resumed epoch gives the uninterrupted epoch's batches bit for bit,
+whatever the thread count, and FFCV crops the reference loader's boxes wherever the .beton holds
+images at their file's size (a `simmim convert --max-resolution` that shrinks an image changes the
+size the box is drawn on).
+The evaluation view is torchvision's Resize + CenterCrop (`augment.eval_geometry`), also through
+`ViewTable`.
 
 Leaving an epoch early (a benchmark, a preemption) stops FFCV's producer thread and releases its
 batch memory (`close_epoch`); a producer that dies raises here instead of hanging.
@@ -26,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .augment import Augmentation, eval_geometry, sample_views
 from .convert import open_beton
 from .errors import DatasetError
 from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
@@ -99,25 +111,71 @@ class ShardedOrder:
         return block[np.lexsort((key, window))]
 
 
-def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float]):
-    """FFCV's RandomResizedCropRGBImageDecoder with the crop resized by Pillow's antialiased bilinear
-    filter (`resample.resize_bilinear`) instead of OpenCV's INTER_AREA, so FFCV's pixels follow the
-    reference loader's (torchvision's) on the same box: the remaining difference is turbojpeg's
-    decode against Pillow's (tests/test_pixels.py)."""
-    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+VIEW_FIELDS = ("view_x", "view_y", "view_w", "view_h", "view_flip")
+
+
+class ViewTable:
+    """Each sample's view, where FFCV's compiled decoder can read it: `reader`'s metadata (FFCV
+    passes it to the decoder on every batch) is replaced by a copy whose image field also holds
+    int32 `VIEW_FIELDS` per sample: for the training view the crop box (x, y, w, h) and the flip
+    (`fill`: `augment.sample_views` of the epoch's samples); for the evaluation view the resized
+    size (w, h) and the crop's origin (x, y) in it (`fill_eval`: `augment.eval_geometry`)."""
+
+    def __init__(self, reader):
+        meta = reader.metadata
+        self.field = f"f{reader.field_names.index('image')}"
+        image = meta.dtype[self.field]
+        image_view = np.dtype([(n, image.fields[n][0]) for n in image.names] + [(n, np.int32) for n in VIEW_FIELDS],
+                              align=True)
+        table = np.zeros(len(meta), np.dtype([(n, image_view if n == self.field else meta.dtype[n])
+                                              for n in meta.dtype.names], align=True))
+        for name in meta.dtype.names:
+            if name == self.field:
+                for sub in image.names:
+                    table[name][sub] = meta[name][sub]
+            else:
+                table[name] = meta[name]
+        reader.metadata = table
+        self.images = table[self.field]
+        self.widths, self.heights = self.images["width"].astype(np.int64), self.images["height"].astype(np.int64)
+
+    def fill(self, indices: np.ndarray, aug: Augmentation, seed: int, epoch: int) -> None:
+        """The training views of samples `indices` in `epoch`."""
+        indices = np.asarray(indices, np.int64)
+        views = sample_views(self.widths[indices], self.heights[indices], indices, aug, seed, epoch)
+        for k, name in enumerate(VIEW_FIELDS):
+            self.images[name][indices] = views[:, k]
+
+    def fill_eval(self, size: int, crop_ratio: float) -> None:
+        """The evaluation view of every sample."""
+        geometry = np.array([eval_geometry(w, h, size, crop_ratio)
+                             for w, h in zip(self.widths.tolist(), self.heights.tolist())], np.int32).reshape(-1, 4)
+        for k, name in enumerate(("view_w", "view_h", "view_x", "view_y")):
+            self.images[name] = geometry[:, k]
+
+
+def view_decoder(size: int, train: bool):
+    """FFCV's image decoder with the sample's view read from the metadata (`ViewTable`) and every
+    resize done by Pillow's antialiased bilinear filter (`resample.resize_bilinear`), so FFCV's
+    pixels follow the reference loader's (torchvision's): the remaining difference is turbojpeg's
+    decode against Pillow's (tests/test_pixels.py).
+    train: crop the box, resize it to size x size, flip (torchvision's RandomResizedCrop + flip;
+    FFCV's own decoder draws the box with numba's generators and resizes with OpenCV's INTER_AREA);
+    else: resize the whole image to the row's (w, h), crop size x size at its (x, y)
+    (torchvision's Resize + CenterCrop; FFCV's own crops a fractional centre square first)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
 
     from .resample import resize_bilinear
 
-    class PILResizedCropDecoder(RandomResizedCropRGBImageDecoder):
+    class ViewDecoder(ResizedCropRGBImageDecoder):
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
-            get_crop_c = Compiler.compile(self.get_crop_generator)
-            scale, ratio = np.array(self.scale), np.array(self.ratio)
+            side = size
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -131,14 +189,25 @@ def pil_resized_crop_decoder(size: tuple[int, int], scale: tuple[float, float], 
                         temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_bilinear(temp_buffer[i:i + h, j:j + w], destination[dst_ix])
+                    x, y, w, h = field["view_x"], field["view_y"], field["view_w"], field["view_h"]
+                    out = destination[dst_ix]
+                    if train:
+                        resize_bilinear(temp_buffer[y:y + h, x:x + w], out)
+                        if field["view_flip"]:
+                            out[:] = out[:, ::-1].copy()
+                    else:
+                        resized = np.empty((h, w, 3), np.uint8)
+                        resize_bilinear(temp_buffer, resized)
+                        out[:] = resized[y:y + side, x:x + side]
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    return PILResizedCropDecoder(size, scale=scale, ratio=ratio)
+        def get_crop_generator(self):  # abstract in FFCV; the view comes from the metadata
+            raise NotImplementedError
+
+    return ViewDecoder((size, size))
 
 
 class FFCVLoader(Loader):
@@ -150,10 +219,8 @@ class FFCVLoader(Loader):
         super().__init__(spec, masks, device, rank, world, seed)
         keep_torch_threads()  # before FFCV's first import: it sets torch's thread count
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader as FFCVPipeline, OrderOption
-        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
-                                     ToTorchImage)
+        from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         o, aug = spec.ffcv, self.aug
         self.reader = open_beton(self.path)
@@ -162,12 +229,7 @@ class FFCVLoader(Loader):
         pages = page_of_samples(self.reader) if order == "quasi_random" else None
         self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, o.buffer_pages, self.drop_last)
         self.require_one_batch()
-        size = (aug.size, aug.size)
-        if self.train:
-            decoder = pil_resized_crop_decoder(size, aug.scale, aug.ratio)
-            image = [decoder, RandomHorizontalFlip(aug.hflip)] if aug.hflip > 0 else [decoder]
-        else:  # resize the shorter side to size / crop_ratio, centre crop size (the evaluation view)
-            image = [CenterCropRGBImageDecoder(size, spec.crop_ratio)]
+        image = [view_decoder(aug.size, self.train)]  # the view: ViewTable's
         # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and
         # leaves the consumer free (~20% more images/sec on 2 cores). The batch is then FFCV's own
         # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once. A device
@@ -188,6 +250,9 @@ class FFCVLoader(Loader):
                                    os_cache=o.os_cache, order=OrderOption.SEQUENTIAL, drop_last=self.drop_last,
                                    batches_ahead=o.batches_ahead, pipelines={"image": image, "label": label})
         install_order(self.loader, self.order)
+        self.views = ViewTable(self.loader.reader)
+        if not self.train:
+            self.views.fill_eval(aug.size, spec.crop_ratio)
         quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
 
     def device_transform(self):
@@ -202,6 +267,8 @@ class FFCVLoader(Loader):
     def read_batches(self):
         self.order.start = self.start_batch * self.batch_size
         self.loader.next_epoch = self.epoch
+        if self.train:
+            self.views.fill(self.order.sample_order(self.epoch), self.aug, self.seed, self.epoch)
         epoch = iter(self.loader)
         try:
             for _ in range(self.start_batch, len(self)):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Augmentation, sample_crop
+from .augment import Augmentation, eval_geometry, training_view
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .errors import DatasetError
 
@@ -464,9 +464,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         a = self.aug
-        left, top, w, h = sample_crop(img.width, img.height, a.scale, a.ratio, rng)
+        left, top, w, h, flip = training_view(img.width, img.height, a, rng)
         img = resized_crop(img, left, top, w, h, a.size)
-        if rng.random() < a.hflip:
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.transform is not None:
             img = self.transform(img, rng)
@@ -487,11 +487,11 @@ def resized_crop(img: Image.Image, left: int, top: int, width: int, height: int,
 
 
 def center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.Image:
-    """The centre square of side crop_ratio * shorter side, resized to size x size (bilinear):
-    the same pixels as resizing the shorter side to size / crop_ratio and cropping the centre."""
-    side = crop_ratio * min(img.width, img.height)
-    left, top = (img.width - side) / 2, (img.height - side) / 2
-    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    """The evaluation view: torchvision's `Resize(int(size / crop_ratio))` (bilinear, antialiased as
+    PIL always is) then `CenterCrop(size)` (`augment.eval_geometry`); pixel-identical to them
+    (tests/test_views.py)."""
+    rw, rh, left, top = eval_geometry(img.width, img.height, size, crop_ratio)
+    return img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + size, top + size))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -73,7 +73,7 @@ class Loader:
         raise NotImplementedError
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
-        """uint8 (3, S, S) evaluation views (shorter side to S / crop_ratio, centre crop) of the
+        """uint8 (3, S, S) evaluation views (torchvision's Resize(int(S / crop_ratio)) + CenterCrop(S)) of the
         samples at `indices`, an unreadable one skipped with a warning naming it and the next
         readable sample taken instead. This default reads `self.samples` (a `SampleList` of image
         files) by `decode.decode_rgb`'s rules, with `self.max_pixels`."""

@@ -99,8 +99,8 @@ class LoaderSpec:
 
     backend / path / batch_size (per process) / num_workers / max_pixels: as in `DataConfig`;
     aug: the training view (`Augmentation`: size, crop scale and ratio, flip, mean/std);
-    train: the training view (random resized crop + flip) or the evaluation view (shorter side to
-    size / crop_ratio, centre crop); labels: batches end with the labels (int64, (B,));
+    train: the training view (random resized crop + flip) or the evaluation view (torchvision's
+    Resize(int(size / crop_ratio)) + CenterCrop(size), `augment.eval_geometry`); labels: batches end with the labels (int64, (B,));
     drop_last: every batch full (training) or the remainder kept (evaluation);
     dtype: the image dtype on the device (float32 | float16 | bfloat16);
     rand_augment: fine-tuning's RandAugment as timm's spec string (e.g. 'rand-m9-mstd0.5-inc1'; empty:

@@ -151,3 +151,16 @@ def test_sigterm_under_run_sh_ends_with_our_line(sample_root, tmp_path, to):
     assert lines[-1].startswith("simmim pretrain: stopped by SIGTERM at epoch 0"), text[-4000:]
     assert sum(line.startswith("simmim pretrain:") for line in lines) == 1  # rank 0 says it for the job
     assert "Traceback" not in text and any(out.glob("checkpoint-*.pt"))
+
+
+def test_launch_names_the_rank_that_died():
+    """run.sh's launcher ends a failed job with one line naming the first rank to fail and how,
+    and that rank's exit status (128 + signal for a signal), instead of torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from simmim.trainer.launch import failure_line
+
+    killed = ChildFailedError("launch.py", {1: ProcessFailure(local_rank=1, pid=314, exitcode=-9, error_file="<N/A>")})
+    assert failure_line(killed) == ("launch: rank 1 (local rank 1, pid 314) ended first, with signal SIGKILL", 137)
+    user = ChildFailedError("launch.py", {0: ProcessFailure(local_rank=0, pid=7, exitcode=2, error_file="<N/A>")})
+    assert failure_line(user) == ("launch: rank 0 (local rank 0, pid 7) ended first, with status 2", 2)

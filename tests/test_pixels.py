@@ -73,7 +73,7 @@ def test_reference_loader_is_torchvision_resized_crop(sample_root):
 
 
 def dali_crops(files, boxes, antialias=None):
-    """DALI CPU: decode only the box (as image_random_crop does), then the loader's resize;
+    """DALI CPU: decode only the box (as the loader's image_slice does), then the loader's resize;
     `antialias` given: a plain fn.resize with that setting instead, for the before/after figure."""
     from nvidia.dali import fn, pipeline_def, types
 

@@ -1,8 +1,9 @@
 """A run's trajectory does not depend on how it got there: SIGTERM mid-epoch and a restart give the
 uninterrupted run's per-step losses and final weights bit for bit, with every random stream the
 step uses switched on (drop path 0.1; for fine-tuning also RandAugment in DataLoader workers,
-mixup / cutmix and random erasing). Before pipeline/seeding.py, drop path alone moved the loss of
-the first resumed step (0.61752 instead of 0.61796 in the issue's run)."""
+mixup / cutmix and random erasing; pre-training also with DALI). Before pipeline/seeding.py, drop
+path alone moved the loss of the first resumed step (0.61752 instead of 0.61796 in the issue's
+run)."""
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from test_distributed import env, finish, losses, wait_for
 
+from simmim.pipeline.loaders import available
 from simmim.trainer.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 
 TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "model.arch=swin_micro", "model.window_size=2",
@@ -20,17 +22,21 @@ RECIPES = {
     "pretrain": ["--config", "demo", "data.num_workers=0"],
     # the paper's fine-tuning augmentation (RandAugment in a worker, mixup 0.8, cutmix 1.0, erasing 0.25)
     "finetune": ["--config", "finetune_demo", "data.num_workers=1", "finetune.val_path="],
+    # DALI's crop boxes and flips are drawn per sample from (seed, epoch, index), as the torch loader's
+    "pretrain-dali": ["--config", "demo", "data.backend=dali", "data.num_workers=1"],
 }
 
 
 def start(command, sample_root, out):
     args = [*RECIPES[command], *TINY, f"data.path={sample_root}/train", f"run.out_dir={out}"]
-    return subprocess.Popen([sys.executable, "-m", "simmim.trainer.cli", command, *args], env=env(),
+    return subprocess.Popen([sys.executable, "-m", "simmim.trainer.cli", command.split("-")[0], *args], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune",
+                                     pytest.param("pretrain-dali", marks=pytest.mark.skipif(
+                                         not available("dali"), reason="DALI not installed"))])
 def test_sigterm_resume_is_bit_exact(command, sample_root, tmp_path):
     ref = tmp_path / "uninterrupted"
     code, text = finish(start(command, sample_root, ref))

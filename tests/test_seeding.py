@@ -7,7 +7,7 @@ import torch
 
 from simmim.pipeline import MaskGenerator, ShardedSampler
 from simmim.pipeline.loader import GlobalBatchMasks
-from simmim.pipeline.seeding import STREAMS, derive_seed, keyed_rng
+from simmim.pipeline.seeding import STREAMS, derive_seed, derive_seeds, keyed_rng
 
 
 def test_derive_seed_is_numpy_seed_sequence_and_separates_keys():
@@ -61,3 +61,16 @@ def test_masks_follow_the_sample_whatever_the_split_of_the_global_batch(world, b
     want, got = masks_by_index(1, 8, 1), masks_by_index(world, batch, accum)
     assert want.keys() == got.keys() and len(want) == 8 * steps
     assert all(torch.equal(want[i], got[i]) for i in want)
+
+
+def test_derive_seeds_is_derive_seed_vectorised():
+    """Seeds of several words (run seeds past 2^32 and 2^63), keys of 0..2 leading ints, the ends of
+    the last key's range, both widths; out of range is refused."""
+    last = np.array([0, 1, 2, 99, 123_456, 1_281_166, 2 ** 32 - 1])
+    for seed in (0, 7, 2 ** 40 + 3, 2 ** 63 + 5, 2 ** 64 - 1):
+        for key in ((), (3,), (2 ** 33, 5)):
+            for stream, bits in (("sample", 63), ("dali", 31)):
+                want = [derive_seed(stream, seed, *key, int(i), bits=bits) for i in last]
+                assert derive_seeds(stream, seed, *key, last=last, bits=bits).tolist() == want
+    with pytest.raises(ValueError, match="2\\^32"):
+        derive_seeds("sample", 0, 1, last=np.array([2 ** 32]))

@@ -45,7 +45,8 @@ from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer
 from .config import Config, save_config
-from .distributed import DistInfo, PeerLost, barrier, cleanup, first_reported, init_distributed, peer_lost
+from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
+                          peer_lost)
 from .engine import BatchTransform, EpochResult, PeerDataFailure, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
@@ -323,11 +324,17 @@ class Run:
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
         """A diverged, signalled or data-failed epoch: checkpoint, leave the process group, raise."""
         self.monitor.close()
+        if res.stopped == "data" and host_any(bool(stop.signum)):  # the loader failed after a stop signal
+            # (its workers got it too); the ranks, all stopped for data, agree on which stop this is
+            log.info("the loader stopped after %s (%s)", signal.Signals(stop.signum).name, one_line(res.error))
+            res.stopped = "signal"
         if res.stopped == "data":  # every rank stopped at the same step (engine.forward_backward)
-            mine = None if isinstance(res.error, PeerDataFailure) else one_line(res.error)
-            rank, what = first_reported(mine) or (self.dist.rank, one_line(res.error))
-            fix = "" if "simmim scan" in what else (f"; rebuild the file list with `simmim scan {self.cfg.data.path}` "
-                                                    f"(it leaves out unreadable files) and point data.path at it")
+            mine = None if isinstance(res.error, PeerDataFailure) else \
+                (one_line(res.error), getattr(res.error, "needs_scan", True))
+            rank, (what, needs_scan) = first_reported(mine) or (self.dist.rank, (one_line(res.error), True))
+            fix = "" if "simmim scan" in what or not needs_scan else (
+                f"; rebuild the file list with `simmim scan {self.cfg.data.path}` (it leaves out unreadable files) "
+                f"and point data.path at it")
             path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))
             self.checkpointer.wait()
             _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
