@@ -84,11 +84,10 @@ def test_broken_image_is_reported_once_with_two_workers(tmp_path):
     assert sorted(line.split()[4].split("/")[-1] for line in skips) == ["0bad.jpg", "1bad.jpg"], out.stdout
 
 
-@pytest.mark.slow  # ~20 s on 2 cores
 def test_group_sigterm_under_run_sh_with_loader_workers(sample_root, tmp_path):
     """Two ranks through trainer/run.sh, each with two DataLoader workers, SIGTERM to the whole
     group: a checkpoint, one "received SIGTERM" line (rank 0's), no rank's traceback, and none of
-    torchrun's "Sending process N closing signal SIGTERM" warnings."""
+    torchrun's "Sending process N closing signal SIGTERM" warnings. ~12 s on 2 cores."""
     import socket
 
     with socket.socket() as s:
