@@ -78,7 +78,7 @@ def test_broken_image_is_reported_once_with_two_workers(tmp_path):
         Image.new("RGB", (40, 40), (30 * i, 10, 200)).save(root / "a" / f"{i + 2}.jpg")
     out = subprocess.run([sys.executable, "-c", BROKEN, str(root)], capture_output=True, text=True, timeout=30,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0 and not out.stderr, out.stderr[-3000:]  # its workers ended quietly at exit
     assert out.stdout.count("images 8") == 3, out.stdout  # the bad image replaced, every epoch whole
     skips = [line for line in out.stdout.splitlines() if "skipping unreadable image" in line]
     assert sorted(line.split()[4].split("/")[-1] for line in skips) == ["0bad.jpg", "1bad.jpg"], out.stdout
