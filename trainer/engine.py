@@ -112,6 +112,33 @@ def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, param
     return grad_norm, found_inf
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Sets every group's lr to `lr` times its `lr_scale` (layer decay), from the schedule each
+    step, so a scale applies once; returns `lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+class Throughput:
+    """Images (over all ranks, assuming equal batches) and seconds waited on the loader since the
+    last log line."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.tick, self.images, self.waited = time.perf_counter(), 0, 0.0
+
+    def add(self, images: int, waited: float) -> None:
+        self.images, self.waited = self.images + images, self.waited + waited
+
+    def rates(self) -> dict:
+        """{"img_per_s": images/sec over all ranks, "data_wait": share of the time waited}; restarts."""
+        elapsed = time.perf_counter() - self.tick
+        out = {"img_per_s": self.images * self.world_size / elapsed, "data_wait": self.waited / elapsed}
+        self.tick, self.images, self.waited = time.perf_counter(), 0, 0.0
+        return out
+
+
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     lr_at: Callable[[int], float], *, epoch: int, steps_per_epoch: int, start_step: int,
                     accum_steps: int, clip_grad: float, amp_dtype: torch.dtype | None,
@@ -143,19 +170,17 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     step_loss = torch.zeros((), device=device)
     bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False,
                disable=not progress, dynamic_ncols=True)
-    tick, images_seen, run_steps, waited = time.perf_counter(), 0, 0, 0.0
+    meter, run_steps = Throughput(world_size), 0
     result = EpochResult(epoch, start_step, float("nan"))
     data = iter(loader)
     for step_in_epoch in range(start_step, steps_per_epoch):
         step = epoch * steps_per_epoch + step_in_epoch
-        lr = lr_at(step)
-        for group in optimizer.param_groups:  # set from the schedule each step: a scale applies once
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        lr = set_lr(optimizer, lr_at(step))
         step_loss.zero_()
         n, w, error = forward_backward(model, data, scaler, step_loss, accum_steps=accum_steps, amp_dtype=amp_dtype,
                                        key=(seed, epoch, step_in_epoch, rank), device=device,
                                        batch_transform=batch_transform)
-        images_seen, waited = images_seen + n, waited + w
+        meter.add(n, w)
         if error is not None:
             result.stopped, result.error = "data", error
             optimizer.zero_grad(set_to_none=True)  # the step's micro-batches are incomplete: not taken
@@ -170,14 +195,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         at_log = (step_in_epoch + 1) % log_every == 0 or step_in_epoch == steps_per_epoch - 1
         if at_log:
             mean_loss = all_reduce_mean(step_loss).item()  # host sync, at log intervals only
-            elapsed = time.perf_counter() - tick
-            record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
-                      "grad_norm": float(grad_norm), "img_per_s": images_seen * world_size / elapsed,
-                      "data_wait": waited / elapsed,
-                      "skipped_steps": int(state.skipped.item())}
-            log(record)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-            tick, images_seen, waited = time.perf_counter(), 0, 0.0
+            log({"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                 **meter.rates(), "skipped_steps": int(state.skipped.item())})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             if state.streak.item() >= max_skipped_streak:
                 result.stopped = "diverged"
                 break
