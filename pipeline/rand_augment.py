@@ -5,22 +5,40 @@
 """
 from __future__ import annotations
 
+import re
+
 from .errors import ConfigError
 from .seeding import keyed_rng
 
 
+# timm's RandAugment grammar (timm.data.auto_augment.rand_augment_transform): 'rand', then any of
+# these dash-separated parts, in any order; timm reads m, n and mmax with int(), mstd and p with float()
+_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
+_PARTS = {"m": r"\d+", "n": r"\d+", "mstd": _NUMBER, "mmax": r"\d+", "inc": r"[01]", "p": _NUMBER,
+          "t": r"weights|3aw|3a"}
+_PART = re.compile(r"(mstd|mmax|inc|m|n|p|t)(.+)")
+
+
 def rand_augment_ops(spec: str) -> tuple[int, int]:
-    """(num ops, magnitude) of a timm RandAugment string such as rand-m9-mstd0.5-inc1."""
+    """(num ops, magnitude) of a timm RandAugment string such as rand-m9-mstd0.5-inc1 (defaults: timm's,
+    2 ops at magnitude 10). Parsed strictly by timm's grammar: `rand`, then dash-separated parts
+    m<int> (magnitude), n<int> (ops per image), mstd<float> (magnitude noise), mmax<int> (magnitude
+    cap), inc<0|1> (the increasing-severity op set), p<float> (each op's probability), t<weights|3aw|3a>
+    (the op set); ConfigError (one line naming finetune.rand_augment) for anything else, where timm
+    would skip a part silently or stop on an assert."""
     parts = spec.split("-")
-    if not spec or parts[0] != "rand":
-        raise ConfigError(f"finetune.rand_augment must look like rand-m9-mstd0.5-inc1, got '{spec}'")
-    n, m = 2, 9
-    for p in parts[1:]:
-        if p.startswith("n") and p[1:].isdigit():
-            n = int(p[1:])
-        elif p.startswith("m") and p[1:].isdigit():
-            m = int(p[1:])
-    return n, m
+    if parts[0] != "rand":
+        raise ConfigError(f"finetune.rand_augment must start with 'rand' (like rand-m9-mstd0.5-inc1), got '{spec}'")
+    values: dict[str, str] = {}
+    for part in parts[1:]:
+        m = _PART.fullmatch(part)
+        if m is None or not re.fullmatch(_PARTS[m.group(1)], m.group(2)):
+            raise ConfigError(f"finetune.rand_augment '{spec}': unknown part '{part}' (timm's parts: m<int>, n<int>, "
+                              f"mstd<float>, mmax<int>, inc<0|1>, p<float>, t<weights|3aw|3a>)")
+        if m.group(1) in values:
+            raise ConfigError(f"finetune.rand_augment '{spec}': '{m.group(1)}' is given twice")
+        values[m.group(1)] = m.group(2)
+    return int(values.get("n", 2)), int(values.get("m", 10))
 
 
 class PILRandAugment:
