@@ -73,10 +73,12 @@ def _bad_inputs(root: Path, tmp: Path) -> dict:
         "a YAML file as checkpoint": ("finetune", [f"finetune.pretrained={tmp / 'config.yaml'}"], CheckpointError,
                                       r"is not a checkpoint \(not a zip or pickle file, as torch.save writes\): point "
                                       r"finetune.pretrained at a checkpoint-\*.pt of the pre-training run$"),
+        "fewer images than one step": ("pretrain", ["train.accum_steps=1000"], UserError,
+                                       r"batches per epoch do not fill one step of 1000 accumulation steps"),
     }
 
 
-CASES = ["empty folder", "bad list line", "a JPEG as data.path", "beton val_path, torch", "folder val_path, ffcv",
+CASES = ["fewer images than one step", "empty folder", "bad list line", "a JPEG as data.path", "beton val_path, torch", "folder val_path, ffcv",
          "folder finetune.val_path, ffcv", "checkpoint of another arch", "a YAML file as checkpoint"]
 
 

@@ -474,19 +474,22 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     held = HeldRecords() if dist.is_main else None
     if held is not None:
         logging.getLogger().addHandler(held)
-    resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
     out_dir = Path(cfg.run.out_dir)
-    amp_dtype = amp_dtype_for(t.precision, dist.device)
-    model, loader = build_model(cfg, task, dist)
+    try:
+        amp_dtype = amp_dtype_for(t.precision, dist.device)
+        resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
+        model, loader = build_model(cfg, task, dist)
+        old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
+        accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
+        global_batch = d.batch_size * dist.world_size * accum
+        steps_per_epoch = len(loader) // accum
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
+                              f"accumulation steps: lower train.accum_steps or data.batch_size")
+    finally:
+        logging.getLogger().removeHandler(held)  # (no-op for None)
     write_run_folder(cfg, dist, lock, held, resumed, bad, changed)
     checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
-    old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
-    accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
-    global_batch = d.batch_size * dist.world_size * accum
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
-                          f"accumulation steps: lower train.accum_steps or data.batch_size")
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
     # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
     train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, amp_dtype, t.cpu_offload,
