@@ -15,7 +15,10 @@ workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit
 view decodes the whole image, resizes it to the source's size and slices the crop there
 (`augment.eval_geometry`: torchvision's Resize + CenterCrop). Masks, batch assembly and the
 figure preview are the base's (`loader.Loader`); `graph_augment` is where a training-view
-augmentation joins the graph.
+augmentation joins the graph: fine-tuning's RandAugment (`spec.rand_augment`) is DALI's own, on
+the resized uint8 crop (`dali_augment.py`; the pipeline is then built with conditionals), drawn
+from the pipeline's seed: reproducible from a given start, but after a mid-run resume its draws
+differ from the uninterrupted run's (the crops and flips do not).
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
 permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
@@ -53,6 +56,7 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation, eval_geometry, sample_view
+from .dali_augment import dali_rand_augment
 from .dali_watchdog import WorkerWatchdog, default_stop_signals, remove_orphans, worker_pids
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .errors import DatasetError
@@ -60,6 +64,7 @@ from .folder import SampleList
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec
+from .rand_augment import parse_rand_augment
 from .scanlist import checked_samples
 from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
@@ -193,6 +198,8 @@ class DALILoader(Loader):
         self.hw_decoder_load, self.prefetch, self.preallocate = o.hw_decoder_load, max(1, o.prefetch), o.preallocate
         self.decode = "cpu" if o.device == "cpu" or self.device.type != "cuda" else "mixed"
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        # parsed here: an error while DALI traces the graph would lose its one-line form
+        self.rand_augment = parse_rand_augment(spec.rand_augment) if self.train and spec.rand_augment else None
         self.require_one_batch()
         self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
         self.schedule = EpochSchedule()
@@ -213,8 +220,11 @@ class DALILoader(Loader):
     def graph_augment(self, images):
         """Hook for an augmentation of the training view inside the DALI graph: `images` are the
         resized crops, uint8 HWC on the pipeline's device ('gpu' with mixed decoding, else 'cpu');
-        returns the same. This default returns them unchanged."""
-        return images
+        returns the same: DALI's RandAugment when `spec.rand_augment` is set, else unchanged."""
+        if self.rand_augment is None:
+            return images
+        return dali_rand_augment(images, self.rand_augment, (self.aug.size, self.aug.size),
+                                 tuple(round(255 * m) for m in self.aug.mean))
 
     def build_pipeline(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -238,6 +248,7 @@ class DALILoader(Loader):
                       device_id=self.device_id,
                       seed=derive_seed("dali", self.seed, self.epoch, self.rank, self.start_batch, bits=31),
                       exec_dynamic=True, py_num_workers=self.py_workers,
+                      enable_conditionals=self.rand_augment is not None,  # auto_aug picks ops per sample
                       py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
             if self.train:  # the box and flip of `augment.sample_view`, from the source

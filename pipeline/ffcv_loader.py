@@ -4,7 +4,9 @@ The augmentation runs in FFCV's compiled pipeline: decode, crop, resize of the c
 antialiased bilinear filter (as the reference loader does, not FFCV's INTER_AREA) and flip in one
 decoder (`view_decoder`), uint8 to torch and to the device; on a GPU the
 normalisation to float/bf16 happens in torch on the device (`augment.normalize`; FFCV's own GPU
-normaliser needs cupy), on the CPU in FFCV's pipeline threads.
+normaliser needs cupy), on the CPU in FFCV's pipeline threads. Fine-tuning's RandAugment
+(`spec.rand_augment`, training view) runs on the uint8 batch on the training device before the
+normalisation (`device_transform`: `rand_augment.BatchRandAugment`, keyed by (seed, epoch, batch, rank)).
 Masks, batch assembly and the figure preview are the base's (`loader.Loader`).
 
 Sample order is ours, not FFCV's (`ShardedOrder`, on `sharding.ShardedSampler`):
@@ -43,6 +45,7 @@ from .folder import center_crop, read_classes, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec
+from .rand_augment import BatchRandAugment
 from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 
@@ -251,6 +254,12 @@ class FFCVLoader(Loader):
         if not self.train:
             self.views.fill_eval(aug.size, spec.crop_ratio)
         quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
+
+    def device_transform(self):
+        """Fine-tuning's RandAugment on the uint8 training batch, batched on the device."""
+        if not self.spec.rand_augment:
+            return None
+        return BatchRandAugment(self.spec.rand_augment, tuple(round(255 * m) for m in self.aug.mean))
 
     def shard_samples(self) -> int:
         return len(self.order)  # quasi_random drops the remainder even for drop_last=False

@@ -16,8 +16,9 @@ does not read image files, `preview_images`.
 Augmentation hooks. `spec.rand_augment` reaches every backend through the spec: the torch backend
 applies timm's RandAugment on the PIL crop in its workers; a backend that hands over uint8 batches
 can apply a batched device op by overriding `device_transform` (run by the base on the training
-view's uint8 (B, 3, S, S) images on the device, before normalisation); DALI builds its op into its
-graph (`DALILoader.graph_augment`).
+view's uint8 (B, 3, S, S) images on the device, before normalisation, with a generator keyed by
+(seed, epoch, batch, rank): FFCV's `rand_augment.BatchRandAugment`); DALI builds its op into its
+graph (`DALILoader.graph_augment`: DALI's own RandAugment, `dali_augment.py`).
 """
 from __future__ import annotations
 
@@ -94,11 +95,12 @@ class Loader:
                 break
         return out
 
-    def device_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """Hook for a backend's batched augmentation of the training view: a function of uint8
-        (B, 3, S, S) images on the device returning the same, run before normalisation (e.g.
-        RandAugment from `spec.rand_augment`). None (this default): nothing. Called once, by
-        `__init__`."""
+    def device_transform(self) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
+        """Hook for a backend's batched augmentation of the training view: a function of (uint8
+        (B, 3, S, S) images on the device, a CPU torch.Generator keyed by (seed, epoch, batch,
+        rank) for all its random draws) returning uint8 (B, 3, S, S), run before normalisation
+        (e.g. RandAugment from `spec.rand_augment`), so a batch's augmentation does not depend on
+        how the run got there. None (this default): nothing. Called once, by `__init__`."""
         return None
 
     # ---------------------------------------------------------------- shared
@@ -138,15 +140,17 @@ class Loader:
         masks = self.epoch_masks()
         with contextlib.closing(self.read_batches()) as batches:
             for k, (images, labels) in enumerate(batches, start=self.start_batch):
-                yield self.make_batch(k, masks, self.to_model(images), labels)
+                yield self.make_batch(k, masks, self.to_model(images, k), labels)
 
-    def to_model(self, images: torch.Tensor) -> torch.Tensor:
-        """A backend's images as the model takes them: on the device, normalised, `spec.dtype`."""
+    def to_model(self, images: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """A backend's images (batch k of the epoch) as the model takes them: on the device,
+        normalised, `spec.dtype`."""
         images = images.to(self.device, non_blocking=True)
         if images.dtype != torch.uint8:
             return images.to(self.dtype)
         if self.batch_transform is not None:
-            images = self.batch_transform(images)
+            images = self.batch_transform(images, torch_generator("device_augment", self.seed, self.epoch, k,
+                                                                  self.rank))
         return normalize(images, self.aug.mean, self.aug.std, self.dtype)
 
     def make_batch(self, k: int, masks: GlobalBatchMasks | None, images: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 # One id per stream: two streams never share a seed even for equal keys. Append only (changing an
 # id changes every run's trajectory).
 STREAMS = {"order": 1, "sample": 2, "masks": 3, "dali": 4, "step": 5, "loader": 6, "pages": 7, "figure": 8,
-           "init": 9, "randaugment": 10}
+           "init": 9, "randaugment": 10, "device_augment": 11}
 
 
 def derive_seed(stream: str, seed: int, *key: int, bits: int = 63) -> int:

@@ -1,7 +1,6 @@
 """Fine-tuning: checkpoint loading, relative-position-bias resizing, layer decay, the
 augmentation pipeline, evaluation loaders, and the CLI from pre-training to evaluation."""
 import json
-import random
 import subprocess
 
 import numpy as np
@@ -12,11 +11,9 @@ from PIL import Image
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.folder import center_crop
 from simmim.trainer.checkpoint import CheckpointError
-from simmim.trainer.config import ConfigError
 from simmim.trainer.engine import StepState, train_one_epoch
-from simmim.pipeline.rand_augment import PILRandAugment
-from simmim.trainer.finetune import (Classifier, DeviceRandAugment, build_classifier, layer_decay_groups,
-                                     resize_rel_pos_bias, layer_id, load_pretrained, num_layers)
+from simmim.trainer.finetune import (Classifier, MixupErasing, build_classifier, layer_decay_groups, layer_id,
+                                     load_pretrained, num_layers, resize_rel_pos_bias)
 from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.model import build_simmim
 
@@ -111,8 +108,8 @@ def test_soft_target_loss_and_accuracy_are_timms():
     net = torch.nn.Linear(5, 5)
     with torch.no_grad():
         net.weight.copy_(torch.eye(5)), net.bias.zero_()
-    model = Classifier(net, 5, mixup=1.0, cutmix=0.0, label_smoothing=0.1, reprob=0).train()
-    targets = model.mixup(logits.clone(), torch.arange(6) % 5)[1]
+    model = Classifier(net, label_smoothing=0.1).train()
+    targets = MixupErasing(5, mixup=1.0, cutmix=0.0, label_smoothing=0.1, reprob=0)(logits.clone(), torch.arange(6) % 5)[1]
     assert torch.allclose(model.soft_target_loss(logits, targets),
                           (-targets * torch.log_softmax(logits, -1)).sum(-1).mean())
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
@@ -133,7 +130,7 @@ def test_layer_decay_applied_once_per_group(arch, img, window):
     assert layers == list(range(num_layers(arch) + 2))  # embeddings, every block, head
     assert layer_id("patch_embed.proj.weight", arch) == 0 and layer_id("head.fc.weight" if "swin" in arch
                                                                       else "head.weight", arch) == layers[-1]
-    model = Classifier(net, 3, mixup=0, cutmix=0, reprob=0)
+    model = Classifier(net)
     opt = torch.optim.AdamW(groups, lr=1.0, fused=True)  # as the trainer builds it
     batches = [(torch.randn(2, 3, img, img), torch.tensor([0, 1])) for _ in range(3)]
     for epoch in range(2):  # the engine sets the lr from the schedule every step: no compounding
@@ -147,36 +144,62 @@ def test_layer_decay_applied_once_per_group(arch, img, window):
         assert lr[a] / lr[a + 1] == pytest.approx(decay, rel=1e-9)
 
 
-def test_augmentation_pipeline():
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    ra = PILRandAugment("rand-m9-mstd0.5-inc1", (0.485, 0.456, 0.406))
-    state = random.getstate()
-    outs = [np.asarray(ra(img, random.Random(i))) for i in range(40)]
-    # timm draws from the global generators: seeded from the sample's rng, and left as they were
-    assert random.getstate() == state
-    assert all(np.array_equal(np.asarray(ra(img, random.Random(i))), outs[i]) for i in range(40))
-    # two ops, each applied with p = 0.5: ~3/4 of the images change
-    assert all(o.shape == (64, 64, 3) for o in outs) and sum(not np.array_equal(o, np.asarray(img)) for o in outs) >= 20
-    # the top magnitudes (noise around m9 reaches 10) posterize to >= 1 bit rather than raising
-    strong = PILRandAugment("rand-n3-m10-mstd0.5-inc1", (0.5, 0.5, 0.5))
-    for i in range(300):
-        strong(img, random.Random(i))
-    with pytest.raises(ConfigError, match="rand-m9"):
-        PILRandAugment("autoaug", (0.5, 0.5, 0.5))
-    aug = Augmentation(size=32)
+def test_batch_transform_then_loss():
+    """The engine's batch transform (random erasing, mixup / cutmix) gives soft targets; the
+    classifier's forward only computes: soft-target cross-entropy for them, label-smoothed
+    cross-entropy for labels in training, plain cross-entropy in evaluation."""
     images = torch.randn(4, 3, 32, 32).clamp(-2, 2)
-    out = DeviceRandAugment("rand-m9-mstd0.5-inc1", aug.mean, aug.std)(images)
-    assert out.shape == images.shape and out.dtype == images.dtype and not torch.equal(out, images)
-    # mixup / cutmix give soft targets: loss of a perfect classifier on mixed images is > 0
+    labels = torch.tensor([0, 1, 2, 3])
+    transform = MixupErasing(5, mixup=0.8, cutmix=1.0, label_smoothing=0.1, reprob=1.0)
+    mixed, targets = transform(images.clone(), labels)  # timm erases and mixes in place
+    assert mixed.shape == images.shape and mixed.dtype == images.dtype and not torch.equal(mixed, images)
+    assert targets.shape == (4, 5) and torch.allclose(targets.sum(1), torch.ones(4))
+    assert targets.max() < 1  # label-smoothed and mixed
+    odd, same = MixupErasing(5, reprob=0)(images[:3].clone(), labels[:3])  # timm's batch mixup pairs images
+    assert torch.equal(odd, images[:3]) and torch.equal(same, labels[:3])
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
-    model = Classifier(net, 5, mixup=0.8, cutmix=1.0, label_smoothing=0.1, reprob=1.0).train()
-    loss = model(images, torch.tensor([0, 1, 2, 3]))
+    model = Classifier(net, label_smoothing=0.1).train()
+    loss = model(mixed, targets)
     loss.backward()
-    assert torch.isfinite(loss) and net[1].weight.grad is not None
+    logits = net(mixed)
+    assert torch.allclose(loss, (-targets * torch.log_softmax(logits, -1)).sum(-1).mean())
+    assert torch.allclose(model(images, labels), torch.nn.functional.cross_entropy(net(images), labels,
+                                                                                  label_smoothing=0.1))
     model.eval()
-    assert torch.allclose(model(images, torch.tensor([0, 1, 2, 3])),
-                          torch.nn.functional.cross_entropy(net(images), torch.tensor([0, 1, 2, 3])))
+    assert torch.allclose(model(images, labels), torch.nn.functional.cross_entropy(net(images), labels))
+
+
+def test_batch_transform_is_applied_by_the_engine_seeded_per_step():
+    """train_one_epoch applies the task's transform to every micro-batch before the forward, and its
+    draws are functions of (seed, epoch, step, micro, rank): equal seeds give equal mixed batches."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, images, targets):
+            seen.append((images.clone(), targets.clone()))
+            return self.w * 0 + images.float().mean()
+
+    batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])) for _ in range(2)]
+    runs = []
+    for seed in (0, 0, 1):
+        seen.clear()
+        model = Recorder()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        fresh = [(x.clone(), y) for x, y in batches]  # timm changes a batch in place
+        train_one_epoch(model, iter(fresh), opt, lambda step: 0.1, epoch=0, steps_per_epoch=2, start_step=0,
+                        accum_steps=1, clip_grad=0, amp_dtype=None, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                        state=StepState(torch.device("cpu")), world_size=1, log_every=10, log=lambda r: None, seed=seed,
+                        rank=0, stop_requested=lambda: False, max_skipped_streak=100,
+                        batch_transform=MixupErasing(4, reprob=0.5))
+        runs.append(list(seen))
+    assert all(t.shape == (4, 4) and t.is_floating_point() for _, t in runs[0])  # soft targets reached the model
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0][1], runs[0][1][1])  # a fresh draw per step
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(runs[0], runs[2]))
 
 
 def test_center_crop_view():

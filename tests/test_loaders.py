@@ -70,8 +70,8 @@ def test_device_transform_hook_runs_on_uint8_training_batches(tmp_path):
 
     class Inverted(ReferenceLoader):
         def device_transform(self):
-            def invert(images):
-                seen.append(images.dtype)
+            def invert(images, generator):
+                seen.append((images.dtype, type(generator)))
                 return 255 - images
             return invert
 
@@ -79,7 +79,7 @@ def test_device_transform_hook_runs_on_uint8_training_batches(tmp_path):
     spec = LoaderSpec("torch", str(root), aug, batch_size=3, num_workers=0)
     plain, inverted = ReferenceLoader(spec, None, "cpu"), Inverted(spec, None, "cpu")
     (a,), (b,) = next(iter(plain)), next(iter(inverted))
-    assert seen == [torch.uint8]
+    assert seen == [(torch.uint8, torch.Generator)]
     u8 = torch.round((a.double() * torch.tensor(aug.std).view(1, 3, 1, 1)
                       + torch.tensor(aug.mean).view(1, 3, 1, 1)) * 255).to(torch.uint8)
     assert torch.allclose(b, normalize(255 - u8, aug.mean, aug.std), atol=1e-5)

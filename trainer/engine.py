@@ -25,6 +25,9 @@ from .distributed import all_reduce_mean, any_rank, host_any
 from .precision import autocast
 from .parallel import clip_grad_norm, sync_context
 
+# A task's transform of a whole batch before the forward, e.g. (images, labels) -> (images, targets)
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 class StepState:
     """Device-side counters carried across epochs; read only at sync points."""
@@ -52,10 +55,12 @@ class PeerDataFailure(DatasetError):
 
 def forward_backward(model: torch.nn.Module, data: Iterator, scaler: torch.amp.GradScaler, step_loss: torch.Tensor,
                      *, accum_steps: int, amp_dtype: torch.dtype | None, key: tuple[int, int, int, int],
-                     device: torch.device) -> tuple[int, float, DatasetError | None]:
-    """One optimizer step's `accum_steps` micro-batches: forward under autocast and the scaled
-    backward; `step_loss` (a 0-d tensor) accumulates the step's mean loss on the device. The
-    gradient all-reduce runs on the last micro-batch only. key = (seed, epoch, step, rank).
+                     device: torch.device, batch_transform: BatchTransform | None = None,
+                     ) -> tuple[int, float, DatasetError | None]:
+    """One optimizer step's `accum_steps` micro-batches: the task's batch transform (fine-tuning:
+    random erasing, mixup / cutmix), forward under autocast and the scaled backward; `step_loss`
+    (a 0-d tensor) accumulates the step's mean loss on the device. The gradient all-reduce runs on
+    the last micro-batch only. key = (seed, epoch, step, rank).
 
     Before each micro-batch's forward the ranks agree that all of them have their batch
     (`host_any`, a CPU all-reduce, no device sync), ahead of its first collective (FSDP2's
@@ -74,10 +79,12 @@ def forward_backward(model: torch.nn.Module, data: Iterator, scaler: torch.amp.G
         waited += time.perf_counter() - t0
         if host_any(error is not None):
             return images, waited, error or PeerDataFailure("another rank's loader failed")
-        # drop path, mixup / cutmix, random erasing, device RandAugment draw from the global
-        # generators: seeded here from (seed, epoch, step, micro, rank), restored afterwards
+        # random erasing, mixup / cutmix and drop path draw from the global generators: seeded
+        # here from (seed, epoch, step, micro, rank), restored afterwards
         with sync_context(model, micro == accum_steps - 1), \
                 keyed_rng("step", seed, epoch, step_in_epoch, micro, rank, device=device):
+            if batch_transform is not None:
+                batch = batch_transform(*batch)  # (images, labels) -> (images, targets)
             with autocast(device.type, amp_dtype):
                 loss = model(*batch)
             scaler.scale(loss / accum_steps).backward()
@@ -112,9 +119,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     log: Callable[[dict], None], seed: int, rank: int, stop_requested: Callable[[], bool],
                     max_skipped_streak: int, stop_check_every: int = 10, progress: bool = False,
                     checkpoint_due: Callable[[], bool] = lambda: False,
-                    save: Callable[[int, float, int], None] | None = None) -> EpochResult:
+                    save: Callable[[int, float, int], None] | None = None,
+                    batch_transform: BatchTransform | None = None) -> EpochResult:
     """Runs optimizer steps start_step .. steps_per_epoch - 1 of `epoch` (each `accum_steps`
-    micro-batches; the loader must already be positioned at start_step).
+    micro-batches; the loader must already be positioned at start_step). `batch_transform` (the
+    task's, or None) maps each micro-batch before the forward (see `forward_backward`).
 
     Every `log_every` steps: log(record) with the step's loss (mean over ranks), lr, grad norm,
     images/sec and skipped steps; then a stop is honoured if requested on any rank, or if
@@ -144,7 +153,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss.zero_()
         n, w, error = forward_backward(model, data, scaler, step_loss, accum_steps=accum_steps, amp_dtype=amp_dtype,
-                                       key=(seed, epoch, step_in_epoch, rank), device=device)
+                                       key=(seed, epoch, step_in_epoch, rank), device=device,
+                                       batch_transform=batch_transform)
         images_seen, waited = images_seen + n, waited + w
         if error is not None:
             result.stopped, result.error = "data", error

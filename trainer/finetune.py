@@ -24,9 +24,11 @@ pre-training give the MLP the same inputs and the new, longer ones extrapolate a
 A DCP checkpoint folder (train.parallel=fsdp) is consolidated in memory first.
 
 Data: the same loaders as pre-training, in their classification form (`labels=True`, no masks):
-random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment
-(the reference loader: timm's, on PIL in its workers; FFCV / DALI: torchvision's on the device),
-random erasing, mixup / cutmix on the device.
+random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment,
+each backend its own way (pipeline/rand_augment.py: torch: timm's on PIL in its workers; FFCV: the
+batched device op on the uint8 batch; DALI: DALI's own in its graph); then random erasing and
+mixup / cutmix as the batch transform the engine applies before the forward (`MixupErasing`,
+`FinetuneTask.batch_transform`). The classifier's forward only computes the logits and the loss.
 """
 from __future__ import annotations
 
@@ -45,9 +47,7 @@ from scipy.optimize import brentq
 from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-from simmim.pipeline.augment import denormalize, normalize
 from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.rand_augment import rand_augment_ops
 
 from .checkpoint import consolidate, is_dcp_checkpoint
 from .config import ConfigError, config_from_dict, load_config
@@ -344,42 +344,52 @@ def layer_decay_groups(model: nn.Module, arch: str, weight_decay: float, decay: 
 
 # ---------------------------------------------------------------- training-time augmentation
 
-class DeviceRandAugment:
-    """torchvision's RandAugment per image on the training device, for loaders that augment in a
-    compiled pipeline (FFCV, DALI): normalised batch -> uint8 -> RandAugment -> normalised."""
+class MixupErasing:
+    """The fine-tuning batch transform the engine applies before the forward (as MAE / DeiT's
+    engine_finetune): (images, labels) -> (images, targets) on the device, no gradient.
 
-    def __init__(self, spec: str, mean, std):
-        from torchvision.transforms import v2
+    images: normalised (B, 3, H, W); labels: int64 (B,). timm's RandomErasing (per image with
+    probability `reprob`, normal noise), then timm's Mixup / CutMix (switch_prob: cutmix's share),
+    which returns soft targets float (B, classes) with label smoothing; with mixup and cutmix off,
+    or an odd batch (timm's batch mode pairs images), the labels pass through as they are. timm
+    draws from the global generators: the engine runs this inside the step's keyed_rng, so the
+    draws are a function of (seed, epoch, step, micro-batch, rank). A float batch is changed in
+    place (timm's ops work in place), as the loader's batch is not used again."""
 
-        n, m = rand_augment_ops(spec)
-        self.op = v2.RandAugment(num_ops=n, magnitude=m)
-        self.mean, self.std = mean, std
+    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.1, reprob: float = 0.25, device: torch.device | str = "cpu"):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        u8 = (denormalize(images, self.mean, self.std) * 255).round().to(torch.uint8)
-        out = torch.stack([self.op(x) for x in u8])
-        return normalize(out, self.mean, self.std, images.dtype)
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
+                               label_smoothing=label_smoothing, num_classes=num_classes)
+        self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob > 0 else None
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.erase is not None:
+            self.erase.device = images.device
+            images = self.erase(images.float()).to(images.dtype)
+        if self.mixup is not None and len(images) % 2 == 0:
+            images, labels = self.mixup(images, labels)
+        return images, labels
 
 
 class Classifier(nn.Module):
-    """model(images, labels) -> loss, as the engine expects; `logits(images)` for evaluation.
-    Training batches get random erasing, then mixup / cutmix (soft targets with label smoothing),
-    then optionally device RandAugment first."""
+    """model(images, targets) -> loss, as the engine expects; `logits(images)` for evaluation.
 
-    def __init__(self, net: nn.Module, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1, reprob: float = 0.25,
-                 device_augment=None):
+    targets: soft float (B, classes) from `MixupErasing` (timm's SoftTargetCrossEntropy), or int64
+    labels (B,) (cross-entropy, label-smoothed in training). Augmentation happens before: per image
+    in the loader (crop, flip, RandAugment), per batch in the engine (`MixupErasing`)."""
+
+    def __init__(self, net: nn.Module, label_smoothing: float = 0.1):
         super().__init__()
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
         from timm.loss import SoftTargetCrossEntropy
 
         self.net, self.label_smoothing = net, label_smoothing
         self.soft_target_loss = SoftTargetCrossEntropy()
-        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
-                           label_smoothing=label_smoothing, num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
-        self.erase = RandomErasing(reprob, mode="pixel", device="cpu") if reprob > 0 else None
-        self.device_augment = device_augment
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.net.set_grad_checkpointing(enable)
@@ -387,21 +397,11 @@ class Classifier(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = None
-        if self.training:
-            with torch.no_grad():
-                if self.device_augment is not None:
-                    images = self.device_augment(images)
-                if self.erase is not None:
-                    self.erase.device = images.device
-                    images = self.erase(images.float()).to(images.dtype)
-                if self.mixup is not None and len(images) % 2 == 0:  # timm's batch mixup pairs images
-                    images, targets = self.mixup(images, labels)
-        logits = self.net(images).float()
-        if targets is not None:  # soft targets: mixed and label-smoothed
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.net(images).float()  # (B, classes)
+        if targets.is_floating_point():  # soft targets: mixed and label-smoothed
             return self.soft_target_loss(logits, targets)
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if self.training else 0.0)
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing if self.training else 0.0)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -454,12 +454,12 @@ class FinetuneTask:
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.best = 0.0
+        self.batch_transform = None  # MixupErasing, once build() knows the number of classes
 
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
         aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
-        # RandAugment reaches the loader through the spec: the torch backend applies timm's on the
-        # PIL crop; FFCV and DALI leave it to the classifier's device op below, until their own land
+        # RandAugment is each backend's own (pipeline/rand_augment.py): the spec carries the string
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True, rand_augment=f.rand_augment)
         loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         classes = num_classes_of(self.cfg, loader)
@@ -471,11 +471,9 @@ class FinetuneTask:
                      report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []))
         else:
             log.info("no finetune.pretrained: training from scratch")
-        device_augment = None
-        if f.rand_augment and d.backend != "torch":
-            device_augment = DeviceRandAugment(f.rand_augment, aug.mean, aug.std)
-        model = Classifier(net, classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing, f.reprob,
-                           device_augment).to(dist.device)
+        model = Classifier(net, f.label_smoothing).to(dist.device)
+        self.batch_transform = MixupErasing(classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing,
+                                            f.reprob, dist.device)
         self.val = eval_loader(self.cfg, f.val_path, d.backend, dist) if f.val_path else None
         self.classes = classes
         return model, loader

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT, UP_TO_ONE, Rule
-from simmim.pipeline.rand_augment import rand_augment_ops
+from simmim.pipeline.rand_augment import parse_rand_augment
 
 from .config import Config
 
@@ -19,7 +19,7 @@ __all__ = ["FinetuneConfig", "FinetuneOptions"]
 
 def _is_rand_augment(spec: str) -> bool:
     try:
-        rand_augment_ops(spec)
+        parse_rand_augment(spec)
     except ConfigError:
         return False
     return True

@@ -50,7 +50,7 @@ from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer
 from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
-from .engine import EpochResult, PeerDataFailure, StepState, train_one_epoch
+from .engine import BatchTransform, EpochResult, PeerDataFailure, StepState, train_one_epoch
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
@@ -78,6 +78,11 @@ class DataFailure(DatasetError):
 
 class Task(Protocol):
     """What a kind of training (pre-training, fine-tuning) gives `fit`."""
+
+    # applied by the engine to every micro-batch before the forward, inside the step's seeded
+    # generators (fine-tuning: (images, labels) -> (images, targets), random erasing and mixup /
+    # cutmix); None: batches go to the model as the loader yields them. Set by `build`.
+    batch_transform: BatchTransform | None
 
     def build(self, dist: DistInfo) -> tuple[nn.Module, object]:
         """The model (on dist.device; `model(*batch)` returns the loss) and the training loader
@@ -331,7 +336,7 @@ class Run:
             world_size=self.dist.world_size, log_every=r.log_every, log=self.log_step, seed=t.seed,
             rank=self.dist.rank, stop_requested=stop, max_skipped_streak=t.max_skipped_steps,
             stop_check_every=r.stop_check_every, progress=r.progress and self.dist.is_main and sys.stderr.isatty(),
-            checkpoint_due=self.checkpoint_due, save=save)
+            checkpoint_due=self.checkpoint_due, save=save, batch_transform=self.task.batch_transform)
         loss_sum, good_steps = self.epoch_totals(res)
         res.loss = loss_sum / good_steps if good_steps else math.nan
         return res

@@ -60,6 +60,8 @@ def write_figure(model, batch, aug, path: Path, title: str, save: bool = True) -
 class PretrainTask:
     """SimMIM: the masked-image model, the (images, masks) loader, reconstruction figures."""
 
+    batch_transform = None  # (images, masks) go to the model as the loader yields them
+
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         d = cfg.data
