@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from simmim.pipeline.errors import ConfigError, DatasetError, UserError
 from simmim.pipeline.loaders import available
