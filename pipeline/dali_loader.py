@@ -46,6 +46,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import tempfile
 import warnings
 import weakref
@@ -57,7 +58,7 @@ from PIL import Image
 
 from .augment import Augmentation, eval_geometry, sample_view
 from .dali_augment import dali_rand_augment
-from .dali_watchdog import WorkerWatchdog, default_stop_signals, remove_orphans, worker_pids
+from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .errors import DatasetError
 from .folder import SampleList
@@ -142,7 +143,7 @@ class EpochSource:
     def __call__(self, info):
         if self._table is None:  # the first call in this worker process
             self._table = np.memmap(self.schedule_path, dtype=np.int64, mode="r", shape=(EpochSchedule.SLOTS, 3))
-            default_stop_signals()
+            worker_stop_signals(signal.SIG_DFL)  # DALI's pool ends its workers with SIGTERM
         epoch, start, length = (int(x) for x in self._table[info.epoch_idx % EpochSchedule.SLOTS])
         j = info.idx_in_epoch
         if j >= -(-length // self.batch_size) * self.batch_size:

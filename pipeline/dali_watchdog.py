@@ -21,6 +21,7 @@ files of processes that no longer exist (a SIGKILL leaves them behind).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -144,14 +145,34 @@ class WorkerWatchdog:
             raise self.error()
 
 
-def default_stop_signals() -> None:
-    """In a worker process: SIGTERM, SIGUSR1 and SIGINT back to their default action (end the
-    process), and the worker ended with its parent. A forked worker inherits the trainer's Python
-    handlers, which would keep it alive (logging, through a copy of the trainer's logging locks,
-    "stopping after the current step") and can leave it stuck; ended, it is seen by the watchdog,
-    and the trainer stops as the signal asked."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def worker_stop_signals(action=signal.SIG_DFL, exiting=None) -> None:
+    """In a loader's worker process: the stop signals (SIGTERM, SIGUSR1, SIGINT) get `action`, and
+    the worker is ended (SIGKILL) when the thread that forked it ends (Linux's PR_SET_PDEATHSIG).
+
+    A forked worker inherits the trainer's Python handlers, which would keep it alive and logging
+    "stopping after the current step" (through a copy of the trainer's logging locks, where it can
+    get stuck). What replaces them depends on how the loader ends its workers:
+    - DALI (`signal.SIG_DFL`): its pool ends a worker that does not stop within 1 s with SIGTERM
+      and then waits for it without a limit, so a worker must die of SIGTERM. A group SIGTERM
+      ends the workers; the watchdog sees it and the trainer stops as the signal asked.
+    - torch's DataLoader (`signal.SIG_IGN`, and `exiting`): a worker's death raises "DataLoader
+      worker (pid N) is killed by signal" from torch's SIGCHLD handler anywhere in the main thread
+      (even inside a checkpoint being written), so the workers ignore the stop signals: they keep
+      serving batches while the trainer finishes its step and writes its checkpoint, and end when
+      the DataLoader shuts them down or their parent ends. One exception: at interpreter exit,
+      multiprocessing ends the workers of a DataLoader still alive with SIGTERM and waits for them
+      without a limit, so once `exiting[0]` is true (a shared flag the parent sets from an atexit
+      hook) SIGTERM ends the worker after all (with status 0).
+    """
+    if exiting is not None and action == signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, functools.partial(_end_if_exiting, exiting))
+    else:
+        signal.signal(signal.SIGTERM, action)
+    for sig in STOP_SIGNALS[1:]:
+        signal.signal(sig, action)
     # DALI's workers never notice their parent's death (they wait for tasks forever, holding the
     # parent's stdout): Linux ends them with it
     try:
@@ -160,6 +181,11 @@ def default_stop_signals() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         pass
+
+
+def _end_if_exiting(exiting, signum, frame) -> None:
+    if exiting[0]:  # with status 0: torch's SIGCHLD handler in the parent takes a death by signal for a crash
+        raise SystemExit(0)
 
 
 def remove_orphans(folder: str | Path, prefix: str) -> list[Path]:

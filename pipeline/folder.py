@@ -17,6 +17,7 @@ Every user-facing failure is a `DatasetError` with a one-line message.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
 from array import array
@@ -427,8 +428,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). `listed`: the
     (samples, classes) to serve instead of walking `root` (a checked scan list). A file that
-    breaks the rules is logged once and replaced by the next readable sample (the epoch keeps its
-    length), so one bad JPEG never stops an epoch.
+    breaks the rules is replaced by the next readable sample (the epoch keeps its length), so one
+    bad JPEG never stops an epoch, and is logged once per process that built the dataset (a rank):
+    the set of known bad files is a shared-memory flag per sample, set under a lock, which the
+    DataLoader's forked workers inherit, so a file found bad by one worker is neither reported nor
+    decoded again by another, in this epoch or later ones (persistent workers).
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
@@ -439,7 +443,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.max_pixels = max_pixels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
-        self._bad: set[int] = set()
+        self._bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # (N,) True: unreadable
+        self._bad_lock = multiprocessing.Lock()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -448,19 +453,26 @@ class ImageFolder(torch.utils.data.Dataset):
         index, seed = key
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
-            if i in self._bad:
+            if self._bad[i]:
                 continue
             path, label = self.samples[i]
             try:
                 img = decode_rgb(path, self.max_pixels)
             except DecodeError as e:
-                self._bad.add(i)
-                log.warning("skipping unreadable image %s (%s)", path, e)
+                if self._mark_bad(i):
+                    log.warning("skipping unreadable image %s (%s)", path, e)
                 continue
             if not self.train:
                 return self.center_crop(img), label
             return self.augment(img, random.Random(seed)), label
         raise DatasetError("no image in the dataset could be read")
+
+    def _mark_bad(self, i: int) -> bool:
+        """Flags sample i unreadable; True for the first worker to do so (the one that reports it)."""
+        with self._bad_lock:
+            first = not bool(self._bad[i])
+            self._bad[i] = True
+        return first
 
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         a = self.aug

@@ -6,12 +6,19 @@ as DALI reads it); the rank's samples per epoch are `sharding.ShardedSampler`'s.
 and flip come from its own generator (`derive_seed("sample", seed, epoch, index)`), so the batches
 do not depend on the number of workers. `spec.rand_augment` (fine-tuning) is timm's RandAugment on
 the PIL crop (`rand_augment.PILRandAugment`). The images leave the workers as uint8 and are
-normalised on the device by the base (`loader.Loader`).
+normalised on the device by the base (`loader.Loader`). The workers ignore the stop signals
+(`dali_watchdog.worker_stop_signals`): a SIGTERM sent to the whole process group stops the trainer
+after its step, with a checkpoint, instead of killing the workers under it.
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import signal
+
 import torch
 
+from .dali_watchdog import worker_stop_signals
 from .decode import checked_max_pixels
 from .folder import ImageFolder
 from .loader import Loader
@@ -38,17 +45,28 @@ class ReferenceLoader(Loader):
         self.samples, self.classes, self.num_samples = self.dataset.samples, self.dataset.classes, len(self.dataset)
         self.sampler = ShardedSampler(self.num_samples, rank, world, seed, self.train, self.drop_last)
         self.require_one_batch()
+        # set at interpreter exit, before multiprocessing ends the workers with SIGTERM (atexit runs
+        # hooks last registered first): the one SIGTERM the workers obey
+        self.exiting = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        atexit.register(self.exiting.fill_, 1)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
             # workers' base seed from an explicit generator, never the global RNG (augmentation is
             # seeded per sample anyway; this keeps the process's global state out of the data path)
             generator=torch_generator("loader", seed, rank),
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=functools.partial(ignore_stop_signals, self.exiting))
 
     def read_batches(self):
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
         yield from self.loader  # (uint8 (B, 3, S, S), labels (B,)) from the workers
+
+
+def ignore_stop_signals(exiting: torch.Tensor, worker_id: int) -> None:
+    """The DataLoader's `worker_init_fn` (module level: picklable under spawn); `exiting`: uint8
+    (1,) in shared memory, set when the parent exits."""
+    worker_stop_signals(signal.SIG_IGN, exiting)
 
 
 def pil_transform(spec: LoaderSpec):

@@ -10,12 +10,36 @@ its own argument parser, and those two exceptions end the launcher with one line
 status instead: 128 + the signal after a signal (run.sh turns a forwarded stop into 75), the
 first failed rank's status after a failure (naming that rank and how it ended, since a rank
 killed with SIGKILL could not say so itself). Anything else torchrun raises keeps its traceback.
+torchrun's own warnings about ending the ranks ("Received SIGTERM death signal", "Sending process N
+closing signal SIGTERM", one per rank) are dropped by a `logging.Filter` on its loggers
+(`QuietStop`): the ranks' line, or the launcher's, says what happened.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+
+
+class QuietStop(logging.Filter):
+    """Drops torchrun's warnings that it got a stop signal and that it ends each rank with one
+    (after a signal, or to restart or end the job after a rank failed: that rank is named by our
+    own line, and torchrun's "will restart worker group" warning stays). Dropped by torch's format
+    string (`record.msg`): should torch reword them, they are printed again, nothing worse. (A
+    filter that waited for the first warning would miss the case where run.sh's forwarded copy of
+    the signal cuts torchrun short before it logs it.)"""
+    MESSAGES = ("Received %s death signal, shutting down workers",  # torch.distributed.elastic.agent.server.api
+                "Sending process %s closing signal %s")  # torch.distributed.elastic.multiprocessing.api
+    LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+    def install(self) -> "QuietStop":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
 
 
 def failure_line(error) -> tuple[str, int]:
@@ -43,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(argv)
+    QuietStop().install()
     try:
         run(args)
     except SignalException as e:

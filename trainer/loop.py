@@ -178,11 +178,12 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
 class StopFlag:
     """Set by SIGTERM / SIGUSR1; the training loop polls it. A second signal more than `REPEAT_S`
     seconds after the first stops at once; one sooner is the same request arriving twice (a
-    signal sent to the whole process group, which torchrun also passes on)."""
+    signal sent to the whole process group, which torchrun also passes on). `announce`: whether
+    this process says so in the log (rank 0: every rank gets the signal)."""
     REPEAT_S = 5.0
 
-    def __init__(self):
-        self.signum, self.at = 0, 0.0
+    def __init__(self, announce: bool = True):
+        self.signum, self.at, self.announce = 0, 0.0, announce
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
@@ -193,8 +194,9 @@ class StopFlag:
         if self.signum:  # a second signal: stop now, without a checkpoint
             raise SystemExit(128 + signum)
         self.at = time.monotonic()
-        log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
-                    "%.0f s or more later, to stop at once)", signal.Signals(signum).name, self.REPEAT_S)
+        if self.announce:
+            log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
+                        "%.0f s or more later, to stop at once)", signal.Signals(signum).name, self.REPEAT_S)
         self.signum = signum
 
     def __call__(self) -> bool:
@@ -571,7 +573,7 @@ def fit(cfg: Config, task: Task) -> dict:
 def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) -> dict:
     run, first_epoch, start_step = setup_run(cfg, task, dist, lock)
     log_start(run)
-    stop = StopFlag()
+    stop = StopFlag(announce=dist.is_main)
     history, start = [], time.perf_counter()
     for epoch in range(first_epoch, cfg.train.epochs):
         res = run.run_epoch(epoch, start_step, stop)
