@@ -34,22 +34,26 @@ def available(backend: str) -> bool:
         return False
 
 
-def validate_data_args(backend: str, path: str, max_pixels: int, key: str = "data") -> None:
+def validate_data_args(backend: str, path: str, max_pixels: int, key: str = "data.path") -> None:
     """The data options checked at config time, before anything is built or written: DatasetError
-    (one line naming the key) for an unknown backend, a .beton given to a backend that does not read
-    one (or the reverse), or an unusable pixel limit."""
+    (one line naming the key) for an unknown backend, an empty path, a .beton given to a backend that
+    does not read one (or the reverse), or an unusable pixel limit. `key` names the option that holds
+    `path` (data.path, data.val_path, finetune.val_path); the others are data.backend / data.max_pixels."""
     from .decode import check_max_pixels
 
     if backend not in BACKENDS:
-        raise DatasetError(f"unknown {key}.backend '{backend}' (one of: {', '.join(BACKENDS)})")
+        raise DatasetError(f"unknown data.backend '{backend}' (one of: {', '.join(BACKENDS)})")
+    if not str(path):
+        raise DatasetError(f"{key} is empty: set it to the training images (a class folder, a `path label` list "
+                           f"or, for data.backend=ffcv, a .beton)")
     if backend == "ffcv" and not str(path).endswith(".beton"):
-        raise DatasetError(f"{key}.backend ffcv reads a .beton file, got {key}.path '{path}' "
+        raise DatasetError(f"data.backend ffcv reads a .beton file, got {key} '{path}' "
                            f"(write one with `simmim convert {path} OUT.beton`)")
     if backend != "ffcv" and str(path).endswith(".beton"):
-        raise DatasetError(f"{key}.path '{path}' is an FFCV .beton: use {key}.backend=ffcv")
+        raise DatasetError(f"{key} '{path}' is an FFCV .beton: use data.backend=ffcv")
     if backend != "ffcv":
         try:
-            check_max_pixels(max_pixels, f"{key}.max_pixels")
+            check_max_pixels(max_pixels, "data.max_pixels")
         except ValueError as e:
             raise DatasetError(str(e)) from None
 

@@ -64,10 +64,13 @@ def test_load_pretrained_refuses_other_architecture(tmp_path):
     save_simmim(tmp_path / "vit.pt", arch="vit_micro", img=64, window=0)
     with pytest.raises(CheckpointError, match="is a vit_micro checkpoint; model.arch is swin_micro"):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "vit.pt", "swin_micro")
-    (tmp_path / "junk.pt").write_bytes(b"junk")
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 junk")  # a truncated zip
     with pytest.raises(CheckpointError, match="cannot be read .* another checkpoint of the pre-training run") as e:
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     assert "delete" not in str(e.value)
+    (tmp_path / "junk.pt").write_bytes(b"junk")  # not what torch.save writes at all
+    with pytest.raises(CheckpointError, match="is not a checkpoint .*: point finetune.pretrained at a checkpoint"):
+        load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     # a checkpoint without a config naming its arch is still checked by its shapes
     state = build_simmim("swin_tiny", 64, 32, 2).state_dict()
     torch.save({"model": state}, tmp_path / "tiny.pt")

@@ -188,11 +188,9 @@ def test_beton_given_to_the_wrong_backend(tmp_path):
 
 
 def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
-    import torch
-
     from simmim.trainer.config import load_config
-    from simmim.trainer.distributed import DistInfo
-    from simmim.trainer.loop import open_run_folder
+    from simmim.trainer.loop import check_inputs
+    from simmim.trainer.pretrain import PretrainTask
 
     from simmim.pipeline.errors import ConfigError
 
@@ -202,7 +200,7 @@ def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
     cfg = load_config(None, overrides[:1] + overrides[2:])
     cfg.data.max_pixels = 0  # a config built in code still stops before the run folder
     with pytest.raises(DatasetError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
-        open_run_folder(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
+        check_inputs(cfg, PretrainTask(cfg))
     assert not (tmp_path / "run").exists()
 
 

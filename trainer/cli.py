@@ -27,10 +27,19 @@ import os
 import sys
 
 
+def run_logging() -> None:
+    """The run's log format from the start, so that what the config's loading warns (a renamed
+    key) reads like the run's other warnings; rank 0 only (RANK from torchrun)."""
+    from .loop import setup_logging
+
+    setup_logging(None, os.environ.get("RANK", "0") == "0")
+
+
 def cmd_pretrain(args) -> None:
     from .config import load_config
     from .pretrain import pretrain
 
+    run_logging()
     pretrain(load_config(args.config, args.overrides))
 
 
@@ -39,6 +48,7 @@ def cmd_finetune(args) -> None:
     from .finetune import finetune
     from .finetune_options import FinetuneConfig
 
+    run_logging()
     finetune(load_config(args.config, args.overrides, FinetuneConfig))
 
 

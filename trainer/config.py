@@ -187,18 +187,23 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def migrate(values: dict, schema: type[Config] | None = None) -> dict[str, Any]:
+def migrate(values: dict, schema: type[Config] | None = None, recipe: str | None = None) -> dict[str, Any]:
     """A saved config (nested, as `Config.to_dict()` of any version) as flat dotted keys of this
     version: `RENAMED` keys moved (a warning names each) and, given the `schema`, the sections of
-    the other task left out."""
+    the other task left out. Given a `recipe` (the name of a mapping a user wrote: a YAML file),
+    ConfigError if it sets a key under both its old and its new name: which one is meant cannot be
+    told (on the command line each `a.b=c` is its own mapping, and the last one wins)."""
     out = {}
-    for old, value in flatten(values).items():
+    flat = flatten(values)
+    for old, value in flat.items():
         key = RENAMED.get(old, old)
+        if recipe is not None and key != old and key in flat:
+            raise ConfigError(f"{recipe} sets both '{old}' and '{key}' (its new name): keep only '{key}'")
         section = key.split(".", 1)[0]
         if schema is not None and section in TASK_SECTIONS and section not in _fields(schema):
             continue
         if key != old:
-            log.warning("config key '%s' is now '%s'", old, key)
+            log.warning("%sconfig key '%s' is now '%s'", f"{recipe}: " if recipe else "", old, key)
         out[key] = value
     return out
 
@@ -231,8 +236,21 @@ def _explain(schema: type[Config], key: str, value) -> str:
     return f"config key '{key}' expects {_type_name(tp)}, got {value!r}"
 
 
+def _is_section(schema: type[Config], key: str) -> bool:
+    """Whether dotted `key` names a section (a nested dataclass) of `schema`."""
+    tp = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in (fields := _fields(tp)):
+            return False
+        tp = fields[part]
+    return dataclasses.is_dataclass(tp)
+
+
 def _set(node, schema: type[Config], key: str, value) -> None:
-    """`key = value` on the OmegaConf config `node` of `schema` (typed: converted or refused)."""
+    """`key = value` on the OmegaConf config `node` of `schema` (typed: converted or refused). A
+    section set to None (YAML `data:` with every key commented out) is an empty section."""
+    if value is None and _is_section(schema, key):
+        return
     section = key.split(".", 1)[0]
     if section in TASK_SECTIONS and section not in _fields(schema):
         raise ConfigError(f"config key '{key}' belongs to {TASK_SECTIONS[section]}: this command's config "
@@ -320,7 +338,7 @@ def load_config(recipe: str | None = None, overrides: list[str] = (), schema: ty
     """The `schema`'s defaults (PretrainConfig, or finetune_options.FinetuneConfig), then the recipe (a
     packaged name or a YAML path), then `a.b=c` overrides; checked whole (`validate_config`).
     ConfigError naming the key for any mistake."""
-    layers = [_without_default_sections(migrate(read_recipe(recipe)), schema, recipe)] if recipe else []
+    layers = [_without_default_sections(migrate(read_recipe(recipe), recipe=recipe), schema, recipe)] if recipe else []
     return _build(schema, layers + [migrate(parse_override(text)) for text in overrides])
 
 

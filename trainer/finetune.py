@@ -125,6 +125,8 @@ def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch
     return torch.cat([out, table[n - extra:]]).contiguous()
 
 
+NOT_A_CHECKPOINT = {"finetune.pretrained": "point finetune.pretrained at a checkpoint-*.pt of the pre-training run",
+                    "checkpoint": "pass a checkpoint-*.pt of the fine-tuning run"}
 INSTEAD = {"finetune.pretrained": "point finetune.pretrained at another checkpoint of the pre-training run",
            "checkpoint": "evaluate another checkpoint of the fine-tuning run"}
 
@@ -143,6 +145,9 @@ def read_checkpoint(path: Path, what: str) -> dict:
         return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"{what}: '{path}' does not exist")
+    if not _saved_by_torch(path):
+        raise CheckpointError(f"{what}: '{path}' is not a checkpoint (not a zip or pickle file, as torch.save "
+                              f"writes): " + NOT_A_CHECKPOINT.get(what, "pass a checkpoint-*.pt file"))
     try:
         with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,6 +161,14 @@ def read_checkpoint(path: Path, what: str) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
         raise CheckpointError(f"{what}: '{path}' holds no model weights")
     return ckpt
+
+
+def _saved_by_torch(path: Path) -> bool:
+    """Whether the file starts like one torch.save writes: a zip archive (the default format) or a
+    pickle (the legacy format, protocol 2 or later: its first byte is PROTO, 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
 
 
 def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
@@ -471,7 +484,8 @@ class FinetuneTask:
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         d, f = self.cfg.data, self.cfg.finetune
-        return {"data.path": (d.path, "point it at the labelled training images"),
+        make = f"; write it with `simmim convert SRC {d.path}`" if d.backend == "ffcv" else ""
+        return {"data.path": (d.path, "point it at the labelled training images" + make),
                 "finetune.val_path": (f.val_path, "point it at the validation images, or set finetune.val_path= "
                                                   "(empty) to train without evaluation"),
                 "finetune.pretrained": (f.pretrained, "point it at a simmim pre-training checkpoint, or set "

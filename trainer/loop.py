@@ -18,8 +18,11 @@ decides, the ranks agree at their stop checks), and on the way out of a stopped 
   rank and the command that rebuilds the list.
 Checkpoints go through a checkpointer (checkpoint.py): torch.save files for DDP, DCP folders for
 FSDP2; both follow the same run-folder rules (runfolder.py).
-The run folder is one job's (runfolder.RunLock); a resume first checks the checkpoint's config
-against the new one and writes nothing if a key that defines the run changed.
+The run folder is one job's (runfolder.RunLock); nothing but that lock file is written before every
+input is checked: the paths (`check_inputs`), then, under the lock, the checkpoint to resume (its
+config against the new one: a key that defines the run may not change) and the task's model and
+loaders (`task.build` opens the data and reads a pretrained checkpoint). A refusal on the way
+removes the lock file again (and the folder, if the lock made it).
 """
 from __future__ import annotations
 
@@ -145,7 +148,21 @@ def one_line(e: Exception) -> str:
     return " ".join(lines)
 
 
-def setup_logging(out_dir: Path | None, is_main: bool) -> None:
+class HeldRecords(logging.Handler):
+    """Keeps the records logged before the run folder is the run's (while the inputs are opened),
+    for its log.txt once it is (`setup_logging(..., held=)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None = None) -> None:
+    """Rank 0 logs to stdout (and out_dir/log.txt, where `held`'s records are written first), the
+    other ranks only warnings. One format for every message of a run, config warnings included."""
     handlers: list[logging.Handler] = []
     if is_main:
         handlers.append(logging.StreamHandler(sys.stdout))
@@ -153,6 +170,9 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
             handlers.append(logging.FileHandler(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    if held is not None and len(handlers) == 2:
+        for record in held.records:
+            handlers[1].handle(record)
 
 
 class StopFlag:
@@ -377,10 +397,17 @@ class Run:
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
 
 
+# the task's inputs that are not data sources (checked for existence only; the task reads them in `build`)
+NOT_DATA = ("finetune.pretrained",)
+
+
 def check_inputs(cfg: Config, task: Task) -> None:
-    """Before the run folder is made (its lock is the first thing written): DatasetError /
-    CheckpointError, one line naming the key, for a data option out of place, a backend that is not
-    installed, or an input of the task that does not exist."""
+    """Before the run folder is made: DatasetError / CheckpointError, one line naming the key, for
+    an empty data.path, a data option out of place (a .beton for a backend that does not read one,
+    or the reverse, for data.path and every other data source of the task), a backend that is not
+    installed, or an input of the task that does not exist. What needs the inputs opened (an empty
+    folder, a bad list line, a checkpoint of another arch) is found by `task.build`, which also
+    runs before anything but the provisional lock file is written (`setup_run`)."""
     from simmim.pipeline.loaders import INSTALL, available, validate_data_args
 
     d = cfg.data
@@ -389,29 +416,37 @@ def check_inputs(cfg: Config, task: Task) -> None:
         raise DatasetError(f"data.backend {d.backend} is not installed: {INSTALL[d.backend][1]}")
     for key, (path, hint) in task.inputs().items():
         if path and not Path(path).exists():
-            error = CheckpointError if key == "finetune.pretrained" else DatasetError
+            error = CheckpointError if key in NOT_DATA else DatasetError
             raise error(f"{key} '{path}' does not exist: {hint}")
+        if path and key not in NOT_DATA and key != "data.path":
+            validate_data_args(d.backend, path, d.max_pixels, key)
 
 
-def open_run_folder(cfg: Config, dist: DistInfo) -> tuple[Path | None, dict | None]:
-    """The newest readable checkpoint of run.out_dir (if any), checked against `cfg` before
-    anything is written; then the config file and the log file. Rank 0 holds the folder's lock."""
-    from simmim.pipeline.loaders import validate_data_args
-
-    validate_data_args(cfg.data.backend, cfg.data.path, cfg.data.max_pixels)  # before anything is written
-    out_dir = Path(cfg.run.out_dir)
-    setup_logging(None, dist.is_main)  # console only until the folder is known to be this run's
-    path, ckpt, bad = newest_readable_checkpoint(out_dir)
+def read_run_folder(cfg: Config) -> tuple[Path | None, dict | None, list, list[str]]:
+    """Reads only: the newest readable checkpoint of run.out_dir (path, contents; None if there is
+    none), the unreadable newer ones, and the changed keys a resume allows (ConfigError for one it
+    does not allow)."""
+    path, ckpt, bad = newest_readable_checkpoint(Path(cfg.run.out_dir))
     changed = check_resume_config(ckpt.get("config"), cfg.to_dict(), path) if ckpt is not None else []
+    return path, ckpt, bad, changed
+
+
+def write_run_folder(cfg: Config, dist: DistInfo, lock: RunLock | None, held: HeldRecords | None,
+                     resumed: Path | None, bad: list, changed: list[str]) -> None:
+    """Once every input is open: the folder becomes the run's (the lock commits), then its
+    config.yaml and log.txt (with what was logged while the inputs were opened); unreadable
+    checkpoints are set aside."""
+    out_dir = Path(cfg.run.out_dir)
     if dist.is_main:
+        if lock is not None:
+            lock.commit()
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    setup_logging(out_dir if dist.is_main else None, dist.is_main)
+    setup_logging(out_dir if dist.is_main else None, dist.is_main, held)
     if dist.is_main and bad:
-        set_aside(bad, path)
+        set_aside(bad, resumed)
     if changed:
         log.info("resuming with changed %s", ", ".join(changed))
-    return path, ckpt
 
 
 def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, object]:
@@ -434,22 +469,34 @@ def check_parallel(t) -> None:
         raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
 
 
-def setup_run(cfg: Config, task: Task, dist: DistInfo) -> tuple[Run, int, int]:
-    """Builds everything and resumes; returns the run and the (epoch, step) to start from."""
+def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) -> tuple[Run, int, int]:
+    """Builds everything and resumes; returns the run and the (epoch, step) to start from. Nothing
+    is written to the run folder (but rank 0's provisional lock file) until the checkpoint to resume
+    is read and checked and the task's model and loaders are built: every input is open by then
+    (the sample lists made, the pretrained checkpoint loaded), so an input refused on the way
+    leaves no config.yaml or log.txt behind, and nothing is opened twice."""
     d, t, o = cfg.data, cfg.train, cfg.optim
     check_parallel(t)
-    resumed, ckpt = open_run_folder(cfg, dist)  # all but a DCP checkpoint's tensors
+    setup_logging(None, dist.is_main)  # console only until the folder is known to be this run's
+    held = HeldRecords() if dist.is_main else None
+    if held is not None:
+        logging.getLogger().addHandler(held)
     out_dir = Path(cfg.run.out_dir)
-    amp_dtype = amp_dtype_for(t.precision, dist.device)
-    model, loader = build_model(cfg, task, dist)
+    try:
+        amp_dtype = amp_dtype_for(t.precision, dist.device)
+        resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
+        model, loader = build_model(cfg, task, dist)
+        old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
+        accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
+        global_batch = d.batch_size * dist.world_size * accum
+        steps_per_epoch = len(loader) // accum
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
+                              f"accumulation steps: lower train.accum_steps or data.batch_size")
+    finally:
+        logging.getLogger().removeHandler(held)  # (no-op for None)
+    write_run_folder(cfg, dist, lock, held, resumed, bad, changed)
     checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
-    old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
-    accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
-    global_batch = d.batch_size * dist.world_size * accum
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(loader)} batches per epoch do not fill one step of {accum} "
-                          f"accumulation steps: lower train.accum_steps or data.batch_size")
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
     # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
     train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, amp_dtype, t.cpu_offload,
@@ -503,14 +550,15 @@ def fit(cfg: Config, task: Task) -> dict:
     checkpoint, raises Preempted after a stop signal, Diverged after train.max_skipped_steps
     non-finite steps in a row, DataFailure when a data file fails. RunFolderBusy if another job
     holds run.out_dir, ConfigError if it holds a run of another config or any value of `cfg` is out
-    of range, DatasetError / CheckpointError if an input is missing (all before anything is written);
+    of range, DatasetError / CheckpointError if an input is missing or cannot be used (all before
+    anything is written: a provisional lock file is removed again);
     PeerLost if a collective failed because another rank went away."""
     validate_config(cfg)  # a Config built in code, not by load_config, is checked here too
     check_inputs(cfg, task)
     dist = init_distributed(cfg.train.device)
     try:
-        with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext():
-            return train(cfg, task, dist)
+        with RunLock(cfg.run.out_dir, job_id()) if dist.is_main else contextlib.nullcontext() as lock:
+            return train(cfg, task, dist, lock)
     except RuntimeError as e:
         who = peer_lost(e)
         if who is None:
@@ -522,8 +570,8 @@ def fit(cfg: Config, task: Task) -> dict:
                        f"(trainer/run.sh restarts it by itself up to MAX_RESTARTS times)") from None
 
 
-def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
-    run, first_epoch, start_step = setup_run(cfg, task, dist)
+def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) -> dict:
+    run, first_epoch, start_step = setup_run(cfg, task, dist, lock)
     log_start(run)
     stop = StopFlag(announce=dist.is_main)
     history, start = [], time.perf_counter()
@@ -538,7 +586,8 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
                **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
     run.checkpointer.wait()  # an async save in flight
     if history:
-        log.info("finished %d epochs in %.1f s; run folder %s", len(history), summary["wall_s"], run.out_dir)
+        log.info("finished %d epoch%s in %.1f s; run folder %s", len(history), "" if len(history) == 1 else "s",
+                 summary["wall_s"], run.out_dir)
     run.monitor.close()
     cleanup()
     return summary

@@ -90,7 +90,9 @@ class PretrainTask:
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         d = self.cfg.data
-        return {"data.path": (d.path, "build the sample set with `simmim sample-data`, or set data.path"),
+        make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"
+                else "build the sample set with `simmim sample-data`, or set data.path")
+        return {"data.path": (d.path, make),
                 "data.val_path": (d.val_path if self.cfg.run.val_every > 0 else "",
                                   "point it at held-out images, or set data.val_path= (empty) to train "
                                   "without a validation loss")}

@@ -4,7 +4,9 @@ and a resumed run is the same run.
 - `RunLock`: run.out_dir/.lock, held with flock(2) by the job's rank 0 for the whole run. The
   kernel drops it when the process ends however it ends (SIGKILL, OOM, a node reboot), so a crashed
   job never leaves it stuck. A torchrun restart of the same job (same TORCHELASTIC_RUN_ID) waits a
-  while for the old rank 0 to exit; any other job is refused at once.
+  while for the old rank 0 to exit; any other job is refused at once. It is taken before the inputs
+  are opened and is provisional until the run commits to the folder: a refused input removes it
+  (and the folder, if the lock made it), so nothing is left behind.
 - `newest_readable_checkpoint`: the newest checkpoint that loads; `set_aside` keeps unreadable
   newer ones (truncated, foreign), renamed to `*.corrupt`, with a warning naming them.
 - `check_resume_config`: the checkpoint's config against the new one, before anything is written:
@@ -12,6 +14,7 @@ and a resumed run is the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import fnmatch
 import json
@@ -47,49 +50,82 @@ class RunLock:
 
     `job` identifies the job (torchrun's run id): a lock held by the same job is waited for up to
     `wait_s` seconds (a restarted worker group whose old rank 0 is still exiting); a lock held by
-    another job raises RunFolderBusy naming its pid and host."""
+    another job raises RunFolderBusy naming its pid and host.
+
+    The lock is taken before the run's inputs are opened (so two jobs that start together cannot
+    both pass their checks), but until `commit()` it is provisional: the lock file is all it has
+    written, and a release before `commit()` (an input refused) removes the lock file and the
+    folders it made, so a refused command leaves no run folder behind. A removed lock file cannot
+    let two jobs in: a job that took the lock on a file that was removed meanwhile tries again
+    (flock locks the file, so each holder checks that the path still names the file it locked)."""
 
     def __init__(self, out_dir: str | Path, job: str | None = None, wait_s: float = 90.0):
-        self.path = Path(out_dir) / ".lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        out = Path(out_dir)
+        self.path, self.committed, self.fd = out / ".lock", False, -1
+        self.made = [p for p in reversed([out, *out.parents]) if not p.exists()]  # outermost first
         deadline = time.monotonic() + wait_s
         while True:
+            out.mkdir(parents=True, exist_ok=True)  # again if a refused holder removed it meanwhile
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = self._holder()
+                holder = _holder(fd)
+                os.close(fd)
                 if job and holder.get("job") == job and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
-                os.close(self.fd)
                 raise RunFolderBusy(
                     f"run.out_dir '{self.path.parent}' is in use by another job (pid {holder.get('pid', '?')} on "
                     f"{holder.get('host', '?')}, since {holder.get('since', '?')}): wait for it to end, or set "
                     f"another run.out_dir") from None
+            if _names(self.path, fd):
+                break
+            os.close(fd)  # locked a file a refused holder removed after we opened it: open the new one
+        self.fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
 
-    def _holder(self) -> dict:
-        try:
-            return json.loads(os.pread(self.fd, 4096, 0).decode() or "{}")
-        except (OSError, ValueError):
-            return {}
+    def commit(self) -> None:
+        """The run's inputs are checked: from now on the folder is the run's, and the lock file stays."""
+        self.committed = True
 
     def release(self) -> None:
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
+        """Unlocks; before `commit()`, also removes the lock file and the (then empty) folders it made."""
+        if self.fd < 0:
+            return
+        if not self.committed:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            for folder in reversed(self.made):
+                with contextlib.suppress(OSError):  # not empty: someone else's files are there now
+                    folder.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = -1
 
     def __enter__(self) -> "RunLock":
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` still names the open file `fd`."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 def job_id() -> str | None:
@@ -145,6 +181,7 @@ def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
     if refused:
         diff = ", ".join(f"{k} {old[k]!r} -> {cur[k]!r}" for k in refused)
+        allowed = [p for p in RESUMABLE if any(fnmatch.fnmatchcase(k, p) for k in cur)]  # this config's keys only
         raise ConfigError(f"run.out_dir '{path.parent}' holds another run ({path.name}): {diff} cannot change on "
-                          f"resume (only {', '.join(RESUMABLE)} can): set another run.out_dir, or set them back")
+                          f"resume (only {', '.join(allowed)} can): set another run.out_dir, or set them back")
     return changed
