@@ -139,6 +139,60 @@ class Throughput:
         return out
 
 
+class EpochMeter:
+    """What one `train_one_epoch` call measures and shows: the current step's loss (`step_loss`,
+    accumulated by `forward_backward`), the steps run, those skipped and the finite steps' loss
+    sum (0-d device tensors, read only at sync points), throughput since the last record, and the
+    progress bar."""
+
+    def __init__(self, device: torch.device, world_size: int, *, epoch: int, steps_per_epoch: int,
+                 start_step: int, progress: bool):
+        self.step_loss = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.steps = 0
+        self.throughput = Throughput(world_size)
+        self.bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False,
+                        disable=not progress, dynamic_ncols=True)
+
+    def add(self, found_inf: torch.Tensor) -> None:
+        """Counts the step just taken; a skipped one (found_inf 1.) adds nothing to the loss sum."""
+        self.steps += 1
+        self.skipped += found_inf
+        self.loss_sum += torch.where(found_inf > 0, 0.0, self.step_loss)
+        self.bar.update(1)
+
+    def record(self, log: Callable[[dict], None], state: StepState, *, epoch: int, step: int, lr: float,
+               grad_norm: torch.Tensor) -> None:
+        """log(record) for the step just taken: its loss (mean over ranks: an all-reduce and a host
+        sync, so at log steps only), lr, grad norm, images/sec and share of the time waited on
+        data since the last record, skipped steps in total; the bar shows loss and lr."""
+        mean_loss = all_reduce_mean(self.step_loss).item()
+        log({"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+             **self.throughput.rates(), "skipped_steps": int(state.skipped.item())})
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+
+    def totals(self) -> tuple[float, int]:
+        """(loss sum, mean over ranks; steps not skipped): an all-reduce and a host sync."""
+        return all_reduce_mean(self.loss_sum).item(), self.steps - int(self.skipped.item())
+
+    def close(self) -> tuple[float, int]:
+        """Closes the bar; returns `totals()`."""
+        self.bar.close()
+        return self.totals()
+
+
+def agree_on_stop(stop_requested: Callable[[], bool], checkpoint_due: Callable[[], bool],
+                  save: Callable[[int, float, int], None] | None, meter: EpochMeter, steps_done: int,
+                  device: torch.device) -> bool:
+    """True if a stop is requested on any rank (one all-reduce, on every rank). Otherwise, if a
+    checkpoint is due on any rank, save(steps done, loss sum, good steps) runs on every rank."""
+    stop, save_now = any_rank([stop_requested(), checkpoint_due()], device)
+    if not stop and save_now and save is not None:
+        save(steps_done, *meter.totals())
+    return bool(stop)
+
+
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     lr_at: Callable[[int], float], *, epoch: int, steps_per_epoch: int, start_step: int,
                     accum_steps: int, clip_grad: float, amp_dtype: torch.dtype | None,
@@ -163,55 +217,39 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     PeerDataFailure on the other ranks).
     """
     model.train()
-    device = state.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    loss_sum = torch.zeros((), device=device)
-    epoch_skipped = torch.zeros((), device=device)
-    step_loss = torch.zeros((), device=device)
-    bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False,
-               disable=not progress, dynamic_ncols=True)
-    meter, run_steps = Throughput(world_size), 0
+    meter = EpochMeter(state.device, world_size, epoch=epoch, steps_per_epoch=steps_per_epoch, start_step=start_step,
+                       progress=progress)
     result = EpochResult(epoch, start_step, float("nan"))
     data = iter(loader)
     for step_in_epoch in range(start_step, steps_per_epoch):
         step = epoch * steps_per_epoch + step_in_epoch
         lr = set_lr(optimizer, lr_at(step))
-        step_loss.zero_()
-        n, w, error = forward_backward(model, data, scaler, step_loss, accum_steps=accum_steps, amp_dtype=amp_dtype,
-                                       key=(seed, epoch, step_in_epoch, rank), device=device,
-                                       batch_transform=batch_transform)
-        meter.add(n, w)
+        meter.step_loss.zero_()
+        n, w, error = forward_backward(model, data, scaler, meter.step_loss, accum_steps=accum_steps,
+                                       amp_dtype=amp_dtype, key=(seed, epoch, step_in_epoch, rank),
+                                       device=state.device, batch_transform=batch_transform)
+        meter.throughput.add(n, w)
         if error is not None:
             result.stopped, result.error = "data", error
             optimizer.zero_grad(set_to_none=True)  # the step's micro-batches are incomplete: not taken
             break
         grad_norm, found_inf = update(optimizer, scaler, params, clip_grad, state)
-        epoch_skipped += found_inf
-        loss_sum += torch.where(found_inf > 0, 0.0, step_loss)
-        run_steps += 1
+        meter.add(found_inf)
         result.steps_done = step_in_epoch + 1
-        bar.update(1)
         # logged steps are fixed by the step number, so a resumed run logs the same steps
         at_log = (step_in_epoch + 1) % log_every == 0 or step_in_epoch == steps_per_epoch - 1
         if at_log:
-            mean_loss = all_reduce_mean(step_loss).item()  # host sync, at log intervals only
-            log({"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                 **meter.rates(), "skipped_steps": int(state.skipped.item())})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            meter.record(log, state, epoch=epoch, step=step, lr=lr, grad_norm=grad_norm)
             if state.streak.item() >= max_skipped_streak:
                 result.stopped = "diverged"
                 break
         # A signal may reach ranks at different steps: they agree through an all-reduce, which
         # costs a host sync, so with several ranks only every `stop_check_every` steps.
-        if at_log or world_size == 1 or run_steps % stop_check_every == 0:
-            stop, save_now = any_rank([stop_requested(), checkpoint_due()], device)
-            if stop:
+        if at_log or world_size == 1 or meter.steps % stop_check_every == 0:
+            if agree_on_stop(stop_requested, checkpoint_due, save, meter, result.steps_done, state.device):
                 result.stopped = "signal"
                 break
-            if save_now and save is not None:
-                save(result.steps_done, all_reduce_mean(loss_sum).item(), run_steps - int(epoch_skipped.item()))
-    bar.close()
-    result.good_steps = run_steps - int(epoch_skipped.item())  # skipped steps added nothing to loss_sum
-    result.loss_sum = all_reduce_mean(loss_sum).item()
+    result.loss_sum, result.good_steps = meter.close()  # skipped steps added nothing to the loss sum
     result.loss = result.loss_sum / result.good_steps if result.good_steps else float("nan")
     return result
