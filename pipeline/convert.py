@@ -146,45 +146,21 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     workers = workers or os.cpu_count() or 1
     page_size = fit_page_size(samples, max_resolution, page_size)
     log.info("converting %d images from %s", len(samples), src)
-    keep_torch_threads()  # importing FFCV sets torch's thread count
-    from ffcv.fields import IntField, RGBImageField  # after the checks: importing FFCV takes seconds
-
-    from .ffcv_writer import CheckedWriter, WriterFailed
-
+    fields = beton_fields(write_mode, max_resolution, jpeg_quality, compress_probability)
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.tmp")
     failed_dir = dst_path.with_name(f".{dst_path.name}.{os.getpid()}.failed")
     failed_dir.mkdir(exist_ok=True)
-    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                     jpeg_quality=jpeg_quality, compress_probability=compress_probability),
-              "label": IntField()}
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed conversion still removes its temp file
     try:
-        writer = CheckedWriter(str(tmp), fields, failed_dir, page_size, workers, progress)
-        try:
-            writer.from_indexed_dataset(ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail",
-                                                       max_pixels), chunksize=chunk_size)
-        except WriterFailed as e:
-            raise DatasetError(f"conversion stopped: {e}") from None
-        bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name.isdigit())
-        if bad and on_error == "fail":
-            raise DatasetError(f"cannot decode {bad[0][1]} ({bad[0][2]}); use --on-error skip to leave it out")
-        if len(bad) == len(samples):
-            raise DatasetError(f"no image under {src} decodes")
-        for _, path, err in bad:
-            log.warning("skipping %r (%s)", path, err)
-        if bad:
-            drop_samples(tmp, np.array([i for i, _, _ in bad], dtype=np.int64))
+        dataset = ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail", max_pixels)
+        write_samples(tmp, fields, dataset, page_size, workers, chunk_size, progress)
+        bad = drop_failures(tmp, failed_dir, len(samples), src, on_error)
         seconds = time.perf_counter() - t0
-        written = len(samples) - len(bad)
-        report = {"images": len(samples), "good": written, "bad": len(bad), "seconds": round(seconds, 2),
-                  "classes": len(classes), "bad_files": [{"path": p, "error": e} for _, p, e in bad],
-                  "written": written, "write_seconds": round(seconds, 2),
-                  "images_per_sec": round(written / max(seconds, 1e-9), 1),
-                  "source": str(Path(src).resolve()), "max_resolution": max_resolution,
-                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size,
-                  "bytes": tmp.stat().st_size}
+        report = conversion_report(src, len(samples), len(classes), bad, seconds, tmp.stat().st_size,
+                                   max_resolution=max_resolution, write_mode=write_mode,
+                                   jpeg_quality=jpeg_quality, page_size=page_size)
         write_json(sidecar(dst_path, "classes.json"), classes)
         write_json(sidecar(dst_path, "report.json"), report)
         os.replace(tmp, dst_path)
@@ -195,8 +171,63 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
             p.unlink()
         failed_dir.rmdir()
     log.info("wrote %s: %d images (%d skipped) in %.1fs, %.0f images/sec, %.1f MB", dst_path,
-             written, len(bad), seconds, report["images_per_sec"], report["bytes"] / 1e6)
+             report["written"], report["bad"], seconds, report["images_per_sec"], report["bytes"] / 1e6)
     return report
+
+
+def beton_fields(write_mode: str, max_resolution: int, jpeg_quality: int, compress_probability: float) -> dict:
+    """The .beton's fields: "image" (FFCV's RGBImageField, longer side <= max_resolution) and
+    "label" (IntField). Imports FFCV, which takes seconds: call it after the checks."""
+    keep_torch_threads()  # importing FFCV sets torch's thread count
+    from ffcv.fields import IntField, RGBImageField
+
+    return {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                   jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+            "label": IntField()}
+
+
+def write_samples(path: Path, fields: dict, dataset: ConvertDataset, page_size: int, workers: int,
+                  chunk_size: int, progress: bool) -> None:
+    """Writes every sample of `dataset` to the .beton at `path` with FFCV's writer in `workers`
+    processes (`ffcv_writer.CheckedWriter`), `chunk_size` samples per task; a worker that fails
+    raises DatasetError (one line)."""
+    from .ffcv_writer import CheckedWriter, WriterFailed
+
+    writer = CheckedWriter(str(path), fields, dataset.failed_dir, page_size, workers, progress)
+    try:
+        writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+    except WriterFailed as e:
+        raise DatasetError(f"conversion stopped: {e}") from None
+
+
+def drop_failures(path: Path, failed_dir: Path, n_samples: int, src: str, on_error: str) -> list[tuple[int, str, str]]:
+    """The samples `ConvertDataset` recorded in `failed_dir` as not decoding, (index, path, reason)
+    in source order, each logged as a warning and dropped from the .beton at `path`. DatasetError
+    (one line) with on_error='fail', naming the first, or when none of the `n_samples` decodes."""
+    bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name.isdigit())
+    if bad and on_error == "fail":
+        raise DatasetError(f"cannot decode {bad[0][1]} ({bad[0][2]}); use --on-error skip to leave it out")
+    if len(bad) == n_samples:
+        raise DatasetError(f"no image under {src} decodes")
+    for _, file, err in bad:
+        log.warning("skipping %r (%s)", file, err)
+    if bad:
+        drop_samples(path, np.array([i for i, _, _ in bad], dtype=np.int64))
+    return bad
+
+
+def conversion_report(src: str, images: int, classes: int, bad: list[tuple[int, str, str]], seconds: float,
+                      size: int, *, max_resolution: int, write_mode: str, jpeg_quality: int, page_size: int) -> dict:
+    """DST.report.json: counts (images listed, written, bad, classes), seconds from the listing to
+    the finished .beton and images written per second, the bad files with their reasons, the
+    source (absolute), the options and the .beton's size in bytes."""
+    written = images - len(bad)
+    return {"images": images, "good": written, "bad": len(bad), "seconds": round(seconds, 2),
+            "classes": classes, "bad_files": [{"path": p, "error": e} for _, p, e in bad],
+            "written": written, "write_seconds": round(seconds, 2),
+            "images_per_sec": round(written / max(seconds, 1e-9), 1),
+            "source": str(Path(src).resolve()), "max_resolution": max_resolution,
+            "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size, "bytes": size}
 
 
 def stored_shape(width: int, height: int, max_resolution: int | None) -> tuple[int, int]:
