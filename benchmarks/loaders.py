@@ -127,8 +127,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cuda = torch.cuda.is_available()
+def parser(cuda: bool) -> argparse.ArgumentParser:
+    """`simmim bench loaders`'s options; the default batch is larger on a GPU (`cuda`)."""
     ap = argparse.ArgumentParser(prog="simmim bench loaders", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/sample/train", help="class-folder tree to read")
     ap.add_argument("--synthetic", type=int, default=0, help="write N ImageNet-sized JPEGs and read those")
@@ -139,7 +139,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backends", default="torch,ffcv,dali")
     ap.add_argument("--max-resolution", type=int, default=256, help=".beton longer side")
     ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def source_images(data: str, synthetic: int, tmp: Path) -> Path:
+    """The class-folder tree to read: `synthetic` JPEGs written under `tmp` (if > 0), else `data`
+    (the sample dataset, built on first use when it is the default and missing)."""
+    src = Path(data)
+    if synthetic:
+        t0 = time.perf_counter()
+        src = synthetic_jpegs(tmp / "synthetic", synthetic)
+        print(f"wrote {synthetic} synthetic JPEGs in {time.perf_counter() - t0:.1f}s", flush=True)
+    elif not src.exists() and str(src) == "data/sample/train":
+        from simmim.pipeline.sample_data import build_sample_dataset
+
+        src = build_sample_dataset("data/sample") / "train"
+    return src
+
+
+def write_results(result: dict, out_root: str, synthetic: int) -> None:
+    """loaders[-synthetic<N>].json, .md (printed too) and .png (images/sec per loader) in the
+    results folder under `out_root` for this device."""
+    rows = result["rows"]
+    out = results_dir(out_root, "loaders")
+    tag = "loaders" + (f"-synthetic{synthetic}" if synthetic else "")
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    report = markdown(result)
+    (out / f"{tag}.md").write_text(report)
+    write_bar_chart(out / f"{tag}.png", [r["loader"] for r in rows], {"images/sec": [r["img_per_s"] for r in rows]},
+                    ylabel="images / second",
+                    title=f"Loaders, {result['size']}px, {result['workers']} workers, {device_name()}")
+    print(report)
+    print(f"wrote {out}/{tag}.md, .json, .png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cuda = torch.cuda.is_available()
+    args = parser(cuda).parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if cuda else "cpu")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -149,15 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         backends = [b for b in backends if b not in missing]
 
     with tempfile.TemporaryDirectory(prefix="simmim-bench-loaders-") as tmp:
-        src = Path(args.data)
-        if args.synthetic:
-            t0 = time.perf_counter()
-            src = synthetic_jpegs(Path(tmp) / "synthetic", args.synthetic)
-            print(f"wrote {args.synthetic} synthetic JPEGs in {time.perf_counter() - t0:.1f}s", flush=True)
-        elif not src.exists() and str(src) == "data/sample/train":
-            from simmim.pipeline.sample_data import build_sample_dataset
-
-            src = build_sample_dataset("data/sample") / "train"
+        src = source_images(args.data, args.synthetic, Path(tmp))
         conversion, beton = None, Path(tmp) / "bench.beton"
         if "ffcv" in backends:
             from simmim.pipeline.convert import convert
@@ -183,13 +211,5 @@ def main(argv: list[str] | None = None) -> dict:
               "epochs": args.epochs, "conversion": conversion and {k: v for k, v in conversion.items()
                                                                      if k != "bad_files"},
               "rows": rows}
-    out = results_dir(args.out, "loaders")
-    tag = "loaders" + (f"-synthetic{args.synthetic}" if args.synthetic else "")
-    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-    report = markdown(result)
-    (out / f"{tag}.md").write_text(report)
-    write_bar_chart(out / f"{tag}.png", [r["loader"] for r in rows], {"images/sec": [r["img_per_s"] for r in rows]},
-                    ylabel="images / second", title=f"Loaders, {args.size}px, {args.workers} workers, {device_name()}")
-    print(report)
-    print(f"wrote {out}/{tag}.md, .json, .png")
+    write_results(result, args.out, args.synthetic)
     return result

@@ -406,7 +406,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """`simmim bench scale`'s options (`--step` runs one step in a child process: hidden)."""
     ap = argparse.ArgumentParser(prog="simmim bench scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_281_167, help="entries in the tree")
     ap.add_argument("--classes", type=int, default=1000)
@@ -425,7 +426,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--memory-stub", type=int, default=1, help="1: stub decoding in the memory step")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="results")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def write_chart(result: dict, out: Path, n: int, scan_n: int, orders: list[int]) -> None:
+    """scale.png: the seconds of listing, the larger scan bookkeeping size, convert's first sample,
+    each epoch order (one rank) and the last DALI epoch start, those the steps run measured."""
+    seconds = {"listing": result["steps"].get("listing", {}).get("seconds"),
+               "scan 4N bookkeeping": result["steps"].get("scan", {}).get(f"bookkeeping_s_{scan_n}"),
+               "convert first sample": result["steps"].get("convert", {}).get("first_sample_s"),
+               **{f"order {s}": result["steps"].get("orders", {}).get(f"order_s_{s}_world1") for s in orders}}
+    dali = result["steps"].get("dali", {}).get("epoch_start_s")
+    if dali:
+        seconds["DALI epoch start (last)"] = dali[-1]
+    seconds = {k: float(v) for k, v in seconds.items() if isinstance(v, (int, float))}
+    if seconds:
+        write_bar_chart(out / "scale.png", list(seconds), {"seconds": list(seconds.values())}, ylabel="seconds",
+                        title=f"Scale, N={n}, {device_name()}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     args.orders = [int(x) for x in str(args.orders).split(",") if x]
     if args.step:  # a child process: one step, one JSON line
         print(json.dumps(STEP_FNS[args.step](args)), flush=True)
@@ -453,17 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "scale.json").write_text(json.dumps(result, indent=1))
     report = markdown(result)
     (out / "scale.md").write_text(report)
-    seconds = {"listing": result["steps"].get("listing", {}).get("seconds"),
-               "scan 4N bookkeeping": result["steps"].get("scan", {}).get(f"bookkeeping_s_{args.scan_n}"),
-               "convert first sample": result["steps"].get("convert", {}).get("first_sample_s"),
-               **{f"order {s}": result["steps"].get("orders", {}).get(f"order_s_{s}_world1") for s in args.orders}}
-    dali = result["steps"].get("dali", {}).get("epoch_start_s")
-    if dali:
-        seconds["DALI epoch start (last)"] = dali[-1]
-    seconds = {k: float(v) for k, v in seconds.items() if isinstance(v, (int, float))}
-    if seconds:
-        write_bar_chart(out / "scale.png", list(seconds), {"seconds": list(seconds.values())}, ylabel="seconds",
-                        title=f"Scale, N={args.n}, {device_name()}")
+    write_chart(result, out, args.n, args.scan_n, args.orders)
     print(report)
     print(f"wrote {out}/scale.md, .json, .png")
     return result
