@@ -34,6 +34,9 @@ batch memory (`close_epoch`); a producer that dies raises here instead of hangin
 """
 from __future__ import annotations
 
+import copy
+import weakref
+
 import numpy as np
 import torch
 
@@ -48,6 +51,7 @@ from .options import LoaderSpec
 from .rand_augment import BatchRandAugment
 from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
+from .views_ahead import ViewsAhead
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -96,6 +100,13 @@ class ShardedOrder:
             order = sampler.indices()
         return order[self.start:].astype(np.uint64)
 
+    def ahead(self, epoch: int, start: int) -> np.ndarray:
+        """`sample_order(epoch)` from position `start`, without touching `self.start` (FFCV's): for
+        `ViewsAhead`'s thread. int64."""
+        other = copy.copy(self)
+        other.start = start
+        return other.sample_order(epoch).astype(np.int64)
+
     def quasi_random(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng(derive_seed("pages", self.seed, epoch))
         unique_pages = np.unique(self.pages)
@@ -135,9 +146,21 @@ class ViewTable:
                     table[name][sub] = meta[name][sub]
             else:
                 table[name] = meta[name]
-        reader.metadata = table
-        self.images = table[self.field]
+        self.table, self.images = table, table[self.field]
+        self.install(reader)
         self.widths, self.heights = self.images["width"].astype(np.int64), self.images["height"].astype(np.int64)
+
+    def install(self, reader) -> None:
+        """Makes FFCV's epochs started from now on read this table (an epoch keeps the one it
+        started with: `EpochIterator` takes `reader.metadata` when it is created)."""
+        reader.metadata = self.table
+
+    def spare(self) -> ViewTable:
+        """A second table of the same samples, not installed: written while FFCV reads this one."""
+        other = copy.copy(self)
+        other.table = self.table.copy()
+        other.images = other.table[self.field]
+        return other
 
     def fill(self, indices: np.ndarray, aug: Augmentation, seed: int, epoch: int) -> None:
         """The training views of samples `indices` in `epoch`."""
@@ -253,6 +276,9 @@ class FFCVLoader(Loader):
         self.views = ViewTable(self.loader.reader)
         if not self.train:
             self.views.fill_eval(aug.size, spec.crop_ratio)
+        # training: epoch e + 1's views drawn while e trains (the thread holds no reference to self)
+        self.ahead = ViewsAhead((self.views, self.views.spare()), self.order.ahead, aug, seed) if self.train else None
+        self.finalizer = weakref.finalize(self, self.ahead.close) if self.ahead is not None else None
         quiet_numba_finalizer()  # collecting this loader later makes numba print a harmless KeyError
 
     def device_transform(self):
@@ -268,8 +294,11 @@ class FFCVLoader(Loader):
         self.order.start = self.start_batch * self.batch_size
         self.loader.next_epoch = self.epoch
         if self.train:
-            self.views.fill(self.order.sample_order(self.epoch), self.aug, self.seed, self.epoch)
+            self.views = self.ahead.activate(self.epoch, self.order.start)
+            self.views.install(self.loader.reader)
         epoch = iter(self.loader)
+        if self.train:
+            self.ahead.prepare(self.epoch + 1)
         try:
             for _ in range(self.start_batch, len(self)):
                 out = next_batch(epoch)
@@ -278,6 +307,12 @@ class FFCVLoader(Loader):
                 yield out[0], out[1] if self.labels else None
         finally:
             close_epoch(epoch)
+
+    def close(self) -> None:
+        """Stops the thread drawing the next epoch's views (~0.1 s; also run when the loader is
+        collected). An epoch started afterwards draws its views itself."""
+        if self.finalizer is not None:
+            self.finalizer()
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
         """The evaluation view of the stored images (`simmim convert` checked they decode)."""

@@ -97,6 +97,26 @@ def test_mid_epoch_resume_and_worker_count(backend, ramp_set, request):
     assert not torch.equal(whole[0], epoch_images(backend_loader(backend, ramp_set, beton, 2, aug), 2)[0])
 
 
+@needs("ffcv")
+@pytest.mark.slow
+def test_ffcv_draws_the_next_epochs_views_while_one_trains(ramp_beton):
+    """Epoch 1 after epoch 0 takes the views a thread drew during epoch 0 (`ViewsAhead`), and its
+    batches equal those of a loader that drew epoch 1's views at its start."""
+    aug = Augmentation(size=SIZE)
+    ahead = make_loader("ffcv", str(ramp_beton), aug, None, 4, 2, seed=SEED)
+    epoch_images(ahead, 0)
+    assert ahead.ahead.precomputed == 0
+    got = epoch_images(ahead, 1)
+    assert ahead.ahead.precomputed == 1
+    fresh = make_loader("ffcv", str(ramp_beton), aug, None, 4, 2, seed=SEED)
+    want = epoch_images(fresh, 1)
+    assert fresh.ahead.precomputed == 0
+    assert len(got) == len(want) == 6 and all(torch.equal(a, b) for a, b in zip(got, want))
+    thread = ahead.ahead.thread  # drawing epoch 2
+    ahead.close()
+    assert thread is not None and thread.daemon and not thread.is_alive()
+
+
 @needs("dali")
 def test_dali_box_is_drawn_on_the_stored_image(tmp_path):
     """EXIF orientation is not applied (decode.py): the source draws the box on the stored 64x32
