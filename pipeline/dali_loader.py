@@ -292,11 +292,13 @@ class DALILoader(Loader):
             else:
                 with self.watchdog.guard():
                     self.iterator.reset()
-        except Exception as e:  # noqa: BLE001 - a file that fails in the first batches
-            error = self.failure_in_flight(self.start_batch, e)
+        except Exception:  # noqa: BLE001 - a file that fails in the first batches
+            error = self.failure_in_flight(self.start_batch)
             self.watchdog.watch([])
             self.pipe = self.iterator = None
             self.dali_epoch = 0
+            if error is None:  # no file and no worker at fault: an internal bug keeps its traceback
+                raise
             raise error from None
         finished = False
         try:
@@ -307,8 +309,11 @@ class DALILoader(Loader):
                         out = next(self.iterator)
                 except StopIteration:
                     break
-                except Exception as e:  # noqa: BLE001 - DALI's error, or our source's from its worker
-                    raise self.failure_in_flight(k, e) from None
+                except Exception:  # noqa: BLE001 - DALI's error, or our source's from its worker
+                    error = self.failure_in_flight(k)
+                    if error is None:  # no file and no worker at fault: an internal bug keeps its traceback
+                        raise
+                    raise error from None
                 real = min(self.batch_size, length - (k - self.start_batch) * self.batch_size)
                 # normalised float (B, 3, S, S) (DALI has no bf16: the base casts), labels int32 (B, 1);
                 # the padded last batch of an evaluation epoch is cut to its real samples
@@ -328,22 +333,26 @@ class DALILoader(Loader):
                 self.pipe = self.iterator = None
                 self.dali_epoch = 0
 
-    def failure_in_flight(self, batch: int, error: Exception) -> DatasetError:
+    def failure_in_flight(self, batch: int) -> DatasetError | None:
         """`decode_failure` for an error at `batch` of this epoch: DALI's message names no file, so
-        the files of the batches in flight around it are checked. A worker that died explains it instead."""
+        the files of the batches in flight around it are checked. A worker that died explains it instead.
+        None when neither explains it (the caller re-raises: an internal bug keeps its traceback)."""
         if self.watchdog.scan() is not None:
             return self.watchdog.error()
         first = (batch - self.start_batch) * self.batch_size
         order = self.source.order(self.epoch, self.start_batch * self.batch_size)
         window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
-        return self.decode_failure([self.samples.path(int(i)) for i in window], batch, str(error))
+        return self.decode_failure([self.samples.path(int(i)) for i in window], batch)
 
-    def decode_failure(self, files: list[str], batch: int, dali_error: str) -> DatasetError:
+    def decode_failure(self, files: list[str], batch: int) -> DatasetError | None:
         """A one-line DatasetError for a DALI failure at `batch`, naming the bad files among `files`
-        (by the decode rules, then by DALI itself) and the command that rebuilds the list."""
+        (by the decode rules, then by DALI itself) and the command that rebuilds the list; None when
+        every file of `files` reads and decodes (the failure is not the data's)."""
         bad = [(f, r) for f in files for r in [check_image(f, self.max_pixels)[0]] if r is not None]
         if not bad:
             bad = [(f, "DALI cannot decode it") for f in files if not dali_decodes(f)]
+        if not bad:
+            return None
         src = Path(self.path)
         folder = Path(str(src).removesuffix(".clean.txt"))  # the list `simmim scan FOLDER` writes
         if src.is_dir() or (folder != src and folder.is_dir()):
@@ -351,10 +360,6 @@ class DALILoader(Loader):
         else:
             fix = f"`simmim scan {src} --out {src}`"
         where = f"epoch {self.epoch}, batch {batch}"
-        if not bad:
-            detail = dali_error.strip().splitlines()
-            return DatasetError(f"DALI stopped in {where} ({detail[-1] if detail else 'no message'}); "
-                                f"check the files with {fix}")
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         return DatasetError(f"cannot decode {bad[0][0]!r} ({bad[0][1]}){more} in {where}; "
                             f"changed since the scan? rebuild the list with {fix}")

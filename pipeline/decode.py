@@ -59,10 +59,12 @@ def pil_pixel_ceiling() -> int:
 
 
 def check_max_pixels(max_pixels: int, key: str = "data.max_pixels") -> int:
-    """`max_pixels` if it is usable, else ValueError naming `key` (callers turn it into their error)."""
+    """`max_pixels` if it is usable, else ConfigError (a UserError, a ValueError) naming `key`."""
+    from .errors import ConfigError
+
     ceiling = pil_pixel_ceiling()
     if not isinstance(max_pixels, int) or not 1 <= max_pixels <= ceiling:
-        raise ValueError(f"{key} must be an integer in 1..{ceiling} (PIL refuses larger images), got {max_pixels}")
+        raise ConfigError(f"{key} must be an integer in 1..{ceiling} (PIL refuses larger images), got {max_pixels}")
     return max_pixels
 
 
@@ -98,7 +100,7 @@ def _decode(path, max_pixels: int, draft: int | None) -> tuple[Image.Image, tupl
             with Image.open(path) as img:
                 size = img.size
                 return _to_rgb(img, max_pixels, draft), size
-    except DecodeError:
+    except (DecodeError, MemoryError, RecursionError):  # ours, or the process's state: not the file's
         raise
     except Image.DecompressionBombError as e:  # PIL's own ceiling, from the header too
         found = re.search(r"\((\d+) pixels\)", str(e))

@@ -16,10 +16,9 @@ import torch
 from .errors import ConfigError, DatasetError
 from .loader import Loader
 from .masking import MaskGenerator
-from .options import LoaderSpec
+from .options import BACKENDS, LoaderSpec
 from .reference import ReferenceLoader
 
-BACKENDS = ("torch", "ffcv", "dali")
 INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev libturbojpeg0-dev pkg-config)"),
            "dali": ("nvidia.dali", "pip install -e '.[dali]'")}
 

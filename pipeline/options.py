@@ -22,7 +22,9 @@ import torch
 from .augment import Augmentation
 from .decode import MAX_PIXELS
 
-__all__ = ["DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec", "Rule", "one_of"]
+BACKENDS = ("torch", "ffcv", "dali")  # data.backend
+
+__all__ = ["BACKENDS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec", "Rule", "one_of"]
 
 Rule = tuple[Callable[[Any], bool], str]  # (test, what the value must be: "> 0", "one of a, b")
 POSITIVE: Rule = (lambda v: v > 0, "> 0")
@@ -87,8 +89,6 @@ class DataConfig:
     @staticmethod
     def rules() -> dict[str, Rule]:
         """max_pixels has its own check (decode.check_max_pixels), shared with scan / convert."""
-        from .loaders import BACKENDS
-
         return {"backend": one_of(*BACKENDS), "img_size": POSITIVE, "mask_patch_size": POSITIVE,
                 "mask_ratio": OPEN_UNIT, "batch_size": POSITIVE, "num_workers": NON_NEGATIVE}
 

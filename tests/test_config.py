@@ -249,3 +249,16 @@ def test_an_earlier_versions_config_yaml_loads_as_a_recipe(tmp_path, caplog):
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(ConfigError, match="config key 'finetune.pretrained' belongs to fine-tuning"):
         load_config(str(path))
+
+
+def test_an_odd_batch_with_mixup_is_refused():
+    """timm's batch mixup pairs images: an odd per-process batch would silently train without
+    mixup / cutmix, so it is one line naming data.batch_size; with both off it is fine."""
+    from simmim.trainer.finetune_options import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="data.batch_size 15 must be even"):
+        load_config("finetune_demo", ["data.batch_size=15"], schema=FinetuneConfig)
+    cfg = load_config("finetune_demo", ["data.batch_size=15", "finetune.mixup=0", "finetune.cutmix=0"],
+                      schema=FinetuneConfig)
+    assert cfg.data.batch_size == 15
+    assert load_config("demo", ["data.batch_size=15"]).data.batch_size == 15  # pre-training has no mixup

@@ -301,3 +301,17 @@ def test_torch_and_dali_agree_on_the_samples(hostile, caplog):
                   "dali": make_loader(DALILoader, str(hostile), aug, None, 1, 1).num_samples}
     assert counts == {"torch": len(HOSTILE_GOOD) - 1, "dali": len(HOSTILE_GOOD) - 1}
     assert caplog.text.count("changed since its scan") == 1  # torch updated the list; DALI found it fresh
+
+
+def test_an_internal_bug_in_the_pipeline_keeps_its_traceback(sample_root, monkeypatch):
+    """A failure no file and no worker explains (here a bug in building the graph) is not turned
+    into a DatasetError blaming the data: the original exception propagates."""
+    loader = make_loader(DALILoader, str(sample_root), Augmentation(size=32), MaskGenerator(32, 32, 0.6), 4, 1)
+
+    def broken():
+        raise TypeError("build_pipeline got a bad argument")
+
+    monkeypatch.setattr(loader, "build_pipeline", broken)
+    loader.set_epoch(0)
+    with pytest.raises(TypeError, match="bad argument"):
+        next(iter(loader))

@@ -91,6 +91,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:  # the process's state, not the file's: never set a good checkpoint aside for it
+        raise
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(e)})") from None
 
@@ -100,7 +102,9 @@ def _first_line(e: BaseException) -> str:
     failures = getattr(e, "failures", None)
     if failures:
         e = next(iter(failures.values()))[0]
-    first = (str(e).strip().splitlines() or [""])[0][:120]
+    first = (str(e).strip().splitlines() or [""])[0]
+    if len(first) > 120:  # cut at a word, and say so
+        first = first[:120].rsplit(" ", 1)[0] + " ..."
     return f"{type(e).__name__}: {first}"
 
 

@@ -145,6 +145,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def add_training_commands(sub) -> None:
+    from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
+
     p = sub.add_parser("pretrain", help="pre-train a SimMIM model")
     p.add_argument("--config", "-c", default=None, help="a recipe name (e.g. demo, swin_base_100ep) or YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
@@ -158,7 +160,7 @@ def add_training_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="top-1 / top-5 of a fine-tuned checkpoint (resize + centre crop)")
     p.add_argument("checkpoint")
     p.add_argument("--data", default=None, help="validation folder, list or .beton (default: finetune.val_path)")
-    p.add_argument("--backend", default=None, choices=["torch", "ffcv", "dali"])
+    p.add_argument("--backend", default=None, choices=DATA_BACKENDS)
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.batch_size=64")
     p.set_defaults(fn=cmd_evaluate)

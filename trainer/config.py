@@ -121,7 +121,7 @@ class RunConfig:
     log_every: int = 100  # optimizer steps
     save_every: int = 5  # epochs
     save_every_minutes: float = 30.0  # also mid-epoch, at the next stop check after this long; 0: off
-    keep_last: int = 3  # checkpoints kept
+    keep_last: int = 3  # checkpoints kept (0: every one)
     vis_every: int = 10  # epochs; the final epoch always writes a figure
     progress: bool = True
     stop_check_every: int = 10  # steps between checks for a stop signal across ranks

@@ -55,6 +55,11 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"data.img_size {d.img_size} must be a multiple of data.mask_patch_size {d.mask_patch_size}")
     if o.scheduler == "step" and o.milestones and o.milestones[-1] >= t.epochs:
         raise ConfigError(f"optim.milestones {o.milestones} must lie before train.epochs {t.epochs}")
+    f = getattr(cfg, "finetune", None)
+    if f is not None and (f.mixup > 0 or f.cutmix > 0) and d.batch_size % 2:
+        # timm's batch mixup pairs each image with the batch reversed: an odd batch cannot be mixed
+        raise ConfigError(f"data.batch_size {d.batch_size} must be even with finetune.mixup / finetune.cutmix on "
+                          f"(timm's Mixup pairs images): use an even batch, or set finetune.mixup=0 finetune.cutmix=0")
     from simmim.pipeline.decode import check_max_pixels
 
     try:
