@@ -115,3 +115,34 @@ def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float,
     m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
     return (images.float() * s + m).clamp(0, 1)
+
+
+def random_erasing(images: torch.Tensor, probability: float, scale: tuple[float, float] = (0.02, 1 / 3),
+                   ratio: tuple[float, float] = (0.3, 1 / 0.3), attempts: int = 10) -> torch.Tensor:
+    """Random erasing (Zhong et al., AAAI 2020; timm's RandomErasing, mode 'pixel', one box) for a
+    whole batch at once: no loop over the images.
+
+    images: (B, C, H, W) float/bf16 on any device, normalised. Each image, with `probability`, gets
+    one box of area fraction ~ U(scale) and aspect (h / w) ~ log-U(ratio), the first of `attempts`
+    draws that fits (h < H, w < W), at a uniform position, filled with per-pixel N(0, 1) noise.
+    The box parameters are drawn on the CPU from torch's global generator and copied to the device
+    once; the noise from the device's generator (the engine seeds both per step). Returns a new
+    tensor of the same shape and dtype."""
+    b, _, h, w = images.shape
+    apply = torch.rand(b) < probability
+    area = torch.empty(b, attempts).uniform_(*scale) * (h * w)
+    aspect = torch.empty(b, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    box_h, box_w = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+    fits = (box_h < h) & (box_w < w)
+    first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (timm's loop)
+    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
+    top = (torch.rand(b) * (h - box_h + 1)).floor().long()  # randint(0, h - box_h), inclusive
+    left = (torch.rand(b) * (w - box_w + 1)).floor().long()
+    box_h = torch.where(apply & fits.any(1), box_h, 0)  # an empty box: the image is left as it is
+    top, left, box_h, box_w = torch.stack([top, left, box_h, box_w]).to(images.device, non_blocking=True)
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (B, W)
+    inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B, 1, H, W)
+    return torch.where(inside, torch.randn_like(images), images)

@@ -47,6 +47,7 @@ from scipy.optimize import brentq
 from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
+from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.errors import CheckpointError
 
 from .checkpoint import consolidate, is_dcp_checkpoint
@@ -348,30 +349,29 @@ class MixupErasing:
     """The fine-tuning batch transform the engine applies before the forward (as MAE / DeiT's
     engine_finetune): (images, labels) -> (images, targets) on the device, no gradient.
 
-    images: normalised (B, 3, H, W); labels: int64 (B,). timm's RandomErasing (per image with
-    probability `reprob`, normal noise), then timm's Mixup / CutMix (switch_prob: cutmix's share),
+    images: normalised (B, 3, H, W); labels: int64 (B,). Random erasing (`augment.random_erasing`:
+    timm's RandomErasing for the whole batch at once, per image with probability `reprob`, normal
+    noise), then timm's Mixup / CutMix (switch_prob: cutmix's share),
     which returns soft targets float (B, classes) with label smoothing; with mixup and cutmix off,
     or an odd batch (timm's batch mode pairs images), the labels pass through as they are. timm
     draws from the global generators: the engine runs this inside the step's keyed_rng, so the
-    draws are a function of (seed, epoch, step, micro-batch, rank). A float batch is changed in
-    place (timm's ops work in place), as the loader's batch is not used again."""
+    draws are a function of (seed, epoch, step, micro-batch, rank). Mixup changes the batch in
+    place (timm's op), as the loader's batch is not used again."""
 
     def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1, reprob: float = 0.25, device: torch.device | str = "cpu"):
+                 label_smoothing: float = 0.1, reprob: float = 0.25):
         from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
 
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
                                label_smoothing=label_smoothing, num_classes=num_classes)
-        self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob > 0 else None
+        self.reprob = reprob
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.erase is not None:
-            self.erase.device = images.device
-            images = self.erase(images.float()).to(images.dtype)
+        if self.reprob > 0:
+            images = random_erasing(images, self.reprob)
         if self.mixup is not None and len(images) % 2 == 0:
             images, labels = self.mixup(images, labels)
         return images, labels
@@ -473,7 +473,7 @@ class FinetuneTask:
             log.info("no finetune.pretrained: training from scratch")
         model = Classifier(net, f.label_smoothing).to(dist.device)
         self.batch_transform = MixupErasing(classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing,
-                                            f.reprob, dist.device)
+                                            f.reprob)
         self.val = eval_loader(self.cfg, f.val_path, d.backend, dist) if f.val_path else None
         self.classes = classes
         return model, loader
