@@ -2,7 +2,12 @@
 from, so a loader's crops and flips can be measured from its output alone."""
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -166,3 +171,32 @@ def make_loader(backend, path, aug, masks, batch_size: int, num_workers: int = 0
     if isinstance(backend, str):
         return build_loader(spec, masks, device, rank, world, seed)
     return backend(spec, masks, device, rank, world, seed)
+
+
+def run_until(proc: subprocess.Popen, marker: str, act, timeout: float = 60) -> str:
+    """Reads a trainer's output (text, stderr merged, own session) until a line holds `marker`,
+    calls act(), and returns the whole output; the trainer must end within `timeout` s (else it is
+    killed and the test fails, quoting the end of its output)."""
+    import pytest
+
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            act()
+            break
+    try:
+        rest = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the trainer hung:\n" + "".join(seen[-20:]) + proc.communicate()[0][-3000:])
+    return "".join(seen) + rest
+
+
+def run_sh_env(world: int = 2) -> dict:
+    """The environment for `trainer/run.sh` with `world` CPU ranks on a free localhost port, no restarts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+            "GPUS_PER_NODE": str(world), "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}

@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from helpers import run_until
 
 pytest.importorskip("nvidia.dali")
 
@@ -64,23 +65,6 @@ def start(sample_root, out):
     return subprocess.Popen([sys.executable, "-m", "simmim.trainer.cli", "pretrain", *ARGS,
                              f"data.path={sample_root}/train", f"run.out_dir={out}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def run_until(proc, marker: str, act) -> str:
-    """Reads the trainer's output until `marker`, calls act(), and returns the whole output (the
-    trainer must end within 60 s)."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            act()
-            break
-    try:
-        rest = proc.communicate(timeout=60)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the trainer hung:\n" + "".join(seen[-20:]) + proc.communicate()[0][-3000:])
-    return "".join(seen) + rest
 
 
 def test_killed_worker_ends_the_run_with_a_checkpoint(sample_root, tmp_path):

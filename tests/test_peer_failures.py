@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_sh_env
+
 SMALL = ["--config", "demo", "data.img_size=64", "data.num_workers=0", "model.arch=swinv2_micro",
          "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
          "run.log_every=1", "train.precision=fp32", "data.batch_size=3", "train.epochs=2", "run.save_every=1",
@@ -120,15 +122,10 @@ def test_sigterm_under_run_sh_ends_with_our_line(sample_root, tmp_path, to):
     checkpoint, and the job's output ends with the trainer's one line: no SignalException
     traceback from torchrun after it, no duplicate signal taken for "stop at once"."""
     import signal
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "GPUS_PER_NODE": "2", "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
+    env = run_sh_env(2)
     run_sh = Path(__file__).resolve().parents[1] / "trainer" / "run.sh"
     proc = subprocess.Popen(["bash", str(run_sh), *SMALL, "train.epochs=3", f"data.path={sample_root}/train",
                              f"run.out_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import run_sh_env, run_until
+
 ARGS = ["--config", "demo", "data.img_size=64", "data.num_workers=2", "model.arch=swin_micro", "model.window_size=2",
         "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1", "run.log_every=1", "data.val_path=",
         "data.batch_size=4", "train.epochs=3", "data.backend=torch", "run.stop_check_every=2"]
@@ -23,21 +25,6 @@ def start(data, out):
     return subprocess.Popen([sys.executable, "-m", "simmim.trainer.cli", "pretrain", *ARGS,
                              f"data.path={data}", f"run.out_dir={out}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def run_until(proc, marker: str, act) -> str:
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            act()
-            break
-    try:
-        rest = proc.communicate(timeout=60)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the trainer hung:\n" + "".join(seen[-20:]) + proc.communicate()[0][-3000:])
-    return "".join(seen) + rest
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -88,14 +75,9 @@ def test_group_sigterm_under_run_sh_with_loader_workers(sample_root, tmp_path):
     """Two ranks through trainer/run.sh, each with two DataLoader workers, SIGTERM to the whole
     group: a checkpoint, one "received SIGTERM" line (rank 0's), no rank's traceback, and none of
     torchrun's "Sending process N closing signal SIGTERM" warnings. ~12 s on 2 cores."""
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "GPUS_PER_NODE": "2", "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
+    env = run_sh_env(2)
     run_sh = Path(__file__).resolve().parents[1] / "trainer" / "run.sh"
     proc = subprocess.Popen(["bash", str(run_sh), *ARGS[:-1], "run.stop_check_every=1", f"data.path={sample_root}/train",
                              f"run.out_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
