@@ -122,8 +122,9 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 def host_any(flag: bool) -> bool:
     """True if `flag` is true on any rank: one all-reduce of a CPU tensor over gloo (a side group
-    when the default is NCCL), so the device is not synchronised; a few tens of microseconds on a
-    node. Every rank must call it at the same point."""
+    when the default is NCCL), so the device is not synchronised; 182 us a call measured with 2 gloo
+    processes on a loaded 2-core CPU machine (not measured across nodes). Every rank must call it at
+    the same point."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return bool(flag)
     t = torch.tensor([float(flag)])
