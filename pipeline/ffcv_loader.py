@@ -229,8 +229,10 @@ def view_decoder(size: int, train: bool):
             decode.is_parallel = True
             return decode
 
-        def get_crop_generator(self):  # abstract in FFCV; the view comes from the metadata
-            raise NotImplementedError
+        def get_crop_generator(self):
+            """FFCV declares it abstract; never called: `generate_code` above reads each sample's
+            view from the metadata instead of generating a crop."""
+            raise TypeError("ViewDecoder takes its crops from the ViewTable metadata, not a crop generator")
 
     return ViewDecoder((size, size))
 

@@ -22,6 +22,7 @@ graph (`DALILoader.graph_augment`: DALI's own RandAugment, `dali_augment.py`).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 from typing import Callable, Iterator
@@ -39,7 +40,7 @@ from .sharding import num_batches, shard_size
 log = logging.getLogger(__name__)
 
 
-class Loader:
+class Loader(abc.ABC):
     """One epoch of `(images[, masks][, labels])` batches per `iter()` (see the module docstring).
 
     batch_size (`spec.batch_size`) is per process; `len()` is the batches of a full epoch on this
@@ -64,13 +65,13 @@ class Loader:
 
     # ---------------------------------------------------------------- what a backend implements
 
+    @abc.abstractmethod
     def read_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """This rank's batches k = start_batch, start_batch + 1, ... of epoch `self.epoch`, as
         (images, labels): images uint8 (B, 3, S, S) on any device (the base moves them, applies
         `batch_transform`, normalises), or already normalised float on the device; labels (B,) of
         any integer dtype and device, or None when `spec.labels` is false. Closed when the consumer
         leaves the epoch early (a `finally` there releases the backend's epoch)."""
-        raise NotImplementedError
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
         """uint8 (3, S, S) evaluation views (torchvision's Resize(int(S / crop_ratio)) + CenterCrop(S)) of the
