@@ -200,3 +200,16 @@ def run_sh_env(world: int = 2) -> dict:
         port = s.getsockname()[1]
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
             "GPUS_PER_NODE": str(world), "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of `pid`'s direct children, from /proc (Linux)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import child_pids
 import torch
 
 from simmim.trainer.checkpoint import checkpoints, load_checkpoint
@@ -174,26 +176,14 @@ def test_sigkill_and_resume_gives_same_losses(sample_root, tmp_path, reference_r
     torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=1e-6)
 
 
-def process_children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.slow
 def test_killed_rank_is_restarted_and_run_finishes(sample_root, tmp_path):
     out = tmp_path / "killed_rank"
     args = args_for(sample_root, out, "train.epochs=3", "data.batch_size=4", "run.save_every=1")
     proc = run_sh(args, GPUS_PER_NODE=2, MASTER_PORT=free_port(), MAX_RESTARTS=2, RDZV_ID="killtest")
     wait_for(lambda: checkpoints(out), proc)
-    agents = [p for p in process_children(proc.pid)]
-    workers = [w for a in agents for w in process_children(a)]
+    agents = [p for p in child_pids(proc.pid)]
+    workers = [w for a in agents for w in child_pids(a)]
     assert len(workers) == 2, (agents, workers)
     os.kill(workers[1], signal.SIGKILL)
     code, text = finish(proc)

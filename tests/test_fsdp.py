@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import child_pids
 import torch
 
 from simmim.trainer.checkpoint import (DCPCheckpointer, consolidate, dcp_checkpoints, is_dcp_checkpoint,
@@ -42,7 +44,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     try:
         out = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        signal_all([*children(proc.pid), proc.pid], signal.SIGKILL)
+        signal_all([*child_pids(proc.pid), proc.pid], signal.SIGKILL)
         pytest.fail(f"timed out:\n{proc.communicate()[0][-6000:]}")
     assert proc.returncode == 0, out[-6000:]
     return out
@@ -100,18 +102,6 @@ def test_dcp_resumes_at_another_world_size(sample_root, tmp_path, fsdp_reference
     assert read_dcp_train_state(dcp_checkpoints(out)[-1][1])["train_state"]["world_size"] == nproc
 
 
-def children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -127,7 +117,7 @@ def test_sigkill_during_dcp_save_resumes_from_previous(sample_root, tmp_path, fs
     deadline, complete_before = time.time() + 600, None
     while True:  # kill the whole job while a .tmp folder (a save in progress) exists
         if dcp_checkpoints(out) and any(out.glob(".checkpoint-*.tmp")):
-            job = [proc.pid, *children(proc.pid)]  # torchrun starts each rank in its own session
+            job = [proc.pid, *child_pids(proc.pid)]  # torchrun starts each rank in its own session
             signal_all(job, signal.SIGSTOP)  # freeze every rank, then look again
             if any(out.glob(".checkpoint-*.tmp")):
                 complete_before = [s for s, _ in dcp_checkpoints(out)]
@@ -135,7 +125,7 @@ def test_sigkill_during_dcp_save_resumes_from_previous(sample_root, tmp_path, fs
                 break
             signal_all(job, signal.SIGCONT)  # that save finished meanwhile: catch the next one
         if proc.poll() is not None or time.time() > deadline:
-            signal_all([*children(proc.pid), proc.pid], signal.SIGKILL)
+            signal_all([*child_pids(proc.pid), proc.pid], signal.SIGKILL)
             pytest.fail(f"no save caught in progress:\n{proc.communicate()[0][-4000:]}")
         time.sleep(0.002)
     proc.communicate()
