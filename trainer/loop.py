@@ -179,7 +179,8 @@ class StopFlag:
     """Set by SIGTERM / SIGUSR1; the training loop polls it. A second signal more than `REPEAT_S`
     seconds after the first stops at once; one sooner is the same request arriving twice (a
     signal sent to the whole process group, which torchrun also passes on). `announce`: whether
-    this process says so in the log (rank 0: every rank gets the signal)."""
+    this process says so in the log (rank 0: every rank gets the signal), once, at the first poll
+    after the signal (not in the handler, which may interrupt the log's own write)."""
     REPEAT_S = 5.0
 
     def __init__(self, announce: bool = True):
@@ -194,12 +195,13 @@ class StopFlag:
         if self.signum:  # a second signal: stop now, without a checkpoint
             raise SystemExit(128 + signum)
         self.at = time.monotonic()
-        if self.announce:
-            log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
-                        "%.0f s or more later, to stop at once)", signal.Signals(signum).name, self.REPEAT_S)
-        self.signum = signum
+        self.signum = signum  # said by the next poll: logging inside a handler can re-enter the log's own write
 
     def __call__(self) -> bool:
+        if self.signum and self.announce:
+            self.announce = False
+            log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
+                        "%.0f s or more later, to stop at once)", signal.Signals(self.signum).name, self.REPEAT_S)
         return self.signum != 0
 
 
