@@ -69,7 +69,7 @@ def test_load_pretrained_refuses_other_architecture(tmp_path):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     assert "delete" not in str(e.value)
     (tmp_path / "junk.pt").write_bytes(b"junk")  # not what torch.save writes at all
-    with pytest.raises(CheckpointError, match="is not a checkpoint .*: point finetune.pretrained at a checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint .*: point finetune.pretrained at another checkpoint"):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     # a checkpoint without a config naming its arch is still checked by its shapes
     state = build_simmim("swin_tiny", 64, 32, 2).state_dict()
