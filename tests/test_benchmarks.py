@@ -82,21 +82,44 @@ def test_claims_flop_table_at_full_size(tmp_path):
 
 
 def test_loaders_bench_same_images_every_loader(tmp_path, sample_root):
+    """Ours beside the plain pipelines, interleaved rounds, every ratio per round (FFCV, whose two
+    numba compilations take a minute, is in the slow tier's tests/test_loader_ratios.py)."""
     from simmim.benchmarks import loaders
 
     out = loaders.main(["--data", str(sample_root / "val"), "--size", "64", "--batch", "4", "--workers", "1",
-                        "--epochs", "1", "--out", str(tmp_path)])
-    names = [r["loader"] for r in out["rows"]]
-    assert names[0] == "torch" and {"ffcv", "dali"} <= set(names)  # installed by the set-up
+                        "--rounds", "2", "--backends", "torch,dali", "--out", str(tmp_path)])
+    rows = {r["loader"]: r for r in out["rows"]}
+    assert list(rows) == ["torchvision (plain)", "released SimMIM", "torch", "dali (plain)", "dali"]
     n = out["images"] // 4 * 4
-    assert all(r["images"] == n and r["img_per_s"] > 0 for r in out["rows"])
+    assert all(r["images"] == n and r["img_per_s"] > 0 and r["rounds"] == 2 for r in rows.values())
     # each epoch's start (time to its first batch) is timed apart, and a steady rate given beside
     # the overall one (no ordering between the two is asserted: that would be a timed test)
-    assert all(r["epoch_start_s"] >= 0 and r["steady_img_per_s"] > 0 for r in out["rows"])
-    assert out["conversion"]["written"] == out["images"]
+    assert all(r["epoch_start_s"] >= 0 and r["steady_img_per_s"] > 0 for r in rows.values())
+    assert all(r["cpu_ms_per_img"] >= r["main_cpu_ms_per_img"] > 0 for r in rows.values())
+    assert rows["torch"]["plain"] == "torchvision (plain)" and rows["dali"]["plain"] == "dali (plain)"
+    for name in ("torch", "dali"):  # a per-round ratio: its median lies within its own min-max
+        ratio = rows[name]["ratios"]["x plain"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert set(rows[name]["ratios"]) == {"x plain", "x torchvision", "x released"}
+    assert not rows["torchvision (plain)"]["ratios"] and out["rounds_done"] == 2
     folder = next(tmp_path.glob("loaders-*"))
     assert {p.name for p in folder.iterdir()} == {"loaders.md", "loaders.json", "loaders.png"}
-    assert "x reference" in (folder / "loaders.md").read_text()
+    assert "x plain" in (folder / "loaders.md").read_text()
+
+
+def test_released_simmim_transform_masks_like_the_release():
+    """The restated released SimMIM mask: ceil(0.6 * 36) = 22 of the 6 x 6 cells, each an 8 x 8
+    block of the 48 x 48 patch grid (Swin's 4 px patches at 192 px)."""
+    import numpy as np
+    from PIL import Image
+
+    from simmim.benchmarks.plain_loaders import ReleasedSimMIMTransform
+
+    t = ReleasedSimMIMTransform(lambda img: np.asarray(img), 192)
+    image, mask = t(Image.new("L", (200, 150)))
+    assert image.shape == (150, 200, 3) and mask.shape == (48, 48)
+    cells = mask.reshape(6, 8, 6, 8)
+    assert (cells == cells[:, :1, :, :1]).all() and cells[:, 0, :, 0].sum() == 22
 
 
 def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
