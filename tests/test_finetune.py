@@ -260,6 +260,9 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     evals = [r for r in records if "top1" in r]
     assert len(evals) == 2 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
     final = sorted((tmp_path / "ft").glob("checkpoint-*.pt"))[-1]
+    from simmim.trainer.checkpoint import read_checkpoint
+
+    assert read_checkpoint(final).classes == sorted(p.name for p in (sample_root / "train").iterdir())
     out = run("evaluate", str(final), "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from simmim.pipeline.errors import CheckpointError
 from simmim.pipeline.io import atomic_write
 
-from .layouts import (Kind, encoder_prefix, is_state_dict, kind_of, layout_name, recorded_settings, tensor_settings,
-                      unwrap)
+from .layouts import (Kind, encoder_prefix, from_mmpretrain, is_state_dict, kind_of, layout_name, recorded_settings,
+                      tensor_settings, unwrap)
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
@@ -400,6 +400,7 @@ class CheckpointContents:
     kind: Kind
     model: dict[str, torch.Tensor]
     encoder_prefix: str = ""
+    naming: str = "timm"  # "timm" (and the original Swin code's) or "mmpretrain"
     config: dict | None = None
     classes: list[str] | None = None
     settings: dict[str, int] = field(default_factory=dict)
@@ -408,11 +409,12 @@ class CheckpointContents:
     notes: list[str] = field(default_factory=list)
 
     def encoder(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights (and a fine-tuned head) with `encoder_prefix` removed; the mask
-        token is left out."""
+        """The encoder's weights (and a fine-tuned head) with `encoder_prefix` removed, in timm's
+        or the original Swin code's naming (MMPretrain's converted); the mask token is left out."""
         n = len(self.encoder_prefix)
-        return {k[n:]: v for k, v in self.model.items()
-                if k.startswith(self.encoder_prefix) and not k.endswith("mask_token")}
+        encoder = {k[n:]: v for k, v in self.model.items()
+                   if k.startswith(self.encoder_prefix) and not k.endswith("mask_token")}
+        return from_mmpretrain(encoder) if self.naming == "mmpretrain" else encoder
 
 
 def read_checkpoint(path: str | Path, *, tensors: bool = True, what: str = "checkpoint",
@@ -463,9 +465,34 @@ def _read_file(path: Path, label: str, hint: str) -> tuple[str, object]:
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e) and "global" not in str(e).lower():
             raise
-        raise CheckpointError(f"{label} holds Python objects besides tensors (another framework's objects), which "
-                              f"are not unpickled here: keep its weights with torch.save({{'model': torch.load(f, "
-                              f"weights_only=False)['model']}}, f2) where you trust the file") from None
+    return "torch.save", _load_with_opaque_objects(path, label)
+
+
+class Opaque:
+    """Stands in for an object of a class that is not unpickled here (another framework's: mmengine's
+    HistoryBuffer, argparse.Namespace, numpy scalars): built and given its state without running
+    any of that class's code, and holding nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _load_with_opaque_objects(path: Path, label: str):
+    """torch.load(weights_only=True) once more, every class the file names besides tensors and plain
+    containers read as `Opaque` (the names are found by disassembling the pickle, not by running
+    it): frameworks save their loggers' and arguments' objects beside the weights."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(name.rsplit(".", 1)[-1], (Opaque,), {}), name) for name in names]
+        with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS + stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a legacy (non-zip) file, or an object weights_only cannot build at all
+        raise CheckpointError(f"{label} holds Python objects besides tensors that weights_only loading cannot read "
+                              f"({_first_line(e)}): save its state dict alone (torch.save(model.state_dict(), f)) "
+                              f"where you trust the file") from None
 
 
 def _read_hub_folder(path: Path, label: str) -> CheckpointContents:
@@ -486,7 +513,7 @@ def _contents(path: Path, fmt: str, raw, extra: dict | None = None) -> Checkpoin
         train = {k: v for k, v in raw.items() if k != "model"}
         config = train.get("config")
         kind = Kind.FINETUNING if isinstance(config, dict) and "finetune" in config else Kind.PRETRAINING
-        return CheckpointContents(path, fmt, "simmim", kind, {}, "", config, train.get("classes"),
+        return CheckpointContents(path, fmt, "simmim", kind, {}, "", "timm", config, train.get("classes"),
                                   recorded_settings(None, config), None, train)
     weights, where, notes = unwrap(raw)
     prefix, naming = encoder_prefix(weights)
@@ -494,9 +521,10 @@ def _contents(path: Path, fmt: str, raw, extra: dict | None = None) -> Checkpoin
     config = top.get("config") if isinstance(top.get("config"), dict) else None
     train = {k: v for k, v in top.items() if k not in ("model", "optimizer", where)}
     layout = layout_name(prefix, naming, top, config)
-    contents = CheckpointContents(path, fmt, layout, kind_of(weights, prefix), weights, prefix, config,
+    contents = CheckpointContents(path, fmt, layout, kind_of(weights, prefix), weights, prefix, naming, config,
                                   top.get("classes"), {}, top.get("optimizer"), train, notes)
-    contents.settings = {**tensor_settings(contents.encoder()), **recorded_settings(top, config, extra)}
+    # the tensors are what the weights are; the record fills in what they do not fix (the image size)
+    contents.settings = {**recorded_settings(top, config, extra), **tensor_settings(contents.encoder())}
     return contents
 
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.augment import random_erasing
-from simmim.pipeline.errors import CheckpointError
+from simmim.pipeline.errors import CheckpointError, DatasetError
 
 from .checkpoint import Kind, read_checkpoint
 from .layouts import is_ours
@@ -203,32 +203,40 @@ def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
 
 
-def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
+def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dict | None = None) -> dict:
     """Loads the encoder of any checkpoint `read_checkpoint` reads (a SimMIM pre-training checkpoint
     of this project, microsoft/SimMIM, MMPretrain; a fine-tuned one; a timm encoder) into `model`
-    (see `load_weights`). CheckpointError, one line, for a checkpoint whose own record names another
-    architecture. Returns load_weights' report plus "layout" and "notes"."""
+    (see `load_weights`). `settings` (img_size / window_size, from finetune.pretrained_*) replace
+    what the checkpoint records. CheckpointError, one line, for a checkpoint whose own record names
+    another architecture, or a SwinV2 one whose pre-training sizes nobody says. Returns
+    load_weights' report plus "layout" and "notes"."""
     what = f"finetune.pretrained: '{path}'"
     ckpt = read_checkpoint(path, what="finetune.pretrained:", hint=INSTEAD["finetune.pretrained"])
     their_arch = ckpt.config["model"].get("arch") if is_ours(ckpt.config) else None
     if their_arch is not None and their_arch != arch:
         raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
     report = load_weights(model, ckpt.encoder(), arch, what)
-    report["resized"] += set_pretrained_windows(model, ckpt.settings)
+    known = {**ckpt.settings, **{k: v for k, v in (settings or {}).items() if v}}
+    report["resized"] += set_pretrained_windows(model, known, f"{what} ({ckpt.layout} layout)")
     return {**report, "layout": ckpt.layout, "notes": ckpt.notes}
 
 
-def set_pretrained_windows(model: nn.Module, settings: dict) -> list[str]:
+def set_pretrained_windows(model: nn.Module, settings: dict, what: str) -> list[str]:
     """SwinV2 only: each attention's continuous-position-bias coordinates normalised by the window
     its stage had in pre-training (settings: the checkpoint's img_size, window_size, patch_size).
-    Returns the names of the attentions whose window differs from pre-training."""
+    Returns the names of the attentions whose window differs from pre-training; CheckpointError
+    when the settings lack a size (the bias would silently be read at this model's window)."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
     if not isinstance(model, SwinTransformerV2):
         return []
-    img, window, patch = (settings.get(k) for k in ("img_size", "window_size", "patch_size"))
-    if not (img and window and patch):
-        return []
+    img, window = settings.get("img_size"), settings.get("window_size")
+    patch = settings.get("patch_size") or model.patch_embed.patch_size[0]
+    if not (img and window):
+        keys = [k for k, v in (("finetune.pretrained_img_size", img), ("finetune.pretrained_window_size", window))
+                if not v]
+        raise CheckpointError(f"{what} does not record the {' and '.join(k.split('_', 1)[1] for k in keys)} it "
+                              f"was pre-trained at, which SwinV2's position bias is normalised by: set {', '.join(keys)}")
     changed = []
     for i, stage in enumerate(model.layers):
         pre = min(window, img // patch // 2 ** i)  # timm clamps a window to its stage's grid
@@ -355,10 +363,14 @@ class Classifier(nn.Module):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
-    """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None,
+             to_head: torch.Tensor | None = None) -> dict:
+    """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks.
+    to_head: int64 (loader classes,), the head's index of each of the loader's labels (`class_map`);
+    None: the labels are the head's indices already."""
     from timm.utils import accuracy
 
+    to_head = to_head.to(device) if to_head is not None else None
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training
     net.eval()
@@ -368,6 +380,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
             logits = net(images).float()
         if not real:
             continue
+        if to_head is not None:
+            labels = to_head[labels]
         top1, top5 = (a.double() * len(labels) / 100 for a in accuracy(logits, labels, topk=(1, 5)))  # % -> hits
         totals += torch.stack([torch.tensor(len(labels), device=device, dtype=torch.float64),
                                top1.round(), top5.round(), F.cross_entropy(logits, labels, reduction="sum").double()])
@@ -384,6 +398,34 @@ def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
                                                       crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
     return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
+
+
+def index_names(names: list[str]) -> bool:
+    """A `path label` list without its classes file names its classes by their labels, "0".."n-1"."""
+    return names == [str(i) for i in range(len(names))]
+
+
+def class_map(data_classes: list[str] | None, head_classes: list[str] | None, outputs: int,
+              where: str) -> torch.Tensor | None:
+    """int64 (len(data_classes),): for each label of an evaluation loader (an index into its own
+    sorted class list), the head's index of the class of the same name, so a class folder that is
+    missing there moves no other label. None where either side has no names (or only index names,
+    "0".."n-1": a list file without its classes file): the labels are taken as the head's indices.
+    DatasetError, one line naming them, for classes the head does not know (or, without names, more
+    classes than the head has outputs); a class the head knows and the data lacks is fine."""
+    if data_classes and head_classes and not index_names(data_classes) and not index_names(head_classes):
+        known = {name: i for i, name in enumerate(head_classes)}
+        unknown = [c for c in data_classes if c not in known]
+        if unknown:
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise DatasetError(f"{where} has classes the classifier was not trained on: {', '.join(unknown[:3])}{more} "
+                               f"(it knows {len(head_classes)}: {', '.join(head_classes[:3])}, ...): remove those "
+                               f"folders, or evaluate on data of the training classes")
+        return torch.tensor([known[c] for c in data_classes], dtype=torch.int64)
+    if data_classes and len(data_classes) > outputs:
+        raise DatasetError(f"{where} has {len(data_classes)} classes; the classifier has {outputs} outputs: evaluate "
+                           f"on data of the training classes")
+    return None
 
 
 def num_classes_of(cfg: FinetuneConfig, loader) -> int:
@@ -413,7 +455,8 @@ class FinetuneTask:
         classes = num_classes_of(self.cfg, loader)
         net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path)
         if f.pretrained:
-            report = load_pretrained(net, f.pretrained, m.arch)
+            report = load_pretrained(net, f.pretrained, m.arch, {"img_size": f.pretrained_img_size,
+                                                                  "window_size": f.pretrained_window_size})
             for note in report["notes"]:
                 log.info("finetune.pretrained: %s", note)
             log.info("loaded %s (%s layout): %d missing keys %s, %d unexpected %s, resized %s", f.pretrained,
@@ -425,7 +468,9 @@ class FinetuneTask:
         self.batch_transform = MixupErasing(classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing,
                                             f.reprob)
         self.val = eval_loader(self.cfg, f.val_path, d.backend, dist) if f.val_path else None
-        self.classes = classes
+        self.classes, self.class_names = classes, loader.classes
+        self.val_to_head = class_map(self.val.classes, self.class_names, classes,
+                                     f"finetune.val_path '{f.val_path}'") if self.val is not None else None
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
@@ -449,10 +494,14 @@ class FinetuneTask:
     def prepare(self, model, loader, dist: DistInfo) -> None:
         pass
 
+    def checkpoint_extra(self) -> dict:
+        """The class names in head order: evaluation maps its folders to them by name."""
+        return {"classes": list(self.class_names)} if self.class_names else {}
+
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
         if self.val is None or not ((epoch + 1) % self.cfg.finetune.eval_every == 0 or last):
             return {}
-        result = evaluate(model, self.val, dist.device, amp_dtype)
+        result = evaluate(model, self.val, dist.device, amp_dtype, self.val_to_head)
         self.best = max(self.best, result["top1"])
         return {"top1": result["top1"], "top5": result["top5"], "val_loss": result["val_loss"],
                 "best_top1": self.best}
@@ -468,7 +517,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
                         overrides: list[str] = ()) -> dict:
     """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden;
     for another framework's fine-tuned checkpoint, the image and window size its record gives
-    (`CheckpointContents.settings`), model.arch from the command line."""
+    (`CheckpointContents.settings`), model.arch from the command line. The data's classes are
+    mapped by name to the checkpoint's (`class_map`); DatasetError for a class it does not know."""
     ckpt = read_checkpoint(path, hint=INSTEAD["checkpoint"])
     if ckpt.kind is Kind.PRETRAINING:
         raise CheckpointError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
@@ -491,8 +541,16 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     if report["missing"]:
         raise CheckpointError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
                               f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")
+    if ckpt.classes is None:
+        log.warning("'%s' records no class names: label i is the i-th class of %s (sorted), as in training only "
+                    "if both have the same classes", path, val)
     dist = init_distributed(cfg.train.device)  # the checkpoint is checked whole before any data is read
-    loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
-    result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
-    cleanup()
+    try:
+        loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
+        to_head = class_map(loader.classes, ckpt.classes, heads[0].shape[0], f"--data '{val}'" if data else
+                            f"finetune.val_path '{val}'")
+        result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device),
+                          to_head)
+    finally:
+        cleanup()
     return {**result, "checkpoint": str(path), "data": val}

@@ -108,6 +108,40 @@ def encoder_prefix(weights: dict) -> tuple[str, str]:
                           f"weights, e.g. {some}); expected {EXPECTED}")
 
 
+# MMPretrain's Swin (SimMIMSwinTransformer) names -> the original Swin code's: the inverse of the renames
+# of MMPretrain's swin_to_mmpretrain converter (its patch merging also reorders channels: `_unfold_order`)
+MM_SWIN_RENAMES = ((re.compile(r"^stages\."), "layers."), (re.compile(r"\.attn\.w_msa\."), ".attn."),
+                   (re.compile(r"\.ffn\.layers\.0\.0\."), ".mlp.fc1."), (re.compile(r"\.ffn\.layers\.1\."), ".mlp.fc2."),
+                   (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."), (re.compile(r"^norm\d+\."), "norm."))
+UNFOLD_TO_SWIN = [0, 2, 1, 3]  # its own inverse
+
+
+def _unfold_order(value: torch.Tensor) -> torch.Tensor:
+    """A patch-merging weight (out, 4C) or norm (4C,) from mmcv's PatchMerging channel order to the
+    original Swin's. mmcv gathers the 2x2 neighbours with nn.Unfold: channel c * 4 + k, k over
+    (row, col) = (0, 0), (0, 1), (1, 0), (1, 1); Swin concatenates x0..x3 = (0, 0), (1, 0), (0, 1),
+    (1, 1): channel p * C + c."""
+    shape = value.shape
+    rows = value.reshape(-1, shape[-1] // 4, 4).transpose(1, 2)  # (out, k, c)
+    return rows[:, UNFOLD_TO_SWIN, :].reshape(shape).contiguous()
+
+
+def from_mmpretrain(encoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An MMPretrain / MMSelfSup Swin backbone's weights (`backbone.` removed) in the original Swin
+    naming, which timm's filter reads. CheckpointError for MMPretrain's ViT naming (not converted)."""
+    if not any(k.startswith("stages.") for k in encoder):
+        raise CheckpointError("is an MMPretrain/MMSelfSup ViT (layers.i.ln1, ffn.layers), whose naming is not "
+                              f"converted here; expected {EXPECTED}")
+    out = {}
+    for key, value in encoder.items():
+        for pattern, new in MM_SWIN_RENAMES:
+            key = pattern.sub(new, key)
+        if ".downsample." in key and key.endswith(("reduction.weight", "norm.weight", "norm.bias")):
+            value = _unfold_order(value)
+        out[key] = value
+    return out
+
+
 def layout_name(prefix: str, naming: str, raw, config) -> str:
     if naming == "mmpretrain" or (isinstance(raw, dict) and "meta" in raw and prefix == "backbone."):
         return "MMPretrain/MMSelfSup"
@@ -155,8 +189,8 @@ def recorded_settings(raw, config, extra: dict | None = None) -> dict[str, int]:
                        and str(model.get("TYPE", "")).upper().startswith(k)), None)
         found["window_size"] = (family or {}).get("WINDOW_SIZE")
         found["patch_size"] = (family or {}).get("PATCH_SIZE")
-    elif isinstance(raw, dict) and isinstance(raw.get("meta"), dict) and isinstance(raw["meta"].get("cfg"), str):
-        text = raw["meta"]["cfg"]
+    elif isinstance(raw, dict) and isinstance(raw.get("meta"), dict) and \
+            isinstance(text := raw["meta"].get("cfg", raw["meta"].get("config")), str):  # mmengine: cfg; mmcv: config
         text = text[text.find("backbone"):] if "backbone" in text else text  # the model's, not the pipeline's
         for key in ("img_size", "window_size", "patch_size"):
             if m := re.search(rf"\b{key}\s*=\s*(\d+)", text):

@@ -101,6 +101,10 @@ class Task(Protocol):
     def prepare(self, model: nn.Module, loader, dist: DistInfo) -> None:
         """Work that needs the built loader, before the first step (e.g. a fixed figure batch)."""
 
+    def checkpoint_extra(self) -> dict:
+        """Saved in every checkpoint beside the train state (fine-tuning: the class names, in head
+        order); plain data only."""
+
     def after_epoch(self, model: nn.Module, epoch: int, last: bool, out_dir: Path, dist: DistInfo,
                     amp_dtype: torch.dtype | None) -> dict:
         """End-of-epoch work (figures, evaluation); returns extra metrics for the epoch's record
@@ -300,7 +304,8 @@ class Run:
         s = self.state
         s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(self.step_state.skipped.item())
         s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
-        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict()}
+        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict(),
+                 **self.task.checkpoint_extra()}
         path = self.checkpointer.save(epoch * self.steps_per_epoch + step_in_epoch, self.model, self.optimizer,
                                       train, any_rank=any_rank)
         if path is not None and (self.dist.is_main or any_rank):
