@@ -57,14 +57,14 @@ def test_short_run_loss_falls_and_writes_outputs(sample_root, tmp_path):
     fresh.load_state_dict(state.model)  # strict: every weight, mask token and head included
     trained = fresh.encoder.mask_token.detach()
     assert not torch.equal(trained, build_simmim("swin_micro", 64, 32, window_size=2).encoder.mask_token.detach())
-    adam = state["optimizer"]["state"]
+    adam = state.optimizer["state"]
     assert len(adam) == sum(1 for _ in fresh.parameters()) and {int(s["step"]) for s in adam.values()} == {56}
     assert load_config(str(out / "config.yaml")) == cfg
     # a pre-training run carries no finetune section, in its config.yaml or its checkpoints
     import yaml
 
     sections = {"data", "model", "optim", "train", "run", "loss"}
-    assert set(yaml.safe_load((out / "config.yaml").read_text())) == set(state["config"]) == sections
+    assert set(yaml.safe_load((out / "config.yaml").read_text())) == set(state.config) == sections
     log = (out / "log.txt").read_text()
     assert "effective" in log and "img/s" in log and "grad_norm" in log
 

@@ -516,8 +516,13 @@ def _contents(path: Path, fmt: str, raw, extra: dict | None = None) -> Checkpoin
         return CheckpointContents(path, fmt, "simmim", kind, {}, "", "timm", config, train.get("classes"),
                                   recorded_settings(None, config), None, train)
     weights, where, notes = unwrap(raw)
-    prefix, naming = encoder_prefix(weights)
     top = raw if isinstance(raw, dict) and not is_state_dict(raw) else {}
+    try:
+        prefix, naming = encoder_prefix(weights)
+    except CheckpointError:
+        if "train_state" not in top:
+            raise
+        prefix, naming = "", "timm"  # a run's own checkpoint resumes whatever its model is
     config = top.get("config") if isinstance(top.get("config"), dict) else None
     train = {k: v for k, v in top.items() if k not in ("model", "optimizer", where)}
     layout = layout_name(prefix, naming, top, config)
