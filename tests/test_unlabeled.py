@@ -104,7 +104,8 @@ def test_pretrain_torch_from_a_flat_folder_or_a_bare_list(kind, flat, tmp_path):
         out = tmp_path / "run"
         summary = pretrain(load_config("demo", [f"data.path={src}", f"run.out_dir={out}", "data.num_workers=0", *TINY]))
         assert len(summary["epochs"]) == 1 and np.isfinite(summary["epochs"][0]["loss"])
-        assert list(out.glob("checkpoint-*.pt")) and f"{src}: " in (out / "log.txt").read_text()
+        log = (out / "log.txt").read_text()
+        assert list(out.glob("checkpoint-*.pt")) and f"{src}: " in log and "data torch: 8 images (unlabeled)" in log
 
 
 def test_finetune_refuses_unlabeled_data(flat, tmp_path):
@@ -131,6 +132,7 @@ def test_pretrain_ffcv_from_a_converted_unlabeled_folder(nested, tmp_path):
     summary = pretrain(load_config("demo", ["data.backend=ffcv", f"data.path={tmp_path / 'n.beton'}",
                                             f"run.out_dir={out}", "data.num_workers=1", *TINY]))
     assert len(summary["epochs"]) == 1 and np.isfinite(summary["epochs"][0]["loss"])
+    assert "data ffcv: 8 images (unlabeled)" in (out / "log.txt").read_text()
 
 
 @pytest.mark.slow
