@@ -114,7 +114,7 @@ def test_sweep_with_finetuning_fills_the_top1_column(sample_root, tmp_path):
 
     ft = (f"data.path={sample_root / 'train'}", f"finetune.val_path={sample_root / 'val'}", "train.epochs=1",
           "train.warmup_epochs=0", "data.img_size=64", "data.batch_size=8", "data.num_workers=0",
-          "run.progress=false")
+          "run.progress=false", "model.window_size=2")  # model.arch: the pre-training's (swin_micro)
     spec = SweepSpec("demo", parse_grid(["data.mask_ratio=0.5"]), tmp_path / "sw",
                      (f"data.path={sample_root / 'train'}", *TINY), "finetune_demo", ft)
     sweep(spec)
@@ -122,3 +122,25 @@ def test_sweep_with_finetuning_fills_the_top1_column(sample_root, tmp_path):
     assert 0 <= float(row["fine-tune top-1"]) <= 100 and row["val loss"] == ""  # no data.val_path: no figure
     assert finished(tmp_path / "sw" / "mask_ratio-0.5" / "finetune", 1, key="top1")
     assert "fine-tune top-1" in (tmp_path / "sw" / "results.md").read_text()
+
+
+def test_jobs_and_table_for_variants_run_elsewhere(tmp_path, sample_root):
+    """--jobs lists one trainer/run.sh argument line per variant; --table gathers what their run
+    folders hold (here written by hand), running nothing."""
+    import shlex
+
+    from simmim.trainer.sweep import SweepSpec, sweep
+
+    out = tmp_path / "sw"
+    spec = SweepSpec("demo", parse_grid(["data.mask_ratio=0.4,0.6"]), out, (f"data.path={sample_root / 'train'}",))
+    lines = sweep(spec, jobs_only=True).read_text().splitlines()
+    assert len(lines) == 2 and shlex.split(lines[1])[:2] == ["--config", "demo"]
+    assert f"run.out_dir={out / 'mask_ratio-0.6' / 'pretrain'}" in shlex.split(lines[1])
+    run = out / "mask_ratio-0.6" / "pretrain"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "step": 9, "epoch_loss": 0.25, "val_loss": 0.5}\n')
+    sweep(spec, table_only=True)
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert [(r["data.mask_ratio"], r["train loss"], r["val loss"]) for r in rows] == [
+        ("0.4", "", ""), ("0.6", "0.25", "0.5")]
+    assert not (out / "mask_ratio-0.4").exists()  # nothing ran

@@ -72,7 +72,7 @@ def cmd_sweep(args) -> None:
 
     spec = SweepSpec(args.config, parse_grid(args.grid), Path(args.out), tuple(args.overrides), args.finetune,
                      tuple(args.finetune_set))
-    print(sweep(spec, jobs_only=args.jobs))
+    print(sweep(spec, jobs_only=args.jobs, table_only=args.table))
 
 
 def cmd_sample_data(args) -> None:
@@ -190,6 +190,7 @@ def add_sweep_command(sub) -> None:
                    help="an override for every fine-tuning run (repeatable)")
     p.add_argument("--jobs", action="store_true",
                    help="write OUT/jobs.txt (one trainer/run.sh argument line per variant) instead of running")
+    p.add_argument("--table", action="store_true", help="only write the results of the finished runs under OUT")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every pre-training run")
     p.set_defaults(fn=cmd_sweep)
 

@@ -202,10 +202,11 @@ class SweepSpec:
     def pretrain_args(self, v: Variant) -> list[str]:
         return [*self.overrides, *v.overrides(), f"run.out_dir={self.out / v.name / 'pretrain'}"]
 
-    def finetune_args(self, v: Variant, pretrained: Path | str) -> list[str]:
-        # the encoder must be the pre-trained one: a grid over model.arch / window_size reaches the fine-tuning too
-        same = [f"{k}={x}" for k, x in v.values if k in ("model.arch", "model.window_size")]
-        return [*self.finetune_overrides, *same, f"finetune.pretrained={pretrained}",
+    def finetune_args(self, v: Variant, pretrained: Path | str, arch: str) -> list[str]:
+        """The fine-tuning's overrides: the encoder is the pre-trained one (`arch`, the variant's
+        model.arch); a grid over model.window_size reaches the fine-tuning too."""
+        window = [f"{k}={x}" for k, x in v.values if k == "model.window_size"]
+        return [*self.finetune_overrides, f"model.arch={arch}", *window, f"finetune.pretrained={pretrained}",
                 f"run.out_dir={self.out / v.name / 'finetune'}"]
 
 
@@ -219,7 +220,8 @@ def load_configs(spec: SweepSpec, variants: list[Variant]) -> list[tuple]:
     for v in variants:
         try:
             pre = load_config(spec.config, spec.pretrain_args(v))
-            ft = (load_config(spec.finetune, spec.finetune_args(v, "(its last checkpoint)"), FinetuneConfig)
+            ft = (load_config(spec.finetune, spec.finetune_args(v, "(its last checkpoint)", pre.model.arch),
+                              FinetuneConfig)
                   if spec.finetune else None)
         except ConfigError as e:
             raise ConfigError(f"variant {v.name}: {e}") from None
@@ -249,7 +251,7 @@ def run_variant(spec: SweepSpec, v: Variant, pre, ft, say: Callable[[str], None]
 
     ckpt = all_checkpoints(pre_dir)[-1][1]
     say(f"finetune from {ckpt} -> {ft_dir}")
-    finetune(load_config(spec.finetune, spec.finetune_args(v, ckpt), FinetuneConfig))
+    finetune(load_config(spec.finetune, spec.finetune_args(v, ckpt, pre.model.arch), FinetuneConfig))
 
 
 def job_lines(spec: SweepSpec, variants: list[Variant]) -> str:
@@ -260,10 +262,11 @@ def job_lines(spec: SweepSpec, variants: list[Variant]) -> str:
     return "".join(shlex.join([*config, *spec.pretrain_args(v)]) + "\n" for v in variants)
 
 
-def sweep(spec: SweepSpec, jobs_only: bool = False) -> Path:
+def sweep(spec: SweepSpec, jobs_only: bool = False, table_only: bool = False) -> Path:
     """Runs every variant of `spec` not yet finished (module docstring), then writes the results;
     with `jobs_only`, writes OUT/jobs.txt (one trainer/run.sh argument line per variant) instead of
-    running. Returns the file written. ConfigError before any run for a bad grid or value, or when
+    running; with `table_only`, writes the results of what the run folders hold, running nothing
+    (variants run elsewhere, e.g. as SLURM jobs). Returns the file written. ConfigError before any run for a bad grid or value, or when
     started under torchrun (one sweep process runs its variants one after another; on many GPUs
     each variant is its own trainer/run.sh job)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -274,6 +277,8 @@ def sweep(spec: SweepSpec, jobs_only: bool = False) -> Path:
     spec.out.mkdir(parents=True, exist_ok=True)
     if jobs_only:
         return write_text(spec.out / "jobs.txt", job_lines(spec, variants))
+    if table_only:
+        return write_results(spec.out, spec.grid, variants, _note(spec))
     start = time.perf_counter()
     for i, (v, (pre, ft)) in enumerate(zip(variants, configs)):
         def say(msg: str, i=i, v=v) -> None:
