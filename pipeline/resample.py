@@ -3,7 +3,8 @@
 FFCV resizes a crop with OpenCV's INTER_AREA (a box filter) inside its compiled pipeline, where
 PIL cannot run; the reference loader (= torchvision) resizes with Pillow's bilinear filter, whose
 support widens with the downscale factor (antialiasing). This is Pillow's algorithm
-(`libImaging/Resample.c`: separable passes, horizontal first, triangle filter of support
+(`libImaging/Resample.c`: separable passes, horizontal first (vertical first in some cases since
+Pillow 13: `_vertical_first`), triangle filter of support
 max(1, scale), coefficients normalised and rounded to 22-bit fixed point, rounding to uint8
 after each pass), so on the same decoded crop it gives Pillow's pixels exactly
 (tests/test_pixels.py).
@@ -15,16 +16,19 @@ that already on (rows, width * 3); the horizontal one becomes it on the transpos
 rows * 3), and its result is transposed back. Pillow's own C loops (and this module's first version)
 run the horizontal pass per output pixel, scalar: on a 230 x 300 crop to 192 x 192, measured with
 process CPU time on the loaded 2-core machine (AMD EPYC) in one run, this 93 us, the per-pixel
-loops 473 us, OpenCV's INTER_AREA (one thread) 306 us, bit-identical to Pillow in both cases.
+loops 473 us, OpenCV's INTER_AREA (one thread) 306 us. (The first version always ran the
+horizontal pass first: one level off Pillow 13 on ~15% of the pixels of 8 in 60 sample crops.)
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import PIL
 from numba import njit
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
+VERTICAL_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13  # the installed Pillow's pass order
 
 
 @njit(nogil=True, cache=False)
@@ -104,15 +108,32 @@ def _horizontal(src, y0: int, rows: int, out_w: int) -> np.ndarray:
 
 
 @njit(nogil=True, cache=False)
+def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    """Pillow's order of the two passes: since Pillow 13 (python-pillow/Pillow#9549) the vertical
+    pass runs first when the height shrinks by more than twice as many pixels as the width (found
+    on Pillow 13.0.0 by comparing both orders against its resize; tests/test_pixels.py), before
+    that always the horizontal pass. Each pass rounds to uint8, so the order shows in the pixels."""
+    return VERTICAL_FIRST_RULE and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+
+
+@njit(nogil=True, cache=False)
 def resize_bilinear(src: np.ndarray, dst: np.ndarray) -> None:
     """src (H, W, 3) uint8 (any strides: a crop of a decoded image) -> dst (h, w, 3) uint8,
-    C-contiguous, in place: Pillow's `Image.resize((w, h), BILINEAR)`, horizontal pass first. Only
-    the rows the vertical pass reads are resized horizontally, and a pass whose size does not change
-    is skipped, as Pillow does."""
+    C-contiguous, in place: Pillow's `Image.resize((w, h), BILINEAR)`, its two passes in its order
+    (`_vertical_first`). Only the rows the vertical pass reads are resized horizontally, and a pass
+    whose size does not change is skipped, as Pillow does."""
     in_h, in_w = src.shape[0], src.shape[1]
     out_h, out_w = dst.shape[0], dst.shape[1]
     yfirst, ycount, yweights = _coefficients(in_h, out_h)
     need_v = out_h != in_h
+    flat = dst.reshape(out_h, out_w * 3)
+    if need_v and out_w != in_w and _vertical_first(in_h, in_w, out_h, out_w):
+        rows = np.empty((in_h, in_w, 3), np.uint8)  # contiguous rows for the whole-row pass
+        rows[:] = src
+        tmp = np.empty((out_h, in_w * 3), np.uint8)
+        _weighted_rows(rows.reshape(in_h, in_w * 3), yfirst, ycount, yweights, tmp)
+        flat[:] = _horizontal(tmp.reshape(out_h, in_w, 3), 0, out_h, out_w)
+        return
     y0 = yfirst[0] if need_v else 0
     rows = yfirst[out_h - 1] + ycount[out_h - 1] - y0 if need_v else in_h
     if out_w != in_w:
@@ -121,7 +142,6 @@ def resize_bilinear(src: np.ndarray, dst: np.ndarray) -> None:
         tmp = np.empty((rows, in_w, 3), np.uint8)
         tmp[:] = src[y0:y0 + rows]
         tmp = tmp.reshape(rows, in_w * 3)
-    flat = dst.reshape(out_h, out_w * 3)
     if need_v:
         _weighted_rows(tmp, yfirst - y0, ycount, yweights, flat)
     else:
