@@ -8,12 +8,18 @@ from simmim.benchmarks import avg_dist, kernels, step
 
 
 def test_avgdist_bench_writes_outputs(tmp_path):
-    table = avg_dist.main(["--out", str(tmp_path), "--samples", "16"])
+    tables = avg_dist.main(["--out", str(tmp_path), "--samples", "16"])
+    assert set(tables) == {"random", "square", "block"}
+    table = tables["random"]
     assert set(table) == {4, 8, 16, 32, 64} and len(table[32]) == 9
     assert table[4][0.6] < table[8][0.6] < table[16][0.6] < table[32][0.6] < table[64][0.6]
     assert math.isnan(table[64][0.9])  # 9 cells at 192/64: ceil(0.9 * 9) = 9 masks them all
+    # one square lies further from the visible pixels than scattered cells of the same size
+    assert tables["square"][8][0.5] > 2 * table[8][0.5] and tables["block"][8][0.5] > table[8][0.5]
     assert (tmp_path / "avgdist.png").stat().st_size > 0
-    assert json.loads((tmp_path / "avgdist.json").read_text())["input_size"] == 192
+    assert all((tmp_path / f"masks_{s}.png").stat().st_size > 0 for s in tables)
+    saved = json.loads((tmp_path / "avgdist.json").read_text())
+    assert saved["input_size"] == 192 and saved["masked_fraction"]["square"]["32"]["0.6"] == 25 / 36
 
 
 def test_kernels_bench_checks_correctness_on_cpu(tmp_path):
@@ -57,7 +63,7 @@ def test_bench_runs_through_the_simmim_command(tmp_path, capsys):
     from simmim.benchmarks import cli
     from simmim.trainer import cli as trainer_cli
 
-    cli.main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4"])
+    cli.main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4", "--strategies", "random"])
     assert (tmp_path / "avgdist.json").stat().st_size > 0
     with pytest.raises(SystemExit) as e:
         trainer_cli.main(["bench", "avgdist"])
