@@ -144,3 +144,22 @@ def test_jobs_and_table_for_variants_run_elsewhere(tmp_path, sample_root):
     assert [(r["data.mask_ratio"], r["train loss"], r["val loss"]) for r in rows] == [
         ("0.4", "", ""), ("0.6", "0.25", "0.5")]
     assert not (out / "mask_ratio-0.4").exists()  # nothing ran
+
+
+def test_a_diverged_variant_leaves_a_gap_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    from simmim.trainer import sweep as sweep_module
+    from simmim.trainer.loop import Diverged
+
+    ran = []
+
+    def fake_run(spec, v, pre, ft, say):
+        ran.append(v.name)
+        if v.name == "mask_ratio-0.4":
+            raise Diverged("loss not finite")
+
+    monkeypatch.setattr(sweep_module, "run_variant", fake_run)
+    spec = sweep_module.SweepSpec("demo", parse_grid(["data.mask_ratio=0.4,0.6"]), tmp_path / "sw")
+    with pytest.raises(Diverged, match=r"1 variant\(s\) diverged \(mask_ratio-0.4\)"):
+        sweep_module.sweep(spec)
+    assert ran == ["mask_ratio-0.4", "mask_ratio-0.6"] and (tmp_path / "sw" / "results.csv").exists()
+    assert "mask_ratio-0.4: diverged, going on" in capsys.readouterr().out

@@ -266,7 +266,8 @@ def sweep(spec: SweepSpec, jobs_only: bool = False, table_only: bool = False) ->
     """Runs every variant of `spec` not yet finished (module docstring), then writes the results;
     with `jobs_only`, writes OUT/jobs.txt (one trainer/run.sh argument line per variant) instead of
     running; with `table_only`, writes the results of what the run folders hold, running nothing
-    (variants run elsewhere, e.g. as SLURM jobs). Returns the file written. ConfigError before any run for a bad grid or value, or when
+    (variants run elsewhere, e.g. as SLURM jobs). Returns the file written. A variant that diverges
+    leaves its row empty and the sweep goes on; Diverged at the end names them. ConfigError before any run for a bad grid or value, or when
     started under torchrun (one sweep process runs its variants one after another; on many GPUs
     each variant is its own trainer/run.sh job)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -279,15 +280,24 @@ def sweep(spec: SweepSpec, jobs_only: bool = False, table_only: bool = False) ->
         return write_text(spec.out / "jobs.txt", job_lines(spec, variants))
     if table_only:
         return write_results(spec.out, spec.grid, variants, _note(spec))
-    start = time.perf_counter()
+    from .loop import Diverged
+
+    start, diverged = time.perf_counter(), []
     for i, (v, (pre, ft)) in enumerate(zip(variants, configs)):
         def say(msg: str, i=i, v=v) -> None:
             print(f"sweep [{i + 1}/{len(variants)}] {v.name}: {msg}", flush=True)
 
-        run_variant(spec, v, pre, ft, say)
+        try:
+            run_variant(spec, v, pre, ft, say)
+        except Diverged as e:  # a setting of the ablation that does not train: a gap in the table, not the end
+            say(f"diverged, going on with the next variant: {e}")
+            diverged.append(v.name)
         write_results(spec.out, spec.grid, variants, _note(spec))
     print(f"sweep: {len(variants)} variants done in {time.perf_counter() - start:.0f} s; "
           f"{spec.out / 'results.md'}", flush=True)
+    if diverged:
+        raise Diverged(f"{len(diverged)} variant(s) diverged ({', '.join(diverged)}): their rows are empty; "
+                       f"the same command retries them from their last checkpoints")
     return spec.out / "results.md"
 
 
