@@ -66,7 +66,7 @@ class PretrainTask:
         self.cfg = cfg
         d = cfg.data
         self.aug = Augmentation(size=d.img_size)
-        self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio)
+        self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio, d.mask_strategy)
 
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
@@ -87,6 +87,9 @@ class PretrainTask:
 
     def describe_data(self) -> str:
         return str(self.masks)
+
+    def checkpoint_extra(self) -> dict:
+        return {}
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         d = self.cfg.data
