@@ -144,3 +144,22 @@ def test_export_writes_the_encoder_alone(tmp_path):
         theirs = net.forward_features(x).permute(0, 3, 1, 2)
         ours = model.encoder(x, torch.zeros(1, size // 32, size // 32, dtype=torch.bool))
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_heads_under_fsdp2_and_ddp_with_resume(sample_root, tmp_path):
+    """Inverse Swin-T (its Swin blocks sharded per block like the encoder's) with a 16^2 bins
+    target under FSDP2 and DDP on 2 ranks: the same losses step for step, and a run stopped after
+    epoch 1 resumes to the same trajectory as one run straight through."""
+    from test_fsdp import finish, losses, torchrun
+
+    opts = ["model.head=inverse_swin_t", "loss.kind=bins", "loss.bins=8", "loss.target_size=16",
+            "data.batch_size=3", "run.save_every=1"]
+    fsdp = tmp_path / "fsdp"
+    finish(torchrun(2, fsdp, sample_root, "train.parallel=fsdp", "train.epochs=1", *opts))
+    finish(torchrun(2, fsdp, sample_root, "train.parallel=fsdp", "train.epochs=2", *opts))  # resumes
+    ddp = tmp_path / "ddp"
+    finish(torchrun(2, ddp, sample_root, "train.parallel=ddp", "train.epochs=2", *opts))
+    a, b = losses(fsdp), losses(ddp)
+    assert sorted(a) == sorted(b) and len(a) >= 10
+    torch.testing.assert_close([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=1e-4, atol=1e-6)
