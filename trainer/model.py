@@ -261,9 +261,7 @@ class SimMIM(nn.Module):
         """images (B, 3, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
         scalar), or (loss, pred (B, 3, H, W)) when return_pred: the prediction as a normalised
         image (a smaller target upsampled, nearest; bins as their expected colour)."""
-        out = self.encoder(images, masks)  # (B, C, H/s, W/s)
-        for layer in self.decoder[:-1]:
-            out = layer(out)  # -> (B, K*p*p, T/p, T/p)
+        out = self.head_output(images, masks)
         shuffle = self.decoder[-1]
         pred = out if self.fused_shuffle else shuffle(out)
         target = loss_target(images, self.loss_options, self.mean, self.std)  # (B, 3, T, T)
@@ -271,6 +269,18 @@ class SimMIM(nn.Module):
         if not return_pred:
             return loss
         return loss, self.as_image(shuffle(out), images.shape[-2:])
+
+    def head_output(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The head's output before PixelShuffle, (B, K*p*p, T/p, T/p) (K = 3, or 3 * bins)."""
+        out = self.encoder(images, masks)  # (B, C, H/s, W/s)
+        for layer in self.decoder[:-1]:
+            out = layer(out)
+        return out
+
+    @torch.no_grad()
+    def prediction(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The reconstruction alone: (B, 3, H, W) normalised, as `forward(..., return_pred=True)`'s."""
+        return self.as_image(self.decoder[-1](self.head_output(images, masks)), images.shape[-2:])
 
     @torch.no_grad()
     def as_image(self, pred: torch.Tensor, size) -> torch.Tensor:
