@@ -54,7 +54,7 @@ from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, 
 from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
-from .parallel import PARALLEL, is_fsdp, wrap_for_training
+from .parallel import is_fsdp, wrap_for_training
 from .runfolder import RunLock, check_resume_config, job_id, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
@@ -422,7 +422,7 @@ def check_inputs(cfg: Config, task: Task) -> None:
     from simmim.pipeline.loaders import INSTALL, available, validate_data_args
 
     d = cfg.data
-    validate_data_args(d.backend, d.path, d.max_pixels)
+    validate_data_args(d.backend, d.path)
     if not available(d.backend):
         raise DatasetError(f"data.backend {d.backend} is not installed: {INSTALL[d.backend][1]}")
     for key, (path, hint) in task.inputs().items():
@@ -430,7 +430,7 @@ def check_inputs(cfg: Config, task: Task) -> None:
             error = CheckpointError if key in NOT_DATA else DatasetError
             raise error(f"{key} '{path}' does not exist: {hint}")
         if path and key not in NOT_DATA and key != "data.path":
-            validate_data_args(d.backend, path, d.max_pixels, key)
+            validate_data_args(d.backend, path, key)
 
 
 def read_run_folder(cfg: Config) -> tuple[Path | None, dict | None, list, list[str]]:
@@ -471,15 +471,6 @@ def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, Loa
     return model, loader
 
 
-def check_parallel(t) -> None:
-    if t.parallel not in PARALLEL:
-        raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got '{t.parallel}'")
-    if t.parallel != "fsdp" and t.cpu_offload:
-        raise ValueError("train.cpu_offload needs train.parallel=fsdp")
-    if t.parallel == "fsdp" and t.precision == "fp16":
-        raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
-
-
 def build_trainer(cfg: Config, task: Task, dist: DistInfo, model: nn.Module, schedule: LRSchedule,
                   options: StepOptions, steps_per_epoch: int) -> Trainer:
     """The model wrapped for training (DDP, FSDP2, torch.compile), AdamW over the task's parameter
@@ -502,7 +493,6 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     (the sample lists made, the pretrained checkpoint loaded), so an input refused on the way
     leaves no config.yaml or log.txt behind, and nothing is opened twice."""
     d, t, o = cfg.data, cfg.train, cfg.optim
-    check_parallel(t)
     setup_logging(None, dist.is_main)  # console only until the folder is known to be this run's
     held = HeldRecords() if dist.is_main else None
     if held is not None:
