@@ -46,12 +46,15 @@ class ModelConfig:
     window_size: int = 0  # 0: the arch's own
     drop_path: float = 0.0
     fused_shuffle: bool = True  # the loss reads the head output before PixelShuffle: no shuffle copy
+    head: str = "linear"  # linear (the paper) | mlp | inverse_swin_t | inverse_swin_b (Table 3; trainer/heads.py)
 
     @staticmethod
     def rules() -> dict[str, Rule]:
+        from .heads import HEADS
         from .model import ARCHS
 
-        return {"arch": one_of(*ARCHS), "window_size": NON_NEGATIVE, "drop_path": HALF_OPEN_UNIT}
+        return {"arch": one_of(*ARCHS), "window_size": NON_NEGATIVE, "drop_path": HALF_OPEN_UNIT,
+                "head": one_of(*HEADS)}
 
 
 @dataclass
