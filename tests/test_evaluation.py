@@ -114,3 +114,73 @@ def test_refusals_are_one_line(tmp_path):
             case()
         assert "\n" not in str(e.value) and str(e.value).startswith("reconstruct:"), str(e.value)
     assert "pre-training" in str(pytest.raises(UserError, cases[0]).value)
+
+
+# ---------------------------------------------------------------- kNN monitor (trainer/knn.py)
+
+def test_knn_matches_a_brute_force_reference():
+    from simmim.trainer.knn import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(60, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
+    queries = torch.randn(25, 8, generator=g)
+    got = knn_predict(bank, labels, queries, 4, k=5, temperature=0.07, chunk=7)
+    for q, pred in zip(queries, got):  # one query at a time, the formula written out
+        cos = [float(q @ b / (q.norm() * b.norm())) for b in bank]
+        nearest = sorted(range(60), key=lambda i: -cos[i])[:5]
+        votes = [sum(np.exp(cos[i] / 0.07) for i in nearest if labels[i] == c) for c in range(4)]
+        assert int(pred) == int(np.argmax(votes))
+    assert (knn_predict(bank, labels, bank, 4, k=1) == labels).all()  # each point is its own nearest
+
+
+def _knn_monitor(sample_root, rank, world):
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.knn import KNNMonitor
+
+    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    return KNNMonitor(str(sample_root / "train"), str(sample_root / "val"), 64, 4, 30, 8, 0, 0, dist)
+
+
+def _knn_rank(rank, world, store, sample_root, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    top1 = _knn_monitor(sample_root, rank, world)(_model())
+    if rank == 0:
+        out.write_text(repr(top1))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_knn_figure_is_the_same_on_one_and_two_ranks(tmp_path, sample_root):
+    one = _knn_monitor(sample_root, 0, 1)(_model())
+    torch.multiprocessing.spawn(_knn_rank, args=(2, str(tmp_path / "store"), sample_root, tmp_path / "top1"),
+                                nprocs=2)
+    assert float((tmp_path / "top1").read_text()) == pytest.approx(one, abs=1e-9) and 0 <= one <= 100
+
+
+@pytest.mark.slow
+def test_pretraining_logs_the_knn_figure(tmp_path, sample_root):
+    import json
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    out = tmp_path / "run"
+    pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", f"data.val_path={sample_root / 'val'}",
+                                  f"run.out_dir={out}", "data.img_size=64", "data.batch_size=8", "data.num_workers=0",
+                                  "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
+                                  "train.epochs=2", "run.knn_every=1", "run.knn_train_samples=20", "run.vis_every=5"]))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["knn_top1"] for r in recs if "knn_top1" in r]
+    assert len(knn) == 2 and all(0 <= v <= 100 for v in knn) and (out / "curves.png").is_file()
+
+
+def test_knn_needs_a_validation_folder(tmp_path, sample_root):
+    from simmim.pipeline.errors import ConfigError
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match="run.knn_every"):
+        pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", "data.val_path=", "run.knn_every=1",
+                                      f"run.out_dir={tmp_path}", "data.num_workers=0", "run.progress=false"]))
