@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.kernels import LossOptions
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, eval_geometry, normalize
 from simmim.pipeline.decode import DecodeError, decode_rgb
 from simmim.pipeline.errors import CheckpointError, UserError
@@ -90,11 +91,13 @@ def load_pretrained_model(path: str | Path, device: str | torch.device = "cpu") 
         raise CheckpointError(f"{label}: its encoder matches no known architecture ({', '.join(ARCHS)})")
     head = {k.rsplit(".", 2)[-1]: v for k, v in ckpt.model.items() if k.endswith(("decoder.0.weight", "decoder.0.bias"))}
     token = next((v for k, v in ckpt.model.items() if k.endswith("mask_token")), None)
-    if len(head) != 2:
+    if len(head) != 2 and ckpt.layout != "simmim":  # ours: whatever model.head it trained, built below
         raise CheckpointError(f"{label} has no SimMIM prediction head (decoder.0.weight / bias): {HINT}")
     img_size = ckpt.settings.get("img_size", 192)
     mask_patch_size = _mask_patch_size(ckpt.config)
-    model = build_simmim(arch, img_size, mask_patch_size, ckpt.settings.get("window_size", 0))
+    ours = ckpt.config if ckpt.layout == "simmim" and is_ours(ckpt.config) else {}
+    model = build_simmim(arch, img_size, mask_patch_size, ckpt.settings.get("window_size", 0),
+                         loss=LossOptions(**ours.get("loss", {})), head=ours.get("model", {}).get("head", "linear"))
     net = model.encoder.swin if hasattr(model.encoder, "swin") else model.encoder.vit
     try:
         if ckpt.layout == "simmim":  # our own keys: the model's state dict as saved
@@ -171,8 +174,7 @@ def make_masks(mask: str, n: int, img_size: int, cell: int, ratio: float, seed: 
 @torch.no_grad()
 def predict(model: SimMIM, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """images (B, 3, H, W) normalised, masks (B, h, w) bool -> the head's prediction (B, 3, H, W) float32."""
-    conv, shuffle = model.decoder
-    return shuffle(conv(model.encoder(images, masks))).float()
+    return model.prediction(images, masks).float()
 
 
 def panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor) -> list[torch.Tensor]:
