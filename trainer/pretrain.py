@@ -71,7 +71,7 @@ class PretrainTask:
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
         model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path, self.cfg.loss,
-                             m.fused_shuffle).to(dist.device)
+                             m.fused_shuffle, m.head).to(dist.device)
         where = (dist.device, dist.rank, dist.world_size, t.seed)
         loader = build_loader(LoaderSpec.from_config(d, self.aug), self.masks, *where)
         self.val_loader = None
@@ -87,6 +87,9 @@ class PretrainTask:
 
     def describe_data(self) -> str:
         return str(self.masks)
+
+    def checkpoint_extra(self) -> dict:
+        return {}
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         d = self.cfg.data

@@ -7,8 +7,9 @@ and a resumed run is the same run.
   while for the old rank 0 to exit; any other job is refused at once. It is taken before the inputs
   are opened and is provisional until the run commits to the folder: a refused input removes it
   (and the folder, if the lock made it), so nothing is left behind.
-- `newest_readable_checkpoint`: the newest checkpoint that loads; `set_aside` keeps unreadable
-  newer ones (truncated, foreign), renamed to `*.corrupt`, with a warning naming them.
+- `set_aside`: the unreadable checkpoints newer than the one resumed (checkpoint.py's
+  `newest_readable_checkpoint` finds them: truncated, foreign) are renamed to `*.corrupt`, with a
+  warning naming them.
 - `check_resume_config`: the checkpoint's config against the new one, before anything is written:
   only keys that leave the run the same run (`RESUMABLE`) may change.
 """
@@ -24,8 +25,7 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, all_checkpoints, peek_checkpoint
-from .config import ConfigError, flatten, migrate
+from .config import ConfigError, flatten
 
 log = logging.getLogger("simmim")
 
@@ -133,27 +133,6 @@ def job_id() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
 
 
-def newest_readable_checkpoint(out_dir: str | Path) -> tuple[Path | None, dict | None, list]:
-    """(path, contents) of the newest checkpoint in `out_dir` that loads, or (None, None) if there
-    is none, and [(path, CheckpointError)] of the newer ones that do not. Checkpoints are .pt files
-    (contents: the whole file) and DCP folders (contents: all but the tensors, which the
-    checkpointer loads sharded; a folder is readable if its .metadata lists model and optimizer
-    state and its train state reads; an unfinished `.checkpoint-*.tmp` folder is never one).
-    Raises CheckpointError if checkpoints exist and none loads. Reads only; see `set_aside`."""
-    bad: list[tuple[Path, CheckpointError]] = []
-    for _, path in reversed(all_checkpoints(Path(out_dir))):
-        try:
-            ckpt = peek_checkpoint(path)
-        except CheckpointError as e:  # a file renamed by rank 0 under another rank reads as missing
-            bad.append((path, e))
-            continue
-        return path, ckpt, bad
-    if bad:
-        raise CheckpointError(f"no checkpoint in '{out_dir}' can be read ({len(bad)} tried; newest: {bad[0][1]}): "
-                              f"move them away to start afresh, or set another run.out_dir")
-    return None, None, bad
-
-
 def set_aside(bad: list, resumed: Path) -> None:
     """Renames each unreadable checkpoint (file or DCP folder) `<name>.corrupt` (kept for the user
     to judge, out of the resume order; `<name>.corrupt.1`, ... if that name is taken), with a
@@ -171,12 +150,11 @@ def set_aside(bad: list, resumed: Path) -> None:
 
 def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
     """Compares a checkpoint's config with the new run's (both as `Config.to_dict()`); returns the
-    changed keys a resume allows, raises ConfigError naming those it does not. The saved keys of an
-    earlier version are read at their new place (`config.RENAMED`); keys only one side knows are not
-    compared."""
+    changed keys a resume allows, raises ConfigError naming those it does not; keys only one side
+    knows are not compared."""
     if not saved:
         return []
-    old, cur = migrate(saved), flatten(new)
+    old, cur = flatten(saved), flatten(new)
     changed = [k for k in cur if k in old and old[k] != cur[k] and k != "run.out_dir"]  # the folder may move
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
     if refused:
