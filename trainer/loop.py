@@ -479,7 +479,9 @@ def build_trainer(cfg: Config, task: Task, dist: DistInfo, model: nn.Module, sch
     # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
     train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, options.amp_dtype,
                                     t.cpu_offload, t.compile)
-    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
+    make = getattr(task, "optimizer", None)  # a task's own (the linear probe's LARS / SGD); else AdamW
+    optimizer = make(task.param_groups(model), schedule.lr) if make else \
+        torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=options.amp_dtype is torch.float16)
     return Trainer(model, optimizer, schedule, options, steps_per_epoch=steps_per_epoch, train_model=train_model,
                    scaler=scaler, batch_transform=task.batch_transform, rank=dist.rank, world_size=dist.world_size,
