@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from simmim.pipeline.errors import ConfigError, DatasetError
-from simmim.pipeline.io import atomic_write
+from simmim.pipeline.io import atomic_write, check_folder_writable
 from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer
@@ -160,6 +160,23 @@ class HeldRecords(logging.Handler):
         self.records.append(record)
 
 
+class RunLogFile(logging.FileHandler):
+    """run_dir/log.txt. A write that fails (a full disk, a folder made read-only) is said once on
+    the console, and the run logs there only, instead of logging's traceback for every record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "broken", False):
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        self.broken = True
+        print(f"cannot write {self.baseFilename} ({error.strerror or error}): logging to the console only",
+              file=sys.stderr, flush=True)
+
+
 def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None = None) -> None:
     """Rank 0 logs to stdout (and out_dir/log.txt, where `held`'s records are written first), the
     other ranks only warnings. One format for every message of a run, config warnings included."""
@@ -167,7 +184,7 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
     if is_main:
         handlers.append(logging.StreamHandler(sys.stdout))
         if out_dir is not None:
-            handlers.append(logging.FileHandler(out_dir / "log.txt"))
+            handlers.append(RunLogFile(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     if held is not None and len(handlers) == 2:
@@ -286,8 +303,8 @@ class Run:
     last_save: float = dataclasses.field(default_factory=time.monotonic)
 
     def record(self, rec: dict) -> None:
-        """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0)."""
-        self.metrics(rec)
+        """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0); a failed write is a warning."""
+        self.monitor.soft("metrics.jsonl", lambda: self.metrics(rec))
         self.monitor.log(rec)
 
     def checkpoint(self, epoch: int, step_in_epoch: int, loss_sum: float = 0.0, good_steps: int = 0,
@@ -378,9 +395,12 @@ class Run:
                         f"at epoch {epoch}, step {res.steps_done}: run the same command to resume")
 
     def end_epoch(self, epoch: int, res: EpochResult, elapsed: float) -> dict:
-        """The task's end-of-epoch work, the epoch record, the periodic checkpoint."""
+        """The periodic checkpoint first (what the epoch cost is kept whatever follows fails), then
+        the task's end-of-epoch work, the epoch record and the curves (failed writes: warnings)."""
         self.carried = (0.0, 0)
         last = epoch == self.cfg.train.epochs - 1
+        if (epoch + 1) % self.cfg.run.save_every == 0 or last:
+            self.checkpoint(epoch, self.steps_per_epoch)
         out = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
         extra = {k: v for k, v in out.items() if not isinstance(v, Path)}
         log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
@@ -391,10 +411,9 @@ class Run:
             for tag, png in out.items():
                 if isinstance(png, Path):
                     self.monitor.image(tag, png, step)
-            plot_curves({self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
-                        title=f"{self.cfg.model.arch}, {self.out_dir}")
-        if (epoch + 1) % self.cfg.run.save_every == 0 or last:
-            self.checkpoint(epoch, self.steps_per_epoch)
+            self.monitor.soft("curves.png", lambda: plot_curves(
+                {self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
+                title=f"{self.cfg.model.arch}, {self.out_dir}"))
         barrier()
         return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
 
@@ -404,14 +423,15 @@ NOT_DATA = ("finetune.pretrained",)
 
 
 def check_inputs(cfg: Config, task: Task) -> None:
-    """Before the run folder is made: DatasetError / CheckpointError, one line naming the key, for
-    an empty data.path, a data option out of place (a .beton for a backend that does not read one,
+    """Before the run folder is made: ConfigError for a run.out_dir that cannot be written (read-only,
+    immutable, a file); DatasetError / CheckpointError, one line naming the key, for an empty data.path, a data option out of place (a .beton for a backend that does not read one,
     or the reverse, for data.path and every other data source of the task), a backend that is not
     installed, or an input of the task that does not exist. What needs the inputs opened (an empty
     folder, a bad list line, a checkpoint of another arch) is found by `task.build`, which also
     runs before anything but the provisional lock file is written (`setup_run`)."""
     from simmim.pipeline.loaders import INSTALL, available, validate_data_args
 
+    check_folder_writable(cfg.run.out_dir, "run.out_dir", ConfigError)  # before an hour of set-up, not after
     d = cfg.data
     validate_data_args(d.backend, d.path, d.max_pixels)
     if not available(d.backend):
