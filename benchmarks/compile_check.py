@@ -29,7 +29,7 @@ CL = torch.channels_last
 
 def cases() -> list[tuple[str, callable]]:
     """(label, thunk calling a launcher) for every specialisation the model and tests use."""
-    from simmim.kernels import mask_fill, masked_l1
+    from simmim.kernels import loss, mask_fill
 
     out = []
     for name, (L, D, grid) in {"swin_b_192": (48 * 48, 128, 6), "vit_b_224": (14 * 14, 768, 7)}.items():
@@ -50,14 +50,14 @@ def cases() -> list[tuple[str, callable]]:
                 p = pred.to(dtype)
                 tag = str(dtype).removeprefix("torch.")
                 out.append((f"masked_l1 {name} {layout} {tag}",
-                            lambda p=p, t=target, m=masks: masked_l1._loss_fwd(p, t, m, 0, 1.0, False, 0, True)))
+                            lambda p=p, t=target, m=masks: loss._loss_fwd(p, t, m, 0, 1.0, False, 0, True)))
         p = preds["head channels-last"].to(torch.bfloat16)
         for kind, opts in (("l2", (1, 1.0, False)), ("smooth_l1", (2, 0.5, False)), ("all pixels", (0, 1.0, True))):
             out.append((f"masked_l1 {name} head {kind} bf16",
-                        lambda p=p, t=target, m=masks, o=opts: masked_l1._loss_fwd(p, t, m, *o, 0, True)))
+                        lambda p=p, t=target, m=masks, o=opts: loss._loss_fwd(p, t, m, *o, 0, True)))
         out.append((f"masked_l1 {name} no grad (eval)",
-                    lambda p=p, t=target, m=masks: masked_l1._loss_fwd(p, t, m, 0, 1.0, False, 0, False)))
-        out.append((f"scale_ {name} bf16", lambda p=p: masked_l1._scale_(p.clone(), torch.tensor(0.5))))
+                    lambda p=p, t=target, m=masks: loss._loss_fwd(p, t, m, 0, 1.0, False, 0, False)))
+        out.append((f"scale_ {name} bf16", lambda p=p: loss._scale_(p.clone(), torch.tensor(0.5))))
     return out
 
 

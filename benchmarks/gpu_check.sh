@@ -74,7 +74,8 @@ SIMMIM=("$PY" -m simmim.benchmarks.cli)  # the `simmim` console script: every co
 if ((DRY)); then
   export CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 TORCH_COMPILE_DISABLE=1 OMP_NUM_THREADS=1
   PYTEST_K="dispatch or deterministic" KBATCH=2 MODELS=vit_micro LMODEL=vit_micro BATCH=2 STEPS=1 WARMUP=1
-  VIT=vit_micro SWIN=swin_mini JPEGS=8 MAX_WORKERS=1 LSIZE=64 LBATCH=4 LEPOCHS=1 LOADERS=torch CBATCH=1 CSTEPS=1
+  VIT=vit_micro SWIN=swin_mini JPEGS=8 MAX_WORKERS=1 LSIZE=64 LBATCH=4 LEPOCHS=1 LROUNDS=1 LJPEGS=8 LOADERS=torch
+  CBATCH=1 CSTEPS=1
   CMETHODS=SimMIM
   CHEADS=--no-head-timing  # three Swin-B models: minutes on a shared 2-core CPU
   MEMMODELS=swin_base
@@ -82,7 +83,10 @@ if ((DRY)); then
 else
   export TRITON_INTERPRET=0
   PYTEST_K="" KBATCH=128 MODELS=swin_base,vit_base LMODEL=swin_base BATCH=128 STEPS=20 WARMUP=5
-  VIT=vit_base SWIN=swin_base JPEGS=4000 MAX_WORKERS=$(nproc) LSIZE=192 LBATCH=128 LEPOCHS=3 LOADERS=torch,ffcv
+  # bench loaders: ours and the plain pipelines beside them (torchvision, released SimMIM, FFCV, DALI),
+  # 3 interleaved rounds of one epoch each on 2000 JPEGs
+  VIT=vit_base SWIN=swin_base JPEGS=4000 MAX_WORKERS=$(nproc) LSIZE=192 LBATCH=128 LEPOCHS=1 LROUNDS=3 LJPEGS=2000
+  LOADERS=torch,ffcv
   CBATCH=64 CSTEPS=10
   CMETHODS="SimMIM,MAE,BEiT,DINO,MoCo v3,ViT-MPP,DeiT-B" CHEADS=
   MEMMODELS=swin_base,swin_large,swinv2_base,swinv2_large,swinv2_huge,swinv2_giant
@@ -214,8 +218,8 @@ if [ "$PART" = main ]; then
     --workers "$WORKERS" --out "$RES"
   step "bench claims" 55 "${SIMMIM[@]}" bench claims --batch "$CBATCH" --steps "$CSTEPS" --methods "$CMETHODS" \
     ${CHEADS:+"$CHEADS"} --out "$RES"
-  step "bench loaders" 50 "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" --size "$LSIZE" --batch "$LBATCH" \
-    --workers "$WORKERS" --epochs "$LEPOCHS" --backends "$LOADERS" --out "$RES"
+  step "bench loaders" 50 "${SIMMIM[@]}" bench loaders --synthetic "$LJPEGS" --size "$LSIZE" --batch "$LBATCH" \
+    --workers "$WORKERS" --epochs "$LEPOCHS" --rounds "$LROUNDS" --backends "$LOADERS" --out "$RES"
   step "bench step PixelShuffle" 35 "${SIMMIM[@]}" bench step --models "$MODELS" --batch "$BATCH" \
     --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --no-fused-shuffle --out "$RES"
   # per-GPU memory, DDP vs FSDP2 over 8 GPUs: activations measured under CUDA bf16 autocast
@@ -236,8 +240,9 @@ else
   head -n 1 "$LOG"
   loader_workers "$MAX_WORKERS" "$BATCH_BYTES"
   step "dali: import" 60 "$PY" -c "import nvidia.dali as d; print('nvidia.dali', d.__version__, d.__file__)"
-  step "bench loaders (dali)" 180 --needs "dali: import" "${SIMMIM[@]}" bench loaders --synthetic "$JPEGS" \
-    --size "$LSIZE" --batch "$LBATCH" --workers "$WORKERS" --epochs "$LEPOCHS" --backends torch,dali --out "$RES"
+  step "bench loaders (dali)" 180 --needs "dali: import" "${SIMMIM[@]}" bench loaders --synthetic "$LJPEGS" \
+    --size "$LSIZE" --batch "$LBATCH" --workers "$WORKERS" --epochs "$LEPOCHS" --rounds "$LROUNDS" \
+    --backends torch,dali --out "$RES"
   step "bench step data wait (dali)" 120 --needs "dali: import" "${SIMMIM[@]}" bench step --models "$LMODEL" \
     --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --precision bf16 --data loader --loader dali \
     --synthetic "$JPEGS" --workers "$WORKERS" --out "$RES"

@@ -94,16 +94,18 @@ def step_lines(root: Path) -> list[str]:
 
 
 def loader_lines(root: Path) -> list[str]:
+    """Each loader's median images/sec and, for ours, the median per-round ratio to its plain
+    counterpart and to plain torchvision (`bench loaders`)."""
     out = []
     for path in by_run_order(root, "loaders-*/loaders*.json"):
         r = json.loads(path.read_text())
         out.append(f"loaders on {r['device']}: {r['images']} {r['source']} images, {r['size']} px, batch {r['batch']}, "
-                   f"{r['workers']} workers, {r['epochs']} timed epochs")
-        base = next((x["img_per_s"] for x in r["rows"] if x["loader"] == "torch"), None)
+                   f"{r['workers']} workers, {r.get('rounds_done', r['epochs'])} rounds")
         for x in r["rows"]:
-            ratio = f"{x['img_per_s'] / base:5.2f}x torch" if base else ""
-            out.append(f"  {x['loader']:<14} {x['img_per_s']:9.0f} img/s {ratio}  steady "
-                       f"{x.get('steady_img_per_s') or 0:9.0f} img/s  epoch start {x['epoch_start_s']:.2f} s")
+            ratios = x.get("ratios") or {}
+            ratio = "  ".join(f"{v['median']:5.2f}{k}" for k, v in ratios.items() if k != "x released")
+            out.append(f"  {x['loader']:<22} {x['img_per_s']:9.0f} img/s  steady "
+                       f"{x.get('steady_img_per_s') or 0:9.0f}  epoch start {x['epoch_start_s']:.2f} s  {ratio}")
     return out
 
 

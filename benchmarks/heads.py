@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerStage
 
-from simmim.kernels import masked_l1_loss
+from simmim.kernels import masked_loss
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.model import ARCHS, SwinEncoder
 from simmim.trainer.precision import autocast
@@ -75,7 +75,7 @@ class WithHead(nn.Module):
 
     def forward(self, x):
         masks = self.masks.sample(x.shape[0], device=x.device)
-        return masked_l1_loss(self.head(self.encoder(x, masks)), x, masks)
+        return masked_loss(self.head(self.encoder(x, masks)), x, masks)
 
 
 def step(model: nn.Module, x: torch.Tensor, amp_dtype) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from simmim.kernels import dispatch
 from simmim.kernels.mask_fill import mask_token_fill, mask_token_fill_ref
-from simmim.kernels.masked_l1 import masked_l1_loss, masked_l1_loss_ref
+from simmim.kernels.loss import masked_loss, masked_loss_ref
 
 from .report import device_name, results_dir, write_bar_chart, write_results
 
@@ -89,8 +89,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 CANDIDATES = (("mask_fill", fill_step, mask_token_fill, mask_token_fill_ref),
-              ("masked_l1", loss_step, masked_l1_loss, masked_l1_loss_ref),
-              ("l1_head", head_step, masked_l1_loss, masked_l1_loss_ref))
+              ("masked_l1", loss_step, masked_loss, masked_loss_ref),
+              ("l1_head", head_step, masked_loss, masked_loss_ref))
 
 
 def compile_reference(ref):
@@ -135,7 +135,7 @@ def check_correctness(name: str, device: str) -> list[dict]:
                 results.append([out.float(), inp["x"].grad.float(), inp["token"].grad.float()])
             else:
                 pred = inp["pred" if op == "masked_l1" else "head"]
-                out = masked_l1_loss(pred, inp["target"], inp["masks"], backend=backend)
+                out = masked_loss(pred, inp["target"], inp["masks"], backend=backend)
                 out.backward()
                 results.append([out.float(), pred.grad.float()])
         errs = [(a - b).abs().max().item() for a, b in zip(*results)]

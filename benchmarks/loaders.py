@@ -1,34 +1,53 @@
-"""Images/sec of every loader on the same images, same output size, same workers, in one run.
+"""Images/sec of our loaders beside the plain pipelines a user would otherwise write: same images,
+output size, batch and workers, in one run, interleaved rounds, medians.
 
-    simmim bench loaders [--data data/sample/train | --synthetic N] [--size 192] [--batch 64]
-                         [--workers 2] [--epochs 3] [--backends torch,ffcv,dali]
+    simmim bench loaders [--data data/sample/train | --synthetic N] [--size 192] [--batch 32]
+                         [--workers 2] [--rounds 5] [--epochs 1] [--backends torch,ffcv,dali]
 
-The source folder is converted to a .beton first (conversion images/sec is reported too); each
-loader then runs one warm-up epoch (FFCV's numba compilation, worker start-up, DALI's pipeline
-build: reported separately as start-up) and `--epochs` timed epochs, touching every batch on the
-training device. On a GPU, DALI runs with 'mixed' decoding both with the hardware JPEG decoder
-(hw_decoder_load 0.65) and without it (0), and on the CPU as well. `--synthetic N` writes N JPEGs
-at ImageNet-like sizes (long side ~500 px, quality 90) instead of reading a folder. Writes
-loaders.md, loaders.json and loaders.png under a results folder naming the device.
+Loaders: ours (`torch`, `ffcv`, `dali`; on a GPU DALI as 'mixed' with and without the hardware JPEG
+decoder, and on the CPU) and, always beside them, the plain pipelines of `plain_loaders.py`:
+torchvision's ImageFolder + RandomResizedCrop (`torchvision (plain)`), the released SimMIM loader's
+transform (`released SimMIM`), and for each of our backends its library's own pipeline on the same
+data (`ffcv (plain)` on the same .beton, `dali ... (plain)` with the same DALI device).
+
+Every loader is built and runs one warm-up epoch (numba compilation, worker start-up, DALI's
+build: reported as warm-up); then `--rounds` rounds each run `--epochs` epochs of every loader in
+turn, the order rotated by one each round, so a machine that slows down or speeds up during the run
+weighs on all loaders alike. Each batch is touched on the device and the total read back at the
+end of the epoch, so asynchronous copies count. A loader's figure is the median over rounds
+(min-max beside it); each of ours is given as a ratio to its plain counterpart, to plain
+torchvision and to the released SimMIM loader, each ratio taken per round (the two ran back to
+back) and its median and min-max reported. A ratio carries across machines where images/sec do
+not. Besides wall time, the CPU time of the process and its workers per image (`cpu ms/img`: all
+the work the loader costs, whatever the machine's other load) and that of the main process alone
+(`main ms/img`: the trainer's process, FFCV's and DALI's pipeline threads included).
+
+`--synthetic N` writes N JPEGs at ImageNet-like sizes (long side ~500 px, quality 90). Writes
+loaders[-synthetic<N>].md, .json and .png under a results folder naming the device, after every
+round (a run stopped early leaves the rounds it finished). See docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
-from simmim.pipeline.options import DALIOptions
 from simmim.pipeline.loaders import available
+from simmim.pipeline.options import DALIOptions
 
-from .report import device_name, results_dir, write_bar_chart
+from .report import device_name, results_dir, write_bar_chart, write_results as write_md_json
+
+TORCHVISION, RELEASED = "torchvision (plain)", "released SimMIM"
 
 
 def synthetic_jpegs(root: Path, n: int, seed: int = 0, classes: int = 10, distinct: int = 64) -> Path:
@@ -57,68 +76,193 @@ def synthetic_jpegs(root: Path, n: int, seed: int = 0, classes: int = 10, distin
     return root
 
 
-def time_loader(loader, epochs: int, device: torch.device) -> dict:
-    """Warm-up epoch, then `epochs` timed ones. Each batch is touched on the device (a corner
-    pixel summed, so the consumer costs next to nothing), and the total read back at the end of
-    each epoch, so asynchronous copies are counted. Besides the overall rate, the epoch start (until
-    the first batch: worker start-up, DALI's per-epoch pipeline, prefetch fill) is timed apart, and
-    the steady rate counts the batches after it: on ImageNet, with 10,000 batches an epoch, the
-    steady rate is what training sees; on a small benchmark set the start weighs more."""
-    def run_epoch(epoch: int) -> tuple[int, int, float, float]:
-        loader.set_epoch(epoch)
-        n, acc = 0, torch.zeros((), device=device)
-        t0 = time.perf_counter()
-        n_first, t_first = 0, 0.0
-        for batch in loader:
-            acc += batch[0][:, 0, 0, 0].float().sum() + batch[1][:, 0, 0].sum()
-            n += len(batch[0])
-            if not n_first:
-                n_first, t_first = n, time.perf_counter() - t0
-        float(acc)  # synchronise
-        return n, n_first, t_first, time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    run_epoch(0)
-    startup = time.perf_counter() - t0
-    runs = [run_epoch(e) for e in range(1, epochs + 1)]
-    images, seconds = sum(r[0] for r in runs), sum(r[3] for r in runs)
-    steady_images, steady_seconds = sum(r[0] - r[1] for r in runs), sum(r[3] - r[2] for r in runs)
-    return {"images": images, "seconds": round(seconds, 3), "img_per_s": images / seconds,
-            "steady_img_per_s": steady_images / steady_seconds if steady_seconds > 0 else None,
-            "epoch_start_s": round(sum(r[2] for r in runs) / len(runs), 3), "warmup_epoch_s": round(startup, 2)}
+@dataclass
+class Entry:
+    """One loader to time: `build()` returns an object with set_epoch(epoch) whose iteration yields
+    (images, masks or None, ...) per batch; `plain` names its plain counterpart (ours only)."""
+    label: str
+    build: Callable[[], object]
+    ours: bool = False
+    plain: str | None = None
 
 
-def configurations(backends: list[str], cuda: bool) -> list[tuple[str, str, dict]]:
-    """(label, backend, LoaderSpec fields) for each loader to time."""
-    out = []
-    for b in backends:
-        if b == "dali" and cuda:
-            out += [("dali mixed+hw", "dali", {"dali": DALIOptions(device="mixed", hw_decoder_load=0.65)}),
-                    ("dali mixed", "dali", {"dali": DALIOptions(device="mixed", hw_decoder_load=0.0)}),
-                    ("dali cpu", "dali", {"dali": DALIOptions(device="cpu")})]
-        else:
-            out.append((b, b, {}))
+def descendants(pid: int) -> list[int]:
+    """The live descendants of process `pid`, from /proc (empty where /proc is missing)."""
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                found = [int(c) for c in task.read_text().split()]
+            except OSError:  # ended meanwhile
+                continue
+            out += found
+            todo += found
     return out
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU seconds, all threads; that plus its live descendants'), user + system
+    (a descendant's from /proc/PID/stat, fields utime and stime)."""
+    main, children = time.process_time(), 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in descendants(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children += (int(fields[11]) + int(fields[12])) / tick
+    return main, main + children
+
+
+def run_epoch(loader, epoch: int, device: torch.device) -> dict:
+    """One epoch of `loader`, every batch touched on the device (a corner pixel and a mask summed:
+    the consumer costs next to nothing), the total read back at the end. Wall and CPU seconds."""
+    loader.set_epoch(epoch)
+    n, acc = 0, torch.zeros((), device=device)
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    n_first, t_first = 0, 0.0
+    for batch in loader:
+        acc += batch[0][:, 0, 0, 0].float().sum()
+        if len(batch) > 1 and batch[1] is not None:
+            acc += batch[1][:, 0, 0].float().sum()
+        n += len(batch[0])
+        if not n_first:
+            n_first, t_first = n, time.perf_counter() - t0
+    float(acc)  # synchronise
+    seconds, cpu1 = time.perf_counter() - t0, cpu_seconds()
+    return {"images": n, "seconds": seconds, "first_images": n_first, "first_seconds": t_first,
+            "cpu_main": cpu1[0] - cpu0[0], "cpu_all": cpu1[1] - cpu0[1]}
+
+
+def epochs_figures(runs: list[dict]) -> dict:
+    """One round's figures from its epochs: images/sec overall and after each epoch's first batch
+    (steady), mean epoch start, CPU milliseconds per image (main process; with its workers)."""
+    images, seconds = sum(r["images"] for r in runs), sum(r["seconds"] for r in runs)
+    steady_n = sum(r["images"] - r["first_images"] for r in runs)
+    steady_s = sum(r["seconds"] - r["first_seconds"] for r in runs)
+    return {"images": images, "img_per_s": images / seconds,
+            "steady_img_per_s": steady_n / steady_s if steady_s > 0 else None,
+            "epoch_start_s": sum(r["first_seconds"] for r in runs) / len(runs),
+            "main_cpu_ms_per_img": 1000 * sum(r["cpu_main"] for r in runs) / max(1, images),
+            "cpu_ms_per_img": 1000 * sum(r["cpu_all"] for r in runs) / max(1, images)}
+
+
+def entries(backends: list[str], cuda: bool, src: Path, beton: Path, size: int, batch: int,
+            workers: int) -> list[Entry]:
+    """Our loaders of `backends` and the plain pipelines beside them (module docstring)."""
+    from . import plain_loaders as plain
+
+    aug, device = Augmentation(size=size), torch.device("cuda" if cuda else "cpu")
+    masks = MaskGenerator(size, 32, 0.6)
+
+    def ours(backend: str, path: Path, **options):
+        return lambda: build_loader(LoaderSpec(backend, str(path), aug, batch, workers, **options), masks, device)
+
+    out = [Entry(TORCHVISION, lambda: plain.PlainTorchvision(str(src), aug, batch, workers, device)),
+           Entry(RELEASED, lambda: plain.PlainTorchvision(str(src), aug, batch, workers, device, released=True))]
+    for b in backends:
+        if b == "torch":
+            out.append(Entry("torch", ours("torch", src), True, TORCHVISION))
+        elif b == "ffcv":
+            out += [Entry("ffcv (plain)", lambda: plain.PlainFFCV(str(beton), aug, batch, workers, device)),
+                    Entry("ffcv", ours("ffcv", beton), True, "ffcv (plain)")]
+        elif b == "dali":
+            modes = [("dali mixed+hw", "mixed", 0.65), ("dali mixed", "mixed", 0.0), ("dali cpu", "cpu", 0.0)]
+            for label, mode, hw in modes if cuda else [("dali", "cpu", 0.0)]:
+                out += [Entry(f"{label} (plain)", lambda m=mode, h=hw: plain.PlainDALI(
+                            str(src), aug, batch, workers, device, m, h)),
+                        Entry(label, ours("dali", src, dali=DALIOptions(device=mode, hw_decoder_load=hw)), True,
+                              f"{label} (plain)")]
+    return out
+
+
+def interval(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(table: list[Entry], rounds: list[dict[str, dict]], warmup: dict[str, float]) -> list[dict]:
+    """A row per loader: medians (min-max) over rounds, and for ours the per-round ratios to the
+    plain counterpart, plain torchvision and the released SimMIM loader."""
+    rows = []
+    for e in table:
+        per = [r[e.label] for r in rounds if e.label in r]
+        if not per:
+            continue
+        row = {"loader": e.label, "ours": e.ours, "plain": e.plain, "rounds": len(per),
+               "images": per[0]["images"], "warmup_epoch_s": round(warmup[e.label], 2),
+               "img_per_s_rounds": [round(p["img_per_s"], 1) for p in per]}
+        for key in ("img_per_s", "steady_img_per_s", "epoch_start_s", "main_cpu_ms_per_img", "cpu_ms_per_img"):
+            values = [p[key] for p in per if p[key] is not None]
+            row[key] = statistics.median(values) if values else None
+            if key == "img_per_s":
+                row["img_per_s_min"], row["img_per_s_max"] = min(values), max(values)
+        row["ratios"] = {}
+        for name, other in (("x plain", e.plain), ("x torchvision", TORCHVISION), ("x released", RELEASED)):
+            pairs = [r[e.label]["img_per_s"] / r[other]["img_per_s"] for r in rounds
+                     if e.ours and other and e.label in r and other in r]
+            if pairs:
+                row["ratios"][name] = interval(pairs)
+        rows.append(row)
+    return rows
+
+
+def measure(table: list[Entry], rounds: int, epochs: int, device: torch.device,
+            report: Callable[[list[dict]], None]) -> list[dict]:
+    """Builds every loader, runs its warm-up epoch, then `rounds` interleaved rounds of `epochs`
+    epochs each (module docstring); `report(rows)` after every round. Returns the rows."""
+    loaders, warmup, results = {}, {}, []
+    for e in table:
+        t0 = time.perf_counter()
+        loaders[e.label] = e.build()
+        run_epoch(loaders[e.label], 0, device)
+        warmup[e.label] = time.perf_counter() - t0
+        print(f"{e.label}: built, warm-up epoch {warmup[e.label]:.1f}s", flush=True)
+    rows = []
+    for r in range(rounds):
+        this = {}
+        for e in table[r % len(table):] + table[:r % len(table)]:
+            runs = [run_epoch(loaders[e.label], 1 + r * epochs + k, device) for k in range(epochs)]
+            this[e.label] = epochs_figures(runs)
+        results.append(this)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v['img_per_s']:.0f}" for k, v in this.items()),
+              flush=True)
+        rows = summarise(table, results, warmup)
+        report(rows)
+    for loader in loaders.values():
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+    return rows
+
+
+def ratio_text(row: dict, name: str) -> str:
+    r = row["ratios"].get(name)
+    return f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]" if r else ""
+
+
 def markdown(result: dict) -> str:
-    rows = result["rows"]
-    base = next((r["img_per_s"] for r in rows if r["loader"] == "torch"), None)
     lines = [f"# Loaders on {result['device']}",
              "",
              f"{result['images']} source images ({result['source']}), output {result['size']}x{result['size']}, "
-             f"batch {result['batch']}, {result['workers']} workers each, {result['epochs']} timed epochs after "
-             f"one warm-up epoch; same images for every loader (FFCV from the .beton converted from them).",
+             f"batch {result['batch']}, {result['workers']} workers each; {result['rounds_done']} of "
+             f"{result['rounds']} interleaved rounds of {result['epochs']} epoch(s) per loader after one warm-up "
+             f"epoch; same images for every loader (FFCV from the .beton converted from them).",
              "",
-             "Steady: images/sec after each epoch's first batch; epoch start: mean time to the first batch.",
+             "images/sec: median over rounds [min-max]. Ratios (ours only): per-round images/sec of ours over "
+             "its plain counterpart, plain torchvision and the released SimMIM loader, median [min-max]. "
+             "CPU ms/img: CPU time of the process and its workers per image; main: the main process alone "
+             "(pipeline threads included). Steady: after each epoch's first batch.",
              "",
-             "| loader | images/sec | x reference | steady images/sec | epoch start (s) | warm-up epoch (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['img_per_s'] / base:.2f}" if base else "n/a"
+             "| loader | images/sec | x plain | x torchvision | x released | cpu ms/img | main ms/img | "
+             "steady images/sec | epoch start (s) | warm-up (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
         steady = f"{r['steady_img_per_s']:.0f}" if r.get("steady_img_per_s") else "n/a"
-        lines.append(f"| {r['loader']} | {r['img_per_s']:.0f} | {ratio} | {steady} | {r['epoch_start_s']:.2f} | "
-                     f"{r['warmup_epoch_s']:.1f} |")
+        lines.append(f"| {r['loader']}{' (ours)' if r['ours'] else ''} | {r['img_per_s']:.0f} "
+                     f"[{r['img_per_s_min']:.0f}-{r['img_per_s_max']:.0f}] | {ratio_text(r, 'x plain')} | "
+                     f"{ratio_text(r, 'x torchvision')} | {ratio_text(r, 'x released')} | "
+                     f"{r['cpu_ms_per_img']:.2f} | {r['main_cpu_ms_per_img']:.2f} | {steady} | "
+                     f"{r['epoch_start_s']:.2f} | {r['warmup_epoch_s']:.1f} |")
     if result.get("conversion"):
         c = result["conversion"]
         lines += ["", f"Conversion to .beton: {c['written']} images in {c['write_seconds']:.1f} s "
@@ -135,8 +279,9 @@ def parser(cuda: bool) -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--batch", type=int, default=128 if cuda else 32)
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--backends", default="torch,ffcv,dali")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are taken over them)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of each loader per round")
+    ap.add_argument("--backends", default="torch,ffcv,dali", help="ours to time; the plain ones always run")
     ap.add_argument("--max-resolution", type=int, default=256, help=".beton longer side")
     ap.add_argument("--out", default="results")
     return ap
@@ -157,20 +302,21 @@ def source_images(data: str, synthetic: int, tmp: Path) -> Path:
     return src
 
 
-def write_results(result: dict, out_root: str, synthetic: int) -> None:
-    """loaders[-synthetic<N>].json, .md (printed too) and .png (images/sec per loader) in the
-    results folder under `out_root` for this device."""
+def write_results(result: dict, out_root: str, synthetic: int, quiet: bool = False) -> Path:
+    """loaders[-synthetic<N>].json, .md (printed unless `quiet`) and .png (images/sec per loader)
+    in the results folder under `out_root` for this device, each written atomically."""
     rows = result["rows"]
     out = results_dir(out_root, "loaders")
     tag = "loaders" + (f"-synthetic{synthetic}" if synthetic else "")
-    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
     report = markdown(result)
-    (out / f"{tag}.md").write_text(report)
+    write_md_json(out, tag, report, result)
     write_bar_chart(out / f"{tag}.png", [r["loader"] for r in rows], {"images/sec": [r["img_per_s"] for r in rows]},
-                    ylabel="images / second",
+                    ylabel="images / second (median of rounds)",
                     title=f"Loaders, {result['size']}px, {result['workers']} workers, {device_name()}")
-    print(report)
-    print(f"wrote {out}/{tag}.md, .json, .png")
+    if not quiet:
+        print(report)
+        print(f"wrote {out}/{tag}.md, .json, .png")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,23 +339,17 @@ def main(argv: list[str] | None = None) -> dict:
             conversion = convert(str(src), str(beton), max_resolution=args.max_resolution,
                                  workers=args.workers, progress=False)
             print(f"conversion: {conversion['images_per_sec']:.0f} images/sec", flush=True)
-        aug = Augmentation(size=args.size)
-        masks = MaskGenerator(args.size, 32, 0.6)
-        rows = []
-        for label, backend, options in configurations(backends, cuda):
-            path = str(beton) if backend == "ffcv" else str(src)
-            spec = LoaderSpec(backend, path, aug, args.batch, args.workers, **options)
-            loader = build_loader(spec, masks, device)
-            row = {"loader": label, **time_loader(loader, args.epochs, device)}
-            del loader
-            print(f"{label}: {row['img_per_s']:.0f} img/s, steady {row['steady_img_per_s'] or 0:.0f}, epoch start "
-                  f"{row['epoch_start_s']:.2f}s (warm-up epoch {row['warmup_epoch_s']:.1f}s)", flush=True)
-            rows.append(row)
-        n_images = sum(1 for p in Path(src).rglob("*") if p.is_file())
-    result = {"device": device_name(), "source": "synthetic" if args.synthetic else str(args.data),
-              "images": n_images, "size": args.size, "batch": args.batch, "workers": args.workers,
-              "epochs": args.epochs, "conversion": conversion and {k: v for k, v in conversion.items()
-                                                                     if k != "bad_files"},
-              "rows": rows}
+        result = {"device": device_name(), "source": "synthetic" if args.synthetic else str(args.data),
+                  "images": sum(1 for p in Path(src).rglob("*") if p.is_file()), "size": args.size,
+                  "batch": args.batch, "workers": args.workers, "rounds": args.rounds, "epochs": args.epochs,
+                  "rounds_done": 0, "conversion": conversion and {k: v for k, v in conversion.items()
+                                                                  if k != "bad_files"}, "rows": []}
+
+        def report(rows: list[dict]) -> None:
+            result.update(rows=rows, rounds_done=result["rounds_done"] + 1)
+            write_results(result, args.out, args.synthetic, quiet=True)
+
+        table = entries(backends, cuda, src, beton, args.size, args.batch, args.workers)
+        measure(table, args.rounds, args.epochs, device, report)
     write_results(result, args.out, args.synthetic)
     return result

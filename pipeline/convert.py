@@ -28,7 +28,7 @@ import numpy as np
 
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .ffcv_compat import keep_torch_threads
-from .folder import DatasetError, SampleList, list_classes, read_classes, scan_folder, sidecar, walk_tree
+from .folder import DatasetError, SampleList, folder_classes, read_classes, scan_folder, sidecar, walk_tree
 from .io import write_json
 from .scan import check_output
 
@@ -89,21 +89,26 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
     """The samples to convert. With `limit` on a class-folder tree: `limit` images spread over the
     classes (evenly spaced classes when limit < classes, else limit // classes per class, the
     first ones each folder lists), reading only as much of each folder as needed, never the whole
-    tree (`folder.walk_tree` with a quota); on a list file, every `len // limit`-th entry."""
+    tree (`folder.walk_tree` with a quota); on an unlabeled folder, the first `limit` images of its
+    walk; on a list file, every `len // limit`-th entry."""
     path = Path(src)
     if not limit or not path.is_dir():
         samples, classes = scan_folder(src)
         if limit:
             samples = samples[::max(1, len(samples) // limit)][:limit]
         return samples, classes
-    classes = list_classes(path)
-    if limit < len(classes):
+    classes = folder_classes(path)
+    if classes is None:  # unlabeled: the first `limit` images of the tree
+        samples, classes, quota = walk_tree(path, [""], {0: limit}), [], None
+    elif limit < len(classes):
         quota = {int(c): 1 for c in np.linspace(0, len(classes) - 1, limit).round()}
     else:
         quota = {c: limit // len(classes) + (c < limit % len(classes)) for c in range(len(classes))}
-    samples = walk_tree(path, classes, quota)
+    if quota is not None:
+        samples = walk_tree(path, classes, quota)
     if not len(samples):
-        raise DatasetError(f"data path '{src}' has {len(classes)} class folders but no images")
+        raise DatasetError(f"data path '{src}' has {len(classes)} class folders but no images" if classes else
+                           f"data path '{src}' has no images")
     return samples, classes
 
 
@@ -355,6 +360,7 @@ def inspect(path: str, decode: bool = True, workers: int = 0) -> dict:
         "file": str(path), "samples": int(reader.num_samples), "bytes": os.path.getsize(path),
         "page_size": int(reader.page_size),
         "classes": len(classes) if classes is not None else int(len(present)),
+        "unlabeled": classes == [],  # converted from an unlabeled folder or list (every label 0)
         "labels": {"min": int(labels.min()), "max": int(labels.max()), "distinct": int(len(present)),
                    "per_class_min": int(present.min()), "per_class_median": float(np.median(present)),
                    "per_class_max": int(present.max())} if len(labels) else {},
@@ -412,8 +418,9 @@ def decode_all(path: str, reader, workers: int = 0, chunk: int = 1024) -> list[i
 
 def format_inspect(info: dict) -> str:
     lines = [f"{info['file']}: {info['samples']} samples, {info['bytes'] / 1e6:.1f} MB, "
-             f"{info['classes']} classes, {100 * info['jpeg_fraction']:.0f}% JPEG"]
-    if info["labels"]:
+             f"{'unlabeled' if info.get('unlabeled') else str(info['classes']) + ' classes'}, "
+             f"{100 * info['jpeg_fraction']:.0f}% JPEG"]
+    if info["labels"] and not info.get("unlabeled"):
         lab = info["labels"]
         lines.append(f"labels {lab['min']}..{lab['max']} ({lab['distinct']} present); per class "
                      f"min {lab['per_class_min']}, median {lab['per_class_median']:g}, max {lab['per_class_max']}")

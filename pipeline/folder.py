@@ -1,4 +1,7 @@
-r"""ImageNet-style class-folder datasets: `root/<class>/<image>`, labels = sorted class names.
+r"""Image folders and lists: ImageNet-style class folders `root/<class>/<image>` (labels = sorted
+class names), or unlabeled data for pre-training: a folder with images directly in it (any nesting
+of folders below), or a list of bare paths. Unlabeled data has `classes == []` and every label 0;
+fine-tuning refuses it. `scan_folder` says in one line what it found (images, folders, classes).
 
 The walk follows symbolic links but enters each real directory once (a link back up the tree, a
 second link to a folder already walked, a link into another class folder or out of the data path
@@ -7,7 +10,10 @@ symbolic links (hard links are names of their own).
 
 Also reads a file list. The list format (what `simmim scan` writes, what every loader reads):
 UTF-8 text, one sample per line, `<path> <label>`: the path, one or more spaces or tabs, a
-non-negative integer label. Blank lines and lines starting with `#` are ignored. A relative path
+non-negative integer label; or, for unlabeled data, `<path>` alone. Every line of a list has a
+label or none does (the first line decides); a bare path whose last space-separated part looks
+like a number is refused, so a path ending in white space and a number is written with that white
+space escaped. Blank lines and lines starting with `#` are ignored. A relative path
 is relative to the list's folder. In a path a backslash starts an escape: `\\` (backslash),
 `\n`, `\r`, `\t`, and `\xHH` or `\uHHHH` (a character by its code: we write it for other
 control characters, a leading `#` and leading or trailing white space); bytes that are not UTF-8 are
@@ -154,9 +160,11 @@ class SampleList:
         return f"SampleList({len(self)} samples under '{self.root}', {self.nbytes / 2**20:.1f} MiB)"
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[SampleList, list[str]]:
-    """Returns (samples, class_names) for a class-folder tree or a `path label` list; labels index
-    the sorted class folder names; within a class, paths are in sorted order."""
+def scan_folder(root: str | os.PathLike, announce=log.info) -> tuple[SampleList, list[str]]:
+    """Returns (samples, class_names) for a class-folder tree, an unlabeled folder or a list (see the
+    module docstring); labels index the sorted class folder names (all 0 and no class names for
+    unlabeled data); within a folder, paths are in sorted order. `announce(line)` gets one line
+    saying what was found. DatasetError (one line) for a missing, empty or binary path."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
@@ -165,27 +173,44 @@ def scan_folder(root: str | os.PathLike) -> tuple[SampleList, list[str]]:
         if root.suffix == ".beton" or root.open("rb").read(4096).count(b"\0"):
             raise DatasetError(f"data path '{root}' is a binary file, not a class folder or a `path label` list"
                                f"{' (an FFCV .beton: use data.backend=ffcv)' if root.suffix == '.beton' else ''}")
-        return read_file_list(root)
-    classes = list_classes(root)
-    samples = walk_tree(root, classes)
+        samples, classes = read_file_list(root)
+        announce(f"{root}: a list of {len(samples)} images, "
+                 + (f"{len(classes)} classes" if classes else "unlabeled (bare paths)"))
+        return samples, classes
+    classes = folder_classes(root)
+    walk = _Walk(root, classes if classes is not None else [""])
+    for label, name in enumerate(classes if classes is not None else [""]):
+        walk.walk_class(label, name)
+    samples = walk.result()
     if not len(samples):
-        raise DatasetError(f"data path '{root}' has {len(classes)} class folders but no images "
-                           f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return samples, classes
+        found = f"{len(classes)} class folders but no images" if classes else "no images and no class folders"
+        raise DatasetError(f"data path '{root}' has {found} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    kind = (f"{len(classes)} class folders (fine-tuning's labels; pre-training ignores them)" if classes is not None
+            else "unlabeled (images in the top folder itself: one set, for pre-training)")
+    announce(f"{root}: {len(samples)} images in {walk.folders} folder{'s' * (walk.folders != 1)}, {kind}")
+    return samples, classes if classes is not None else []
 
 
-def list_classes(root: Path) -> list[str]:
-    """The sorted class folder names under root (hidden folders left out)."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"data path '{root}' has no class folders: expected {root}/<class>/<image>")
-    return classes
+def folder_classes(root: Path) -> list[str] | None:
+    """The sorted class folder names under root (hidden folders left out), or None when root is
+    unlabeled: it holds image files itself (hidden ones aside), or no folders at all."""
+    classes, images = [], False
+    with os.scandir(root) as entries:
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                classes.append(e.name)
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                images = True
+    return None if images or not classes else sorted(classes)
 
 
 def walk_tree(root: Path, classes: list[str], quota: dict[int, int] | None = None) -> SampleList:
     """The images of class folders `classes` under root (`_Walk`'s rules), label = index in
-    `classes`. `quota` {label: k}: only those classes, the first k images each (reading each
-    folder only until it has them: a few images per class never list an ImageNet class folder)."""
+    `classes` (`[""]`: root itself, unlabeled). `quota` {label: k}: only those classes, the first k
+    images each (reading each folder only until it has them: a few images per class never list an
+    ImageNet class folder)."""
     walk = _Walk(root, classes)
     for label, name in enumerate(classes):
         if quota is None:
@@ -220,18 +245,19 @@ class _Walk:
         self.root_real = os.fsencode(os.path.realpath(root))
         self.classes = {}  # (st_dev, st_ino) -> class name
         for name in classes:
-            st = os.stat(root / name)
+            st = os.stat(root / name if name else root)
             self.classes.setdefault((st.st_dev, st.st_ino), name)
         self.seen, self.walked = set(self.classes), set()
         self.parts: list[tuple[bytes, np.ndarray, np.ndarray]] = []  # (names joined, lengths, labels) per class
         self.devs, self.inos, self.links = array("Q"), array("Q"), array("b")  # per file found
         self.loops: list[str] = []
+        self.folders = 0  # folders listed
 
     def walk_class(self, label: int, name: str, limit: int | None = None) -> None:
         """Adds the files of class folder `name` with `label`. With `limit`: stops after that many,
         reading each folder only until it has them (the first ones in the file system's directory
         order, then sorted), so a few images per class never list a whole ImageNet class folder."""
-        top = self.prefix + os.fsencode(name)
+        top = self.prefix + os.fsencode(name) if name else self.prefix[:-1]  # "": root itself (unlabeled)
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in self.walked:  # two class folders, one real folder
             self.loops.append(os.fsdecode(top))
@@ -273,6 +299,7 @@ class _Walk:
             except OSError as e:  # unreadable or vanished: skipped, as os.walk does
                 log.warning("skipping folder %r (%s)", os.fsdecode(folder), e.strerror or e)
                 continue
+            self.folders += 1
             base = folder + b"/"
             for f, (d, i), link in sorted(files):
                 names.append((base + f)[cut:])
@@ -368,9 +395,11 @@ def unquote_path(text: str) -> str:
 
 def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
     """A list file (the format of the module docstring), read line by line as bytes into a
-    SampleList (paths keep their common folder once)."""
+    SampleList (paths keep their common folder once). A list of bare paths is unlabeled: labels 0,
+    no class names."""
     names: list[bytes] = []
     labels = array("i")
+    labeled = None  # decided by the first line
     base = os.fsencode(os.path.join(path.parent, ""))
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -378,24 +407,49 @@ def read_file_list(path: Path) -> tuple[SampleList, list[str]]:
             if not line or line.startswith(b"#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].isdigit():  # bytes.isdigit: ASCII digits 0-9 only
+            has_label = len(parts) == 2 and parts[1].isdigit()  # bytes.isdigit: ASCII digits 0-9 only
+            if labeled is None:
+                labeled = has_label or len(parts) == 2 and _NUMBER_LIKE.fullmatch(os.fsdecode(parts[1])) is not None
+            if labeled != has_label:
                 text = os.fsdecode(line)[:200]
                 raise DatasetError(f"{path}:{lineno}: expected '<path> <label>' (a label of ASCII digits 0-9), "
-                                   f"got '{text}'")
-            file = parts[0] if b"\\" not in parts[0] else os.fsencode(unquote_path(os.fsdecode(parts[0])))
+                                   f"got '{text}'" if labeled else
+                                   f"{path}:{lineno}: a `path label` line in a list of bare paths (line 1 has no "
+                                   f"label): every line has a label or none does (a path ending in a space and a "
+                                   f"number: write that space as \\x20), got '{text}'")
+            file = parts[0] if labeled else line
+            if b"\\" in file:
+                file = os.fsencode(unquote_path(os.fsdecode(file)))
             names.append(file if file.startswith(b"/") else base + file)
-            labels.append(int(parts[1]))
+            labels.append(int(parts[1]) if labeled else 0)
     if not names:
         raise DatasetError(f"file list '{path}' lists no images")
     root = common_root(names)
     cut = len(root)
     samples = SampleList.from_names(os.fsdecode(root), [n[cut:] for n in names] if cut else names,
                                     np.frombuffer(labels, np.int32))
+    if not labeled:
+        return samples, []
     num_classes = int(samples.labels.max()) + 1
     classes = read_classes(path)  # written beside a list by `simmim scan`
     if isinstance(classes, list) and len(classes) >= num_classes:
         return samples, [str(c) for c in classes]
     return samples, [str(i) for i in range(num_classes)]
+
+
+# the last part of a bare path that would read as a label (superscripts, other scripts' digits, signs,
+# decimals): refused, so that a `path label` line with a bad label is never taken for a path
+_NUMBER_LIKE = re.compile(r"(?=.*[\d\u00b2\u00b3\u00b9\u2070-\u2079])[-+]?[\d.\u00b2\u00b3\u00b9\u2070-\u2079]+")
+
+
+def quote_bare_path(path: str) -> str:
+    """A path as a list of bare paths writes it: `quote_path`, and the white space before a last
+    part that reads as a number escaped, so the line never reads as `path label`."""
+    out = quote_path(path)
+    cut = out.rfind(" ")  # the only white space quote_path leaves as it is (the reader splits on ASCII's)
+    if cut > 0 and _NUMBER_LIKE.fullmatch(out[cut + 1:]):
+        out = out[:cut] + "\\x20" + out[cut + 1:]
+    return out
 
 
 def common_root(names: list[bytes]) -> bytes:

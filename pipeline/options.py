@@ -21,6 +21,7 @@ import torch
 
 from .augment import Augmentation
 from .decode import MAX_PIXELS
+from .masking import MASK_STRATEGIES
 
 BACKENDS = ("torch", "ffcv", "dali")  # data.backend
 
@@ -79,6 +80,7 @@ class DataConfig:
     img_size: int = 192
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
+    mask_strategy: str = "random"  # random | square | block (pipeline/masking.py)
     batch_size: int = 128  # per process, per micro-step
     val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
     num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
@@ -90,7 +92,8 @@ class DataConfig:
     def rules() -> dict[str, Rule]:
         """max_pixels has its own check (decode.check_max_pixels), shared with scan / convert."""
         return {"backend": one_of(*BACKENDS), "img_size": POSITIVE, "mask_patch_size": POSITIVE,
-                "mask_ratio": OPEN_UNIT, "batch_size": POSITIVE, "num_workers": NON_NEGATIVE}
+                "mask_ratio": OPEN_UNIT, "mask_strategy": one_of(*MASK_STRATEGIES), "batch_size": POSITIVE,
+                "num_workers": NON_NEGATIVE}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, SampleList, quote_path, scan_folder
+from .folder import DatasetError, SampleList, quote_bare_path, quote_path, scan_folder
 from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,10 @@ def _in_order(pool, starts, make_chunk, check, in_flight: int):
 _NEEDS_QUOTING = re.compile(rb"[\x00-\x1f\x7f\\]|^[#\s]|\s$")
 
 
-def write_file_list(path: Path, samples: SampleList, block: int = 65536) -> None:
+def write_file_list(path: Path, samples: SampleList, block: int = 65536, labeled: bool = True) -> None:
     """The list format of `folder` (what `scan_folder` reads), absolute paths, written a block of
     lines at a time into a temporary file renamed into place. `samples`: a SampleList, or (path,
-    label) pairs."""
+    label) pairs. `labeled=False`: bare paths (unlabeled data), no labels written."""
     if not isinstance(samples, SampleList):
         samples = SampleList.from_pairs(samples)
 
@@ -158,6 +158,9 @@ def write_file_list(path: Path, samples: SampleList, block: int = 65536) -> None
 
     def line(name: bytes, label: int) -> bytes:
         full = root + name if root is not None else os.fsencode(os.path.abspath(os.fsdecode(name)))
+        if not labeled:
+            bare = quote_bare_path(os.fsdecode(full)) if b" " in full or _NEEDS_QUOTING.search(full) else None
+            return (full if bare is None else os.fsencode(bare)) + b"\n"
         if _NEEDS_QUOTING.search(full):
             full = os.fsencode(quote_path(os.fsdecode(full)))
         return b"%s %d\n" % (full, label)
@@ -206,7 +209,7 @@ def scan_command(src: str, out: str | None, workers: int, on_error: str,
     (`scanlist`) beside it."""
     from .scanlist import entries_of, file_stat, write_scan
 
-    samples, classes = scan_folder(src)  # the walk only: the output is checked before any decoding
+    samples, classes = scan_folder(src, announce=print)  # the walk only: the output is checked before any decoding
     out_path = check_output(out, "--out") if out else check_output(clean_list_path(src))
     stats = {p: st for p, _ in samples if (st := file_stat(p)) is not None}
     result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels)

@@ -121,7 +121,7 @@ def check(samples: SampleList, classes: list[str], record: dict | None, max_pixe
 
 def write_scan(out: Path, result: ScanResult, entries: dict, max_pixels: int) -> None:
     """The list, its class names, the bad-file report and the record (each written atomically)."""
-    write_file_list(out, result.good)
+    write_file_list(out, result.good, labeled=bool(result.classes))
     write_json(sidecar(out, "classes.json"), result.classes)
     write_json(sidecar(out, "report.json"), result.report())
     write_json(record_path(out), {"max_pixels": max_pixels, "files": entries})

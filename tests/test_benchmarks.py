@@ -8,12 +8,18 @@ from simmim.benchmarks import avg_dist, kernels, step
 
 
 def test_avgdist_bench_writes_outputs(tmp_path):
-    table = avg_dist.main(["--out", str(tmp_path), "--samples", "16"])
+    tables = avg_dist.main(["--out", str(tmp_path), "--samples", "16"])
+    assert set(tables) == {"random", "square", "block"}
+    table = tables["random"]
     assert set(table) == {4, 8, 16, 32, 64} and len(table[32]) == 9
     assert table[4][0.6] < table[8][0.6] < table[16][0.6] < table[32][0.6] < table[64][0.6]
     assert math.isnan(table[64][0.9])  # 9 cells at 192/64: ceil(0.9 * 9) = 9 masks them all
+    # one square lies further from the visible pixels than scattered cells of the same size
+    assert tables["square"][8][0.5] > 2 * table[8][0.5] and tables["block"][8][0.5] > table[8][0.5]
     assert (tmp_path / "avgdist.png").stat().st_size > 0
-    assert json.loads((tmp_path / "avgdist.json").read_text())["input_size"] == 192
+    assert all((tmp_path / f"masks_{s}.png").stat().st_size > 0 for s in tables)
+    saved = json.loads((tmp_path / "avgdist.json").read_text())
+    assert saved["input_size"] == 192 and saved["masked_fraction"]["square"]["32"]["0.6"] == 25 / 36
 
 
 def test_kernels_bench_checks_correctness_on_cpu(tmp_path):
@@ -57,7 +63,7 @@ def test_bench_runs_through_the_simmim_command(tmp_path, capsys):
     from simmim.benchmarks import cli
     from simmim.trainer import cli as trainer_cli
 
-    cli.main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4"])
+    cli.main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4", "--strategies", "random"])
     assert (tmp_path / "avgdist.json").stat().st_size > 0
     with pytest.raises(SystemExit) as e:
         trainer_cli.main(["bench", "avgdist"])
@@ -82,21 +88,44 @@ def test_claims_flop_table_at_full_size(tmp_path):
 
 
 def test_loaders_bench_same_images_every_loader(tmp_path, sample_root):
+    """Ours beside the plain pipelines, interleaved rounds, every ratio per round (FFCV, whose two
+    numba compilations take a minute, is in the slow tier's tests/test_loader_ratios.py)."""
     from simmim.benchmarks import loaders
 
     out = loaders.main(["--data", str(sample_root / "val"), "--size", "64", "--batch", "4", "--workers", "1",
-                        "--epochs", "1", "--out", str(tmp_path)])
-    names = [r["loader"] for r in out["rows"]]
-    assert names[0] == "torch" and {"ffcv", "dali"} <= set(names)  # installed by the set-up
+                        "--rounds", "2", "--backends", "torch,dali", "--out", str(tmp_path)])
+    rows = {r["loader"]: r for r in out["rows"]}
+    assert list(rows) == ["torchvision (plain)", "released SimMIM", "torch", "dali (plain)", "dali"]
     n = out["images"] // 4 * 4
-    assert all(r["images"] == n and r["img_per_s"] > 0 for r in out["rows"])
+    assert all(r["images"] == n and r["img_per_s"] > 0 and r["rounds"] == 2 for r in rows.values())
     # each epoch's start (time to its first batch) is timed apart, and a steady rate given beside
     # the overall one (no ordering between the two is asserted: that would be a timed test)
-    assert all(r["epoch_start_s"] >= 0 and r["steady_img_per_s"] > 0 for r in out["rows"])
-    assert out["conversion"]["written"] == out["images"]
+    assert all(r["epoch_start_s"] >= 0 and r["steady_img_per_s"] > 0 for r in rows.values())
+    assert all(r["cpu_ms_per_img"] >= r["main_cpu_ms_per_img"] > 0 for r in rows.values())
+    assert rows["torch"]["plain"] == "torchvision (plain)" and rows["dali"]["plain"] == "dali (plain)"
+    for name in ("torch", "dali"):  # a per-round ratio: its median lies within its own min-max
+        ratio = rows[name]["ratios"]["x plain"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert set(rows[name]["ratios"]) == {"x plain", "x torchvision", "x released"}
+    assert not rows["torchvision (plain)"]["ratios"] and out["rounds_done"] == 2
     folder = next(tmp_path.glob("loaders-*"))
     assert {p.name for p in folder.iterdir()} == {"loaders.md", "loaders.json", "loaders.png"}
-    assert "x reference" in (folder / "loaders.md").read_text()
+    assert "x plain" in (folder / "loaders.md").read_text()
+
+
+def test_released_simmim_transform_masks_like_the_release():
+    """The restated released SimMIM mask: ceil(0.6 * 36) = 22 of the 6 x 6 cells, each an 8 x 8
+    block of the 48 x 48 patch grid (Swin's 4 px patches at 192 px)."""
+    import numpy as np
+    from PIL import Image
+
+    from simmim.benchmarks.plain_loaders import ReleasedSimMIMTransform
+
+    t = ReleasedSimMIMTransform(lambda img: np.asarray(img), 192)
+    image, mask = t(Image.new("L", (200, 150)))
+    assert image.shape == (150, 200, 3) and mask.shape == (48, 48)
+    cells = mask.reshape(6, 8, 6, 8)
+    assert (cells == cells[:, :1, :, :1]).all() and cells[:, 0, :, 0].sum() == 22
 
 
 def test_synthetic_jpegs_are_imagenet_sized(tmp_path):

@@ -156,6 +156,6 @@ def test_file_list(sample_root, tmp_path):
     lst.write_text("".join(f"{f} {i % 2}\n" for i, f in enumerate(files)))
     samples, classes = scan_folder(lst)
     assert len(samples) == 6 and classes == ["0", "1"]
-    lst.write_text("a.jpg notalabel\n")
+    lst.write_text("a.jpg -1\n")  # a label that is not ASCII digits (a last part that is no number: a bare path)
     with pytest.raises(DatasetError, match="list.txt:1"):
         scan_folder(lst)

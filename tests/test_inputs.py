@@ -58,7 +58,7 @@ def _bad_inputs(root: Path, tmp: Path) -> dict:
     (tmp / "config.yaml").write_text("model:\n  arch: swin_mini\n")
     torch.save({"model": {}, "config": {"model": {"arch": "swin_mini"}}}, tmp / "mini.pt")
     return {
-        "empty folder": ("pretrain", [f"data.path={tmp / 'empty'}"], DatasetError, r"has no class folders"),
+        "empty folder": ("pretrain", [f"data.path={tmp / 'empty'}"], DatasetError, r"has no images and no class folders"),
         "bad list line": ("pretrain", [f"data.path={tmp / 'bad.txt'}"], DatasetError, r"bad.txt:2: expected"),
         "a JPEG as data.path": ("pretrain", [f"data.path={jpeg}"], DatasetError, r"is a binary file"),
         "beton val_path, torch": ("pretrain", [f"data.val_path={tmp / 'val.beton'}"], DatasetError,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from simmim.kernels import mask_token_fill, masked_l1_loss
+from simmim.kernels import mask_token_fill, masked_loss
 
 
 def loss_by_formula(pred, target, masks):
@@ -19,7 +19,7 @@ def test_masked_l1_matches_formula_with_grads(shape, grid):
     target = torch.randn(shape, dtype=torch.float64)
     masks = torch.rand(shape[0], *grid) < 0.6
     masks[0, 0, 0] = True
-    got = masked_l1_loss(pred, target, masks)
+    got = masked_loss(pred, target, masks)
     (g_got,) = torch.autograd.grad(got, pred)
     pred2 = pred.detach().clone().requires_grad_(True)
     want = loss_by_formula(pred2, target, masks)
@@ -32,11 +32,11 @@ def test_masked_l1_matches_formula_with_grads(shape, grid):
 
 def test_masked_l1_no_mask_is_zero_and_bad_shapes():
     x = torch.randn(2, 3, 64, 64)
-    assert masked_l1_loss(x, x + 1, torch.zeros(2, 2, 2, dtype=torch.bool)) == 0
+    assert masked_loss(x, x + 1, torch.zeros(2, 2, 2, dtype=torch.bool)) == 0
     with pytest.raises(ValueError):
-        masked_l1_loss(x, x, torch.zeros(2, 3, 3, dtype=torch.bool))
+        masked_loss(x, x, torch.zeros(2, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError):
-        masked_l1_loss(x, x[:, :2], torch.zeros(2, 2, 2, dtype=torch.bool))
+        masked_loss(x, x[:, :2], torch.zeros(2, 2, 2, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("B,h,w,s,D", [(2, 6, 6, 8, 16), (1, 7, 7, 2, 5), (3, 3, 5, 1, 7), (2, 4, 2, 3, 13)])
@@ -70,7 +70,7 @@ def test_references_compile_without_graph_breaks(dynamic):
     CPU in seconds. Two shapes per reference, as the benchmark's two models, and the results equal
     the uncompiled reference's."""
     from simmim.kernels.mask_fill import mask_token_fill_ref
-    from simmim.kernels.masked_l1 import masked_l1_loss_ref
+    from simmim.kernels.loss import masked_loss_ref
 
     g = torch.Generator().manual_seed(0)
     for (B, h, w, s, D, stride) in ((2, 6, 6, 8, 16, 32), (3, 7, 7, 2, 24, 16)):
@@ -80,8 +80,8 @@ def test_references_compile_without_graph_breaks(dynamic):
         target = torch.randn(B, 3, h * stride, w * stride, generator=g)
         pred = torch.randn(B, 3, h * stride, w * stride, generator=g)
         head = torch.randn(B, 3 * stride * stride, h, w, generator=g).to(memory_format=torch.channels_last)
-        for ref, args in ((mask_token_fill_ref, (x, masks, token)), (masked_l1_loss_ref, (pred, target, masks)),
-                          (masked_l1_loss_ref, (head, target, masks))):
+        for ref, args in ((mask_token_fill_ref, (x, masks, token)), (masked_loss_ref, (pred, target, masks)),
+                          (masked_loss_ref, (head, target, masks))):
             torch._dynamo.reset()
             compiled = torch.compile(ref, backend="eager", fullgraph=True, dynamic=dynamic)
             torch.testing.assert_close(compiled(*args), ref(*args), rtol=0, atol=0)

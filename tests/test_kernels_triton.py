@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from simmim.kernels import (LossOptions, dispatch, mask_token_fill, mask_token_fill_ref, masked_l1_loss,
-                            masked_l1_loss_ref)
+from simmim.kernels import (LossOptions, dispatch, mask_token_fill, mask_token_fill_ref, masked_loss,
+                            masked_loss_ref)
 
 pytestmark = pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,15 +70,15 @@ def test_masked_loss(shape, grid, dtype):
         pred = rand(*shape, dtype=dtype, grad=True)
         target = rand(*shape)
         masks = torch.rand(shape[0], *grid, device=DEVICE) < 0.6
-        got = masked_l1_loss(pred, target, masks, opts, backend="triton")
+        got = masked_loss(pred, target, masks, opts, backend="triton")
         (g,) = torch.autograd.grad(got * 0.37, pred)  # upstream gradient != 1: the rescale path
         pr = pred.detach().float().requires_grad_()
-        want = masked_l1_loss_ref(pr, target, masks, opts)
+        want = masked_loss_ref(pr, target, masks, opts)
         (gr,) = torch.autograd.grad(want * 0.37, pr)
         assert got.dtype == torch.float32 and not g.isnan().any()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # fp32 accumulation whatever the dtype
         torch.testing.assert_close(g.float(), gr.to(g.dtype).float(), **TOL[dtype])
-        (g1,) = torch.autograd.grad(masked_l1_loss(pred, target, masks, opts, backend="triton"), pred)
+        (g1,) = torch.autograd.grad(masked_loss(pred, target, masks, opts, backend="triton"), pred)
         torch.testing.assert_close(g1.float(), (gr / 0.37).to(g.dtype).float(), **TOL[dtype])
 
 
@@ -94,10 +94,10 @@ def test_masked_loss_reads_pre_pixelshuffle_layout(s, grid, layout):
     pred = (pred.to(memory_format=layout) if layout else pred).requires_grad_()
     masks = torch.rand(2, *grid, device=DEVICE) < 0.5
     masks[0, 0, 0] = True
-    got = masked_l1_loss(pred, target, masks, backend="triton")
+    got = masked_loss(pred, target, masks, backend="triton")
     (g,) = torch.autograd.grad(got, pred)
     shuffled = torch.nn.functional.pixel_shuffle(pred.detach(), s).requires_grad_()
-    want = masked_l1_loss_ref(shuffled, target, masks)
+    want = masked_loss_ref(shuffled, target, masks)
     (gr,) = torch.autograd.grad(want, shuffled)
     torch.testing.assert_close(got, want, **SUM_TOL)
     assert g.stride() == pred.stride()
@@ -115,10 +115,10 @@ def test_masked_loss_any_strides(pred_layout, target_layout):
 
     pred, target = make(pred_layout, grad=True), make(target_layout)
     masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
-    got = masked_l1_loss(pred, target, masks, LossOptions(kind="l2"), backend="triton")
+    got = masked_loss(pred, target, masks, LossOptions(kind="l2"), backend="triton")
     (g,) = torch.autograd.grad(got, pred)
     pr = pred.detach().contiguous().requires_grad_()
-    want = masked_l1_loss_ref(pr, target.contiguous(), masks, LossOptions(kind="l2"))
+    want = masked_loss_ref(pr, target.contiguous(), masks, LossOptions(kind="l2"))
     (gr,) = torch.autograd.grad(want, pr)
     torch.testing.assert_close(got, want, **SUM_TOL)
     torch.testing.assert_close(g, gr)
@@ -131,10 +131,10 @@ def test_norm_target_matches(loss):
     """Per-window normalised targets: the loss and its gradient (the target is a constant)."""
     pred, target = rand(2, 3, 32, 32, grad=True), rand(2, 3, 32, 32)
     masks = torch.rand(2, 4, 4, device=DEVICE) < 0.6
-    got = masked_l1_loss(pred, target, masks, LossOptions(kind=loss, norm_target=7), backend="triton")
+    got = masked_loss(pred, target, masks, LossOptions(kind=loss, norm_target=7), backend="triton")
     (g,) = torch.autograd.grad(got, pred)
     pr = pred.detach().clone().requires_grad_()
-    want = masked_l1_loss_ref(pr, target, masks, LossOptions(kind=loss, norm_target=7))
+    want = masked_loss_ref(pr, target, masks, LossOptions(kind=loss, norm_target=7))
     (gr,) = torch.autograd.grad(want, pr)
     torch.testing.assert_close(got, want, **SUM_TOL)
     torch.testing.assert_close(g, gr)
@@ -144,18 +144,18 @@ def test_norm_target_matches(loss):
 def test_unmasked_cells_cost_nothing_and_no_grad_forward():
     pred, target = rand(2, 3, 64, 64, grad=True), rand(2, 3, 64, 64)
     none = torch.zeros(2, 2, 2, dtype=torch.bool, device=DEVICE)
-    loss = masked_l1_loss(pred, target, none, backend="triton")
+    loss = masked_loss(pred, target, none, backend="triton")
     (g,) = torch.autograd.grad(loss, pred)
     assert loss.item() == 0 and (g == 0).all()
     with torch.no_grad():
-        val = masked_l1_loss(pred, target, ~none, backend="triton")
-    torch.testing.assert_close(val, masked_l1_loss_ref(pred.detach(), target, ~none), **SUM_TOL)
+        val = masked_loss(pred, target, ~none, backend="triton")
+    torch.testing.assert_close(val, masked_loss_ref(pred.detach(), target, ~none), **SUM_TOL)
 
 
 def test_deterministic():
     pred, target = rand(4, 3, 96, 96, grad=True), rand(4, 3, 96, 96)
     masks = torch.rand(4, 3, 3, device=DEVICE) < 0.6
-    runs = [masked_l1_loss(pred, target, masks, backend="triton") for _ in range(3)]
+    runs = [masked_loss(pred, target, masks, backend="triton") for _ in range(3)]
     assert all(torch.equal(r, runs[0]) for r in runs)
 
 
@@ -200,7 +200,7 @@ def test_torch_compile_fullgraph():
 
     def step(x, token, pred, target, masks, kernels="triton"):
         filled = mask_token_fill(x, masks, token, backend=kernels)
-        return masked_l1_loss(pred * 2, target, masks, backend=kernels) + filled.square().mean()
+        return masked_loss(pred * 2, target, masks, backend=kernels) + filled.square().mean()
 
     compiled = torch.compile(step, backend=backend, fullgraph=True)
     x, token = rand(2, 16, 8, grad=True), rand(8, grad=True)

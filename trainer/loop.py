@@ -558,8 +558,10 @@ def log_start(run: Run) -> None:
     log.info("model %s: %.1fM parameters, %s, precision %s, world size %d (%s)%s%s", cfg.model.arch,
              n_params / 1e6, dist.device, precision, dist.world_size, sharding, ", compiled" if t.compile else "",
              ", activation checkpointing" if t.grad_checkpointing else "")
-    log.info("data %s: %d images, %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
-             d.backend, run.loader.num_samples, run.task.describe_data(), run.steps_per_epoch,
+    classes = getattr(run.loader, "classes", None)  # [] for unlabeled data (a .beton says so in its classes.json)
+    kind = "unlabeled" if classes == [] else f"{len(classes)} classes" if classes else "classes not recorded"
+    log.info("data %s: %d images (%s), %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
+             d.backend, run.loader.num_samples, kind, run.task.describe_data(), run.steps_per_epoch,
              run.state.global_batch, d.batch_size, dist.world_size, run.accum)
     s = run.schedule
     log.info("lr: base %.3g -> effective %.3g (x %.4g = global batch / 512); warmup %.3g, min %.3g",

@@ -4,7 +4,7 @@
       -> encoder: patch embed (+ Swin's patch norm) -> mask-token fill -> [cls token] -> blocks
       -> features (B, C, H/stride, W/stride)
       -> head: 1x1 conv to stride^2 * 3 channels + PixelShuffle(stride) -> pred (B, 3, H, W)
-      -> masked_l1_loss(pred, images, masks)
+      -> masked_loss(pred, images, masks)
     (by default the loss takes the conv's output and does the shuffle's indexing itself)
 
 The encoders are the paper's (the released SimMIM code's):
@@ -34,7 +34,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch.utils.checkpoint import checkpoint
 
-from simmim.kernels import LossOptions, mask_token_fill, masked_l1_loss
+from simmim.kernels import LossOptions, mask_token_fill, masked_loss
 from simmim.pipeline.errors import ConfigError
 
 log = logging.getLogger("simmim")
@@ -234,8 +234,8 @@ class SimMIM(nn.Module):
             nn.Conv2d(encoder.num_features, self.stride ** 2 * in_chans, kernel_size=1),
             nn.PixelShuffle(self.stride))
         self.loss_options = loss or LossOptions()
-        # The fused loss can read the head's output before PixelShuffle, saving that copy forward
-        # and backward; off until measured faster on the GPU (see benchmarks).
+        # On by default: the fused loss reads the head's output before PixelShuffle, saving that
+        # copy forward and backward (model.fused_shuffle=false shuffles first, for comparison).
         self.fused_shuffle = fused_shuffle
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -247,7 +247,7 @@ class SimMIM(nn.Module):
         conv, shuffle = self.decoder
         out = conv(self.encoder(images, masks))  # (B, 3*s*s, H/s, W/s)
         pred = out if self.fused_shuffle else shuffle(out)
-        loss = masked_l1_loss(pred, images, masks, self.loss_options)
+        loss = masked_loss(pred, images, masks, self.loss_options)
         if not return_pred:
             return loss
         return loss, shuffle(out) if self.fused_shuffle else pred

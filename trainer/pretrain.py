@@ -66,7 +66,7 @@ class PretrainTask:
         self.cfg = cfg
         d = cfg.data
         self.aug = Augmentation(size=d.img_size)
-        self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio)
+        self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio, d.mask_strategy)
 
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train

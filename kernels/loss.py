@@ -95,7 +95,7 @@ def _denominator(masks: torch.Tensor, cell_pixels: int, all_pixels: bool, H: int
 
 
 # ----------------------------------------------------------------------------- reference
-def masked_l1_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
+def masked_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
                        options: LossOptions | None = None) -> torch.Tensor:
     """pred: (B, C, H, W) or (B, C*s*s, H/s, W/s); target: (B, C, H, W); masks: (B, h, w) bool;
     options: `LossOptions` (default: L1 on masked pixels). Returns a float32 scalar; ValueError for
@@ -252,9 +252,9 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, grad_loss, _grad_saved):
     if not ctx.need_grad:
-        raise RuntimeError("masked_l1_loss: forward ran without gradients; call it with grad enabled")
+        raise RuntimeError("masked_loss: forward ran without gradients; call it with grad enabled")
     if ctx.used:
-        raise RuntimeError("the fused masked_l1_loss supports one backward per forward; use "
+        raise RuntimeError("the fused masked_loss supports one backward per forward; use "
                            "backend='reference' for retain_graph / repeated backward")
     ctx.used = True
     (grad,) = ctx.saved_tensors
@@ -266,14 +266,14 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 # ----------------------------------------------------------------------------- public function
-def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
                    options: LossOptions | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The loss the model calls: the fused kernel on CUDA when Triton is available, the
-    reference otherwise (see kernels.dispatch). Shapes and `options` as `masked_l1_loss_ref`.
+    reference otherwise (see kernels.dispatch). Shapes and `options` as `masked_loss_ref`.
     Returns a float32 scalar; gradients flow to pred."""
     o = options or LossOptions()
     if not use_triton(pred, target, backend=backend):
-        return masked_l1_loss_ref(pred, target, masks, o)
+        return masked_loss_ref(pred, target, masks, o)
     o.check()
     _check(pred, target, masks)
     need_grad = pred.requires_grad and torch.is_grad_enabled()
