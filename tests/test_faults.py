@@ -148,3 +148,190 @@ def test_log_file_that_fails_is_said_once(tmp_path, capsys):
         logger.removeHandler(handler)
     err = capsys.readouterr().err
     assert err.count("cannot write") == 1 and "No space left" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- Ctrl-C (issue 28 item 6)
+
+CTRL_C_ARGS = ["--config", "demo", "data.img_size=64", "data.num_workers=2", "model.arch=swin_micro",
+               "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
+               "run.log_every=1", "data.val_path=", "data.batch_size=4", "train.epochs=3", "data.backend=torch"]
+# the trainer's CLI, each training forward slowed by SLOW_STEP_S (a slow step to press Ctrl-C twice in)
+DRIVER = """
+import os, sys, time
+from simmim.trainer import model
+forward, pause = model.SimMIM.forward, float(os.environ.get("SLOW_STEP_S", "0"))
+def slow(self, *a, **kw):
+    if self.training and pause:
+        time.sleep(pause)
+    return forward(self, *a, **kw)
+model.SimMIM.forward = slow
+from simmim.trainer.cli import main
+main(sys.argv[1:])
+"""
+
+
+def start_trainer(data: Path, out: Path, slow_step_s: float = 0.0) -> subprocess.Popen:
+    """`simmim pretrain` in its own session (a terminal's Ctrl-C goes to the whole foreground
+    process group: here os.killpg), loader workers included."""
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SLOW_STEP_S": str(slow_step_s)}
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(key, None)
+    return subprocess.Popen([sys.executable, "-c", DRIVER, "pretrain", *CTRL_C_ARGS, f"data.path={data}",
+                             f"run.out_dir={out}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_first_ctrl_c_stops_with_a_checkpoint_and_names_it(sample_root, tmp_path):
+    """Before: KeyboardInterrupt, "interrupted", exit 130 and no checkpoint (the work since the last
+    one lost). After: the step finishes, a checkpoint is written, one line names it, exit 75, and
+    the same command resumes from it."""
+    import signal
+
+    from helpers import run_until
+
+    out = tmp_path / "run"
+    proc = start_trainer(sample_root / "train", out)
+    text = run_until(proc, "epoch 0 step 2 ", lambda: os.killpg(proc.pid, signal.SIGINT), timeout=120)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert proc.returncode == 75, text[-3000:]
+    saved = [s for s, _ in checkpoints(out)]
+    assert len(saved) == 1 and saved[0] >= 3, (saved, text[-3000:])
+    path = checkpoints(out)[0][1]
+    assert lines[-1].startswith("simmim pretrain: stopped by SIGINT") and lines[-1].endswith(f"resume from {path}")
+    assert "Traceback" not in text and sum("received SIGINT" in line for line in lines) == 1
+    assert "press Ctrl-C again to stop at once" in text
+    proc = start_trainer(sample_root / "train", out)
+    text = run_until(proc, f"resumed from {path}", lambda: os.killpg(proc.pid, signal.SIGKILL), timeout=120)
+    assert f"resumed from {path}: epoch 0, step {saved[0]} of " in text, text[-3000:]
+
+
+def test_second_ctrl_c_stops_at_once(sample_root, tmp_path):
+    """A second Ctrl-C during the (slow) step the first one waits for: out at once, status 130,
+    without a checkpoint."""
+    import signal
+    import time
+
+    from helpers import run_until
+
+    out = tmp_path / "run"
+    proc = start_trainer(sample_root / "train", out, slow_step_s=30)
+
+    def twice():
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(2)  # the first is handled (a flag set), the step goes on sleeping
+        os.killpg(proc.pid, signal.SIGINT)
+
+    start = time.monotonic()
+    text = run_until(proc, "epoch 0 step 0 ", twice, timeout=60)
+    assert proc.returncode == 130, text[-3000:]
+    assert text.rstrip().endswith("simmim pretrain: interrupted") and "Traceback" not in text, text[-3000:]
+    assert time.monotonic() - start < 28 and not checkpoints(out)  # within the 30 s step, not after it
+
+
+def test_stop_flag_counts_a_second_ctrl_c_but_not_torchruns_copy(monkeypatch):
+    """Outside torchrun each Ctrl-C press reaches the trainer once: the second stops at once.
+    Under torchrun the first arrives twice (terminal and torchrun): the copy is not a second press.
+    A repeated SIGTERM within REPEAT_S is one request everywhere (as before)."""
+    import signal
+
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    before = signal.getsignal(signal.SIGINT)
+    flag = loop.StopFlag()
+    try:
+        assert signal.getsignal(signal.SIGINT) == flag._handle
+        flag._handle(signal.SIGINT, None)
+        assert flag() and "press Ctrl-C again" in flag.again()
+        with pytest.raises(KeyboardInterrupt):
+            flag._handle(signal.SIGINT, None)
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) == before  # a library caller's Ctrl-C is its own again
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    flag = loop.StopFlag()
+    try:
+        flag._handle(signal.SIGINT, None)
+        flag._handle(signal.SIGINT, None)  # torchrun's copy
+        flag.at -= flag.REPEAT_S
+        with pytest.raises(KeyboardInterrupt):
+            flag._handle(signal.SIGINT, None)
+    finally:
+        flag.restore()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    flag = loop.StopFlag()
+    try:
+        flag._handle(signal.SIGTERM, None)
+        flag._handle(signal.SIGTERM, None)  # the group's copy
+        flag.at -= flag.REPEAT_S
+        with pytest.raises(SystemExit):
+            flag._handle(signal.SIGTERM, None)
+    finally:
+        flag.restore()
+
+
+# ---------------------------------------------------------------- resume onto other data (issue 28 item 4)
+
+def subset(src: Path, dst: Path, per_class: int) -> Path:
+    """The first `per_class` images of each class folder of `src`, copied to `dst`."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            shutil.copy(f, dst / cls.name / f.name)
+    return dst
+
+
+def test_resume_onto_a_smaller_data_set_never_goes_back(sample_root, tmp_path, monkeypatch):
+    """Stopped at step 4 of 7 (60 images), resumed on 20 (2 steps per epoch). Before: the global step
+    fell from 4 to 2, metrics.jsonl lost records, the new checkpoints were numbered below the stale
+    one, and every rerun resumed from that stale one. After: a warning names what changed, the run
+    goes on at the same share of the epoch with the global step counting on from 4; the newest
+    checkpoint is the new run's and a rerun resumes from it."""
+    from simmim.trainer import model as model_mod
+
+    out, small = tmp_path / "run", subset(sample_root / "train", tmp_path / "small", per_class=4)
+    forward, calls = model_mod.SimMIM.forward, {"n": 0}
+
+    def killed(self, *a, **kw):
+        calls["n"] += self.training
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # no checkpoint on the way out, like SIGKILL
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(model_mod.SimMIM, "forward", killed)
+    extra = ("train.epochs=2", "run.save_every=1", "run.save_every_minutes=1e-9", "run.keep_last=2")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg_for(sample_root, out, *extra))
+    monkeypatch.undo()
+    assert [s for s, _ in checkpoints(out)] == [3, 4]
+    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    again = ("train.epochs=2", "run.save_every=1", "run.keep_last=2")
+    pretrain(load_config("demo", [f"data.path={small}", f"run.out_dir={out}", *TINY, *again]))
+    text = (out / "log.txt").read_text()
+    assert "the data changed since checkpoint-00000004.pt (60 -> 20 samples, 7 -> 2 steps per epoch)" in text
+    assert "resuming at epoch 0, step 1 of 2" in text and "the global step goes on from 4" in text
+    saved = [s for s, _ in checkpoints(out)]
+    assert saved == [5, 7], saved  # epoch 0's end (4 + 1 step), epoch 1's end (+ 2 steps)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[:len(before)] == before  # nothing before the resumed step dropped
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] == 6
+    pretrain(load_config("demo", [f"data.path={small}", f"run.out_dir={out}", *TINY, "train.epochs=3", *again[1:]]))
+    assert "checkpoint-00000007.pt: epoch 2, step 0 of 2" in (out / "log.txt").read_text()
+    assert [s for s, _ in checkpoints(out)] == [7, 9]
+
+
+def test_resume_onto_a_changed_list_of_the_same_size_warns(tmp_path):
+    """Same size and steps per epoch, other files: the fingerprint tells, the run goes on where it
+    stopped, with a warning."""
+    old = loop.TrainState(epoch=1, step_in_epoch=3, steps_per_epoch=7, num_samples=56, data_fingerprint="aaaa")
+    new = loop.TrainState(steps_per_epoch=7, num_samples=56, data_fingerprint="bbbb")
+    with pytest.MonkeyPatch.context() as mp:
+        said = []
+        mp.setattr(loop.log, "warning", lambda msg, *a: said.append(msg % a))
+        assert loop.resume_point(old, new, Path("checkpoint-00000010.pt")) == (1, 3, (0.0, 0), 0)
+    assert len(said) == 1 and "the sample list differs (fingerprint aaaa -> bbbb)" in said[0]
+    same = loop.TrainState(steps_per_epoch=7, num_samples=56, data_fingerprint="aaaa")
+    assert loop.resume_point(old, same, Path("c")) == (1, 3, (0.0, 0), 0)

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -122,6 +123,17 @@ class TrainState:
     # whole epoch's mean: the sum of the finite steps' losses (mean over ranks) and their count
     epoch_loss_sum: float = 0.0
     epoch_good_steps: int = 0
+    # what a resume checks the data against (0 / "": a checkpoint of an earlier version, not checked)
+    steps_per_epoch: int = 0
+    num_samples: int = 0
+    data_fingerprint: str = ""
+    # global step = step_offset + epoch * steps_per_epoch + step_in_epoch: nonzero once a resume met
+    # other steps per epoch (other data, another global batch), so the count goes on from the checkpoint
+    step_offset: int = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.step_offset + self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,32 +205,52 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the training loop polls it. A second signal more than `REPEAT_S`
-    seconds after the first stops at once; one sooner is the same request arriving twice (a
-    signal sent to the whole process group, which torchrun also passes on). `announce`: whether
-    this process says so in the log (rank 0: every rank gets the signal), once, at the first poll
-    after the signal (not in the handler, which may interrupt the log's own write)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT (Ctrl-C); the training loop polls it and stops after the
+    current step with a checkpoint. A second signal stops at once (Ctrl-C: KeyboardInterrupt; the
+    others: SystemExit(128 + signal)), except one within `REPEAT_S` seconds of the first under
+    torchrun, or of a SIGTERM / SIGUSR1 anywhere: that is the same request arriving twice (a signal
+    sent to the whole process group, which torchrun passes on too; a terminal's Ctrl-C reaches the
+    ranks and torchrun, which passes it on). A Ctrl-C outside torchrun reaches the trainer once per
+    press, so its second press always counts. `announce`: whether this process says so in the log
+    (rank 0: every rank gets the signal), once, at the first poll after the signal (not in the
+    handler, which may interrupt the log's own write). `restore()` puts the previous handlers back."""
     REPEAT_S = 5.0
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, announce: bool = True):
         self.signum, self.at, self.announce = 0, 0.0, announce
+        self.forwarded = bool(job_id() or os.environ.get("TORCHELASTIC_RESTART_COUNT"))  # torchrun passes signals on
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum and time.monotonic() - self.at < self.REPEAT_S:
+        repeat = self.forwarded or self.signum != signal.SIGINT
+        if self.signum and repeat and time.monotonic() - self.at < self.REPEAT_S:
             return
         if self.signum:  # a second signal: stop now, without a checkpoint
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.at = time.monotonic()
         self.signum = signum  # said by the next poll: logging inside a handler can re-enter the log's own write
 
+    def again(self) -> str:
+        """How to stop at once, for the log."""
+        if self.signum == signal.SIGINT and not self.forwarded:
+            return "press Ctrl-C again"
+        return f"send it again, {self.REPEAT_S:.0f} s or more later,"
+
     def __call__(self) -> bool:
         if self.signum and self.announce:
             self.announce = False
-            log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
-                        "%.0f s or more later, to stop at once)", signal.Signals(self.signum).name, self.REPEAT_S)
+            log.warning("received %s: stopping after the current step with a checkpoint (%s to stop at once)",
+                        signal.Signals(self.signum).name, self.again())
         return self.signum != 0
 
 
@@ -318,8 +350,7 @@ class Run:
         s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(self.step_state.skipped.item())
         s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
         train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict()}
-        path = self.checkpointer.save(epoch * self.steps_per_epoch + step_in_epoch, self.model, self.optimizer,
-                                      train, any_rank=any_rank)
+        path = self.checkpointer.save(s.global_step, self.model, self.optimizer, train, any_rank=any_rank)
         if path is not None and (self.dist.is_main or any_rank):
             log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
                      else "saved", path)
@@ -335,6 +366,7 @@ class Run:
         return self.carried[0] + res.loss_sum, self.carried[1] + res.good_steps
 
     def log_step(self, rec: dict) -> None:
+        rec["step"] += self.state.step_offset  # the engine counts epoch * steps_per_epoch + step_in_epoch
         self.record(rec)
         log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  data wait %.0f%%%s",
                  rec["epoch"], rec["step"], rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
@@ -385,6 +417,7 @@ class Run:
                               f"saved in {path}: run the same command again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         self.checkpointer.wait()
+        _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
         barrier()
         cleanup()
         if res.stopped == "diverged":
@@ -392,7 +425,7 @@ class Run:
                            f"gradient (epoch {epoch}); the weights from before are in {path or self.out_dir}: "
                            f"lower optim.base_lr or raise train.max_skipped_steps")
         raise Preempted(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
-                        f"at epoch {epoch}, step {res.steps_done}: run the same command to resume")
+                        f"at epoch {epoch}, step {res.steps_done}: run the same command to resume from {path}")
 
     def end_epoch(self, epoch: int, res: EpochResult, elapsed: float) -> dict:
         """The periodic checkpoint first (what the epoch cost is kept whatever follows fails), then
@@ -406,7 +439,7 @@ class Run:
         log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
                  "".join(f", {k} {v:.4g}" for k, v in extra.items()), elapsed)
         if self.dist.is_main:
-            step = (epoch + 1) * self.steps_per_epoch - 1
+            step = self.state.step_offset + (epoch + 1) * self.steps_per_epoch - 1
             self.record({"epoch": epoch, "step": step, "epoch_loss": res.loss, **extra})
             for tag, png in out.items():
                 if isinstance(png, Path):
@@ -528,24 +561,49 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
     step_state = StepState(dist.device)
 
+    state = TrainState(global_batch=global_batch, world_size=dist.world_size, steps_per_epoch=steps_per_epoch,
+                       num_samples=loader.num_samples, data_fingerprint=loader.fingerprint())
     epoch, start_step, carried = 0, 0, (0.0, 0)
     if ckpt is not None:
         checkpointer.load(resumed, model, optimizer, ckpt)  # in place; FSDP2: each rank its shards
         scaler.load_state_dict(ckpt.get("scaler") or {})
         step_state.skipped += old.skipped_steps
-        epoch, start_step = old.epoch, min(old.step_in_epoch, steps_per_epoch)
-        carried = (old.epoch_loss_sum, old.epoch_good_steps)
-        if start_step == steps_per_epoch:
-            epoch, start_step, carried = epoch + 1, 0, (0.0, 0)
-        log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
-    resume_step = epoch * steps_per_epoch + start_step if ckpt else None
+        epoch, start_step, carried, state.step_offset = resume_point(old, state, resumed)
+    resume_step = state.step_offset + epoch * steps_per_epoch + start_step if ckpt else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
     monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
     task.prepare(model, loader, dist)
     run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
-              step_state, TrainState(global_batch=global_batch, world_size=dist.world_size), accum,
-              steps_per_epoch, metrics, monitor, checkpointer, carried)
+              step_state, state, accum, steps_per_epoch, metrics, monitor, checkpointer, carried)
     return run, epoch, start_step
+
+
+def resume_point(old: TrainState, new: TrainState, path: Path) -> tuple[int, int, tuple[float, int], int]:
+    """(epoch, step, the epoch's carried loss sum and good steps, step offset) to resume `old` (a
+    checkpoint's state, at `path`) with `new`'s data and steps per epoch. The same data and steps per
+    epoch: where it stopped. Other steps per epoch (a list rescanned or replaced, another batch):
+    the same fraction of the same epoch (the schedule is in epochs, so the lr goes on where it
+    stopped), and the global step goes on from the checkpoint's, never back; a warning names what
+    changed. The data itself changed (its size or fingerprint): the same, with a warning."""
+    spe, old_spe = new.steps_per_epoch, old.steps_per_epoch or new.steps_per_epoch  # (0: an earlier version)
+    changed = []
+    if old.num_samples and old.num_samples != new.num_samples:
+        changed.append(f"{old.num_samples} -> {new.num_samples} samples")
+    elif old.data_fingerprint and old.data_fingerprint != new.data_fingerprint:
+        changed.append(f"the sample list differs (fingerprint {old.data_fingerprint} -> {new.data_fingerprint})")
+    if old_spe != spe:
+        changed.append(f"{old_spe} -> {spe} steps per epoch")
+    step = min(old.step_in_epoch, spe) if old_spe == spe else min(spe, round(old.step_in_epoch * spe / old_spe))
+    epoch, carried = old.epoch, (old.epoch_loss_sum, old.epoch_good_steps)
+    if step == spe:
+        epoch, step, carried = epoch + 1, 0, (0.0, 0)
+    offset = old.step_offset + old.epoch * old_spe + old.step_in_epoch - (epoch * spe + step)
+    if changed:
+        log.warning("the data changed since %s (%s): resuming at epoch %d, step %d of %d (the same share of the "
+                    "epoch; %d of %d before); the global step goes on from %d", path.name, ", ".join(changed),
+                    epoch, step, spe, old.step_in_epoch, old_spe, offset + epoch * spe + step)
+    log.info("resumed from %s: epoch %d, step %d of %d", path, epoch, step, spe)
+    return epoch, step, carried, offset
 
 
 def log_start(run: Run) -> None:
@@ -599,12 +657,15 @@ def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) 
     log_start(run)
     stop = StopFlag(announce=dist.is_main)
     history, start = [], time.perf_counter()
-    for epoch in range(first_epoch, cfg.train.epochs):
-        res = run.run_epoch(epoch, start_step, stop)
-        start_step = 0
-        if res.stopped:
-            run.stop_early(epoch, res, stop)
-        history.append(run.end_epoch(epoch, res, time.perf_counter() - start))
+    try:
+        for epoch in range(first_epoch, cfg.train.epochs):
+            res = run.run_epoch(epoch, start_step, stop)
+            start_step = 0
+            if res.stopped:
+                run.stop_early(epoch, res, stop)
+            history.append(run.end_epoch(epoch, res, time.perf_counter() - start))
+    finally:
+        stop.restore()
     summary = {"epochs": history, "wall_s": time.perf_counter() - start,
                "final_loss": history[-1]["loss"] if history else math.nan,
                **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}
