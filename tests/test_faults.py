@@ -159,9 +159,11 @@ CTRL_C_ARGS = ["--config", "demo", "data.img_size=64", "data.num_workers=2", "mo
 DRIVER = """
 import os, sys, time
 from simmim.trainer import model
-forward, pause = model.SimMIM.forward, float(os.environ.get("SLOW_STEP_S", "0"))
+forward, pause, calls = model.SimMIM.forward, float(os.environ.get("SLOW_STEP_S", "0")), [0]
 def slow(self, *a, **kw):
     if self.training and pause:
+        calls[0] += 1
+        print("training forward", calls[0], flush=True)
         time.sleep(pause)
     return forward(self, *a, **kw)
 model.SimMIM.forward = slow
@@ -209,7 +211,7 @@ def test_first_ctrl_c_stops_with_a_checkpoint_and_names_it(sample_root, tmp_path
 
 def test_second_ctrl_c_stops_at_once(sample_root, tmp_path):
     """A second Ctrl-C during the (slow) step the first one waits for: out at once, status 130,
-    without a checkpoint."""
+    without a checkpoint. Both land inside step 1's forward (30 s long)."""
     import signal
     import time
 
@@ -218,16 +220,18 @@ def test_second_ctrl_c_stops_at_once(sample_root, tmp_path):
     out = tmp_path / "run"
     proc = start_trainer(sample_root / "train", out, slow_step_s=30)
 
+    start = []
+
     def twice():
+        start.append(time.monotonic())
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(2)  # the first is handled (a flag set), the step goes on sleeping
         os.killpg(proc.pid, signal.SIGINT)
 
-    start = time.monotonic()
-    text = run_until(proc, "epoch 0 step 0 ", twice, timeout=60)
+    text = run_until(proc, "training forward 2", twice, timeout=60)
     assert proc.returncode == 130, text[-3000:]
     assert text.rstrip().endswith("simmim pretrain: interrupted") and "Traceback" not in text, text[-3000:]
-    assert time.monotonic() - start < 28 and not checkpoints(out)  # within the 30 s step, not after it
+    assert time.monotonic() - start[0] < 28 and not checkpoints(out)  # within the 30 s step, not after it
 
 
 def test_stop_flag_counts_a_second_ctrl_c_but_not_torchruns_copy(monkeypatch):
