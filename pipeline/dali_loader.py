@@ -1,24 +1,39 @@
 """`data.backend: dali`: SimMIM batches decoded and augmented by NVIDIA DALI, straight from JPEGs.
 
-One DALI pipeline, built at the first epoch and kept: a parallel external source (`EpochSource`,
-run per sample by DALI's Python worker processes) reads each sample's file bytes in the order of
-the epoch and draws its training view as the reference loader does (`augment.sample_view`: the
-crop box and flip from `derive_seed("sample", seed, epoch, index)`, on the image size read from
-the file's header), then JPEG decoding of that box only (`fn.decoders.image_slice`, absolute
-pixel coordinates) on `device='mixed'` when a GPU is present (nvJPEG, with `hw_decoder_load` of
-the images sent to the hardware JPEG decoder of A100/H100) or on the CPU otherwise
-(`device_id=None`), antialiased bilinear resize of the decoded crop to the input size (the
-reference loader's crop-then-resize), the flip, and normalisation to CHW float/bf16 in one
-crop_mirror_normalize. So DALI crops the reference loader's boxes and flips its samples (the
-pixels differ only by decoder and resampler, tests/test_pixels.py), whatever the number of
-workers, and a resumed epoch gives the uninterrupted epoch's batches bit for bit. The evaluation
-view decodes the whole image, resizes it to the source's size and slices the crop there
-(`augment.eval_geometry`: torchvision's Resize + CenterCrop). Masks, batch assembly and the
-figure preview are the base's (`loader.Loader`); `graph_augment` is where a training-view
-augmentation joins the graph: fine-tuning's RandAugment (`spec.rand_augment`) is DALI's own, on
-the resized uint8 crop (`dali_augment.py`; the pipeline is then built with conditionals), drawn
-from the pipeline's seed: reproducible from a given start, but after a mid-run resume its draws
-differ from the uninterrupted run's (the crops and flips do not).
+One DALI pipeline, built at the first epoch and kept. Per batch:
+- a parallel external source (`EpochSource`, run per batch by DALI's Python worker processes)
+  reads the batch's file bytes in the order of the epoch and draws the batch's training views at
+  once (`augment.sample_views`: each sample's crop box and flip from `derive_seed("sample", seed,
+  epoch, index)`, the torch loader's draw) on the image sizes, which a worker reads from a file's
+  header the first time the file comes by and keeps in a table shared by the workers
+  (`EpochSchedule.sizes`): no header is read twice in a run;
+- JPEG decoding of that box only (`fn.decoders.image_slice`, absolute pixel coordinates, as
+  `image_random_crop` decodes its own box) on `device='mixed'` when a GPU is present (nvJPEG,
+  with `hw_decoder_load` of the images sent to the hardware JPEG decoder of A100/H100) or on the
+  CPU otherwise (`device_id=None`);
+- the antialiased bilinear resize of the decoded crop to the input size (the reference loader's
+  crop-then-resize, Pillow's filter) and the flip. On the GPU: DALI's `fn.resize` (antialias on),
+  `graph_augment` and the normalisation in one `crop_mirror_normalize`. On the CPU
+  (`resize_in_torch`): the decoded crops leave DALI as they are and torch resizes them
+  (`resize_views`: `interpolate(..., antialias=True)` on uint8 channels-last, Pillow's filter
+  within 1 uint8 level, ~6x cheaper than DALI's CPU resize of the same crop), flips them into
+  one uint8 batch, and the base normalises it. Fine-tuning's RandAugment on the CPU keeps DALI's
+  resize (it runs in the graph on the resized crop).
+So DALI crops the reference loader's boxes and flips its samples (the pixels differ only by the
+JPEG decoder, tests/test_pixels.py), whatever the number of workers, and a resumed epoch gives
+the uninterrupted epoch's batches bit for bit. The evaluation view decodes the whole image,
+resizes it to the source's size and takes the centre crop there (`augment.eval_geometry`:
+torchvision's Resize + CenterCrop). Masks, batch assembly and the figure preview are the base's
+(`loader.Loader`); `graph_augment` is where a training-view augmentation joins the graph:
+fine-tuning's RandAugment (`spec.rand_augment`) is DALI's own, on the resized uint8 crop
+(`dali_augment.py`; the pipeline is then built with conditionals), drawn from the pipeline's
+seed: reproducible from a given start, but after a mid-run resume its draws differ from the
+uninterrupted run's (the crops and flips do not).
+
+Where the CPU time goes (2,000 ImageNet-like JPEGs, 192 px, batch 32, one thread, process CPU per
+image, docs/data.md): ROI decode 0.75 ms, DALI's antialiased resize 0.84 ms (0.48 without
+antialiasing) against torch's 0.13, crop_mirror_normalize 0.20, reading the bytes 0.07, a
+file's header by PIL 0.03 (now once per run), the batch's views 0.007.
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
 permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
@@ -43,6 +58,7 @@ others wait for the list). A file that fails anyway (changed during the run) rai
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -56,7 +72,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Augmentation, eval_geometry, sample_view
+from .augment import Augmentation, eval_geometry, sample_views
 from .dali_augment import dali_rand_augment
 from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
@@ -76,63 +92,122 @@ DEVICES = ("auto", "mixed", "cpu")
 
 
 def resize_square(images, size: int, device: str):
-    """The training view's resize of a decoded crop (HWC uint8) to size x size: bilinear with
-    antialiasing, as PIL's (the reference loader's) bilinear is. Without antialiasing DALI samples
-    only the 2x2 nearest source pixels when it shrinks, and aliases exactly the high frequencies
-    SimMIM regresses: mean 1.9 uint8 levels from the reference on the same crop box, p99 15, max 69
-    (sample set, 192 px); with it, mean 0.15, p99 1 (tests/test_pixels.py)."""
+    """The training view's resize of a decoded crop (HWC uint8) to size x size inside the DALI
+    graph: bilinear with antialiasing, as PIL's (the reference loader's) bilinear is. Without
+    antialiasing DALI samples only the 2x2 nearest source pixels when it shrinks, and aliases
+    exactly the high frequencies SimMIM regresses: mean 1.9 uint8 levels from the reference on the
+    same crop box, p99 15, max 69 (sample set, 192 px); with it, mean 0.15, p99 1
+    (tests/test_pixels.py)."""
     from nvidia.dali import fn, types
 
     return fn.resize(images, device=device, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                      antialias=True)
 
 
+def resize_views(crops, geometry: np.ndarray, size: int, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The views of decoded crops, resized on the CPU by torch: each crop (uint8 (h, w, 3), a numpy
+    array or anything `np.asarray` reads without a copy, such as a DALI TensorCPU) resized to
+    (out_h, out_w) by bilinear interpolation with antialiasing (torch's uint8 kernel on a
+    channels-last view, the one torchvision's `resize` uses: Pillow's filter, within 1 uint8
+    level), the size x size window at (top, left) taken, and flipped left-right when `flip`.
+
+    geometry: int (B, 5) rows of (out_h, out_w, top, left, flip); the training view is
+    (size, size, 0, 0, flip), the evaluation view (resized_h, resized_w, top, left, 0)
+    (`augment.eval_geometry`). Returns uint8 (B, 3, size, size), contiguous; with `mean` and
+    `std`, `augment.normalize`'s result instead, in `dtype`, each view normalised while it is in
+    the cache (one pass over the batch fewer)."""
+    out = torch.empty((len(geometry), 3, size, size), dtype=torch.uint8 if mean is None else dtype)
+    if mean is not None:  # augment.normalize's (x / 255 - mean) / std as one multiply-add
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DALI's output buffers are read-only: only read here
+        for i, (h, w, top, left, flip) in enumerate(np.asarray(geometry).tolist()):
+            crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)[None]  # (1, 3, h0, w0) channels-last
+            view = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", antialias=True,
+                                                   align_corners=False)[0, :, top:top + size, left:left + size]
+            view = view.flip(-1) if flip else view
+            if mean is None:
+                out[i] = view
+            else:
+                torch.addcmul(shift, view, scale, out=out[i])
+    return out
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch's intra-op threads set to one for the block, then put back. For the loader's own
+    torch work on the CPU while DALI's threads decode beside it: a crop is too small to split, and
+    idle OpenMP threads spin for their share (measured on 2 cores: the resize cost 15x its
+    single-thread CPU time, the batch's normalisation ~0.5 ms an image)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def open_schedule(path: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two tables of an `EpochSchedule` file: the epochs, int64 (SLOTS, 3), and the image
+    sizes, int32 (num_samples, 2), both memory-mapped read-write."""
+    table = np.memmap(path, dtype=np.int64, mode="r+", shape=(EpochSchedule.SLOTS, 3))
+    sizes = np.memmap(path, dtype=np.int32, mode="r+", offset=table.nbytes, shape=(num_samples, 2))
+    return table, sizes
+
+
 class EpochSchedule:
-    """What each DALI epoch reads, shared with the source's worker processes: row `e % SLOTS` holds
-    (epoch, first sample, samples) for the pipeline's e-th epoch. A file-backed memmap (under
-    /dev/shm where there is one), so forked and spawned workers alike open it by name."""
+    """What each DALI epoch reads, shared with the source's worker processes: row `e % SLOTS` of
+    `table` holds (epoch, first sample, samples) for the pipeline's e-th epoch; `sizes` holds each
+    sample's (width, height), (0, 0) until a worker has read its header. A file-backed memmap
+    (under /dev/shm where there is one), so forked and spawned workers alike open it by name."""
 
     SLOTS = 4
 
-    def __init__(self):
+    def __init__(self, num_samples: int):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         if base:
             remove_orphans(base, "simmim-dali-epochs-")  # left by processes killed with SIGKILL
         fd, self.path = tempfile.mkstemp(prefix=f"simmim-dali-epochs-{os.getpid()}-", dir=base)
-        os.close(fd)
-        self.table = np.memmap(self.path, dtype=np.int64, mode="w+", shape=(self.SLOTS, 3))
+        try:
+            os.ftruncate(fd, self.SLOTS * 3 * 8 + num_samples * 2 * 4)  # zeros: no size known yet
+        finally:
+            os.close(fd)
         self._cleanup = weakref.finalize(self, os.unlink, self.path)
+        self.table, self.sizes = open_schedule(self.path, num_samples)
 
     def set(self, dali_epoch: int, epoch: int, start: int, length: int) -> None:
         self.table[dali_epoch % self.SLOTS] = (epoch, start, length)
         self.table.flush()
 
     def stop(self, dali_epoch: int) -> None:
-        """End DALI epoch `dali_epoch` early: every sample not yet asked for raises StopIteration."""
+        """End DALI epoch `dali_epoch` early: every batch not yet asked for raises StopIteration."""
         self.table[dali_epoch % self.SLOTS, 2] = 0
 
 
 class EpochSource:
-    """DALI's per-sample callback (parallel external source): file bytes uint8 (n,) and label int32
-    (1,) of position `idx_in_epoch` of the epoch the schedule names for `epoch_idx`, then, from the
-    image size in the file's header: for the training view the sample's crop box, start (x, y)
-    and shape (w, h) as float32 (2,) each in pixels, and its flip, int32 () 0 or 1
-    (`augment.sample_view` of (seed, epoch, index)); for the evaluation view the resized size
-    (h, w) (the order of fn.resize's size for HWC images), float32 (2,), and the crop's start (x, y)
-    in it, int32 (2,) (`augment.eval_geometry`). Positions past the epoch's padded length raise
-    StopIteration (DALI ends the epoch there). Pickled to spawned workers as the sample arrays plus
-    the schedule's file name."""
+    """DALI's per-batch callback (parallel external source, `batch_info=True`): for batch
+    `info.iteration` of the epoch the schedule names for `info.epoch_idx`, with n its samples
+    (batch_size, fewer in a short last batch): their file bytes (n arrays of uint8), labels int32
+    (n, 1), the region to decode, start (x, y) and shape (w, h) as float32 (n, 2) each in pixels,
+    and the view's geometry int32 (n, 5) (`resize_views`' (out_h, out_w, top, left, flip)).
+    Training view: the crop box and flip of `augment.sample_views` of (seed, epoch, index);
+    evaluation view: the whole image, resized and cropped by `augment.eval_geometry`. Batches past
+    the epoch's length raise StopIteration (DALI ends the epoch there). Image sizes come from the
+    schedule's shared table, a file's header read (and stored there) the first time it comes by.
+    Pickled to spawned workers as the sample arrays plus the schedule's file name."""
 
     def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
                  shuffle: bool, drop_last: bool, batch_size: int, aug: Augmentation, train: bool,
                  crop_ratio: float):
-        self.samples, self.schedule_path = samples, schedule_path
+        self.samples, self.schedule_path, self.num_samples = samples, schedule_path, size
         self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
         self.batch_size, self.aug, self.seed, self.train, self.crop_ratio = batch_size, aug, seed, train, crop_ratio
-        self._table, self._key, self._order = None, None, None
+        self._table, self._sizes, self._key, self._order = None, None, None, None
 
     def __getstate__(self):
-        return {**self.__dict__, "_table": None, "_key": None, "_order": None}
+        return {**self.__dict__, "_table": None, "_sizes": None, "_key": None, "_order": None}
 
     def order(self, epoch: int, start: int) -> np.ndarray:
         if self._key != (epoch, start):
@@ -142,23 +217,37 @@ class EpochSource:
 
     def __call__(self, info):
         if self._table is None:  # the first call in this worker process
-            self._table = np.memmap(self.schedule_path, dtype=np.int64, mode="r", shape=(EpochSchedule.SLOTS, 3))
+            self._table, self._sizes = open_schedule(self.schedule_path, self.num_samples)
             worker_stop_signals(signal.SIG_DFL)  # DALI's pool ends its workers with SIGTERM
         epoch, start, length = (int(x) for x in self._table[info.epoch_idx % EpochSchedule.SLOTS])
-        j = info.idx_in_epoch
-        if j >= -(-length // self.batch_size) * self.batch_size:
+        first = info.iteration * self.batch_size
+        if first >= length:
             raise StopIteration
-        order = self.order(epoch, start)
-        i = int(order[min(j, length - 1)])  # a partial last batch is padded with its last sample
-        data = np.fromfile(self.samples.path(i), dtype=np.uint8)
-        label = np.array([self.samples.labels[i]], np.int32)
-        width, height = header_size(data)
-        if not self.train:
-            rw, rh, left, top = eval_geometry(width, height, self.aug.size, self.crop_ratio)
-            return data, label, np.array([rh, rw], np.float32), np.array([left, top], np.int32)
-        left, top, w, h, flip = sample_view(width, height, self.aug, self.seed, epoch, i)
-        return (data, label, np.array([left, top], np.float32), np.array([w, h], np.float32),
-                np.array(flip, np.int32))
+        idx = self.order(epoch, start)[first:min(first + self.batch_size, length)]
+        data = [np.fromfile(self.samples.path(i), dtype=np.uint8) for i in idx.tolist()]
+        labels = np.asarray(self.samples.labels)[idx].astype(np.int32)[:, None]
+        return (data, labels, *self.views(idx, self.image_sizes(idx, data), epoch))
+
+    def image_sizes(self, idx: np.ndarray, data: list[np.ndarray]) -> np.ndarray:
+        """(width, height) int64 (n, 2) of samples `idx` (file bytes `data`), from the shared table;
+        the header of a file not seen yet is read and stored there."""
+        wh = np.array(self._sizes[idx], np.int64)
+        for k in np.flatnonzero((wh == 0).any(axis=1)).tolist():
+            wh[k] = header_size(data[k])
+            self._sizes[idx[k]] = wh[k]
+        return wh
+
+    def views(self, idx: np.ndarray, wh: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start, shape, geometry) of samples `idx` of `epoch` with sizes `wh` (see the class)."""
+        n, s = len(idx), self.aug.size
+        geometry = np.zeros((n, 5), np.int32)
+        if self.train:
+            v = sample_views(wh[:, 0], wh[:, 1], idx, self.aug, self.seed, epoch)  # (left, top, w, h, flip)
+            geometry[:, 0], geometry[:, 1], geometry[:, 4] = s, s, v[:, 4]
+            return v[:, :2].astype(np.float32), v[:, 2:4].astype(np.float32), geometry
+        g = np.array([eval_geometry(w, h, s, self.crop_ratio) for w, h in wh.tolist()], np.int32).reshape(-1, 4)
+        geometry[:, :4] = g[:, [1, 0, 3, 2]]  # (rw, rh, left, top) -> (out_h, out_w, top, left)
+        return np.zeros((n, 2), np.float32), wh.astype(np.float32), geometry
 
 
 def header_size(data: np.ndarray) -> tuple[int, int]:
@@ -169,6 +258,35 @@ def header_size(data: np.ndarray) -> tuple[int, int]:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data.tobytes())) as img:
             return img.size
+
+
+class CropBatches:
+    """The batches of a pipeline that ends with the decoded crops (`DALILoader.resize_in_torch`),
+    as DALIGenericIterator hands out uniform ones: `next()` gives [{"images", "labels": int32
+    (B, 1)}] and raises StopIteration at the epoch's end; `reset()` starts the next epoch (DALI's
+    scheduling calls, in DALIGenericIterator's order). The images are `resize_views` of the crops
+    (read from DALI's buffers before they are released), uint8 (B, 3, S, S), or normalised when
+    `normalize` gives (mean, std, dtype) (training on the CPU: on one thread with the resize)."""
+
+    def __init__(self, pipe, size: int, normalize: tuple = ()):
+        self.pipe, self.size, self.normalize = pipe, size, normalize
+        pipe.schedule_run()
+
+    def __next__(self):
+        crops, labels, geometry = self.pipe.share_outputs()
+        try:
+            with one_torch_thread():
+                images = resize_views(crops, geometry.as_array(), self.size, *self.normalize)
+            labels = torch.from_numpy(labels.as_array())
+        finally:
+            self.pipe.release_outputs()
+        self.pipe.schedule_run()
+        return [{"images": images, "labels": labels}]
+
+    def reset(self) -> None:
+        self.pipe.reset()
+        if self.pipe.empty():
+            self.pipe.schedule_run()
 
 
 class DALILoader(Loader):
@@ -202,14 +320,20 @@ class DALILoader(Loader):
         # parsed here: an error while DALI traces the graph would lose its one-line form
         self.rand_augment = parse_rand_augment(spec.rand_augment) if self.train and spec.rand_augment else None
         self.require_one_batch()
-        self.py_workers = max(1, min(self.threads, 8))  # file reads only: decoding is DALI's threads
-        self.schedule = EpochSchedule()
+        self.py_workers = max(1, min(self.threads, 8))  # file reads and views only: decoding is DALI's threads
+        self.schedule = EpochSchedule(self.num_samples)
         self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
                                   self.train, self.drop_last, self.batch_size, self.aug, self.train,
                                   spec.crop_ratio)
         self.pipe = self.iterator = None
         self.watchdog = WorkerWatchdog()  # a dead worker ends the wait for it (dali_watchdog.py)
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
+
+    @property
+    def resize_in_torch(self) -> bool:
+        """Whether the view is resized by torch after DALI decodes it (`resize_views`): on the
+        CPU, unless an augmentation must run in the graph on the resized crop (RandAugment)."""
+        return self.decode == "cpu" and self.rand_augment is None
 
     def epoch_length(self) -> int:
         """Samples this rank reads from `start_batch` on in the current epoch."""
@@ -227,23 +351,24 @@ class DALILoader(Loader):
         return dali_rand_augment(images, self.rand_augment, (self.aug.size, self.aug.size),
                                  tuple(round(255 * m) for m in self.aug.mean))
 
+    def decoder_options(self) -> dict:
+        """Arguments of the JPEG decoder: the device, RGB, our decode rules and the GPU knobs."""
+        from nvidia.dali import types
+
+        opts = {"device": self.decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
+        if self.decode == "mixed":
+            opts["hw_decoder_load"] = self.hw_decoder_load
+            if self.preallocate:
+                opts["device_memory_padding"] = self.preallocate
+                opts["host_memory_padding"] = self.preallocate
+            if self.preallocate_hw[0]:
+                opts["preallocate_width_hint"], opts["preallocate_height_hint"] = self.preallocate_hw
+        return opts
+
     def build_pipeline(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        a, size = self.aug, self.aug.size
-        decode, ops = self.decode, "gpu" if self.decode == "mixed" else "cpu"
-        out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
-                     torch.bfloat16: types.FLOAT}[self.dtype]  # DALI has no bf16 output: cast in torch
-        decoder_opts = {"device": decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
-        if decode == "mixed":
-            decoder_opts["hw_decoder_load"] = self.hw_decoder_load
-            if self.preallocate:
-                decoder_opts["device_memory_padding"] = self.preallocate
-                decoder_opts["host_memory_padding"] = self.preallocate
-            if self.preallocate_hw[0]:
-                decoder_opts["preallocate_width_hint"], decoder_opts["preallocate_height_hint"] = self.preallocate_hw
-        mean = [255 * m for m in a.mean]
-        std = [255 * s for s in a.std]
+        decoder_opts = self.decoder_options()
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
                       device_id=self.device_id,
@@ -252,46 +377,64 @@ class DALILoader(Loader):
                       enable_conditionals=self.rand_augment is not None,  # auto_aug picks ops per sample
                       py_start_method="spawn" if self.device.type == "cuda" else "fork")
         def pipe():
-            if self.train:  # the box and flip of `augment.sample_view`, from the source
-                jpegs, label, start, shape, mirror = fn.external_source(
-                    source=self.source, num_outputs=5, batch=False, parallel=True,
-                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
-                images = fn.decoders.image_slice(jpegs, start, shape, axis_names="WH", normalized_anchor=False,
-                                                 normalized_shape=False, **decoder_opts)
-                images = self.graph_augment(resize_square(images, size, ops))
-            else:  # the evaluation view (`augment.eval_geometry`): resize to the source's size, crop there
-                jpegs, label, resized, start = fn.external_source(
-                    source=self.source, num_outputs=4, batch=False, parallel=True,
-                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.INT32])
-                images = fn.decoders.image(jpegs, **decoder_opts)
-                images = fn.resize(images, device=ops, size=resized, interp_type=types.INTERP_LINEAR, antialias=True)
-                images = fn.slice(images, start=start, shape=[size, size], axis_names="WH", device=ops)
-                mirror = 0
-            images = fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
-                                              mean=mean, std=std, mirror=mirror)
-            if ops == "gpu":
-                label = label.gpu()
-            return images, label
+            # one batch per worker call, so as many batches ahead as workers keep them all busy
+            jpegs, label, start, shape, geometry = fn.external_source(
+                source=self.source, num_outputs=5, batch=True, batch_info=True, parallel=True,
+                prefetch_queue_depth=max(2, self.py_workers),
+                dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+            images = fn.decoders.image_slice(jpegs, start, shape, axis_names="WH", normalized_anchor=False,
+                                             normalized_shape=False, **decoder_opts)
+            if self.resize_in_torch:  # the crops as decoded: `CropBatches` resizes them
+                return images, label, geometry
+            images = self.graph_view(images, geometry)
+            return images, (label.gpu() if self.decode == "mixed" else label)
 
         return pipe()
 
-    def read_batches(self):
+    def graph_view(self, images, geometry):
+        """The view resized, augmented, flipped and normalised inside the DALI graph (the GPU
+        path): `images` the decoded regions, `geometry` the source's (out_h, out_w, top, left,
+        flip) rows. Returns CHW float (float16 for that dtype; DALI has no bf16: the base casts)."""
+        from nvidia.dali import fn, types
+
+        a, size, ops = self.aug, self.aug.size, "gpu" if self.decode == "mixed" else "cpu"
+        out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}[self.dtype]
+        if self.train:
+            images, mirror = self.graph_augment(resize_square(images, size, ops)), geometry[4]
+        else:  # the evaluation view (`augment.eval_geometry`): resize to the source's size, crop there
+            images = fn.resize(images, device=ops, size=fn.cast(geometry[0:2], dtype=types.FLOAT),
+                               interp_type=types.INTERP_LINEAR, antialias=True)
+            images, mirror = fn.slice(images, start=geometry[2:4], shape=[size, size], axis_names="HW", device=ops), 0
+        return fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
+                                        mean=[255 * m for m in a.mean], std=[255 * s for s in a.std], mirror=mirror)
+
+    def start_epoch(self) -> None:
+        """Builds the pipeline and its iterator at the first epoch (the first batch is scheduled
+        as the iterator is made), else resets them for the next."""
+        if self.iterator is not None:
+            with self.watchdog.guard():
+                self.iterator.reset()
+            return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+        self.pipe = self.build_pipeline()
+        self.pipe.build()
+        self.watchdog.watch(worker_pids(self.pipe))
+        with self.watchdog.guard():
+            if self.resize_in_torch:
+                # on a GPU the base normalises the uint8 batch there (a quarter of the bytes to copy)
+                norm = (self.aug.mean, self.aug.std, self.dtype) if self.device.type == "cpu" else ()
+                self.iterator = CropBatches(self.pipe, self.aug.size, norm)
+            else:
+                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+
+    def read_batches(self):
         length = self.epoch_length()
         if length == 0:
             return
         self.schedule.set(self.dali_epoch, self.epoch, self.start_batch * self.batch_size, length)
         try:
-            if self.iterator is None:  # the first batch is scheduled as the iterator is made
-                self.pipe = self.build_pipeline()
-                self.pipe.build()
-                self.watchdog.watch(worker_pids(self.pipe))
-                with self.watchdog.guard():
-                    self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
-            else:
-                with self.watchdog.guard():
-                    self.iterator.reset()
+            self.start_epoch()
         except Exception:  # noqa: BLE001 - a file that fails in the first batches
             error = self.failure_in_flight(self.start_batch)
             self.watchdog.watch([])
@@ -314,24 +457,27 @@ class DALILoader(Loader):
                     if error is None:  # no file and no worker at fault: an internal bug keeps its traceback
                         raise
                     raise error from None
-                real = min(self.batch_size, length - (k - self.start_batch) * self.batch_size)
-                # normalised float (B, 3, S, S) (DALI has no bf16: the base casts), labels int32 (B, 1);
-                # the padded last batch of an evaluation epoch is cut to its real samples
-                yield out[0]["images"][:real], out[0]["labels"][:real]
+                # normalised float (DALI has no bf16: the base casts), or uint8 (B, 3, S, S) from
+                # `CropBatches` for a GPU (the base normalises it there); labels int32 (B, 1)
+                yield out[0]["images"], out[0]["labels"]
             finished = True
         finally:
-            if not finished:  # left early: nothing more is read, the batches already made are dropped
-                self.schedule.stop(self.dali_epoch)
-            try:  # next(), not a for loop: iter() on a DALI iterator resets it
-                while True:
-                    with self.watchdog.guard():  # a dead worker's pipeline is dropped, not drained
-                        next(self.iterator)
-            except StopIteration:
-                self.dali_epoch += 1
-            except Exception:  # noqa: BLE001 - the pipeline failed (a decode error, raised above): rebuild next epoch
-                self.watchdog.watch([])
-                self.pipe = self.iterator = None
-                self.dali_epoch = 0
+            self.end_epoch(finished)
+
+    def end_epoch(self, finished: bool) -> None:
+        """Drains the epoch's batches still in flight (none are made once `schedule.stop`)."""
+        if not finished:  # left early: nothing more is read, the batches already made are dropped
+            self.schedule.stop(self.dali_epoch)
+        try:  # next(), not a for loop: iter() on a DALI iterator resets it
+            while True:
+                with self.watchdog.guard():  # a dead worker's pipeline is dropped, not drained
+                    next(self.iterator)
+        except StopIteration:
+            self.dali_epoch += 1
+        except Exception:  # noqa: BLE001 - the pipeline failed (a decode error, raised above): rebuild next epoch
+            self.watchdog.watch([])
+            self.pipe = self.iterator = None
+            self.dali_epoch = 0
 
     def failure_in_flight(self, batch: int) -> DatasetError | None:
         """`decode_failure` for an error at `batch` of this epoch: DALI's message names no file, so

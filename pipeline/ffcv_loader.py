@@ -192,7 +192,7 @@ def view_decoder(size: int, train: bool):
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
 
-    from .resample import resize_bilinear
+    from .resample import flip_in_place, resize_bilinear
 
     class ViewDecoder(ResizedCropRGBImageDecoder):
         def generate_code(self):
@@ -219,7 +219,7 @@ def view_decoder(size: int, train: bool):
                     if train:
                         resize_bilinear(temp_buffer[y:y + h, x:x + w], out)
                         if field["view_flip"]:
-                            out[:] = out[:, ::-1].copy()
+                            flip_in_place(out)
                     else:
                         resized = np.empty((h, w, 3), np.uint8)
                         resize_bilinear(temp_buffer, resized)

@@ -247,3 +247,23 @@ def test_claims_edits_tokens_through_public_timm_api():
     t = torch.where(masks[..., None], token, v.patch_embed(x))
     ref = v.norm(v.blocks(torch.cat([v.cls_token.expand(2, -1, -1), t], 1) + v.pos_embed))[:, 1:]
     torch.testing.assert_close(claims.masked_tokens(v, x, masks, token), ref)
+
+
+def test_compare_trees_pairs_rounds_and_reads_the_ratios():
+    """Old against new: per-round new / old of each of ours, the new run's ratios to plain beside."""
+    import argparse
+
+    from simmim.benchmarks import compare_trees
+
+    def new_run(torch_rate, plain_ratio):
+        ratios = {k: {"median": plain_ratio} for k in ("x plain", "x torchvision", "x released")}
+        return {"rows": [{"loader": "torchvision (plain)", "ours": False, "img_per_s": 100.0, "ratios": {}},
+                         {"loader": "torch", "ours": True, "img_per_s": torch_rate, "ratios": ratios}]}
+
+    old = [{"rows": [{"loader": "torch", "img_per_s": 50.0}]}, {"rows": [{"loader": "torch", "img_per_s": 80.0}]}]
+    rows = compare_trees.summary(old, [new_run(100.0, 1.3), new_run(120.0, 1.2)])
+    assert [r["loader"] for r in rows] == ["torch"]
+    assert rows[0]["new_over_old"] == [2.0, 1.5] and rows[0]["x plain"] == [1.3, 1.2]
+    args = argparse.Namespace(old="/old", synthetic=10, data="", size=192, batch=32, workers=2)
+    table = compare_trees.markdown(rows, args, "CPU", 2)
+    assert "| torch | 65 [50-80] | 110 [100-120] | 1.75 [1.50-2.00] | 1.25 [1.20-1.30] |" in table

@@ -15,7 +15,7 @@ import pytest
 from helpers import child_pids
 import torch
 
-from simmim.trainer.checkpoint import checkpoints, load_checkpoint
+from simmim.trainer.checkpoint import checkpoints, read_checkpoint
 from simmim.trainer.config import load_config
 from simmim.trainer.loop import Diverged, TrainState, resolve_accumulation
 from simmim.trainer.pretrain import pretrain
@@ -146,7 +146,7 @@ def test_sigterm_checkpoints_and_resume_continues_trajectory(sample_root, tmp_pa
     code, text = finish(proc)
     assert code == 75, text
     assert "received SIGTERM" in text and "run the same command to resume" in text
-    step = load_checkpoint(checkpoints(out)[-1][1])["train_state"]
+    step = read_checkpoint(checkpoints(out)[-1][1]).train["train_state"]
     assert step["epoch"] == 1 and 0 < step["step_in_epoch"] < 7  # stopped mid-epoch 1
     code, text = finish(cli(args))
     assert code == 0, text
@@ -244,9 +244,9 @@ def test_nonfinite_steps_are_skipped(sample_root, tmp_path, monkeypatch):
     finite = [r["loss"] for r in recs if r["loss"] is not None]
     assert math.isfinite(summary["epochs"][0]["loss"])  # the epoch mean skips NaN steps, and only those
     assert summary["epochs"][0]["loss"] == pytest.approx(sum(finite) / len(finite), rel=1e-5)
-    state = load_checkpoint(checkpoints(out)[-1][1])
-    assert state["train_state"]["skipped_steps"] == 2
-    adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    state = read_checkpoint(checkpoints(out)[-1][1])
+    assert state.train["train_state"]["skipped_steps"] == 2
+    adam_steps = {int(s["step"]) for s in state.optimizer["state"].values()}
     assert adam_steps == {7 - 2}  # the optimizer took 5 real steps of 7
 
 
@@ -265,10 +265,10 @@ def test_divergence_stops_with_checkpoint(sample_root, tmp_path, monkeypatch):
     out = tmp_path / "diverge"
     with pytest.raises(Diverged, match="3 consecutive steps had a non-finite loss"):
         pretrain(tiny_cfg(sample_root, out, "train.epochs=2", "data.batch_size=8", "train.max_skipped_steps=3"))
-    state = load_checkpoint(checkpoints(out)[-1][1])
-    train_state = state["train_state"]
+    state = read_checkpoint(checkpoints(out)[-1][1])
+    train_state = state.train["train_state"]
     assert train_state["epoch"] == 0 and train_state["step_in_epoch"] == 5 and train_state["skipped_steps"] == 3
-    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
+    assert all(t.isfinite().all() for t in state.model.values() if t.is_floating_point())
 
 
 def test_world_size_change_keeps_global_batch(caplog):

@@ -4,7 +4,7 @@ import timm
 import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 
-from simmim.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from simmim.trainer.checkpoint import checkpoints, save_checkpoint
 from simmim.trainer.config import load_config
 from simmim.trainer.export import ExportError, export
 from simmim.trainer.model import build_simmim
@@ -25,7 +25,7 @@ def run_dir(sample_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(run_dir):
-    return latest_checkpoint(run_dir)
+    return checkpoints(run_dir)[-1][1]
 
 
 def our_features(ckpt, images):
@@ -71,14 +71,14 @@ def test_refuses_what_it_cannot_export(trained, tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         export(tmp_path / "nope.pt", tmp_path / "o1")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ExportError, match="not a readable checkpoint"):
+    with pytest.raises(ExportError, match="is not a checkpoint"):
         export(tmp_path / "junk.pt", tmp_path / "o2")
     state = torch.load(trained, map_location="cpu", weights_only=True)
     finetuned = {"model": {k.removeprefix("encoder.swin."): v for k, v in state["model"].items()
                            if k.startswith("encoder.swin.")}, "config": state["config"]}
     save_checkpoint(tmp_path / "ft", 1, finetuned)
     with pytest.raises(ExportError, match="fine-tuned"):
-        export(latest_checkpoint(tmp_path / "ft"), tmp_path / "o3")
+        export(checkpoints(tmp_path / "ft")[-1][1], tmp_path / "o3")
     export(trained, tmp_path / "o4")
     with pytest.raises(ExportError, match="exists"):
         export(trained, tmp_path / "o4")

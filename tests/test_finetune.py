@@ -69,7 +69,7 @@ def test_load_pretrained_refuses_other_architecture(tmp_path):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     assert "delete" not in str(e.value)
     (tmp_path / "junk.pt").write_bytes(b"junk")  # not what torch.save writes at all
-    with pytest.raises(CheckpointError, match="is not a checkpoint .*: point finetune.pretrained at a checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint .*: point finetune.pretrained at another checkpoint"):
         load_pretrained(build_classifier("swin_micro", 64, 5, 2), tmp_path / "junk.pt", "swin_micro")
     # a checkpoint without a config naming its arch is still checked by its shapes
     state = build_simmim("swin_tiny", 64, 32, 2).state_dict()
@@ -260,6 +260,9 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     evals = [r for r in records if "top1" in r]
     assert len(evals) == 2 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
     final = sorted((tmp_path / "ft").glob("checkpoint-*.pt"))[-1]
+    from simmim.trainer.checkpoint import read_checkpoint
+
+    assert read_checkpoint(final).classes == sorted(p.name for p in (sample_root / "train").iterdir())
     out = run("evaluate", str(final), "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

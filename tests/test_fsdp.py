@@ -15,8 +15,8 @@ import pytest
 from helpers import child_pids
 import torch
 
-from simmim.trainer.checkpoint import (DCPCheckpointer, consolidate, dcp_checkpoints, is_dcp_checkpoint,
-                                       load_checkpoint, read_dcp_train_state)
+from simmim.trainer.checkpoint import (CheckpointError, DCPCheckpointer, dcp_checkpoints, is_dcp_checkpoint,
+                                       read_checkpoint)
 from simmim.trainer.finetune import build_classifier, load_pretrained
 from simmim.trainer.model import build_simmim, param_groups
 
@@ -99,7 +99,7 @@ def test_dcp_resumes_at_another_world_size(sample_root, tmp_path, fsdp_reference
     assert sorted(got) == sorted(ref)
     later = [s for s in sorted(ref) if s >= first]
     torch.testing.assert_close([got[s] for s in later], [ref[s] for s in later], rtol=1e-4, atol=1e-6)
-    assert read_dcp_train_state(dcp_checkpoints(out)[-1][1])["train_state"]["world_size"] == nproc
+    assert read_checkpoint(dcp_checkpoints(out)[-1][1], tensors=False).train["train_state"]["world_size"] == nproc
 
 
 def signal_all(pids: list[int], sig: int) -> None:
@@ -140,25 +140,27 @@ def test_sigkill_during_dcp_save_resumes_from_previous(sample_root, tmp_path, fs
 
 
 def test_dcp_checkpointer_single_process(tmp_path):
-    """Publish by rename, keep-last-K, a stale .tmp ignored and removed, consolidation to the
-    torch.save layout, and fine-tuning from the folder."""
+    """Publish by rename, keep-last-K, a stale .tmp ignored and removed, resume through the
+    checkpointer, and the one reader's view of the folder for fine-tuning and export."""
     torch.manual_seed(0)
     model = build_simmim("swinv2_micro", 64, 32, window_size=2)
     opt = torch.optim.AdamW(param_groups(model, 0.05, "swinv2"), lr=1e-3)
     ck = DCPCheckpointer(tmp_path, True, keep_last=2)
     (tmp_path / ".checkpoint-00000099.tmp").mkdir()  # a save that never finished
-    assert ck.latest() is None
+    assert ck.checkpoints() == []
     cfg = {"model": {"arch": "swinv2_micro", "window_size": 2}, "data": {"img_size": 64}}
     model(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool)).backward()
     opt.step()
     for step in (1, 2, 3):
         ck.save(step, model, opt, {"train_state": {"epoch": 0, "step_in_epoch": step}, "scaler": {}, "config": cfg})
     assert [s for s, _ in dcp_checkpoints(tmp_path)] == [2, 3] and not any(tmp_path.glob(".*.tmp"))
-    latest = ck.latest()
-    assert is_dcp_checkpoint(latest) and read_dcp_train_state(latest)["train_state"]["step_in_epoch"] == 3
+    latest = ck.checkpoints()[-1][1]
+    contents, bad = ck.newest_readable()
+    assert contents.path == latest and not bad and is_dcp_checkpoint(latest)
+    assert contents.train["train_state"]["step_in_epoch"] == 3 and contents.model == {}  # tensors: read sharded
     fresh = build_simmim("swinv2_micro", 64, 32, window_size=2)
     fresh_opt = torch.optim.AdamW(param_groups(fresh, 0.05, "swinv2"), lr=1e-3)
-    train = ck.load(latest, fresh, fresh_opt)
+    train = ck.load(contents, fresh, fresh_opt)
     assert train["config"] == cfg
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
@@ -170,9 +172,10 @@ def test_dcp_checkpointer_single_process(tmp_path):
 
     state, config = read_pretraining_checkpoint(latest)  # simmim export reads the folder too
     assert config == cfg and build_encoder(config, state)[1] == "swinv2"
-    consolidate(latest, tmp_path / "one.pt")  # the torch.save layout DDP runs write
-    flat = load_checkpoint(tmp_path / "one.pt")
-    assert set(flat) >= {"model", "optimizer", "train_state", "config"} and flat["train_state"]["step_in_epoch"] == 3
+    whole = read_checkpoint(latest)  # gathered in memory: the weights a torch.save checkpoint holds
+    assert whole.format == "dcp" and whole.config == cfg and whole.train["train_state"]["step_in_epoch"] == 3
+    assert whole.model.keys() == model.state_dict().keys()
+    assert all(torch.equal(whole.model[k], v) for k, v in model.state_dict().items())
 
 
 def test_dcp_run_folder_rules(tmp_path):
@@ -181,8 +184,8 @@ def test_dcp_run_folder_rules(tmp_path):
     limit, as a full disk would) is one CheckpointError line, the partial folder removed."""
     import resource
 
-    from simmim.trainer.checkpoint import CheckpointError
-    from simmim.trainer.runfolder import newest_readable_checkpoint, set_aside
+    from simmim.trainer.checkpoint import newest_readable_checkpoint
+    from simmim.trainer.runfolder import set_aside
 
     model = build_simmim("swinv2_micro", 64, 32, window_size=2)
     opt = torch.optim.AdamW(param_groups(model, 0.05, "swinv2"), lr=1e-3)
@@ -192,8 +195,9 @@ def test_dcp_run_folder_rules(tmp_path):
     (tmp_path / ".checkpoint-00000009.tmp").mkdir()  # an unfinished save: never a checkpoint
     newest = tmp_path / "checkpoint-00000002"
     (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:40])  # truncated
-    path, ckpt, bad = newest_readable_checkpoint(tmp_path)
-    assert path == tmp_path / "checkpoint-00000001" and ckpt["train_state"]["step_in_epoch"] == 1
+    ckpt, bad = newest_readable_checkpoint(tmp_path)
+    path = ckpt.path
+    assert path == tmp_path / "checkpoint-00000001" and ckpt.train["train_state"]["step_in_epoch"] == 1
     assert [p for p, _ in bad] == [newest] and "cannot be read" in str(bad[0][1])
     set_aside(bad, path)
     assert (tmp_path / "checkpoint-00000002.corrupt").is_dir() and not newest.exists()
@@ -251,6 +255,7 @@ def test_dcp_one_process_warns_nothing(tmp_path):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         path = ck.save(1, model, opt, {"train_state": {"epoch": 0}, "config": {}})
-        ck.load(path, model, opt)
-        consolidate(path)
+        ck.load(read_checkpoint(path, tensors=False), model, opt)
+        with pytest.raises(CheckpointError, match="holds no encoder"):  # read whole, then refused: no encoder
+            read_checkpoint(path)
     assert [str(w.message) for w in seen if "single process" in str(w.message)] == []

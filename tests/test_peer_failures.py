@@ -73,14 +73,14 @@ def torchrun(tmp_path: Path, sample_root: Path, mode: str, fail_rank: int, fail_
 
 @pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # ~15 s each
 def test_data_failure_on_one_rank_stops_all_with_a_checkpoint(sample_root, tmp_path, parallel):
-    from simmim.trainer.checkpoint import load_checkpoint, read_dcp_train_state
+    from simmim.trainer.checkpoint import read_checkpoint
 
     proc = torchrun(tmp_path, sample_root, "data", 1, 4, f"train.parallel={parallel}")
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     ckpt = tmp_path / "run" / ("checkpoint-00000004" if parallel == "fsdp" else "checkpoint-00000004.pt")
     assert ckpt.exists(), text[-4000:]  # steps 0-3 done on both ranks, the failed step 4 not taken
-    state = (read_dcp_train_state(ckpt) if parallel == "fsdp" else load_checkpoint(ckpt))["train_state"]
+    state = read_checkpoint(ckpt, tensors=False).train["train_state"]
     assert (state["epoch"], state["step_in_epoch"]) == (0, 4)
     errors = [line for line in text.splitlines() if line.startswith("simmim pretrain: error:")]
     assert len(errors) == 1 and "gone.JPEG" in errors[0] and "rank 1," in errors[0] and str(ckpt) in errors[0], \

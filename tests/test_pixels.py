@@ -158,6 +158,33 @@ def test_numba_resize_is_pillow_bilinear(shape):
     np.testing.assert_array_equal(dst, np.asarray(Image.fromarray(src).resize((ow, oh), Image.BILINEAR)))
 
 
+@pytest.mark.skipif(not available("ffcv"), reason="FFCV (numba) not installed")
+@pytest.mark.parametrize("shape", [(230, 300, 192, 192), (300, 192, 192, 192), (192, 257, 192, 192)])
+def test_numba_resize_of_a_crop_view_is_pillow_bilinear(shape):
+    """The decoder's call: a strided crop out of a larger decoded image (the horizontal pass reads
+    it transposed), one side possibly unchanged (that pass skipped)."""
+    from simmim.pipeline.resample import resize_bilinear
+
+    h, w, oh, ow = shape
+    full = np.random.default_rng(h + w).integers(0, 256, (h + 21, w + 13, 3), dtype=np.uint8)
+    crop = full[7:7 + h, 11:11 + w]
+    dst = np.zeros((oh, ow, 3), np.uint8)
+    resize_bilinear(crop, dst)
+    want = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((ow, oh), Image.BILINEAR))
+    np.testing.assert_array_equal(dst, want)
+
+
+@pytest.mark.skipif(not available("ffcv"), reason="FFCV (numba) not installed")
+@pytest.mark.parametrize("width", [1, 2, 7, 192])
+def test_flip_in_place_is_hflip(width):
+    from simmim.pipeline.resample import flip_in_place
+
+    img = np.random.default_rng(width).integers(0, 256, (5, width, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(img).transpose(Image.FLIP_LEFT_RIGHT))
+    flip_in_place(img)
+    np.testing.assert_array_equal(img, want)
+
+
 def test_box_resize_would_differ(sample_root):
     """The former reference (PIL resize of the full image with box=) is not torchvision's crop: the
     test above can tell them apart."""

@@ -13,7 +13,7 @@ import torch
 from test_distributed import env, finish, losses, wait_for
 
 from simmim.pipeline.loaders import available
-from simmim.trainer.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
+from simmim.trainer.checkpoint import checkpoints, read_checkpoint
 
 TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "model.arch=swin_micro", "model.window_size=2",
         "model.drop_path=0.1", "run.progress=false", "run.vis_every=100", "train.epochs=2",
@@ -48,7 +48,7 @@ def test_sigterm_resume_is_bit_exact(command, sample_root, tmp_path):
     proc.send_signal(signal.SIGTERM)
     code, text = finish(proc)
     assert code == 75, text
-    stopped = load_checkpoint(checkpoints(out)[-1][1])["train_state"]
+    stopped = read_checkpoint(checkpoints(out)[-1][1]).train["train_state"]
     assert stopped["epoch"] == 1 and 0 < stopped["step_in_epoch"] < 7, "not stopped mid-epoch"
     code, text = finish(start(command, sample_root, out))
     assert code == 0 and "resumed from" in text, text
@@ -56,6 +56,6 @@ def test_sigterm_resume_is_bit_exact(command, sample_root, tmp_path):
     a, b = losses(ref), losses(out)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(14))
     assert [v for _, v in b] == [v for _, v in a]  # bit-identical, not close
-    wa = load_checkpoint(latest_checkpoint(ref))["model"]
-    wb = load_checkpoint(latest_checkpoint(out))["model"]
+    wa = read_checkpoint(checkpoints(ref)[-1][1]).model
+    wb = read_checkpoint(checkpoints(out)[-1][1]).model
     assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])][:5]

@@ -17,7 +17,7 @@ import torch
 from simmim.pipeline.errors import DatasetError, UserError
 from simmim.trainer import loop
 from simmim.trainer import pretrain as pretrain_mod
-from simmim.trainer.checkpoint import CheckpointError, checkpoints, load_checkpoint
+from simmim.trainer.checkpoint import CheckpointError, checkpoints, read_checkpoint
 from simmim.trainer.config import ConfigError, PretrainConfig, load_config
 from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.pretrain import pretrain
@@ -126,7 +126,7 @@ def test_data_file_failing_mid_run_saves_and_names_it(sample_root, base_run, tmp
     msg = str(e.value)
     assert "\n" not in msg and "gone.JPEG" in msg and f"simmim scan {sample_root / 'train'}" in msg
     assert "checkpoint-00000005.pt" in msg  # steps 0-4 done, the failed step 5 not taken
-    state = load_checkpoint(out / "checkpoint-00000005.pt")["train_state"]
+    state = read_checkpoint(out / "checkpoint-00000005.pt").train["train_state"]
     assert (state["epoch"], state["step_in_epoch"], state["epoch_good_steps"]) == (0, 5, 5)
     monkeypatch.undo()
     pretrain(cfg)  # the list fixed, the same command resumes and nothing is lost
@@ -153,7 +153,7 @@ def test_time_based_checkpoints_carry_the_epoch_so_far(sample_root, base_run, tm
         pretrain(cfg_for(sample_root, out, "train.epochs=2", "run.save_every=1", "run.save_every_minutes=1e-9",
                          "run.keep_last=2"))
     assert [s for s, _ in checkpoints(out)] == [3, 4]  # the newest two of one per step
-    state = load_checkpoint(out / "checkpoint-00000004.pt")["train_state"]
+    state = read_checkpoint(out / "checkpoint-00000004.pt").train["train_state"]
     assert (state["epoch"], state["step_in_epoch"], state["epoch_good_steps"]) == (0, 4, 4)
     assert state["epoch_loss_sum"] == pytest.approx(sum(v for _, v in step_losses(base_run)[:4]), rel=1e-5)
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from simmim.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from simmim.trainer.checkpoint import checkpoints, read_checkpoint
 from simmim.trainer.config import load_config
 from simmim.trainer.model import build_simmim
 from simmim.trainer.pretrain import pretrain
@@ -50,21 +50,21 @@ def test_short_run_loss_falls_and_writes_outputs(sample_root, tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "log.txt", "reconstruction.png", "reconstruction-0002.png",
                  "checkpoint-00000021.pt", "checkpoint-00000056.pt"):
         assert (out / name).exists(), name
-    state = load_checkpoint(latest_checkpoint(out))  # weights_only=True
-    train_state = state["train_state"]
+    state = read_checkpoint(checkpoints(out)[-1][1])  # weights_only=True
+    train_state = state.train["train_state"]
     assert train_state["epoch"] == 7 and train_state["step_in_epoch"] == 7
     fresh = build_simmim("swin_micro", 64, 32, window_size=2)
-    fresh.load_state_dict(state["model"])  # strict: every weight, mask token and head included
+    fresh.load_state_dict(state.model)  # strict: every weight, mask token and head included
     trained = fresh.encoder.mask_token.detach()
     assert not torch.equal(trained, build_simmim("swin_micro", 64, 32, window_size=2).encoder.mask_token.detach())
-    adam = state["optimizer"]["state"]
+    adam = state.optimizer["state"]
     assert len(adam) == sum(1 for _ in fresh.parameters()) and {int(s["step"]) for s in adam.values()} == {56}
     assert load_config(str(out / "config.yaml")) == cfg
     # a pre-training run carries no finetune section, in its config.yaml or its checkpoints
     import yaml
 
     sections = {"data", "model", "optim", "train", "run", "loss"}
-    assert set(yaml.safe_load((out / "config.yaml").read_text())) == set(state["config"]) == sections
+    assert set(yaml.safe_load((out / "config.yaml").read_text())) == set(state.config) == sections
     log = (out / "log.txt").read_text()
     assert "effective" in log and "img/s" in log and "grad_norm" in log
 
@@ -85,8 +85,8 @@ def test_accumulation_matches_larger_batch(sample_root, tmp_path):
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(7))
     torch.testing.assert_close([r["loss"] for r in rb], [r["loss"] for r in ra], rtol=1e-6, atol=0)
     torch.testing.assert_close([r["grad_norm"] for r in rb], [r["grad_norm"] for r in ra], rtol=1e-4, atol=0)
-    wa = load_checkpoint(latest_checkpoint(tmp_path / "a"))["model"]
-    wb = load_checkpoint(latest_checkpoint(tmp_path / "b"))["model"]
+    wa = read_checkpoint(checkpoints(tmp_path / "a")[-1][1]).model
+    wb = read_checkpoint(checkpoints(tmp_path / "b")[-1][1]).model
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)

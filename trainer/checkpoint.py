@@ -1,25 +1,46 @@
-"""Atomic checkpoints (temp file + rename), the last K kept, loadable with weights_only=True."""
+"""Checkpoints: written atomically in two formats behind one `Checkpointer` protocol, and read by
+one function, `read_checkpoint`, whatever wrote them.
+
+- `TorchSaveCheckpointer` (train.parallel=ddp): checkpoint-{step}.pt, one torch.save file (temp
+  file + rename), the last K kept.
+- `DCPCheckpointer` (train.parallel=fsdp): checkpoint-{step}/, torch.distributed.checkpoint's
+  folder of every rank's shards, published by rename once complete.
+- `read_checkpoint(path) -> CheckpointContents`: the weights (plain tensors, unsharded), the
+  config, the kind (pre-training / fine-tuning / encoder), the layout (this project's,
+  microsoft/SimMIM's, MMPretrain's, timm's: trainer/layouts.py), the class names, the settings the
+  checkpoint records. Resume, `simmim finetune`, `simmim evaluate` and `simmim export` use it;
+  everything is read with weights_only=True (or safetensors), never by unpickling objects.
+"""
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
-import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from simmim.pipeline.errors import CheckpointError
 from simmim.pipeline.io import atomic_write
 
+from .layouts import (Kind, encoder_prefix, from_mmpretrain, is_state_dict, kind_of, layout_name, recorded_settings,
+                      tensor_settings, unwrap)
+
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
-__all__ = ["CheckpointError", "checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointContents", "CheckpointError", "Checkpointer", "DCPCheckpointer", "Kind", "TorchSaveCheckpointer",
+           "all_checkpoints", "make_checkpointer", "newest_readable_checkpoint", "read_checkpoint", "save_checkpoint"]
 
 
 @contextlib.contextmanager
@@ -75,28 +96,6 @@ def _os_error(e: BaseException) -> OSError | None:
     return e
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint as one dict ({"model", "optimizer", "train_state", "scaler", "config"}) on the
-    CPU: a torch.save file (weights_only), or a DCP folder consolidated in memory. Raises
-    CheckpointError for a missing, truncated or foreign one; the message says what is wrong, not
-    what to do (that depends on the command: resume falls back to an older one, evaluate and
-    finetune name another)."""
-    path = Path(path)
-    if is_dcp_checkpoint(path):
-        try:
-            return consolidate(path)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a missing or truncated shard
-            raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(e)})") from None
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:  # the process's state, not the file's: never set a good checkpoint aside for it
-        raise
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(e)})") from None
-
-
 def _first_line(e: BaseException) -> str:
     """`Type: first line of the message`; for DCP's CheckpointException, its first rank's error."""
     failures = getattr(e, "failures", None)
@@ -118,38 +117,50 @@ def all_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(checkpoints(out_dir) + folders)
 
 
-def peek_checkpoint(path: str | Path) -> dict:
-    """What a resume needs to decide before building anything: for a .pt file its whole contents
-    (loaded once), for a DCP folder all but the tensors (train_state, scaler, config; the tensors
-    are read in place, sharded, by DCPCheckpointer.load). Raises CheckpointError if it cannot be
-    read or holds no model and optimizer state."""
-    path = Path(path)
-    if path.is_dir():
-        keys = dcp_keys(path)
-        if not any(k.startswith("app.model.") for k in keys) or not any(k.startswith("app.optim.") for k in keys):
-            raise CheckpointError(f"checkpoint '{path}' holds no model and optimizer state")
-        return read_dcp_train_state(path)
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not {"model", "optimizer"} <= ckpt.keys():
-        raise CheckpointError(f"checkpoint '{path}' holds no model and optimizer state")
-    return ckpt
+class Checkpointer(Protocol):
+    """What the loop asks of a checkpoint format: `TorchSaveCheckpointer` (train.parallel=ddp: one
+    torch.save file per checkpoint, written by rank 0) and `DCPCheckpointer` (fsdp: one folder of
+    every rank's shards). Both read through `read_checkpoint`."""
+    out_dir: Path
+
+    def save(self, step: int, model, optimizer, train_state: dict, any_rank: bool = False) -> Path | None:
+        """Writes checkpoint-{step} (atomically) and keeps the newest keep_last; CheckpointError
+        when it cannot be written (the checkpoints before it intact)."""
+
+    def load(self, contents: CheckpointContents, model, optimizer) -> dict:
+        """Resume: loads model and optimizer state in place from the checkpoint `contents` was read
+        from (by `newest_readable`); returns the rest (train_state, scaler, config)."""
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(global step, path) of every checkpoint in the run folder, oldest first."""
+
+    def newest_readable(self) -> tuple[CheckpointContents | None, list[tuple[Path, CheckpointError]]]:
+        """The newest checkpoint that reads and the newer ones that do not (see
+        `newest_readable_checkpoint`)."""
+
+    def wait(self) -> None:
+        """Returns once a save in flight (async) is written."""
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = checkpoints(Path(out_dir))
-    return found[-1][1] if found else None
+class RunFolderCheckpoints:
+    """The listing half of `Checkpointer`, the same for both formats: a run folder may hold either
+    (a resume with the other train.parallel is refused by `load`, in one line)."""
+    out_dir: Path
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        return all_checkpoints(self.out_dir)
+
+    def newest_readable(self) -> tuple[CheckpointContents | None, list[tuple[Path, CheckpointError]]]:
+        return newest_readable_checkpoint(self.out_dir)
 
 
-class TorchSaveCheckpointer:
+class TorchSaveCheckpointer(RunFolderCheckpoints):
     """train.parallel=ddp: rank 0 writes the whole model and optimizer to checkpoint-{step}.pt
     (atomically), every rank reads it. `train_state` is the rest of a checkpoint (train_state,
     scaler, config), saved beside "model" and "optimizer". Write failures raise CheckpointError."""
 
     def __init__(self, out_dir: Path, is_main: bool, keep_last: int = 3):
         self.out_dir, self.is_main, self.keep_last = Path(out_dir), is_main, keep_last
-
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.out_dir)
 
     def save(self, step: int, model, optimizer, train_state: dict, any_rank: bool = False) -> Path | None:
         """Rank 0 writes (or this rank, if `any_rank`: DDP's states are replicated, so one rank
@@ -159,21 +170,21 @@ class TorchSaveCheckpointer:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **train_state}
         return save_checkpoint(self.out_dir, step, state, self.keep_last)
 
-    def load(self, path: Path, model, optimizer, ckpt: dict | None = None) -> dict:
-        """Loads model and optimizer state in place from `ckpt` (the file's contents, read by the
-        caller already) or from the file; returns the rest. CheckpointError if it does not fit."""
-        if Path(path).is_dir():
+    def load(self, contents: CheckpointContents, model, optimizer) -> dict:
+        """Loads model and optimizer state in place from `contents` (the file, read whole); returns
+        the rest. CheckpointError if it does not fit."""
+        path = contents.path
+        if contents.format == "dcp":
             raise CheckpointError(f"checkpoint '{path}' is a DCP folder (written with train.parallel=fsdp): "
                                   f"resume it with train.parallel=fsdp")
-        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(contents.model)
         except RuntimeError as e:  # the config check passed, yet the shapes differ: say so in one line
             first = str(e).strip().splitlines()[-1].strip()[:200]
             raise CheckpointError(f"checkpoint '{path}' does not fit this model ({first}): set another "
                                   f"run.out_dir for a new run") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+        optimizer.load_state_dict(contents.optimizer)
+        return contents.train
 
     def wait(self) -> None:
         pass
@@ -244,7 +255,7 @@ def _publish(tmp: Path, final: Path, out_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-class DCPCheckpointer:
+class DCPCheckpointer(RunFolderCheckpoints):
     """Saves and loads DCP checkpoints for every rank; rank 0 (`is_main`) publishes and prunes.
 
     async_save: the state is staged to host memory, then written by a background thread over a
@@ -261,10 +272,6 @@ class DCPCheckpointer:
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(self.out_dir)
-
-    def latest(self) -> Path | None:
-        found = dcp_checkpoints(self.out_dir)
-        return found[-1][1] if found else None
 
     def save(self, step: int, model, optimizer, train_state: dict, any_rank: bool = False) -> Path:
         """Writes checkpoint-{step} (every rank calls this: `any_rank` cannot apply, each rank
@@ -328,76 +335,255 @@ class DCPCheckpointer:
                               f"{self.out_dir} ({io.strerror or io}): free space in (or fix the permissions of) "
                               f"{self.out_dir}; the checkpoints before it are intact") from None
 
-    def load(self, path: Path, model, optimizer, ckpt: dict | None = None) -> dict:
-        """Loads model and optimizer state in place (resharded to this world size); returns the
-        train state saved beside them (`ckpt`, if the caller read it already). CheckpointError if
-        a shard cannot be read or does not fit the model."""
+    def load(self, contents: CheckpointContents, model, optimizer) -> dict:
+        """Loads model and optimizer state in place (resharded to this world size) from the folder
+        `contents` was read from (its train state: `read_checkpoint(..., tensors=False)`); returns
+        that train state. CheckpointError if a shard cannot be read or does not fit the model."""
         import torch.distributed.checkpoint as dcp
 
-        if not Path(path).is_dir():
+        path = contents.path
+        if contents.format != "dcp":
             raise CheckpointError(f"checkpoint '{path}' is a torch.save file (written with train.parallel=ddp): "
                                   f"resume it with train.parallel=ddp")
-        train = read_dcp_train_state(path) if ckpt is None else ckpt
         try:
             with one_process(not self.distributed):
                 dcp.load({"app": ModelOptimizerState(model, optimizer)}, checkpoint_id=str(path),
-                         no_dist=not self.distributed)
+                         planner=WeightsOnlyLoadPlanner(), no_dist=not self.distributed)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - a truncated shard, another model
             raise CheckpointError(f"checkpoint '{path}' cannot be loaded into this model ({_first_line(e)}): "
                                   f"set another run.out_dir for a new run") from None
-        return {k: v for k, v in train.items() if k not in ("model", "optimizer")}
+        return contents.train
 
 
-def read_dcp_train_state(path: str | Path) -> dict:
-    """The train state (train_state, scaler, config), saved as one JSON entry in a DCP checkpoint,
-    read without its tensors. CheckpointError if it cannot be read."""
-    import torch.distributed.checkpoint as dcp
-
-    entry = {"train": {"json": ""}}
-    try:
-        with one_process(True):
-            dcp.load(entry, checkpoint_id=str(path), no_dist=True)
-        return json.loads(entry["train"]["json"])
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - no .metadata, a truncated file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(e)})") from None
-
-
-def dcp_keys(path: str | Path) -> set[str]:
-    """The flattened keys of a DCP checkpoint's .metadata ("app.model.<fqn>", "app.optim.<...>",
-    "train.json"). CheckpointError if there is no readable .metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    except Exception as e:  # noqa: BLE001 - missing or truncated .metadata
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(e)})") from None
-
-
-def consolidate(path: str | Path, out: str | Path | None = None) -> dict:
-    """A DCP checkpoint as one torch.save-style dict {"model", "optimizer"?, "config", ...} (the
-    layout train.parallel=ddp writes), through torch.distributed.checkpoint.format_utils.
-    dcp_to_torch_save; also written to `out` (atomically) when given."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = Path(path)
-    if not is_dcp_checkpoint(path):
-        raise FileNotFoundError(f"'{path}' is not a complete DCP checkpoint (no .metadata)")
-    with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / "full.pt"
-        with one_process(True):
-            dcp_to_torch_save(path, flat)
-        full = torch.load(flat, map_location="cpu", weights_only=False)
-    app = full.get("app", {})
-    state = {**json.loads(full["train"]["json"]), "model": app.get("model", {})}
-    if "optim" in app:
-        state["optimizer"] = app["optim"]
-    if out is not None:
-        atomic_write(Path(out), lambda t: torch.save(state, t))
-    return state
-
-
-def make_checkpointer(parallel: str, out_dir: Path, is_main: bool, keep_last: int, async_save: bool):
+def make_checkpointer(parallel: str, out_dir: Path, is_main: bool, keep_last: int, async_save: bool) -> Checkpointer:
     """torch.save files for DDP, sharded DCP folders for FSDP2 (see each class)."""
     if parallel == "fsdp":
         return DCPCheckpointer(out_dir, is_main, keep_last, async_save)
     return TorchSaveCheckpointer(out_dir, is_main, keep_last)
+
+
+# ---------------------------------------------------------------- the one reader
+#
+# Every consumer reads a checkpoint through `read_checkpoint`: resume (`newest_readable_checkpoint`,
+# then the checkpointer's `load`), `simmim finetune` (finetune.pretrained), `simmim evaluate`,
+# `simmim export`. Nothing is unpickled beyond tensors and plain containers: torch.save files with
+# weights_only=True, DCP's non-tensor entries checked the same way (`WeightsOnlyLoadPlanner`),
+# safetensors files through safetensors.
+
+# The released SimMIM code saves its yacs config object in every checkpoint. weights_only loading
+# refuses unknown classes; this reads `yacs.config.CfgNode` (a dict subclass: items, then a plain
+# attribute dict holding a set) as an OrderedDict, so those files load without yacs and without
+# unpickling arbitrary code. The tuple form (class, "module.name") is torch.serialization's own.
+RELEASED_CONFIG_GLOBALS = [(collections.OrderedDict, "yacs.config.CfgNode"), set]
+SAFETENSORS_FILES = ("model.safetensors", "pytorch_model.bin")  # a timm / HF hub folder's weights
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint holds, whatever wrote it (see `read_checkpoint`).
+
+    model: the weights (plain CPU tensors, unsharded), keyed as the writer named them, less the
+    wrappers' prefixes (`layouts.strip_wrappers`); empty when read with tensors=False.
+    encoder_prefix: the part of those keys before the encoder's own (timm) names, e.g.
+    "encoder.swin." (this project's pre-training), "net." (its fine-tuning), "encoder."
+    (microsoft/SimMIM), "backbone." (MMPretrain), "" (timm). `encoder()` strips it.
+    config: this project's config dict (`Config.to_dict()`), or the writer's own record (the
+    released code's yacs config as a dict), None if there is none; `settings` holds what either
+    says about img_size / window_size / patch_size, completed from the tensors.
+    classes: the class names of a fine-tuning checkpoint, in head order (None if not recorded).
+    optimizer / train: a resume's optimizer state (None for a DCP folder: its checkpointer loads it
+    sharded) and the rest of the checkpoint (train_state, scaler, config, ...).
+    notes: what else was found and not used (an EMA copy), for the log."""
+    path: Path
+    format: str  # "torch.save" | "dcp" | "safetensors"
+    layout: str  # "simmim", "microsoft/SimMIM", "MMPretrain/MMSelfSup", "timm", "weights under '<prefix>'"
+    kind: Kind
+    model: dict[str, torch.Tensor]
+    encoder_prefix: str = ""
+    naming: str = "timm"  # "timm" (and the original Swin code's) or "mmpretrain"
+    config: dict | None = None
+    classes: list[str] | None = None
+    settings: dict[str, int] = field(default_factory=dict)
+    optimizer: dict | None = None
+    train: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def encoder(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights (and a fine-tuned head) with `encoder_prefix` removed, in timm's
+        or the original Swin code's naming (MMPretrain's converted); the mask token is left out."""
+        n = len(self.encoder_prefix)
+        encoder = {k[n:]: v for k, v in self.model.items()
+                   if k.startswith(self.encoder_prefix) and not k.endswith("mask_token")}
+        return from_mmpretrain(encoder) if self.naming == "mmpretrain" else encoder
+
+
+def read_checkpoint(path: str | Path, *, tensors: bool = True, what: str = "checkpoint",
+                    hint: str = "pass another checkpoint") -> CheckpointContents:
+    """Reads a checkpoint: a torch.save file (this project's, microsoft/SimMIM's, MMPretrain's, a
+    timm train script's or a bare state dict), a DCP folder (train.parallel=fsdp), a .safetensors
+    file, or a folder holding model.safetensors (timm / Hugging Face hub layout, `simmim export`).
+    tensors=False: a DCP folder's train state alone (for resume; the checkpointer reads its tensors
+    sharded); a file is read whole either way.
+
+    Raises CheckpointError, one line starting "{what} '{path}'", for a missing, truncated or
+    foreign file or one with no encoder weights; `hint` says what to do where that depends on the
+    command (a resume falls back to an older checkpoint by itself)."""
+    path = Path(path)
+    label = f"{what} '{path}'"
+    if not path.exists():
+        raise CheckpointError(f"{label} does not exist")
+    try:
+        if is_dcp_checkpoint(path):
+            return _contents(path, "dcp", _read_dcp(path, tensors))
+        if path.is_dir():
+            return _read_hub_folder(path, label)
+        fmt, raw = _read_file(path, label, hint)
+        return _contents(path, fmt, raw)
+    except CheckpointError as e:
+        message = str(e)
+        raise CheckpointError(message if message.startswith(label) else f"{label} {message}") from None
+    except MemoryError:  # the process's state, not the file's: never set a good checkpoint aside for it
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a truncated file or shard
+        raise CheckpointError(f"{label} cannot be read ({_first_line(e)}): it is truncated or not a "
+                              f"checkpoint; {hint}") from None
+
+
+def _read_file(path: Path, label: str, hint: str) -> tuple[str, object]:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and path.suffix != ".pt":  # u64 header length, then its JSON
+        from safetensors.torch import load_file
+
+        return "safetensors", load_file(path)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip, or a pickle (PROTO 0x80)
+        raise CheckpointError(f"{label} is not a checkpoint (not a zip or pickle file, as torch.save writes, nor "
+                              f"safetensors): {hint}")
+    try:
+        with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS):
+            return "torch.save", torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "global" not in str(e).lower():
+            raise
+    return "torch.save", _load_with_opaque_objects(path, label)
+
+
+class Opaque:
+    """Stands in for an object of a class that is not unpickled here (another framework's: mmengine's
+    HistoryBuffer, argparse.Namespace, numpy scalars): built and given its state without running
+    any of that class's code, and holding nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _load_with_opaque_objects(path: Path, label: str):
+    """torch.load(weights_only=True) once more, every class the file names besides tensors and plain
+    containers read as `Opaque` (the names are found by disassembling the pickle, not by running
+    it): frameworks save their loggers' and arguments' objects beside the weights."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(name.rsplit(".", 1)[-1], (Opaque,), {}), name) for name in names]
+        with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS + stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a legacy (non-zip) file, or an object weights_only cannot build at all
+        raise CheckpointError(f"{label} holds Python objects besides tensors that weights_only loading cannot read "
+                              f"({_first_line(e)}): save its state dict alone (torch.save(model.state_dict(), f)) "
+                              f"where you trust the file") from None
+
+
+def _read_hub_folder(path: Path, label: str) -> CheckpointContents:
+    """A folder with timm's / the Hugging Face hub's model.safetensors (+ config.json)."""
+    weights = next((path / f for f in SAFETENSORS_FILES if (path / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{label} is a folder without a checkpoint (no DCP .metadata, no model.safetensors): "
+                              f"pass a checkpoint file, e.g. {path}/checkpoint-NNNNNNNN.pt, or a DCP checkpoint folder")
+    config = path / "config.json"
+    extra = json.loads(config.read_text()) if config.is_file() else None
+    fmt, raw = _read_file(weights, label, "pass another checkpoint")
+    return _contents(path, fmt, raw, extra)
+
+
+def _contents(path: Path, fmt: str, raw, extra: dict | None = None) -> CheckpointContents:
+    """Recognises the layout of what a file held (`layouts`)."""
+    if fmt == "dcp" and not raw["model"]:  # read without tensors: ours, by construction
+        train = {k: v for k, v in raw.items() if k != "model"}
+        config = train.get("config")
+        kind = Kind.FINETUNING if isinstance(config, dict) and "finetune" in config else Kind.PRETRAINING
+        return CheckpointContents(path, fmt, "simmim", kind, {}, "", "timm", config, train.get("classes"),
+                                  recorded_settings(None, config), None, train)
+    weights, where, notes = unwrap(raw)
+    top = raw if isinstance(raw, dict) and not is_state_dict(raw) else {}
+    try:
+        prefix, naming = encoder_prefix(weights)
+    except CheckpointError:
+        if "train_state" not in top:
+            raise
+        prefix, naming = "", "timm"  # a run's own checkpoint resumes whatever its model is
+    config = top.get("config") if isinstance(top.get("config"), dict) else None
+    train = {k: v for k, v in top.items() if k not in ("model", "optimizer", where)}
+    layout = layout_name(prefix, naming, top, config)
+    contents = CheckpointContents(path, fmt, layout, kind_of(weights, prefix), weights, prefix, naming, config,
+                                  top.get("classes"), {}, top.get("optimizer"), train, notes)
+    # the tensors are what the weights are; the record fills in what they do not fix (the image size)
+    contents.settings = {**recorded_settings(top, config, extra), **tensor_settings(contents.encoder())}
+    return contents
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, but each non-tensor entry (the train-state JSON, the optimizer's
+    param_groups) must unpickle with weights_only=True before DCP's own unrestricted torch.load
+    reads it: a DCP folder is held to the rule every other checkpoint read here is."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # raises UnpicklingError for anything but plain data
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _read_dcp(path: Path, tensors: bool) -> dict:
+    """A DCP checkpoint as {"model": weights (unsharded), "train": train state}, read in one
+    process through torch.distributed.checkpoint's metadata (each tensor allocated at its global
+    size, the shards gathered into it); the optimizer state is not read. tensors=False: only
+    the train state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(path)).read_metadata()
+    if not any(k.startswith("app.model.") for k in meta.state_dict_metadata) or \
+            not any(k.startswith("app.optim.") for k in meta.state_dict_metadata):
+        raise CheckpointError("holds no model and optimizer state")
+    state: dict = {"app": {"model": {}}, "train": {"json": ""}}
+    for key, item in meta.state_dict_metadata.items() if tensors else ():
+        where = meta.planner_data[key]  # ("app", "model", "<fully qualified name>")
+        if where[:2] == ("app", "model") and isinstance(item, TensorStorageMetadata):
+            state["app"]["model"][where[2]] = torch.empty(item.size, dtype=item.properties.dtype)
+    with one_process(True):
+        dcp.load(state, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=True)
+    return {"model": state["app"]["model"], **json.loads(state["train"]["json"])}
+
+
+def newest_readable_checkpoint(out_dir: str | Path) -> tuple[CheckpointContents | None, list]:
+    """The newest checkpoint in `out_dir` that reads (a .pt file read whole; a DCP folder's train
+    state, its .metadata listing model and optimizer state; an unfinished `.checkpoint-*.tmp`
+    folder is never one), or None if there is none, and [(path, CheckpointError)] of the newer ones
+    that do not read. Raises CheckpointError if checkpoints exist and none reads. Reads only; see
+    runfolder.set_aside."""
+    bad: list[tuple[Path, CheckpointError]] = []
+    for _, path in reversed(all_checkpoints(Path(out_dir))):
+        try:
+            contents = read_checkpoint(path, tensors=False)
+            if contents.format != "dcp" and not isinstance(contents.optimizer, dict):
+                raise CheckpointError(f"checkpoint '{path}' holds no model and optimizer state")
+        except CheckpointError as e:  # a file renamed by rank 0 under another rank reads as missing
+            bad.append((path, e))
+            continue
+        return contents, bad
+    if bad:
+        raise CheckpointError(f"no checkpoint in '{out_dir}' can be read ({len(bad)} tried; newest: {bad[0][1]}): "
+                              f"move them away to start afresh, or set another run.out_dir")
+    return None, bad

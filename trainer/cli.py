@@ -3,6 +3,7 @@
     simmim pretrain --config RECIPE [key.sub=value ...]   pre-train (resumes from run.out_dir)
     simmim finetune --config RECIPE [key.sub=value ...]   fine-tune (finetune.pretrained=CKPT) and evaluate
     simmim evaluate CKPT [--data VAL] [--backend B]       top-1 / top-5 of a fine-tuned checkpoint
+    simmim sweep --config R --grid K=V1,V2 --out DIR      a grid of runs and its results table
     simmim sample-data [--out data/sample]                build the embedded sample dataset
     simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
     simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
@@ -62,6 +63,16 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(result) if args.json else
           f"{result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"loss {result['val_loss']:.4f}  ({result['val_images']} images)")
+
+
+def cmd_sweep(args) -> None:
+    from pathlib import Path
+
+    from .sweep import SweepSpec, parse_grid, sweep
+
+    spec = SweepSpec(args.config, parse_grid(args.grid), Path(args.out), tuple(args.overrides), args.finetune,
+                     tuple(args.finetune_set))
+    print(sweep(spec, jobs_only=args.jobs, table_only=args.table))
 
 
 def cmd_sample_data(args) -> None:
@@ -139,6 +150,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
     add_training_commands(sub)
+    add_sweep_command(sub)
     add_data_commands(sub)
     add_output_commands(sub)
     return ap, sub
@@ -164,6 +176,23 @@ def add_training_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.batch_size=64")
     p.set_defaults(fn=cmd_evaluate)
+
+
+def add_sweep_command(sub) -> None:
+    p = sub.add_parser("sweep", help="pre-train (and fine-tune) every combination of a grid; results table")
+    p.add_argument("--config", "-c", default=None, help="the pre-training recipe every variant starts from")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values (repeat for more keys: every combination runs)")
+    p.add_argument("--out", required=True, help="sweep folder: a run folder per variant, results.md/.csv/.png")
+    p.add_argument("--finetune", default=None, metavar="FT_RECIPE",
+                   help="then fine-tune each variant from its last checkpoint with this recipe")
+    p.add_argument("--finetune-set", action="append", default=[], metavar="KEY=V",
+                   help="an override for every fine-tuning run (repeatable)")
+    p.add_argument("--jobs", action="store_true",
+                   help="write OUT/jobs.txt (one trainer/run.sh argument line per variant) instead of running")
+    p.add_argument("--table", action="store_true", help="only write the results of the finished runs under OUT")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every pre-training run")
+    p.set_defaults(fn=cmd_sweep)
 
 
 def add_data_commands(sub) -> None:

@@ -27,7 +27,8 @@ from torch import nn
 
 from simmim.pipeline.errors import CheckpointError
 
-from .checkpoint import consolidate, is_dcp_checkpoint
+from .checkpoint import Kind, read_checkpoint
+from .layouts import is_ours
 from .model import ARCHS, build_simmim
 
 log = logging.getLogger("simmim")
@@ -47,30 +48,26 @@ class ExportError(CheckpointError):
 
 
 def read_pretraining_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """Returns (model state dict, config dict) of a simmim pre-training checkpoint.
+    """Returns (model state dict, config dict) of a simmim pre-training checkpoint (a file or a DCP
+    folder, through `read_checkpoint`).
 
     Raises ExportError, naming the file, for a missing or unreadable file, a fine-tuned checkpoint
     (no mask token / prediction head) or a checkpoint without the config simmim writes.
     """
     path = Path(path)
-    if path.is_dir() and not is_dcp_checkpoint(path):  # a DCP checkpoint is a folder with .metadata
-        raise ExportError(f"'{path}' is a folder: pass a checkpoint file, e.g. {path}/checkpoint-NNNNNNNN.pt, "
-                          f"or a DCP checkpoint folder")
-    if not (path.is_file() or is_dcp_checkpoint(path)):
-        raise ExportError(f"checkpoint '{path}' does not exist")
-    try:  # a DCP folder (train.parallel=fsdp) is consolidated in memory
-        ckpt = consolidate(path) if is_dcp_checkpoint(path) else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise ExportError(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
-    state = ckpt.get("model") if isinstance(ckpt, dict) else None
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not isinstance(config, dict):
-        raise ExportError(f"'{path}' is not a simmim checkpoint (no model weights with their config): export "
-                          f"reads what `simmim pretrain` writes")
-    if not any(k.startswith("encoder.") for k in state) or "encoder.mask_token" not in state:
-        raise ExportError(f"'{path}' is not a SimMIM pre-training checkpoint (a fine-tuned classifier?): "
-                          f"export the pre-training checkpoint, or load this one with timm directly")
-    return state, config
+    try:
+        ckpt = read_checkpoint(path, hint="export reads what `simmim pretrain` writes")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if ckpt.kind is not Kind.PRETRAINING:
+        held = "a fine-tuned classifier" if ckpt.kind is Kind.FINETUNING else \
+            "an encoder alone (fine-tuned or exported)"
+        raise ExportError(f"'{path}' is not a SimMIM pre-training checkpoint (it holds {held}, {ckpt.layout} layout, "
+                          f"no mask token): export the pre-training checkpoint, or load this one with timm directly")
+    if ckpt.layout != "simmim" or not is_ours(ckpt.config):
+        raise ExportError(f"'{path}' is a {ckpt.layout} checkpoint, not a simmim one (no model weights with their "
+                          f"config): export reads what `simmim pretrain` writes")
+    return ckpt.model, ckpt.config
 
 
 def encoder_network(model: nn.Module) -> nn.Module:

@@ -21,7 +21,8 @@ which loads as it is; when the window changes (e.g. 192 px / window 12 -> 224 px
 coordinates are normalised by each stage's pre-training window (read from the checkpoint's
 config), as the released SwinV2 fine-tuning does with pretrained_window_sizes, so offsets seen in
 pre-training give the MLP the same inputs and the new, longer ones extrapolate along the log scale.
-A DCP checkpoint folder (train.parallel=fsdp) is consolidated in memory first.
+Checkpoints are read by checkpoint.read_checkpoint (a DCP folder gathered in memory; other
+frameworks' wrappers and prefixes recognised, trainer/layouts.py).
 
 Data: the same loaders as pre-training, in their classification form (`labels=True`, no masks):
 random-resized-crop (scale finetune.crop_scale, 0.08-1) + flip in the loader, then RandAugment,
@@ -32,7 +33,6 @@ mixup / cutmix as the batch transform the engine applies before the forward (`Mi
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
@@ -50,7 +50,8 @@ from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.errors import CheckpointError, DatasetError
 
-from .checkpoint import consolidate, is_dcp_checkpoint
+from .checkpoint import Kind, read_checkpoint
+from .layouts import is_ours
 from .config import ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .finetune_options import FinetuneConfig
@@ -72,11 +73,7 @@ def build_classifier(arch: str, img_size: int, num_classes: int, window_size: in
     return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes)
 
 
-# Prefixes of the weight layouts `load_weights` reads, stripped in this order (first match):
-# this project's pre-training (encoder.swin. / encoder.vit.), the released SimMIM pre-training
-# (encoder.), this project's fine-tuned classifier (net.); DDP's module. goes first.
-PREFIXES = ("encoder.swin.", "encoder.vit.", "encoder.", "net.")
-DROPPED = ("encoder.mask_token", "decoder.")
+DROPPED = ("mask_token", "decoder.")  # the pre-training's mask token and prediction head
 BUFFERS = ("relative_position_index", "attn_mask", "k_bias")  # recomputed by timm, not weights
 
 
@@ -126,55 +123,14 @@ def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch
     return torch.cat([out, table[n - extra:]]).contiguous()
 
 
-NOT_A_CHECKPOINT = {"finetune.pretrained": "point finetune.pretrained at a checkpoint-*.pt of the pre-training run",
-                    "checkpoint": "pass a checkpoint-*.pt of the fine-tuning run"}
+# what to do with a checkpoint that cannot be used, per command
 INSTEAD = {"finetune.pretrained": "point finetune.pretrained at another checkpoint of the pre-training run",
            "checkpoint": "evaluate another checkpoint of the fine-tuning run"}
 
 
-# The released SimMIM code saves its yacs config object in every checkpoint. weights_only loading
-# refuses unknown classes; this reads `yacs.config.CfgNode` (a dict subclass: items, then a plain
-# attribute dict holding a set) as an OrderedDict, so those files load without yacs and without
-# unpickling arbitrary code. The tuple form (class, "module.name") is torch.serialization's own.
-RELEASED_CONFIG_GLOBALS = [(collections.OrderedDict, "yacs.config.CfgNode"), set]
-
-
-def read_checkpoint(path: Path, what: str) -> dict:
-    """The dict a checkpoint file holds (weights_only), or a DCP folder's consolidated in memory;
-    CheckpointError if it cannot be read."""
-    if is_dcp_checkpoint(path):
-        return consolidate(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what}: '{path}' does not exist")
-    if not _saved_by_torch(path):
-        raise CheckpointError(f"{what}: '{path}' is not a checkpoint (not a zip or pickle file, as torch.save "
-                              f"writes): " + NOT_A_CHECKPOINT.get(what, "pass a checkpoint-*.pt file"))
-    try:
-        with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure
-        if "weights_only" in str(e) or "global" in str(e).lower():
-            hint = (": it holds Python objects besides tensors (another framework's objects); keep its "
-                    "weights with torch.save({'model': torch.load(f, weights_only=False)['model']}, f2)")
-        else:  # what to do depends on the command (a resume falls back to an older one by itself)
-            hint = ": it is truncated or not a simmim checkpoint; " + INSTEAD.get(what, "pass another checkpoint")
-        raise CheckpointError(f"{what}: '{path}' cannot be read ({type(e).__name__}){hint}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt), dict):
-        raise CheckpointError(f"{what}: '{path}' holds no model weights")
-    return ckpt
-
-
-def _saved_by_torch(path: Path) -> bool:
-    """Whether the file starts like one torch.save writes: a zip archive (the default format) or a
-    pickle (the legacy format, protocol 2 or later: its first byte is PROTO, 0x80)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK") or head[:1] == b"\x80"
-
-
-def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
-    """Weights of any layout `load_weights` reads, in the layout of `model` (a timm classifier):
-    prefixes stripped, mask token and prediction head dropped, ViT's shared bias table copied into
+def to_timm_layout(encoder: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
+    """An encoder's weights (`CheckpointContents.encoder()`: its prefix removed) in the layout of
+    `model` (a timm classifier): mask token and prediction head dropped, ViT's shared bias table copied into
     every block (as the released fine-tuning did), relative-position tables resized with
     `resize_rel_pos_bias`, then timm's own checkpoint filter (Swin: the original code's patch
     merging at the end of stage i moves to the start of stage i + 1 and head. becomes head.fc.;
@@ -182,22 +138,16 @@ def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, li
     cannot be fitted."""
     from timm.models import beit, swin_transformer, swin_transformer_v2
 
-    weights = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith(DROPPED):
-            continue
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        weights[key] = value
+    weights = {k: v for k, v in encoder.items() if not k.startswith(DROPPED)}
     own = model.state_dict()
     shared = "rel_pos_bias.relative_position_bias_table"
     if family == "vit" and shared in weights and shared not in own:
         table = weights.pop(shared)
         for i in range(len(model.blocks)):
             weights.setdefault(f"blocks.{i}.attn.relative_position_bias_table", table.clone())
+    strays = [k for k in weights if k.endswith("relative_position_bias_table") and k not in own]
+    if strays:  # timm's filter would look the module up and fail with a traceback
+        raise ValueError(f"{strays[0]} is not a position table of model.arch's encoder")
     extra = 3 if family == "vit" else 0  # BEiT's cls-to-token, token-to-cls, cls-to-cls entries
     resized = []
     for key, value in weights.items():
@@ -211,28 +161,30 @@ def to_timm_layout(state: dict, model: nn.Module, family: str) -> tuple[dict, li
     return module.checkpoint_filter_fn(weights, model), resized
 
 
-def encoder_family(state: dict) -> str | None:
-    """"swin", "swinv2" or "vit" from the weight names of any layout `load_weights` reads (Swin: stages
-    `layers.*`, SwinV2 also a position-bias MLP `cpb_mlp`; ViT: `blocks.*`); None if unclear."""
-    names = [k.removeprefix("module.") for k in state]
-    for prefix in PREFIXES:
-        names = [k[len(prefix):] if k.startswith(prefix) else k for k in names]
+def encoder_family(encoder: dict) -> str | None:
+    """"swin", "swinv2" or "vit" from an encoder's weight names (Swin: stages `layers.*`, SwinV2
+    also a position-bias MLP `cpb_mlp`; ViT: `blocks.*`); None if unclear."""
+    names = list(encoder)
     if any(k.startswith("layers.") for k in names):
         return "swinv2" if any("cpb_mlp" in k for k in names) else "swin"
     return "vit" if any(k.startswith("blocks.") for k in names) else None
 
 
-def load_weights(model: nn.Module, state: dict, arch: str, what: str) -> dict:
-    """Loads `state` (this project's SimMIM or fine-tuned weights, the released SimMIM pre-training
-    {"encoder.*"} or fine-tuned weights) into `model` (built by build_classifier). Returns
-    {"missing", "unexpected", "resized"} key lists; CheckpointError if they do not fit `arch`."""
+def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
+    """Loads an encoder's weights (`CheckpointContents.encoder()`, in timm's or the original Swin
+    naming) into `model` (built by build_classifier). Returns {"missing", "unexpected", "resized"}
+    key lists; CheckpointError if they do not fit `arch`."""
     own = model.state_dict()
-    theirs, family = encoder_family(state), ARCHS[arch].family
+    theirs, family = encoder_family(encoder), ARCHS[arch].family
     if theirs is not None and theirs != family:
         raise CheckpointError(f"{what} holds a {theirs} encoder; model.arch {arch} is a {family}: pick the "
-                          f"model.arch it was trained with")
+                              f"model.arch it was trained with")
+    proj = encoder.get("patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4 and proj.shape[-1] != ARCHS[arch].patch_size:  # timm would resample it
+        raise CheckpointError(f"{what} has patch size {proj.shape[-1]}; model.arch {arch} has "
+                              f"{ARCHS[arch].patch_size}: pick the model.arch it was trained with")
     try:
-        weights, resized = to_timm_layout(state, model, family)
+        weights, resized = to_timm_layout(encoder, model, family)
     except ValueError as e:
         raise CheckpointError(f"{what} does not match model.arch {arch}: {e}") from None
     for key, value in list(weights.items()):
@@ -251,39 +203,43 @@ def load_weights(model: nn.Module, state: dict, arch: str, what: str) -> dict:
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
 
 
-def load_pretrained(model: nn.Module, path: str | Path, arch: str) -> dict:
-    """Loads a SimMIM pre-training checkpoint (this project's or the released code's) or a
-    fine-tuned one into `model` (see `load_weights`); refuses a checkpoint whose config names
-    another architecture."""
-    path = Path(path)
+def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dict | None = None) -> dict:
+    """Loads the encoder of any checkpoint `read_checkpoint` reads (a SimMIM pre-training checkpoint
+    of this project, microsoft/SimMIM, MMPretrain; a fine-tuned one; a timm encoder) into `model`
+    (see `load_weights`). `settings` (img_size / window_size, from finetune.pretrained_*) replace
+    what the checkpoint records. CheckpointError, one line, for a checkpoint whose own record names
+    another architecture, or a SwinV2 one whose pre-training sizes nobody says. Returns
+    load_weights' report plus "layout" and "notes"."""
     what = f"finetune.pretrained: '{path}'"
-    ckpt = read_checkpoint(path, "finetune.pretrained")
-    config = ckpt.get("config")
-    their_arch = config.get("model", {}).get("arch") if isinstance(config, dict) else None
+    ckpt = read_checkpoint(path, what="finetune.pretrained:", hint=INSTEAD["finetune.pretrained"])
+    their_arch = ckpt.config["model"].get("arch") if is_ours(ckpt.config) else None
     if their_arch is not None and their_arch != arch:
         raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
-    report = load_weights(model, ckpt.get("model", ckpt), arch, what)
-    if isinstance(config, dict):
-        report["resized"] += set_pretrained_windows(model, config)
-    return report
+    report = load_weights(model, ckpt.encoder(), arch, what)
+    known = {**ckpt.settings, **{k: v for k, v in (settings or {}).items() if v}}
+    report["resized"] += set_pretrained_windows(model, known, f"{what} ({ckpt.layout} layout)")
+    return {**report, "layout": ckpt.layout, "notes": ckpt.notes}
 
 
-def set_pretrained_windows(model: nn.Module, pretrain_cfg: dict) -> list[str]:
+def set_pretrained_windows(model: nn.Module, settings: dict, what: str) -> list[str]:
     """SwinV2 only: each attention's continuous-position-bias coordinates normalised by the window
-    its stage had in pre-training (pretrain_cfg: the checkpoint's config). Returns the names of the
-    attentions whose window differs from pre-training."""
+    its stage had in pre-training (settings: the checkpoint's img_size, window_size, patch_size).
+    Returns the names of the attentions whose window differs from pre-training; CheckpointError
+    when the settings lack a size (the bias would silently be read at this model's window)."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
     if not isinstance(model, SwinTransformerV2):
         return []
-    arch = ARCHS.get(pretrain_cfg.get("model", {}).get("arch", ""))
-    img = pretrain_cfg.get("data", {}).get("img_size")
-    if arch is None or not img:
-        return []
-    window = pretrain_cfg["model"].get("window_size") or arch.window_size
+    img, window = settings.get("img_size"), settings.get("window_size")
+    patch = settings.get("patch_size") or model.patch_embed.patch_size[0]
+    if not (img and window):
+        keys = [k for k, v in (("finetune.pretrained_img_size", img), ("finetune.pretrained_window_size", window))
+                if not v]
+        raise CheckpointError(f"{what} does not record the {' and '.join(k.split('_', 1)[1] for k in keys)} it "
+                              f"was pre-trained at, which SwinV2's position bias is normalised by: set {', '.join(keys)}")
     changed = []
     for i, stage in enumerate(model.layers):
-        pre = min(window, img // arch.patch_size // 2 ** i)  # timm clamps a window to its stage's grid
+        pre = min(window, img // patch // 2 ** i)  # timm clamps a window to its stage's grid
         for j, block in enumerate(stage.blocks):
             attn = block.attn
             if attn.window_size[0] != pre:
@@ -407,10 +363,14 @@ class Classifier(nn.Module):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> dict:
-    """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None,
+             to_head: torch.Tensor | None = None) -> dict:
+    """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks.
+    to_head: int64 (loader classes,), the head's index of each of the loader's labels (`class_map`);
+    None: the labels are the head's indices already."""
     from timm.utils import accuracy
 
+    to_head = to_head.to(device) if to_head is not None else None
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training
     net.eval()
@@ -420,6 +380,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> 
             logits = net(images).float()
         if not real:
             continue
+        if to_head is not None:
+            labels = to_head[labels]
         top1, top5 = (a.double() * len(labels) / 100 for a in accuracy(logits, labels, topk=(1, 5)))  # % -> hits
         totals += torch.stack([torch.tensor(len(labels), device=device, dtype=torch.float64),
                                top1.round(), top5.round(), F.cross_entropy(logits, labels, reduction="sum").double()])
@@ -446,6 +408,34 @@ def require_labels(loader, path: str):
                            f"fine-tuning and evaluation read class folders <root>/<class>/<image> or a "
                            f"`path label` list")
     return loader
+
+
+def index_names(names: list[str]) -> bool:
+    """A `path label` list without its classes file names its classes by their labels, "0".."n-1"."""
+    return names == [str(i) for i in range(len(names))]
+
+
+def class_map(data_classes: list[str] | None, head_classes: list[str] | None, outputs: int,
+              where: str) -> torch.Tensor | None:
+    """int64 (len(data_classes),): for each label of an evaluation loader (an index into its own
+    sorted class list), the head's index of the class of the same name, so a class folder that is
+    missing there moves no other label. None where either side has no names (or only index names,
+    "0".."n-1": a list file without its classes file): the labels are taken as the head's indices.
+    DatasetError, one line naming them, for classes the head does not know (or, without names, more
+    classes than the head has outputs); a class the head knows and the data lacks is fine."""
+    if data_classes and head_classes and not index_names(data_classes) and not index_names(head_classes):
+        known = {name: i for i, name in enumerate(head_classes)}
+        unknown = [c for c in data_classes if c not in known]
+        if unknown:
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise DatasetError(f"{where} has classes the classifier was not trained on: {', '.join(unknown[:3])}{more} "
+                               f"(it knows {len(head_classes)}: {', '.join(head_classes[:3])}, ...): remove those "
+                               f"folders, or evaluate on data of the training classes")
+        return torch.tensor([known[c] for c in data_classes], dtype=torch.int64)
+    if data_classes and len(data_classes) > outputs:
+        raise DatasetError(f"{where} has {len(data_classes)} classes; the classifier has {outputs} outputs: evaluate "
+                           f"on data of the training classes")
+    return None
 
 
 def num_classes_of(cfg: FinetuneConfig, loader) -> int:
@@ -476,9 +466,12 @@ class FinetuneTask:
         classes = num_classes_of(self.cfg, loader)
         net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path)
         if f.pretrained:
-            report = load_pretrained(net, f.pretrained, m.arch)
-            log.info("loaded %s: %d missing keys %s, %d unexpected %s, resized %s", f.pretrained,
-                     len(report["missing"]), report["missing"][:6], len(report["unexpected"]),
+            report = load_pretrained(net, f.pretrained, m.arch, {"img_size": f.pretrained_img_size,
+                                                                  "window_size": f.pretrained_window_size})
+            for note in report["notes"]:
+                log.info("finetune.pretrained: %s", note)
+            log.info("loaded %s (%s layout): %d missing keys %s, %d unexpected %s, resized %s", f.pretrained,
+                     report["layout"], len(report["missing"]), report["missing"][:6], len(report["unexpected"]),
                      report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []))
         else:
             log.info("no finetune.pretrained: training from scratch")
@@ -486,7 +479,9 @@ class FinetuneTask:
         self.batch_transform = MixupErasing(classes, f.mixup, f.cutmix, f.mixup_switch_prob, f.label_smoothing,
                                             f.reprob)
         self.val = eval_loader(self.cfg, f.val_path, d.backend, dist) if f.val_path else None
-        self.classes = classes
+        self.classes, self.class_names = classes, loader.classes
+        self.val_to_head = class_map(self.val.classes, self.class_names, classes,
+                                     f"finetune.val_path '{f.val_path}'") if self.val is not None else None
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
@@ -510,39 +505,46 @@ class FinetuneTask:
     def prepare(self, model, loader, dist: DistInfo) -> None:
         pass
 
+    def checkpoint_extra(self) -> dict:
+        """The class names in head order: evaluation maps its folders to them by name."""
+        return {"classes": list(self.class_names)} if self.class_names else {}
+
     def after_epoch(self, model, epoch: int, last: bool, out_dir: Path, dist: DistInfo, amp_dtype) -> dict:
         if self.val is None or not ((epoch + 1) % self.cfg.finetune.eval_every == 0 or last):
             return {}
-        result = evaluate(model, self.val, dist.device, amp_dtype)
+        result = evaluate(model, self.val, dist.device, amp_dtype, self.val_to_head)
         self.best = max(self.best, result["top1"])
         return {"top1": result["top1"], "top5": result["top5"], "val_loss": result["val_loss"],
                 "best_top1": self.best}
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    if cfg.finetune.pretrained and not (Path(cfg.finetune.pretrained).is_file() or
-                                        is_dcp_checkpoint(cfg.finetune.pretrained)):
+    if cfg.finetune.pretrained and not Path(cfg.finetune.pretrained).exists():
         raise CheckpointError(f"finetune.pretrained: '{cfg.finetune.pretrained}' does not exist")
     return fit(cfg, FinetuneTask(cfg))
 
 
 def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None = None,
                         overrides: list[str] = ()) -> dict:
-    """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden."""
-    state = read_checkpoint(Path(path), "checkpoint")
-    weights = state.get("model", state)
-    if any(k.removeprefix("module.").startswith(("encoder.", "decoder.")) for k in weights):
+    """`simmim evaluate CKPT`: the checkpoint's own config (data.img_size, model) unless overridden;
+    for another framework's fine-tuned checkpoint, the image and window size its record gives
+    (`CheckpointContents.settings`), model.arch from the command line. The data's classes are
+    mapped by name to the checkpoint's (`class_map`); DatasetError for a class it does not know."""
+    ckpt = read_checkpoint(path, hint=INSTEAD["checkpoint"])
+    if ckpt.kind is Kind.PRETRAINING:
         raise CheckpointError(f"'{path}' is not a fine-tuned checkpoint: fine-tune it first "
                               f"(simmim finetune --config ... finetune.pretrained={path})")
-    # this project's checkpoints carry their config; the released code's fine-tuned weights take
-    # model.arch / data.img_size / model.window_size from the command line
-    config = state.get("config")  # the released code's yacs config (upper-case keys) is not ours
-    ours = isinstance(config, dict) and isinstance(config.get("model"), dict)
-    cfg = config_from_dict(config, overrides, FinetuneConfig) if ours else load_config(None, overrides, FinetuneConfig)
+    if is_ours(ckpt.config):
+        cfg = config_from_dict(ckpt.config, overrides, FinetuneConfig)
+    else:
+        recorded = {"data.img_size": ckpt.settings.get("img_size"),
+                    "model.window_size": ckpt.settings.get("window_size")}
+        cfg = load_config(None, [f"{k}={v}" for k, v in recorded.items() if v] + list(overrides), FinetuneConfig)
     val = data or cfg.finetune.val_path
     if not val:
         raise ConfigError("no validation data: pass --data or set finetune.val_path")
-    heads = [v for k, v in weights.items() if k.endswith(("head.fc.weight", "head.weight"))]
+    weights = ckpt.encoder()
+    heads = [v for k, v in weights.items() if k in ("head.fc.weight", "head.weight")]
     if not heads:  # (a bare StopIteration once)
         raise CheckpointError(f"'{path}' has no classification head (head.weight): not a fine-tuned checkpoint")
     net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0)
@@ -550,8 +552,16 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     if report["missing"]:
         raise CheckpointError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
                               f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")
+    if ckpt.classes is None:
+        log.warning("'%s' records no class names: label i is the i-th class of %s (sorted), as in training only "
+                    "if both have the same classes", path, val)
     dist = init_distributed(cfg.train.device)  # the checkpoint is checked whole before any data is read
-    loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
-    result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device))
-    cleanup()
+    try:
+        loader = eval_loader(cfg, val, backend or cfg.data.backend, dist)
+        to_head = class_map(loader.classes, ckpt.classes, heads[0].shape[0], f"--data '{val}'" if data else
+                            f"finetune.val_path '{val}'")
+        result = evaluate(net.to(dist.device), loader, dist.device, amp_dtype_for(cfg.train.precision, dist.device),
+                          to_head)
+    finally:
+        cleanup()
     return {**result, "checkpoint": str(path), "data": val}

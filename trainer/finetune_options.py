@@ -29,6 +29,10 @@ def _is_rand_augment(spec: str) -> bool:
 class FinetuneOptions:
     """`finetune.*`: what fine-tuning starts from, evaluates on, and its regularisation."""
     pretrained: str = ""  # a SimMIM checkpoint; empty: train from scratch
+    # what finetune.pretrained was pre-trained at, where its own record does not say (SwinV2's position
+    # bias needs both; 0: as the checkpoint records)
+    pretrained_img_size: int = 0
+    pretrained_window_size: int = 0
     val_path: str = ""  # validation folder / list / .beton; empty: no evaluation
     num_classes: int = 0  # 0: the number of class folders
     layer_decay: float = 0.9  # Swin-B 100 ep 0.9; ViT-B 0.65
@@ -44,7 +48,7 @@ class FinetuneOptions:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        return {"num_classes": NON_NEGATIVE, "layer_decay": UP_TO_ONE,
+        return {"num_classes": NON_NEGATIVE, "pretrained_img_size": NON_NEGATIVE, "pretrained_window_size": NON_NEGATIVE, "layer_decay": UP_TO_ONE,
                 "rand_augment": (lambda v: not v or _is_rand_augment(v), "empty or like rand-m9-mstd0.5-inc1"),
                 "crop_scale": UP_TO_ONE, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "mixup_switch_prob": UNIT,
                 "label_smoothing": HALF_OPEN_UNIT, "reprob": UNIT, "eval_crop_ratio": UP_TO_ONE,

@@ -47,7 +47,7 @@ from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.io import atomic_write, check_folder_writable
 from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer
+from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer, newest_readable_checkpoint
 from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
@@ -55,7 +55,7 @@ from .engine import BatchTransform, EpochResult, PeerDataFailure, StepState, tra
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
-from .runfolder import RunLock, check_resume_config, job_id, newest_readable_checkpoint, set_aside
+from .runfolder import RunLock, check_resume_config, job_id, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
 
@@ -101,6 +101,10 @@ class Task(Protocol):
 
     def prepare(self, model: nn.Module, loader, dist: DistInfo) -> None:
         """Work that needs the built loader, before the first step (e.g. a fixed figure batch)."""
+
+    def checkpoint_extra(self) -> dict:
+        """Saved in every checkpoint beside the train state (fine-tuning: the class names, in head
+        order); plain data only."""
 
     def after_epoch(self, model: nn.Module, epoch: int, last: bool, out_dir: Path, dist: DistInfo,
                     amp_dtype: torch.dtype | None) -> dict:
@@ -349,7 +353,8 @@ class Run:
         s = self.state
         s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(self.step_state.skipped.item())
         s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
-        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict()}
+        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict(),
+                 **self.task.checkpoint_extra()}
         path = self.checkpointer.save(s.global_step, self.model, self.optimizer, train, any_rank=any_rank)
         if path is not None and (self.dist.is_main or any_rank):
             log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
@@ -481,9 +486,9 @@ def read_run_folder(cfg: Config) -> tuple[Path | None, dict | None, list, list[s
     """Reads only: the newest readable checkpoint of run.out_dir (path, contents; None if there is
     none), the unreadable newer ones, and the changed keys a resume allows (ConfigError for one it
     does not allow)."""
-    path, ckpt, bad = newest_readable_checkpoint(Path(cfg.run.out_dir))
-    changed = check_resume_config(ckpt.get("config"), cfg.to_dict(), path) if ckpt is not None else []
-    return path, ckpt, bad, changed
+    ckpt, bad = newest_readable_checkpoint(Path(cfg.run.out_dir))
+    changed = check_resume_config(ckpt.config, cfg.to_dict(), ckpt.path) if ckpt is not None else []
+    return ckpt.path if ckpt is not None else None, ckpt, bad, changed
 
 
 def write_run_folder(cfg: Config, dist: DistInfo, lock: RunLock | None, held: HeldRecords | None,
@@ -541,7 +546,7 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
         amp_dtype = amp_dtype_for(t.precision, dist.device)
         resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
         model, loader = build_model(cfg, task, dist)
-        old = TrainState.from_checkpoint(ckpt) if ckpt is not None else None
+        old = TrainState.from_checkpoint(ckpt.train) if ckpt is not None else None
         accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)
         global_batch = d.batch_size * dist.world_size * accum
         steps_per_epoch = len(loader) // accum
@@ -565,8 +570,8 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
                        num_samples=loader.num_samples, data_fingerprint=loader.fingerprint())
     epoch, start_step, carried = 0, 0, (0.0, 0)
     if ckpt is not None:
-        checkpointer.load(resumed, model, optimizer, ckpt)  # in place; FSDP2: each rank its shards
-        scaler.load_state_dict(ckpt.get("scaler") or {})
+        checkpointer.load(ckpt, model, optimizer)  # in place; FSDP2: each rank its shards
+        scaler.load_state_dict(ckpt.train.get("scaler") or {})
         step_state.skipped += old.skipped_steps
         epoch, start_step, carried, state.step_offset = resume_point(old, state, resumed)
     resume_step = state.step_offset + epoch * steps_per_epoch + start_step if ckpt else None

@@ -88,6 +88,9 @@ class PretrainTask:
     def describe_data(self) -> str:
         return str(self.masks)
 
+    def checkpoint_extra(self) -> dict:
+        return {}
+
     def inputs(self) -> dict[str, tuple[str, str]]:
         d = self.cfg.data
         make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"

@@ -7,8 +7,9 @@ and a resumed run is the same run.
   while for the old rank 0 to exit; any other job is refused at once. It is taken before the inputs
   are opened and is provisional until the run commits to the folder: a refused input removes it
   (and the folder, if the lock made it), so nothing is left behind.
-- `newest_readable_checkpoint`: the newest checkpoint that loads; `set_aside` keeps unreadable
-  newer ones (truncated, foreign), renamed to `*.corrupt`, with a warning naming them.
+- `set_aside`: the unreadable checkpoints newer than the one resumed (checkpoint.py's
+  `newest_readable_checkpoint` finds them: truncated, foreign) are renamed to `*.corrupt`, with a
+  warning naming them.
 - `check_resume_config`: the checkpoint's config against the new one, before anything is written:
   only keys that leave the run the same run (`RESUMABLE`) may change.
 """
@@ -24,7 +25,6 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError, all_checkpoints, peek_checkpoint
 from .config import ConfigError, flatten, migrate
 
 log = logging.getLogger("simmim")
@@ -131,27 +131,6 @@ def _names(path: Path, fd: int) -> bool:
 def job_id() -> str | None:
     """The same for every worker group of one torchrun job (across restarts), else None."""
     return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-
-
-def newest_readable_checkpoint(out_dir: str | Path) -> tuple[Path | None, dict | None, list]:
-    """(path, contents) of the newest checkpoint in `out_dir` that loads, or (None, None) if there
-    is none, and [(path, CheckpointError)] of the newer ones that do not. Checkpoints are .pt files
-    (contents: the whole file) and DCP folders (contents: all but the tensors, which the
-    checkpointer loads sharded; a folder is readable if its .metadata lists model and optimizer
-    state and its train state reads; an unfinished `.checkpoint-*.tmp` folder is never one).
-    Raises CheckpointError if checkpoints exist and none loads. Reads only; see `set_aside`."""
-    bad: list[tuple[Path, CheckpointError]] = []
-    for _, path in reversed(all_checkpoints(Path(out_dir))):
-        try:
-            ckpt = peek_checkpoint(path)
-        except CheckpointError as e:  # a file renamed by rank 0 under another rank reads as missing
-            bad.append((path, e))
-            continue
-        return path, ckpt, bad
-    if bad:
-        raise CheckpointError(f"no checkpoint in '{out_dir}' can be read ({len(bad)} tried; newest: {bad[0][1]}): "
-                              f"move them away to start afresh, or set another run.out_dir")
-    return None, None, bad
 
 
 def set_aside(bad: list, resumed: Path) -> None:
