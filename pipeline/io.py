@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,8 @@ from .errors import UserError
 # errno values of a write the user's world refused (permissions, a read-only or immutable folder, a
 # full disk or quota): never a bug of ours, so one line naming the path, not a traceback
 WRITE_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+# the names atomic_write and check_folder_writable give their temporary files (`temporaries`)
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$|^\.write-probe-[0-9a-f]{8}$")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -77,3 +80,11 @@ def check_folder_writable(folder: str | os.PathLike, name: str, error: type[User
         raise error(f"{name} '{folder}' cannot be written{at}: {e.strerror}; choose a writable folder, or fix its "
                     f"permissions / free space") from None
     return folder
+
+
+def temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files `atomic_write` and `check_folder_writable` left in `folder` or below it
+    (a process killed between writing and renaming: SIGKILL, out of memory, a node lost). Only the
+    folder's owner may delete them (a run folder's lock holder): another process's write may be
+    under way."""
+    return sorted(p for p in Path(folder).rglob(".*") if TEMPORARY.match(p.name) and p.is_file())

@@ -339,3 +339,80 @@ def test_resume_onto_a_changed_list_of_the_same_size_warns(tmp_path):
     assert len(said) == 1 and "the sample list differs (fingerprint aaaa -> bbbb)" in said[0]
     same = loop.TrainState(steps_per_epoch=7, num_samples=56, data_fingerprint="aaaa")
     assert loop.resume_point(old, same, Path("c")) == (1, 3, (0.0, 0), 0)
+    # the same data at half the batch (data.batch_size is resumable): step 3 of 7 -> 6 of 14, and
+    # the global step goes on from 7 + 3 = 10
+    half = loop.TrainState(steps_per_epoch=14, num_samples=56, data_fingerprint="aaaa")
+    epoch, step, _, offset = loop.resume_point(old, half, Path("c"))
+    assert (epoch, step) == (1, 6) and offset + epoch * 14 + step == 10
+
+
+# ---------------------------------------------------------------- nothing left behind (issue 28 item 5)
+
+def test_leftovers_of_a_killed_run_are_removed_at_the_next_start(tmp_path):
+    """Each kind of half-written output a SIGKILL can leave: atomic_write's temporary files (a
+    checkpoint's, a figure's, in a subfolder too), a write probe, a DCP save's .tmp folder and a
+    replaced one's .old; the run's own files (and a foreign dotfile) stay."""
+    from simmim.trainer.runfolder import remove_leftovers
+
+    out = tmp_path / "run"
+    left = [out / ".checkpoint-00000004.pt.0a1b2c3d.tmp", out / ".curves.png.deadbeef.tmp",
+            out / "tensorboard" / ".x.json.01234567.tmp", out / ".write-probe-89abcdef"]
+    kept = [out / "checkpoint-00000003.pt", out / "metrics.jsonl", out / ".lock", out / ".hidden.tmp",
+            out / "tensorboard" / "events.out.tfevents.1"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    for name in (".checkpoint-00000008.tmp", ".checkpoint-00000006.old", "checkpoint-00000006"):
+        (out / name).mkdir()
+        (out / name / "__0_0.distcp").write_bytes(b"x")
+    removed = remove_leftovers(out)
+    assert sorted(p.name for p in removed) == sorted([p.name for p in left] + [".checkpoint-00000008.tmp",
+                                                                             ".checkpoint-00000006.old"])
+    assert all(p.exists() for p in kept) and (out / "checkpoint-00000006").is_dir()
+    assert not any(p.exists() for p in left)
+
+
+KILLER = """
+import os, signal, sys
+n, seen, replace = int(os.environ["KILL_AT_RENAME"]), [0], os.replace
+def replace_or_die(src, dst, *a, **kw):  # SIGKILL once the n-th temporary file is written, before its rename
+    if str(src).endswith(".tmp"):
+        seen[0] += 1
+        if seen[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *a, **kw)
+os.replace = replace_or_die
+from simmim.trainer.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_runs_killed_at_many_points_of_their_writes_leave_nothing_behind(sample_root, tmp_path):
+    """SIGKILL at the 1st, 3rd, 6th, 10th and 15th temporary file a run writes (config.yaml, the
+    metrics rewrite, checkpoints every step, figures, curves), each time resuming in the same
+    folder; then a run to the end. Each start removes what the killed one left; at the end no
+    temporary file is left, every checkpoint reads and metrics.jsonl holds each step once."""
+    import sys
+
+    from simmim.pipeline.io import temporaries
+    from simmim.trainer.checkpoint import read_checkpoint
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "demo", f"data.path={sample_root / 'train'}", f"run.out_dir={out}", *TINY,
+            "train.epochs=2", "run.vis_every=1", "run.save_every_minutes=1e-9", "run.keep_last=2"]
+    removed = 0
+    for n in (1, 3, 6, 10, 15, 0):
+        env = {**os.environ, "KILL_AT_RENAME": str(n), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == (-9 if n else 0), proc.stdout[-2000:] + proc.stderr[-2000:]
+        removed += "a stopped run left half-written" in proc.stdout
+        if n:
+            assert temporaries(out), "the kill came before a rename: a temporary file is left"
+    assert removed == 5 and not temporaries(out) and not list(out.glob(".checkpoint-*"))
+    for _, path in checkpoints(out):
+        read_checkpoint(path)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 13, steps

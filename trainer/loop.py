@@ -55,7 +55,7 @@ from .engine import BatchTransform, EpochResult, PeerDataFailure, StepState, tra
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
 from .parallel import PARALLEL, is_fsdp, wrap_for_training
-from .runfolder import RunLock, check_resume_config, job_id, set_aside
+from .runfolder import RunLock, check_resume_config, job_id, remove_leftovers, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
 
@@ -493,14 +493,15 @@ def read_run_folder(cfg: Config) -> tuple[Path | None, dict | None, list, list[s
 
 def write_run_folder(cfg: Config, dist: DistInfo, lock: RunLock | None, held: HeldRecords | None,
                      resumed: Path | None, bad: list, changed: list[str]) -> None:
-    """Once every input is open: the folder becomes the run's (the lock commits), then its
-    config.yaml and log.txt (with what was logged while the inputs were opened); unreadable
+    """Once every input is open: the folder becomes the run's (the lock commits), what a killed run
+    left half-written is removed, then its config.yaml and log.txt (with what was logged while the inputs were opened); unreadable
     checkpoints are set aside."""
     out_dir = Path(cfg.run.out_dir)
     if dist.is_main:
         if lock is not None:
             lock.commit()
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)  # what a killed run left half-written: this job owns the folder now
         save_config(cfg, out_dir / "config.yaml")
     setup_logging(out_dir if dist.is_main else None, dist.is_main, held)
     if dist.is_main and bad:
