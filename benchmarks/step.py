@@ -7,7 +7,7 @@ peak).
                       [--loader torch|dali] [--synthetic N] [--no-fused-shuffle] [--tag NAME]
 
 On CUDA the paper's models (Swin-B 192, ViT-B 224) at batch 128; on CPU their small variants. Each
-configuration runs the trainer's own step (engine.train_one_epoch) after a warm-up, so the numbers
+configuration runs the trainer's own step (engine.Trainer.train_epoch) after a warm-up, so the numbers
 are the trainer's. Writes step-<tag>.md, .json and .png under a results folder naming the device
 (<tag>: precision, compiled, kernels, data, shuffle, then --tag); the .md and .json are rewritten
 after every model, so a run stopped at a time limit keeps the models it finished.
@@ -24,7 +24,7 @@ import torch
 
 from simmim.kernels import dispatch
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
-from simmim.trainer.engine import StepState, train_one_epoch
+from simmim.trainer.engine import StepOptions, Trainer
 from simmim.trainer.model import ARCHS, build_simmim, param_groups
 from simmim.trainer.precision import autocast
 
@@ -115,11 +115,9 @@ def measure(name: str, batch: int, steps: int, warmup: int, precision: str, comp
     it = TimedIter(source)
 
     def run(n: int) -> None:
-        train_one_epoch(train_model, it, optimizer, lambda s: 1e-4, epoch=0, steps_per_epoch=n, start_step=0,
-                        accum_steps=1, clip_grad=5.0, amp_dtype=amp_dtype,
-                        scaler=torch.amp.GradScaler(device.type, enabled=False), state=StepState(device),
-                        world_size=1, log_every=n, log=lambda r: None, seed=0, rank=0,
-                        stop_requested=lambda: False, max_skipped_streak=n + 1)
+        options = StepOptions(clip_grad=5.0, amp_dtype=amp_dtype, log_every=n, max_skipped_streak=n + 1)
+        Trainer(model, optimizer, lambda s: 1e-4, options, steps_per_epoch=n, train_model=train_model,
+                device=device).train_epoch(it, epoch=0)
 
     run(warmup)
     if device.type == "cuda":

@@ -103,10 +103,14 @@ def eval_geometry(width: int, height: int, size: int, crop_ratio: float) -> tupl
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 3, H, W) uint8 on the device -> normalised `dtype`; one fused multiply-add."""
+              dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) uint8 on the device -> normalised `dtype`; one fused multiply-add. `out`: a
+    float32 tensor of the images' shape to write into (the uint8 values are converted inside the
+    multiply-add: the same floats, one pass and no temporary); returned."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, 3, 1, 1)
+    if out is not None:
+        return torch.addcmul(shift, images, scale, out=out)
     return torch.addcmul(shift, images.float(), scale).to(dtype)
 
 

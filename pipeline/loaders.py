@@ -33,15 +33,11 @@ def available(backend: str) -> bool:
         return False
 
 
-def validate_data_args(backend: str, path: str, max_pixels: int, key: str = "data.path") -> None:
-    """The data options checked at config time, before anything is built or written: DatasetError
-    (one line naming the key) for an unknown backend, an empty path, a .beton given to a backend that
-    does not read one (or the reverse), or an unusable pixel limit. `key` names the option that holds
-    `path` (data.path, data.val_path, finetune.val_path); the others are data.backend / data.max_pixels."""
-    from .decode import check_max_pixels
-
-    if backend not in BACKENDS:
-        raise DatasetError(f"unknown data.backend '{backend}' (one of: {', '.join(BACKENDS)})")
+def validate_data_args(backend: str, path: str, key: str = "data.path") -> None:
+    """The data paths checked before anything is built or written: DatasetError (one line naming
+    the key) for an empty path or a .beton given to a backend that does not read one (or the
+    reverse). `key` names the option that holds `path` (data.path, data.val_path, finetune.val_path).
+    data.backend and data.max_pixels are checked at load (their rules in options.DataConfig)."""
     if not str(path):
         raise DatasetError(f"{key} is empty: set it to the training images (a class folder, a `path label` list "
                            f"or, for data.backend=ffcv, a .beton)")
@@ -50,11 +46,6 @@ def validate_data_args(backend: str, path: str, max_pixels: int, key: str = "dat
                            f"(write one with `simmim convert {path} OUT.beton`)")
     if backend != "ffcv" and str(path).endswith(".beton"):
         raise DatasetError(f"{key} '{path}' is an FFCV .beton: use data.backend=ffcv")
-    if backend != "ffcv":
-        try:
-            check_max_pixels(max_pixels, "data.max_pixels")
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
 
 
 def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str, rank: int = 0,
@@ -66,7 +57,7 @@ def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.de
         raise ConfigError(f"unknown data.backend '{spec.backend}' (one of: {', '.join(BACKENDS)})")
     if not available(spec.backend):
         raise DatasetError(f"data.backend {spec.backend} is not installed: {INSTALL[spec.backend][1]}")
-    validate_data_args(spec.backend, spec.path, spec.max_pixels)
+    validate_data_args(spec.backend, spec.path)
     if spec.backend == "ffcv":
         from .ffcv_loader import FFCVLoader as backend
     elif spec.backend == "dali":

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
-from .seeding import derive_seed, torch_generator
+from .seeding import derive_seeds, torch_generator
 
 
 class ShardedSampler(torch.utils.data.Sampler):
@@ -53,10 +53,13 @@ class ShardedSampler(torch.utils.data.Sampler):
         return order[self.rank + self.start * self.world:per_rank * self.world:self.world].copy()
 
     def __iter__(self):
+        """(index, `derive_seed("sample", seed, epoch, index)`) per sample, the seeds derived a block
+        at a time (`derive_seeds`: ~0.1 us a sample in the main process instead of ~14)."""
         order = self.indices()
         for block in range(0, len(order), 4096):  # Python ints a block at a time, not the whole epoch
-            for i in order[block:block + 4096].tolist():
-                yield i, derive_seed("sample", self.seed, self.epoch, i)
+            indices = order[block:block + 4096]
+            seeds = derive_seeds("sample", self.seed, self.epoch, last=indices)
+            yield from zip(indices.tolist(), seeds.tolist())
 
 
 def shard_size(size: int, rank: int, world: int, drop_last: bool = True) -> int:

@@ -144,6 +144,15 @@ def test_every_numeric_option_has_a_range(schema):
 def test_parallel_is_checked_at_load():
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config("demo", ["train.parallel=zero3"])
+    # relations between keys: one line at load, not a ValueError from inside the loop
+    with pytest.raises(ConfigError, match="^train.cpu_offload needs train.parallel=fsdp$"):
+        load_config("demo", ["train.cpu_offload=true"])
+    with pytest.raises(ConfigError, match="^train.parallel=fsdp trains in bf16 or fp32"):
+        load_config("demo", ["train.parallel=fsdp", "train.precision=fp16"])
+    for key, value in (("train.device", "tpu"), ("train.precision", "fp8"), ("optim.scheduler", "linear")):
+        with pytest.raises(ConfigError, match=f"^config key '{key}' must be one of"):
+            load_config("demo", [f"{key}={value}"])
+    assert load_config("demo", ["train.parallel=fsdp", "train.cpu_offload=true"]).train.cpu_offload
     assert load_config("demo", ["train.parallel=fsdp"]).train.parallel == "fsdp"
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.folder import center_crop
 from simmim.trainer.checkpoint import CheckpointError
-from simmim.trainer.engine import StepState, train_one_epoch
+from simmim.trainer.engine import StepOptions, Trainer
 from simmim.trainer.finetune import (Classifier, MixupErasing, build_classifier, layer_decay_groups, layer_id,
                                      load_pretrained, num_layers, resize_rel_pos_bias)
 from simmim.trainer.finetune_options import FinetuneConfig
@@ -133,11 +133,9 @@ def test_layer_decay_applied_once_per_group(arch, img, window):
     model = Classifier(net)
     opt = torch.optim.AdamW(groups, lr=1.0, fused=True)  # as the trainer builds it
     batches = [(torch.randn(2, 3, img, img), torch.tensor([0, 1])) for _ in range(3)]
+    trainer = Trainer(model, opt, lambda step: 1e-3, StepOptions(), steps_per_epoch=3)
     for epoch in range(2):  # the engine sets the lr from the schedule every step: no compounding
-        train_one_epoch(model, iter(batches), opt, lambda step: 1e-3, epoch=epoch, steps_per_epoch=3, start_step=0,
-                        accum_steps=1, clip_grad=0, amp_dtype=None, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                        state=StepState(torch.device("cpu")), world_size=1, log_every=10, log=lambda r: None, seed=0,
-                        rank=0, stop_requested=lambda: False, max_skipped_streak=100)
+        trainer.train_epoch(iter(batches), epoch)
     lr = {g["layer"]: g["lr"] for g in opt.param_groups}
     assert lr[layers[-1]] == pytest.approx(1e-3)  # the head at the full rate
     for a in layers[:-1]:
@@ -170,7 +168,7 @@ def test_batch_transform_then_loss():
 
 
 def test_batch_transform_is_applied_by_the_engine_seeded_per_step():
-    """train_one_epoch applies the task's transform to every micro-batch before the forward, and its
+    """Trainer.train_epoch applies the task's transform to every micro-batch before the forward, and its
     draws are functions of (seed, epoch, step, micro, rank): equal seeds give equal mixed batches."""
     seen = []
 
@@ -190,11 +188,8 @@ def test_batch_transform_is_applied_by_the_engine_seeded_per_step():
         model = Recorder()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         fresh = [(x.clone(), y) for x, y in batches]  # timm changes a batch in place
-        train_one_epoch(model, iter(fresh), opt, lambda step: 0.1, epoch=0, steps_per_epoch=2, start_step=0,
-                        accum_steps=1, clip_grad=0, amp_dtype=None, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                        state=StepState(torch.device("cpu")), world_size=1, log_every=10, log=lambda r: None, seed=seed,
-                        rank=0, stop_requested=lambda: False, max_skipped_streak=100,
-                        batch_transform=MixupErasing(4, reprob=0.5))
+        Trainer(model, opt, lambda step: 0.1, StepOptions(seed=seed), steps_per_epoch=2,
+                batch_transform=MixupErasing(4, reprob=0.5)).train_epoch(iter(fresh), epoch=0)
         runs.append(list(seen))
     assert all(t.shape == (4, 4) and t.is_floating_point() for _, t in runs[0])  # soft targets reached the model
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(runs[0], runs[1]))

@@ -70,8 +70,9 @@ def _bad_inputs(root: Path, tmp: Path) -> dict:
         "checkpoint of another arch": ("finetune", [f"finetune.pretrained={tmp / 'mini.pt'}"], CheckpointError,
                                        r"is a swin_mini checkpoint; model.arch is swin_micro$"),
         "a YAML file as checkpoint": ("finetune", [f"finetune.pretrained={tmp / 'config.yaml'}"], CheckpointError,
-                                      r"is not a checkpoint \(not a zip or pickle file, as torch.save writes\): point "
-                                      r"finetune.pretrained at a checkpoint-\*.pt of the pre-training run$"),
+                                      r"is not a checkpoint \(not a zip or pickle file, as torch.save writes, nor "
+                                      r"safetensors\): point finetune.pretrained at another checkpoint of the "
+                                      r"pre-training run$"),
         "fewer images than one step": ("pretrain", ["train.accum_steps=1000"], UserError,
                                        r"batches per epoch do not fill one step of 1000 accumulation steps"),
     }

@@ -106,3 +106,40 @@ def test_rand_augment_reaches_the_torch_backend_through_the_spec(tmp_path):
     assert torch.equal(batch(0, train=False), batch(0, "rand-m9-mstd0.5-inc1", train=False))
     with pytest.raises(ValueError, match="rand-m9"):
         batch(0, "autoaug")
+
+
+def test_torch_workers_normalise_on_the_cpu_into_shared_memory(tmp_path):
+    """On the CPU the reference loader's workers normalise (the main process's intra-op threads
+    spun against them); the batches equal those loaded in the main process (workers=0, uint8
+    normalised by the base), and a worker's batch arrives in shared memory (nothing copied)."""
+    from simmim.pipeline.reference import WorkerCollate
+
+    root = tiny_folder(tmp_path / "d", n=8)
+    aug = Augmentation(size=16)
+    batches = {}
+    for workers in (0, 2):
+        loader = build_loader(LoaderSpec("torch", str(root), aug, batch_size=4, num_workers=workers),
+                              MaskGenerator(16, 8, 0.5), "cpu", seed=5)
+        loader.set_epoch(1)
+        batches[workers] = list(loader)
+        assert loader.loader.collate_fn.normalize == (workers > 0)
+    for (a, ma), (b, mb) in zip(batches[0], batches[2]):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(ma, mb)
+    samples = [(torch.full((3, 4, 4), 10 * i, dtype=torch.uint8), i) for i in range(3)]
+    dl = torch.utils.data.DataLoader(samples, batch_size=3, num_workers=1,
+                                     collate_fn=WorkerCollate(aug, torch.float32, True))
+    images, labels = next(iter(dl))
+    assert images.is_shared() and labels.tolist() == [0, 1, 2]
+    assert torch.equal(images, normalize(torch.stack([s[0] for s in samples]), aug.mean, aug.std))
+
+
+def test_sampler_seeds_are_derive_seed_per_sample():
+    """The sampler derives a block of seeds at once; each is still derive_seed of its sample."""
+    from simmim.pipeline import ShardedSampler
+    from simmim.pipeline.seeding import derive_seed
+
+    sampler = ShardedSampler(5000, rank=1, world=2, seed=7)
+    sampler.set_epoch(3, start=10)
+    pairs = list(sampler)
+    assert len(pairs) == 2490 and [i for i, _ in pairs] == sampler.indices().tolist()
+    assert all(s == derive_seed("sample", 7, 3, i) for i, s in pairs[::97] + pairs[-3:])

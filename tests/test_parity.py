@@ -14,6 +14,7 @@ from scipy import stats
 from scipy.interpolate import make_interp_spline
 
 from simmim.pipeline import MaskGenerator
+from simmim.pipeline.errors import ConfigError
 from simmim.trainer.checkpoint import CheckpointError
 from simmim.trainer.config import load_config
 from simmim.trainer.finetune import (build_classifier, evaluate_checkpoint, layer_decay_groups, load_pretrained,
@@ -140,8 +141,8 @@ def test_cosine_released_matches_timm_and_the_issue_figures():
     assert s(total - 1) == pytest.approx(4.0e-5, abs=5e-8)
     other = LRSchedule(s.lr, s.warmup_lr, s.min_lr, warmup, total, anchor="warmup_end")
     assert other(6250) == pytest.approx(8.0e-4) and other(31250) == pytest.approx(4.86e-4, abs=5e-7)
-    with pytest.raises(ValueError, match="cosine_anchor"):
-        LRSchedule(1.0, 0.0, 0.0, 1, 10, anchor="peak")
+    with pytest.raises(ConfigError, match="optim.cosine_anchor"):  # checked at load, once
+        load_config(None, ["optim.cosine_anchor=peak"])
 
 
 # ---------------------------------------------------------------- 3. weight decay groups

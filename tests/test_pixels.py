@@ -72,6 +72,22 @@ def test_reference_loader_is_torchvision_resized_crop(sample_root):
             np.testing.assert_array_equal(got, want, err_msg=f"{files[i]} box {box}")
 
 
+@pytest.mark.skipif(not available("ffcv"), reason="numba (the ffcv extra) not installed")
+def test_reference_training_view_compiled_equals_pillow(sample_root, monkeypatch):
+    """The reference loader's compiled resize + flip (numba installed) gives Pillow's crop, resize
+    and FLIP_LEFT_RIGHT bit for bit; with it switched off, Pillow runs them."""
+    from simmim.pipeline import folder
+
+    ds = ImageFolder(sample_root / "train", Augmentation(size=SIZE, hflip=0.5))
+    picks = range(0, len(ds), max(1, len(ds) // 10))
+    assert folder.compiled_resize() is not None
+    compiled = [ds[(i, 77 + i)][0] for i in picks]
+    monkeypatch.setattr(folder, "_COMPILED", False)
+    assert folder.compiled_resize() is None
+    for i, got in zip(picks, compiled):
+        np.testing.assert_array_equal(got.numpy(), ds[(i, 77 + i)][0].numpy())
+
+
 def dali_crops(files, boxes, antialias=None):
     """DALI CPU: decode only the box (as the loader's image_slice does), then the loader's resize;
     `antialias` given: a plain fn.resize with that setting instead, for the before/after figure."""
@@ -159,10 +175,12 @@ def test_numba_resize_is_pillow_bilinear(shape):
 
 
 @pytest.mark.skipif(not available("ffcv"), reason="FFCV (numba) not installed")
-@pytest.mark.parametrize("shape", [(230, 300, 192, 192), (300, 192, 192, 192), (192, 257, 192, 192)])
+@pytest.mark.parametrize("shape", [(230, 300, 192, 192), (300, 192, 192, 192), (192, 257, 192, 192),
+                                   (258, 203, 192, 192), (400, 150, 64, 160), (301, 290, 64, 250)])
 def test_numba_resize_of_a_crop_view_is_pillow_bilinear(shape):
     """The decoder's call: a strided crop out of a larger decoded image (the horizontal pass reads
-    it transposed), one side possibly unchanged (that pass skipped)."""
+    it transposed), one side possibly unchanged (that pass skipped); the last three shapes take
+    Pillow 13's vertical pass first (`resample._vertical_first`)."""
     from simmim.pipeline.resample import resize_bilinear
 
     h, w, oh, ow = shape

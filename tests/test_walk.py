@@ -189,7 +189,7 @@ def test_beton_given_to_the_wrong_backend(tmp_path):
 
 def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
     from simmim.trainer.config import load_config
-    from simmim.trainer.loop import check_inputs
+    from simmim.trainer.loop import fit
     from simmim.trainer.pretrain import PretrainTask
 
     from simmim.pipeline.errors import ConfigError
@@ -198,9 +198,9 @@ def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
         load_config(None, overrides)  # at load, with every other value
     cfg = load_config(None, overrides[:1] + overrides[2:])
-    cfg.data.max_pixels = 0  # a config built in code still stops before the run folder
-    with pytest.raises(DatasetError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
-        check_inputs(cfg, PretrainTask(cfg))
+    cfg.data.max_pixels = 0  # a config built in code still stops before the run folder (fit checks it first)
+    with pytest.raises(ConfigError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):
+        fit(cfg, PretrainTask(cfg))
     assert not (tmp_path / "run").exists()
 
 

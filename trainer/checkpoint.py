@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from simmim.pipeline.errors import CheckpointError
 from simmim.pipeline.io import atomic_write
 
-from .layouts import (Kind, encoder_prefix, from_mmpretrain, is_state_dict, kind_of, layout_name, recorded_settings,
-                      tensor_settings, unwrap)
+from .layouts import (Kind, encoder_prefix, from_mmpretrain, is_ours, is_state_dict, kind_of, layout_name,
+                      recorded_settings, tensor_settings, unwrap)
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
@@ -488,7 +488,9 @@ def _load_with_opaque_objects(path: Path, label: str):
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         stand_ins = [(type(name.rsplit(".", 1)[-1], (Opaque,), {}), name) for name in names]
         with torch.serialization.safe_globals(RELEASED_CONFIG_GLOBALS + stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("%s: objects of %s read as empty placeholders (not unpickled)", label, ", ".join(names[:4]))
+        return raw
     except pickle.UnpicklingError as e:  # a legacy (non-zip) file, or an object weights_only cannot build at all
         raise CheckpointError(f"{label} holds Python objects besides tensors that weights_only loading cannot read "
                               f"({_first_line(e)}): save its state dict alone (torch.save(model.state_dict(), f)) "
@@ -515,14 +517,17 @@ def _contents(path: Path, fmt: str, raw, extra: dict | None = None) -> Checkpoin
         kind = Kind.FINETUNING if isinstance(config, dict) and "finetune" in config else Kind.PRETRAINING
         return CheckpointContents(path, fmt, "simmim", kind, {}, "", "timm", config, train.get("classes"),
                                   recorded_settings(None, config), None, train)
-    weights, where, notes = unwrap(raw)
     top = raw if isinstance(raw, dict) and not is_state_dict(raw) else {}
     try:
+        weights, where, notes = unwrap(raw)
         prefix, naming = encoder_prefix(weights)
     except CheckpointError:
-        if "train_state" not in top:
+        if "train_state" not in top and not is_ours(top.get("config")):
             raise
-        prefix, naming = "", "timm"  # a run's own checkpoint resumes whatever its model is
+        # this project's own checkpoint reads whatever its model is (a resume needs no known encoder);
+        # the command that uses it judges the weights (e.g. finetune: the config's model.arch first)
+        weights, where, notes = top.get("model") if isinstance(top.get("model"), dict) else {}, "model", []
+        prefix, naming = "", "timm"
     config = top.get("config") if isinstance(top.get("config"), dict) else None
     train = {k: v for k, v in top.items() if k not in ("model", "optimizer", where)}
     layout = layout_name(prefix, naming, top, config)

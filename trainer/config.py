@@ -82,11 +82,11 @@ class OptimConfig:
     @staticmethod
     def rules() -> dict[str, Rule]:
         from .model import WEIGHT_DECAY_RULES
-        from .schedule import ANCHORS
+        from .schedule import ANCHORS, KINDS
 
         return {"base_lr": POSITIVE, "warmup_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
                 "betas": (lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"), "eps": POSITIVE,
-                "clip_grad": NON_NEGATIVE, "scheduler": one_of("cosine", "step"),
+                "clip_grad": NON_NEGATIVE, "scheduler": one_of(*KINDS),
                 "milestones": (lambda v: all(m > 0 for m in v) and list(v) == sorted(set(v)), "increasing epochs > 0"),
                 "gamma": POSITIVE, "cosine_anchor": one_of(*ANCHORS), "weight_decay_rule": one_of(*WEIGHT_DECAY_RULES)}
 
@@ -108,10 +108,12 @@ class TrainConfig:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
+        from .distributed import DEVICES
         from .parallel import PARALLEL
+        from .precision import PRECISIONS
 
         return {"epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "accum_steps": POSITIVE, "seed": NON_NEGATIVE,
-                "device": one_of("auto", "cpu", "cuda"), "precision": one_of("auto", "bf16", "fp16", "fp32"),
+                "device": one_of(*DEVICES), "precision": one_of("auto", *PRECISIONS),
                 "max_skipped_steps": POSITIVE, "parallel": one_of(*PARALLEL)}
 
 

@@ -56,9 +56,11 @@ def peer_lost(e: BaseException) -> str | None:
     return peer_gone(str(e))
 
 
+DEVICES = ("auto", "cpu", "cuda")  # train.device
+
+
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device must be auto, cpu or cuda, got '{preference}'")
+    """The device of `train.device` (auto: CUDA when visible); ConfigError for cuda without one."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu")
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):

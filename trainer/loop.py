@@ -45,16 +45,17 @@ from torch import nn
 
 from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.io import atomic_write, check_folder_writable
+from simmim.pipeline.loader import Loader
 from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import CheckpointError, all_checkpoints, make_checkpointer, newest_readable_checkpoint
+from .checkpoint import Checkpointer, CheckpointError, all_checkpoints, make_checkpointer, newest_readable_checkpoint
 from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
-from .engine import BatchTransform, EpochResult, PeerDataFailure, StepState, train_one_epoch
+from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
-from .parallel import PARALLEL, is_fsdp, wrap_for_training
+from .parallel import is_fsdp, wrap_for_training
 from .runfolder import RunLock, check_resume_config, job_id, remove_leftovers, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
@@ -85,7 +86,7 @@ class Task(Protocol):
     # cutmix); None: batches go to the model as the loader yields them. Set by `build`.
     batch_transform: BatchTransform | None
 
-    def build(self, dist: DistInfo) -> tuple[nn.Module, object]:
+    def build(self, dist: DistInfo) -> tuple[nn.Module, Loader]:
         """The model (on dist.device; `model(*batch)` returns the loss) and the training loader
         (`set_epoch(epoch, start_batch)`, `len()`, `num_samples`)."""
 
@@ -316,25 +317,18 @@ def build_schedule(o, t, global_batch: int, steps_per_epoch: int) -> LRSchedule:
 
 @dataclass
 class Run:
-    """Everything one training run holds between its set-up and its end."""
+    """Everything one training run holds between its set-up and its end; the step's own state
+    (model, optimizer, scaler, schedule, skipped-step counters) is the trainer's."""
     cfg: Config
     task: Task
     dist: DistInfo
     out_dir: Path
-    amp_dtype: torch.dtype | None
-    model: nn.Module
-    train_model: nn.Module  # the model wrapped for training (DDP, torch.compile; FSDP2 shards `model` itself)
-    loader: object
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    schedule: LRSchedule
-    step_state: StepState
-    state: TrainState
-    accum: int
-    steps_per_epoch: int
+    trainer: Trainer
+    loader: Loader
+    state: TrainState  # written into each checkpoint
     metrics: Callable[[dict], None]
     monitor: RunMonitor
-    checkpointer: object  # checkpoint.TorchSaveCheckpointer (ddp) | checkpoint.DCPCheckpointer (fsdp)
+    checkpointer: Checkpointer  # torch.save files (ddp) | DCP folders (fsdp)
     carried: tuple[float, int] = (0.0, 0)  # the resumed epoch's loss sum and good steps before the resume
     last_save: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -350,12 +344,12 @@ class Run:
         FSDP2's ranks each write their shards of one DCP folder. `loss_sum` / `good_steps` cover
         the epoch's steps so far. CheckpointError if it cannot be written."""
         self.last_save = time.monotonic()
-        s = self.state
-        s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(self.step_state.skipped.item())
+        s, tr = self.state, self.trainer
+        s.epoch, s.step_in_epoch, s.skipped_steps = epoch, step_in_epoch, int(tr.skipped.item())
         s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
-        train = {"train_state": s.state_dict(), "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict(),
+        train = {"train_state": s.state_dict(), "scaler": tr.scaler.state_dict(), "config": self.cfg.to_dict(),
                  **self.task.checkpoint_extra()}
-        path = self.checkpointer.save(s.global_step, self.model, self.optimizer, train, any_rank=any_rank)
+        path = self.checkpointer.save(s.global_step, tr.model, tr.optimizer, train, any_rank=any_rank)
         if path is not None and (self.dist.is_main or any_rank):
             log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
                      else "saved", path)
@@ -380,21 +374,10 @@ class Run:
 
     def run_epoch(self, epoch: int, start_step: int, stop: StopFlag) -> EpochResult:
         """Steps start_step.. of `epoch`; `loss` of the result is the whole epoch's mean."""
-        t, o, r = self.cfg.train, self.cfg.optim, self.cfg.run
-        self.loader.set_accum_steps(self.accum)  # masks are drawn per optimizer step's global batch
-        self.loader.set_epoch(epoch, start_step * self.accum)
-
-        def save(steps_done: int, loss_sum: float, good_steps: int) -> None:
-            self.checkpoint(epoch, steps_done, self.carried[0] + loss_sum, self.carried[1] + good_steps)
-
-        res = train_one_epoch(
-            self.train_model, self.loader, self.optimizer, self.schedule, epoch=epoch,
-            steps_per_epoch=self.steps_per_epoch, start_step=start_step, accum_steps=self.accum,
-            clip_grad=o.clip_grad, amp_dtype=self.amp_dtype, scaler=self.scaler, state=self.step_state,
-            world_size=self.dist.world_size, log_every=r.log_every, log=self.log_step, seed=t.seed,
-            rank=self.dist.rank, stop_requested=stop, max_skipped_streak=t.max_skipped_steps,
-            stop_check_every=r.stop_check_every, progress=r.progress and self.dist.is_main and sys.stderr.isatty(),
-            checkpoint_due=self.checkpoint_due, save=save, batch_transform=self.task.batch_transform)
+        accum = self.trainer.options.accum_steps
+        self.loader.set_accum_steps(accum)  # masks are drawn per optimizer step's global batch
+        self.loader.set_epoch(epoch, start_step * accum)
+        res = self.trainer.train_epoch(self.loader, epoch, start_step, RunHooks(self, epoch, stop))
         loss_sum, good_steps = self.epoch_totals(res)
         res.loss = loss_sum / good_steps if good_steps else math.nan
         return res
@@ -402,11 +385,11 @@ class Run:
     def stop_early(self, epoch: int, res: EpochResult, stop: StopFlag) -> None:
         """A diverged, signalled or data-failed epoch: checkpoint, leave the process group, raise."""
         self.monitor.close()
-        if res.stopped == "data" and host_any(bool(stop.signum)):  # the loader failed after a stop signal
+        if res.stopped is Stop.DATA and host_any(bool(stop.signum)):  # the loader failed after a stop signal
             # (its workers got it too); the ranks, all stopped for data, agree on which stop this is
             log.info("the loader stopped after %s (%s)", signal.Signals(stop.signum).name, one_line(res.error))
-            res.stopped = "signal"
-        if res.stopped == "data":  # every rank stopped at the same step (engine.forward_backward)
+            res.stopped = Stop.SIGNAL
+        if res.stopped is Stop.DATA:  # every rank stopped at the same step (engine.forward_backward)
             mine = None if isinstance(res.error, PeerDataFailure) else \
                 (one_line(res.error), getattr(res.error, "needs_scan", True))
             rank, (what, needs_scan) = first_reported(mine) or (self.dist.rank, (one_line(res.error), True))
@@ -425,7 +408,7 @@ class Run:
         _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
         barrier()
         cleanup()
-        if res.stopped == "diverged":
+        if res.stopped is Stop.DIVERGED:
             raise Diverged(f"{self.cfg.train.max_skipped_steps} consecutive steps had a non-finite loss or "
                            f"gradient (epoch {epoch}); the weights from before are in {path or self.out_dir}: "
                            f"lower optim.base_lr or raise train.max_skipped_steps")
@@ -437,14 +420,15 @@ class Run:
         the task's end-of-epoch work, the epoch record and the curves (failed writes: warnings)."""
         self.carried = (0.0, 0)
         last = epoch == self.cfg.train.epochs - 1
+        tr = self.trainer
         if (epoch + 1) % self.cfg.run.save_every == 0 or last:
-            self.checkpoint(epoch, self.steps_per_epoch)
-        out = self.task.after_epoch(self.model, epoch, last, self.out_dir, self.dist, self.amp_dtype)
+            self.checkpoint(epoch, tr.steps_per_epoch)
+        out = self.task.after_epoch(tr.model, epoch, last, self.out_dir, self.dist, tr.options.amp_dtype)
         extra = {k: v for k, v in out.items() if not isinstance(v, Path)}
         log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
                  "".join(f", {k} {v:.4g}" for k, v in extra.items()), elapsed)
         if self.dist.is_main:
-            step = self.state.step_offset + (epoch + 1) * self.steps_per_epoch - 1
+            step = self.state.step_offset + (epoch + 1) * tr.steps_per_epoch - 1
             self.record({"epoch": epoch, "step": step, "epoch_loss": res.loss, **extra})
             for tag, png in out.items():
                 if isinstance(png, Path):
@@ -453,7 +437,27 @@ class Run:
                 {self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
                 title=f"{self.cfg.model.arch}, {self.out_dir}"))
         barrier()
-        return {"epoch": epoch, "loss": res.loss, "steps": self.steps_per_epoch, **extra}
+        return {"epoch": epoch, "loss": res.loss, "steps": tr.steps_per_epoch, **extra}
+
+
+class RunHooks(EpochHooks):
+    """What an epoch of `run` asks of it: log lines, the stop flag, timed checkpoints."""
+
+    def __init__(self, run: Run, epoch: int, stop: StopFlag):
+        self.run, self.epoch, self.stop = run, epoch, stop
+
+    def log(self, record: dict) -> None:
+        self.run.log_step(record)
+
+    def stop_requested(self) -> bool:
+        return self.stop()
+
+    def checkpoint_due(self) -> bool:
+        return self.run.checkpoint_due()
+
+    def save(self, steps_done: int, loss_sum: float, good_steps: int) -> None:
+        carried = self.run.carried
+        self.run.checkpoint(self.epoch, steps_done, carried[0] + loss_sum, carried[1] + good_steps)
 
 
 # the task's inputs that are not data sources (checked for existence only; the task reads them in `build`)
@@ -471,7 +475,7 @@ def check_inputs(cfg: Config, task: Task) -> None:
 
     check_folder_writable(cfg.run.out_dir, "run.out_dir", ConfigError)  # before an hour of set-up, not after
     d = cfg.data
-    validate_data_args(d.backend, d.path, d.max_pixels)
+    validate_data_args(d.backend, d.path)
     if not available(d.backend):
         raise DatasetError(f"data.backend {d.backend} is not installed: {INSTALL[d.backend][1]}")
     for key, (path, hint) in task.inputs().items():
@@ -479,7 +483,7 @@ def check_inputs(cfg: Config, task: Task) -> None:
             error = CheckpointError if key in NOT_DATA else DatasetError
             raise error(f"{key} '{path}' does not exist: {hint}")
         if path and key not in NOT_DATA and key != "data.path":
-            validate_data_args(d.backend, path, d.max_pixels, key)
+            validate_data_args(d.backend, path, key)
 
 
 def read_run_folder(cfg: Config) -> tuple[Path | None, dict | None, list, list[str]]:
@@ -510,7 +514,7 @@ def write_run_folder(cfg: Config, dist: DistInfo, lock: RunLock | None, held: He
         log.info("resuming with changed %s", ", ".join(changed))
 
 
-def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, object]:
+def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, Loader]:
     t = cfg.train
     with keyed_rng("init", t.seed):  # identical initial weights on every rank; global RNG restored after
         model, loader = task.build(dist)
@@ -521,13 +525,19 @@ def build_model(cfg: Config, task: Task, dist: DistInfo) -> tuple[nn.Module, obj
     return model, loader
 
 
-def check_parallel(t) -> None:
-    if t.parallel not in PARALLEL:
-        raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got '{t.parallel}'")
-    if t.parallel != "fsdp" and t.cpu_offload:
-        raise ValueError("train.cpu_offload needs train.parallel=fsdp")
-    if t.parallel == "fsdp" and t.precision == "fp16":
-        raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
+def build_trainer(cfg: Config, task: Task, dist: DistInfo, model: nn.Module, schedule: LRSchedule,
+                  options: StepOptions, steps_per_epoch: int) -> Trainer:
+    """The model wrapped for training (DDP, FSDP2, torch.compile), AdamW over the task's parameter
+    groups, the GradScaler (enabled for fp16 only) and the step around them."""
+    t, o = cfg.train, cfg.optim
+    # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
+    train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, options.amp_dtype,
+                                    t.cpu_offload, t.compile)
+    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=options.amp_dtype is torch.float16)
+    return Trainer(model, optimizer, schedule, options, steps_per_epoch=steps_per_epoch, train_model=train_model,
+                   scaler=scaler, batch_transform=task.batch_transform, rank=dist.rank, world_size=dist.world_size,
+                   device=dist.device)
 
 
 def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) -> tuple[Run, int, int]:
@@ -537,7 +547,6 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     (the sample lists made, the pretrained checkpoint loaded), so an input refused on the way
     leaves no config.yaml or log.txt behind, and nothing is opened twice."""
     d, t, o = cfg.data, cfg.train, cfg.optim
-    check_parallel(t)
     setup_logging(None, dist.is_main)  # console only until the folder is known to be this run's
     held = HeldRecords() if dist.is_main else None
     if held is not None:
@@ -559,28 +568,25 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     write_run_folder(cfg, dist, lock, held, resumed, bad, changed)
     checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
-    # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
-    train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, amp_dtype, t.cpu_offload,
-                                    t.compile)
-    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps,
-                                  fused=True)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
-    step_state = StepState(dist.device)
-
+    options = StepOptions(accum_steps=accum, clip_grad=o.clip_grad, amp_dtype=amp_dtype, seed=t.seed,
+                          max_skipped_streak=t.max_skipped_steps, log_every=cfg.run.log_every,
+                          stop_check_every=cfg.run.stop_check_every,
+                          progress=cfg.run.progress and dist.is_main and sys.stderr.isatty())
+    trainer = build_trainer(cfg, task, dist, model, schedule, options, steps_per_epoch)
     state = TrainState(global_batch=global_batch, world_size=dist.world_size, steps_per_epoch=steps_per_epoch,
                        num_samples=loader.num_samples, data_fingerprint=loader.fingerprint())
     epoch, start_step, carried = 0, 0, (0.0, 0)
     if ckpt is not None:
-        checkpointer.load(ckpt, model, optimizer)  # in place; FSDP2: each rank its shards
-        scaler.load_state_dict(ckpt.train.get("scaler") or {})
-        step_state.skipped += old.skipped_steps
+        checkpointer.load(ckpt, model, trainer.optimizer)  # in place; FSDP2: each rank its shards
+        trainer.scaler.load_state_dict(ckpt.train.get("scaler") or {})
+        trainer.skipped += old.skipped_steps
         epoch, start_step, carried, state.step_offset = resume_point(old, state, resumed)
     resume_step = state.step_offset + epoch * steps_per_epoch + start_step if ckpt else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
     monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
     task.prepare(model, loader, dist)
-    run = Run(cfg, task, dist, out_dir, amp_dtype, model, train_model, loader, optimizer, scaler, schedule,
-              step_state, state, accum, steps_per_epoch, metrics, monitor, checkpointer, carried)
+    run = Run(cfg, task, dist, out_dir, trainer, loader, state, metrics, monitor, checkpointer, carried)
+    log_start(run, schedule)
     return run, epoch, start_step
 
 
@@ -612,22 +618,24 @@ def resume_point(old: TrainState, new: TrainState, path: Path) -> tuple[int, int
     return epoch, step, carried, offset
 
 
-def log_start(run: Run) -> None:
+def log_start(run: Run, schedule: LRSchedule) -> None:
     cfg, dist = run.cfg, run.dist
     d, t, o = cfg.data, cfg.train, cfg.optim
-    n_params = sum(p.numel() for p in run.model.parameters())
-    precision = {None: "fp32"}.get(run.amp_dtype, str(run.amp_dtype).removeprefix("torch."))
-    sharding = "FSDP2" + (" + CPU offload" if t.cpu_offload else "") if is_fsdp(run.model) else \
+    tr = run.trainer
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    amp_dtype = tr.options.amp_dtype
+    precision = {None: "fp32"}.get(amp_dtype, str(amp_dtype).removeprefix("torch."))
+    sharding = "FSDP2" + (" + CPU offload" if t.cpu_offload else "") if is_fsdp(tr.model) else \
         "DDP" if dist.world_size > 1 else "one process"
     log.info("model %s: %.1fM parameters, %s, precision %s, world size %d (%s)%s%s", cfg.model.arch,
              n_params / 1e6, dist.device, precision, dist.world_size, sharding, ", compiled" if t.compile else "",
              ", activation checkpointing" if t.grad_checkpointing else "")
-    classes = getattr(run.loader, "classes", None)  # [] for unlabeled data (a .beton says so in its classes.json)
+    classes = run.loader.classes  # [] for unlabeled data (a .beton says so in its classes.json)
     kind = "unlabeled" if classes == [] else f"{len(classes)} classes" if classes else "classes not recorded"
     log.info("data %s: %d images (%s), %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
-             d.backend, run.loader.num_samples, kind, run.task.describe_data(), run.steps_per_epoch,
-             run.state.global_batch, d.batch_size, dist.world_size, run.accum)
-    s = run.schedule
+             d.backend, run.loader.num_samples, kind, run.task.describe_data(), tr.steps_per_epoch,
+             run.state.global_batch, d.batch_size, dist.world_size, tr.options.accum_steps)
+    s = schedule
     log.info("lr: base %.3g -> effective %.3g (x %.4g = global batch / 512); warmup %.3g, min %.3g",
              o.base_lr, s.lr, run.state.global_batch / 512, s.warmup_lr, s.min_lr)
 
@@ -660,7 +668,6 @@ def fit(cfg: Config, task: Task) -> dict:
 
 def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) -> dict:
     run, first_epoch, start_step = setup_run(cfg, task, dist, lock)
-    log_start(run)
     stop = StopFlag(announce=dist.is_main)
     history, start = [], time.perf_counter()
     try:

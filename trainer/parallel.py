@@ -114,8 +114,7 @@ def wrap_for_training(model: nn.Module, parallel: str, world_size: int, device: 
     """The model the step runs: DDP- or FSDP2-wrapped when there are several ranks, compiled if
     asked. FSDP2 wraps in place (the optimizer must be built afterwards, on the sharded
     parameters); with one rank there is nothing to shard and the model trains as it is."""
-    if parallel not in PARALLEL:
-        raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got '{parallel}'")
+    assert parallel in PARALLEL, parallel  # train.parallel is checked at load (validate.py)
     if parallel == "fsdp" and world_size > 1:
         return apply_fsdp(model, param_dtype=param_dtype, cpu_offload=cpu_offload, compile_blocks=compile)
     train_model = model

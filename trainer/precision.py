@@ -6,8 +6,6 @@ import contextlib
 
 import torch
 
-from simmim.pipeline.errors import ConfigError
-
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -15,9 +13,7 @@ def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `train.precision` (auto: bf16 on CUDA, none on CPU); None = fp32."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got '{precision}'")
-    return PRECISIONS[precision]
+    return PRECISIONS[precision]  # train.precision is checked at load (validate.py)
 
 
 def autocast(device_type: str, amp_dtype: torch.dtype | None):

@@ -30,11 +30,8 @@ class LRSchedule:
     gamma: float = 0.1
     anchor: str = "released"  # cosine only: released | warmup_end (see the module docstring)
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"optim.scheduler must be 'cosine' or 'step', got '{self.kind}'")
-        if self.anchor not in ANCHORS:
-            raise ValueError(f"optim.cosine_anchor must be 'released' or 'warmup_end', got '{self.anchor}'")
+    def __post_init__(self):  # optim.scheduler / optim.cosine_anchor are checked at load (validate.py)
+        assert self.kind in KINDS and self.anchor in ANCHORS, (self.kind, self.anchor)
 
     def __call__(self, step: int) -> float:
         """The lr (float) of optimizer step `step` (0-based, counted over the whole run)."""

@@ -7,7 +7,9 @@ Types are already checked by the schema. Ranges and choices live beside the opti
 each options class has `rules()` (field -> (test, what)): pipeline's `DataConfig` and its backend
 sections, kernels' `LossOptions`, the shared sections in trainer/config.py, `FinetuneOptions`; this
 module walks a config's sections and composes them, then checks the relations between keys (image
-size, mask cell, patch size, Swin window, milestones) and the environment's SIMMIM_KERNELS.
+size, mask cell, patch size, Swin window, milestones, parallelism and precision) and the
+environment's SIMMIM_KERNELS. Every rule a user can break is checked here, once: the functions that
+take these values later (the schedule, the parallel wrapper, the loaders) do not check them again.
 """
 from __future__ import annotations
 
@@ -55,6 +57,10 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"data.img_size {d.img_size} must be a multiple of data.mask_patch_size {d.mask_patch_size}")
     if o.scheduler == "step" and o.milestones and o.milestones[-1] >= t.epochs:
         raise ConfigError(f"optim.milestones {o.milestones} must lie before train.epochs {t.epochs}")
+    if t.cpu_offload and t.parallel != "fsdp":
+        raise ConfigError("train.cpu_offload needs train.parallel=fsdp")
+    if t.parallel == "fsdp" and t.precision == "fp16":
+        raise ConfigError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
     f = getattr(cfg, "finetune", None)
     if f is not None and (f.mixup > 0 or f.cutmix > 0) and d.batch_size % 2:
         # timm's batch mixup pairs each image with the batch reversed: an odd batch cannot be mixed
