@@ -12,6 +12,7 @@ error handler.
     simmim bench claims [...]     the paper's efficiency claims vs other methods
     simmim bench loaders [...]    images/sec of each loader, same images
     simmim bench compile [...]    Triton kernels built for sm_90/sm_80, no GPU
+    simmim bench heads [...]      the paper's Table 3: each prediction head's cost vs the linear one
 """
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def _compile(argv):
     return main(argv)
 
 
+def _heads(argv):
+    from .heads import main
+    return main(argv)
+
+
 def _memory(argv):
     from .memory import main
     return main(argv)
@@ -65,7 +71,7 @@ def _scale(argv):
 # name -> the benchmark's main (imported on use: each pulls in its own heavy dependencies)
 BENCHES: dict[str, Callable[[list[str]], object]] = {
     "avgdist": _avgdist, "kernels": _kernels, "step": _step, "claims": _claims, "loaders": _loaders,
-    "compile": _compile, "memory": _memory, "scale": _scale}
+    "compile": _compile, "memory": _memory, "scale": _scale, "heads": _heads}
 
 
 def cmd_bench(args) -> None:

@@ -6,9 +6,12 @@ with `m` the (B, h, w) cell mask expanded to pixels and counted once per pixel (
 channel), f = |.| (L1), (.)^2 (L2) or smooth-L1. The options are one `LossOptions` (the `loss:`
 section of a pre-training config): `kind`, `beta` (smooth-L1), and what the paper ablates or users
 ask for: `all_pixels=True` (m = 1 everywhere), `norm_target=k` (each target pixel normalised by the
-mean and variance of its k x k neighbourhood, the SwinV2 variant). `pred` may also be the head's
-output before PixelShuffle, (B, C*s*s, H/s, W/s): both paths accept it, the kernel reads it in
-place.
+mean and variance of its k x k neighbourhood, the SwinV2 variant), `target_size=T` (the paper's
+Table 4: the target is the normalised image average-pooled to T x T, see `loss_target`; the mask
+then covers (T/h) x (T/w) target pixels per cell) and `kind="bins"` (the paper's Table 5: each
+channel's 0-255 value in one of `bins` equal bins, pred holds `bins` logits per channel and pixel,
+f = cross-entropy). `pred` may also be the head's output before PixelShuffle, (B, C*s*s, H/s, W/s):
+both paths accept it, the kernel reads it in place.
 
 The pixel mask is never built: the reference sums f inside each cell and weights the (B, h, w)
 cell sums; the kernel runs one program per cell and skips every read of an unmasked cell. It reads
@@ -18,6 +21,13 @@ The kernel's forward also writes d loss / d pred (for an upstream gradient of 1)
 pass reads nothing unless the upstream gradient differs from 1 (gradient accumulation, loss
 scaling), when it rescales in place. Per-cell partial sums are reduced in a fixed order, so the
 result is deterministic. Forward: three launches (mask count, the kernel, the sum of the cells).
+Any target size runs through the same kernel: a cell of the mask is (T/h) x (T/w) pixels there.
+
+`kind="bins"` always takes the plain PyTorch path (on every backend): its cost is the head's
+`bins`-times-wider output and the log-sum-exp over each pixel's `bins` logits, which PyTorch's
+cross_entropy already computes in fused kernels; what this module's kernel saves (the pixel mask,
+the PixelShuffle copy) is small beside that, so a fused masked cross-entropy is left for when a
+profile asks for it.
 
 Order: options, reference, Triton kernels, launchers, custom ops with autograd, public function.
 """
@@ -32,44 +42,59 @@ import torch.nn.functional as F
 from .dispatch import HAS_TRITON, use_triton
 
 EPS = 1e-5
-LOSSES = {"l1": 0, "l2": 1, "smooth_l1": 2}
+LOSSES = {"l1": 0, "l2": 1, "smooth_l1": 2}  # the regression losses, as the kernel's KIND
+KINDS = (*LOSSES, "bins")
 
 
 @dataclass
 class LossOptions:
     """The masked loss's options: the `loss:` section of a pre-training config (filled by OmegaConf
     in trainer/config.py), the model's `loss` argument and the kernels' `options`."""
-    kind: str = "l1"  # l1 (the paper) | l2 | smooth_l1
+    kind: str = "l1"  # l1 (the paper) | l2 | smooth_l1 | bins (classify colour bins, Table 5)
     beta: float = 1.0  # smooth_l1 only: where |d| turns from quadratic to linear
     all_pixels: bool = False  # the paper's ablation: predict every pixel, not only masked ones
     norm_target: int = 0  # k > 0: targets normalised over k x k windows (SwinV2's variant), k odd
+    target_size: int = 0  # T > 0: predict the image average-pooled to T x T (Table 4); 0: full size
+    bins: int = 256  # kind=bins: equal bins per channel over 0-255 (the paper: 8 or 256)
 
     @staticmethod
     def rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         """field -> (test, what the value must be); trainer/validate.py checks a config with them."""
-        return {"kind": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES)),
+        return {"kind": (lambda v: v in KINDS, "one of " + ", ".join(KINDS)),
                 "beta": (lambda v: v > 0, "> 0"),
-                "norm_target": (lambda v: v == 0 or (v >= 3 and v % 2 == 1), "0 or an odd window >= 3")}
+                "norm_target": (lambda v: v == 0 or (v >= 3 and v % 2 == 1), "0 or an odd window >= 3"),
+                "target_size": (lambda v: v >= 0, "0 (the full image) or a size in pixels"),
+                "bins": (lambda v: 2 <= v <= 256, "between 2 and 256 (the paper: 8 or 256)")}
 
     def check(self) -> None:
-        """ValueError naming the first option out of range."""
+        """ValueError naming the first option out of range, or norm_target with bins (normalised
+        targets are no longer 0-255 colours to bin)."""
         for name, (test, what) in self.rules().items():
             value = getattr(self, name)
             if not test(value):
                 raise ValueError(f"loss option {name} must be {what}, got {value!r}")
+        if self.kind == "bins" and self.norm_target:
+            raise ValueError("loss.kind=bins classifies 0-255 colours: it cannot take loss.norm_target; set "
+                             "loss.norm_target=0")
+
+    @property
+    def channels_per_value(self) -> int:
+        """Values the head predicts per target channel and pixel: `bins` logits, or 1."""
+        return self.bins if self.kind == "bins" else 1
 
 
-def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> tuple[int, int, int]:
-    """Returns (cell height, cell width, PixelShuffle factor of pred or 0)."""
+def _check(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, k: int = 1) -> tuple[int, int, int]:
+    """Returns (cell height, cell width, PixelShuffle factor of pred or 0); pred holds k values per
+    target channel (k = bins logits for kind=bins)."""
     if target.dim() != 4:
         raise ValueError(f"target must be (B, C, H, W), got shape {tuple(target.shape)}")
     B, C, H, W = target.shape
     shuffle = 0
-    if pred.shape != target.shape:
+    if pred.shape != (B, C * k, H, W):
         s = H // pred.shape[2] if pred.dim() == 4 and pred.shape[2] else 0
-        if s < 2 or pred.shape != (B, C * s * s, H // s, W // s) or H % s or W % s:
-            raise ValueError(f"pred {tuple(pred.shape)} must match target {tuple(target.shape)}, or be its "
-                             f"pre-PixelShuffle layout (B, C*s*s, H/s, W/s)")
+        if s < 2 or pred.shape != (B, C * k * s * s, H // s, W // s) or H % s or W % s:
+            raise ValueError(f"pred {tuple(pred.shape)} must be (B, {C * k}, H, W) for target {tuple(target.shape)}"
+                             f", or its pre-PixelShuffle layout (B, {C * k}*s*s, H/s, W/s)")
         shuffle = s
     if masks.dim() != 3 or masks.shape[0] != B or H % masks.shape[1] or W % masks.shape[2]:
         raise ValueError(f"masks {tuple(masks.shape)} must be (B, h, w) with h dividing {H} and w dividing {W}")
@@ -88,6 +113,30 @@ def norm_targets(target: torch.Tensor, k: int) -> torch.Tensor:
     return (t - mean) / (var + 1e-6).sqrt()
 
 
+def loss_target(images: torch.Tensor, options: LossOptions, mean: torch.Tensor | None = None,
+                std: torch.Tensor | None = None) -> torch.Tensor:
+    """What the head predicts, from the normalised images (B, C, H, W), float.
+
+    target_size T > 0 (T dividing H and W): the normalised image average-pooled to T x T
+    (non-overlapping (H/T) x (W/T) windows; the paper's Table 4 targets of 6^2 ... 192^2 at 192);
+    0 or T = H: the image itself. kind=bins: each channel's 0-255 value (un-normalised with `mean`
+    and `std`, (C,) tensors in [0, 1] units, clamped to [0, 1] and rounded to 1/255) as its bin,
+    floor(value * bins / 256), an int64 (B, C, T, T) tensor (the paper's Table 5 discretisation)."""
+    B, C, H, W = images.shape
+    t = images
+    if options.target_size and options.target_size != H:
+        T = options.target_size
+        if H % T or W % T:
+            raise ValueError(f"loss.target_size {T} must divide the image size {H}x{W}")
+        t = F.avg_pool2d(t, (H // T, W // T))
+    if options.kind != "bins":
+        return t
+    if mean is None or std is None:
+        raise ValueError("loss.kind=bins needs the normalisation's mean and std to recover 0-255 colours")
+    value = (t.float() * std.view(1, C, 1, 1) + mean.view(1, C, 1, 1)).clamp(0, 1).mul(255).round()
+    return torch.div(value * options.bins, 256, rounding_mode="floor").long()
+
+
 def _denominator(masks: torch.Tensor, cell_pixels: int, all_pixels: bool, H: int, W: int) -> torch.Tensor:
     if all_pixels:
         return torch.full((), masks.shape[0] * H * W + EPS, device=masks.device, dtype=torch.float32)
@@ -96,20 +145,25 @@ def _denominator(masks: torch.Tensor, cell_pixels: int, all_pixels: bool, H: int
 
 # ----------------------------------------------------------------------------- reference
 def masked_loss_ref(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
-                       options: LossOptions | None = None) -> torch.Tensor:
-    """pred: (B, C, H, W) or (B, C*s*s, H/s, W/s); target: (B, C, H, W); masks: (B, h, w) bool;
-    options: `LossOptions` (default: L1 on masked pixels). Returns a float32 scalar; ValueError for
-    mismatched shapes or an option out of range."""
+                    options: LossOptions | None = None) -> torch.Tensor:
+    """pred: (B, C, H, W) or (B, C*s*s, H/s, W/s); target: (B, C, H, W) (`loss_target`'s: pooled
+    for target_size; bin indices, with pred (B, C*bins, H, W) or its pre-shuffle layout, for
+    kind=bins); masks: (B, h, w) bool, h dividing H and w dividing W; options: `LossOptions`
+    (default: L1 on masked pixels). Returns a float32 scalar; ValueError for mismatched shapes or
+    an option out of range."""
     o = options or LossOptions()
     o.check()
-    sy, sx, shuffle = _check(pred, target, masks)
+    sy, sx, shuffle = _check(pred, target, masks, o.channels_per_value)
     if shuffle:
         pred = F.pixel_shuffle(pred, shuffle)
     if o.norm_target:
         target = norm_targets(target, o.norm_target)
     B, C, H, W = target.shape
     h, w = masks.shape[1:]
-    if o.kind == "smooth_l1":  # torch's own smooth-L1, an independent check on the kernel's
+    if o.kind == "bins":  # logits (B, C*bins, H, W) as (B, bins, C, H, W): class dim 1
+        logits = pred.float().view(B, C, o.bins, H, W).transpose(1, 2)
+        v = F.cross_entropy(logits, target.long(), reduction="none")  # (B, C, H, W)
+    elif o.kind == "smooth_l1":  # torch's own smooth-L1, an independent check on the kernel's
         v = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=o.beta)
     else:
         d = pred.float() - target.float()  # (B, C, H, W)
@@ -267,12 +321,12 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 # ----------------------------------------------------------------------------- public function
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
-                   options: LossOptions | None = None, *, backend: str | None = None) -> torch.Tensor:
+                options: LossOptions | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The loss the model calls: the fused kernel on CUDA when Triton is available, the
     reference otherwise (see kernels.dispatch). Shapes and `options` as `masked_loss_ref`.
     Returns a float32 scalar; gradients flow to pred."""
     o = options or LossOptions()
-    if not use_triton(pred, target, backend=backend):
+    if o.kind == "bins" or not use_triton(pred, target, backend=backend):  # bins: see the module docstring
         return masked_loss_ref(pred, target, masks, o)
     o.check()
     _check(pred, target, masks)

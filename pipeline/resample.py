@@ -31,7 +31,7 @@ PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
 VERTICAL_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13  # the installed Pillow's pass order
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def _coefficients(in_size: int, out_size: int):
     """Per output index: first input index, tap count, and (out_size, ksize) int64 fixed-point weights."""
     scale = in_size / out_size
@@ -65,7 +65,7 @@ def _coefficients(in_size: int, out_size: int):
     return first, count, weights
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def _weighted_rows(src, first, count, weights, dst) -> None:
     """dst[o, :] = clip8((sum_t src[first[o] + t, :] * weights[o, t] + half) >> PRECISION_BITS) for
     every row o of dst: src (n_in, L) uint8, dst (n_out, L) uint8, both C-contiguous rows."""
@@ -86,7 +86,7 @@ def _weighted_rows(src, first, count, weights, dst) -> None:
             out[i] = np.uint8(0 if v < 0 else (255 if v > 255 else v))
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def _horizontal(src, y0: int, rows: int, out_w: int) -> np.ndarray:
     """Pillow's horizontal pass over rows y0 .. y0 + rows of src (H, W, 3) uint8 (any strides):
     (rows, out_w * 3) uint8, computed on the transposed crop (module docstring)."""
@@ -107,27 +107,29 @@ def _horizontal(src, y0: int, rows: int, out_w: int) -> np.ndarray:
     return tmp
 
 
-@njit(nogil=True, cache=False)
-def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+@njit(nogil=True, cache=True)
+def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int, pillow13: bool) -> bool:
     """Pillow's order of the two passes: since Pillow 13 (python-pillow/Pillow#9549) the vertical
     pass runs first when the height shrinks by more than twice as many pixels as the width (found
     on Pillow 13.0.0 by comparing both orders against its resize; tests/test_pixels.py), before
     that always the horizontal pass. Each pass rounds to uint8, so the order shows in the pixels."""
-    return VERTICAL_FIRST_RULE and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+    return pillow13 and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
 
 
-@njit(nogil=True, cache=False)
-def resize_bilinear(src: np.ndarray, dst: np.ndarray) -> None:
+@njit(nogil=True, cache=True)
+def resize_bilinear(src: np.ndarray, dst: np.ndarray, pillow13: bool = VERTICAL_FIRST_RULE) -> None:
     """src (H, W, 3) uint8 (any strides: a crop of a decoded image) -> dst (h, w, 3) uint8,
     C-contiguous, in place: Pillow's `Image.resize((w, h), BILINEAR)`, its two passes in its order
     (`_vertical_first`). Only the rows the vertical pass reads are resized horizontally, and a pass
-    whose size does not change is skipped, as Pillow does."""
+    whose size does not change is skipped, as Pillow does. `pillow13`: Pillow 13's pass order
+    (default: the installed Pillow's; an argument, not a global, so numba's on-disk cache of the
+    compiled function is keyed by it)."""
     in_h, in_w = src.shape[0], src.shape[1]
     out_h, out_w = dst.shape[0], dst.shape[1]
     yfirst, ycount, yweights = _coefficients(in_h, out_h)
     need_v = out_h != in_h
     flat = dst.reshape(out_h, out_w * 3)
-    if need_v and out_w != in_w and _vertical_first(in_h, in_w, out_h, out_w):
+    if need_v and out_w != in_w and _vertical_first(in_h, in_w, out_h, out_w, pillow13):
         rows = np.empty((in_h, in_w, 3), np.uint8)  # contiguous rows for the whole-row pass
         rows[:] = src
         tmp = np.empty((out_h, in_w * 3), np.uint8)
@@ -148,7 +150,7 @@ def resize_bilinear(src: np.ndarray, dst: np.ndarray) -> None:
         flat[:] = tmp
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def flip_in_place(img: np.ndarray) -> None:
     """img (H, W, C) uint8 mirrored left-right in place (torchvision's hflip), pixels swapped pairwise:
     no temporary (FFCV's decoder used `img[:, ::-1].copy()`, 119 us against 18 us at 192 px)."""

@@ -83,8 +83,8 @@ def test_claims_flop_table_at_full_size(tmp_path):
     report = next(tmp_path.glob("claims-*/claims.md")).read_text()
     assert "paper's claim" in report and "reproduces" in report
     heads = json.loads(next(tmp_path.glob("claims-*/claims.json")).read_text())["heads"]
-    assert [h["head"] for h in heads] == ["linear", "2-layer MLP", "inverse Swin-B"]
-    assert heads[1]["flops_vs_linear"] < 1.05 and 1.5 < heads[2]["flops_vs_linear"] < 2.6
+    assert [h["head"] for h in heads] == ["linear", "mlp", "inverse_swin_t", "inverse_swin_b"]
+    assert heads[1]["flops_vs_linear"] < 1.05 and 1.5 < heads[3]["flops_vs_linear"] < 2.6
 
 
 def test_loaders_bench_same_images_every_loader(tmp_path, sample_root):

@@ -172,12 +172,15 @@ def test_dispatch(monkeypatch):
         assert dispatch.use_triton(x) == (dispatch.interpreting() or x.is_cuda)
 
 
-@pytest.mark.parametrize("fused_shuffle", [False, True])
-def test_model_uses_kernels_and_matches_reference(fused_shuffle):
+@pytest.mark.parametrize("fused_shuffle,head,target_size", [(False, "linear", 0), (True, "linear", 0),
+                                                             (True, "mlp", 32), (True, "inverse_swin_t", 0),
+                                                             (False, "inverse_swin_t", 16)])
+def test_model_uses_kernels_and_matches_reference(fused_shuffle, head, target_size):
     from simmim.trainer.model import build_simmim
 
     torch.manual_seed(0)
-    model = build_simmim("vit_micro", 64, 32, fused_shuffle=fused_shuffle).to(DEVICE)
+    model = build_simmim("vit_micro", 64, 32, fused_shuffle=fused_shuffle, head=head,
+                         loss=LossOptions(target_size=target_size)).to(DEVICE)
     x = rand(2, 3, 64, 64)
     masks = torch.rand(2, 2, 2, device=DEVICE) < 0.6
     grads = []
@@ -213,3 +216,82 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want, **SUM_TOL)
     for a, b in zip(grads, wants):
         torch.testing.assert_close(a, b)
+
+
+def plain_masked_loss(pred_px: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, f) -> torch.Tensor:
+    """The paper's formula written out with a pixel-resolution mask (the kernels never build one):
+    pred_px and target (B, C, T, T'), f elementwise (B, C, T, T') -> values."""
+    B, C, H, W = target.shape
+    m = masks.float().repeat_interleave(H // masks.shape[1], 1).repeat_interleave(W // masks.shape[2], 2)
+    return (f(pred_px.float(), target.float()) * m[:, None]).sum() / (m.sum() + 1e-5) / C
+
+
+# (B, image, token grid g, mask grid, target T): the paper's Table 4 at Swin-B 192 (g = 6, targets
+# 6^2 ... 192^2), ViT-B 224 (g = 14, 7x7 cells), and awkward ones: prime grids, non-power-of-two
+# pixels per token, batch 1 and 3, a mask grid finer than the token grid
+TARGET_SHAPES = [(2, 192, 6, 6, 6), (1, 192, 6, 6, 12), (2, 192, 6, 6, 24), (1, 192, 6, 6, 48),
+                 (1, 192, 6, 6, 96), (1, 192, 6, 6, 192), (1, 224, 14, 7, 28), (3, 45, 5, 3, 15),
+                 (1, 35, 7, 7, 35), (2, 66, 2, 6, 6)]
+
+
+@pytest.mark.parametrize("B,size,g,mg,T", TARGET_SHAPES)
+@pytest.mark.parametrize("layout", [CL, None])
+def test_masked_loss_at_every_target_size(B, size, g, mg, T, layout):
+    """loss.target_size: the head's pre-shuffle output (B, 3*p*p, g, g), p = T/g, against the
+    image average-pooled to T x T, masked at T/mg pixels per cell: the fused kernel's loss and
+    gradient equal the formula written out in plain PyTorch (upstream gradient 0.37: the rescale)."""
+    from simmim.kernels import loss_target
+
+    p = T // g
+    images = rand(B, 3, size, size)
+    target = loss_target(images, LossOptions(target_size=T))
+    assert target.shape == (B, 3, T, T)
+    pooled = images.view(B, 3, T, size // T, T, size // T).mean(dim=(3, 5))
+    torch.testing.assert_close(target, pooled)
+    pred = rand(B, 3 * p * p, g, g)
+    pred = (pred.to(memory_format=layout) if layout else pred).requires_grad_()
+    masks = torch.rand(B, mg, mg, device=DEVICE) < 0.6
+    masks[0, 0, 0] = True
+    got = masked_loss(pred, target, masks, backend="triton")
+    (grad,) = torch.autograd.grad(got * 0.37, pred)
+    pr = pred.detach().clone().requires_grad_()
+    want = plain_masked_loss(torch.nn.functional.pixel_shuffle(pr, p), pooled, masks, lambda a, b: (a - b).abs())
+    (gr,) = torch.autograd.grad(want * 0.37, pr)
+    torch.testing.assert_close(got, want, **SUM_TOL)
+    assert grad.stride() == pred.stride() and not grad.isnan().any()
+    torch.testing.assert_close(grad, gr)
+
+
+@pytest.mark.parametrize("bins", [8, 256, 5])
+@pytest.mark.parametrize("B,size,mg,T,p", [(2, 32, 2, 0, 1), (1, 24, 3, 12, 2), (3, 20, 5, 10, 5)])
+def test_bins_cross_entropy_equals_plain_reference(bins, B, size, mg, T, p):
+    """loss.kind=bins: 0-255 colours binned exactly (bin = value * bins // 256, whatever float
+    error normalisation left), and the masked cross-entropy and its gradient equal the formula
+    written out, on every backend, from the shuffled or pre-shuffle head layout."""
+    from simmim.kernels import loss_target
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    colours = torch.randint(0, 256, (B, 3, size, size))
+    colours[0, 0, 0, :2] = torch.tensor([0, 255])
+    images = (colours / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    opts = LossOptions(kind="bins", bins=bins, target_size=T)
+    target = loss_target(images.to(DEVICE), opts, mean.to(DEVICE), std.to(DEVICE))
+    t = T or size
+    if not T:
+        assert torch.equal(target.cpu(), colours * bins // 256)
+    else:  # pooled colours, binned: the mean of the window's 0-255 values, rounded
+        pooled = colours.float().view(B, 3, t, size // t, t, size // t).mean(dim=(3, 5))
+        assert (target.cpu() - torch.div(pooled.round() * bins, 256, rounding_mode="floor")).abs().max() <= 1
+    logits = rand(B, 3 * bins * p * p, t // p, t // p, grad=True)
+    masks = torch.rand(B, mg, mg, device=DEVICE) < 0.6
+    masks[0, 0, 0] = True
+    lr = logits.detach().clone().requires_grad_()
+    shuffled = torch.nn.functional.pixel_shuffle(lr, p).view(B, 3, bins, t, t)
+    nll = -shuffled.log_softmax(2).gather(2, target[:, :, None]).squeeze(2)  # (B, 3, t, t)
+    want = plain_masked_loss(nll, torch.zeros_like(nll), masks, lambda a, b: a)
+    (gr,) = torch.autograd.grad(want, lr)
+    for backend in ("triton", "reference"):
+        got = masked_loss(logits, target, masks, opts, backend=backend)
+        (g,) = torch.autograd.grad(got, logits)
+        torch.testing.assert_close(got, want, **SUM_TOL)
+        torch.testing.assert_close(g, gr)

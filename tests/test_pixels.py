@@ -193,6 +193,19 @@ def test_numba_resize_of_a_crop_view_is_pillow_bilinear(shape):
 
 
 @pytest.mark.skipif(not available("ffcv"), reason="FFCV (numba) not installed")
+def test_numba_resize_before_pillow13_runs_the_horizontal_pass_first():
+    """pillow13=False: Pillow 12's order (horizontal, then vertical, each rounded to uint8), which
+    Pillow 13 still follows when the pass sizes are resized one at a time."""
+    from simmim.pipeline.resample import resize_bilinear
+
+    src = np.random.default_rng(5).integers(0, 256, (258, 203, 3), dtype=np.uint8)
+    dst = np.zeros((192, 192, 3), np.uint8)
+    resize_bilinear(src, dst, False)
+    wide = Image.fromarray(src).resize((192, 258), Image.BILINEAR)
+    np.testing.assert_array_equal(dst, np.asarray(wide.resize((192, 192), Image.BILINEAR)))
+
+
+@pytest.mark.skipif(not available("ffcv"), reason="FFCV (numba) not installed")
 @pytest.mark.parametrize("width", [1, 2, 7, 192])
 def test_flip_in_place_is_hflip(width):
     from simmim.pipeline.resample import flip_in_place

@@ -10,6 +10,7 @@
     simmim inspect X.beton                                samples, labels, resolutions, decode check
     simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
     simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
+    simmim reconstruct CKPT IMAGE... --out PNG [--mask M]  the paper's reconstruction figure, any image / mask
 
 `simmim bench NAME` is added by benchmarks/cli.py, the `simmim` console script: benchmarks
 sit above the trainer and nothing imports them (DESIGN.md), so this module builds the parser
@@ -118,6 +119,13 @@ def cmd_export(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(export(args.checkpoint, args.out, fmt=args.format, force=args.force))
+
+
+def cmd_reconstruct(args) -> None:
+    from .reconstruct import parse_patch_sizes, reconstruct
+
+    print(reconstruct(args.checkpoint, args.images, args.out, args.mask, args.mask_ratio,
+                      parse_patch_sizes(args.mask_patch_size), args.seed, args.device))
 
 
 def cmd_plot(args) -> None:
@@ -250,6 +258,17 @@ def add_output_commands(sub) -> None:
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", default="curves.png", help="the PNG to write")
     p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("reconstruct", help="original / masked / pasted prediction / reconstruction of images")
+    p.add_argument("checkpoint", help="a pre-training checkpoint: file, DCP folder or microsoft/SimMIM release")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--mask", default="random", help="random | square | block | MASK.png (white = masked)")
+    p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--mask-patch-size", default="", help="cell side(s) in pixels, e.g. 16,32 (default: the run's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.set_defaults(fn=cmd_reconstruct)
 
 
 def run(args: argparse.Namespace) -> None:

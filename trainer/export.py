@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simmim.kernels import LossOptions
 from simmim.pipeline.errors import CheckpointError
 
 from .checkpoint import Kind, read_checkpoint
@@ -85,7 +86,8 @@ def build_encoder(config: dict, state: dict) -> tuple[nn.Module, str]:
     arch = m.get("arch")
     if arch not in ARCHS:
         raise ExportError(f"the checkpoint's model.arch '{arch}' is unknown here (known: {', '.join(ARCHS)})")
-    model = build_simmim(arch, d.get("img_size", 192), d.get("mask_patch_size", 32), m.get("window_size", 0))
+    model = build_simmim(arch, d.get("img_size", 192), d.get("mask_patch_size", 32), m.get("window_size", 0),
+                         loss=LossOptions(**config.get("loss", {})), head=m.get("head", "linear"))
     model.load_state_dict(state)
     return encoder_network(model).eval(), ARCHS[arch].family
 

@@ -150,9 +150,9 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "TrainState":
-        """From a checkpoint's `train_state`, or from the flat keys written before it existed."""
+        """From a checkpoint's `train_state`."""
         s = cls()
-        s.load_state_dict(ckpt.get("train_state", ckpt))
+        s.load_state_dict(ckpt["train_state"])
         return s
 
 

@@ -7,6 +7,10 @@
       -> masked_loss(pred, images, masks)
     (by default the loss takes the conv's output and does the shuffle's indexing itself)
 
+The paper's ablations are options of the same path: `model.head` (trainer/heads.py: linear, mlp,
+inverse Swin-T / Swin-B), `loss.target_size` (predict the image average-pooled to T x T: the head
+predicts (T / (H/stride))^2 pixels per token) and `loss.kind=bins` (3 * bins logits per pixel).
+
 The encoders are the paper's (the released SimMIM code's):
 - Swin: timm's SwinTransformer (patch norm, no absolute position embedding).
 - ViT: the BEiT-style ViT, timm's `Beit`: one relative position bias table shared by all blocks
@@ -34,8 +38,11 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch.utils.checkpoint import checkpoint
 
-from simmim.kernels import LossOptions, mask_token_fill, masked_loss
+from simmim.kernels import LossOptions, loss_target, mask_token_fill, masked_loss
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from simmim.pipeline.errors import ConfigError
+
+from .heads import HEADS, VIT_DECODER_WINDOW, build_head
 
 log = logging.getLogger("simmim")
 
@@ -222,43 +229,93 @@ class ViTEncoder(nn.Module):
 
 
 class SimMIM(nn.Module):
-    """encoder + 1x1-conv/PixelShuffle head + the masked loss of `loss` (kernels.LossOptions: the
-    `loss:` section of a pre-training config; default L1 on masked pixels)."""
+    """encoder + prediction head (`head`, trainer/heads.py; default the paper's 1x1 conv +
+    PixelShuffle) + the masked loss of `loss` (kernels.LossOptions: the `loss:` section of a
+    pre-training config; default L1 on masked pixels). `img_size` and the encoder's stride fix the
+    target grid; `mean` / `std` (the loader's normalisation) turn images back into 0-255 colours for
+    loss.kind=bins. `decoder` holds the head's layers and the PixelShuffle, last."""
 
-    def __init__(self, encoder: nn.Module, in_chans: int = 3, loss: LossOptions | None = None,
-                 fused_shuffle: bool = True):
+    def __init__(self, encoder: nn.Module, img_size: int, in_chans: int = 3, loss: LossOptions | None = None,
+                 fused_shuffle: bool = True, head: str = "linear", encoder_window: int = VIT_DECODER_WINDOW,
+                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
         super().__init__()
         self.encoder = encoder
         self.stride = encoder.stride
-        self.decoder = nn.Sequential(
-            nn.Conv2d(encoder.num_features, self.stride ** 2 * in_chans, kernel_size=1),
-            nn.PixelShuffle(self.stride))
         self.loss_options = loss or LossOptions()
+        self.target_size = self.loss_options.target_size or img_size
+        out_chans = in_chans * self.loss_options.channels_per_value
+        layers, pixels = build_head(head, encoder.num_features, img_size // self.stride, self.target_size,
+                                    out_chans, encoder_window)
+        self.decoder = nn.Sequential(*layers, nn.PixelShuffle(pixels))
         # On by default: the fused loss reads the head's output before PixelShuffle, saving that
         # copy forward and backward (model.fused_shuffle=false shuffles first, for comparison).
         self.fused_shuffle = fused_shuffle
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)  # (3,), for bins targets and figures
+        self.register_buffer("std", torch.tensor(std), persistent=False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
+        for layer in self.decoder:
+            if hasattr(layer, "set_grad_checkpointing"):
+                layer.set_grad_checkpointing(enable)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, return_pred: bool = False):
         """images (B, 3, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
-        scalar), or (loss, pred (B, 3, H, W)) when return_pred."""
-        conv, shuffle = self.decoder
-        out = conv(self.encoder(images, masks))  # (B, 3*s*s, H/s, W/s)
+        scalar), or (loss, pred (B, 3, H, W)) when return_pred: the prediction as a normalised
+        image (a smaller target upsampled, nearest; bins as their expected colour)."""
+        out = self.head_output(images, masks)
+        shuffle = self.decoder[-1]
         pred = out if self.fused_shuffle else shuffle(out)
-        loss = masked_loss(pred, images, masks, self.loss_options)
+        target = loss_target(images, self.loss_options, self.mean, self.std)  # (B, 3, T, T)
+        loss = masked_loss(pred, target, masks, self.loss_options)
         if not return_pred:
             return loss
-        return loss, shuffle(out) if self.fused_shuffle else pred
+        return loss, self.as_image(shuffle(out), images.shape[-2:])
+
+    def head_output(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The head's output before PixelShuffle, (B, K*p*p, T/p, T/p) (K = 3, or 3 * bins)."""
+        out = self.encoder(images, masks)  # (B, C, H/s, W/s)
+        for layer in self.decoder[:-1]:
+            out = layer(out)
+        return out
+
+    @torch.no_grad()
+    def prediction(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The reconstruction alone: (B, 3, H, W) normalised, as `forward(..., return_pred=True)`'s."""
+        return self.as_image(self.decoder[-1](self.head_output(images, masks)), images.shape[-2:])
+
+    @torch.no_grad()
+    def as_image(self, pred: torch.Tensor, size) -> torch.Tensor:
+        """(B, K, T, T) head output -> (B, 3, H, W) normalised image: bins as the softmax-weighted
+        mean of the bin centres, a smaller target upsampled (nearest)."""
+        o = self.loss_options
+        if o.kind == "bins":
+            B, _, T, _ = pred.shape
+            prob = pred.float().view(B, 3, o.bins, T, T).softmax(2)
+            centres = (torch.arange(o.bins, device=pred.device) + 0.5) * (256 / o.bins) / 255  # [0, 1] units
+            colour = (prob * centres.view(1, 1, -1, 1, 1)).sum(2)
+            pred = (colour - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        if tuple(pred.shape[-2:]) != tuple(size):
+            pred = nn.functional.interpolate(pred, size=tuple(size), mode="nearest")
+        return pred
 
 
-def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0) -> None:
+def target_sizes(img_size: int, grid: int, mask_grid: int) -> list[int]:
+    """The loss.target_size values that fit: divisors of img_size that are multiples of the
+    feature grid and of the mask grid."""
+    return [t for t in range(1, img_size + 1) if img_size % t == 0 and t % grid == 0 and t % mask_grid == 0]
+
+
+def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0, head: str = "linear",
+                        loss: LossOptions | None = None) -> None:
     """ConfigError (naming the keys) unless `arch` exists, its output stride divides
-    data.img_size, the mask cell is a whole number of patches tiling the image, and (Swin) the
-    window tiles every stage."""
+    data.img_size, the mask cell is a whole number of patches tiling the image, (Swin) the
+    window tiles every stage, `head` exists, and loss.target_size divides the image into whole
+    tokens and mask cells."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
+    if head not in HEADS:
+        raise ConfigError(f"unknown model.head '{head}': choose one of {', '.join(HEADS)}")
     a = ARCHS[arch]
     stride = SwinEncoder.stride if a.family in SWIN_FAMILIES else ViTEncoder.stride
     if img_size % stride:
@@ -268,19 +325,32 @@ def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_s
                           f"multiple of the {arch} patch size {a.patch_size}")
     if a.family in SWIN_FAMILIES:
         check_swin_window(a, img_size, window_size or a.window_size)
+    t = loss.target_size if loss is not None else 0
+    fits = target_sizes(img_size, img_size // stride, img_size // mask_patch_size)
+    if t and t not in fits:
+        raise ConfigError(f"loss.target_size {t} must divide data.img_size {img_size} into whole {arch} tokens "
+                          f"({img_size // stride} a side) and mask cells ({img_size // mask_patch_size} a side): "
+                          f"choose one of {', '.join(map(str, fits))}")
+    if loss is not None:
+        try:
+            loss.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
-                 drop_path: float = 0.0, loss: LossOptions | None = None, fused_shuffle: bool = True) -> SimMIM:
-    """The SimMIM model of `arch`; ConfigError / ValueError for options that do not fit."""
-    check_model_options(arch, img_size, mask_patch_size, window_size)
-    (loss or LossOptions()).check()
+                 drop_path: float = 0.0, loss: LossOptions | None = None, fused_shuffle: bool = True,
+                 head: str = "linear") -> SimMIM:
+    """The SimMIM model of `arch` with prediction head `head`; ConfigError for options that do not fit."""
+    check_model_options(arch, img_size, mask_patch_size, window_size, head, loss or LossOptions())
     a = ARCHS[arch]
     if a.family in SWIN_FAMILIES:
         encoder = SwinEncoder(a, img_size, window_size, drop_path)
+        window = window_size or a.window_size
     else:
         encoder = ViTEncoder(a, img_size, drop_path)
-    return SimMIM(encoder, loss=loss, fused_shuffle=fused_shuffle)
+        window = VIT_DECODER_WINDOW
+    return SimMIM(encoder, img_size, loss=loss, fused_shuffle=fused_shuffle, head=head, encoder_window=window)
 
 
 def param_groups(model: nn.Module, weight_decay: float, family: str, rule: str = "released") -> list[dict]:

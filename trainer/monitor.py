@@ -28,7 +28,8 @@ T = TypeVar("T")
 # scalar tags: metrics.jsonl key -> TensorBoard tag
 STEP_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "img_per_s": "perf/img_per_s",
              "data_wait": "perf/data_wait_share", "skipped_steps": "train/skipped_steps"}
-EPOCH_TAGS = {"epoch_loss": "train/epoch_loss", "val_loss": "val/loss", "top1": "val/top1", "top5": "val/top5"}
+EPOCH_TAGS = {"epoch_loss": "train/epoch_loss", "val_loss": "val/loss", "top1": "val/top1", "top5": "val/top5",
+              "knn_top1": "val/knn_top1"}
 
 
 class RunMonitor:
@@ -163,6 +164,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
 
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_lr = fig.subplots(1, 2)
+    ax_knn = None  # a right-hand axis for the k-NN top-1, beside the validation loss
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
         steps, loss = _series(records, "loss")
@@ -172,10 +174,17 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
         steps, loss = _series(records, "val_loss")
         if steps:
             ax_loss.plot(steps, loss, color=color, ls="--", marker="s", ms=3, label=f"{label} validation")
+        steps, knn = _series(records, "knn_top1")
+        if steps:
+            ax_knn = ax_knn or ax_loss.twinx()
+            ax_knn.plot(steps, knn, color=color, ls=":", marker="^", ms=3, label=f"{label} k-NN top-1 (%)")
         steps, lr = _series(records, "lr")
         ax_lr.plot(steps, lr, color=color, label=label)
     ax_loss.set(xlabel="optimizer step", ylabel="masked loss", title="loss")
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
+    if ax_knn is not None:
+        ax_knn.set_ylabel("k-NN top-1 (%)")
+        ax_knn.legend(fontsize=7, loc="upper center")
     for ax in (ax_loss, ax_lr):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from simmim.pipeline.errors import ConfigError
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 
 from .config import PretrainConfig
@@ -71,7 +72,7 @@ class PretrainTask:
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
         model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path, self.cfg.loss,
-                             m.fused_shuffle).to(dist.device)
+                             m.fused_shuffle, m.head).to(dist.device)
         where = (dist.device, dist.rank, dist.world_size, t.seed)
         loader = build_loader(LoaderSpec.from_config(d, self.aug), self.masks, *where)
         self.val_loader = None
@@ -79,6 +80,14 @@ class PretrainTask:
             # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
             spec = LoaderSpec.from_config(d, self.aug, d.val_path, train=False, drop_last=False)
             self.val_loader = build_loader(spec, self.masks, *where)
+        self.knn = None
+        if self.cfg.run.knn_every > 0 and not d.val_path:
+            raise ConfigError("run.knn_every needs labelled held-out images in data.val_path: set it, or run.knn_every=0")
+        if self.cfg.run.knn_every > 0:
+            from .knn import KNNMonitor
+
+            self.knn = KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, self.cfg.run.knn_train_samples,
+                                  d.batch_size, d.num_workers, t.seed, dist)
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
@@ -96,7 +105,7 @@ class PretrainTask:
         make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"
                 else "build the sample set with `simmim sample-data`, or set data.path")
         return {"data.path": (d.path, make),
-                "data.val_path": (d.val_path if self.cfg.run.val_every > 0 else "",
+                "data.val_path": (d.val_path if self.cfg.run.val_every > 0 or self.cfg.run.knn_every > 0 else "",
                                   "point it at held-out images, or set data.val_path= (empty) to train "
                                   "without a validation loss")}
 
@@ -109,6 +118,8 @@ class PretrainTask:
         r = self.cfg.run
         if self.val_loader is not None and ((epoch + 1) % r.val_every == 0 or last):
             out["val_loss"] = validation_loss(model, self.val_loader, amp_dtype)  # every rank takes part
+        if self.knn is not None and ((epoch + 1) % r.knn_every == 0 or last):
+            out["knn_top1"] = self.knn(model, amp_dtype)  # every rank takes part
         if (dist.is_main or self.every_rank) and ((epoch + 1) % r.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
             try:

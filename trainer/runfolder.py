@@ -28,7 +28,7 @@ from pathlib import Path
 
 from simmim.pipeline.io import temporaries
 
-from .config import ConfigError, flatten, migrate
+from .config import ConfigError, flatten
 
 log = logging.getLogger("simmim")
 
@@ -173,12 +173,11 @@ def set_aside(bad: list, resumed: Path) -> None:
 
 def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
     """Compares a checkpoint's config with the new run's (both as `Config.to_dict()`); returns the
-    changed keys a resume allows, raises ConfigError naming those it does not. The saved keys of an
-    earlier version are read at their new place (`config.RENAMED`); keys only one side knows are not
-    compared."""
+    changed keys a resume allows, raises ConfigError naming those it does not; keys only one side
+    knows are not compared."""
     if not saved:
         return []
-    old, cur = migrate(saved), flatten(new)
+    old, cur = flatten(saved), flatten(new)
     changed = [k for k in cur if k in old and old[k] != cur[k] and k != "run.out_dir"]  # the folder may move
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
     if refused:

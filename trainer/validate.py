@@ -74,7 +74,7 @@ def validate_config(cfg) -> None:
         raise ConfigError(str(e)) from None
     from .model import check_model_options
 
-    check_model_options(m.arch, d.img_size, d.mask_patch_size, m.window_size)
+    check_model_options(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.head, getattr(cfg, "loss", None))
     from simmim.kernels.dispatch import MODES
 
     kernels = os.environ.get("SIMMIM_KERNELS", "auto")

@@ -1,0 +1,186 @@
+"""Judging an encoder before fine-tuning (docs/evaluation.md): `simmim reconstruct`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from simmim.pipeline.errors import UserError
+from simmim.trainer.checkpoint import DCPCheckpointer, TorchSaveCheckpointer
+from simmim.trainer.export import swin_original_state_dict
+from simmim.trainer.model import build_simmim
+from simmim.trainer.reconstruct import (evaluation_view, load_pretrained_model, make_masks, panels, predict,
+                                        reconstruct)
+
+CFG = {"model": {"arch": "swin_micro", "window_size": 2}, "data": {"img_size": 64, "mask_patch_size": 32}}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = build_simmim("swin_micro", 64, 32, window_size=2)
+    with torch.no_grad():  # a head that predicts something other than zero
+        model.decoder[0].bias.normal_()
+    return model.eval()
+
+
+def _save(model, tmp_path, fmt):
+    if fmt == "released":  # microsoft/SimMIM: encoder.<original Swin names>, yacs config as a dict
+        enc = {f"encoder.{k}": v for k, v in swin_original_state_dict(model.encoder.swin).items()}
+        enc["encoder.mask_token"] = model.encoder.mask_token.detach().view(1, 1, -1)
+        enc.update({f"decoder.0.{k}": v for k, v in model.decoder[0].state_dict().items()})
+        cfg = {"MODEL": {"TYPE": "swin", "SWIN": {"WINDOW_SIZE": 2, "PATCH_SIZE": 4}},
+               "DATA": {"IMG_SIZE": 64, "MASK_PATCH_SIZE": 32}}
+        torch.save({"model": enc, "config": cfg}, tmp_path / "simmim_pretrain.pth")
+        return tmp_path / "simmim_pretrain.pth"
+    make = TorchSaveCheckpointer if fmt == "torch.save" else DCPCheckpointer
+    ck = make(tmp_path, True, keep_last=1)
+    opt = torch.optim.AdamW(model.parameters())
+    ck.save(3, model, opt, {"train_state": {"epoch": 0, "step_in_epoch": 3}, "scaler": {}, "config": CFG})
+    return ck.checkpoints()[-1][1]
+
+
+def _image(path, size=(80, 70), seed=0):
+    rng = np.random.default_rng(seed)  # values away from mid-grey, so a grey cell always differs
+    pixels = rng.choice(np.r_[0:100, 160:256], size=(size[1], size[0], 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "dcp", "released"])
+def test_checkpoint_formats_rebuild_the_same_model(tmp_path, fmt):
+    model = _model()
+    pre = load_pretrained_model(_save(model, tmp_path, fmt))
+    assert (pre.arch, pre.img_size, pre.mask_patch_size) == ("swin_micro", 64, 32)
+    images, masks = torch.randn(2, 3, 64, 64), torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]], dtype=torch.bool)
+    assert torch.allclose(predict(pre.model, images, masks), predict(model, images, masks), atol=1e-5)
+
+
+def test_user_mask_and_pasted_prediction(tmp_path):
+    model = _model()
+    path = _save(model, tmp_path, "torch.save")
+    mask_png = tmp_path / "mask.png"
+    hand = np.zeros((50, 90), np.uint8)  # another size than the image: white over the left column of cells
+    hand[:, :40] = 255
+    Image.fromarray(hand).save(mask_png)
+    masks = make_masks(str(mask_png), 1, 64, 16, 0.6, 0)
+    assert masks.shape == (1, 4, 4) and masks[0, :, :2].all() and not masks[0, :, 2:].any()
+
+    pre = load_pretrained_model(path)
+    view = evaluation_view(_image(tmp_path / "a.png"), 64)
+    assert view.shape == (3, 64, 64) and view.dtype == torch.uint8
+    images = normalize(view[None], IMAGENET_MEAN, IMAGENET_STD)
+    original, masked, pasted, full = panels(images, masks, predict(pre.model, images, masks))
+    pixel = masks[0].repeat_interleave(16, 0).repeat_interleave(16, 1)  # (64, 64)
+    differs = (masked[0] != original[0]).any(0)
+    assert torch.equal(differs, pixel)  # exactly the masked cells
+    _, out = model(images, masks, return_pred=True)
+    expected = denormalize(out, IMAGENET_MEAN, IMAGENET_STD)[0]
+    assert torch.allclose(pasted[0][:, pixel], expected[:, pixel], atol=1e-5)
+    assert torch.equal(pasted[0][:, ~pixel], original[0][:, ~pixel])
+    assert torch.allclose(full[0], expected, atol=1e-5)
+
+
+def test_figure_with_several_patch_sizes(tmp_path):
+    path = _save(_model(), tmp_path, "dcp")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _image(folder / "a.png"), _image(folder / "b.jpg", seed=1)
+    out = reconstruct(str(path), [str(folder)], str(tmp_path / "fig.png"), "block", 0.5, [16, 32], seed=3,
+                      device="cpu")
+    with Image.open(out) as fig:
+        assert fig.height > fig.width  # 4 rows (2 images x 2 patch sizes) of 4 columns
+
+
+def test_refusals_are_one_line(tmp_path):
+    model = _model()
+    path = _save(model, tmp_path, "torch.save")
+    encoder_only = tmp_path / "encoder.pt"
+    torch.save(model.encoder.swin.state_dict(), encoder_only)
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not an image")
+    good = _image(tmp_path / "good.png")
+    cases = [
+        lambda: reconstruct(str(encoder_only), [str(good)], str(tmp_path / "f.png")),
+        lambda: reconstruct(str(path), [str(bad_image)], str(tmp_path / "f.png")),
+        lambda: reconstruct(str(path), [str(good)], str(tmp_path / "f.png"), mask=str(bad_image)),
+        lambda: reconstruct(str(path), [str(good)], str(tmp_path / "f.png"), mask="nothing-here"),
+        lambda: reconstruct(str(path), [str(good)], str(tmp_path / "f.png"), patch_sizes=[6]),
+        lambda: reconstruct(str(path), [str(good)], str(tmp_path / "f.png"), mask_ratio=1.5),
+    ]
+    for case in cases:
+        with pytest.raises(UserError) as e:
+            case()
+        assert "\n" not in str(e.value) and str(e.value).startswith("reconstruct:"), str(e.value)
+    assert "pre-training" in str(pytest.raises(UserError, cases[0]).value)
+
+
+# ---------------------------------------------------------------- kNN monitor (trainer/knn.py)
+
+def test_knn_matches_a_brute_force_reference():
+    from simmim.trainer.knn import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(60, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
+    queries = torch.randn(25, 8, generator=g)
+    got = knn_predict(bank, labels, queries, 4, k=5, temperature=0.07, chunk=7)
+    for q, pred in zip(queries, got):  # one query at a time, the formula written out
+        cos = [float(q @ b / (q.norm() * b.norm())) for b in bank]
+        nearest = sorted(range(60), key=lambda i: -cos[i])[:5]
+        votes = [sum(np.exp(cos[i] / 0.07) for i in nearest if labels[i] == c) for c in range(4)]
+        assert int(pred) == int(np.argmax(votes))
+    assert (knn_predict(bank, labels, bank, 4, k=1) == labels).all()  # each point is its own nearest
+
+
+def _knn_monitor(sample_root, rank, world):
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.knn import KNNMonitor
+
+    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    return KNNMonitor(str(sample_root / "train"), str(sample_root / "val"), 64, 4, 30, 8, 0, 0, dist)
+
+
+def _knn_rank(rank, world, store, sample_root, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    top1 = _knn_monitor(sample_root, rank, world)(_model())
+    if rank == 0:
+        out.write_text(repr(top1))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_knn_figure_is_the_same_on_one_and_two_ranks(tmp_path, sample_root):
+    one = _knn_monitor(sample_root, 0, 1)(_model())
+    torch.multiprocessing.spawn(_knn_rank, args=(2, str(tmp_path / "store"), sample_root, tmp_path / "top1"),
+                                nprocs=2)
+    assert float((tmp_path / "top1").read_text()) == pytest.approx(one, abs=1e-9) and 0 <= one <= 100
+
+
+@pytest.mark.slow
+def test_pretraining_logs_the_knn_figure(tmp_path, sample_root):
+    import json
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    out = tmp_path / "run"
+    pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", f"data.val_path={sample_root / 'val'}",
+                                  f"run.out_dir={out}", "data.img_size=64", "data.batch_size=8", "data.num_workers=0",
+                                  "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
+                                  "train.epochs=2", "run.knn_every=1", "run.knn_train_samples=20", "run.vis_every=5"]))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["knn_top1"] for r in recs if "knn_top1" in r]
+    assert len(knn) == 2 and all(0 <= v <= 100 for v in knn) and (out / "curves.png").is_file()
+
+
+def test_knn_needs_a_validation_folder(tmp_path, sample_root):
+    from simmim.pipeline.errors import ConfigError
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match="run.knn_every"):
+        pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", "data.val_path=", "run.knn_every=1",
+                                      f"run.out_dir={tmp_path}", "data.num_workers=0", "run.progress=false"]))
