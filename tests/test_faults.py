@@ -26,7 +26,7 @@ from simmim.trainer.pretrain import pretrain
 
 TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
         "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
-        "run.log_every=1"]
+        "run.log_every=1", "run.knn_every=0"]
 
 
 def cfg_for(sample_root, out, *extra):
@@ -173,7 +173,8 @@ def test_log_file_that_fails_is_said_once(tmp_path, capsys):
 
 CTRL_C_ARGS = ["--config", "demo", "data.img_size=64", "data.num_workers=2", "model.arch=swin_micro",
                "model.window_size=2", "run.progress=false", "run.vis_every=100", "train.warmup_epochs=1",
-               "run.log_every=1", "data.val_path=", "data.batch_size=4", "train.epochs=3", "data.backend=torch"]
+               "run.log_every=1", "data.val_path=", "data.batch_size=4", "train.epochs=3", "data.backend=torch",
+               "run.knn_every=0"]
 # the trainer's CLI, each training forward slowed by SLOW_STEP_S (a slow step to press Ctrl-C twice in)
 DRIVER = """
 import os, sys, time
