@@ -289,6 +289,7 @@ def add_output_commands(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
     from simmim.pipeline.errors import UserError
+    from simmim.pipeline.io import WRITE_REFUSED
 
     from .distributed import PeerLost
     from .loop import REQUEUE_EXIT, Diverged, Preempted
@@ -305,6 +306,12 @@ def run(args: argparse.Namespace) -> None:
     except UserError as e:
         if not (getattr(e, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):  # said once, by rank 0
             print(f"simmim {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write (or read) the user's world refused: its path, not a traceback
+        if e.errno not in WRITE_REFUSED:
+            raise
+        print(f"simmim {args.command}: error: {e.strerror}: '{e.filename}': fix its folder's permissions or free "
+              f"space, or choose another path", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"simmim {args.command}: interrupted", file=sys.stderr)

@@ -122,8 +122,12 @@ class PretrainTask:
             out["knn_top1"] = self.knn(model, amp_dtype)  # every rank takes part
         if (dist.is_main or self.every_rank) and ((epoch + 1) % r.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}",
-                         save=dist.is_main)
+            try:
+                write_figure(model, self.vis_batch, self.aug, out_dir / name,
+                             f"{self.cfg.model.arch}, epoch {epoch + 1}", save=dist.is_main)
+            except OSError as e:  # a figure is not worth the run (a full disk, a folder made read-only)
+                log.warning("cannot write %s (%s): training goes on without it", out_dir / name, e.strerror or e)
+                return out
             if dist.is_main:
                 out["reconstruction"] = out_dir / name
         return out
