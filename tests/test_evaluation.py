@@ -258,3 +258,21 @@ def test_probe_resume_is_exact(tmp_path):
     a, b = (read_checkpoint(checkpoints(tmp_path / r)[-1][1]) for r in ("ref", "cut"))
     assert a.model.keys() == b.model.keys() and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert str(a.optimizer) == str(b.optimizer)
+
+
+def test_probe_command_line(tmp_path, capsys, monkeypatch):
+    """`simmim probe CKPT --config RECIPE key=value`: the overrides after the recipe reach the config;
+    a missing checkpoint is one line and exit status 2."""
+    from simmim.trainer import cli, probe as probe_mod
+
+    seen = {}
+    monkeypatch.setattr(probe_mod, "probe", lambda cfg: seen.setdefault("cfg", cfg))
+    ap, _ = cli.build_parser()
+    cli.run(ap.parse_args(["probe", "ck.pt", "--config", "probe_demo", "probe.layer=2", "train.epochs=3"]))
+    cfg = seen["cfg"]
+    assert (cfg.probe.pretrained, cfg.probe.layer, cfg.train.epochs) == ("ck.pt", 2, 3)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        cli.run(ap.parse_args(["probe", str(tmp_path / "none.pt"), "--config", "probe_demo"]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "none.pt" in err

@@ -60,7 +60,11 @@ def cmd_probe(args) -> None:
     from .probe import ProbeConfig, probe
 
     run_logging()
-    probe(load_config(args.config, [f"probe.pretrained={args.checkpoint}", *args.overrides], ProbeConfig))
+    # --config takes the overrides after the recipe too: argparse cannot give a positional list
+    # after an option once the checkpoint (the first positional) has been read
+    recipe, *after = args.config or [None]
+    overrides = [f"probe.pretrained={args.checkpoint}", *args.overrides, *after]
+    probe(load_config(recipe, overrides, ProbeConfig))
 
 
 def cmd_evaluate(args) -> None:
@@ -188,8 +192,9 @@ def add_training_commands(sub) -> None:
 
     p = sub.add_parser("probe", help="linear probe of a pre-trained encoder (frozen), top-1 / top-5 each epoch")
     p.add_argument("checkpoint", help="a pre-training checkpoint (any layout finetune.pretrained reads)")
-    p.add_argument("--config", "-c", default=None, help="a recipe (probe_demo, probe_vit_base) or YAML")
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. probe.layer=8")
+    p.add_argument("--config", "-c", nargs="+", default=None, metavar="RECIPE [key.sub=value ...]",
+                   help="a recipe (probe_demo, probe_vit_base) or YAML, then overrides, e.g. probe.layer=8")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, also accepted before --config")
     p.set_defaults(fn=cmd_probe)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 of a fine-tuned checkpoint (resize + centre crop)")
