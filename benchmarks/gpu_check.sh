@@ -32,7 +32,7 @@
 # (a shell command run as an extra first step: how the tests make a step hang).
 # The dry run hides any GPU, runs the Triton kernels in the interpreter, sets TORCH_COMPILE_DISABLE=1
 # (inductor on a CPU takes minutes; compilation itself is checked by the pytest step on the GPU) and
-# times the claims' methods (SimMIM) but not the three Swin-B heads.
+# times the claims' methods (SimMIM) but not the four Swin-B heads.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
