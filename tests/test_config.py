@@ -114,11 +114,13 @@ def test_validation_reads_the_kernel_environment(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_packaged_recipe_passes_validation(name):
-    schema = FinetuneConfig if name.startswith("finetune") else PretrainConfig
+    from simmim.trainer.probe import ProbeConfig
+
+    schema = FinetuneConfig if name.startswith("finetune") else ProbeConfig if name.startswith("probe") else PretrainConfig
     assert load_config(name, [], schema).train.epochs > 0
 
 
-@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig])
+@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig, "ProbeConfig"])
 def test_every_numeric_option_has_a_range(schema):
     """A new int / float option cannot slip past validation: each has a rule beside it (`rules()` of
     its options class, composed by trainer/validate.py) or a check of its own there, listed here."""
@@ -135,6 +137,8 @@ def test_every_numeric_option_has_a_range(schema):
             elif any(t in str(hints[f.name]) for t in ("int", "float")):
                 yield prefix + f.name
 
+    if schema == "ProbeConfig":
+        from simmim.trainer.probe import ProbeConfig as schema
     checked_apart = {"data.max_pixels"}  # decode.check_max_pixels
     keys = list(numeric(schema))
     assert {"data.ffcv.buffer_pages", "loss.beta", "optim.betas"} & set(keys)
@@ -154,28 +158,6 @@ def test_parallel_is_checked_at_load():
             load_config("demo", [f"{key}={value}"])
     assert load_config("demo", ["train.parallel=fsdp", "train.cpu_offload=true"]).train.cpu_offload
     assert load_config("demo", ["train.parallel=fsdp"]).train.parallel == "fsdp"
-
-
-def test_flat_backend_keys_of_earlier_versions_still_load(caplog):
-    """Saved configs and recipes of earlier versions used data.dali_device / data.order: they land in
-    the data.dali / data.ffcv sections, with a warning naming the new key."""
-    cfg = config_from_dict({"data": {"dali_device": "cpu", "order": "quasi_random", "dali_prefetch": 3}})
-    assert (cfg.data.dali.device, cfg.data.ffcv.order, cfg.data.dali.prefetch) == ("cpu", "quasi_random", 3)
-    assert "'data.dali_device' is now 'data.dali.device'" in caplog.text
-    cfg = load_config(None, ["data.os_cache=false", "data.dali.threads=2"])
-    assert (cfg.data.ffcv.os_cache, cfg.data.dali.threads) == (False, 2)
-
-
-def test_loss_options_of_earlier_versions_move_to_the_loss_section(caplog):
-    """model.loss / loss_beta / loss_all_pixels / norm_target were model keys: recipes, overrides and
-    saved configs that use them still load, into the loss section, with a warning per key."""
-    cfg = load_config(None, ["model.loss=smooth_l1", "model.loss_beta=0.5", "model.loss_all_pixels=true",
-                             "model.norm_target=7"])
-    assert (cfg.loss.kind, cfg.loss.beta, cfg.loss.all_pixels, cfg.loss.norm_target) == ("smooth_l1", 0.5, True, 7)
-    assert "'model.norm_target' is now 'loss.norm_target'" in caplog.text
-    saved = {"data": {"img_size": 128},
-             "model": {"arch": "swin_mini", "window_size": 4, "loss": "l2", "norm_target": 0}}
-    assert config_from_dict(saved).loss.kind == "l2"
 
 
 @pytest.mark.parametrize("override,match", [
@@ -220,44 +202,6 @@ def test_the_task_sections_belong_to_their_command():
         load_config("swinv2_base_800ep", [], FinetuneConfig)
     with pytest.raises(ConfigError, match="config key 'loss.kind' belongs to pre-training"):
         load_config("demo", ["loss.kind=l1"], FinetuneConfig)  # an override is never left out
-
-
-def test_saved_configs_of_earlier_versions_load(caplog):
-    """An earlier version's pre-training checkpoint config carried a finetune section and the flat loss
-    keys: it loads as a pre-training config (finetune left out) and as a fine-tuning one (loss left out)."""
-    saved = PretrainConfig().to_dict()
-    saved["model"] = {"arch": "swin_mini", "window_size": 4, "drop_path": 0.0, "loss": "l2", "loss_beta": 1.0,
-                      "loss_all_pixels": False, "norm_target": 0, "fused_shuffle": True}
-    saved.pop("loss")
-    saved["finetune"] = {"pretrained": "", "val_path": "v", "layer_decay": 0.9, "mixup": 0.8}
-    saved["data"]["dali_device"], saved["data"]["img_size"] = "cpu", 128
-    pre = config_from_dict(saved)
-    assert pre.loss.kind == "l2" and pre.data.dali.device == "cpu" and not hasattr(pre, "finetune")
-    fine = config_from_dict(saved, ["finetune.mixup=0.5"], FinetuneConfig)
-    assert (fine.finetune.val_path, fine.finetune.mixup, fine.model.arch) == ("v", 0.5, "swin_mini")
-    assert not hasattr(fine, "loss")
-    with pytest.raises(ConfigError, match="unknown config key 'model.lost'"):  # other unknown keys still fail
-        config_from_dict({"model": {"lost": 1}})
-
-
-def test_an_earlier_versions_config_yaml_loads_as_a_recipe(tmp_path, caplog):
-    """Earlier versions wrote every section into config.yaml (a pre-training run's held the finetune
-    defaults, the loss keys under model): given back as a recipe it loads, those defaults left out with
-    a warning; a finetune section with values of its own is still refused."""
-    old = PretrainConfig().to_dict()
-    loss = old.pop("loss")
-    old["model"].update(loss=loss["kind"], loss_beta=loss["beta"], loss_all_pixels=loss["all_pixels"],
-                        norm_target=loss["norm_target"])
-    old["finetune"] = FinetuneConfig().to_dict()["finetune"]
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(old, sort_keys=False))
-    assert load_config(str(path)) == PretrainConfig()
-    assert "'finetune' section (the defaults, as earlier versions wrote it) is left out" in caplog.text
-    assert load_config(str(path), [], FinetuneConfig) == FinetuneConfig()  # the loss defaults left out
-    old["finetune"]["mixup"] = 0.5
-    path.write_text(yaml.safe_dump(old, sort_keys=False))
-    with pytest.raises(ConfigError, match="config key 'finetune.pretrained' belongs to fine-tuning"):
-        load_config(str(path))
 
 
 def test_an_odd_batch_with_mixup_is_refused():

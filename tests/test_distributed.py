@@ -282,11 +282,8 @@ def test_world_size_change_keeps_global_batch(caplog):
     assert "the global batch changes from 2048 to 3072" in caplog.text
 
 
-def test_train_state_round_trip_and_old_checkpoints():
+def test_train_state_round_trip():
     s = TrainState(epoch=3, step_in_epoch=5, global_batch=64, world_size=2, skipped_steps=1)
     t = TrainState()
     t.load_state_dict(s.state_dict())
-    assert t == s
-    # checkpoints written before TrainState kept these keys at the top level
-    old = {"model": {}, "epoch": 3, "step_in_epoch": 5, "global_batch": 64, "world_size": 2, "skipped_steps": 1}
-    assert TrainState.from_checkpoint(old) == s
+    assert t == s and TrainState.from_checkpoint({"train_state": s.state_dict(), "scaler": {}}) == s

@@ -12,16 +12,13 @@ or a YAML path, read with yaml.safe_load), then the overrides, each key set on a
 `OmegaConf.structured` config (type checks and conversions: '2e-4' into a float field is 2e-4, a
 list into a tuple of fixed length), then `OmegaConf.to_object` back to the dataclasses and
 `validate_config` (ranges and relations). Every mistake (unknown key, wrong type, not a mapping,
-bad YAML, missing recipe) is one `ConfigError` line naming the key. Keys of earlier versions
-(`RENAMED`) move to their new place with a warning; a saved config (a checkpoint's) that carries
-the other task's section loads with that section left out.
+bad YAML, missing recipe) is one `ConfigError` line naming the key.
 
 Derived values (effective lr, steps) are computed by the wiring and logged, never written back here.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,9 +36,8 @@ from simmim.pipeline.options import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Dat
 from .validate import validate_config
 
 RECIPES = Path(__file__).parent / "configs"
-log = logging.getLogger("simmim")
-__all__ = ["Config", "ConfigError", "PretrainConfig", "RECIPES", "RENAMED", "config_from_dict", "load_config",
-           "migrate", "parse_override", "save_config"]
+__all__ = ["Config", "ConfigError", "PretrainConfig", "RECIPES", "config_from_dict", "flatten", "load_config",
+           "parse_override", "save_config"]
 
 
 @dataclass
@@ -131,6 +127,8 @@ class RunConfig:
     progress: bool = True
     stop_check_every: int = 10  # steps between checks for a stop signal across ranks
     val_every: int = 1  # epochs between validation losses on data.val_path (0: never); the last epoch always
+    knn_every: int = 0  # epochs between weighted k-NN top-1 evaluations on data.val_path (0: never; trainer/knn.py)
+    knn_train_samples: int = 10000  # training images (a fixed random subset) whose features the k-NN votes with
     tensorboard: bool = True  # TensorBoard events in out_dir/tensorboard (rank 0)
     wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
     async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
@@ -139,7 +137,8 @@ class RunConfig:
     def rules() -> dict[str, Rule]:
         return {"out_dir": (bool, "a folder"), "log_every": POSITIVE, "save_every": POSITIVE,
                 "save_every_minutes": NON_NEGATIVE, "keep_last": NON_NEGATIVE, "vis_every": POSITIVE,
-                "stop_check_every": POSITIVE, "val_every": NON_NEGATIVE}
+                "stop_check_every": POSITIVE, "val_every": NON_NEGATIVE,
+                "knn_every": NON_NEGATIVE, "knn_train_samples": POSITIVE}
 
 
 @dataclass
@@ -167,18 +166,8 @@ class PretrainConfig(Config):
     loss: LossOptions = field(default_factory=LossOptions)
 
 
-# Sections only one task has: in a user's recipe or override for the other task they are a mistake;
-# in a saved config (an earlier version's pre-training checkpoints carried `finetune`) they are left out.
+# Sections only one task has: in a recipe or override for the other task they are a mistake
 TASK_SECTIONS = {"loss": "pre-training (simmim pretrain)", "finetune": "fine-tuning (simmim finetune)"}
-
-# keys of earlier versions -> where they live now; saved configs and recipes that use them still
-# load, with a warning
-RENAMED = {"data.order": "data.ffcv.order", "data.os_cache": "data.ffcv.os_cache",
-           "data.buffer_pages": "data.ffcv.buffer_pages", "data.dali_device": "data.dali.device",
-           "data.dali_hw_decoder_load": "data.dali.hw_decoder_load", "data.dali_prefetch": "data.dali.prefetch",
-           "data.dali_threads": "data.dali.threads", "data.dali_preallocate": "data.dali.preallocate",
-           "model.loss": "loss.kind", "model.loss_beta": "loss.beta", "model.loss_all_pixels": "loss.all_pixels",
-           "model.norm_target": "loss.norm_target"}
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -189,27 +178,6 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
-    return out
-
-
-def migrate(values: dict, schema: type[Config] | None = None, recipe: str | None = None) -> dict[str, Any]:
-    """A saved config (nested, as `Config.to_dict()` of any version) as flat dotted keys of this
-    version: `RENAMED` keys moved (a warning names each) and, given the `schema`, the sections of
-    the other task left out. Given a `recipe` (the name of a mapping a user wrote: a YAML file),
-    ConfigError if it sets a key under both its old and its new name: which one is meant cannot be
-    told (on the command line each `a.b=c` is its own mapping, and the last one wins)."""
-    out = {}
-    flat = flatten(values)
-    for old, value in flat.items():
-        key = RENAMED.get(old, old)
-        if recipe is not None and key != old and key in flat:
-            raise ConfigError(f"{recipe} sets both '{old}' and '{key}' (its new name): keep only '{key}'")
-        section = key.split(".", 1)[0]
-        if schema is not None and section in TASK_SECTIONS and section not in _fields(schema):
-            continue
-        if key != old:
-            log.warning("%sconfig key '%s' is now '%s'", f"{recipe}: " if recipe else "", old, key)
-        out[key] = value
     return out
 
 
@@ -317,40 +285,18 @@ def read_recipe(name_or_path: str) -> dict:
     return values
 
 
-def _section_defaults(section: str) -> dict:
-    if section == "loss":
-        return asdict(LossOptions())
-    from .finetune_options import FinetuneOptions
-
-    return asdict(FinetuneOptions())
-
-
-def _without_default_sections(values: dict[str, Any], schema: type[Config], where: str) -> dict[str, Any]:
-    """`values` (flat) without another task's section that holds only that task's defaults: what
-    earlier versions wrote into every config.yaml (a pre-training run's `finetune` section, a
-    fine-tuning run's loss keys), left out with a warning. Any other value there stays, to be refused."""
-    for section in TASK_SECTIONS.keys() - _fields(schema).keys():
-        keys = [k for k in values if k.split(".", 1)[0] == section]
-        defaults = _section_defaults(section)
-        if keys and all(k.count(".") == 1 and defaults.get(k.split(".")[1], ...) == values[k] for k in keys):
-            log.warning("%s: its '%s' section (the defaults, as earlier versions wrote it) is left out: it belongs "
-                        "to %s", where, section, TASK_SECTIONS[section])
-            values = {k: v for k, v in values.items() if k not in keys}
-    return values
-
-
 def load_config(recipe: str | None = None, overrides: list[str] = (), schema: type[Config] = PretrainConfig):
     """The `schema`'s defaults (PretrainConfig, or finetune_options.FinetuneConfig), then the recipe (a
     packaged name or a YAML path), then `a.b=c` overrides; checked whole (`validate_config`).
     ConfigError naming the key for any mistake."""
-    layers = [_without_default_sections(migrate(read_recipe(recipe), recipe=recipe), schema, recipe)] if recipe else []
-    return _build(schema, layers + [migrate(parse_override(text)) for text in overrides])
+    layers = [flatten(read_recipe(recipe))] if recipe else []
+    return _build(schema, layers + [parse_override(text) for text in overrides])
 
 
 def config_from_dict(values: dict, overrides: list[str] = (), schema: type[Config] = PretrainConfig):
-    """A `schema` config from a saved one (e.g. a checkpoint's, of this or an earlier version: renamed
-    keys move, another task's section is left out), then `a.b=c` overrides; checked whole."""
-    return _build(schema, [migrate(values, schema)] + [migrate(parse_override(text)) for text in overrides])
+    """A `schema` config from a saved one (`Config.to_dict()`, e.g. a checkpoint's), then `a.b=c`
+    overrides; checked whole."""
+    return _build(schema, [flatten(values)] + [parse_override(text) for text in overrides])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

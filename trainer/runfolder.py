@@ -21,11 +21,14 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
-from .config import ConfigError, flatten, migrate
+from simmim.pipeline.io import temporaries
+
+from .config import ConfigError, flatten
 
 log = logging.getLogger("simmim")
 
@@ -128,6 +131,26 @@ def _names(path: Path, fd: int) -> bool:
         return False
 
 
+def remove_leftovers(out_dir: str | Path) -> list[Path]:
+    """Deletes what a stopped run left half-written in its folder, whatever stopped it (SIGKILL,
+    out of memory, a node lost): atomic_write's temporary files (checkpoints, figures, metrics,
+    config), a DCP save's `.checkpoint-*.tmp` folder and a replaced one's `.checkpoint-*.old`.
+    Rank 0 only, holding the folder's lock (no other writer can be at work); returns them, said in
+    one line."""
+    out_dir = Path(out_dir)
+    found = [*temporaries(out_dir), *(p for p in out_dir.glob(".checkpoint-*")
+                                      if p.is_dir() and p.name.endswith((".tmp", ".old")))]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d file%s a stopped run left half-written: %s", len(found), "" if len(found) == 1 else "s",
+                 ", ".join(str(p.relative_to(out_dir)) for p in found[:5]) + (" ..." if len(found) > 5 else ""))
+    return found
+
+
 def job_id() -> str | None:
     """The same for every worker group of one torchrun job (across restarts), else None."""
     return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
@@ -150,12 +173,11 @@ def set_aside(bad: list, resumed: Path) -> None:
 
 def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
     """Compares a checkpoint's config with the new run's (both as `Config.to_dict()`); returns the
-    changed keys a resume allows, raises ConfigError naming those it does not. The saved keys of an
-    earlier version are read at their new place (`config.RENAMED`); keys only one side knows are not
-    compared."""
+    changed keys a resume allows, raises ConfigError naming those it does not; keys only one side
+    knows are not compared."""
     if not saved:
         return []
-    old, cur = migrate(saved), flatten(new)
+    old, cur = flatten(saved), flatten(new)
     changed = [k for k in cur if k in old and old[k] != cur[k] and k != "run.out_dir"]  # the folder may move
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE)]
     if refused:
