@@ -32,7 +32,7 @@
 # (a shell command run as an extra first step: how the tests make a step hang).
 # The dry run hides any GPU, runs the Triton kernels in the interpreter, sets TORCH_COMPILE_DISABLE=1
 # (inductor on a CPU takes minutes; compilation itself is checked by the pytest step on the GPU) and
-# times the claims' methods (SimMIM) but not the three Swin-B heads. Its budget (default 300 s) is
+# times the claims' methods (SimMIM) but not the four Swin-B heads. Its budget (default 300 s) is
 # counted in CPU seconds the steps used (user + system, from /proc), not wall seconds: what the
 # machine delivered, so other work sharing the CPUs slows the dry run without using up its budget
 # (one thread per step: the tiny sizes gain nothing from more). A step that hangs uses no CPU, so
