@@ -35,8 +35,8 @@ setup(
         "triton": ["triton"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "psutil", "wandb"],  # wandb: the offline-logging test
-        "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil"],
+        "test": ["pytest", "psutil", "wandb", "scikit-learn"],  # wandb: the offline-logging test; scikit-learn: the probe test
+        "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil", "scikit-learn"],
     },
     # the full command, `bench` included, lives at the top of the dependency graph (benchmarks/cli.py)
     entry_points={"console_scripts": ["simmim = simmim.benchmarks.cli:main"]},

@@ -68,6 +68,16 @@ class SampleList:
         self.root, self.names, self.offsets, self.labels = root, names, offsets, labels
         self._root_bytes = os.fsencode(root)
 
+    def fingerprint(self) -> str:
+        """12 hex digits of SHA-1 over the relative paths (in order) and labels: another file, name,
+        label or order gives another value (a resume tells a changed list by it); ~0.1 s a million."""
+        import hashlib
+
+        digest = hashlib.sha1(np.ascontiguousarray(self.offsets).tobytes())
+        digest.update(np.ascontiguousarray(self.names).tobytes())
+        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        return digest.hexdigest()[:12]
+
     @classmethod
     def from_pairs(cls, pairs, root: str = "") -> "SampleList":
         """From an iterable of (path, label); `root` is stripped from every path (all must start

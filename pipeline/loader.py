@@ -63,6 +63,19 @@ class Loader(abc.ABC):
         self.accum_steps = 1  # micro-batches per optimizer step: masks are drawn per step (GlobalBatchMasks)
         self.batch_transform = self.device_transform() if spec.train else None
 
+    def fingerprint(self) -> str:
+        """A cheap identity of the data (12 hex digits), which a resume compares with the one its
+        checkpoint saved: the `SampleList`'s paths and labels where the backend lists image files,
+        else the data file's sample count and size (a .beton)."""
+        samples = getattr(self, "samples", None)
+        if hasattr(samples, "fingerprint"):
+            return samples.fingerprint()
+        import hashlib
+        import os
+
+        size = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
+        return hashlib.sha1(f"{self.num_samples} {size}".encode()).hexdigest()[:12]
+
     # ---------------------------------------------------------------- what a backend implements
 
     @abc.abstractmethod

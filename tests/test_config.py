@@ -114,11 +114,13 @@ def test_validation_reads_the_kernel_environment(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_packaged_recipe_passes_validation(name):
-    schema = FinetuneConfig if name.startswith("finetune") else PretrainConfig
+    from simmim.trainer.probe import ProbeConfig
+
+    schema = FinetuneConfig if name.startswith("finetune") else ProbeConfig if name.startswith("probe") else PretrainConfig
     assert load_config(name, [], schema).train.epochs > 0
 
 
-@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig])
+@pytest.mark.parametrize("schema", [PretrainConfig, FinetuneConfig, "ProbeConfig"])
 def test_every_numeric_option_has_a_range(schema):
     """A new int / float option cannot slip past validation: each has a rule beside it (`rules()` of
     its options class, composed by trainer/validate.py) or a check of its own there, listed here."""
@@ -135,6 +137,8 @@ def test_every_numeric_option_has_a_range(schema):
             elif any(t in str(hints[f.name]) for t in ("int", "float")):
                 yield prefix + f.name
 
+    if schema == "ProbeConfig":
+        from simmim.trainer.probe import ProbeConfig as schema
     checked_apart = {"data.max_pixels"}  # decode.check_max_pixels
     keys = list(numeric(schema))
     assert {"data.ffcv.buffer_pages", "loss.beta", "optim.betas"} & set(keys)

@@ -114,3 +114,165 @@ def test_refusals_are_one_line(tmp_path):
             case()
         assert "\n" not in str(e.value) and str(e.value).startswith("reconstruct:"), str(e.value)
     assert "pre-training" in str(pytest.raises(UserError, cases[0]).value)
+
+
+# ---------------------------------------------------------------- kNN monitor (trainer/knn.py)
+
+def test_knn_matches_a_brute_force_reference():
+    from simmim.trainer.knn import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(60, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
+    queries = torch.randn(25, 8, generator=g)
+    got = knn_predict(bank, labels, queries, 4, k=5, temperature=0.07, chunk=7)
+    for q, pred in zip(queries, got):  # one query at a time, the formula written out
+        cos = [float(q @ b / (q.norm() * b.norm())) for b in bank]
+        nearest = sorted(range(60), key=lambda i: -cos[i])[:5]
+        votes = [sum(np.exp(cos[i] / 0.07) for i in nearest if labels[i] == c) for c in range(4)]
+        assert int(pred) == int(np.argmax(votes))
+    assert (knn_predict(bank, labels, bank, 4, k=1) == labels).all()  # each point is its own nearest
+
+
+def _knn_monitor(sample_root, rank, world):
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.knn import KNNMonitor
+
+    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    return KNNMonitor(str(sample_root / "train"), str(sample_root / "val"), 64, 4, 30, 8, 0, 0, dist)
+
+
+def _knn_rank(rank, world, store, sample_root, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    top1 = _knn_monitor(sample_root, rank, world)(_model())
+    if rank == 0:
+        out.write_text(repr(top1))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_knn_figure_is_the_same_on_one_and_two_ranks(tmp_path, sample_root):
+    one = _knn_monitor(sample_root, 0, 1)(_model())
+    torch.multiprocessing.spawn(_knn_rank, args=(2, str(tmp_path / "store"), sample_root, tmp_path / "top1"),
+                                nprocs=2)
+    assert float((tmp_path / "top1").read_text()) == pytest.approx(one, abs=1e-9) and 0 <= one <= 100
+
+
+@pytest.mark.slow
+def test_pretraining_logs_the_knn_figure(tmp_path, sample_root):
+    import json
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    out = tmp_path / "run"
+    pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", f"data.val_path={sample_root / 'val'}",
+                                  f"run.out_dir={out}", "data.img_size=64", "data.batch_size=8", "data.num_workers=0",
+                                  "model.arch=swin_micro", "model.window_size=2", "run.progress=false",
+                                  "train.epochs=2", "run.knn_every=1", "run.knn_train_samples=20", "run.vis_every=5"]))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["knn_top1"] for r in recs if "knn_top1" in r]
+    assert len(knn) == 2 and all(0 <= v <= 100 for v in knn) and (out / "curves.png").is_file()
+
+
+def test_knn_needs_a_validation_folder(tmp_path, sample_root):
+    from simmim.pipeline.errors import ConfigError
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match="run.knn_every"):
+        pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", "data.val_path=", "run.knn_every=1",
+                                      f"run.out_dir={tmp_path}", "data.num_workers=0", "run.progress=false"]))
+
+
+# ---------------------------------------------------------------- linear probe (trainer/probe.py)
+
+def _colour_classes(root, per_class=12, seed=0):
+    """Classes that differ only in colour: each image one hue plus noise, random size."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for name, rgb in (("blue", (40, 60, 200)), ("green", (50, 190, 60)), ("red", (200, 50, 40))):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(60, 90, size=2)
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _probe_cfg(root, out, *extra):
+    from simmim.trainer.config import load_config
+    from simmim.trainer.probe import ProbeConfig
+
+    return load_config("probe_demo", [f"data.path={root / 'train'}", f"probe.val_path={root / 'val'}",
+                                      f"run.out_dir={out}", "data.img_size=64", "data.batch_size=8",
+                                      "data.num_workers=0", "model.arch=swin_micro", "model.window_size=2",
+                                      "run.progress=false", *extra], ProbeConfig)
+
+
+def test_probe_of_a_random_encoder_reaches_logistic_regression(tmp_path):
+    """A fixed random encoder: the probe's top-1 on colour classes against scikit-learn's
+    LogisticRegression on the same (frozen, pooled) features of the evaluation view."""
+    LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
+    from simmim.pipeline.augment import Augmentation
+    from simmim.pipeline.folder import ImageFolder
+    from simmim.trainer.probe import probe
+
+    root = _colour_classes(tmp_path / "data")
+    result = probe(_probe_cfg(root, tmp_path / "run", "train.epochs=6", "probe.optimizer=lars", "optim.base_lr=50"))
+    from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+    from simmim.trainer.finetune import build_classifier
+    from simmim.trainer.probe import LinearProbe
+
+    state = read_checkpoint(checkpoints(tmp_path / "run")[-1][1]).model
+    model = LinearProbe(build_classifier("swin_micro", 64, 3, 2, 0.0), "swin", 3)
+    model.load_state_dict(state)
+    model.eval()
+
+    def feats(split):
+        ds = ImageFolder(root / split, Augmentation(size=64), train=False)
+        items = [ds[(i, 0)] for i in range(len(ds))]
+        x = normalize(torch.stack([a for a, _ in items]), IMAGENET_MEAN, IMAGENET_STD)
+        return model.features(x).numpy(), np.array([b for _, b in items])
+
+    (xt, yt), (xv, yv) = feats("train"), feats("val")
+    reference = 100 * LogisticRegression(max_iter=2000).fit(xt, yt).score(xv, yv)
+    assert reference > 60  # colour survives a random encoder
+    print(f"probe top-1 {result['top1']:.1f}%, LogisticRegression {reference:.1f}%")
+    assert result["top1"] >= reference - 100 / len(yv) - 1e-6, (result, reference)  # at most one image fewer
+
+
+def test_probe_resume_is_exact(tmp_path):
+    """Interrupted after epoch 1's checkpoint (the newer one removed, as a kill before it was
+    written), the resumed run ends with the same head, BatchNorm statistics and optimizer state."""
+    from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+    from simmim.trainer.probe import probe
+
+    root = _colour_classes(tmp_path / "data", per_class=6)
+    extra = ("train.epochs=2", "run.save_every=1", "run.keep_last=0")
+    probe(_probe_cfg(root, tmp_path / "ref", *extra))
+    probe(_probe_cfg(root, tmp_path / "cut", *extra))
+    checkpoints(tmp_path / "cut")[-1][1].unlink()
+    probe(_probe_cfg(root, tmp_path / "cut", *extra))
+    a, b = (read_checkpoint(checkpoints(tmp_path / r)[-1][1]) for r in ("ref", "cut"))
+    assert a.model.keys() == b.model.keys() and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert str(a.optimizer) == str(b.optimizer)
+
+
+def test_probe_command_line(tmp_path, capsys, monkeypatch):
+    """`simmim probe CKPT --config RECIPE key=value`: the overrides after the recipe reach the config;
+    a missing checkpoint is one line and exit status 2."""
+    from simmim.trainer import cli, probe as probe_mod
+
+    seen = {}
+    monkeypatch.setattr(probe_mod, "probe", lambda cfg: seen.setdefault("cfg", cfg))
+    ap, _ = cli.build_parser()
+    cli.run(ap.parse_args(["probe", "ck.pt", "--config", "probe_demo", "probe.layer=2", "train.epochs=3"]))
+    cfg = seen["cfg"]
+    assert (cfg.probe.pretrained, cfg.probe.layer, cfg.train.epochs) == ("ck.pt", 2, 3)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        cli.run(ap.parse_args(["probe", str(tmp_path / "none.pt"), "--config", "probe_demo"]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "none.pt" in err

@@ -119,7 +119,7 @@ def test_budget_holds_when_a_step_hangs_and_its_processes_die(tmp_path):
     hang = f"sh -c 'trap \"\" TERM; exec sleep 300' & echo $! > {pidfile}; sleep 300"
     budget = 12
     proc, took = run_script("gpu_check.sh", tmp_path / "out", 120, GPU_CHECK_BUDGET=str(budget),
-                            GPU_CHECK_INJECT=hang)
+                            GPU_CHECK_DRY_SLACK="1", GPU_CHECK_INJECT=hang)
     assert proc.returncode == 1  # a step failed
     summary = check_outputs(tmp_path / "out", proc)
     steps = steps_of(tmp_path / "out")
@@ -138,7 +138,7 @@ def test_a_kill_before_the_limit_is_not_called_the_limit(tmp_path):
     """rc 137 is also what the kernel's OOM killer leaves: a step killed by SIGKILL well before its
     limit must say so, not "stopped at its limit"."""
     proc, _ = run_script("gpu_check.sh", tmp_path / "out", 60, GPU_CHECK_BUDGET="10", GPU_CHECK_MIN_STEP="6",
-                         GPU_CHECK_INJECT="sleep 2; kill -KILL $$")
+                         GPU_CHECK_DRY_SLACK="1", GPU_CHECK_INJECT="sleep 2; kill -KILL $$")
     assert proc.returncode == 1
     check_outputs(tmp_path / "out", proc)
     injected = steps_of(tmp_path / "out")[0]
@@ -146,11 +146,31 @@ def test_a_kill_before_the_limit_is_not_called_the_limit(tmp_path):
     assert "killed by SIGKILL (rc 137)" in injected[3] and "OOM" in injected[3] and "stopped at" not in injected[3]
 
 
+def test_dry_run_budget_counts_cpu_seconds_not_the_machines_load(tmp_path):
+    """Waiting costs a dry run no budget: a step that sleeps (as a step does while other work holds
+    the CPUs) past the budget's wall seconds still ends OK, within the budget x slack wall limit;
+    the steps after it stop at that limit. (Counted in wall seconds, it was stopped at 3 s.)"""
+    budget, slack = 6, 2
+    proc, took = run_script("gpu_check.sh", tmp_path / "out", 120, GPU_CHECK_BUDGET=str(budget),
+                            GPU_CHECK_DRY_SLACK=str(slack), GPU_CHECK_INJECT="sleep 4")
+    steps = steps_of(tmp_path / "out")
+    assert steps[0][:2] == ["injected", "OK"], steps[0]
+    assert took < budget * slack + 5 + 15, took
+    assert f"CPU s of the {budget} s budget" in check_outputs(tmp_path / "out", proc)
+
+
+def dry_run_timeout(budget: int, slack: int = 6) -> int:
+    """The test's own limit, past the script's (budget x slack wall seconds, then KILL 5 s after
+    TERM, and the summary): only a script that ignores its own limits trips it, never a slow machine."""
+    return budget * slack + 180
+
+
 @pytest.mark.slow
 def test_dry_run_every_step(tmp_path, batches):
-    """Both calls, dry: every step OK, the figures read back from the benchmarks' JSON."""
+    """Both calls, dry: every step OK, the figures read back from the benchmarks' JSON. The default
+    budget is counted in CPU seconds (the steps' own), so a loaded machine takes longer, never fails."""
     out = tmp_path / "out"
-    proc, took = run_script("gpu_check.sh", out, 900, GPU_CHECK_BUDGET="600")
+    proc, took = run_script("gpu_check.sh", out, dry_run_timeout(300))
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = check_outputs(out, proc)
     steps = steps_of(out)
@@ -170,7 +190,7 @@ def test_dry_run_every_step(tmp_path, batches):
     parts = tmp_path / "parts"
     receive_all(batches, parts)
     dali_out = tmp_path / "dali"
-    proc, took_dali = run_script("gpu_check.sh", dali_out, 600, GPU_CHECK_PART="dali", GPU_CHECK_BUDGET="300",
+    proc, took_dali = run_script("gpu_check.sh", dali_out, dry_run_timeout(300), GPU_CHECK_PART="dali",
                                  WHEEL_PARTS=str(parts))
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = check_outputs(dali_out, proc, "-dali")
@@ -179,7 +199,7 @@ def test_dry_run_every_step(tmp_path, batches):
     log = (dali_out / "gpu_check-dali.log").read_text()
     assert "joined gpu_check_probe-1.0-py3-none-any.whl" in log and "installed 1 wheels" in log
     assert "nvidia-dali" in log.splitlines()[0] and "dali" in summary
-    print(f"dry run: main {took:.0f} s, dali {took_dali:.0f} s")
+    print(f"dry run: main {took:.0f} s, dali {took_dali:.0f} s (wall)")
 
 
 def test_summary_reads_gpu_kernel_figures(tmp_path):

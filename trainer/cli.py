@@ -10,6 +10,7 @@
     simmim inspect X.beton                                samples, labels, resolutions, decode check
     simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
     simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
+    simmim probe CKPT --config RECIPE [key.sub=value ...]   linear probe of a frozen encoder (top-1 / top-5)
     simmim reconstruct CKPT IMAGE... --out PNG [--mask M]  the paper's reconstruction figure, any image / mask
 
 `simmim bench NAME` is added by benchmarks/cli.py, the `simmim` console script: benchmarks
@@ -52,6 +53,18 @@ def cmd_finetune(args) -> None:
 
     run_logging()
     finetune(load_config(args.config, args.overrides, FinetuneConfig))
+
+
+def cmd_probe(args) -> None:
+    from .config import load_config
+    from .probe import ProbeConfig, probe
+
+    run_logging()
+    # --config takes the overrides after the recipe too: argparse cannot give a positional list
+    # after an option once the checkpoint (the first positional) has been read
+    recipe, *after = args.config or [None]
+    overrides = [f"probe.pretrained={args.checkpoint}", *args.overrides, *after]
+    probe(load_config(recipe, overrides, ProbeConfig))
 
 
 def cmd_evaluate(args) -> None:
@@ -177,6 +190,13 @@ def add_training_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. finetune.pretrained=runs/demo/checkpoint-00000240.pt")
     p.set_defaults(fn=cmd_finetune)
 
+    p = sub.add_parser("probe", help="linear probe of a pre-trained encoder (frozen), top-1 / top-5 each epoch")
+    p.add_argument("checkpoint", help="a pre-training checkpoint (any layout finetune.pretrained reads)")
+    p.add_argument("--config", "-c", nargs="+", default=None, metavar="RECIPE [key.sub=value ...]",
+                   help="a recipe (probe_demo, probe_vit_base) or YAML, then overrides, e.g. probe.layer=8")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, also accepted before --config")
+    p.set_defaults(fn=cmd_probe)
+
     p = sub.add_parser("evaluate", help="top-1 / top-5 of a fine-tuned checkpoint (resize + centre crop)")
     p.add_argument("checkpoint")
     p.add_argument("--data", default=None, help="validation folder, list or .beton (default: finetune.val_path)")
@@ -274,6 +294,7 @@ def add_output_commands(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
     from simmim.pipeline.errors import UserError
+    from simmim.pipeline.io import WRITE_REFUSED
 
     from .distributed import PeerLost
     from .loop import REQUEUE_EXIT, Diverged, Preempted
@@ -290,6 +311,12 @@ def run(args: argparse.Namespace) -> None:
     except UserError as e:
         if not (getattr(e, "all_ranks", False) and os.environ.get("RANK", "0") != "0"):  # said once, by rank 0
             print(f"simmim {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write (or read) the user's world refused: its path, not a traceback
+        if e.errno not in WRITE_REFUSED:
+            raise
+        print(f"simmim {args.command}: error: {e.strerror}: '{e.filename}': fix its folder's permissions or free "
+              f"space, or choose another path", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"simmim {args.command}: interrupted", file=sys.stderr)

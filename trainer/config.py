@@ -127,6 +127,8 @@ class RunConfig:
     progress: bool = True
     stop_check_every: int = 10  # steps between checks for a stop signal across ranks
     val_every: int = 1  # epochs between validation losses on data.val_path (0: never); the last epoch always
+    knn_every: int = 0  # epochs between weighted k-NN top-1 evaluations on data.val_path (0: never; trainer/knn.py)
+    knn_train_samples: int = 10000  # training images (a fixed random subset) whose features the k-NN votes with
     tensorboard: bool = True  # TensorBoard events in out_dir/tensorboard (rank 0)
     wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
     async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
@@ -135,7 +137,8 @@ class RunConfig:
     def rules() -> dict[str, Rule]:
         return {"out_dir": (bool, "a folder"), "log_every": POSITIVE, "save_every": POSITIVE,
                 "save_every_minutes": NON_NEGATIVE, "keep_last": NON_NEGATIVE, "vis_every": POSITIVE,
-                "stop_check_every": POSITIVE, "val_every": NON_NEGATIVE}
+                "stop_check_every": POSITIVE, "val_every": NON_NEGATIVE,
+                "knn_every": NON_NEGATIVE, "knn_train_samples": POSITIVE}
 
 
 @dataclass

@@ -12,7 +12,7 @@ pixels per output token), which the model either shuffles or hands to the fused 
                     LayerNorm and a linear map to the p x p pixels of each token.
 
 The inverse Swin decoders are built from timm's `SwinTransformerStage` (shifted windows, relative
-position bias) and a patch expanding as in Swin-Unet (Cao et al., 2022, Sec. 3.4). Their first
+position bias) and the patch expanding layer of Swin-Unet (Cao et al., 2022). Their first
 stage takes the encoder's width through a linear map when it differs (Swin-T's 768 after Swin-B's
 1024; a ViT's 768). On a ViT (stride 16) the decoder starts from its g = image / 16 token grid, so
 at the full target its 3 expansions end at image / 2 tokens, each predicting 2 x 2 pixels (on Swin,
@@ -26,7 +26,7 @@ import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformerStage
 
 HEADS = ("linear", "mlp", "inverse_swin_t", "inverse_swin_b")
-# inverse_swin_*: the mirrored encoder's (embed dim C, depths, heads) of stages 1..4 (Liu et al. 2021, Table 7)
+# inverse_swin_*: the mirrored encoder's (embed dim C, depths, heads) of stages 1..4 (Liu et al. 2021, Sec. 3.3)
 INVERSE_SWIN = {"inverse_swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
                 "inverse_swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32))}
 VIT_DECODER_WINDOW = 7

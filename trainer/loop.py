@@ -31,6 +31,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 
 from simmim.pipeline.errors import ConfigError, DatasetError
-from simmim.pipeline.io import atomic_write
+from simmim.pipeline.io import atomic_write, check_folder_writable
 from simmim.pipeline.loader import Loader
 from simmim.pipeline.seeding import keyed_rng
 
@@ -55,7 +56,7 @@ from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, St
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .precision import amp_dtype_for
 from .parallel import is_fsdp, wrap_for_training
-from .runfolder import RunLock, check_resume_config, job_id, set_aside
+from .runfolder import RunLock, check_resume_config, job_id, remove_leftovers, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
 
@@ -127,6 +128,17 @@ class TrainState:
     # whole epoch's mean: the sum of the finite steps' losses (mean over ranks) and their count
     epoch_loss_sum: float = 0.0
     epoch_good_steps: int = 0
+    # what a resume checks the data against (0 / "": a checkpoint of an earlier version, not checked)
+    steps_per_epoch: int = 0
+    num_samples: int = 0
+    data_fingerprint: str = ""
+    # global step = step_offset + epoch * steps_per_epoch + step_in_epoch: nonzero once a resume met
+    # other steps per epoch (other data, another global batch), so the count goes on from the checkpoint
+    step_offset: int = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.step_offset + self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -165,6 +177,23 @@ class HeldRecords(logging.Handler):
         self.records.append(record)
 
 
+class RunLogFile(logging.FileHandler):
+    """run_dir/log.txt. A write that fails (a full disk, a folder made read-only) is said once on
+    the console, and the run logs there only, instead of logging's traceback for every record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "broken", False):
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        self.broken = True
+        print(f"cannot write {self.baseFilename} ({error.strerror or error}): logging to the console only",
+              file=sys.stderr, flush=True)
+
+
 def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None = None) -> None:
     """Rank 0 logs to stdout (and out_dir/log.txt, where `held`'s records are written first), the
     other ranks only warnings. One format for every message of a run, config warnings included."""
@@ -172,7 +201,7 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
     if is_main:
         handlers.append(logging.StreamHandler(sys.stdout))
         if out_dir is not None:
-            handlers.append(logging.FileHandler(out_dir / "log.txt"))
+            handlers.append(RunLogFile(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     if held is not None and len(handlers) == 2:
@@ -181,32 +210,52 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the training loop polls it. A second signal more than `REPEAT_S`
-    seconds after the first stops at once; one sooner is the same request arriving twice (a
-    signal sent to the whole process group, which torchrun also passes on). `announce`: whether
-    this process says so in the log (rank 0: every rank gets the signal), once, at the first poll
-    after the signal (not in the handler, which may interrupt the log's own write)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT (Ctrl-C); the training loop polls it and stops after the
+    current step with a checkpoint. A second signal stops at once (Ctrl-C: KeyboardInterrupt; the
+    others: SystemExit(128 + signal)), except one within `REPEAT_S` seconds of the first under
+    torchrun, or of a SIGTERM / SIGUSR1 anywhere: that is the same request arriving twice (a signal
+    sent to the whole process group, which torchrun passes on too; a terminal's Ctrl-C reaches the
+    ranks and torchrun, which passes it on). A Ctrl-C outside torchrun reaches the trainer once per
+    press, so its second press always counts. `announce`: whether this process says so in the log
+    (rank 0: every rank gets the signal), once, at the first poll after the signal (not in the
+    handler, which may interrupt the log's own write). `restore()` puts the previous handlers back."""
     REPEAT_S = 5.0
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, announce: bool = True):
         self.signum, self.at, self.announce = 0, 0.0, announce
+        self.forwarded = bool(job_id() or os.environ.get("TORCHELASTIC_RESTART_COUNT"))  # torchrun passes signals on
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum and time.monotonic() - self.at < self.REPEAT_S:
+        repeat = self.forwarded or self.signum != signal.SIGINT
+        if self.signum and repeat and time.monotonic() - self.at < self.REPEAT_S:
             return
         if self.signum:  # a second signal: stop now, without a checkpoint
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.at = time.monotonic()
         self.signum = signum  # said by the next poll: logging inside a handler can re-enter the log's own write
 
+    def again(self) -> str:
+        """How to stop at once, for the log."""
+        if self.signum == signal.SIGINT and not self.forwarded:
+            return "press Ctrl-C again"
+        return f"send it again, {self.REPEAT_S:.0f} s or more later,"
+
     def __call__(self) -> bool:
         if self.signum and self.announce:
             self.announce = False
-            log.warning("received %s: stopping after the current step with a checkpoint (send it again, "
-                        "%.0f s or more later, to stop at once)", signal.Signals(self.signum).name, self.REPEAT_S)
+            log.warning("received %s: stopping after the current step with a checkpoint (%s to stop at once)",
+                        signal.Signals(self.signum).name, self.again())
         return self.signum != 0
 
 
@@ -284,8 +333,8 @@ class Run:
     last_save: float = dataclasses.field(default_factory=time.monotonic)
 
     def record(self, rec: dict) -> None:
-        """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0)."""
-        self.metrics(rec)
+        """One metrics.jsonl record, also sent to TensorBoard / W&B (rank 0); a failed write is a warning."""
+        self.monitor.soft("metrics.jsonl", lambda: self.metrics(rec))
         self.monitor.log(rec)
 
     def checkpoint(self, epoch: int, step_in_epoch: int, loss_sum: float = 0.0, good_steps: int = 0,
@@ -300,8 +349,7 @@ class Run:
         s.epoch_loss_sum, s.epoch_good_steps = loss_sum, good_steps
         train = {"train_state": s.state_dict(), "scaler": tr.scaler.state_dict(), "config": self.cfg.to_dict(),
                  **self.task.checkpoint_extra()}
-        path = self.checkpointer.save(epoch * tr.steps_per_epoch + step_in_epoch, tr.model, tr.optimizer,
-                                      train, any_rank=any_rank)
+        path = self.checkpointer.save(s.global_step, tr.model, tr.optimizer, train, any_rank=any_rank)
         if path is not None and (self.dist.is_main or any_rank):
             log.info("%s %s", "saving (async)" if self.cfg.run.async_save and self.cfg.train.parallel == "fsdp"
                      else "saved", path)
@@ -317,6 +365,7 @@ class Run:
         return self.carried[0] + res.loss_sum, self.carried[1] + res.good_steps
 
     def log_step(self, rec: dict) -> None:
+        rec["step"] += self.state.step_offset  # the engine counts epoch * steps_per_epoch + step_in_epoch
         self.record(rec)
         log.info("epoch %d step %d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  data wait %.0f%%%s",
                  rec["epoch"], rec["step"], rec["loss"], rec["lr"], rec["grad_norm"], rec["img_per_s"],
@@ -356,6 +405,7 @@ class Run:
                               f"saved in {path}: run the same command again to resume")
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         self.checkpointer.wait()
+        _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
         barrier()
         cleanup()
         if res.stopped is Stop.DIVERGED:
@@ -363,27 +413,29 @@ class Run:
                            f"gradient (epoch {epoch}); the weights from before are in {path or self.out_dir}: "
                            f"lower optim.base_lr or raise train.max_skipped_steps")
         raise Preempted(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
-                        f"at epoch {epoch}, step {res.steps_done}: run the same command to resume")
+                        f"at epoch {epoch}, step {res.steps_done}: run the same command to resume from {path}")
 
     def end_epoch(self, epoch: int, res: EpochResult, elapsed: float) -> dict:
-        """The task's end-of-epoch work, the epoch record, the periodic checkpoint."""
+        """The periodic checkpoint first (what the epoch cost is kept whatever follows fails), then
+        the task's end-of-epoch work, the epoch record and the curves (failed writes: warnings)."""
         self.carried = (0.0, 0)
         last = epoch == self.cfg.train.epochs - 1
         tr = self.trainer
+        if (epoch + 1) % self.cfg.run.save_every == 0 or last:
+            self.checkpoint(epoch, tr.steps_per_epoch)
         out = self.task.after_epoch(tr.model, epoch, last, self.out_dir, self.dist, tr.options.amp_dtype)
         extra = {k: v for k, v in out.items() if not isinstance(v, Path)}
         log.info("epoch %d done: mean loss %.4f%s (%.0f s elapsed)", epoch, res.loss,
                  "".join(f", {k} {v:.4g}" for k, v in extra.items()), elapsed)
         if self.dist.is_main:
-            step = (epoch + 1) * tr.steps_per_epoch - 1
+            step = self.state.step_offset + (epoch + 1) * tr.steps_per_epoch - 1
             self.record({"epoch": epoch, "step": step, "epoch_loss": res.loss, **extra})
             for tag, png in out.items():
                 if isinstance(png, Path):
                     self.monitor.image(tag, png, step)
-            plot_curves({self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
-                        title=f"{self.cfg.model.arch}, {self.out_dir}")
-        if (epoch + 1) % self.cfg.run.save_every == 0 or last:
-            self.checkpoint(epoch, tr.steps_per_epoch)
+            self.monitor.soft("curves.png", lambda: plot_curves(
+                {self.out_dir.name: read_metrics(self.out_dir)}, self.out_dir / "curves.png",
+                title=f"{self.cfg.model.arch}, {self.out_dir}"))
         barrier()
         return {"epoch": epoch, "loss": res.loss, "steps": tr.steps_per_epoch, **extra}
 
@@ -413,14 +465,15 @@ NOT_DATA = ("finetune.pretrained",)
 
 
 def check_inputs(cfg: Config, task: Task) -> None:
-    """Before the run folder is made: DatasetError / CheckpointError, one line naming the key, for
-    an empty data.path, a data option out of place (a .beton for a backend that does not read one,
+    """Before the run folder is made: ConfigError for a run.out_dir that cannot be written (read-only,
+    immutable, a file); DatasetError / CheckpointError, one line naming the key, for an empty data.path, a data option out of place (a .beton for a backend that does not read one,
     or the reverse, for data.path and every other data source of the task), a backend that is not
     installed, or an input of the task that does not exist. What needs the inputs opened (an empty
     folder, a bad list line, a checkpoint of another arch) is found by `task.build`, which also
     runs before anything but the provisional lock file is written (`setup_run`)."""
     from simmim.pipeline.loaders import INSTALL, available, validate_data_args
 
+    check_folder_writable(cfg.run.out_dir, "run.out_dir", ConfigError)  # before an hour of set-up, not after
     d = cfg.data
     validate_data_args(d.backend, d.path)
     if not available(d.backend):
@@ -444,14 +497,15 @@ def read_run_folder(cfg: Config) -> tuple[Path | None, dict | None, list, list[s
 
 def write_run_folder(cfg: Config, dist: DistInfo, lock: RunLock | None, held: HeldRecords | None,
                      resumed: Path | None, bad: list, changed: list[str]) -> None:
-    """Once every input is open: the folder becomes the run's (the lock commits), then its
-    config.yaml and log.txt (with what was logged while the inputs were opened); unreadable
+    """Once every input is open: the folder becomes the run's (the lock commits), what a killed run
+    left half-written is removed, then its config.yaml and log.txt (with what was logged while the inputs were opened); unreadable
     checkpoints are set aside."""
     out_dir = Path(cfg.run.out_dir)
     if dist.is_main:
         if lock is not None:
             lock.commit()
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)  # what a killed run left half-written: this job owns the folder now
         save_config(cfg, out_dir / "config.yaml")
     setup_logging(out_dir if dist.is_main else None, dist.is_main, held)
     if dist.is_main and bad:
@@ -479,7 +533,9 @@ def build_trainer(cfg: Config, task: Task, dist: DistInfo, model: nn.Module, sch
     # FSDP2 shards `model` in place: the optimizer is built afterwards, on the shards
     train_model = wrap_for_training(model, t.parallel, dist.world_size, dist.device, options.amp_dtype,
                                     t.cpu_offload, t.compile)
-    optimizer = torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
+    make = getattr(task, "optimizer", None)  # a task's own (the linear probe's LARS / SGD); else AdamW
+    optimizer = make(task.param_groups(model), schedule.lr) if make else \
+        torch.optim.AdamW(task.param_groups(model), lr=schedule.lr, betas=o.betas, eps=o.eps, fused=True)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=options.amp_dtype is torch.float16)
     return Trainer(model, optimizer, schedule, options, steps_per_epoch=steps_per_epoch, train_model=train_model,
                    scaler=scaler, batch_transform=task.batch_transform, rank=dist.rank, world_size=dist.world_size,
@@ -519,24 +575,49 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
                           stop_check_every=cfg.run.stop_check_every,
                           progress=cfg.run.progress and dist.is_main and sys.stderr.isatty())
     trainer = build_trainer(cfg, task, dist, model, schedule, options, steps_per_epoch)
+    state = TrainState(global_batch=global_batch, world_size=dist.world_size, steps_per_epoch=steps_per_epoch,
+                       num_samples=loader.num_samples, data_fingerprint=loader.fingerprint())
     epoch, start_step, carried = 0, 0, (0.0, 0)
     if ckpt is not None:
         checkpointer.load(ckpt, model, trainer.optimizer)  # in place; FSDP2: each rank its shards
         trainer.scaler.load_state_dict(ckpt.train.get("scaler") or {})
         trainer.skipped += old.skipped_steps
-        epoch, start_step = old.epoch, min(old.step_in_epoch, steps_per_epoch)
-        carried = (old.epoch_loss_sum, old.epoch_good_steps)
-        if start_step == steps_per_epoch:
-            epoch, start_step, carried = epoch + 1, 0, (0.0, 0)
-        log.info("resumed from %s: epoch %d, step %d of %d", resumed, epoch, start_step, steps_per_epoch)
-    resume_step = epoch * steps_per_epoch + start_step if ckpt else None
+        epoch, start_step, carried, state.step_offset = resume_point(old, state, resumed)
+    resume_step = state.step_offset + epoch * steps_per_epoch + start_step if ckpt else None
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step) if dist.is_main else (lambda record: None)
     monitor = RunMonitor(out_dir, dist.is_main, cfg.run.tensorboard, cfg.run.wandb, cfg.to_dict(), resume_step)
     task.prepare(model, loader, dist)
-    run = Run(cfg, task, dist, out_dir, trainer, loader, TrainState(global_batch=global_batch,
-              world_size=dist.world_size), metrics, monitor, checkpointer, carried)
+    run = Run(cfg, task, dist, out_dir, trainer, loader, state, metrics, monitor, checkpointer, carried)
     log_start(run, schedule)
     return run, epoch, start_step
+
+
+def resume_point(old: TrainState, new: TrainState, path: Path) -> tuple[int, int, tuple[float, int], int]:
+    """(epoch, step, the epoch's carried loss sum and good steps, step offset) to resume `old` (a
+    checkpoint's state, at `path`) with `new`'s data and steps per epoch. The same data and steps per
+    epoch: where it stopped. Other steps per epoch (a list rescanned or replaced, another batch):
+    the same fraction of the same epoch (the schedule is in epochs, so the lr goes on where it
+    stopped), and the global step goes on from the checkpoint's, never back; a warning names what
+    changed. The data itself changed (its size or fingerprint): the same, with a warning."""
+    spe, old_spe = new.steps_per_epoch, old.steps_per_epoch or new.steps_per_epoch  # (0: an earlier version)
+    changed = []
+    if old.num_samples and old.num_samples != new.num_samples:
+        changed.append(f"{old.num_samples} -> {new.num_samples} samples")
+    elif old.data_fingerprint and old.data_fingerprint != new.data_fingerprint:
+        changed.append(f"the sample list differs (fingerprint {old.data_fingerprint} -> {new.data_fingerprint})")
+    if old_spe != spe:
+        changed.append(f"{old_spe} -> {spe} steps per epoch")
+    step = min(old.step_in_epoch, spe) if old_spe == spe else min(spe, round(old.step_in_epoch * spe / old_spe))
+    epoch, carried = old.epoch, (old.epoch_loss_sum, old.epoch_good_steps)
+    if step == spe:
+        epoch, step, carried = epoch + 1, 0, (0.0, 0)
+    offset = old.step_offset + old.epoch * old_spe + old.step_in_epoch - (epoch * spe + step)
+    if changed:
+        log.warning("the data changed since %s (%s): resuming at epoch %d, step %d of %d (the same share of the "
+                    "epoch; %d of %d before); the global step goes on from %d", path.name, ", ".join(changed),
+                    epoch, step, spe, old.step_in_epoch, old_spe, offset + epoch * spe + step)
+    log.info("resumed from %s: epoch %d, step %d of %d", path, epoch, step, spe)
+    return epoch, step, carried, offset
 
 
 def log_start(run: Run, schedule: LRSchedule) -> None:
@@ -591,12 +672,15 @@ def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) 
     run, first_epoch, start_step = setup_run(cfg, task, dist, lock)
     stop = StopFlag(announce=dist.is_main)
     history, start = [], time.perf_counter()
-    for epoch in range(first_epoch, cfg.train.epochs):
-        res = run.run_epoch(epoch, start_step, stop)
-        start_step = 0
-        if res.stopped:
-            run.stop_early(epoch, res, stop)
-        history.append(run.end_epoch(epoch, res, time.perf_counter() - start))
+    try:
+        for epoch in range(first_epoch, cfg.train.epochs):
+            res = run.run_epoch(epoch, start_step, stop)
+            start_step = 0
+            if res.stopped:
+                run.stop_early(epoch, res, stop)
+            history.append(run.end_epoch(epoch, res, time.perf_counter() - start))
+    finally:
+        stop.restore()
     summary = {"epochs": history, "wall_s": time.perf_counter() - start,
                "final_loss": history[-1]["loss"] if history else math.nan,
                **({k: v for k, v in history[-1].items() if k not in ("epoch", "loss", "steps")} if history else {})}

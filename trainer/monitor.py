@@ -1,6 +1,9 @@
 """Watching a run: TensorBoard events (W&B optionally), `curves.png`, and `simmim plot` to compare runs.
 
-Only rank 0 writes. Scalars arrive as the records the epoch loop already logs at `run.log_every`
+Only rank 0 writes, and what it writes here is what a run can do without: a TensorBoard, W&B,
+metrics.jsonl or figure write that fails (a full disk, a folder made read-only mid-run) is one
+warning (`RunMonitor.soft`), and training goes on; only a checkpoint that cannot be written ends a
+run. Scalars arrive as the records the epoch loop already logs at `run.log_every`
 (values already on the host: the monitor adds no device sync to the step), per-epoch records and
 the validation loss at epoch ends, and the reconstruction figure as an image. Events are flushed at
 each log record, so TensorBoard shows a run live:
@@ -17,13 +20,16 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
 log = logging.getLogger("simmim")
+T = TypeVar("T")
 
 # scalar tags: metrics.jsonl key -> TensorBoard tag
 STEP_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "img_per_s": "perf/img_per_s",
              "data_wait": "perf/data_wait_share", "skipped_steps": "train/skipped_steps"}
-EPOCH_TAGS = {"epoch_loss": "train/epoch_loss", "val_loss": "val/loss", "top1": "val/top1", "top5": "val/top5"}
+EPOCH_TAGS = {"epoch_loss": "train/epoch_loss", "val_loss": "val/loss", "top1": "val/top1", "top5": "val/top5",
+              "knn_top1": "val/knn_top1"}
 
 
 class RunMonitor:
@@ -36,6 +42,7 @@ class RunMonitor:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool = True, wandb: bool = False,
                  config: dict | None = None, resume_step: int | None = None):
         self.writer = self.wandb = None
+        self.failing: set[str] = set()  # outputs whose last write failed (warned once until one works)
         if not enabled:
             return
         if tensorboard:
@@ -48,6 +55,22 @@ class RunMonitor:
         if wandb:
             self.wandb = _start_wandb(out_dir, config or {}, resume_step is not None)
 
+    def soft(self, what: str, write: Callable[[], T]) -> T | None:
+        """`write()`, an output the run can do without; an OSError (a full disk, a folder made
+        read-only) is one warning naming `what` (again only after a write of it has worked) and
+        None, never the end of the run."""
+        try:
+            result = write()
+        except OSError as e:
+            if what not in self.failing:
+                self.failing.add(what)
+                log.warning("cannot write %s (%s%s): training goes on without it; free space in (or fix the "
+                            "permissions of) the run folder", what, e.strerror or e,
+                            f": '{e.filename}'" if e.filename else "")
+            return None
+        self.failing.discard(what)
+        return result
+
     def log(self, record: dict) -> None:
         step = record.get("step")
         if step is None:
@@ -55,15 +78,21 @@ class RunMonitor:
         scalars = {tag: record[k] for k, tag in {**STEP_TAGS, **EPOCH_TAGS}.items()
                    if isinstance(record.get(k), (int, float)) and math.isfinite(record[k])}
         if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
-            self.writer.flush()
+            self.soft("TensorBoard events", lambda: self._add_scalars(scalars, step))
         if self.wandb is not None and scalars:
-            self.wandb.log(scalars, step=step)
+            self.soft("W&B records", lambda: self.wandb.log(scalars, step=step))
+
+    def _add_scalars(self, scalars: dict, step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
 
     def image(self, tag: str, png: Path, step: int) -> None:
         if self.writer is None and self.wandb is None:
             return
+        self.soft(f"TensorBoard image {tag}", lambda: self._image(tag, png, step))
+
+    def _image(self, tag: str, png: Path, step: int) -> None:
         import numpy as np
         from PIL import Image
 
@@ -79,9 +108,9 @@ class RunMonitor:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self.soft("TensorBoard events", self.writer.close)
         if self.wandb is not None:
-            self.wandb.finish()
+            self.soft("W&B records", self.wandb.finish)
 
 
 def _start_wandb(out_dir: Path, config: dict, resume: bool):
@@ -135,6 +164,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
 
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_lr = fig.subplots(1, 2)
+    ax_knn = None  # a right-hand axis for the k-NN top-1, beside the validation loss
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
         steps, loss = _series(records, "loss")
@@ -144,10 +174,17 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
         steps, loss = _series(records, "val_loss")
         if steps:
             ax_loss.plot(steps, loss, color=color, ls="--", marker="s", ms=3, label=f"{label} validation")
+        steps, knn = _series(records, "knn_top1")
+        if steps:
+            ax_knn = ax_knn or ax_loss.twinx()
+            ax_knn.plot(steps, knn, color=color, ls=":", marker="^", ms=3, label=f"{label} k-NN top-1 (%)")
         steps, lr = _series(records, "lr")
         ax_lr.plot(steps, lr, color=color, label=label)
     ax_loss.set(xlabel="optimizer step", ylabel="masked loss", title="loss")
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
+    if ax_knn is not None:
+        ax_knn.set_ylabel("k-NN top-1 (%)")
+        ax_knn.legend(fontsize=7, loc="upper center")
     for ax in (ax_loss, ax_lr):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

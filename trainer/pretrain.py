@@ -79,6 +79,15 @@ class PretrainTask:
             # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
             spec = LoaderSpec.from_config(d, self.aug, d.val_path, train=False, drop_last=False)
             self.val_loader = build_loader(spec, self.masks, *where)
+        self.knn = None
+        if self.cfg.run.knn_every > 0 and not d.val_path:
+            # a recipe's monitor (the demo's) must not stop a run told to train without held-out images
+            log.warning("run.knn_every=%d: no k-NN evaluation, data.val_path is empty", self.cfg.run.knn_every)
+        elif self.cfg.run.knn_every > 0:
+            from .knn import KNNMonitor
+
+            self.knn = KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, self.cfg.run.knn_train_samples,
+                                  d.batch_size, d.num_workers, t.seed, dist)
         return model, loader
 
     def param_groups(self, model) -> list[dict]:
@@ -96,7 +105,7 @@ class PretrainTask:
         make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"
                 else "build the sample set with `simmim sample-data`, or set data.path")
         return {"data.path": (d.path, make),
-                "data.val_path": (d.val_path if self.cfg.run.val_every > 0 else "",
+                "data.val_path": (d.val_path if self.cfg.run.val_every > 0 or self.cfg.run.knn_every > 0 else "",
                                   "point it at held-out images, or set data.val_path= (empty) to train "
                                   "without a validation loss")}
 
@@ -109,10 +118,16 @@ class PretrainTask:
         r = self.cfg.run
         if self.val_loader is not None and ((epoch + 1) % r.val_every == 0 or last):
             out["val_loss"] = validation_loss(model, self.val_loader, amp_dtype)  # every rank takes part
+        if self.knn is not None and ((epoch + 1) % r.knn_every == 0 or last):
+            out["knn_top1"] = self.knn(model, amp_dtype)  # every rank takes part
         if (dist.is_main or self.every_rank) and ((epoch + 1) % r.vis_every == 0 or last):
             name = "reconstruction.png" if last else f"reconstruction-{epoch:04d}.png"
-            write_figure(model, self.vis_batch, self.aug, out_dir / name, f"{self.cfg.model.arch}, epoch {epoch + 1}",
-                         save=dist.is_main)
+            try:
+                write_figure(model, self.vis_batch, self.aug, out_dir / name,
+                             f"{self.cfg.model.arch}, epoch {epoch + 1}", save=dist.is_main)
+            except OSError as e:  # a figure is not worth the run (a full disk, a folder made read-only)
+                log.warning("cannot write %s (%s): training goes on without it", out_dir / name, e.strerror or e)
+                return out
             if dist.is_main:
                 out["reconstruction"] = out_dir / name
         return out

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from simmim.kernels import LossOptions
-from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, eval_geometry, normalize
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from simmim.pipeline.decode import DecodeError, decode_rgb
 from simmim.pipeline.errors import CheckpointError, UserError
-from simmim.pipeline.folder import IMAGE_EXTENSIONS
+from simmim.pipeline.folder import IMAGE_EXTENSIONS, center_crop, to_tensor
 from simmim.pipeline.masking import MASK_STRATEGIES, MaskGenerator
 
 from .checkpoint import Kind, read_checkpoint
@@ -121,9 +121,7 @@ def evaluation_view(path: str | Path, size: int) -> torch.Tensor:
     except (DecodeError, OSError) as e:
         raise UserError(f"reconstruct: image '{path}' cannot be read ({str(e).splitlines()[0]}): pass a "
                         f"JPEG / PNG image") from None
-    rw, rh, left, top = eval_geometry(img.width, img.height, size, CROP_RATIO)
-    img = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return to_tensor(center_crop(img, size, CROP_RATIO))  # the loaders' own evaluation view
 
 
 def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:

@@ -61,6 +61,9 @@ CHILD=$!
 forward() { echo "run.sh: received $1, passing it on"; FORWARDED=1; kill -TERM "$CHILD" 2>/dev/null; }
 trap 'forward SIGTERM' TERM
 trap 'forward SIGUSR1' USR1
+# Ctrl-C reaches every process of the terminal's group: the ranks stop after their step with a
+# checkpoint (a second press, 5 s or more later, at once); wait for them rather than return early
+trap 'echo "run.sh: Ctrl-C: the trainer stops after its step with a checkpoint"' INT
 while true; do
   wait "$CHILD"; STATUS=$?
   kill -0 "$CHILD" 2>/dev/null || break  # wait returns early when a trapped signal arrives

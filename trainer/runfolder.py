@@ -21,9 +21,12 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
+
+from simmim.pipeline.io import temporaries
 
 from .config import ConfigError, flatten
 
@@ -126,6 +129,26 @@ def _names(path: Path, fd: int) -> bool:
         return os.path.samestat(os.stat(path), os.fstat(fd))
     except FileNotFoundError:
         return False
+
+
+def remove_leftovers(out_dir: str | Path) -> list[Path]:
+    """Deletes what a stopped run left half-written in its folder, whatever stopped it (SIGKILL,
+    out of memory, a node lost): atomic_write's temporary files (checkpoints, figures, metrics,
+    config), a DCP save's `.checkpoint-*.tmp` folder and a replaced one's `.checkpoint-*.old`.
+    Rank 0 only, holding the folder's lock (no other writer can be at work); returns them, said in
+    one line."""
+    out_dir = Path(out_dir)
+    found = [*temporaries(out_dir), *(p for p in out_dir.glob(".checkpoint-*")
+                                      if p.is_dir() and p.name.endswith((".tmp", ".old")))]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d file%s a stopped run left half-written: %s", len(found), "" if len(found) == 1 else "s",
+                 ", ".join(str(p.relative_to(out_dir)) for p in found[:5]) + (" ..." if len(found) > 5 else ""))
+    return found
 
 
 def job_id() -> str | None:
