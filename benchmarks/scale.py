@@ -222,14 +222,14 @@ def step_convert(args) -> dict:
     return out
 
 
-def order_once(n: int, world: int) -> dict:
+def order_once(n: int, world_size: int) -> dict:
     """One rank's epoch order with a resume position half way through (in a fresh process, so the
     peak memory is this order's own)."""
     from simmim.pipeline import ShardedSampler
 
     base, t0, c0 = rss_mib(), time.perf_counter(), time.process_time()
-    sampler = ShardedSampler(n, rank=world - 1, world=world, seed=0)
-    sampler.set_epoch(7, start=n // world // 2)
+    sampler = ShardedSampler(n, rank=world_size - 1, world_size=world_size, seed=0)
+    sampler.set_epoch(7, start=n // world_size // 2)
     order = sampler.indices()
     return {"s": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3),
             "peak_added_mib": round(peak_rss_mib() - base, 1), "len": len(order)}
@@ -241,12 +241,12 @@ def step_orders(args) -> dict:
     out = {}
     ctx = multiprocessing.get_context("spawn")
     for n in args.orders:
-        for world in (1, 8):
+        for world_size in (1, 8):
             with ctx.Pool(1) as pool:
-                got = pool.apply(order_once, (n, world))
-            out[f"order_s_{n}_world{world}"] = got["s"]
-            out[f"order_cpu_s_{n}_world{world}"] = got["cpu_s"]
-            out[f"order_peak_added_mib_{n}_world{world}"] = got["peak_added_mib"]
+                got = pool.apply(order_once, (n, world_size))
+            out[f"order_s_{n}_world{world_size}"] = got["s"]
+            out[f"order_cpu_s_{n}_world{world_size}"] = got["cpu_s"]
+            out[f"order_peak_added_mib_{n}_world{world_size}"] = got["peak_added_mib"]
     return out
 
 
@@ -378,11 +378,11 @@ def markdown(result: dict) -> str:
     if "orders" in r:
         x = r["orders"]
         for size in result["orders"]:
-            for world in (1, 8):
-                rows.append((f"epoch order + resume, {size} images, {world} rank(s)",
-                             f"{x.get(f'order_s_{size}_world{world}')} s "
-                             f"({x.get(f'order_cpu_s_{size}_world{world}')} s CPU), "
-                             f"+{x.get(f'order_peak_added_mib_{size}_world{world}')} MiB peak",
+            for world_size in (1, 8):
+                rows.append((f"epoch order + resume, {size} images, {world_size} rank(s)",
+                             f"{x.get(f'order_s_{size}_world{world_size}')} s "
+                             f"({x.get(f'order_cpu_s_{size}_world{world_size}')} s CPU), "
+                             f"+{x.get(f'order_peak_added_mib_{size}_world{world_size}')} MiB peak",
                              "target < 2 s, < 300 MiB at 14M"))
     if "dali" in r:
         x = r["dali"]

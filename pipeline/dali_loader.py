@@ -38,7 +38,7 @@ run), the batch's views 0.007. The whole loader: 1.13 ms per image against 1.66 
 pipeline, 1.44 at d837e5f and 1.96 before this path.
 
 Sharding: the rank's samples for an epoch are the reference loader's (`sharding.ShardedSampler`: a
-permutation of (seed, epoch), rank r taking positions r, r + world, ..., remainder dropped), in
+permutation of (seed, epoch), rank r taking positions r, r + world_size, ..., remainder dropped), in
 that order. So every backend sees the same global batches, ranks are disjoint and cover the
 dataset each epoch, every rank runs `len()` full batches, and a mid-epoch resume starts at the
 right sample. Each epoch's (epoch, start, length) goes to the workers through a small shared
@@ -198,11 +198,11 @@ class EpochSource:
     schedule's shared table, a file's header read (and stored there) the first time it comes by.
     Pickled to spawned workers as the sample arrays plus the schedule's file name."""
 
-    def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world: int, seed: int,
+    def __init__(self, samples: SampleList, schedule_path: str, size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool, drop_last: bool, batch_size: int, aug: Augmentation, train: bool,
                  crop_ratio: float):
         self.samples, self.schedule_path, self.num_samples = samples, schedule_path, size
-        self.sampler = ShardedSampler(size, rank, world, seed, shuffle, drop_last)
+        self.sampler = ShardedSampler(size, rank, world_size, seed, shuffle, drop_last)
         self.batch_size, self.aug, self.seed, self.train, self.crop_ratio = batch_size, aug, seed, train, crop_ratio
         self._table, self._sizes, self._key, self._order = None, None, None, None
 
@@ -299,10 +299,10 @@ class DALILoader(Loader):
     preallocate_hw: tuple[int, int] = (0, 0)
 
     def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
-                 rank: int = 0, world: int = 1, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
         import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
 
-        super().__init__(spec, masks, device, rank, world, seed)
+        super().__init__(spec, masks, device, rank, world_size, seed)
         o = spec.dali
         if o.device not in DEVICES:
             raise DatasetError(f"data.dali.device must be one of {', '.join(DEVICES)}, got '{o.device}'")
@@ -311,7 +311,7 @@ class DALILoader(Loader):
         self.max_pixels = checked_max_pixels(spec.max_pixels)
         # a folder: its checked list (scanned first when there is none); a list: stat-checked
         self.samples, self.classes = checked_samples(self.path, self.max_pixels, max(1, spec.num_workers), rank,
-                                                     world, required=True, who="dali")
+                                                     world_size, required=True, who="dali")
         self.num_samples = len(self.samples)
         self.threads = max(1, o.threads or spec.num_workers)
         self.hw_decoder_load, self.prefetch, self.preallocate = o.hw_decoder_load, max(1, o.prefetch), o.preallocate
@@ -322,7 +322,7 @@ class DALILoader(Loader):
         self.require_one_batch()
         self.py_workers = max(1, min(self.threads, 8))  # file reads and views only: decoding is DALI's threads
         self.schedule = EpochSchedule(self.num_samples)
-        self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world, seed,
+        self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world_size, seed,
                                   self.train, self.drop_last, self.batch_size, self.aug, self.train,
                                   spec.crop_ratio)
         self.pipe = self.iterator = None
@@ -340,7 +340,7 @@ class DALILoader(Loader):
         start = self.start_batch * self.batch_size
         if self.drop_last:
             return max(0, (len(self) - self.start_batch) * self.batch_size)
-        return max(0, shard_size(self.num_samples, self.rank, self.world, False) - start)
+        return max(0, shard_size(self.num_samples, self.rank, self.world_size, False) - start)
 
     def graph_augment(self, images):
         """Hook for an augmentation of the training view inside the DALI graph: `images` are the

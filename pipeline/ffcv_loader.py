@@ -11,7 +11,7 @@ Masks, batch assembly and the figure preview are the base's (`loader.Loader`).
 
 Sample order is ours, not FFCV's (`ShardedOrder`, on `sharding.ShardedSampler`):
 - `random`: the reference loader's permutation of (seed, epoch), rank r taking positions
-  r, r + world, ...: the same global batches as the reference loader at any world size.
+  r, r + world_size, ...: the same global batches as the reference loader at any world size.
 - `quasi_random`: for datasets larger than RAM (`os_cache: false`), a page-local order that works
   with several ranks, which FFCV's own QUASI_RANDOM refuses: see `ShardedOrder`.
 Both drop the remainder so every rank runs the same number of full batches, honour a mid-epoch
@@ -68,33 +68,33 @@ class ShardedOrder:
     """This rank's samples for one epoch (see the module docstring), from batch `start` on.
 
     quasi_random: pages are shuffled per (seed, epoch) and laid end to end; the stream is cut into
-    `world` contiguous blocks of `size // world` samples, one per rank, so ranks read disjoint
+    `world_size` contiguous blocks of `size // world_size` samples, one per rank, so ranks read disjoint
     pages (a page that straddles two blocks is shared by those two ranks only), every sample is
     read once per epoch across ranks (less the remainder, which moves with the shuffle), and a
     rank's block is shuffled within windows of `buffer_pages` consecutive pages, so at most that
     many pages need to be in memory at a time.
     """
 
-    def __init__(self, size: int, rank: int, world: int, seed: int, mode: str = "random",
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, mode: str = "random",
                  pages: np.ndarray | None = None, buffer_pages: int = 8, drop_last: bool = True):
         if mode not in ORDERS:
             raise DatasetError(f"data.ffcv.order must be one of {', '.join(ORDERS)}, got '{mode}'")
         self.drop_last = drop_last or mode == "quasi_random"
-        if size < world and self.drop_last:  # as ShardedSampler: evaluation may leave a rank empty
-            raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
-        self.size, self.rank, self.world, self.seed, self.mode = size, rank, world, seed, mode
+        if size < world_size and self.drop_last:  # as ShardedSampler: evaluation may leave a rank empty
+            raise DatasetError(f"dataset of {size} images is smaller than the {world_size} ranks sharing it")
+        self.size, self.rank, self.world_size, self.seed, self.mode = size, rank, world_size, seed, mode
         self.pages, self.buffer_pages, self.start = pages, max(1, buffer_pages), 0
         if mode == "quasi_random" and pages is None:
             raise ValueError("quasi_random needs the page of every sample")
 
     def __len__(self) -> int:
-        return shard_size(self.size, self.rank, self.world, self.drop_last)
+        return shard_size(self.size, self.rank, self.world_size, self.drop_last)
 
     def sample_order(self, epoch: int) -> np.ndarray:
         if self.mode == "quasi_random":
             order = self.quasi_random(epoch)
         else:
-            sampler = ShardedSampler(self.size, self.rank, self.world, self.seed, self.mode == "random",
+            sampler = ShardedSampler(self.size, self.rank, self.world_size, self.seed, self.mode == "random",
                                      self.drop_last)
             sampler.set_epoch(epoch)
             order = sampler.indices()
@@ -114,7 +114,7 @@ class ShardedOrder:
         page_rank[rng.permutation(unique_pages)] = np.arange(len(unique_pages))
         # stream: samples sorted by their page's shuffled position (page contents stay together)
         stream = np.lexsort((np.arange(self.size), page_rank[self.pages]))
-        per_rank = self.size // self.world
+        per_rank = self.size // self.world_size
         block = stream[self.rank * per_rank:(self.rank + 1) * per_rank]
         page_pos = page_rank[self.pages[block]]
         window = (page_pos - page_pos.min()) // self.buffer_pages
@@ -240,8 +240,8 @@ class FFCVLoader(Loader):
     prepared ahead; `spec.num_workers` FFCV's pipeline threads."""
 
     def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
-                 rank: int = 0, world: int = 1, seed: int = 0):
-        super().__init__(spec, masks, device, rank, world, seed)
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        super().__init__(spec, masks, device, rank, world_size, seed)
         keep_torch_threads()  # before FFCV's first import: it sets torch's thread count
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader as FFCVPipeline, OrderOption
@@ -252,7 +252,7 @@ class FFCVLoader(Loader):
         self.num_samples, self.classes = int(self.reader.num_samples), read_classes(self.path)
         order = o.order if self.train else "sequential"
         pages = page_of_samples(self.reader) if order == "quasi_random" else None
-        self.order = ShardedOrder(self.num_samples, rank, world, seed, order, pages, o.buffer_pages, self.drop_last)
+        self.order = ShardedOrder(self.num_samples, rank, world_size, seed, order, pages, o.buffer_pages, self.drop_last)
         self.require_one_batch()
         image = [view_decoder(aug.size, self.train)]  # the view: ViewTable's
         # On the CPU, FFCV's numba normaliser runs in the pipeline's threads, beside decoding, and

@@ -116,10 +116,6 @@ class SampleList:
         a, b = self.offsets[i], self.offsets[i + 1]
         return os.fsdecode(self._root_bytes + self.names[a:b].tobytes())
 
-    def path_bytes(self, i: int) -> bytes:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return self._root_bytes + self.names[a:b].tobytes()
-
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.take(np.arange(len(self))[i])

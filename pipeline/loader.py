@@ -2,7 +2,7 @@
 
 A loader is built from a frozen `LoaderSpec` (what to read and how to batch it), the mask
 generator (None: no masks, for classification), the training device and the process's place in the
-job (rank, world, seed). One `iter()` is one epoch of this rank's batches, from `start_batch` on:
+job (rank, world_size, seed). One `iter()` is one epoch of this rank's batches, from `start_batch` on:
 
     images  float (B, 3, S, S), normalised (`augment.normalize`), `spec.dtype`, on the device
     masks   bool (B, S/32, S/32) on the device, from `GlobalBatchMasks` (absent when masks is None)
@@ -44,7 +44,7 @@ class Loader(abc.ABC):
     """One epoch of `(images[, masks][, labels])` batches per `iter()` (see the module docstring).
 
     batch_size (`spec.batch_size`) is per process; `len()` is the batches of a full epoch on this
-    rank, whatever `start_batch`: (samples // world) // batch_size with `spec.drop_last` (every batch
+    rank, whatever `start_batch`: (samples // world_size) // batch_size with `spec.drop_last` (every batch
     full, every rank the same count), else every sample once, the last batch short.
     Subclasses set `num_samples` (and `classes`, the class names, where known), then call
     `require_one_batch()`.
@@ -54,11 +54,11 @@ class Loader(abc.ABC):
     classes: list[str] | None = None
 
     def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
-                 rank: int = 0, world: int = 1, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
         self.spec, self.aug, self.mask_generator = spec, spec.aug, masks
         self.path, self.batch_size, self.labels = str(spec.path), spec.batch_size, spec.labels
         self.train, self.drop_last, self.dtype = spec.train, spec.drop_last, spec.dtype
-        self.device, self.rank, self.world, self.seed = torch.device(device), rank, world, seed
+        self.device, self.rank, self.world_size, self.seed = torch.device(device), rank, world_size, seed
         self.epoch = self.start_batch = 0
         self.accum_steps = 1  # micro-batches per optimizer step: masks are drawn per step (GlobalBatchMasks)
         self.batch_transform = self.device_transform() if spec.train else None
@@ -129,7 +129,7 @@ class Loader(abc.ABC):
 
     def shard_samples(self) -> int:
         """Samples this rank reads in a full epoch (`sharding.shard_size`)."""
-        return shard_size(self.num_samples, self.rank, self.world, self.drop_last)
+        return shard_size(self.num_samples, self.rank, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (a full epoch, whatever `start_batch`)."""
@@ -137,17 +137,17 @@ class Loader(abc.ABC):
 
     def require_one_batch(self) -> None:
         """DatasetError (one line) unless every rank has at least one batch per epoch."""
-        if self.num_samples < self.world and self.drop_last:
-            raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {self.world} ranks "
+        if self.num_samples < self.world_size and self.drop_last:
+            raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {self.world_size} ranks "
                                f"sharing it")
         if len(self) == 0:
-            raise DatasetError(f"{self.num_samples} images over {self.world} ranks do not fill one batch of "
+            raise DatasetError(f"{self.num_samples} images over {self.world_size} ranks do not fill one batch of "
                                f"{self.batch_size}: lower data.batch_size")
 
     def epoch_masks(self) -> GlobalBatchMasks | None:
         if self.mask_generator is None:
             return None
-        return GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world,
+        return GlobalBatchMasks(self.mask_generator, self.seed, self.epoch, self.rank, self.world_size,
                                 self.batch_size, self.device, self.accum_steps)
 
     def __iter__(self):
@@ -196,19 +196,19 @@ class Loader(abc.ABC):
 
 class GlobalBatchMasks:
     """Masks for micro-batch k of an epoch, drawn per optimizer step for the step's whole global
-    batch (batch_size x world x accum_steps samples) from `derive_seed("masks", seed, epoch, step)`.
+    batch (batch_size x world_size x accum_steps samples) from `derive_seed("masks", seed, epoch, step)`.
 
     Global position p of an epoch's sample stream (the `ShardedSampler` permutation) lies in step
     p // G at offset p % G (G the global batch); rank r's micro-batch m of step s holds offsets
-    world * batch_size * m + r + world * j (j < batch_size), so it takes those masks. A sample thus
+    world_size * batch_size * m + r + world_size * j (j < batch_size), so it takes those masks. A sample thus
     gets the same mask whatever the split of G into ranks and accumulation steps, and any batch can
     be drawn directly, so resuming mid-epoch needs no replay.
     """
 
-    def __init__(self, generator: MaskGenerator, seed: int, epoch: int, rank: int, world: int,
+    def __init__(self, generator: MaskGenerator, seed: int, epoch: int, rank: int, world_size: int,
                  batch_size: int, device: torch.device, accum_steps: int = 1):
         self.generator, self.seed, self.epoch = generator, seed, epoch
-        self.rank, self.world, self.batch_size, self.accum = rank, world, batch_size, accum_steps
+        self.rank, self.world_size, self.batch_size, self.accum = rank, world_size, batch_size, accum_steps
         self.device = device
         self.step, self.step_masks = -1, None
 
@@ -217,8 +217,8 @@ class GlobalBatchMasks:
         step, micro = divmod(k, self.accum)
         if step != self.step:
             g = torch_generator("masks", self.seed, self.epoch, step, device=self.device)
-            self.step_masks = self.generator.sample(self.batch_size * self.world * self.accum, generator=g,
+            self.step_masks = self.generator.sample(self.batch_size * self.world_size * self.accum, generator=g,
                                                     device=self.device)  # (G, h, w)
             self.step = step
-        micro_masks = self.step_masks[micro * self.batch_size * self.world:(micro + 1) * self.batch_size * self.world]
-        return micro_masks[self.rank::self.world].contiguous()
+        micro_masks = self.step_masks[micro * self.batch_size * self.world_size:(micro + 1) * self.batch_size * self.world_size]
+        return micro_masks[self.rank::self.world_size].contiguous()

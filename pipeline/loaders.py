@@ -49,7 +49,7 @@ def validate_data_args(backend: str, path: str, key: str = "data.path") -> None:
 
 
 def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str, rank: int = 0,
-                 world: int = 1, seed: int = 0) -> Loader:
+                 world_size: int = 1, seed: int = 0) -> Loader:
     """The `spec.backend` loader of `spec` for this process (see `loader.Loader`). DatasetError
     (one line) for an unknown or missing backend or a path it cannot read; ConfigError for an
     unknown backend name."""
@@ -64,4 +64,4 @@ def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.de
         from .dali_loader import DALILoader as backend
     else:
         backend = ReferenceLoader
-    return backend(spec, masks, device, rank, world, seed)
+    return backend(spec, masks, device, rank, world_size, seed)

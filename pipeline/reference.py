@@ -43,18 +43,18 @@ class ReferenceLoader(Loader):
     this process), persistent across epochs; `set_epoch` reseeds order, augmentation and masks."""
 
     def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
-                 rank: int = 0, world: int = 1, seed: int = 0):
-        super().__init__(spec, masks, device, rank, world, seed)
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        super().__init__(spec, masks, device, rank, world_size, seed)
         self.max_pixels = checked_max_pixels(spec.max_pixels)
         workers = spec.num_workers
-        listed = checked_samples(self.path, self.max_pixels, max(1, workers), rank, world, required=False,
+        listed = checked_samples(self.path, self.max_pixels, max(1, workers), rank, world_size, required=False,
                                  who="torch")
         self.dataset = ImageFolder(self.path, self.aug, self.train, spec.crop_ratio, pil_transform(spec),
                                    self.max_pixels, listed)
         self.samples, self.classes, self.num_samples = self.dataset.samples, self.dataset.classes, len(self.dataset)
         if self.train and workers > 0:
             compiled_resize()  # compiled here once: the forked workers inherit it
-        self.sampler = ShardedSampler(self.num_samples, rank, world, seed, self.train, self.drop_last)
+        self.sampler = ShardedSampler(self.num_samples, rank, world_size, seed, self.train, self.drop_last)
         self.require_one_batch()
         # set at interpreter exit, before multiprocessing ends the workers with SIGTERM (atexit runs
         # hooks last registered first): the one SIGTERM the workers obey

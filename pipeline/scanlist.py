@@ -137,7 +137,7 @@ def entries_of(result: ScanResult, stats: dict) -> dict:
     return entries
 
 
-def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, world: int = 1,
+def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, world_size: int = 1,
                     required: bool = True, who: str = "data") -> tuple[SampleList, list[str]] | None:
     """(samples, classes) every backend agrees on, for data.path `path` (a folder or a list).
 
@@ -149,7 +149,7 @@ def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, wor
     import torch.distributed as dist
 
     src = Path(path)
-    shared = world > 1 and dist.is_available() and dist.is_initialized()
+    shared = world_size > 1 and dist.is_available() and dist.is_initialized()
     if not src.is_dir():
         return checked_file_list(src, max_pixels, workers, who)
     clean = clean_list_path(src)

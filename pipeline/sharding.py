@@ -2,9 +2,9 @@
 
 The order of an epoch is a permutation of the dataset keyed by (seed, epoch) alone
 (`seeding.torch_generator("order", seed, epoch)`), so every rank computes the same one; rank r of
-`world` takes positions r, r + world, ... of it. Training (drop_last) keeps the first
-`size // world * world` positions, so every rank has the same number of samples and the j-th global
-batch of world x b samples is the same whatever the world size; evaluation keeps all of them (ranks
+`world_size` takes positions r, r + world_size, ... of it. Training (drop_last) keeps the first
+`size // world_size * world_size` positions, so every rank has the same number of samples and the j-th global
+batch of world_size x b samples is the same whatever the world size; evaluation keeps all of them (ranks
 differ by at most one). A start offset skips a rank's first samples (mid-epoch resume).
 """
 from __future__ import annotations
@@ -20,24 +20,24 @@ class ShardedSampler(torch.utils.data.Sampler):
     """Yields (index, sample seed) for this rank's share of one epoch.
 
     The permutation depends on (seed, epoch) only, so every rank agrees on it; rank r takes
-    positions r, r + world, ... of the first `len // world * world` (drop_last) entries. So the
-    j-th global batch of world x b samples is the same whatever the world size, and rank r holds
-    its positions r, r + world, ... (drop_last=False: all positions, for evaluation). `start`
+    positions r, r + world_size, ... of the first `len // world_size * world_size` (drop_last) entries. So the
+    j-th global batch of world_size x b samples is the same whatever the world size, and rank r holds
+    its positions r, r + world_size, ... (drop_last=False: all positions, for evaluation). `start`
     skips this rank's first samples (mid-epoch resume).
     """
 
-    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True,
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True):
-        if size < world and drop_last:
-            raise DatasetError(f"dataset of {size} images is smaller than the {world} ranks sharing it")
-        self.size, self.rank, self.world, self.drop_last = size, rank, world, drop_last
+        if size < world_size and drop_last:
+            raise DatasetError(f"dataset of {size} images is smaller than the {world_size} ranks sharing it")
+        self.size, self.rank, self.world_size, self.drop_last = size, rank, world_size, drop_last
         self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return shard_size(self.size, self.rank, self.world, self.drop_last) - self.start
+        return shard_size(self.size, self.rank, self.world_size, self.drop_last) - self.start
 
     def indices(self) -> np.ndarray:
         """This rank's dataset indices for the epoch, from `start` on: int64 (len(self),).
@@ -49,8 +49,8 @@ class ShardedSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.size, generator=torch_generator("order", self.seed, self.epoch)).numpy()
         else:
             order = np.arange(self.size, dtype=np.int64)
-        per_rank = self.size // self.world if self.drop_last else -(-self.size // self.world)
-        return order[self.rank + self.start * self.world:per_rank * self.world:self.world].copy()
+        per_rank = self.size // self.world_size if self.drop_last else -(-self.size // self.world_size)
+        return order[self.rank + self.start * self.world_size:per_rank * self.world_size:self.world_size].copy()
 
     def __iter__(self):
         """(index, `derive_seed("sample", seed, epoch, index)`) per sample, the seeds derived a block
@@ -62,10 +62,10 @@ class ShardedSampler(torch.utils.data.Sampler):
             yield from zip(indices.tolist(), seeds.tolist())
 
 
-def shard_size(size: int, rank: int, world: int, drop_last: bool = True) -> int:
-    """Samples a rank gets per epoch: size // world (drop_last: the same on every rank), else its
+def shard_size(size: int, rank: int, world_size: int, drop_last: bool = True) -> int:
+    """Samples a rank gets per epoch: size // world_size (drop_last: the same on every rank), else its
     share of all of them (evaluation: ranks differ by at most one)."""
-    return size // world if drop_last else len(range(rank, size, world))
+    return size // world_size if drop_last else len(range(rank, size, world_size))
 
 
 def num_batches(samples: int, batch_size: int, drop_last: bool = True) -> int:

@@ -156,7 +156,7 @@ FFCV_FIELDS = ("order", "os_cache", "buffer_pages", "batches_ahead")
 
 
 def make_loader(backend, path, aug, masks, batch_size: int, num_workers: int = 0, device="cpu", rank: int = 0,
-                world: int = 1, seed: int = 0, **fields):
+                world_size: int = 1, seed: int = 0, **fields):
     """A loader from the tests' short form: `backend` a loader class (built directly) or a backend
     name (through `build_loader`); `fields` are `LoaderSpec` fields, or `FFCVOptions` /
     `DALIOptions` fields by name (`decode_device` for DALI's `device`)."""
@@ -169,8 +169,8 @@ def make_loader(backend, path, aug, masks, batch_size: int, num_workers: int = 0
     spec = LoaderSpec(name, str(path), aug, batch_size, num_workers, ffcv=FFCVOptions(**ffcv),
                       dali=DALIOptions(**dali), **fields)
     if isinstance(backend, str):
-        return build_loader(spec, masks, device, rank, world, seed)
-    return backend(spec, masks, device, rank, world, seed)
+        return build_loader(spec, masks, device, rank, world_size, seed)
+    return backend(spec, masks, device, rank, world_size, seed)
 
 
 def run_until(proc: subprocess.Popen, marker: str, act, timeout: float = 60) -> str:
@@ -193,13 +193,13 @@ def run_until(proc: subprocess.Popen, marker: str, act, timeout: float = 60) -> 
     return "".join(seen) + rest
 
 
-def run_sh_env(world: int = 2) -> dict:
-    """The environment for `trainer/run.sh` with `world` CPU ranks on a free localhost port, no restarts."""
+def run_sh_env(world_size: int = 2) -> dict:
+    """The environment for `trainer/run.sh` with `world_size` CPU ranks on a free localhost port, no restarts."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-            "GPUS_PER_NODE": str(world), "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
+            "GPUS_PER_NODE": str(world_size), "MASTER_PORT": str(port), "MAX_RESTARTS": "0"}
 
 
 def child_pids(pid: int) -> list[int]:

@@ -233,7 +233,7 @@ def test_ranks_disjoint_and_covering(tmp_path):
     for epoch in range(2):
         seen = []
         for rank in range(2):
-            loader = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=rank, world=2, seed=3)
+            loader = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=rank, world_size=2, seed=3)
             loader.set_epoch(epoch)
             got = []
             for (images,) in loader:

@@ -62,15 +62,15 @@ def test_loader_reproducible_and_epoch_dependent(sample_root):
 
 
 def test_sharding_disjoint_and_covering():
-    for size, world in [(60, 2), (61, 2), (100, 3)]:
+    for size, world_size in [(60, 2), (61, 2), (100, 3)]:
         seen = []
-        for rank in range(world):
-            s = ShardedSampler(size, rank, world, seed=1)
+        for rank in range(world_size):
+            s = ShardedSampler(size, rank, world_size, seed=1)
             s.set_epoch(3)
             seen.append([i for i, _ in s])
-            assert len(seen[-1]) == len(s) == size // world
+            assert len(seen[-1]) == len(s) == size // world_size
         flat = sum(seen, [])
-        assert len(set(flat)) == len(flat) == size // world * world
+        assert len(set(flat)) == len(flat) == size // world_size * world_size
     a = [i for i, _ in ShardedSampler(50, 0, 1, seed=1)]
     s = ShardedSampler(50, 0, 1, seed=1)
     s.set_epoch(1)

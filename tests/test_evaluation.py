@@ -133,19 +133,19 @@ def test_knn_matches_a_brute_force_reference():
     assert (knn_predict(bank, labels, bank, 4, k=1) == labels).all()  # each point is its own nearest
 
 
-def _knn_monitor(sample_root, rank, world):
+def _knn_monitor(sample_root, rank, world_size):
     from simmim.trainer.distributed import DistInfo
     from simmim.trainer.knn import KNNMonitor
 
-    dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
     return KNNMonitor(str(sample_root / "train"), str(sample_root / "val"), 64, 4, 30, 8, 0, 0, dist)
 
 
-def _knn_rank(rank, world, store, sample_root, out):
+def _knn_rank(rank, world_size, store, sample_root, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    top1 = _knn_monitor(sample_root, rank, world)(_model())
+    dist.init_process_group("gloo", store=dist.FileStore(store, world_size), rank=rank, world_size=world_size)
+    top1 = _knn_monitor(sample_root, rank, world_size)(_model())
     if rank == 0:
         out.write_text(repr(top1))
     dist.destroy_process_group()

@@ -123,30 +123,30 @@ def test_same_augmentation_as_reference(ramps, tmp_path):
                              loader_crop_stats(make_loader(ReferenceLoader, str(ramps), aug, None, 16, 0), aug))
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_random_order_matches_reference_sampler(world):
-    for rank in range(world):
-        order = ShardedOrder(103, rank, world, seed=5, mode="random")
-        sampler = ShardedSampler(103, rank, world, seed=5)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_random_order_matches_reference_sampler(world_size):
+    for rank in range(world_size):
+        order = ShardedOrder(103, rank, world_size, seed=5, mode="random")
+        sampler = ShardedSampler(103, rank, world_size, seed=5)
         sampler.set_epoch(2)
         assert order.sample_order(2).tolist() == [i for i, _ in sampler]
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_distributed_quasi_random(world):
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_distributed_quasi_random(world_size):
     rng = np.random.default_rng(0)
     pages = np.repeat(np.arange(40), rng.integers(3, 12, 40))  # 40 pages of uneven size, in file order
     n = len(pages)
     orders = {}
     for epoch in range(3):
-        parts = [ShardedOrder(n, r, world, 7, "quasi_random", pages, buffer_pages=4).sample_order(epoch)
-                 for r in range(world)]
-        assert all(len(p) == n // world for p in parts)  # same number of batches on every rank
+        parts = [ShardedOrder(n, r, world_size, 7, "quasi_random", pages, buffer_pages=4).sample_order(epoch)
+                 for r in range(world_size)]
+        assert all(len(p) == n // world_size for p in parts)  # same number of batches on every rank
         flat = np.concatenate(parts).astype(np.int64)
-        assert len(np.unique(flat)) == len(flat) == n // world * world  # every sample once, less the remainder
+        assert len(np.unique(flat)) == len(flat) == n // world_size * world_size  # every sample once, less the remainder
         rank_pages = [set(pages[p.astype(np.int64)]) for p in parts]
-        for a in range(world):  # disjoint pages but for the pages cut between neighbouring ranks
-            for b in range(a + 1, world):
+        for a in range(world_size):  # disjoint pages but for the pages cut between neighbouring ranks
+            for b in range(a + 1, world_size):
                 assert len(rank_pages[a] & rank_pages[b]) <= 1
         # page-local: any 4-page window of a rank's stream holds few distinct pages
         for p in parts:
@@ -154,9 +154,9 @@ def test_distributed_quasi_random(world):
             assert len(set(window)) <= 5
         orders[epoch] = flat
     assert not np.array_equal(orders[0], orders[1])  # reseeded per epoch
-    again = ShardedOrder(n, 0, world, 7, "quasi_random", pages, buffer_pages=4)
+    again = ShardedOrder(n, 0, world_size, 7, "quasi_random", pages, buffer_pages=4)
     again.start = 5
-    assert again.sample_order(1).tolist() == orders[1][: n // world][5:].tolist()
+    assert again.sample_order(1).tolist() == orders[1][: n // world_size][5:].tolist()
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_sampler_seeds_are_derive_seed_per_sample():
     from simmim.pipeline import ShardedSampler
     from simmim.pipeline.seeding import derive_seed
 
-    sampler = ShardedSampler(5000, rank=1, world=2, seed=7)
+    sampler = ShardedSampler(5000, rank=1, world_size=2, seed=7)
     sampler.set_epoch(3, start=10)
     pairs = list(sampler)
     assert len(pairs) == 2490 and [i for i, _ in pairs] == sampler.indices().tolist()

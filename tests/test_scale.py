@@ -152,13 +152,13 @@ def test_scan_keeps_bounded_work_in_flight(monkeypatch):
 
 
 def test_epoch_order_is_an_array_and_the_same_as_before():
-    for size, world, rank, start in [(1000, 1, 0, 0), (1003, 4, 3, 17), (50, 3, 1, 5)]:
-        s = ShardedSampler(size, rank, world, seed=5)
+    for size, world_size, rank, start in [(1000, 1, 0, 0), (1003, 4, 3, 17), (50, 3, 1, 5)]:
+        s = ShardedSampler(size, rank, world_size, seed=5)
         s.set_epoch(2, start)
         got = s.indices()
         assert isinstance(got, np.ndarray) and got.dtype == np.int64
         before = torch.randperm(size, generator=torch_generator("order", 5, 2)).tolist()  # the list-based order
-        assert got.tolist() == before[rank + start * world:size // world * world:world]
+        assert got.tolist() == before[rank + start * world_size:size // world_size * world_size:world_size]
         assert [i for i, _ in s] == got.tolist()
 
 
@@ -253,7 +253,7 @@ def test_dali_epoch_feed_order_resume_and_early_exit(tmp_path):
 
     ids = grey_ids(tmp_path / "ids", 30)
     aug = Augmentation(size=16)
-    loader = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world=2, seed=3)
+    loader = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world_size=2, seed=3)
 
     def expected(epoch, start_batch=0):
         s = ShardedSampler(30, 1, 2, seed=3)
@@ -277,7 +277,7 @@ def test_dali_epoch_feed_order_resume_and_early_exit(tmp_path):
     assert run(6) == expected(6)
     assert loader.pipe is pipe  # never rebuilt
 
-    val = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world=2, train=False, drop_last=False)
+    val = make_loader(DALILoader, str(tmp_path / "ids"), aug, None, 4, 1, rank=1, world_size=2, train=False, drop_last=False)
     loader, got = val, []
     for (images,) in val:
         got += ids_of(images, aug)

@@ -39,9 +39,9 @@ def test_keyed_rng_is_a_function_of_the_key_and_restores_the_globals():
         assert (random.random(), np.random.rand(), torch.rand(1).item()) != draws[0]  # another rank
 
 
-@pytest.mark.parametrize("world,batch,accum", [(2, 4, 1), (1, 4, 2), (2, 2, 2), (4, 1, 2), (1, 1, 8)])
-def test_masks_follow_the_sample_whatever_the_split_of_the_global_batch(world, batch, accum):
-    """Global batch 8 = world x batch x accum: every sample (dataset index) gets the mask it gets at
+@pytest.mark.parametrize("world_size,batch,accum", [(2, 4, 1), (1, 4, 2), (2, 2, 2), (4, 1, 2), (1, 1, 8)])
+def test_masks_follow_the_sample_whatever_the_split_of_the_global_batch(world_size, batch, accum):
+    """Global batch 8 = world_size x batch x accum: every sample (dataset index) gets the mask it gets at
     1 x 8 x 1, over two steps of an epoch."""
     gen, size, steps = MaskGenerator(64, 32, 0.5), 40, 2
     device = torch.device("cpu")
@@ -58,7 +58,7 @@ def test_masks_follow_the_sample_whatever_the_split_of_the_global_batch(world, b
                     out[i] = m
         return out
 
-    want, got = masks_by_index(1, 8, 1), masks_by_index(world, batch, accum)
+    want, got = masks_by_index(1, 8, 1), masks_by_index(world_size, batch, accum)
     assert want.keys() == got.keys() and len(want) == 8 * steps
     assert all(torch.equal(want[i], got[i]) for i in want)
 

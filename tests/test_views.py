@@ -51,10 +51,10 @@ def epoch_images(loader, epoch: int, start_batch: int = 0) -> list[torch.Tensor]
     return [batch[0].clone() for batch in loader]
 
 
-def backend_loader(backend: str, ramp_set, ramp_beton_path, workers: int, aug: Augmentation, rank=0, world=1):
+def backend_loader(backend: str, ramp_set, ramp_beton_path, workers: int, aug: Augmentation, rank=0, world_size=1):
     if backend == "ffcv":
-        return make_loader("ffcv", str(ramp_beton_path), aug, None, 4, workers, rank=rank, world=world, seed=SEED)
-    return make_loader(backend, str(ramp_set), aug, None, 4, workers, rank=rank, world=world, seed=SEED)
+        return make_loader("ffcv", str(ramp_beton_path), aug, None, 4, workers, rank=rank, world_size=world_size, seed=SEED)
+    return make_loader(backend, str(ramp_set), aug, None, 4, workers, rank=rank, world_size=world_size, seed=SEED)
 
 
 def needs(backend):
@@ -68,8 +68,8 @@ def test_same_boxes_and_flips_as_the_torch_loader(backend, max_level, ramp_set, 
     A ramp image's pixels are its coordinates, so another box or flip would differ by tens of levels."""
     aug = Augmentation(size=SIZE)
     beton = request.getfixturevalue("ramp_beton") if backend == "ffcv" else None
-    ref = make_loader(ReferenceLoader, str(ramp_set), aug, None, 4, 0, rank=1, world=2, seed=SEED)
-    got = backend_loader(backend, ramp_set, beton, 2, aug, rank=1, world=2)
+    ref = make_loader(ReferenceLoader, str(ramp_set), aug, None, 4, 0, rank=1, world_size=2, seed=SEED)
+    got = backend_loader(backend, ramp_set, beton, 2, aug, rank=1, world_size=2)
     flips = 0
     for epoch in (0, 3):
         want, have = epoch_images(ref, epoch), epoch_images(got, epoch)

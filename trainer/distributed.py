@@ -69,23 +69,23 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(preference: str = "auto") -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        store, rank, world = next(dist.rendezvous("env://"))
+        store, rank, world_size = next(dist.rendezvous("env://"))
         # torchrun may hand every restart the same store: keep each attempt's keys apart, or a
         # restarted group reads the dead ranks' addresses and fails to connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend=backend, store=dist.PrefixStore(f"simmim/attempt{attempt}", store),
-                                rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+                                rank=rank, world_size=world_size, device_id=device if device.type == "cuda" else None)
         global _HOST_GROUP
         _HOST_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
-    return DistInfo(rank, local_rank, world, device)
+    return DistInfo(rank, local_rank, world_size, device)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

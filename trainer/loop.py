@@ -287,21 +287,21 @@ def _record(line: str) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def resolve_accumulation(state: TrainState | None, batch_size: int, world: int, accum: int) -> int:
+def resolve_accumulation(state: TrainState | None, batch_size: int, world_size: int, accum: int) -> int:
     """Keeps a resumed run's global batch when the world size changed, through accumulation;
     if that cannot be done exactly, says what changes."""
-    if state is None or state.global_batch == batch_size * world * accum:
+    if state is None or state.global_batch == batch_size * world_size * accum:
         return accum
     old = state.global_batch
-    if old % (batch_size * world) == 0:
-        new_accum = old // (batch_size * world)
+    if old % (batch_size * world_size) == 0:
+        new_accum = old // (batch_size * world_size)
         log.warning("world size %d -> %d: train.accum_steps %d -> %d keeps the global batch at %d",
-                    state.world_size, world, accum, new_accum, old)
+                    state.world_size, world_size, accum, new_accum, old)
         return new_accum
     log.warning("world size %d -> %d: the global batch changes from %d to %d (%d is not a multiple of "
                 "%d x %d ranks); the lr is rescaled to the new batch and the schedule to the new "
-                "steps per epoch", state.world_size, world, old, batch_size * world * accum, old,
-                batch_size, world)
+                "steps per epoch", state.world_size, world_size, old, batch_size * world_size * accum, old,
+                batch_size, world_size)
     return accum
 
 
