@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -101,16 +102,22 @@ def descendants(pid: int) -> list[int]:
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """(this process's CPU seconds, all threads; that plus its live descendants'), user + system
-    (a descendant's from /proc/PID/stat, fields utime and stime)."""
-    main, children = time.process_time(), 0.0
+    """(this process's CPU seconds, all threads; that plus its descendants'), user + system.
+
+    A live descendant's from /proc/PID/stat (utime, stime, and cutime, cstime for the children it
+    reaped); the children this process reaped from getrusage(RUSAGE_CHILDREN). So a worker that
+    ends between two calls moves from one term to another instead of taking its seconds with it.
+    """
+    main = time.process_time()
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = reaped.ru_utime + reaped.ru_stime
     tick = os.sysconf("SC_CLK_TCK")
     for pid in descendants(os.getpid()):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        children += (int(fields[11]) + int(fields[12])) / tick
+        children += sum(int(f) for f in fields[11:15]) / tick
     return main, main + children
 
 

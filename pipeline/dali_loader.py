@@ -82,15 +82,13 @@ from .errors import DatasetError
 from .folder import SampleList
 from .loader import Loader
 from .masking import MaskGenerator
-from .options import LoaderSpec
+from .options import DEVICES, LoaderSpec
 from .rand_augment import parse_rand_augment
 from .scanlist import checked_samples
 from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "mixed", "cpu")
 
 
 def resize_square(images, size: int, device: str):

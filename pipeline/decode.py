@@ -93,7 +93,7 @@ def _decode(path, max_pixels: int, draft: int | None) -> tuple[Image.Image, tupl
     """decode_rgb, and the (width, height) of the header (before any draft scaling)."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
-            raise DecodeError(f"not a regular file ({_kind(path)})")
+            raise DecodeError(f"not a regular file ({file_kind(path)})")
         with warnings.catch_warnings():
             # PIL warns between its threshold and twice it; our own limit decides (below)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -144,10 +144,12 @@ def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None) -> Image.Image
     return img.convert("RGB")
 
 
-def _kind(path) -> str:
-    from .folder import _kind as kind
-
-    return kind(str(path))
+def file_kind(path) -> str:
+    """What a path that is not a regular file is ("a FIFO", "a socket", "a folder", ...), for messages."""
+    mode = os.stat(path).st_mode
+    return next((what for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                         (stat.S_ISDIR, "a folder")) if test(mode)), "not a regular file")
 
 
 def _grey(v: np.ndarray) -> Image.Image:

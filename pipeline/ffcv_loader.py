@@ -49,13 +49,11 @@ from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_ba
 from .folder import center_crop, read_classes, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
-from .options import LoaderSpec
+from .options import ORDERS, LoaderSpec
 from .rand_augment import BatchRandAugment
 from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 from .views_ahead import ViewsAhead
-
-ORDERS = ("random", "quasi_random", "sequential")
 
 
 def page_of_samples(reader) -> np.ndarray:

@@ -28,7 +28,6 @@ import os
 import random
 from array import array
 import re
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 from PIL import Image
 
 from .augment import Augmentation, eval_geometry, training_view
-from .decode import MAX_PIXELS, DecodeError, decode_rgb
+from .decode import MAX_PIXELS, DecodeError, decode_rgb, file_kind
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -300,7 +299,7 @@ class _Walk:
                             log.warning("skipping %r (a link to nothing)", os.fsdecode(e.path))
                             continue
                         if not regular:
-                            log.warning("skipping %r (not a regular file: %s)", os.fsdecode(e.path), _kind(e.path))
+                            log.warning("skipping %r (not a regular file: %s)", os.fsdecode(e.path), file_kind(e.path))
                             continue
                         key = (st.st_dev, st.st_ino) if st is not None else (dev, e.inode())
                         files.append((e.name, key, is_link))
@@ -366,13 +365,6 @@ class _Walk:
         log.warning("%s: left out %d symbolic link(s) to files already listed, e.g. %r",
                     self.root, n - len(keep), samples.path(dup))
         return samples.take(keep)
-
-
-def _kind(path) -> str:
-    mode = os.stat(path).st_mode
-    return next((what for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                                         (stat.S_ISDIR, "a folder")) if test(mode)), "not a regular file")
 
 
 def quote_path(path: str) -> str:

@@ -24,8 +24,10 @@ from .decode import MAX_PIXELS
 from .masking import MASK_STRATEGIES
 
 BACKENDS = ("torch", "ffcv", "dali")  # data.backend
+ORDERS = ("random", "quasi_random", "sequential")  # data.ffcv.order
+DEVICES = ("auto", "mixed", "cpu")  # data.dali.device
 
-__all__ = ["BACKENDS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec", "Rule", "one_of"]
+__all__ = ["BACKENDS", "DEVICES", "ORDERS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec", "Rule", "one_of"]
 
 Rule = tuple[Callable[[Any], bool], str]  # (test, what the value must be: "> 0", "one of a, b")
 POSITIVE: Rule = (lambda v: v > 0, "> 0")
@@ -50,8 +52,6 @@ class FFCVOptions:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        from .ffcv_loader import ORDERS
-
         return {"order": one_of(*ORDERS), "buffer_pages": POSITIVE, "batches_ahead": POSITIVE}
 
 
@@ -66,8 +66,6 @@ class DALIOptions:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        from .dali_loader import DEVICES
-
         return {"device": one_of(*DEVICES), "hw_decoder_load": UNIT, "prefetch": POSITIVE, "threads": NON_NEGATIVE,
                 "preallocate": NON_NEGATIVE}
 

@@ -4,7 +4,7 @@ Real ImageNet holds CMYK and grayscale JPEGs, a PNG named `.JPEG`, huge and tiny
 those decode. Truncated files, zero-byte files, non-images, formats DALI does not read and images
 over the pixel limit do not. The check is the loaders' own decode (`decode.check_image`, by
 `decode.decode_rgb`'s rules), so a file the scan keeps decodes in every loader, and to the same
-pixels. `scan_images` sorts them; `simmim scan SRC` writes the clean list (`folder`'s list format;
+pixels. `scan_images` sorts them; `simmim scan SRC` (`scanlist.scan_command`) writes the clean list (`folder`'s list format;
 every loader accepts it as data.path) and a JSON report of the bad files; `simmim convert` uses
 the same check before writing a `.beton`.
 
@@ -200,23 +200,3 @@ def check_output(path: str | os.PathLike, flag: str = "") -> Path:
     except OSError as e:
         raise DatasetError(f"cannot write {name}: {e.strerror or e} in {path.parent}") from None
     return path
-
-
-def scan_command(src: str, out: str | None, workers: int, on_error: str,
-                 max_pixels: int = MAX_PIXELS) -> ScanResult:
-    """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file,
-    a JSON report of the bad files and the record the loaders check the list against
-    (`scanlist`) beside it."""
-    from .scanlist import entries_of, file_stat, write_scan
-
-    samples, classes = scan_folder(src, announce=print)  # the walk only: the output is checked before any decoding
-    out_path = check_output(out, "--out") if out else check_output(clean_list_path(src))
-    stats = {p: st for p, _ in samples if (st := file_stat(p)) is not None}
-    result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels)
-    if not result.good:
-        raise DatasetError(f"no image under {src} decodes")
-    write_scan(out_path, result, entries_of(result, stats), max_pixels)
-    rate = len(samples) / max(result.seconds, 1e-9)
-    print(f"scanned {len(samples)} images in {result.seconds:.1f}s ({rate:.0f} img/s): "
-          f"{len(result.good)} good, {len(result.bad)} bad -> {out_path}")
-    return result

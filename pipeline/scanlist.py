@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .decode import MAX_PIXELS
 from .folder import DatasetError, SampleList, scan_folder, sidecar
 from .io import write_json
-from .scan import ScanResult, clean_list_path, scan_images, write_file_list
+from .scan import ScanResult, check_output, clean_list_path, scan_images, write_file_list
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +214,21 @@ def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data
     if not len(result.good):
         raise DatasetError(f"no file listed in {lst} decodes")
     return result.good, classes
+
+
+def scan_command(src: str, out: str | None, workers: int, on_error: str,
+                 max_pixels: int = MAX_PIXELS) -> ScanResult:
+    """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file,
+    a JSON report of the bad files and the record the loaders check the list against
+    beside it."""
+    samples, classes = scan_folder(src, announce=print)  # the walk only: the output is checked before any decoding
+    out_path = check_output(out, "--out") if out else check_output(clean_list_path(src))
+    stats = {p: st for p, _ in samples if (st := file_stat(p)) is not None}
+    result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels)
+    if not result.good:
+        raise DatasetError(f"no image under {src} decodes")
+    write_scan(out_path, result, entries_of(result, stats), max_pixels)
+    rate = len(samples) / max(result.seconds, 1e-9)
+    print(f"scanned {len(samples)} images in {result.seconds:.1f}s ({rate:.0f} img/s): "
+          f"{len(result.good)} good, {len(result.bad)} bad -> {out_path}")
+    return result

@@ -289,7 +289,7 @@ def test_torch_and_dali_agree_on_the_samples(hostile, caplog):
     place of each of the 7 bad ones); a file changed since the scan is checked by both."""
     import logging
 
-    from simmim.pipeline.scan import scan_command
+    from simmim.pipeline.scanlist import scan_command
 
     aug = Augmentation(size=8)
     torch_before = make_loader(ReferenceLoader, str(hostile), aug, None, 1, 0)

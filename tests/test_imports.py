@@ -1,4 +1,5 @@
-"""Dependencies run one way (DESIGN.md): kernels <- pipeline <- trainer <- benchmarks.
+"""Dependencies run one way (DESIGN.md): kernels <- pipeline <- trainer <- benchmarks, and no
+module of ours imports itself round a cycle.
 
 Every module of every subpackage is parsed (not imported), and every import statement in it, at
 module level or inside a function, absolute or relative, is resolved to the subpackage it
@@ -82,6 +83,72 @@ def test_the_check_sees_every_kind_of_import(tmp_path, monkeypatch):
 def test_every_module_is_checked():
     names = {str(p.relative_to(REPO)) for p in MODULES}
     assert {"pipeline/scan.py", "trainer/cli.py", "benchmarks/cli.py", "kernels/loss.py"} <= names
+
+
+def module_name(path: Path) -> str:
+    """simmim.<subpackage>.<module> of a file under REPO (a package's __init__: the package)."""
+    return ".".join(["simmim", *path.relative_to(REPO).with_suffix("").parts]).removesuffix(".__init__")
+
+
+def imported_modules(path: Path, ours: set[str]) -> set[str]:
+    """The modules of `ours` that `path` imports anywhere (module level or inside a function):
+    `from .x import y` reaches module `x`, or `x.y` where that is a module of ours."""
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            candidates = [f"{base}.{a.name}" if f"{base}.{a.name}" in ours else base for a in node.names]
+        else:
+            continue
+        found.update(c for c in candidates if c in ours)
+    return found - {module_name(path)}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` (module -> modules it imports) as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    return next((c for m in sorted(graph) if m not in state and (c := visit(m))), None)
+
+
+def test_no_import_cycles():
+    """No module of ours reaches itself through imports, counting those inside functions (which hide
+    a cycle from Python, not from a reader): a constant lives with the options that name it."""
+    ours = {module_name(p) for p in MODULES}
+    graph = {module_name(p): imported_modules(p, ours) for p in MODULES}
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
+    pkg = tmp_path / "pipeline"
+    pkg.mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("x = 1\ndef f():\n    from simmim.pipeline import a\n")
+    files = sorted(pkg.glob("*.py"))
+    ours = {module_name(p) for p in files}
+    graph = {module_name(p): imported_modules(p, ours) for p in files}
+    assert import_cycle(graph) == ["simmim.pipeline.a", "simmim.pipeline.b", "simmim.pipeline.a"]
+    (pkg / "b.py").write_text("x = 1\n")
+    assert import_cycle({module_name(p): imported_modules(p, ours) for p in files}) is None
 
 
 IMPORT_ALL = """

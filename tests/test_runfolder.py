@@ -234,7 +234,7 @@ def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_pat
     checkpoint and one line naming a file and `simmim scan`; after the scan the same command resumes."""
     pytest.importorskip("nvidia.dali")
     from simmim.pipeline.dali_loader import DALILoader
-    from simmim.pipeline.scan import scan_command
+    from simmim.pipeline.scanlist import scan_command
 
     train = tmp_path / "train"
     shutil.copytree(sample_root / "train", train)

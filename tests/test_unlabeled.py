@@ -10,7 +10,8 @@ from PIL import Image
 
 from simmim.pipeline.errors import DatasetError
 from simmim.pipeline.folder import read_file_list, scan_folder
-from simmim.pipeline.scan import scan_command, write_file_list
+from simmim.pipeline.scan import write_file_list
+from simmim.pipeline.scanlist import scan_command
 from simmim.trainer.config import load_config
 from simmim.trainer.pretrain import pretrain
 

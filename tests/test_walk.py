@@ -148,7 +148,7 @@ def no_decoding(monkeypatch):
 
 
 def test_scan_output_checked_first(tree, tmp_path, no_decoding):
-    from simmim.pipeline.scan import scan_command
+    from simmim.pipeline.scanlist import scan_command
 
     (tmp_path / "file.jpg").write_bytes(b"x")
     for out, expect in ((tmp_path / "file.jpg" / "x.txt", f"{tmp_path / 'file.jpg'} is a file, not a folder"),

@@ -98,7 +98,7 @@ def cmd_sample_data(args) -> None:
 
 
 def cmd_scan(args) -> None:
-    from simmim.pipeline.scan import scan_command
+    from simmim.pipeline.scanlist import scan_command
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels)
