@@ -176,16 +176,6 @@ def test_pretraining_logs_the_knn_figure(tmp_path, sample_root):
     assert len(knn) == 2 and all(0 <= v <= 100 for v in knn) and (out / "curves.png").is_file()
 
 
-def test_knn_needs_a_validation_folder(tmp_path, sample_root):
-    from simmim.pipeline.errors import ConfigError
-    from simmim.trainer.config import load_config
-    from simmim.trainer.pretrain import pretrain
-
-    with pytest.raises(ConfigError, match="run.knn_every"):
-        pretrain(load_config("demo", [f"data.path={sample_root / 'train'}", "data.val_path=", "run.knn_every=1",
-                                      f"run.out_dir={tmp_path}", "data.num_workers=0", "run.progress=false"]))
-
-
 # ---------------------------------------------------------------- linear probe (trainer/probe.py)
 
 def _colour_classes(root, per_class=12, seed=0):
