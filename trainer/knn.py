@@ -7,7 +7,7 @@ training features under cosine similarity, each neighbour voting for its class w
 exp(similarity / 0.07) (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination", Sec. 3.4; DINO's eval_knn.py protocol, Caron et al. 2021). The features are the mean
 over the encoder's output grid (Swin: the last stage after its norm; ViT: the patch tokens after the
-final norm). Every rank embeds its share (indices rank::world, so no image twice), the training
+final norm). Every rank embeds its share (indices rank::world_size, so no image twice), the training
 features are gathered on every rank, and the hits are summed: the figure does not depend on the
 number of ranks. Needs labelled data: class folders or `path label` lists for data.path and
 data.val_path, read by the torch backend's ImageFolder whatever data.backend is.
