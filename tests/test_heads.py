@@ -94,7 +94,8 @@ def test_short_run_lowers_the_loss(head, loss):
     (the inverse Swin decoders, 28M / 87M parameters, in the slow tier)."""
     torch.manual_seed(0)
     model = build_simmim("swin_micro", 64, 32, 2, loss=loss, head=head)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the deep decoders diverge at the linear head's 1e-3 without a warm-up (0.29 -> 2.4 in two steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4 if head.startswith("inverse") else 1e-3)
     x, masks = batch()
     values = []
     for _ in range(10):
