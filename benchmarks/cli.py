@@ -22,6 +22,9 @@ from typing import Callable
 
 from simmim.trainer.cli import build_parser, drop_local_rank, run
 
+# Each benchmark's module is imported when its command runs (as trainer/cli.py does for its commands):
+# `simmim --help` or `simmim pretrain` then does not import every benchmark and its dependencies.
+
 
 def _avgdist(argv):
     from .avg_dist import main

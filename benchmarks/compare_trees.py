@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .report import results_dir, write_results
+from .loaders import synthetic_jpegs
+from .report import device_name, results_dir, write_results
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -100,8 +101,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     old_tree = Path(args.old).resolve()
     if not (old_tree / "benchmarks" / "loaders.py").is_file():
         raise SystemExit(f"--old {args.old}: not a simmim source tree (no benchmarks/loaders.py)")
-    from .loaders import synthetic_jpegs
-    from .report import device_name
 
     with tempfile.TemporaryDirectory(prefix="simmim-compare-trees-") as tmp:
         work = Path(tmp)

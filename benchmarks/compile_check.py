@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from simmim.kernels import dispatch, loss, mask_fill
+
 CL = torch.channels_last
 
 
 def cases() -> list[tuple[str, callable]]:
     """(label, thunk calling a launcher) for every specialisation the model and tests use."""
-    from simmim.kernels import loss, mask_fill
-
     out = []
     for name, (L, D, grid) in {"swin_b_192": (48 * 48, 128, 6), "vit_b_224": (14 * 14, 768, 7)}.items():
         masks = torch.rand(2, grid, grid) < 0.6
@@ -138,8 +138,6 @@ def ptxas_info(ptx: str, arch: int) -> dict:
 
 
 def compile_all(arch: int) -> list[dict]:
-    from simmim.kernels import dispatch
-
     if dispatch.interpreting():
         raise RuntimeError("simmim bench compile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     rows = []
@@ -186,7 +184,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--arch", default="90,80", help="compute capabilities, e.g. 90 (H100/H200), 80 (A100)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
-    from simmim.kernels import dispatch
 
     if not dispatch.HAS_TRITON:
         raise SystemExit("simmim bench compile: Triton is not installed")

@@ -29,6 +29,7 @@ round (a run stopped early leaves the rounds it finished). See docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import resource
@@ -41,11 +42,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
+from simmim.pipeline.convert import convert
 from simmim.pipeline.loaders import available
 from simmim.pipeline.options import DALIOptions
+from simmim.pipeline.sample_data import build_sample_dataset
 
+from . import plain_loaders as plain
 from .report import device_name, results_dir, write_bar_chart, write_results as write_md_json
 
 TORCHVISION, RELEASED = "torchvision (plain)", "released SimMIM"
@@ -55,10 +60,6 @@ def synthetic_jpegs(root: Path, n: int, seed: int = 0, classes: int = 10, distin
     """n JPEGs shaped like ImageNet's (long side 400-500 px, 4:3 / 3:4 / 1:1), smooth content with
     noise so they compress like photographs (~100-150 KB). `distinct` different images are drawn
     and the rest are byte copies of them (decoding cost is the same; writing is fast)."""
-    import io
-
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     encoded = []
     for i in range(min(n, distinct)):
@@ -157,8 +158,6 @@ def epochs_figures(runs: list[dict]) -> dict:
 def entries(backends: list[str], cuda: bool, src: Path, beton: Path, size: int, batch: int,
             workers: int) -> list[Entry]:
     """Our loaders of `backends` and the plain pipelines beside them (module docstring)."""
-    from . import plain_loaders as plain
-
     aug, device = Augmentation(size=size), torch.device("cuda" if cuda else "cpu")
     masks = MaskGenerator(size, 32, 0.6)
 
@@ -303,8 +302,6 @@ def source_images(data: str, synthetic: int, tmp: Path) -> Path:
         src = synthetic_jpegs(tmp / "synthetic", synthetic)
         print(f"wrote {synthetic} synthetic JPEGs in {time.perf_counter() - t0:.1f}s", flush=True)
     elif not src.exists() and str(src) == "data/sample/train":
-        from simmim.pipeline.sample_data import build_sample_dataset
-
         src = build_sample_dataset("data/sample") / "train"
     return src
 
@@ -341,8 +338,6 @@ def main(argv: list[str] | None = None) -> dict:
         src = source_images(args.data, args.synthetic, Path(tmp))
         conversion, beton = None, Path(tmp) / "bench.beton"
         if "ffcv" in backends:
-            from simmim.pipeline.convert import convert
-
             conversion = convert(str(src), str(beton), max_resolution=args.max_resolution,
                                  workers=args.workers, progress=False)
             print(f"conversion: {conversion['images_per_sec']:.0f} images/sec", flush=True)

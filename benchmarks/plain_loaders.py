@@ -28,8 +28,11 @@ import math
 
 import numpy as np
 import torch
+import torchvision.transforms as T
+from torchvision.datasets import ImageFolder
 
 from simmim.pipeline.augment import Augmentation, normalize
+from simmim.pipeline.ffcv_compat import keep_torch_threads
 
 
 class PlainTorchvision:
@@ -39,9 +42,6 @@ class PlainTorchvision:
 
     def __init__(self, root: str, aug: Augmentation, batch_size: int, workers: int, device: torch.device,
                  released: bool = False):
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
-
         image = T.Compose([T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio),
                            T.RandomHorizontalFlip(aug.hflip), T.ToTensor(), T.Normalize(aug.mean, aug.std)])
         transform = ReleasedSimMIMTransform(image, aug.size) if released else image
@@ -85,8 +85,6 @@ class PlainFFCV:
     """FFCV's own random-resized-crop pipeline on a .beton (see the module docstring)."""
 
     def __init__(self, beton: str, aug: Augmentation, batch_size: int, workers: int, device: torch.device):
-        from simmim.pipeline.ffcv_compat import keep_torch_threads
-
         keep_torch_threads()  # FFCV's import would set torch's thread count for the whole process
         from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from simmim.pipeline.io import atomic_write
+
 
 def device_name() -> str:
     if torch.cuda.is_available():
@@ -26,8 +28,6 @@ def results_dir(base: str | Path, name: str) -> Path:
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes text to path through a temporary file and a rename: a reader (or an archive taken
     while a benchmark runs, or after it was killed) sees the old file or the new, never a torn one."""
-    from simmim.pipeline.io import atomic_write
-
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 

@@ -33,15 +33,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+
+from simmim.pipeline import (Augmentation, LoaderSpec, MaskGenerator, ReferenceLoader, ShardedSampler, build_loader, folder,
+                             scan_folder)
+from simmim.pipeline import scan as scan_module
+from simmim.pipeline.convert import convert, inspect, open_beton
+from simmim.pipeline.sample_data import CLASSES, build_sample_dataset
+from simmim.pipeline.scan import write_file_list
 
 from .report import device_name, results_dir, write_bar_chart
 
@@ -56,15 +68,11 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def distinct_jpegs(tmp: Path, count: int = 300) -> list[Path]:
     """`count` distinct real JPEGs (the sample dataset: 15 photographs x count/15 random views)."""
-    from simmim.pipeline.sample_data import CLASSES, build_sample_dataset
-
     per_photo = -(-count // sum(len(v) for v in CLASSES.values()))
     root = build_sample_dataset(tmp / "sources", per_photo=per_photo, val_per_photo=0)
     return sorted((root / "train").rglob("*.JPEG"))[:count]
@@ -93,10 +101,6 @@ def build_tree(root: Path, n: int, classes: int, sources: list[Path]) -> Path:
 def step_listing(args) -> dict:
     """Seconds of a plain run, then the Python heap the sample list holds and the peak while it is
     built, from a second run under tracemalloc (numpy registers its buffers there too)."""
-    import tracemalloc
-
-    from simmim.pipeline import scan_folder
-
     t0 = time.perf_counter()
     samples, classes = scan_folder(args.tree)
     seconds = time.perf_counter() - t0
@@ -110,9 +114,6 @@ def step_listing(args) -> dict:
 
 
 def step_scan(args) -> dict:
-    from simmim.pipeline import scan as scan_module
-    from simmim.pipeline import scan_folder
-
     samples, classes = scan_folder(args.tree)
     real = samples[:args.scan_real]
     t0 = time.perf_counter()
@@ -225,8 +226,6 @@ def step_convert(args) -> dict:
 def order_once(n: int, world_size: int) -> dict:
     """One rank's epoch order with a resume position half way through (in a fresh process, so the
     peak memory is this order's own)."""
-    from simmim.pipeline import ShardedSampler
-
     base, t0, c0 = rss_mib(), time.perf_counter(), time.process_time()
     sampler = ShardedSampler(n, rank=world_size - 1, world_size=world_size, seed=0)
     sampler.set_epoch(7, start=n // world_size // 2)
@@ -236,8 +235,6 @@ def order_once(n: int, world_size: int) -> dict:
 
 
 def step_orders(args) -> dict:
-    import multiprocessing
-
     out = {}
     ctx = multiprocessing.get_context("spawn")
     for n in args.orders:
@@ -253,11 +250,6 @@ def step_orders(args) -> dict:
 def step_dali(args) -> dict:
     """DALI reads a list of the tree (written here, unchecked: every entry links to one of the
     checked source JPEGs; a folder path would make the loader scan 1.28M copies of 300 files)."""
-    import torch
-
-    from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader, scan_folder
-    from simmim.pipeline.scan import write_file_list
-
     listed = args.tree.parent / f"{args.tree.name}.list.txt"
     write_file_list(listed, scan_folder(args.tree)[0])
     try:
@@ -280,14 +272,8 @@ def step_dali(args) -> dict:
 
 def step_memory(args) -> dict:
     import psutil
-    import torch
-
-    from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, ReferenceLoader
-    from simmim.pipeline import folder
 
     if args.memory_stub:  # what grows is the sample list: leave decoding out so 25% of an epoch fits
-        from PIL import Image
-
         tiny = Image.new("RGB", (40, 40))
         folder.decode_rgb = lambda path, *args, **kwargs: tiny.copy()
     batch = 64
@@ -316,8 +302,6 @@ def step_memory(args) -> dict:
 def step_inspect(args) -> dict:
     """`simmim convert --limit` of the tree to a .beton, garbage over one sample's JPEG data, and
     the seconds `inspect` takes to name it."""
-    from simmim.pipeline.convert import convert, inspect, open_beton
-
     with tempfile.TemporaryDirectory(prefix="simmim-scale-inspect-", dir=args.tree.parent) as tmp:
         dst = Path(tmp) / "inspect.beton"
         t0 = time.perf_counter()

@@ -22,9 +22,11 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .ffcv_compat import keep_torch_threads
@@ -196,7 +198,7 @@ def write_samples(path: Path, fields: dict, dataset: ConvertDataset, page_size: 
     """Writes every sample of `dataset` to the .beton at `path` with FFCV's writer in `workers`
     processes (`ffcv_writer.CheckedWriter`), `chunk_size` samples per task; a worker that fails
     raises DatasetError (one line)."""
-    from .ffcv_writer import CheckedWriter, WriterFailed
+    from .ffcv_writer import CheckedWriter, WriterFailed  # imports ffcv (optional)
 
     writer = CheckedWriter(str(path), fields, dataset.failed_dir, page_size, workers, progress)
     try:
@@ -283,8 +285,6 @@ def fit_page_size(samples: SampleList, max_resolution: int | None, page_size: in
 
 def image_size(path: str) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding."""
-    from PIL import Image
-
     with Image.open(path) as img:
         return img.size
 
@@ -386,7 +386,6 @@ def decode_all(path: str, reader, workers: int = 0, chunk: int = 1024) -> list[i
     reports an error or warning for (FFCV's loader ignores those and trains on whatever came out),
     raw pixels of the wrong size, or data outside the file. O(N) in total, in `workers` threads
     (the decoder releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
 
     from ffcv.libffcv import imdecode
 

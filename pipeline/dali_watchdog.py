@@ -21,6 +21,7 @@ files of processes that no longer exist (a SIGKILL leaves them behind).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import signal
@@ -176,8 +177,6 @@ def worker_stop_signals(action=signal.SIG_DFL, exiting=None) -> None:
     # DALI's workers never notice their parent's death (they wait for tasks forever, holding the
     # parent's stdout): Linux ends them with it
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         pass

@@ -40,6 +40,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from .errors import ConfigError, DatasetError
+
 # PIL's default decompression-bomb threshold (89,478,485 pixels): the torch loader's limit before
 # this module existed. PIL's open() raises above twice its threshold regardless of ours.
 MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
@@ -60,8 +62,6 @@ def pil_pixel_ceiling() -> int:
 
 def check_max_pixels(max_pixels: int, key: str = "data.max_pixels") -> int:
     """`max_pixels` if it is usable, else ConfigError (a UserError, a ValueError) naming `key`."""
-    from .errors import ConfigError
-
     ceiling = pil_pixel_ceiling()
     if not isinstance(max_pixels, int) or not 1 <= max_pixels <= ceiling:
         raise ConfigError(f"{key} must be an integer in 1..{ceiling} (PIL refuses larger images), got {max_pixels}")
@@ -70,8 +70,6 @@ def check_max_pixels(max_pixels: int, key: str = "data.max_pixels") -> int:
 
 def checked_max_pixels(max_pixels: int) -> int:
     """check_max_pixels for the loaders: a DatasetError naming data.max_pixels."""
-    from .errors import DatasetError
-
     try:
         return check_max_pixels(max_pixels)
     except ValueError as e:

@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+from .decode import DecodeError
+
 # Loader: the order objects `Loader.next_epoch`/`__iter__` read. EpochIterator (a Thread): the
 # rest; current_stream exists only on CUDA, memory_context.executor.threads only with os_cache=False.
 ATTRIBUTES = {"Loader": ("traversal_order", "first_traversal_order", "next_epoch", "reader"),
@@ -148,7 +150,6 @@ def read_image(path: str, reader, i: int) -> np.ndarray:
     decoded by FFCV's own decoder (libffcv's imdecode). DecodeError if it does not decode."""
     from ffcv.libffcv import imdecode
 
-    from .decode import DecodeError
 
     field = reader.metadata[f"f{reader.field_names.index('image')}"][i]
     ptr, h, w = int(field["data_ptr"]), int(field["height"]), int(field["width"])

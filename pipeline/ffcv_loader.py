@@ -41,6 +41,7 @@ import weakref
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .augment import Augmentation, eval_geometry, sample_views
 from .convert import open_beton
@@ -190,7 +191,8 @@ def view_decoder(size: int, train: bool):
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.compiler import Compiler
 
-    from .resample import flip_in_place, resize_bilinear
+    from .resample import flip_in_place, resize_bilinear  # numba (the ffcv extra)
+
 
     class ViewDecoder(ResizedCropRGBImageDecoder):
         def generate_code(self):
@@ -318,7 +320,5 @@ class FFCVLoader(Loader):
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
         """The evaluation view of the stored images (`simmim convert` checked they decode)."""
-        from PIL import Image
-
         return [to_tensor(center_crop(Image.fromarray(read_image(self.path, self.reader, i)), self.aug.size,
                                       self.spec.crop_ratio)) for i in indices]

@@ -22,12 +22,14 @@ Every user-facing failure is a `DatasetError` with a one-line message.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
 import random
-from array import array
 import re
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +73,6 @@ class SampleList:
     def fingerprint(self) -> str:
         """12 hex digits of SHA-1 over the relative paths (in order) and labels: another file, name,
         label or order gives another value (a resume tells a changed list by it); ~0.1 s a million."""
-        import hashlib
-
         digest = hashlib.sha1(np.ascontiguousarray(self.offsets).tobytes())
         digest.update(np.ascontiguousarray(self.names).tobytes())
         digest.update(np.ascontiguousarray(self.labels).tobytes())
@@ -469,8 +469,6 @@ def sidecar(path: str | os.PathLike, suffix: str) -> Path:
 
 def read_classes(path: str | os.PathLike) -> list[str] | None:
     """The class names stored beside a list or .beton (`<stem>.classes.json`), if any."""
-    import json
-
     names = sidecar(path, "classes.json")
     return json.loads(names.read_text()) if names.is_file() else None
 

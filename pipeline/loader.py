@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import logging
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -32,6 +34,7 @@ import torch
 from .augment import normalize
 from .decode import DecodeError, decode_rgb
 from .errors import DatasetError
+from .folder import center_crop, to_tensor
 from .masking import MaskGenerator
 from .options import LoaderSpec
 from .seeding import torch_generator
@@ -70,8 +73,6 @@ class Loader(abc.ABC):
         samples = getattr(self, "samples", None)
         if hasattr(samples, "fingerprint"):
             return samples.fingerprint()
-        import hashlib
-        import os
 
         size = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
         return hashlib.sha1(f"{self.num_samples} {size}".encode()).hexdigest()[:12]
@@ -91,8 +92,6 @@ class Loader(abc.ABC):
         samples at `indices`, an unreadable one skipped with a warning naming it and the next
         readable sample taken instead. This default reads `self.samples` (a `SampleList` of image
         files) by `decode.decode_rgb`'s rules, with `self.max_pixels`."""
-        from .folder import center_crop, to_tensor
-
         out, tried = [], set()
         for i in indices:
             for j in (*range(i, self.num_samples), *range(i)):

@@ -13,7 +13,9 @@ import importlib.util
 
 import torch
 
+from .dali_loader import DALILoader
 from .errors import ConfigError, DatasetError
+from .ffcv_loader import FFCVLoader
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import BACKENDS, LoaderSpec
@@ -59,9 +61,9 @@ def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.de
         raise DatasetError(f"data.backend {spec.backend} is not installed: {INSTALL[spec.backend][1]}")
     validate_data_args(spec.backend, spec.path)
     if spec.backend == "ffcv":
-        from .ffcv_loader import FFCVLoader as backend
+        backend = FFCVLoader
     elif spec.backend == "dali":
-        from .dali_loader import DALILoader as backend
+        backend = DALILoader
     else:
         backend = ReferenceLoader
     return backend(spec, masks, device, rank, world_size, seed)

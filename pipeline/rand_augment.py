@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.data import auto_augment
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import ConfigError
@@ -108,8 +109,6 @@ class PILRandAugment:
     rejects (it used to give a black image); the bits are floored at 1 here."""
 
     def __init__(self, spec: str, mean: tuple[float, float, float]):
-        from timm.data import auto_augment
-
         parse_rand_augment(spec)
         self.op = auto_augment.rand_augment_transform(spec, {"translate_const": 100,
                                                              "img_mean": tuple(round(255 * x) for x in mean)})
@@ -125,8 +124,6 @@ class PILRandAugment:
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
-    from timm.data import auto_augment
-
     return auto_augment.posterize(img, max(1, bits_to_keep), **kwargs)
 
 

@@ -33,6 +33,7 @@ from .folder import ImageFolder, compiled_resize
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec
+from .rand_augment import PILRandAugment
 from .scanlist import checked_samples
 from .seeding import torch_generator
 from .sharding import ShardedSampler
@@ -110,7 +111,5 @@ def pil_transform(spec: LoaderSpec):
     if spec.rand_augment and spec.train:
         if spec.transform is not None:
             raise ValueError("LoaderSpec: give rand_augment or transform, not both")
-        from .rand_augment import PILRandAugment
-
         return PILRandAugment(spec.rand_augment, spec.aug.mean)
     return spec.transform

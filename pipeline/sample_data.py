@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import skimage
 from PIL import Image
 
 from .errors import DatasetError
@@ -33,8 +34,6 @@ COMPLETE = ".complete"
 
 
 def skimage_photo(name: str) -> Image.Image:
-    import skimage
-
     path = Path(skimage.__file__).parent / "data" / name
     if not path.exists():
         raise DatasetError(f"scikit-image does not ship {name} in {path.parent}: reinstall it "

@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import re
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -184,8 +185,6 @@ def clean_list_path(src: str | os.PathLike) -> Path:
 def check_output(path: str | os.PathLike, flag: str = "") -> Path:
     """`path` if a file can be written there (its folder is created), else DatasetError naming
     it: checked before any work, so a long scan or conversion never ends on a bad output path."""
-    import tempfile
-
     path = Path(path)
     name = f"{flag} {path}" if flag else str(path)
     if path.is_dir():

@@ -28,6 +28,7 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
 from .decode import MAX_PIXELS
 from .folder import DatasetError, SampleList, scan_folder, sidecar
@@ -146,8 +147,6 @@ def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, wor
     A list: its files stat-checked (and re-decoded where its record says they changed).
     Rank 0 does the work when torch.distributed is initialised; the other ranks read its list.
     """
-    import torch.distributed as dist
-
     src = Path(path)
     shared = world_size > 1 and dist.is_available() and dist.is_initialized()
     if not src.is_dir():

@@ -217,3 +217,81 @@ def test_the_length_check_counts_lines(tmp_path):
     assert long_functions(f) == ["long (61 lines)", "m (62 lines)"]
     f.write_text("def outer():\n    def inner():\n" + "        x = 0\n" * 60)
     assert long_functions(f) == ["outer (62 lines)", "inner (61 lines)"]
+
+
+# Imports inside a function body hide a module's needs from its reader and can hide a cycle from
+# Python: they stay only for optional heavy dependencies, imported where they are used so that the
+# package imports and runs without them (module prefixes; a module of ours that needs one at its
+# top counts as that dependency).
+OPTIONAL_HEAVY = {
+    "ffcv": "the ffcv extra", "numba": "the ffcv extra", "cv2": "the ffcv extra (opencv)",
+    "simmim.pipeline.ffcv_writer": "imports ffcv at its top", "simmim.pipeline.resample": "imports numba at its top",
+    "nvidia.dali": "the dali extra", "triton": "the triton extra",
+    "torch.utils.tensorboard": "TensorBoard: seconds to import, only for a run folder's event files",
+    "wandb": "the test extra (offline logging)", "sklearn": "the test extra (the probe test)",
+    "psutil": "the test extra (memory figures of benchmarks)",
+    "matplotlib": "plots only; pyplot sets global state (the Agg backend) when imported",
+}
+# `simmim` and `simmim bench` dispatch: each command's module imported when that command runs, so
+# that `simmim --help` or one command does not import every command (and its heavy dependencies)
+CLI_DISPATCH = {
+    "benchmarks/cli.py": {"simmim.benchmarks.avg_dist", "simmim.benchmarks.kernels", "simmim.benchmarks.step",
+                          "simmim.benchmarks.claims", "simmim.benchmarks.loaders", "simmim.benchmarks.compile_check",
+                          "simmim.benchmarks.heads", "simmim.benchmarks.memory", "simmim.benchmarks.scale"},
+    "trainer/cli.py": {"simmim.trainer.config", "simmim.trainer.pretrain", "simmim.trainer.finetune",
+                       "simmim.trainer.finetune_options", "simmim.trainer.probe", "simmim.trainer.sweep",
+                       "simmim.trainer.export", "simmim.trainer.reconstruct", "simmim.trainer.monitor",
+                       "simmim.trainer.loop", "simmim.pipeline.scanlist",
+                       "simmim.pipeline.convert", "simmim.pipeline.sample_data"},
+}
+
+
+def function_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import statement inside a function body of `path`."""
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                found += [(node.lineno, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                found.append((node.lineno, base))
+    return sorted(set(found))
+
+
+def misplaced_imports(path: Path) -> list[str]:
+    """'line N: module' for each import inside a function of `path` that is neither an optional heavy
+    dependency nor a command's module in the CLI dispatch: it belongs at the module's top."""
+    rel = str(path.relative_to(REPO))
+    return [f"line {line}: {m}" for line, m in function_imports(path)
+            if not any(m == k or m.startswith(k + ".") for k in OPTIONAL_HEAVY)
+            and m not in CLI_DISPATCH.get(rel, ())]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_inside_functions_only_for_optional_dependencies(path):
+    bad = misplaced_imports(path)
+    assert not bad, (f"{path.relative_to(REPO)}: imports inside a function {bad}; move them to the module's top "
+                     f"(only optional heavy dependencies stay inside: {sorted(OPTIONAL_HEAVY)})")
+
+
+def test_the_function_import_check_catches_one(tmp_path, monkeypatch):
+    """A light import inside a function (stdlib, ours, relative, in a method) is caught; an optional
+    heavy one, or a command's module in cli.py's dispatch, is not."""
+    pkg = tmp_path / "trainer"
+    pkg.mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    f = pkg / "m.py"
+    f.write_text("import json\n\ndef f():\n    import wandb\n    from ffcv.loader import Loader\n    return 1\n")
+    assert misplaced_imports(f) == []
+    f.write_text("def f():\n    import wandb\n    import json\n"
+                 "class C:\n    def g(self):\n        from .config import load_config\n"
+                 "        from simmim.pipeline.io import atomic_write\n")
+    assert misplaced_imports(f) == ["line 3: json", "line 6: simmim.trainer.config", "line 7: simmim.pipeline.io"]
+    cli = pkg / "cli.py"
+    cli.write_text("def cmd():\n    from .pretrain import pretrain\n    from .validate import validate_config\n")
+    assert misplaced_imports(cli) == ["line 3: simmim.trainer.validate"]

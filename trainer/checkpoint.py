@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from simmim.pipeline.errors import CheckpointError
 from simmim.pipeline.io import atomic_write
@@ -209,16 +216,12 @@ class ModelOptimizerState:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
         model, optim = get_state_dict(self.model, self.optimizer)
         return {"model": model, "optim": optim}
 
     def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"])
         else:
@@ -262,8 +265,6 @@ class DCPCheckpointer(RunFolderCheckpoints):
     separate gloo group while training goes on; the next save (or `wait()`) waits for it."""
 
     def __init__(self, out_dir: Path, is_main: bool, keep_last: int = 3, async_save: bool = False):
-        import torch.distributed as dist
-
         self.out_dir, self.is_main, self.keep_last = Path(out_dir), is_main, keep_last
         self.distributed = dist.is_initialized()
         self.async_group = dist.new_group(backend="gloo") if async_save and self.distributed else None
@@ -278,9 +279,6 @@ class DCPCheckpointer(RunFolderCheckpoints):
         holds only its shards); returns its path (published when this returns, or when the async
         write finishes). A write failure on any rank (a full disk) raises CheckpointError on every
         rank, the partial folder removed and the checkpoints before it intact."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-
         if any_rank and self.distributed and dist.get_world_size() > 1:
             raise ValueError("a sharded (FSDP2) checkpoint needs every rank")
         self.wait()
@@ -319,8 +317,6 @@ class DCPCheckpointer(RunFolderCheckpoints):
             except (Exception, CheckpointException) as e:  # noqa: BLE001
                 self._failed(e, self.pending_tmp)
             if self.distributed:
-                import torch.distributed as dist
-
                 dist.barrier()  # rank 0's publish callback has run before anyone looks for the folder
 
     def _failed(self, e: BaseException, tmp: Path) -> None:
@@ -339,8 +335,6 @@ class DCPCheckpointer(RunFolderCheckpoints):
         """Loads model and optimizer state in place (resharded to this world size) from the folder
         `contents` was read from (its train state: `read_checkpoint(..., tensors=False)`); returns
         that train state. CheckpointError if a shard cannot be read or does not fit the model."""
-        import torch.distributed.checkpoint as dcp
-
         path = contents.path
         if contents.format != "dcp":
             raise CheckpointError(f"checkpoint '{path}' is a torch.save file (written with train.parallel=ddp): "
@@ -453,8 +447,6 @@ def _read_file(path: Path, label: str, hint: str) -> tuple[str, object]:
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and path.suffix != ".pt":  # u64 header length, then its JSON
-        from safetensors.torch import load_file
-
         return "safetensors", load_file(path)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip, or a pickle (PROTO 0x80)
         raise CheckpointError(f"{label} is not a checkpoint (not a zip or pickle file, as torch.save writes, nor "
@@ -554,10 +546,6 @@ def _read_dcp(path: Path, tensors: bool) -> dict:
     process through torch.distributed.checkpoint's metadata (each tensor allocated at its global
     size, the shards gathered into it); the optimizer state is not read. tensors=False: only
     the train state."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     meta = FileSystemReader(str(path)).read_metadata()
     if not any(k.startswith("app.model.") for k in meta.state_dict_metadata) or \
             not any(k.startswith("app.optim.") for k in meta.state_dict_metadata):

@@ -25,9 +25,22 @@ went away (`PeerLost`), one line and exit 1; any other exception is a bug and ke
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
+
+from simmim.pipeline.decode import MAX_PIXELS
+from simmim.pipeline.errors import UserError
+from simmim.pipeline.io import WRITE_REFUSED
+from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
+
+from .distributed import PeerLost
+
+# The commands' modules (and the loop, model and timm behind them) are imported inside each cmd_*
+# function (with benchmarks/cli.py, the only imports of our modules inside functions): `simmim --help`
+# or one command then does not import every command (tests/test_imports.py, CLI_DISPATCH).
 
 
 def run_logging() -> None:
@@ -68,7 +81,6 @@ def cmd_probe(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import json
 
     from .finetune import evaluate_checkpoint
 
@@ -80,7 +92,6 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from pathlib import Path
 
     from .sweep import SweepSpec, parse_grid, sweep
 
@@ -117,7 +128,6 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    import json
 
     from simmim.pipeline.convert import format_inspect, inspect
 
@@ -178,8 +188,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def add_training_commands(sub) -> None:
-    from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
-
     p = sub.add_parser("pretrain", help="pre-train a SimMIM model")
     p.add_argument("--config", "-c", default=None, help="a recipe name (e.g. demo, swin_base_100ep) or YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
@@ -224,8 +232,6 @@ def add_sweep_command(sub) -> None:
 
 
 def add_data_commands(sub) -> None:
-    from simmim.pipeline.decode import MAX_PIXELS
-
     p = sub.add_parser("sample-data", help="build the embedded sample dataset (no download)")
     p.add_argument("--out", default="data/sample")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -293,10 +299,6 @@ def add_output_commands(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
-    from simmim.pipeline.errors import UserError
-    from simmim.pipeline.io import WRITE_REFUSED
-
-    from .distributed import PeerLost
     from .loop import REQUEUE_EXIT, Diverged, Preempted
 
     try:

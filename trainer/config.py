@@ -33,6 +33,12 @@ from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.io import write_text
 from simmim.pipeline.options import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, DataConfig, Rule, one_of)
 
+from .distributed import DEVICES
+from .heads import HEADS
+from .model import ARCHS, WEIGHT_DECAY_RULES
+from .parallel import PARALLEL
+from .precision import PRECISIONS
+from .schedule import ANCHORS, KINDS
 from .validate import validate_config
 
 RECIPES = Path(__file__).parent / "configs"
@@ -50,9 +56,6 @@ class ModelConfig:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        from .heads import HEADS
-        from .model import ARCHS
-
         return {"arch": one_of(*ARCHS), "window_size": NON_NEGATIVE, "drop_path": HALF_OPEN_UNIT,
                 "head": one_of(*HEADS)}
 
@@ -80,9 +83,6 @@ class OptimConfig:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        from .model import WEIGHT_DECAY_RULES
-        from .schedule import ANCHORS, KINDS
-
         return {"base_lr": POSITIVE, "warmup_lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
                 "betas": (lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"), "eps": POSITIVE,
                 "clip_grad": NON_NEGATIVE, "scheduler": one_of(*KINDS),
@@ -107,10 +107,6 @@ class TrainConfig:
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        from .distributed import DEVICES
-        from .parallel import PARALLEL
-        from .precision import PRECISIONS
-
         return {"epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "accum_steps": POSITIVE, "seed": NON_NEGATIVE,
                 "device": one_of(*DEVICES), "precision": one_of("auto", *PRECISIONS),
                 "max_skipped_steps": POSITIVE, "parallel": one_of(*PARALLEL)}

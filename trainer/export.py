@@ -22,7 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import timm
 import torch
+from timm.models import save_for_hf
 from torch import nn
 
 from simmim.kernels import LossOptions
@@ -117,9 +119,6 @@ def _window(block: nn.Module) -> int:
 
 def export_timm(net: nn.Module, family: str, img_size: int, out_dir: Path) -> Path:
     """Writes out_dir/model.safetensors + config.json with timm's `save_for_hf`; returns out_dir."""
-    import timm
-    from timm.models import save_for_hf
-
     name = TIMM_ARCHITECTURES[family]
     args = timm_model_args(net, family, img_size)
     target = timm.create_model(name, pretrained=False, **args)

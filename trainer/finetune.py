@@ -44,6 +44,11 @@ import torch
 import torch.nn.functional as F
 from scipy.interpolate import RectBivariateSpline
 from scipy.optimize import brentq
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.models import beit, swin_transformer, swin_transformer_v2
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.utils import accuracy
 from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
@@ -51,10 +56,10 @@ from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.errors import CheckpointError, DatasetError
 
 from .checkpoint import Kind, read_checkpoint
-from .layouts import is_ours
 from .config import ConfigError, config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .finetune_options import FinetuneConfig
+from .layouts import is_ours
 from .loop import fit
 from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
 from .parallel import lockstep
@@ -136,8 +141,6 @@ def to_timm_layout(encoder: dict, model: nn.Module, family: str) -> tuple[dict, 
     merging at the end of stage i moves to the start of stage i + 1 and head. becomes head.fc.;
     index buffers dropped). Returns (weights, names of the resized tables); ValueError if a table
     cannot be fitted."""
-    from timm.models import beit, swin_transformer, swin_transformer_v2
-
     weights = {k: v for k, v in encoder.items() if not k.startswith(DROPPED)}
     own = model.state_dict()
     shared = "rel_pos_bias.relative_position_bias_table"
@@ -226,8 +229,6 @@ def set_pretrained_windows(model: nn.Module, settings: dict, what: str) -> list[
     its stage had in pre-training (settings: the checkpoint's img_size, window_size, patch_size).
     Returns the names of the attentions whose window differs from pre-training; CheckpointError
     when the settings lack a size (the bias would silently be read at this model's window)."""
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-
     if not isinstance(model, SwinTransformerV2):
         return []
     img, window = settings.get("img_size"), settings.get("window_size")
@@ -316,8 +317,6 @@ class MixupErasing:
 
     def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,
                  label_smoothing: float = 0.1, reprob: float = 0.25):
-        from timm.data import Mixup
-
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob, mode="batch",
@@ -342,7 +341,6 @@ class Classifier(nn.Module):
 
     def __init__(self, net: nn.Module, label_smoothing: float = 0.1):
         super().__init__()
-        from timm.loss import SoftTargetCrossEntropy
 
         self.net, self.label_smoothing = net, label_smoothing
         self.soft_target_loss = SoftTargetCrossEntropy()
@@ -368,8 +366,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None,
     """top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed over ranks.
     to_head: int64 (loader classes,), the head's index of each of the loader's labels (`class_map`);
     None: the labels are the head's indices already."""
-    from timm.utils import accuracy
-
     to_head = to_head.to(device) if to_head is not None else None
     net = model.net if isinstance(model, Classifier) else model
     was_training = net.training

@@ -26,6 +26,7 @@ from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.folder import ImageFolder, read_file_list, scan_folder
 
 from .distributed import DistInfo, all_reduce_sum
+from .finetune import class_map
 from .parallel import lockstep
 from .precision import autocast
 
@@ -76,7 +77,6 @@ class KNNMonitor:
                  batch_size: int, num_workers: int, seed: int, dist: DistInfo):
         train, classes = labelled(data_path, "data.path")
         val, val_classes = labelled(val_path, "data.val_path")
-        from .finetune import class_map  # val labels by class name onto the training set's
 
         self.to_train = class_map(val_classes, classes, len(classes) or int(train.labels.max()) + 1, "data.val_path")
         self.num_classes = len(classes) or int(max(train.labels.max(), val.labels.max())) + 1

@@ -21,6 +21,10 @@ import os
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+
 
 class QuietStop(logging.Filter):
     """Drops torchrun's warnings that it got a stop signal and that it ends each rank with one
@@ -62,10 +66,6 @@ def wait_for_children() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
     args = get_args_parser().parse_args(argv)
     QuietStop().install()
     try:

@@ -46,6 +46,7 @@ from torch import nn
 from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.io import atomic_write, check_folder_writable
 from simmim.pipeline.loader import Loader
+from simmim.pipeline.loaders import INSTALL, available, validate_data_args
 from simmim.pipeline.seeding import keyed_rng
 
 from .checkpoint import Checkpointer, CheckpointError, all_checkpoints, make_checkpointer, newest_readable_checkpoint
@@ -54,8 +55,8 @@ from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, 
                           peer_lost)
 from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
 from .monitor import RunMonitor, plot_curves, read_metrics
-from .precision import amp_dtype_for
 from .parallel import is_fsdp, wrap_for_training
+from .precision import amp_dtype_for
 from .runfolder import RunLock, check_resume_config, job_id, remove_leftovers, set_aside
 from .schedule import LRSchedule
 from .validate import validate_config
@@ -471,8 +472,6 @@ def check_inputs(cfg: Config, task: Task) -> None:
     installed, or an input of the task that does not exist. What needs the inputs opened (an empty
     folder, a bad list line, a checkpoint of another arch) is found by `task.build`, which also
     runs before anything but the provisional lock file is written (`setup_run`)."""
-    from simmim.pipeline.loaders import INSTALL, available, validate_data_args
-
     check_folder_writable(cfg.run.out_dir, "run.out_dir", ConfigError)  # before an hour of set-up, not after
     d = cfg.data
     validate_data_args(d.backend, d.path)

@@ -19,8 +19,16 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Callable, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from simmim.pipeline.errors import UserError
+
+from .visualize import save_png
 
 log = logging.getLogger("simmim")
 T = TypeVar("T")
@@ -93,9 +101,6 @@ class RunMonitor:
         self.soft(f"TensorBoard image {tag}", lambda: self._image(tag, png, step))
 
     def _image(self, tag: str, png: Path, step: int) -> None:
-        import numpy as np
-        from PIL import Image
-
         with Image.open(png) as img:
             array = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
         if self.writer is not None:
@@ -129,7 +134,6 @@ def _wandb_id(out_dir: Path) -> str:
     path = Path(out_dir) / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
-    import uuid
 
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")
@@ -160,7 +164,6 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
     step, one colour per run, written atomically as PNG. `runs`: label -> metrics records."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
-    from .visualize import save_png
 
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_lr = fig.subplots(1, 2)
@@ -195,8 +198,6 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, title: str = "") 
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     """`simmim plot RUN [RUN ...] --out PNG`: the runs' curves overlaid in one figure.
     Raises UserError naming a folder without metrics.jsonl."""
-    from simmim.pipeline.errors import UserError
-
     runs = {}
     for run in run_dirs:
         run = Path(run)

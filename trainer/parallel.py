@@ -20,7 +20,14 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from timm.models.beit import Block as BeitBlock
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from timm.models.vision_transformer import Block
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from .distributed import all_reduce_max
 
 log = logging.getLogger("simmim")
 PARALLEL = ("ddp", "fsdp")
@@ -29,11 +36,6 @@ PARALLEL = ("ddp", "fsdp")
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a SimMIM or fine-tuning model (timm Swin, SwinV2, BEiT / ViT), in order:
     the units FSDP2 shards and activation checkpointing recomputes."""
-    from timm.models.beit import Block as BeitBlock
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
-    from timm.models.vision_transformer import Block
-
     kinds = (SwinTransformerBlock, SwinTransformerV2Block, BeitBlock, Block)
     return [m for m in model.modules() if isinstance(m, kinds)]
 
@@ -44,8 +46,6 @@ def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None, cpu_offload
     root. param_dtype (e.g. torch.bfloat16): parameters are cast to it for compute and gradients
     reduced in float32; None keeps float32 throughout. compile_blocks: each block is compiled
     before sharding (torchtitan's per-block compile). Returns the model (now an FSDPModule)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
         MixedPrecisionPolicy()
     kwargs = {"mp_policy": mp, **({"offload_policy": CPUOffloadPolicy()} if cpu_offload else {})}
@@ -73,16 +73,12 @@ def ignore_swinv2_view_warning(blocks: list[nn.Module]) -> None:
     (tests/test_fsdp.py). So that one warning, for that one block type, is ignored process-wide
     (the step runs outside any context that could scope it); any other module returning a view
     still warns."""
-    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
-
     if any(isinstance(b, SwinTransformerV2Block) for b in blocks):
         warnings.filterwarnings("ignore", category=UserWarning,
                                 message=r"FSDP2-wrapped module \(FSDPSwinTransformerV2Block\) returned a view tensor")
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
 
 
@@ -128,8 +124,6 @@ def lockstep(loader, model: nn.Module, device: torch.device):
     """Yields (batch, real) over an evaluation loader whose ranks may hold different numbers of
     batches: under FSDP2, whose forward is collective, ranks with fewer batches repeat their last
     one (real=False: run the forward, count nothing) until every rank has run as many forwards."""
-    from .distributed import all_reduce_max
-
     mine = len(loader)
     most = int(all_reduce_max(float(mine), device)) if is_fsdp(model) else mine
     last = None

@@ -14,10 +14,11 @@ from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loade
 
 from .config import PretrainConfig
 from .distributed import DistInfo, all_reduce_sum
+from .knn import KNNMonitor
 from .loop import fit
 from .model import ARCHS, build_simmim, param_groups
-from .precision import autocast
 from .parallel import is_fsdp, lockstep
+from .precision import autocast
 from .visualize import save_reconstruction
 
 log = logging.getLogger("simmim")
@@ -84,8 +85,6 @@ class PretrainTask:
             # a recipe's monitor (the demo's) must not stop a run told to train without held-out images
             log.warning("run.knn_every=%d: no k-NN evaluation, data.val_path is empty", self.cfg.run.knn_every)
         elif self.cfg.run.knn_every > 0:
-            from .knn import KNNMonitor
-
             self.knn = KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, self.cfg.run.knn_train_samples,
                                   d.batch_size, d.num_workers, t.seed, dist)
         return model, loader

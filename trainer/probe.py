@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import Lars
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.errors import CheckpointError, ConfigError
@@ -164,8 +165,6 @@ class ProbeTask:
         """LARS (timm.optim.Lars) or SGD, both with momentum `probe.momentum`."""
         p = self.cfg.probe
         if p.optimizer == "lars":
-            from timm.optim import Lars
-
             return Lars(groups, lr=lr, momentum=p.momentum)
         return torch.optim.SGD(groups, lr=lr, momentum=p.momentum)
 

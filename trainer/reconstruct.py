@@ -34,6 +34,7 @@ from .checkpoint import Kind, read_checkpoint
 from .finetune import BUFFERS, encoder_family, to_timm_layout
 from .layouts import is_ours, is_released
 from .model import ARCHS, SimMIM, build_simmim
+from .visualize import save_png
 
 CROP_RATIO = 0.875  # the evaluation view's (torchvision Resize(size / 0.875) + CenterCrop(size))
 COLUMNS = ("original", "masked input", "prediction pasted", "full reconstruction")
@@ -218,7 +219,6 @@ def reconstruct(checkpoint: str, inputs: list[str], out: str, mask: str = "rando
 def _figure(rows: list[tuple[str, list[torch.Tensor]]], out: str, title: str) -> Path:
     from matplotlib.figure import Figure
 
-    from .visualize import save_png
 
     fig = Figure(figsize=(2.2 * len(COLUMNS), 2.2 * len(rows) + 0.4))
     axes = fig.subplots(len(rows), len(COLUMNS), squeeze=False)

@@ -31,6 +31,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.io import atomic_write, write_text
 
 from .checkpoint import all_checkpoints
+from .config import load_config
+from .finetune import finetune
+from .finetune_options import FinetuneConfig
+from .loop import Diverged
+from .monitor import read_metrics
+from .pretrain import pretrain
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,6 @@ def expand(grid: dict[str, list[str]]) -> list[Variant]:
 
 def last_record(run_dir: Path, key: str) -> dict | None:
     """The last record of run_dir/metrics.jsonl holding `key`, or None (no file, or none holds it)."""
-    from .monitor import read_metrics
-
     try:
         records = read_metrics(run_dir)
     except FileNotFoundError:
@@ -213,9 +218,6 @@ class SweepSpec:
 def load_configs(spec: SweepSpec, variants: list[Variant]) -> list[tuple]:
     """Every variant's (pretrain config, finetune config or None), all loaded and validated before
     any run starts, so a bad value stops the sweep in one line naming the variant."""
-    from .config import load_config
-    from .finetune_options import FinetuneConfig
-
     configs = []
     for v in variants:
         try:
@@ -231,9 +233,6 @@ def load_configs(spec: SweepSpec, variants: list[Variant]) -> list[tuple]:
 
 def run_variant(spec: SweepSpec, v: Variant, pre, ft, say: Callable[[str], None]) -> None:
     """Pre-trains (unless finished), then fine-tunes from the last checkpoint (unless finished)."""
-    from .finetune import finetune
-    from .pretrain import pretrain
-
     pre_dir = spec.out / v.name / "pretrain"
     if finished(pre_dir, pre.train.epochs):
         say(f"pretrain finished, skipped ({pre_dir})")
@@ -246,8 +245,6 @@ def run_variant(spec: SweepSpec, v: Variant, pre, ft, say: Callable[[str], None]
     if finished(ft_dir, ft.train.epochs, key="top1"):
         say(f"finetune finished, skipped ({ft_dir})")
         return
-    from .config import load_config
-    from .finetune_options import FinetuneConfig
 
     ckpt = all_checkpoints(pre_dir)[-1][1]
     say(f"finetune from {ckpt} -> {ft_dir}")
@@ -256,8 +253,6 @@ def run_variant(spec: SweepSpec, v: Variant, pre, ft, say: Callable[[str], None]
 
 def job_lines(spec: SweepSpec, variants: list[Variant]) -> str:
     """One line per variant: the arguments of its trainer/run.sh job (shell-quoted)."""
-    import shlex
-
     config = ["--config", spec.config] if spec.config else []
     return "".join(shlex.join([*config, *spec.pretrain_args(v)]) + "\n" for v in variants)
 
@@ -280,7 +275,6 @@ def sweep(spec: SweepSpec, jobs_only: bool = False, table_only: bool = False) ->
         return write_text(spec.out / "jobs.txt", job_lines(spec, variants))
     if table_only:
         return write_results(spec.out, spec.grid, variants, _note(spec))
-    from .loop import Diverged
 
     start, diverged = time.perf_counter(), []
     for i, (v, (pre, ft)) in enumerate(zip(variants, configs)):

@@ -17,8 +17,12 @@ import dataclasses
 import os
 import typing
 
+from simmim.kernels.dispatch import MODES
+from simmim.pipeline.decode import check_max_pixels
 from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.options import Rule
+
+from .model import check_model_options
 
 
 def rules(schema) -> dict[str, Rule]:
@@ -66,16 +70,13 @@ def validate_config(cfg) -> None:
         # timm's batch mixup pairs each image with the batch reversed: an odd batch cannot be mixed
         raise ConfigError(f"data.batch_size {d.batch_size} must be even with finetune.mixup / finetune.cutmix on "
                           f"(timm's Mixup pairs images): use an even batch, or set finetune.mixup=0 finetune.cutmix=0")
-    from simmim.pipeline.decode import check_max_pixels
 
     try:
         check_max_pixels(d.max_pixels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from .model import check_model_options
 
     check_model_options(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.head, getattr(cfg, "loss", None))
-    from simmim.kernels.dispatch import MODES
 
     kernels = os.environ.get("SIMMIM_KERNELS", "auto")
     if kernels not in MODES:
