@@ -53,11 +53,17 @@ class ModelConfig:
     drop_path: float = 0.0
     fused_shuffle: bool = True  # the loss reads the head output before PixelShuffle: no shuffle copy
     head: str = "linear"  # linear (the paper) | mlp | inverse_swin_t | inverse_swin_b (Table 3; trainer/heads.py)
+    # continued pre-training: the weights a fresh `simmim pretrain` starts from (a checkpoint of this
+    # project, a released SimMIM one, or an exported encoder); empty: random weights. A resume ignores it
+    init_from: str = ""  # a path, or timm's local-dir:FOLDER for an exported encoder
 
     @staticmethod
     def rules() -> dict[str, Rule]:
         return {"arch": one_of(*ARCHS), "window_size": NON_NEGATIVE, "drop_path": HALF_OPEN_UNIT,
-                "head": one_of(*HEADS)}
+                "head": one_of(*HEADS),
+                "init_from": (lambda v: not v.startswith(("hf-hub:", "hf_hub:", "timm/")),
+                              "a local checkpoint file or folder, or local-dir:FOLDER (a hub name: download it "
+                              "first; empty: random weights)")}
 
 
 @dataclass

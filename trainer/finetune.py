@@ -130,7 +130,9 @@ def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch
 
 # what to do with a checkpoint that cannot be used, per command
 INSTEAD = {"finetune.pretrained": "point finetune.pretrained at another checkpoint of the pre-training run",
-           "checkpoint": "evaluate another checkpoint of the fine-tuning run"}
+           "checkpoint": "evaluate another checkpoint of the fine-tuning run",
+           "model.init_from": "point model.init_from at a SimMIM checkpoint or an exported encoder of model.arch, "
+                               "or set model.init_from= (empty) to start from random weights"}
 
 
 def to_timm_layout(encoder: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
@@ -206,15 +208,17 @@ def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
 
 
-def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dict | None = None) -> dict:
+def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dict | None = None,
+                    key: str = "finetune.pretrained") -> dict:
     """Loads the encoder of any checkpoint `read_checkpoint` reads (a SimMIM pre-training checkpoint
     of this project, microsoft/SimMIM, MMPretrain; a fine-tuned one; a timm encoder) into `model`
     (see `load_weights`). `settings` (img_size / window_size, from finetune.pretrained_*) replace
     what the checkpoint records. CheckpointError, one line, for a checkpoint whose own record names
     another architecture, or a SwinV2 one whose pre-training sizes nobody says. Returns
-    load_weights' report plus "layout" and "notes"."""
-    what = f"finetune.pretrained: '{path}'"
-    ckpt = read_checkpoint(path, what="finetune.pretrained:", hint=INSTEAD["finetune.pretrained"])
+    load_weights' report plus "layout" and "notes". `key`: the config key that named `path`
+    (finetune.pretrained, or model.init_from for continued pre-training), in the errors."""
+    what = f"{key}: '{path}'"
+    ckpt = read_checkpoint(path, what=f"{key}:", hint=INSTEAD[key])
     their_arch = ckpt.config["model"].get("arch") if is_ours(ckpt.config) else None
     if their_arch is not None and their_arch != arch:
         raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")

@@ -86,6 +86,9 @@ class Task(Protocol):
     # generators (fine-tuning: (images, labels) -> (images, targets), random erasing and mixup /
     # cutmix); None: batches go to the model as the loader yields them. Set by `build`.
     batch_transform: BatchTransform | None
+    # the checkpoint of run.out_dir this run resumes from (None: a fresh start), set by `setup_run`
+    # before `build`: weights a fresh start would load (model.init_from) are not read for a resume
+    resuming: Path | None
 
     def build(self, dist: DistInfo) -> tuple[nn.Module, Loader]:
         """The model (on dist.device; `model(*batch)` returns the loss) and the training loader
@@ -462,7 +465,7 @@ class RunHooks(EpochHooks):
 
 
 # the task's inputs that are not data sources (checked for existence only; the task reads them in `build`)
-NOT_DATA = ("finetune.pretrained",)
+NOT_DATA = ("finetune.pretrained", "model.init_from")
 
 
 def check_inputs(cfg: Config, task: Task) -> None:
@@ -556,6 +559,7 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     try:
         amp_dtype = amp_dtype_for(t.precision, dist.device)
         resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
+        task.resuming = resumed
         model, loader = build_model(cfg, task, dist)
         old = TrainState.from_checkpoint(ckpt.train) if ckpt is not None else None
         accum = resolve_accumulation(old, d.batch_size, dist.world_size, t.accum_steps)

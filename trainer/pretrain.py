@@ -58,10 +58,35 @@ def write_figure(model, batch, aug, path: Path, title: str, save: bool = True) -
         save_reconstruction(batch[0], batch[1], pred, aug.mean, aug.std, path, title)
 
 
+def init_from(model, path: str, arch: str, resuming: Path | None) -> None:
+    """Continued pre-training: the encoder of `model` (a SimMIM model of `arch`, on the CPU) gets
+    the encoder weights of `path` (anything `read_checkpoint` reads: this project's checkpoint file
+    or DCP folder, microsoft/SimMIM's, a `simmim export` folder), adapted as fine-tuning adapts them
+    (`finetune.load_pretrained`: relative-position tables resized to this image size and window);
+    the mask token and prediction head start fresh, and so do the optimizer and schedule. Logs the
+    missing and unexpected keys in one line. CheckpointError (one line) for another family, patch
+    size or a table it cannot resize. A resume (`resuming`: its checkpoint) reads nothing: the
+    run's own checkpoint holds the weights."""
+    if resuming is not None:
+        log.info("model.init_from %s not read: resuming from %s, which holds the run's own weights", path, resuming)
+        return
+    from .finetune import load_pretrained
+
+    path = path.removeprefix("local-dir:")  # timm's name for an exported folder
+    encoder = model.encoder.swin if hasattr(model.encoder, "swin") else model.encoder.vit
+    report = load_pretrained(encoder, path, arch, key="model.init_from")
+    for note in report["notes"]:
+        log.info("model.init_from: %s", note)
+    log.info("model.init_from %s (%s layout): encoder loaded, mask token and head fresh; %d missing keys %s, "
+             "%d unexpected %s, resized %s", path, report["layout"], len(report["missing"]), report["missing"],
+             len(report["unexpected"]), report["unexpected"], report["resized"])
+
+
 class PretrainTask:
     """SimMIM: the masked-image model, the (images, masks) loader, reconstruction figures."""
 
     batch_transform = None  # (images, masks) go to the model as the loader yields them
+    resuming = None  # set by loop.setup_run
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -72,7 +97,10 @@ class PretrainTask:
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
         model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path, self.cfg.loss,
-                             m.fused_shuffle, m.head).to(dist.device)
+                             m.fused_shuffle, m.head)
+        if m.init_from:
+            init_from(model, m.init_from, m.arch, self.resuming)
+        model = model.to(dist.device)
         where = (dist.device, dist.rank, dist.world_size, t.seed)
         loader = build_loader(LoaderSpec.from_config(d, self.aug), self.masks, *where)
         self.val_loader = None
@@ -103,7 +131,9 @@ class PretrainTask:
         d = self.cfg.data
         make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"
                 else "build the sample set with `simmim sample-data`, or set data.path")
-        return {"data.path": (d.path, make),
+        return {"model.init_from": (self.cfg.model.init_from.removeprefix("local-dir:"), "point it at a SimMIM checkpoint or an exported "
+                                                              "encoder, or set model.init_from= (empty)"),
+                "data.path": (d.path, make),
                 "data.val_path": (d.val_path if self.cfg.run.val_every > 0 or self.cfg.run.knn_every > 0 else "",
                                   "point it at held-out images, or set data.val_path= (empty) to train "
                                   "without a validation loss")}

@@ -66,6 +66,8 @@ def validate_config(cfg) -> None:
     if t.parallel == "fsdp" and t.precision == "fp16":
         raise ConfigError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
     f = getattr(cfg, "finetune", None)
+    if f is not None and m.init_from:
+        raise ConfigError("model.init_from is for simmim pretrain: fine-tuning starts from finetune.pretrained")
     if f is not None and (f.mixup > 0 or f.cutmix > 0) and d.batch_size % 2:
         # timm's batch mixup pairs each image with the batch reversed: an odd batch cannot be mixed
         raise ConfigError(f"data.batch_size {d.batch_size} must be even with finetune.mixup / finetune.cutmix on "

@@ -1,0 +1,111 @@
+"""model.init_from: continued pre-training from a checkpoint of this project, an exported encoder,
+refused for another family, ignored by a resume."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from simmim.trainer.checkpoint import CheckpointError, checkpoints
+from simmim.trainer.config import ConfigError, load_config
+from simmim.trainer.distributed import DistInfo
+from simmim.trainer.export import export
+from simmim.trainer.finetune_options import FinetuneConfig
+from simmim.trainer.model import build_simmim
+from simmim.trainer.pretrain import PretrainTask, init_from, pretrain
+
+from test_train import tiny_overrides
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def source(sample_root, tmp_path_factory):
+    """A checkpoint of a short real pre-training run (swin_micro, 64 px, 1 epoch)."""
+    out = tmp_path_factory.mktemp("init_from") / "source"
+    pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=1", "train.warmup_epochs=0")))
+    return checkpoints(out)[-1][1]
+
+
+def swin_weights(state: dict, prefix: str = "encoder.swin.") -> dict:
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k.endswith(("relative_position_index", "attn_mask"))}
+
+
+def step0_encoder(sample_root, out, init: str) -> dict:
+    """The encoder weights `simmim pretrain` starts from (what `fit` builds before step 0)."""
+    cfg = load_config("demo", tiny_overrides(sample_root, out, f"model.init_from={init}", "train.seed=7"))
+    model, _ = PretrainTask(cfg).build(CPU)
+    return swin_weights(model.state_dict())
+
+
+def test_own_checkpoint_gives_its_encoder_at_step_0(source, sample_root, tmp_path):
+    theirs = swin_weights(torch.load(source, map_location="cpu", weights_only=True)["model"])
+    ours = step0_encoder(sample_root, tmp_path / "run", str(source))
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
+    fresh = step0_encoder(sample_root, tmp_path / "run", "")  # without it: random weights
+    assert not torch.equal(fresh["patch_embed.proj.weight"], theirs["patch_embed.proj.weight"])
+
+
+def test_exported_folder_gives_the_same_encoder(source, sample_root, tmp_path):
+    folder = export(source, tmp_path / "timm")
+    theirs = swin_weights(torch.load(source, map_location="cpu", weights_only=True)["model"])
+    ours = step0_encoder(sample_root, tmp_path / "run", f"local-dir:{folder}")  # timm's name for it
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
+
+
+def test_position_tables_resized_as_fine_tuning_does(source, tmp_path):
+    torch.manual_seed(0)
+    theirs = build_simmim("swin_micro", 128, 32, 4)  # 7x7 offset tables
+    torch.save({"model": theirs.state_dict(), "config": {"model": {"arch": "swin_micro"}}}, tmp_path / "w4.pt")
+    model = build_simmim("swin_micro", 128, 32, 8)  # 15x15: interpolated
+    init_from(model, str(tmp_path / "w4.pt"), "swin_micro", None)
+    ours, theirs = swin_weights(model.state_dict()), swin_weights(theirs.state_dict())
+    assert torch.equal(ours["patch_embed.proj.weight"], theirs["patch_embed.proj.weight"])
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert ours[table].shape[0] == 15 * 15 and theirs[table].shape[0] == 7 * 7
+    # the source's window 2 (3x3 offsets) cannot be stretched to window 4: one line
+    with pytest.raises(CheckpointError, match="model.init_from: .* cannot resize a relative position table"):
+        init_from(build_simmim("swin_micro", 128, 32, 4), str(source), "swin_micro", None)
+
+
+def test_foreign_family_is_one_line(tmp_path, sample_root):
+    vit = build_simmim("vit_micro", 64, 32)
+    torch.save({"model": vit.state_dict(), "config": {"model": {"arch": "vit_micro"}}}, tmp_path / "vit.pt")
+    with pytest.raises(CheckpointError, match="is a vit_micro checkpoint; model.arch is swin_micro"):
+        init_from(build_simmim("swin_micro", 64, 32, 2), str(tmp_path / "vit.pt"), "swin_micro", None)
+    torch.save(vit.encoder.vit.state_dict(), tmp_path / "bare.pt")  # no record: the weight names tell
+    with pytest.raises(CheckpointError, match="holds a vit encoder; model.arch swin_micro is a swin"):
+        init_from(build_simmim("swin_micro", 64, 32, 2), str(tmp_path / "bare.pt"), "swin_micro", None)
+    out = tmp_path / "run"
+    args = ["--config", "demo", *tiny_overrides(sample_root, out, f"model.init_from={tmp_path / 'vit.pt'}")]
+    proc = subprocess.run([sys.executable, "-m", "simmim.trainer.cli", "pretrain", *args], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].count("model.init_from") >= 1
+    assert "Traceback" not in proc.stderr
+    assert not (out / "config.yaml").exists()  # refused before the run folder is written
+
+
+def test_missing_file_and_finetune_refused(tmp_path):
+    with pytest.raises(ConfigError, match="model.init_from is for simmim pretrain"):
+        load_config("finetune_demo", [f"model.init_from={tmp_path / 'x.pt'}"], schema=FinetuneConfig)
+    with pytest.raises(ConfigError, match="model.init_from"):
+        load_config("demo", ["model.init_from=hf-hub:timm/swin_base_patch4_window7_224"])
+
+
+def test_resume_ignores_init_from(source, sample_root, tmp_path):
+    out = tmp_path / "run"
+    pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=1", "train.warmup_epochs=0",
+                                                f"model.init_from={source}")))
+    assert "model.init_from" in (out / "log.txt").read_text() and "encoder loaded" in (out / "log.txt").read_text()
+    vit = build_simmim("vit_micro", 64, 32)  # a resume that read it would stop on another family
+    torch.save({"model": vit.state_dict(), "config": {"model": {"arch": "vit_micro"}}}, tmp_path / "vit.pt")
+    pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=2", "train.warmup_epochs=0",
+                                                f"model.init_from={tmp_path / 'vit.pt'}")))
+    log = (out / "log.txt").read_text()
+    assert "not read: resuming from" in log
+    assert len(checkpoints(out)) >= 2
