@@ -14,6 +14,7 @@ from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loade
 
 from .config import PretrainConfig
 from .distributed import DistInfo, all_reduce_sum
+from .finetune import load_pretrained
 from .knn import KNNMonitor
 from .loop import fit
 from .model import ARCHS, build_simmim, param_groups
@@ -70,8 +71,6 @@ def init_from(model, path: str, arch: str, resuming: Path | None) -> None:
     if resuming is not None:
         log.info("model.init_from %s not read: resuming from %s, which holds the run's own weights", path, resuming)
         return
-    from .finetune import load_pretrained
-
     path = path.removeprefix("local-dir:")  # timm's name for an exported folder
     encoder = model.encoder.swin if hasattr(model.encoder, "swin") else model.encoder.vit
     report = load_pretrained(encoder, path, arch, key="model.init_from")
