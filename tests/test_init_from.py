@@ -57,6 +57,26 @@ def test_exported_folder_gives_the_same_encoder(source, sample_root, tmp_path):
         assert torch.equal(ours[k], v), k
 
 
+def test_released_simmim_checkpoint(tmp_path):
+    """microsoft/SimMIM's layout: the original Swin naming (patch merging at the end of a stage)
+    under "encoder.", its (1, 1, C) mask token and decoder beside it, its yacs config."""
+    from simmim.trainer.export import swin_original_state_dict
+
+    torch.manual_seed(0)
+    theirs = build_simmim("swin_micro", 64, 32, 2)
+    state = {f"encoder.{k}": v for k, v in swin_original_state_dict(theirs.encoder.swin).items()}
+    state["encoder.mask_token"] = theirs.encoder.mask_token.detach().reshape(1, 1, -1)
+    state["decoder.0.weight"], state["decoder.0.bias"] = torch.zeros(3072, 256, 1, 1), torch.zeros(3072)
+    released = {"MODEL": {"TYPE": "swin", "SWIN": {"WINDOW_SIZE": 2, "PATCH_SIZE": 4}}, "DATA": {"IMG_SIZE": 64}}
+    torch.save({"model": state, "config": released}, tmp_path / "simmim_pretrain.pth")
+    torch.manual_seed(1)
+    model = build_simmim("swin_micro", 64, 32, 2)
+    init_from(model, str(tmp_path / "simmim_pretrain.pth"), "swin_micro", None)
+    ours, theirs = swin_weights(model.state_dict()), swin_weights(theirs.state_dict())
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k
+
+
 def test_position_tables_resized_as_fine_tuning_does(source, tmp_path):
     torch.manual_seed(0)
     theirs = build_simmim("swin_micro", 128, 32, 4)  # 7x7 offset tables
@@ -109,3 +129,6 @@ def test_resume_ignores_init_from(source, sample_root, tmp_path):
     log = (out / "log.txt").read_text()
     assert "not read: resuming from" in log
     assert len(checkpoints(out)) >= 2
+    # nor does it need the file any more (a downloaded source deleted after the start)
+    pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=2", "train.warmup_epochs=0",
+                                                f"model.init_from={tmp_path / 'gone.pt'}")))

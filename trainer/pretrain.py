@@ -12,6 +12,7 @@ import torch
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 
+from .checkpoint import all_checkpoints
 from .config import PretrainConfig
 from .distributed import DistInfo, all_reduce_sum
 from .finetune import load_pretrained
@@ -130,7 +131,10 @@ class PretrainTask:
         d = self.cfg.data
         make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"
                 else "build the sample set with `simmim sample-data`, or set data.path")
-        return {"model.init_from": (self.cfg.model.init_from.removeprefix("local-dir:"), "point it at a SimMIM checkpoint or an exported "
+        # a resume reads the run's own checkpoint, not model.init_from: its source may be gone (a
+        # fresh start whose run folder's checkpoints are all unreadable finds a missing one in `build`)
+        init = "" if all_checkpoints(self.cfg.run.out_dir) else self.cfg.model.init_from.removeprefix("local-dir:")
+        return {"model.init_from": (init, "point it at a SimMIM checkpoint or an exported "
                                                               "encoder, or set model.init_from= (empty)"),
                 "data.path": (d.path, make),
                 "data.val_path": (d.val_path if self.cfg.run.val_every > 0 or self.cfg.run.knn_every > 0 else "",
