@@ -266,3 +266,21 @@ def test_probe_command_line(tmp_path, capsys, monkeypatch):
         cli.run(ap.parse_args(["probe", str(tmp_path / "none.pt"), "--config", "probe_demo"]))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "none.pt" in err
+
+
+def test_a_mask_image_that_masks_no_cell_is_one_line(tmp_path):
+    """A coloured or inverted mask (no cell over half white) would give a figure with nothing
+    predicted: refused in one line, while a white square masks exactly its cells."""
+    from PIL import Image
+
+    from simmim.trainer.reconstruct import mask_from_image
+
+    Image.new("RGB", (60, 60), (255, 0, 0)).save(tmp_path / "red.png")
+    with pytest.raises(UserError, match="masks no cell") as e:
+        mask_from_image(tmp_path / "red.png", (6, 6))
+    assert "\n" not in str(e.value)
+    img = Image.new("L", (60, 60), 0)
+    img.paste(255, (0, 0, 20, 30))
+    img.save(tmp_path / "corner.png")
+    got = mask_from_image(tmp_path / "corner.png", (6, 6))
+    assert got.sum() == 6 and got[:3, :2].all()

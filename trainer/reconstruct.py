@@ -84,7 +84,7 @@ def load_pretrained_model(path: str | Path, device: str | torch.device = "cpu") 
     ckpt = read_checkpoint(path, what="reconstruct:", hint=HINT)
     label = f"reconstruct: '{path}'"
     if ckpt.kind is not Kind.PRETRAINING:
-        raise CheckpointError(f"{label} holds a {ckpt.kind.value} model ({ckpt.layout} layout), not a pre-training "
+        raise CheckpointError(f"{label} holds {'an' if ckpt.kind.value[0] in 'aeiou' else 'a'} {ckpt.kind.value} model ({ckpt.layout} layout), not a pre-training "
                               f"one with a mask token and prediction head: {HINT}")
     encoder = ckpt.encoder()
     arch = ckpt.config["model"].get("arch") if is_ours(ckpt.config) else infer_arch(encoder)
@@ -128,7 +128,7 @@ def evaluation_view(path: str | Path, size: int) -> torch.Tensor:
 def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:
     """A user's mask image (white = masked, any size) on the (h, w) cell grid: (h, w) bool, a cell
     masked when over half its area is white (area resampling of the grey levels). UserError if
-    `path` is not an image."""
+    `path` is not an image or masks no cell."""
     try:
         with Image.open(path) as im:
             grey = im.convert("L")
@@ -136,6 +136,9 @@ def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:
         raise UserError(f"reconstruct: --mask '{path}' is not an image ({str(e).splitlines()[0]}): pass a PNG "
                         f"with the masked area white, or one of {', '.join(MASK_STRATEGIES)}") from None
     cells = np.asarray(grey.resize((grid[1], grid[0]), Image.BOX), dtype=np.float32) / 255.0
+    if not (cells > 0.5).any():  # a coloured or inverted mask would give a figure with nothing predicted
+        raise UserError(f"reconstruct: --mask '{path}' masks no cell of the {grid[0]}x{grid[1]} cell grid "
+                        f"(white = masked; a cell counts when over half of it is white): paint the masked area white")
     return torch.from_numpy(cells > 0.5)
 
 
