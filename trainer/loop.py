@@ -407,6 +407,7 @@ class Run:
             where = f"rank {rank}, " if self.dist.world_size > 1 else ""
             raise DataFailure(f"{what} ({where}at step {res.steps_done} of epoch {epoch}){fix}; the steps before it are "
                               f"saved in {path}: run the same command again to resume")
+        stop()  # another rank's signal may have stopped the group before this rank's arrived: say it once here
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         self.checkpointer.wait()
         _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
@@ -416,6 +417,7 @@ class Run:
             raise Diverged(f"{self.cfg.train.max_skipped_steps} consecutive steps had a non-finite loss or "
                            f"gradient (epoch {epoch}); the weights from before are in {path or self.out_dir}: "
                            f"lower optim.base_lr or raise train.max_skipped_steps")
+        stop()
         raise Preempted(f"stopped by {signal.Signals(stop.signum).name if stop.signum else 'a signal'} "
                         f"at epoch {epoch}, step {res.steps_done}: run the same command to resume from {path}")
 

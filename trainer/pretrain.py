@@ -110,8 +110,8 @@ class PretrainTask:
             self.val_loader = build_loader(spec, self.masks, *where)
         self.knn = None
         if self.cfg.run.knn_every > 0 and not d.val_path:
-            # a recipe's monitor (the demo's) must not stop a run told to train without held-out images
-            log.warning("run.knn_every=%d: no k-NN evaluation, data.val_path is empty", self.cfg.run.knn_every)
+            if dist.is_main:  # a recipe's monitor (the demo's) must not stop a run told to train without held-out images
+                log.warning("run.knn_every=%d: no k-NN evaluation, data.val_path is empty", self.cfg.run.knn_every)
         elif self.cfg.run.knn_every > 0:
             self.knn = KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, self.cfg.run.knn_train_samples,
                                   d.batch_size, d.num_workers, t.seed, dist)
@@ -160,7 +160,7 @@ class PretrainTask:
             except OSError as e:  # a figure is not worth the run (a full disk, a folder made read-only)
                 log.warning("cannot write %s (%s): training goes on without it", out_dir / name, e.strerror or e)
                 return out
-            if dist.is_main:
+            if dist.is_main:  # a recipe's monitor (the demo's) must not stop a run told to train without held-out images
                 out["reconstruction"] = out_dir / name
         return out
 
