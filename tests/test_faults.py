@@ -17,7 +17,7 @@ import pytest
 
 from simmim.pipeline.errors import ConfigError, UserError
 from simmim.pipeline.io import check_folder_writable
-from simmim.trainer import loop
+from simmim.trainer import loop, runlog
 from simmim.trainer import pretrain as pretrain_mod
 from simmim.trainer import visualize
 from simmim.trainer.checkpoint import checkpoints
@@ -139,7 +139,7 @@ def test_failing_soft_writes_are_warnings_never_the_end_of_the_run(sample_root, 
 
     monkeypatch.setattr(visualize, "atomic_write", full)
     monkeypatch.setattr(SummaryWriter, "add_scalar", full)
-    monkeypatch.setattr(loop.MetricsLog, "__call__", full)
+    monkeypatch.setattr(runlog.MetricsLog, "__call__", full)
     out = tmp_path / "run"
     summary = pretrain(cfg_for(sample_root, out, "train.epochs=1"))
     assert [s for s, _ in checkpoints(out)] == [7] and len(summary["epochs"]) == 1
@@ -150,7 +150,7 @@ def test_failing_soft_writes_are_warnings_never_the_end_of_the_run(sample_root, 
 
 
 def test_log_file_that_fails_is_said_once(tmp_path, capsys):
-    handler = loop.RunLogFile(tmp_path / "log.txt")
+    handler = runlog.RunLogFile(tmp_path / "log.txt")
     logger = logging.getLogger("simmim.test_faults")
     logger.addHandler(handler)
     try:
@@ -263,7 +263,7 @@ def test_stop_flag_counts_a_second_ctrl_c_but_not_torchruns_copy(monkeypatch):
     for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(key, raising=False)
     before = signal.getsignal(signal.SIGINT)
-    flag = loop.StopFlag()
+    flag = runlog.StopFlag()
     try:
         assert signal.getsignal(signal.SIGINT) == flag._handle
         flag._handle(signal.SIGINT, None)
@@ -274,7 +274,7 @@ def test_stop_flag_counts_a_second_ctrl_c_but_not_torchruns_copy(monkeypatch):
         flag.restore()
     assert signal.getsignal(signal.SIGINT) == before  # a library caller's Ctrl-C is its own again
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
-    flag = loop.StopFlag()
+    flag = runlog.StopFlag()
     try:
         flag._handle(signal.SIGINT, None)
         flag._handle(signal.SIGINT, None)  # torchrun's copy
@@ -284,7 +284,7 @@ def test_stop_flag_counts_a_second_ctrl_c_but_not_torchruns_copy(monkeypatch):
     finally:
         flag.restore()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    flag = loop.StopFlag()
+    flag = runlog.StopFlag()
     try:
         flag._handle(signal.SIGTERM, None)
         flag._handle(signal.SIGTERM, None)  # the group's copy

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from simmim.pipeline.errors import DatasetError, UserError
-from simmim.trainer import loop
+from simmim.trainer import loop, runlog
 from simmim.trainer import pretrain as pretrain_mod
 from simmim.trainer.checkpoint import CheckpointError, checkpoints, read_checkpoint
 from simmim.trainer.config import ConfigError, PretrainConfig, load_config
@@ -223,8 +223,8 @@ def test_checkpoint_messages_fit_the_command(tmp_path):
 def test_worker_error_message_is_one_line():
     e = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                      "last):\n  File \"x.py\", line 1, in f\nsimmim.pipeline.errors.DatasetError: cannot decode 'a.JPEG'")
-    assert loop.one_line(e) == "cannot decode 'a.JPEG'"
-    assert loop.one_line(DatasetError("cannot decode 'b.JPEG'")) == "cannot decode 'b.JPEG'"
+    assert runlog.one_line(e) == "cannot decode 'a.JPEG'"
+    assert runlog.one_line(DatasetError("cannot decode 'b.JPEG'")) == "cannot decode 'b.JPEG'"
 
 
 def test_dali_file_deleted_after_the_scan_saves_and_resumes(sample_root, tmp_path, monkeypatch):
@@ -291,7 +291,7 @@ def test_metrics_log_drops_a_torn_line(tmp_path):
     """A process killed while writing metrics.jsonl leaves half a line; the resumed run drops it."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
-    log = loop.MetricsLog(path, keep_before_step=2)
+    log = runlog.MetricsLog(path, keep_before_step=2)
     log({"step": 2, "loss": 0.8})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
 

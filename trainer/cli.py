@@ -37,6 +37,7 @@ from simmim.pipeline.io import WRITE_REFUSED
 from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
 
 from .distributed import PeerLost
+from .runlog import setup_logging
 
 # The commands' modules (and the loop, model and timm behind them) are imported inside each cmd_*
 # function (with benchmarks/cli.py, the only imports of our modules inside functions): `simmim --help`
@@ -46,8 +47,6 @@ from .distributed import PeerLost
 def run_logging() -> None:
     """The run's log format from the start, so that what the config's loading warns (a renamed
     key) reads like the run's other warnings; rank 0 only (RANK from torchrun)."""
-    from .loop import setup_logging
-
     setup_logging(None, os.environ.get("RANK", "0") == "0")
 
 
