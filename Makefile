@@ -21,7 +21,7 @@ sysdeps:
 
 $(VENV)/.installed: setup.py | sysdeps
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,ffcv,dali]'
+	$(PY) -m pip install -q -e '.[test,ffcv,dali,stream]'
 	touch $@
 
 data/sample/.complete: | setup

@@ -35,8 +35,12 @@ setup(
         "triton": ["triton"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "psutil", "wandb", "scikit-learn"],  # wandb: the offline-logging test; scikit-learn: the probe test
-        "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "pytest", "psutil", "scikit-learn"],
+        # data.backend: stream and run.mirror: s3:// (shards and checkpoints in an object store)
+        "stream": ["mosaicml-streaming", "boto3"],
+        # wandb: the offline-logging test; scikit-learn: the probe test; moto: a local S3 server for the stream tests
+        "test": ["pytest", "psutil", "wandb", "scikit-learn", "moto[server]"],
+        "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "mosaicml-streaming",
+                 "boto3", "pytest", "psutil", "scikit-learn", "moto[server]"],
     },
     # the full command, `bench` included, lives at the top of the dependency graph (benchmarks/cli.py)
     entry_points={"console_scripts": ["simmim = simmim.benchmarks.cli:main"]},

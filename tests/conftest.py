@@ -58,3 +58,34 @@ def ramps(tmp_path_factory) -> Path:
     from helpers import make_ramps
 
     return make_ramps(tmp_path_factory.mktemp("ramps"))
+
+
+@pytest.fixture(scope="session")
+def _moto_server():
+    """moto's S3-compatible server on 127.0.0.1 (a free port), for the whole session."""
+    pytest.importorskip("moto.server", reason="moto[server] comes with the test extras")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{server._server.server_port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(_moto_server, monkeypatch, request) -> str:
+    """A fresh empty bucket on the local S3 server, named for the test; returns 's3://<bucket>'.
+
+    The usual environment variables point boto3 (AWS_ENDPOINT_URL) and MosaicML streaming
+    (S3_ENDPOINT_URL) at the server, here and in every subprocess the test starts."""
+    import re
+
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": _moto_server, "S3_ENDPOINT_URL": _moto_server}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-" + os.urandom(3).hex()
+    boto3.client("s3", endpoint_url=_moto_server).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
