@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+
 from .augment import Augmentation, eval_geometry, training_view
 from .decode import MAX_PIXELS, DecodeError, decode_rgb, file_kind
-from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 

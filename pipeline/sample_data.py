@@ -17,7 +17,7 @@ from pathlib import Path
 import skimage
 from PIL import Image
 
-from .errors import DatasetError
+from simmim.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from simmim.core.errors import DatasetError
+from simmim.core.io import atomic_write, write_json
+
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, SampleList, quote_bare_path, quote_path, scan_folder
-from .io import atomic_write, write_json
+from .folder import SampleList, quote_bare_path, quote_path, scan_folder
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from simmim.core.errors import CheckpointError
 from simmim.kernels import LossOptions
-from simmim.pipeline.errors import CheckpointError
 
 from .checkpoint import Kind, read_checkpoint
 from .layouts import is_ours

@@ -17,10 +17,10 @@ import dataclasses
 import os
 import typing
 
+from simmim.core.errors import ConfigError
+from simmim.core.rules import Rule
 from simmim.kernels.dispatch import MODES
 from simmim.pipeline.decode import check_max_pixels
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.options import Rule
 
 from .model import check_model_options
 
