@@ -397,17 +397,8 @@ def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     aug = Augmentation(size=d.img_size)
     spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
                                                       crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
-    return require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed), path)
-
-
-def require_labels(loader, path: str):
-    """`loader`, or DatasetError (one line) when its data is unlabeled (`classes == []`): an
-    unlabeled folder or list pre-trains, but classification needs class folders or labels."""
-    if getattr(loader, "classes", None) == []:
-        raise DatasetError(f"'{path}' is unlabeled (images directly in its top folder, or a list of bare paths): "
-                           f"fine-tuning and evaluation read class folders <root>/<class>/<image> or a "
-                           f"`path label` list")
-    return loader
+    # labels=True: an unlabeled folder or list is refused in one line by the loader (Loader.require_one_batch)
+    return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
 
 
 def index_names(names: list[str]) -> bool:
@@ -439,7 +430,6 @@ def class_map(data_classes: list[str] | None, head_classes: list[str] | None, ou
 
 
 def num_classes_of(cfg: FinetuneConfig, loader) -> int:
-    require_labels(loader, cfg.data.path)
     if cfg.finetune.num_classes:
         return cfg.finetune.num_classes
     classes = getattr(loader, "classes", None)
