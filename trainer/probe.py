@@ -143,7 +143,7 @@ class ProbeTask:
         classes = len(loader.classes) or int(getattr(loader, "num_classes", 0))
         net = build_classifier(m.arch, d.img_size, max(classes, 1), m.window_size, 0.0)
         if p.pretrained:
-            report = load_pretrained(net, p.pretrained, m.arch)
+            report = load_pretrained(net, p.pretrained, m.arch, key="probe.pretrained")
             log.info("probing %s (%s layout): %d missing keys %s", p.pretrained, report["layout"],
                      len(report["missing"]), report["missing"][:6])
         else:
