@@ -258,3 +258,29 @@ def test_dcp_one_process_warns_nothing(tmp_path):
         ck.load(read_checkpoint(path, tensors=False), model, opt)
         assert read_checkpoint(path).model.keys() == {"weight", "bias"}  # gathered in one process
     assert [str(w.message) for w in seen if "single process" in str(w.message)] == []
+
+
+@pytest.mark.slow
+def test_init_from_an_fsdp_runs_dcp_folder(sample_root, tmp_path, fsdp_reference):
+    """model.init_from=<the FSDP run's DCP folder>: the encoder `simmim pretrain` starts from is the
+    run's (gathered), at another image size and window, SwinV2's position bias normalised by the
+    window 2 its config records; mask token and head fresh."""
+    from simmim.trainer.config import load_config
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.pretrain import PretrainTask
+
+    final = dcp_checkpoints(fsdp_reference)[-1][1]
+    theirs = read_checkpoint(final).model
+    cfg = load_config("demo", ["data.img_size=128", "model.arch=swinv2_micro", "model.window_size=4",
+                               f"data.path={sample_root}/train", "data.val_path=", f"run.out_dir={tmp_path}",
+                               f"model.init_from={final}", "run.knn_every=0"])
+    model, _ = PretrainTask(cfg).build(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    ours = model.state_dict()
+    loaded = [k for k in theirs if k.startswith("encoder.swin.") and not k.endswith(("relative_position_index",
+                                                                                     "relative_coords_table"))]
+    assert len(loaded) > 50
+    for k in loaded:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert not torch.equal(ours["encoder.mask_token"], theirs["encoder.mask_token"])
+    attn = model.encoder.swin.layers[0].blocks[0].attn
+    assert attn.pretrained_window_size == (2, 2) and attn.window_size == (4, 4)
