@@ -35,6 +35,7 @@ from .distributed import DistInfo
 from .finetune import build_classifier, class_map, evaluate, load_pretrained
 from .loop import fit
 from .model import ARCHS
+from .parallel import gathered
 
 log = logging.getLogger("simmim")
 POOLS = ("avg", "cls")
@@ -93,6 +94,10 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, C) float32: `layer`'s output, pooled."""
+        with gathered(self.net):  # train.parallel=fsdp: its patch embedding and norms are sharded
+            return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         n = self.net
         if self.family == "vit":
             x = n.pos_drop(torch.cat((n.cls_token.expand(len(images), -1, -1), n.patch_embed(images)), dim=1))
