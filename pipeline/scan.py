@@ -36,7 +36,7 @@ from simmim.core.errors import DatasetError
 from simmim.core.io import atomic_write, write_json
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import SampleList, quote_bare_path, quote_path, scan_folder
+from .folder import SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,6 @@ def write_file_list(path: Path, samples: SampleList, block: int = 65536, labeled
                                  for i, label in zip(range(a, b), samples.labels[a:b].tolist())))
 
     atomic_write(path, write)
-
-
-def clean_list_path(src: str | os.PathLike) -> Path:
-    """Where `simmim scan SRC` writes its clean list by default: `SRC.clean.txt` beside SRC."""
-    return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
 
 
 def check_output(path: str | os.PathLike, flag: str = "") -> Path:
