@@ -140,7 +140,13 @@ class Loader(abc.ABC):
         return num_batches(self.shard_samples(), self.batch_size, self.drop_last)
 
     def require_one_batch(self) -> None:
-        """DatasetError (one line) unless every rank has at least one batch per epoch."""
+        """DatasetError (one line) unless every rank has at least one batch per epoch, or first, when
+        labels are asked for (`spec.labels`), if the data is unlabeled (`classes == []`): then no
+        batch size would help."""
+        if self.labels and self.classes == []:
+            raise DatasetError(f"'{self.path}' is unlabeled (images directly in its top folder, or a list of bare "
+                               f"paths): linear probing, fine-tuning and evaluation need labels: class folders "
+                               f"<root>/<class>/<image> or a `path label` list")
         if self.num_samples < self.world_size and self.drop_last:
             raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {self.world_size} ranks "
                                f"sharing it")
