@@ -197,6 +197,22 @@ def test_a_local_checkpoint_as_new_is_kept_and_a_newer_mirror_wins(s3_bucket, tm
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-00000002.pt", "checkpoint-00000004.pt"]
 
 
+def test_another_runs_mirror_is_refused_before_anything_is_downloaded(s3_bucket, tmp_path):
+    url = f"{s3_bucket}/run"
+    mirror = Mirror(url)
+    mirror.submit(Upload(1, save_checkpoint(tmp_path / "a", 1, state(1)), sharded=False,
+                         config={"model": {"arch": "swin_base"}, "run": {"out_dir": "a"}}))
+    assert mirror.wait(60)
+    out = tmp_path / "b"
+    with pytest.raises(ConfigError, match=rf"^run.mirror '{url}' holds another run \(checkpoint-00000001.pt\): "
+                                          r"model.arch 'swin_base' -> 'vit_base' cannot change on resume .*set another "
+                                          r"run.mirror, or set them back"):
+        restore_from_mirror(mirror, out, ONE, {"model": {"arch": "vit_base"}, "run": {"out_dir": "b"}})
+    assert not out.exists()
+    restore_from_mirror(mirror, out, ONE, {"model": {"arch": "swin_base"}, "run": {"out_dir": "b"}})  # the same run
+    assert (out / "checkpoint-00000001.pt").is_file()
+
+
 def test_dcp_checkpoint_round_trip_through_the_mirror(s3_bucket, tmp_path):
     """A real DCP checkpoint (train.parallel=fsdp's format, one process): uploaded through the
     checkpointer, restored into an empty run folder, read and loaded as a local one."""
