@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader, scan_folder
-from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, training_view
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, training_view
 from simmim.pipeline.channels import check_file, luma, read_array
 from simmim.pipeline.decode import DecodeError, decode_grey
 from simmim.pipeline.scanlist import scan_command
@@ -56,6 +56,15 @@ def test_normalization_sources(tmp_path):
     listed = tmp_path / "train.clean.txt"
     listed.write_text("a.png\n")
     assert stats_path(listed) == tmp_path / "train.clean.stats.json"
+    with pytest.raises(ConfigError, match=r"on the .beton's source and copy SRC.clean.stats.json to .*grey.stats.json"):
+        normalization(1, [], [], tmp_path / "grey.beton")
+
+
+def test_normalize_refuses_a_channel_count_its_mean_does_not_have():
+    """Broadcasting a 3-value mean over 1-channel images would silently make 3 channels."""
+    with pytest.raises(ValueError, match="1-channel images, 3 mean values"):
+        normalize(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), IMAGENET_MEAN, IMAGENET_STD)
+    assert normalize(torch.zeros(2, 5, 4, 4, dtype=torch.uint8), (0.5,) * 5, (0.25,) * 5).shape == (2, 5, 4, 4)
 
 
 def test_channel_moments_match_numpy():
