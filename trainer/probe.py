@@ -140,11 +140,11 @@ class ProbeTask:
         loader = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed), d.path)
         self.class_names = loader.classes
         classes = len(loader.classes) or int(getattr(loader, "num_classes", 0))
-        net = build_classifier(m.arch, d.img_size, max(classes, 1), m.window_size, 0.0)
+        net = build_classifier(m.arch, d.img_size, max(classes, 1), m.window_size, 0.0, d.channels)
         if p.pretrained:
             report = load_pretrained(net, p.pretrained, m.arch)
-            log.info("probing %s (%s layout): %d missing keys %s", p.pretrained, report["layout"],
-                     len(report["missing"]), report["missing"][:6])
+            log.info("probing %s (%s layout): %d missing keys %s%s", p.pretrained, report["layout"],
+                     len(report["missing"]), report["missing"][:6], f"; {report['adapted']}" if report["adapted"] else "")
         else:
             log.info("no probe.pretrained: probing the encoder at its random initialisation")
         model = LinearProbe(net, ARCHS[m.arch].family, classes, p.layer, p.pool).to(dist.device)

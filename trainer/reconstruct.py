@@ -15,6 +15,7 @@ thresholded at half a cell (Fig. 5's "mask most of / the whole object").
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ from simmim.pipeline.masking import MASK_STRATEGIES, MaskGenerator
 from .checkpoint import Kind, read_checkpoint
 from .finetune import BUFFERS, encoder_family, to_timm_layout
 from .layouts import is_ours, is_released
-from .model import ARCHS, SimMIM, build_simmim
-from .visualize import save_png
+from .model import ARCHS, SimMIM, build_simmim, default_stats
+from .visualize import displayable, save_png, show
 
 CROP_RATIO = 0.875  # the evaluation view's (torchvision Resize(size / 0.875) + CenterCrop(size))
 COLUMNS = ("original", "masked input", "prediction pasted", "full reconstruction")
@@ -43,11 +44,15 @@ HINT = "reconstruct reads a pre-training checkpoint (simmim pretrain's, or micro
 
 @dataclass
 class Pretrained:
-    """A pre-training model rebuilt from a checkpoint: the SimMIM model (eval mode) and its settings."""
+    """A pre-training model rebuilt from a checkpoint: the SimMIM model (eval mode) and its settings:
+    the image channels and the per-channel mean / std the run normalised with."""
     model: SimMIM
     arch: str
     img_size: int
     mask_patch_size: int
+    in_chans: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 def infer_arch(encoder: dict[str, torch.Tensor]) -> str | None:
@@ -94,16 +99,19 @@ def load_pretrained_model(path: str | Path, device: str | torch.device = "cpu") 
     token = next((v for k, v in ckpt.model.items() if k.endswith("mask_token")), None)
     if len(head) != 2 and ckpt.layout != "simmim":  # ours: whatever model.head it trained, built below
         raise CheckpointError(f"{label} has no SimMIM prediction head (decoder.0.weight / bias): {HINT}")
-    img_size = ckpt.settings.get("img_size", 192)
+    img_size, chans = ckpt.settings.get("img_size", 192), ckpt.settings.get("in_chans", 3)
     mask_patch_size = _mask_patch_size(ckpt.config)
+    mean, std = ckpt.normalization() or default_stats(chans)
     ours = ckpt.config if ckpt.layout == "simmim" and is_ours(ckpt.config) else {}
     model = build_simmim(arch, img_size, mask_patch_size, ckpt.settings.get("window_size", 0),
-                         loss=LossOptions(**ours.get("loss", {})), head=ours.get("model", {}).get("head", "linear"))
+                         loss=LossOptions(**ours.get("loss", {})), head=ours.get("model", {}).get("head", "linear"),
+                         in_chans=chans, mean=mean, std=std)
     net = model.encoder.swin if hasattr(model.encoder, "swin") else model.encoder.vit
+    found = Pretrained(model, arch, img_size, mask_patch_size, chans, mean, std)
     try:
         if ckpt.layout == "simmim":  # our own keys: the model's state dict as saved
             model.load_state_dict(ckpt.model)
-            return Pretrained(model.eval().to(device), arch, img_size, mask_patch_size)
+            return dataclasses.replace(found, model=model.eval().to(device))
         weights, _ = to_timm_layout(encoder, net, ARCHS[arch].family)
         missing = [k for k in net.load_state_dict(weights, strict=False).missing_keys if not k.endswith(BUFFERS)]
         if missing:
@@ -112,7 +120,7 @@ def load_pretrained_model(path: str | Path, device: str | torch.device = "cpu") 
         model.decoder[0].load_state_dict(head)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{label} does not fit {arch}: {str(e).splitlines()[0]}") from None
-    return Pretrained(model.eval().to(device), arch, img_size, mask_patch_size)
+    return dataclasses.replace(found, model=model.eval().to(device))
 
 
 def evaluation_view(path: str | Path, size: int) -> torch.Tensor:
@@ -175,16 +183,19 @@ def make_masks(mask: str, n: int, img_size: int, cell: int, ratio: float, seed: 
 
 @torch.no_grad()
 def predict(model: SimMIM, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """images (B, 3, H, W) normalised, masks (B, h, w) bool -> the head's prediction (B, 3, H, W) float32."""
+    """images (B, C, H, W) normalised, masks (B, h, w) bool -> the head's prediction (B, C, H, W) float32."""
     return model.prediction(images, masks).float()
 
 
-def panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor) -> list[torch.Tensor]:
-    """The four figure columns, each (B, 3, H, W) float in [0, 1] (see the module docstring)."""
+def panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, mean: tuple = IMAGENET_MEAN,
+           std: tuple = IMAGENET_STD) -> list[torch.Tensor]:
+    """The four figure columns (see the module docstring), float in [0, 1], un-normalised with the
+    run's per-channel `mean` / `std`: each `visualize.displayable`'s, (B, H, W) for grey images,
+    (B, H, W, 3) (the first three channels) otherwise. images and pred (B, C, H, W) normalised."""
     m = torch.nn.functional.interpolate(masks[:, None].float(), size=images.shape[-2:], mode="nearest")
-    original = denormalize(images, IMAGENET_MEAN, IMAGENET_STD)
-    full = denormalize(pred, IMAGENET_MEAN, IMAGENET_STD)
-    return [original, original * (1 - m) + 0.5 * m, original * (1 - m) + full * m, full]
+    original = denormalize(images, mean, std)
+    full = denormalize(pred, mean, std)
+    return [displayable(c).cpu() for c in (original, original * (1 - m) + 0.5 * m, original * (1 - m) + full * m, full)]
 
 
 def parse_patch_sizes(text: str) -> list[int] | None:
@@ -206,15 +217,15 @@ def reconstruct(checkpoint: str, inputs: list[str], out: str, mask: str = "rando
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pre = load_pretrained_model(checkpoint, device)
     files = input_images(inputs)
-    views = torch.stack([evaluation_view(f, pre.img_size) for f in files]).to(device)
-    images = normalize(views, IMAGENET_MEAN, IMAGENET_STD)
+    views = torch.stack([evaluation_view(f, pre.img_size, pre.in_chans) for f in files]).to(device)
+    images = normalize(views, pre.mean, pre.std)
     patch = ARCHS[pre.arch].patch_size  # mask_token_fill masks whole patches
     rows = []
     for cell in patch_sizes or [pre.mask_patch_size]:
         if cell % patch:
             raise UserError(f"reconstruct: --mask-patch-size {cell} is not a multiple of {pre.arch}'s patch size {patch}")
         masks = make_masks(mask, len(files), pre.img_size, cell, mask_ratio, seed).to(device)
-        cols = panels(images, masks, predict(pre.model, images, masks))
+        cols = panels(images, masks, predict(pre.model, images, masks), pre.mean, pre.std)
         rows += [(f"{f.name}\nmask {cell}px", [c[i] for c in cols]) for i, f in enumerate(files)]
     return _figure(rows, out, f"{Path(checkpoint).name} ({pre.arch}), mask {Path(mask).name}")
 
@@ -228,8 +239,7 @@ def _figure(rows: list[tuple[str, list[torch.Tensor]]], out: str, title: str) ->
     for r, (name, cols) in enumerate(rows):
         for c, img in enumerate(cols):
             ax = axes[r][c]
-            ax.imshow(img.permute(1, 2, 0).cpu().numpy())
-            ax.set_xticks([]), ax.set_yticks([])
+            show(ax, img)
             if r == 0:
                 ax.set_title(COLUMNS[c], fontsize=9)
             if c == 0:
