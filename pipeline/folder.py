@@ -467,6 +467,11 @@ def sidecar(path: str | os.PathLike, suffix: str) -> Path:
     return path.with_name(path.stem + "." + suffix)
 
 
+def clean_list_path(src: str | os.PathLike) -> Path:
+    """Where `simmim scan SRC` writes its clean list by default: `SRC.clean.txt` beside SRC."""
+    return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
+
+
 def read_classes(path: str | os.PathLike) -> list[str] | None:
     """The class names stored beside a list or .beton (`<stem>.classes.json`), if any."""
     names = sidecar(path, "classes.json")

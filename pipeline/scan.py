@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, SampleList, quote_bare_path, quote_path, scan_folder
+from .folder import DatasetError, SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder
 from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -175,11 +175,6 @@ def write_file_list(path: Path, samples: SampleList, block: int = 65536, labeled
                                  for i, label in zip(range(a, b), samples.labels[a:b].tolist())))
 
     atomic_write(path, write)
-
-
-def clean_list_path(src: str | os.PathLike) -> Path:
-    """Where `simmim scan SRC` writes its clean list by default: `SRC.clean.txt` beside SRC."""
-    return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
 
 
 def check_output(path: str | os.PathLike, flag: str = "") -> Path:

@@ -52,6 +52,7 @@ from timm.utils import accuracy
 from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
+from simmim.pipeline.stats import normalization
 from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.errors import CheckpointError, DatasetError
 
@@ -419,7 +420,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None,
 
 def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
-    aug = Augmentation(size=d.img_size)
+    mean, std, _ = normalization(d.channels, d.mean, d.std, d.path)
+    aug = Augmentation(size=d.img_size, mean=mean, std=std)
     spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
                                                       crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
     return require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed), path)
@@ -484,7 +486,9 @@ class FinetuneTask:
 
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
-        aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
+        mean, std, source = normalization(d.channels, d.mean, d.std, d.path)
+        log.info("data: %d channel(s), normalised by %s mean %s std %s", d.channels, source, mean, std)
+        aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0), mean=mean, std=std)
         # RandAugment is each backend's own (pipeline/rand_augment.py): the spec carries the string
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True, rand_augment=f.rand_augment)
         loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)

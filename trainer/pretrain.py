@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
+from simmim.pipeline.stats import normalization
 
 from .checkpoint import all_checkpoints
 from .config import PretrainConfig
@@ -94,7 +95,10 @@ class PretrainTask:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         d = cfg.data
-        self.aug = Augmentation(size=d.img_size)
+        mean, std, source = normalization(d.channels, d.mean, d.std, d.path)
+        log.info("data: %d channel%s, normalised by %s mean %s std %s", d.channels, "s" * (d.channels != 1), source,
+                 [round(v, 4) for v in mean], [round(v, 4) for v in std])
+        self.aug = Augmentation(size=d.img_size, mean=mean, std=std)
         self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio, d.mask_strategy)
 
     def build(self, dist: DistInfo):

@@ -20,7 +20,7 @@ import typing
 from simmim.kernels.dispatch import MODES
 from simmim.pipeline.decode import check_max_pixels
 from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.options import Rule
+from simmim.pipeline.options import Rule, check_channels
 
 from .model import check_model_options
 
@@ -73,6 +73,7 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"data.batch_size {d.batch_size} must be even with finetune.mixup / finetune.cutmix on "
                           f"(timm's Mixup pairs images): use an even batch, or set finetune.mixup=0 finetune.cutmix=0")
 
+    check_channels(d.channels, d.mean, d.std, d.backend)
     try:
         check_max_pixels(d.max_pixels)
     except ValueError as e:

@@ -65,9 +65,11 @@ def save_reconstruction(images, masks, pred, mean, std, path: str | Path, title:
 
 def save_png(fig: Figure, path: str | Path, title: str = "") -> Path:
     """`fig` (titled, laid out) written atomically as a PNG at 100 dpi; returns the path."""
+    # constrained layout reserves room for the suptitle above the axes' titles; tight_layout put it
+    # at a fixed fraction of the height, over the column headings of a tall (12-row) figure
+    fig.set_layout_engine("constrained")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
