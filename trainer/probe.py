@@ -29,6 +29,7 @@ from timm.optim import Lars
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.errors import CheckpointError, ConfigError
 from simmim.pipeline.options import NON_NEGATIVE, POSITIVE, UP_TO_ONE, Rule, one_of
+from simmim.pipeline.stats import normalization
 
 from .config import Config
 from .distributed import DistInfo
@@ -135,7 +136,8 @@ class ProbeTask:
     def build(self, dist: DistInfo):
         d, m, p, t = self.cfg.data, self.cfg.model, self.cfg.probe, self.cfg.train
         check_probe(m.arch, p.layer, p.pool)
-        aug = Augmentation(size=d.img_size, scale=(p.crop_scale, 1.0))
+        mean, std, _ = normalization(d.channels, d.mean, d.std, d.path)  # as pre-training normalised this data
+        aug = Augmentation(size=d.img_size, scale=(p.crop_scale, 1.0), mean=mean, std=std)
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True)
         loader = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed), d.path)
         self.class_names = loader.classes
@@ -150,8 +152,8 @@ class ProbeTask:
         model = LinearProbe(net, ARCHS[m.arch].family, classes, p.layer, p.pool).to(dist.device)
         self.val = None
         if p.val_path:
-            spec = LoaderSpec.from_config(d, Augmentation(size=d.img_size), p.val_path, train=False, labels=True,
-                                          crop_ratio=p.eval_crop_ratio, drop_last=False)
+            spec = LoaderSpec.from_config(d, Augmentation(size=d.img_size, mean=mean, std=std), p.val_path,
+                                          train=False, labels=True, crop_ratio=p.eval_crop_ratio, drop_last=False)
             self.val = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed),
                                       p.val_path)
             self.val_to_head = class_map(self.val.classes, self.class_names, classes, f"probe.val_path '{p.val_path}'")
