@@ -6,7 +6,9 @@
 Per image (and per mask patch size, Fig. 6) one row of four columns: the original (the evaluation
 view: resize + centre crop, `augment.eval_geometry`), the masked input (masked cells grey), the
 prediction of the masked cells pasted into the visible image, and the full reconstruction (the head's
-output everywhere, visible cells included). Normalisation is undone for display.
+output everywhere, visible cells included). The run's normalisation (the per-channel mean / std its
+checkpoint records) is undone for display; a grey run is drawn with a grey colormap, an N-channel one
+by its first three channels.
 
 The checkpoint is read by `checkpoint.read_checkpoint` (this project's file or DCP folder, the released
 microsoft/SimMIM layout); it must hold a pre-training model (encoder, mask token and prediction head).
@@ -25,7 +27,8 @@ import torch
 from PIL import Image
 
 from simmim.kernels import LossOptions
-from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, denormalize, normalize
+from simmim.pipeline.channels import array_view, extensions, read_pixels
 from simmim.pipeline.decode import DecodeError, decode_rgb
 from simmim.pipeline.errors import CheckpointError, UserError
 from simmim.pipeline.folder import IMAGE_EXTENSIONS, center_crop, to_tensor
@@ -133,6 +136,24 @@ def evaluation_view(path: str | Path, size: int) -> torch.Tensor:
     return to_tensor(center_crop(img, size, CROP_RATIO))  # the loaders' own evaluation view
 
 
+def evaluation_input(path: str | Path, size: int, channels: int, mean: tuple, std: tuple) -> torch.Tensor:
+    """The model's input for the file at `path`: its evaluation view normalised by `mean` / `std`,
+    (C, size, size) float32. C = 3: `evaluation_view`'s RGB; C = 1: a grey image (`decode_grey`) or a
+    .npy array; C = N: a .npy / .tif array (pipeline/channels.py, the loaders' own rules and view).
+    UserError (one line) for a file that does not read as a C-channel image."""
+    if channels == 3:
+        return normalize(evaluation_view(path, size)[None], mean, std)[0]
+    try:
+        got = read_pixels(path, channels)
+    except (DecodeError, OSError) as e:
+        raise UserError(f"reconstruct: '{path}' cannot be read as a {channels}-channel image of this checkpoint "
+                        f"({str(e).splitlines()[0]})") from None
+    if isinstance(got, tuple):  # an array (H, W, C) and what its values are divided by
+        return array_view(*got, Augmentation(size=size), False, CROP_RATIO, None, mean, std)
+    grey = torch.from_numpy(np.asarray(center_crop(got, size, CROP_RATIO)).copy())  # (S, S) uint8
+    return normalize(grey[None, None], mean, std)[0]
+
+
 def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:
     """A user's mask image (white = masked, any size) on the (h, w) cell grid: (h, w) bool, a cell
     masked when over half its area is white (area resampling of the grey levels). UserError if
@@ -150,18 +171,20 @@ def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(cells > 0.5)
 
 
-def input_images(inputs: list[str]) -> list[Path]:
-    """The image files named, a folder standing for the images directly inside it (sorted)."""
+def input_images(inputs: list[str], channels: int = 3) -> list[Path]:
+    """The image files named, a folder standing for the images (of a `channels`-channel run:
+    `channels.extensions`) directly inside it (sorted)."""
     found = []
+    suffixes = extensions(channels, IMAGE_EXTENSIONS)
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(p for p in item.iterdir() if p.suffix.lower() in suffixes)
         elif item.exists():
             found.append(item)
         else:
             raise UserError(f"reconstruct: image '{item}' does not exist")
     if not found:
-        raise UserError(f"reconstruct: no images in {', '.join(inputs)} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"reconstruct: no images in {', '.join(inputs)} ({', '.join(sorted(suffixes))})")
     return found
 
 
@@ -189,13 +212,13 @@ def predict(model: SimMIM, images: torch.Tensor, masks: torch.Tensor) -> torch.T
 
 def panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, mean: tuple = IMAGENET_MEAN,
            std: tuple = IMAGENET_STD) -> list[torch.Tensor]:
-    """The four figure columns (see the module docstring), float in [0, 1], un-normalised with the
-    run's per-channel `mean` / `std`: each `visualize.displayable`'s, (B, H, W) for grey images,
-    (B, H, W, 3) (the first three channels) otherwise. images and pred (B, C, H, W) normalised."""
+    """The four figure columns (see the module docstring), each (B, C, H, W) float in [0, 1],
+    un-normalised with the run's per-channel `mean` / `std`; images and pred (B, C, H, W) normalised.
+    The figure shows grey images with a grey colormap, others by their first three channels."""
     m = torch.nn.functional.interpolate(masks[:, None].float(), size=images.shape[-2:], mode="nearest")
     original = denormalize(images, mean, std)
     full = denormalize(pred, mean, std)
-    return [displayable(c).cpu() for c in (original, original * (1 - m) + 0.5 * m, original * (1 - m) + full * m, full)]
+    return [original, original * (1 - m) + 0.5 * m, original * (1 - m) + full * m, full]
 
 
 def parse_patch_sizes(text: str) -> list[int] | None:
@@ -216,9 +239,9 @@ def reconstruct(checkpoint: str, inputs: list[str], out: str, mask: str = "rando
     """Writes the figure (rows: image x mask patch size; columns: `COLUMNS`) to `out`; returns its path."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pre = load_pretrained_model(checkpoint, device)
-    files = input_images(inputs)
-    views = torch.stack([evaluation_view(f, pre.img_size, pre.in_chans) for f in files]).to(device)
-    images = normalize(views, pre.mean, pre.std)
+    files = input_images(inputs, pre.in_chans)
+    images = torch.stack([evaluation_input(f, pre.img_size, pre.in_chans, pre.mean, pre.std) for f in files])
+    images = images.to(device)
     patch = ARCHS[pre.arch].patch_size  # mask_token_fill masks whole patches
     rows = []
     for cell in patch_sizes or [pre.mask_patch_size]:
@@ -239,7 +262,7 @@ def _figure(rows: list[tuple[str, list[torch.Tensor]]], out: str, title: str) ->
     for r, (name, cols) in enumerate(rows):
         for c, img in enumerate(cols):
             ax = axes[r][c]
-            show(ax, img)
+            show(ax, displayable(img[None].cpu())[0])
             if r == 0:
                 ax.set_title(COLUMNS[c], fontsize=9)
             if c == 0:
