@@ -133,7 +133,8 @@ def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch
 INSTEAD = {"finetune.pretrained": "point finetune.pretrained at another checkpoint of the pre-training run",
            "checkpoint": "evaluate another checkpoint of the fine-tuning run",
            "model.init_from": "point model.init_from at a SimMIM checkpoint or an exported encoder of model.arch, "
-                               "or set model.init_from= (empty) to start from random weights"}
+                               "or set model.init_from= (empty) to start from random weights",
+           "probe.pretrained": "probe another checkpoint of the pre-training run"}
 
 
 def to_timm_layout(encoder: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
@@ -250,24 +251,28 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dic
         raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
     report = load_weights(model, ckpt.encoder(), arch, what)
     known = {**ckpt.settings, **{k: v for k, v in (settings or {}).items() if v}}
-    report["resized"] += set_pretrained_windows(model, known, f"{what} ({ckpt.layout} layout)")
+    report["resized"] += set_pretrained_windows(model, known, f"{what} ({ckpt.layout} layout)", key)
     return {**report, "layout": ckpt.layout, "notes": ckpt.notes}
 
 
-def set_pretrained_windows(model: nn.Module, settings: dict, what: str) -> list[str]:
+def set_pretrained_windows(model: nn.Module, settings: dict, what: str, key: str = "finetune.pretrained") -> list[str]:
     """SwinV2 only: each attention's continuous-position-bias coordinates normalised by the window
     its stage had in pre-training (settings: the checkpoint's img_size, window_size, patch_size).
     Returns the names of the attentions whose window differs from pre-training; CheckpointError
-    when the settings lack a size (the bias would silently be read at this model's window)."""
+    when the settings lack a size (the bias would silently be read at this model's window), saying
+    what to do for `key`, the option that named the checkpoint (only fine-tuning has
+    finetune.pretrained_img_size / _window_size to supply them)."""
     if not isinstance(model, SwinTransformerV2):
         return []
     img, window = settings.get("img_size"), settings.get("window_size")
     patch = settings.get("patch_size") or model.patch_embed.patch_size[0]
     if not (img and window):
-        keys = [k for k, v in (("finetune.pretrained_img_size", img), ("finetune.pretrained_window_size", window))
-                if not v]
-        raise CheckpointError(f"{what} does not record the {' and '.join(k.split('_', 1)[1] for k in keys)} it "
-                              f"was pre-trained at, which SwinV2's position bias is normalised by: set {', '.join(keys)}")
+        lacking = [n for n, v in (("img_size", img), ("window_size", window)) if not v]
+        todo = (f"set {', '.join(f'finetune.pretrained_{n}' for n in lacking)}" if key == "finetune.pretrained" else
+                f"point {key} at a checkpoint that records them (this project's checkpoint file or DCP folder, "
+                f"or a `simmim export` folder)")
+        raise CheckpointError(f"{what} does not record the {' and '.join(lacking)} it was pre-trained at, which "
+                              f"SwinV2's position bias is normalised by: {todo}")
     changed = []
     for i, stage in enumerate(model.layers):
         pre = min(window, img // patch // 2 ** i)  # timm clamps a window to its stage's grid
@@ -424,17 +429,8 @@ def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     aug = Augmentation(size=d.img_size, mean=mean, std=std)
     spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
                                                       crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
-    return require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed), path)
-
-
-def require_labels(loader, path: str):
-    """`loader`, or DatasetError (one line) when its data is unlabeled (`classes == []`): an
-    unlabeled folder or list pre-trains, but classification needs class folders or labels."""
-    if getattr(loader, "classes", None) == []:
-        raise DatasetError(f"'{path}' is unlabeled (images directly in its top folder, or a list of bare paths): "
-                           f"fine-tuning and evaluation read class folders <root>/<class>/<image> or a "
-                           f"`path label` list")
-    return loader
+    # labels=True: an unlabeled folder or list is refused in one line by the loader (Loader.require_one_batch)
+    return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
 
 
 def index_names(names: list[str]) -> bool:
@@ -466,7 +462,6 @@ def class_map(data_classes: list[str] | None, head_classes: list[str] | None, ou
 
 
 def num_classes_of(cfg: FinetuneConfig, loader) -> int:
-    require_labels(loader, cfg.data.path)
     if cfg.finetune.num_classes:
         return cfg.finetune.num_classes
     classes = getattr(loader, "classes", None)

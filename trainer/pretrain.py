@@ -121,7 +121,7 @@ class PretrainTask:
                 log.warning("run.knn_every=%d: no k-NN evaluation, data.val_path is empty", self.cfg.run.knn_every)
         elif self.cfg.run.knn_every > 0:
             self.knn = KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, self.cfg.run.knn_train_samples,
-                                  d.batch_size, d.num_workers, t.seed, dist)
+                                  d.batch_size, d.num_workers, t.seed, dist, self.aug, d.channels)
         return model, loader
 
     def param_groups(self, model) -> list[dict]:

@@ -33,9 +33,10 @@ from simmim.pipeline.stats import normalization
 
 from .config import Config
 from .distributed import DistInfo
-from .finetune import build_classifier, class_map, evaluate, load_pretrained, require_labels
+from .finetune import build_classifier, class_map, evaluate, load_pretrained
 from .loop import fit
 from .model import ARCHS
+from .parallel import gathered
 
 log = logging.getLogger("simmim")
 POOLS = ("avg", "cls")
@@ -94,6 +95,10 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, C) float32: `layer`'s output, pooled."""
+        with gathered(self.net):  # train.parallel=fsdp: its patch embedding and norms are sharded
+            return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         n = self.net
         if self.family == "vit":
             x = n.pos_drop(torch.cat((n.cls_token.expand(len(images), -1, -1), n.patch_embed(images)), dim=1))
@@ -139,12 +144,13 @@ class ProbeTask:
         mean, std, _ = normalization(d.channels, d.mean, d.std, d.path)  # as pre-training normalised this data
         aug = Augmentation(size=d.img_size, scale=(p.crop_scale, 1.0), mean=mean, std=std)
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True)
-        loader = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed), d.path)
+        # labels=True: unlabeled data is refused in one line by the loader, before any batch-size check
+        loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         self.class_names = loader.classes
         classes = len(loader.classes) or int(getattr(loader, "num_classes", 0))
         net = build_classifier(m.arch, d.img_size, max(classes, 1), m.window_size, 0.0, d.channels)
         if p.pretrained:
-            report = load_pretrained(net, p.pretrained, m.arch)
+            report = load_pretrained(net, p.pretrained, m.arch, key="probe.pretrained")
             log.info("probing %s (%s layout): %d missing keys %s%s", p.pretrained, report["layout"],
                      len(report["missing"]), report["missing"][:6], f"; {report['adapted']}" if report["adapted"] else "")
         else:
@@ -154,8 +160,7 @@ class ProbeTask:
         if p.val_path:
             spec = LoaderSpec.from_config(d, Augmentation(size=d.img_size, mean=mean, std=std), p.val_path,
                                           train=False, labels=True, crop_ratio=p.eval_crop_ratio, drop_last=False)
-            self.val = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed),
-                                      p.val_path)
+            self.val = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
             self.val_to_head = class_map(self.val.classes, self.class_names, classes, f"probe.val_path '{p.val_path}'")
         self.classes = classes
         return model, loader
