@@ -241,3 +241,40 @@ def test_training_figure_for_grey_and_multichannel(tmp_path, chans):
     path = save_reconstruction(x, masks, pred, stats["mean"], stats["std"], tmp_path / "fig.png", "t")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 100
+
+
+@pytest.mark.parametrize("chans", [1, 5])
+def test_reconstruct_figure_for_grey_and_multichannel(tmp_path, chans):
+    """`simmim reconstruct` of a C-channel checkpoint: its channels and normalisation read from the
+    checkpoint, the inputs read as C-channel images (a grey PNG and a .npy for C = 1, .npy arrays
+    for C = 5), normalised with the run's mean / std, a PNG written."""
+    import numpy as np
+    from PIL import Image
+
+    from simmim.trainer.reconstruct import evaluation_input, load_pretrained_model, reconstruct
+
+    stats = GREY_STATS if chans == 1 else PENTA_STATS
+    pretraining_checkpoint(tmp_path / "c.pt", "swin_micro", chans, stats)
+    pre = load_pretrained_model(tmp_path / "c.pt")
+    assert (pre.in_chans, pre.mean, pre.std) == (chans, tuple(stats["mean"]), tuple(stats["std"]))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    np.save(folder / "a.npy", rng.integers(0, 65535, (80, 72, chans), dtype=np.uint16))
+    if chans == 1:
+        Image.fromarray(rng.integers(0, 255, (70, 90), dtype=np.uint8), "L").save(folder / "b.png")
+    x = evaluation_input(folder / "a.npy", 64, chans, pre.mean, pre.std)
+    assert x.shape == (chans, 64, 64) and x.dtype == torch.float32
+    out = reconstruct(str(tmp_path / "c.pt"), [str(folder)], str(tmp_path / "fig.png"), device="cpu")
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+
+
+def test_rgb_checkpoint_without_a_record_is_imagenet(tmp_path):
+    """An RGB checkpoint that records no normalisation (older runs) is read as ImageNet's."""
+    from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from simmim.trainer.reconstruct import load_pretrained_model
+
+    pretraining_checkpoint(tmp_path / "c.pt", "vit_micro", 3)
+    pre = load_pretrained_model(tmp_path / "c.pt")
+    assert (pre.in_chans, pre.mean, pre.std) == (3, IMAGENET_MEAN, IMAGENET_STD)
