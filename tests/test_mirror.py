@@ -261,6 +261,19 @@ def test_preflight_names_the_url_and_what_to_do(s3_bucket, monkeypatch):
         load_config("demo", ["run.mirror=/local/folder"])
 
 
+def test_a_bad_mirror_stops_the_command_before_anything_is_written(s3_bucket, sample_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "simmim.trainer.cli", "pretrain", "--config", "demo",
+                           f"data.path={sample_root}/train", f"run.out_dir={out}", "run.mirror=s3://no-such-bucket-q/r"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("simmim pretrain: error: run.mirror 's3://no-such-bucket-q/r' cannot be written "
+                                "(NoSuchBucket"), lines[-3:]
+    assert not any("Found credentials" in line or "endpoint for s3" in line for line in lines), lines  # boto3's
+    assert not out.exists()
+
+
 def test_no_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)

@@ -96,8 +96,8 @@ class PretrainTask:
         self.cfg = cfg
         d = cfg.data
         mean, std, source = normalization(d.channels, d.mean, d.std, d.path)
-        log.info("data: %d channel%s, normalised by %s mean %s std %s", d.channels, "s" * (d.channels != 1), source,
-                 [round(v, 4) for v in mean], [round(v, 4) for v in std])
+        self.normalization = (f"{d.channels} channel{'s' * (d.channels != 1)} normalised by {source} mean "
+                              f"{[round(v, 4) for v in mean]} std {[round(v, 4) for v in std]}")
         self.aug = Augmentation(size=d.img_size, mean=mean, std=std)
         self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio, d.mask_strategy)
 
@@ -129,7 +129,7 @@ class PretrainTask:
         return param_groups(model, o.weight_decay, arch.family, o.weight_decay_rule)
 
     def describe_data(self) -> str:
-        return str(self.masks)
+        return f"{self.normalization}, {self.masks}"
 
     def checkpoint_extra(self) -> dict:
         """The normalisation the run used (data.mean / data.std, a statistics file or ImageNet's), so
