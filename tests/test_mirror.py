@@ -327,18 +327,21 @@ def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_
 
     url = f"{s3_bucket}/run"
     first = tmp_path / "first"
-    proc = run_sh(sample_root, first, par, f"run.mirror={url}")
+    proc = run_sh(sample_root, first, par, f"run.mirror={url}", "run.keep_last=1")
     text = run_until(proc, "epoch 1 step 9 ", lambda: os.killpg(proc.pid, signal.SIGTERM), timeout=300)
     assert proc.returncode == 75, text[-4000:]
     assert "mirrored checkpoint-00000007" in text, text[-4000:]  # the epoch's checkpoint, during training
     stopped = max(losses(first)) + 1  # the stop checkpoint: the steps done
     assert f"mirrored checkpoint-{stopped:08d}" in text, text[-4000:]  # uploaded before the ranks exit
+    assert Mirror(url).marked(Mirror(url).objects()) == [stopped]  # keep_last=1 there too: checkpoint 7 deleted
+    assert "Found credentials" not in text and "Traceback" not in text, text[-4000:]
 
     second = tmp_path / "second"  # another machine: an empty run folder
     proc = run_sh(sample_root, second, par, f"run.mirror={url}")
     text = run_until(proc, "no such line", lambda: None, timeout=600)
     assert proc.returncode == 0, text[-4000:]
     assert f"resuming from the mirror: checkpoint-{stopped:08d}" in text, text[-4000:]
+    assert "resuming from the mirror" in (second / "log.txt").read_text()  # in the new run folder's log too
     a, b = losses(ref), {**{s: v for s, v in losses(first).items() if s < stopped}, **losses(second)}
     assert sorted(b) == sorted(a) == list(range(14)) and min(losses(second)) == stopped
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # the same per-step losses
