@@ -197,6 +197,22 @@ def test_a_local_checkpoint_as_new_is_kept_and_a_newer_mirror_wins(s3_bucket, tm
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-00000002.pt", "checkpoint-00000004.pt"]
 
 
+def test_another_runs_mirror_is_refused_before_anything_is_downloaded(s3_bucket, tmp_path):
+    url = f"{s3_bucket}/run"
+    mirror = Mirror(url)
+    mirror.submit(Upload(1, save_checkpoint(tmp_path / "a", 1, state(1)), sharded=False,
+                         config={"model": {"arch": "swin_base"}, "run": {"out_dir": "a"}}))
+    assert mirror.wait(60)
+    out = tmp_path / "b"
+    with pytest.raises(ConfigError, match=rf"^run.mirror '{url}' holds another run \(checkpoint-00000001.pt\): "
+                                          r"model.arch 'swin_base' -> 'vit_base' cannot change on resume .*set another "
+                                          r"run.mirror, or set them back"):
+        restore_from_mirror(mirror, out, ONE, {"model": {"arch": "vit_base"}, "run": {"out_dir": "b"}})
+    assert not out.exists()
+    restore_from_mirror(mirror, out, ONE, {"model": {"arch": "swin_base"}, "run": {"out_dir": "b"}})  # the same run
+    assert (out / "checkpoint-00000001.pt").is_file()
+
+
 def test_dcp_checkpoint_round_trip_through_the_mirror(s3_bucket, tmp_path):
     """A real DCP checkpoint (train.parallel=fsdp's format, one process): uploaded through the
     checkpointer, restored into an empty run folder, read and loaded as a local one."""
@@ -243,6 +259,19 @@ def test_preflight_names_the_url_and_what_to_do(s3_bucket, monkeypatch):
         check_mirror(f"{s3_bucket}/p")
     with pytest.raises(ConfigError, match=r"config key 'run.mirror' must be empty or s3://bucket/prefix"):
         load_config("demo", ["run.mirror=/local/folder"])
+
+
+def test_a_bad_mirror_stops_the_command_before_anything_is_written(s3_bucket, sample_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "simmim.trainer.cli", "pretrain", "--config", "demo",
+                           f"data.path={sample_root}/train", f"run.out_dir={out}", "run.mirror=s3://no-such-bucket-q/r"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("simmim pretrain: error: run.mirror 's3://no-such-bucket-q/r' cannot be written "
+                                "(NoSuchBucket"), lines[-3:]
+    assert not any("Found credentials" in line or "endpoint for s3" in line for line in lines), lines  # boto3's
+    assert not out.exists()
 
 
 def test_no_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path):
@@ -298,18 +327,21 @@ def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_
 
     url = f"{s3_bucket}/run"
     first = tmp_path / "first"
-    proc = run_sh(sample_root, first, par, f"run.mirror={url}")
+    proc = run_sh(sample_root, first, par, f"run.mirror={url}", "run.keep_last=1")
     text = run_until(proc, "epoch 1 step 9 ", lambda: os.killpg(proc.pid, signal.SIGTERM), timeout=300)
     assert proc.returncode == 75, text[-4000:]
     assert "mirrored checkpoint-00000007" in text, text[-4000:]  # the epoch's checkpoint, during training
     stopped = max(losses(first)) + 1  # the stop checkpoint: the steps done
     assert f"mirrored checkpoint-{stopped:08d}" in text, text[-4000:]  # uploaded before the ranks exit
+    assert Mirror(url).marked(Mirror(url).objects()) == [stopped]  # keep_last=1 there too: checkpoint 7 deleted
+    assert "Found credentials" not in text and "Traceback" not in text, text[-4000:]
 
     second = tmp_path / "second"  # another machine: an empty run folder
     proc = run_sh(sample_root, second, par, f"run.mirror={url}")
     text = run_until(proc, "no such line", lambda: None, timeout=600)
     assert proc.returncode == 0, text[-4000:]
     assert f"resuming from the mirror: checkpoint-{stopped:08d}" in text, text[-4000:]
+    assert "resuming from the mirror" in (second / "log.txt").read_text()  # in the new run folder's log too
     a, b = losses(ref), {**{s: v for s, v in losses(first).items() if s < stopped}, **losses(second)}
     assert sorted(b) == sorted(a) == list(range(14)) and min(losses(second)) == stopped
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # the same per-step losses

@@ -406,7 +406,8 @@ class CheckpointContents:
     (microsoft/SimMIM), "backbone." (MMPretrain), "" (timm). `encoder()` strips it.
     config: this project's config dict (`Config.to_dict()`), or the writer's own record (the
     released code's yacs config as a dict), None if there is none; `settings` holds what either
-    says about img_size / window_size / patch_size, completed from the tensors.
+    says about img_size / window_size / patch_size / in_chans (the image channels, data.channels),
+    completed from the tensors (the patch embedding fixes patch_size and in_chans).
     classes: the class names of a fine-tuning checkpoint, in head order (None if not recorded).
     optimizer / train: a resume's optimizer state (None for a DCP folder: its checkpointer loads it
     sharded) and the rest of the checkpoint (train_state, scaler, config, ...).
@@ -432,6 +433,18 @@ class CheckpointContents:
         encoder = {k[n:]: v for k, v in self.model.items()
                    if k.startswith(self.encoder_prefix) and not k.endswith("mask_token")}
         return from_mmpretrain(encoder) if self.naming == "mmpretrain" else encoder
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std), one value per image channel in [0, 1] units, that the run normalised its
+        images with: what this project's pre-training checkpoints record ("normalization", written
+        by `PretrainTask.checkpoint_extra`), else the config's data.mean / data.std when set; None
+        when the checkpoint does not say (older runs, other frameworks: ImageNet's for RGB)."""
+        recorded = self.train.get("normalization")
+        data = (self.config or {}).get("data") if is_ours(self.config) else None
+        for source in (recorded, data):
+            if isinstance(source, dict) and source.get("mean") and source.get("std"):
+                return tuple(map(float, source["mean"])), tuple(map(float, source["std"]))
+        return None
 
 
 def read_checkpoint(path: str | Path, *, tensors: bool = True, what: str = "checkpoint",

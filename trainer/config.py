@@ -19,6 +19,7 @@ Derived values (effective lr, steps) are computed by the wiring and logged, neve
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,6 @@ from simmim.pipeline.options import DataConfig
 
 from .distributed import DEVICES
 from .heads import HEADS
-from .mirror import S3_URL
 from .model import ARCHS, WEIGHT_DECAY_RULES
 from .parallel import PARALLEL
 from .precision import PRECISIONS
@@ -44,6 +44,8 @@ from .schedule import ANCHORS, KINDS
 from .validate import validate_config
 
 RECIPES = Path(__file__).parent / "configs"
+# run.mirror: s3://bucket[/prefix], S3's bucket naming (3-63 of a-z 0-9 . -)
+S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 __all__ = ["Config", "ConfigError", "PretrainConfig", "RECIPES", "config_from_dict", "flatten", "load_config",
            "parse_override", "save_config"]
 

@@ -434,7 +434,7 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
         amp_dtype = amp_dtype_for(t.precision, dist.device)
         mirror = Mirror(cfg.run.mirror, dist.rank, dist.world_size, cfg.run.keep_last) if cfg.run.mirror else None
         if mirror is not None:  # the mirror's newest complete checkpoint, where no rank has one as new
-            restore_from_mirror(mirror, out_dir, dist)
+            restore_from_mirror(mirror, out_dir, dist, cfg.to_dict())
         resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
         task.resuming = resumed
         model, loader = build_model(cfg, task, dist)

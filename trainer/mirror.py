@@ -58,11 +58,11 @@ from simmim.core.errors import CheckpointError, ConfigError
 from simmim.core.io import atomic_write
 
 from .checkpoint import DCP_PATTERN, PATTERN, Checkpointer, CheckpointContents, checkpoints, dcp_checkpoints
+from .config import S3_URL
 from .distributed import DistInfo, all_gather, barrier, first_reported
+from .runfolder import check_resume_config
 
 log = logging.getLogger("simmim")
-# s3://bucket[/prefix]: S3's bucket naming (3-63 of a-z 0-9 . -)
-S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 MARKER = re.compile(r"^(checkpoint-(\d+))\.complete\.json$")
 # every object of checkpoint-N: its file or folder, its parts, its marker (keys relative to the prefix)
 MEMBER = re.compile(r"^(?:\.parts/)?(checkpoint-(\d+))(?:\.pt$|/|\.complete\.json$)")
@@ -86,6 +86,8 @@ def s3_client(attempts: int = 5):
         from botocore.config import Config
     except ImportError:
         raise ConfigError("run.mirror needs boto3: pip install -e '.[stream]'") from None
+    for name in ("boto3", "botocore", "s3transfer"):  # their INFO lines ("Found credentials in ...") are not the run's
+        logging.getLogger(name).setLevel(logging.WARNING)
     # a session of its own: boto3's default one caches the credentials it first found, and is not thread-safe
     return boto3.session.Session().client("s3", config=Config(connect_timeout=10, read_timeout=60,
                                             retries={"max_attempts": attempts, "mode": "standard"}))
@@ -122,6 +124,7 @@ class Upload:
     path: Path  # the local file (ddp) or folder (fsdp)
     sharded: bool  # a DCP folder: every rank uploads its own files, rank 0 marks it
     future: object = None  # an async DCP save still being written (its files exist once it resolves)
+    config: dict | None = None  # the run's (Config.to_dict()), kept in the marker: a resume checks it first
 
     @property
     def name(self) -> str:
@@ -261,7 +264,7 @@ class Mirror:
         self.put_json(f"{up.name}.complete.json", {
             "checkpoint": up.path.name, "step": up.step, "format": "dcp" if up.sharded else "torch.save",
             "world_size": self.world_size if up.sharded else 1, "files": sizes,
-            "written": time.strftime("%Y-%m-%d %H:%M:%S")})
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"), "config": up.config})
         log.info("mirrored %s to %s (%d object%s, %.1f MB, %.0f s)", up.path.name, self.url, len(sizes),
                  "" if len(sizes) == 1 else "s", sum(sizes.values()) / 1e6, time.monotonic() - start)
         self.prune(up.step)
@@ -369,7 +372,7 @@ class MirroredCheckpointer:
         if path is not None:
             sharded = Path(path).suffix != ".pt"
             future = getattr(self.inner, "pending", None) if sharded else None
-            self.mirror.submit(Upload(step, Path(path), sharded, future))
+            self.mirror.submit(Upload(step, Path(path), sharded, future, train_state.get("config")))
         return path
 
     def load(self, contents: CheckpointContents, model, optimizer) -> dict:
@@ -408,11 +411,13 @@ def set_aside_newer(out_dir: Path, step: int) -> None:
                         "(no shared file system): kept as %s, resuming from the mirror's", path.name, aside.name)
 
 
-def restore_from_mirror(mirror: Mirror, out_dir: Path, dist: DistInfo) -> None:
+def restore_from_mirror(mirror: Mirror, out_dir: Path, dist: DistInfo, config: dict | None = None) -> None:
     """Before the run folder is read for a resume (every rank calls it): makes the mirror's newest
     complete checkpoint local where it is newer than what every rank can read by itself (see the
-    module docstring); one line says which was taken. CheckpointError, on every rank, if the
-    mirror cannot be read or a download fails."""
+    module docstring); one line says which was taken. `config` (the new run's `Config.to_dict()`)
+    is checked against the one in its marker before anything is downloaded: ConfigError naming
+    run.mirror for a key a resume may not change. CheckpointError, on every rank, if the mirror
+    cannot be read or a download fails."""
     steps = all_gather(local_step(out_dir))
     manifest, error = None, None
     if dist.is_main:
@@ -425,6 +430,8 @@ def restore_from_mirror(mirror: Mirror, out_dir: Path, dist: DistInfo) -> None:
         raise CheckpointError(error)
     if manifest is None or (len(set(steps)) == 1 and steps[0] >= manifest["step"]):
         return
+    if config is not None:  # another run's mirror: refused before anything is downloaded, by every rank alike
+        check_resume_config(manifest.get("config"), config, Path(manifest["checkpoint"]), "run.mirror", mirror.url)
     if dist.local_rank == 0:
         set_aside_newer(out_dir, manifest["step"])
     size = 0
