@@ -27,6 +27,7 @@ setup(
         "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
         "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
+        "tifffile",  # multi-channel .tif for data.channels=N (also a dependency of scikit-image)
         "omegaconf>=2.4",  # structured configs (YAML + a.b=c into the dataclasses); 2.4: tuple fields
         "scipy",  # the released relative-position-table resize (FITPACK cubic spline)
     ],

@@ -34,7 +34,8 @@ import torch
 from .augment import normalize
 from .decode import DecodeError, decode_rgb
 from .errors import DatasetError
-from .folder import center_crop, to_tensor
+from .channels import read_pixels
+from .folder import center_crop, channel_view, to_tensor
 from .masking import MaskGenerator
 from .options import LoaderSpec
 from .seeding import torch_generator
@@ -91,7 +92,9 @@ class Loader(abc.ABC):
         """uint8 (3, S, S) evaluation views (torchvision's Resize(int(S / crop_ratio)) + CenterCrop(S)) of the
         samples at `indices`, an unreadable one skipped with a warning naming it and the next
         readable sample taken instead. This default reads `self.samples` (a `SampleList` of image
-        files) by `decode.decode_rgb`'s rules, with `self.max_pixels`."""
+        files) by `decode.decode_rgb`'s rules, with `self.max_pixels`; for data.channels != 3 by
+        `channels.read_pixels`', as normalised float32 (C, S, S) views (`folder.channel_view`)."""
+        channels = self.spec.channels
         out, tried = [], set()
         for i in indices:
             for j in (*range(i, self.num_samples), *range(i)):
@@ -100,11 +103,13 @@ class Loader(abc.ABC):
                 tried.add(j)
                 path = self.samples.path(j)
                 try:
-                    img = decode_rgb(path, self.max_pixels)
+                    img = decode_rgb(path, self.max_pixels) if channels == 3 else \
+                        read_pixels(path, channels, self.max_pixels)
                 except DecodeError as e:
                     log.warning("figure preview: skipping unreadable image %s (%s)", path, e)
                     continue
-                out.append(to_tensor(center_crop(img, self.aug.size, self.spec.crop_ratio)))
+                out.append(to_tensor(center_crop(img, self.aug.size, self.spec.crop_ratio)) if channels == 3 else
+                           channel_view(img, self.aug, False, self.spec.crop_ratio, None))
                 break
         return out
 
@@ -192,7 +197,8 @@ class Loader(abc.ABC):
         images = self.preview_images(wanted)
         if not images:
             raise DatasetError(f"no image of '{self.path}' could be read for the figure preview")
-        batch = (normalize(torch.stack(images).to(self.device), self.aug.mean, self.aug.std),)
+        images = torch.stack(images).to(self.device)
+        batch = (normalize(images, self.aug.mean, self.aug.std) if images.dtype == torch.uint8 else images,)
         if self.mask_generator is not None:
             g = torch_generator("figure", self.seed, device=self.device)
             batch += (self.mask_generator.sample(len(images), generator=g, device=self.device),)

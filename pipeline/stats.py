@@ -14,7 +14,8 @@ more than a small one); for channel c, over all N pixels x_c of the data set, in
 scales values to (decode.py, docs/data.md: 8 bits / 255, 16 bits / 65535, floats as stored),
     mean_c = sum(x_c) / N,   std_c = sqrt(sum((x_c - mean_c)^2) / N)   (population std, ddof = 0),
 measured on whole decoded images (before any crop). Per image the mean and the sum of squared
-deviations are taken in float64 and merged with Chan, Golub & LeVeque's pairwise update ("Updating
+deviations are taken in float64 (for 8-bit images from a 256-level histogram per channel, exactly)
+and merged with Chan, Golub & LeVeque's pairwise update ("Updating
 formulae and a pairwise algorithm for computing sample variances", 1979), which stays exact where
 sum(x^2) / N - mean^2 would cancel.
 """
@@ -45,7 +46,16 @@ class ChannelMoments:
     def add_image(self, pixels: np.ndarray, scale: float = 1.0) -> None:
         """pixels: (H, W, C) or (H, W) (one channel) of any numeric dtype; each value is divided
         by `scale` (255 for 8-bit images) before it is counted."""
-        x = np.asarray(pixels, np.float64).reshape(-1, len(self.mean)) / scale
+        pixels = np.asarray(pixels)
+        channels = len(self.mean)
+        if pixels.dtype == np.uint8:  # from a histogram per channel: exact, and ~10x less work than in floats
+            flat = pixels.reshape(-1, channels)
+            levels = np.arange(256, dtype=np.float64) / scale
+            hist = np.stack([np.bincount(flat[:, c], minlength=256) for c in range(channels)])  # (C, 256)
+            mean = hist @ levels / len(flat)
+            self.merge(len(flat), mean, (hist * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1))
+            return
+        x = pixels.reshape(-1, channels).astype(np.float64) / scale
         mean = x.mean(axis=0)
         self.merge(len(x), mean, ((x - mean) ** 2).sum(axis=0))
 
@@ -112,5 +122,9 @@ def normalization(channels: int, mean, std, data_path: str | os.PathLike
         return (*read_stats(found, channels), str(found))
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD, "ImageNet's"
+    if Path(data_path).suffix == ".beton":  # `simmim scan` reads the source, not the .beton
+        raise ConfigError(f"data.channels={channels} needs per-channel mean and std: run `simmim scan SRC --stats "
+                          f"--channels {channels}` on the .beton's source and copy SRC.clean.stats.json to {found}, "
+                          f"or set data.mean / data.std")
     raise ConfigError(f"data.channels={channels} needs per-channel mean and std: run `simmim scan {data_path} "
                       f"--stats --channels {channels}` (writes {found}), or set data.mean / data.std")

@@ -77,7 +77,7 @@ def test_every_consumer_reads_a_pretraining_checkpoint_through_the_one_reader(tm
 
     whole = read_checkpoint(path)
     assert (whole.kind, whole.layout, whole.encoder_prefix) == (Kind.PRETRAINING, "simmim", "encoder.swin.")
-    assert whole.settings == {"img_size": 64, "window_size": 2, "patch_size": 4}
+    assert whole.settings == {"img_size": 64, "window_size": 2, "patch_size": 4, "in_chans": 3}
     assert all(torch.equal(whole.model[k], v) for k, v in model.state_dict().items())
 
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)  # simmim finetune finetune.pretrained=...
@@ -237,7 +237,7 @@ def test_mmpretrain_simmim_checkpoint_loads(tmp_path, mmengine_objects, monkeypa
     contents = read_checkpoint(tmp_path / "epoch_100.pth")
     assert (contents.layout, contents.kind, contents.encoder_prefix) == ("MMPretrain/MMSelfSup", Kind.PRETRAINING,
                                                                           "backbone.")
-    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4}
+    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4, "in_chans": 3}
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)
     report = load_pretrained(net, tmp_path / "epoch_100.pth", "swin_micro")
     assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
@@ -292,7 +292,7 @@ def test_timm_export_folder_loads_with_its_config(tmp_path):
     folder = export(tmp_path / "c.pt", tmp_path / "exported")
     contents = read_checkpoint(folder)
     assert (contents.format, contents.layout, contents.kind) == ("safetensors", "timm", Kind.ENCODER)
-    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4}
+    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4, "in_chans": 3}
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)
     assert load_pretrained(net, folder, "swin_micro")["unexpected"] == []
     _same_encoder(net, simmim)

@@ -166,7 +166,7 @@ def test_cli_scan_pixel_limit(cases, tmp_path, simmim_cmd):
         scan_images(scan_folder(root)[0], ["c"], workers=1, progress=False, max_pixels=0)
 
 
-def _die(paths, max_pixels):
+def _die(paths, **options):
     os._exit(9)  # a worker killed mid-scan (as by the OOM killer)
 
 

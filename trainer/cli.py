@@ -111,7 +111,7 @@ def cmd_scan(args) -> None:
     from simmim.pipeline.scanlist import scan_command
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels)
+    scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels, args.channels, args.stats)
 
 
 def cmd_convert(args) -> None:
@@ -242,6 +242,10 @@ def add_data_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
+    p.add_argument("--channels", type=int, default=3,
+                   help="data.channels: 3 (RGB), 1 (grey; also .npy) or N (.npy / .tif arrays)")
+    p.add_argument("--stats", action="store_true",
+                   help="also measure the per-channel mean and std (written beside the list; pre-training reads them)")
     p.set_defaults(fn=cmd_scan)
 
     p = sub.add_parser("convert", help="convert an ImageNet-style folder or list to an FFCV .beton")

@@ -144,6 +144,16 @@ def first_reported(message: str | None) -> tuple[int, str] | None:
     return next(((r, m) for r, m in enumerate(every) if m is not None), None)
 
 
+def all_gather(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, seen by every rank (gloo); [obj] in
+    one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj, group=_HOST_GROUP)
+    return every
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -46,15 +46,15 @@ from scipy.interpolate import RectBivariateSpline
 from scipy.optimize import brentq
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.models import beit, swin_transformer, swin_transformer_v2
+from timm.models import adapt_input_conv, beit, swin_transformer, swin_transformer_v2
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.utils import accuracy
 from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-from simmim.pipeline.stats import normalization
 from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.errors import CheckpointError, DatasetError
+from simmim.pipeline.stats import normalization
 
 from .checkpoint import Kind, read_checkpoint
 from .config import ConfigError, config_from_dict, load_config
@@ -72,11 +72,11 @@ log = logging.getLogger("simmim")
 # ---------------------------------------------------------------- model
 
 def build_classifier(arch: str, img_size: int, num_classes: int, window_size: int = 0,
-                     drop_path: float = 0.1) -> nn.Module:
-    """The timm encoder of `arch` with a linear classification head."""
+                     drop_path: float = 0.1, in_chans: int = 3) -> nn.Module:
+    """The timm encoder of `arch` for `in_chans`-channel images with a linear classification head."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
-    return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes)
+    return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes, in_chans=in_chans)
 
 
 DROPPED = ("mask_token", "decoder.")  # the pre-training's mask token and prediction head
@@ -194,6 +194,7 @@ def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
         weights, resized = to_timm_layout(encoder, model, family)
     except ValueError as e:
         raise CheckpointError(f"{what} does not match model.arch {arch}: {e}") from None
+    adapted = adapt_channels(weights, model, what)
     for key, value in list(weights.items()):
         if key in own and own[key].shape != value.shape:
             if key.startswith("head"):
@@ -207,7 +208,31 @@ def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
     if len([k for k in encoder_keys if k in weights]) < 0.9 * len(encoder_keys):
         raise CheckpointError(f"{what} does not match model.arch {arch} "
                               f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
-    return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
+    return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized, "adapted": adapted}
+
+
+PATCH_EMBED = "patch_embed.proj.weight"
+
+
+def adapt_channels(weights: dict, model: nn.Module, what: str) -> str:
+    """Fits the patch embedding of `weights` ((D, C', p, p), timm's names) to `model`'s C input
+    channels in place, with timm's `adapt_input_conv` (what timm does for its own pretrained weights
+    at another in_chans): from RGB (C' = 3) to grey the three filters are summed (a grey image seen
+    as R = G = B gives the same embedding), to C > 1 channels they are repeated and scaled by 3 / C;
+    from grey (C' = 1) the filter is repeated and scaled by 1 / C (the channels' mean seen as grey).
+    Returns what it did, for the load summary ("" when the counts match). CheckpointError, one line
+    naming both counts, for any other pair (e.g. 5 channels there, 3 here)."""
+    w, own = weights.get(PATCH_EMBED), model.state_dict().get(PATCH_EMBED)
+    if w is None or own is None or w.ndim != 4 or w.shape[1] == own.shape[1]:
+        return ""
+    theirs, ours = w.shape[1], own.shape[1]
+    if theirs not in (1, 3):
+        raise CheckpointError(f"{what} holds a {theirs}-channel encoder; this model takes {ours}-channel images "
+                              f"(data.channels={ours}): set data.channels={theirs}, or start from an RGB or grey "
+                              f"checkpoint (those are adapted)")
+    weights[PATCH_EMBED] = adapt_input_conv(ours, w, base_chans=theirs)
+    how = "summed" if ours == 1 else f"repeated, scaled by {theirs}/{ours}"
+    return f"patch embedding adapted from {theirs} to {ours} channels (timm adapt_input_conv: filters {how})"
 
 
 def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dict | None = None,
@@ -463,15 +488,16 @@ class FinetuneTask:
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True, rand_augment=f.rand_augment)
         loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         classes = num_classes_of(self.cfg, loader)
-        net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path)
+        net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path, d.channels)
         if f.pretrained:
             report = load_pretrained(net, f.pretrained, m.arch, {"img_size": f.pretrained_img_size,
                                                                   "window_size": f.pretrained_window_size})
             for note in report["notes"]:
                 log.info("finetune.pretrained: %s", note)
-            log.info("loaded %s (%s layout): %d missing keys %s, %d unexpected %s, resized %s", f.pretrained,
+            log.info("loaded %s (%s layout): %d missing keys %s, %d unexpected %s, resized %s%s", f.pretrained,
                      report["layout"], len(report["missing"]), report["missing"][:6], len(report["unexpected"]),
-                     report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []))
+                     report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []),
+                     f"; {report['adapted']}" if report["adapted"] else "")
         else:
             log.info("no finetune.pretrained: training from scratch")
         model = Classifier(net, f.label_smoothing).to(dist.device)
@@ -537,7 +563,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
         cfg = config_from_dict(ckpt.config, overrides, FinetuneConfig)
     else:
         recorded = {"data.img_size": ckpt.settings.get("img_size"),
-                    "model.window_size": ckpt.settings.get("window_size")}
+                    "model.window_size": ckpt.settings.get("window_size"), "data.channels": ckpt.settings.get("in_chans")}
         cfg = load_config(None, [f"{k}={v}" for k, v in recorded.items() if v] + list(overrides), FinetuneConfig)
     val = data or cfg.finetune.val_path
     if not val:
@@ -546,8 +572,11 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     heads = [v for k, v in weights.items() if k in ("head.fc.weight", "head.weight")]
     if not heads:  # (a bare StopIteration once)
         raise CheckpointError(f"'{path}' has no classification head (head.weight): not a fine-tuned checkpoint")
-    net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0)
+    net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0,
+                           cfg.data.channels)
     report = load_weights(net, weights, cfg.model.arch, f"checkpoint '{path}'")
+    if report["adapted"]:
+        log.info("checkpoint '%s': %s", path, report["adapted"])
     if report["missing"]:
         raise CheckpointError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
                               f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")

@@ -66,6 +66,10 @@ def validate_config(cfg) -> None:
     if t.parallel == "fsdp" and t.precision == "fp16":
         raise ConfigError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
     f = getattr(cfg, "finetune", None)
+    if f is not None and f.rand_augment and d.channels != 3 and (d.channels != 1 or d.backend != "torch"):
+        # RandAugment's ops are colour-image ops: PIL's on grey (mode L) images, nothing for N channels
+        raise ConfigError(f"finetune.rand_augment works on RGB images, and on grey ones with data.backend=torch; "
+                          f"set finetune.rand_augment='' for data.channels={d.channels} with data.backend={d.backend}")
     if f is not None and m.init_from:
         raise ConfigError("model.init_from is for simmim pretrain: fine-tuning starts from finetune.pretrained")
     if f is not None and (f.mixup > 0 or f.cutmix > 0) and d.batch_size % 2:
