@@ -107,7 +107,10 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     """(B, C, H, W) uint8 on the device -> normalised `dtype` ((v / 255 - mean[c]) / std[c], C = len(mean));
     one fused multiply-add. `out`: a
     float32 tensor of the images' shape to write into (the uint8 values are converted inside the
-    multiply-add: the same floats, one pass and no temporary); returned."""
+    multiply-add: the same floats, one pass and no temporary); returned. ValueError when C is not
+    len(mean) (broadcasting would silently give len(mean) channels)."""
+    if images.shape[1] != len(mean):
+        raise ValueError(f"normalize: {images.shape[1]}-channel images, {len(mean)} mean values")
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, -1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, -1, 1, 1)
     if out is not None:

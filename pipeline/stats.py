@@ -122,5 +122,9 @@ def normalization(channels: int, mean, std, data_path: str | os.PathLike
         return (*read_stats(found, channels), str(found))
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD, "ImageNet's"
+    if Path(data_path).suffix == ".beton":  # `simmim scan` reads the source, not the .beton
+        raise ConfigError(f"data.channels={channels} needs per-channel mean and std: run `simmim scan SRC --stats "
+                          f"--channels {channels}` on the .beton's source and copy SRC.clean.stats.json to {found}, "
+                          f"or set data.mean / data.std")
     raise ConfigError(f"data.channels={channels} needs per-channel mean and std: run `simmim scan {data_path} "
                       f"--stats --channels {channels}` (writes {found}), or set data.mean / data.std")

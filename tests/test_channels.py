@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader, scan_folder
-from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, training_view
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, training_view
 from simmim.pipeline.channels import check_file, luma, read_array
 from simmim.pipeline.decode import DecodeError, decode_grey
 from simmim.pipeline.scanlist import scan_command
@@ -56,6 +56,15 @@ def test_normalization_sources(tmp_path):
     listed = tmp_path / "train.clean.txt"
     listed.write_text("a.png\n")
     assert stats_path(listed) == tmp_path / "train.clean.stats.json"
+    with pytest.raises(ConfigError, match=r"on the .beton's source and copy SRC.clean.stats.json to .*grey.stats.json"):
+        normalization(1, [], [], tmp_path / "grey.beton")
+
+
+def test_normalize_refuses_a_channel_count_its_mean_does_not_have():
+    """Broadcasting a 3-value mean over 1-channel images would silently make 3 channels."""
+    with pytest.raises(ValueError, match="1-channel images, 3 mean values"):
+        normalize(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), IMAGENET_MEAN, IMAGENET_STD)
+    assert normalize(torch.zeros(2, 5, 4, 4, dtype=torch.uint8), (0.5,) * 5, (0.25,) * 5).shape == (2, 5, 4, 4)
 
 
 def test_channel_moments_match_numpy():
@@ -313,3 +322,35 @@ def test_grey_views_match_the_torch_backend(tmp_path, backend, max_level, train)
             assert ((a - b).abs().max() * 0.22 * 255).item() <= max_level + 1e-3
     preview_ref, preview_got = ref.preview_batch(3)[0], got.preview_batch(3)[0]
     assert preview_got.shape == (3, 1, 32, 32) and torch.allclose(preview_ref, preview_got, atol=1e-5)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("kind", ["grey", "npy5"])
+def test_pretrain_one_epoch_on_grey_and_five_channel_folders(tmp_path, kind):
+    """`simmim scan --channels C --stats` then one epoch of `simmim pretrain` with data.channels=C:
+    a grey PNG folder (1 channel) and a folder of 5-channel uint16 .npy arrays. The encoder takes C
+    channels (in_chans), the loss is finite, the reconstruction figure is written, and the run
+    normalised with the scan's statistics."""
+    from simmim.trainer.pretrain import pretrain
+
+    if kind == "grey":
+        root, channels = grey_folder(tmp_path / "grey", n=8, size=(72, 80)), 1
+    else:
+        (root, _), channels = npy_folder(tmp_path / "ms", n=8, channels=5, size=(70, 66)), 5
+    scan_command(str(root), None, workers=1, on_error="skip", channels=channels, stats=True)
+    out = tmp_path / "run"
+    overrides = [f"data.path={root}", f"data.channels={channels}", f"run.out_dir={out}", "data.val_path=",
+                 "data.img_size=64", "data.batch_size=4", "data.num_workers=0", "model.arch=swin_micro",
+                 "model.window_size=2", "run.progress=false", "run.vis_every=1", "run.knn_every=0", "train.epochs=1",
+                 "train.warmup_epochs=0", "train.device=cpu"]
+    summary = pretrain(load_config("demo", overrides))
+    assert len(summary["epochs"]) == 1 and np.isfinite(summary["epochs"][0]["loss"])
+    log = (out / "log.txt").read_text()
+    assert f"{channels} channel{'s' * (channels > 1)} normalised by {stats_path(root)} mean" in log
+    assert list(out.glob("checkpoint-*.pt")) and list(out.rglob("*.png"))
+    ckpt = torch.load(next(out.glob("checkpoint-*.pt")), map_location="cpu", weights_only=True)
+    weights = ckpt["model"] if "model" in ckpt else ckpt
+    embed = next(v for k, v in weights.items() if k.endswith("patch_embed.proj.weight"))
+    assert embed.shape[1] == channels

@@ -124,12 +124,12 @@ def fake_dcp(folder: Path, ranks: list[int], metadata: bool) -> None:
 
 
 def test_dcp_ranks_upload_their_own_shards_and_rank0_marks_after_all(s3_bucket, tmp_path):
-    """Two ranks on two nodes without a shared file system: rank 0's node holds the published folder
-    (its shard, the .metadata), rank 1's node only the `.tmp` folder DCP wrote its shard into. Each
-    uploads its own files; the marker waits for rank 1's part."""
+    """Two ranks on two nodes without a shared file system: rank 0's node holds its shard and the
+    .metadata, rank 1's node its shard alone. Each uploads its own files; the marker waits for
+    rank 1's part."""
     url = f"{s3_bucket}/fsdp"
     fake_dcp(tmp_path / "node0" / "checkpoint-00000007", [0], metadata=True)
-    fake_dcp(tmp_path / "node1" / ".checkpoint-00000007.tmp", [1], metadata=False)
+    fake_dcp(tmp_path / "node1" / "checkpoint-00000007", [1], metadata=False)
     rank0, rank1 = Mirror(url, 0, 2), Mirror(url, 1, 2)
     rank0.submit(Upload(7, tmp_path / "node0" / "checkpoint-00000007", sharded=True))
     time.sleep(1.0)
@@ -237,6 +237,18 @@ def test_dcp_checkpoint_round_trip_through_the_mirror(s3_bucket, tmp_path):
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_async_dcp_save_is_uploaded_once_written(s3_bucket, tmp_path):
+    """run.async_save: the upload thread waits for DCP's write to finish before it reads the files."""
+    model = torch.nn.Linear(4, 2)
+    mirror = Mirror(f"{s3_bucket}/async")
+    ckpt = MirroredCheckpointer(DCPCheckpointer(tmp_path, True, async_save=True), mirror, wait_s=60)
+    ckpt.save(3, model, torch.optim.SGD(model.parameters(), lr=0.1), {"train_state": {}})
+    ckpt.wait()
+    files = mirror.get_json("checkpoint-00000003.complete.json")["files"]
+    assert files == {f"checkpoint-00000003/{p.name}": p.stat().st_size for p in (tmp_path / "checkpoint-00000003").iterdir()}
+
+
 def test_a_node_without_rank_0s_folder_publishes_its_own_share(tmp_path):
     """No shared file system: on another node than rank 0's, nobody renamed DCP's `.tmp` folder
     (their shards stayed in it, one per save, never pruned). Its local rank 0 publishes and prunes
@@ -327,18 +339,21 @@ def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_
 
     url = f"{s3_bucket}/run"
     first = tmp_path / "first"
-    proc = run_sh(sample_root, first, par, f"run.mirror={url}")
+    proc = run_sh(sample_root, first, par, f"run.mirror={url}", "run.keep_last=1")
     text = run_until(proc, "epoch 1 step 9 ", lambda: os.killpg(proc.pid, signal.SIGTERM), timeout=300)
     assert proc.returncode == 75, text[-4000:]
     assert "mirrored checkpoint-00000007" in text, text[-4000:]  # the epoch's checkpoint, during training
     stopped = max(losses(first)) + 1  # the stop checkpoint: the steps done
     assert f"mirrored checkpoint-{stopped:08d}" in text, text[-4000:]  # uploaded before the ranks exit
+    assert Mirror(url).marked(Mirror(url).objects()) == [stopped]  # keep_last=1 there too: checkpoint 7 deleted
+    assert "Found credentials" not in text and "Traceback" not in text, text[-4000:]
 
     second = tmp_path / "second"  # another machine: an empty run folder
     proc = run_sh(sample_root, second, par, f"run.mirror={url}")
     text = run_until(proc, "no such line", lambda: None, timeout=600)
     assert proc.returncode == 0, text[-4000:]
     assert f"resuming from the mirror: checkpoint-{stopped:08d}" in text, text[-4000:]
+    assert "resuming from the mirror" in (second / "log.txt").read_text()  # in the new run folder's log too
     a, b = losses(ref), {**{s: v for s, v in losses(first).items() if s < stopped}, **losses(second)}
     assert sorted(b) == sorted(a) == list(range(14)) and min(losses(second)) == stopped
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # the same per-step losses

@@ -52,9 +52,9 @@ from timm.utils import accuracy
 from torch import nn
 
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-from simmim.pipeline.stats import normalization
 from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.errors import CheckpointError, DatasetError
+from simmim.pipeline.stats import normalization
 
 from .checkpoint import Kind, read_checkpoint
 from .config import ConfigError, config_from_dict, load_config
