@@ -124,12 +124,12 @@ def fake_dcp(folder: Path, ranks: list[int], metadata: bool) -> None:
 
 
 def test_dcp_ranks_upload_their_own_shards_and_rank0_marks_after_all(s3_bucket, tmp_path):
-    """Two ranks on two nodes without a shared file system: rank 0's node holds the published folder
-    (its shard, the .metadata), rank 1's node only the `.tmp` folder DCP wrote its shard into. Each
-    uploads its own files; the marker waits for rank 1's part."""
+    """Two ranks on two nodes without a shared file system: rank 0's node holds its shard and the
+    .metadata, rank 1's node its shard alone. Each uploads its own files; the marker waits for
+    rank 1's part."""
     url = f"{s3_bucket}/fsdp"
     fake_dcp(tmp_path / "node0" / "checkpoint-00000007", [0], metadata=True)
-    fake_dcp(tmp_path / "node1" / ".checkpoint-00000007.tmp", [1], metadata=False)
+    fake_dcp(tmp_path / "node1" / "checkpoint-00000007", [1], metadata=False)
     rank0, rank1 = Mirror(url, 0, 2), Mirror(url, 1, 2)
     rank0.submit(Upload(7, tmp_path / "node0" / "checkpoint-00000007", sharded=True))
     time.sleep(1.0)
@@ -235,6 +235,18 @@ def test_dcp_checkpoint_round_trip_through_the_mirror(s3_bucket, tmp_path):
     DCPCheckpointer(out, True).load(read_checkpoint(out / "checkpoint-00000009", tensors=False), fresh, fresh_opt)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_async_dcp_save_is_uploaded_once_written(s3_bucket, tmp_path):
+    """run.async_save: the upload thread waits for DCP's write to finish before it reads the files."""
+    model = torch.nn.Linear(4, 2)
+    mirror = Mirror(f"{s3_bucket}/async")
+    ckpt = MirroredCheckpointer(DCPCheckpointer(tmp_path, True, async_save=True), mirror, wait_s=60)
+    ckpt.save(3, model, torch.optim.SGD(model.parameters(), lr=0.1), {"train_state": {}})
+    ckpt.wait()
+    files = mirror.get_json("checkpoint-00000003.complete.json")["files"]
+    assert files == {f"checkpoint-00000003/{p.name}": p.stat().st_size for p in (tmp_path / "checkpoint-00000003").iterdir()}
 
 
 def test_a_node_without_rank_0s_folder_publishes_its_own_share(tmp_path):
