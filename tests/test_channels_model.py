@@ -278,3 +278,28 @@ def test_rgb_checkpoint_without_a_record_is_imagenet(tmp_path):
     pretraining_checkpoint(tmp_path / "c.pt", "vit_micro", 3)
     pre = load_pretrained_model(tmp_path / "c.pt")
     assert (pre.in_chans, pre.mean, pre.std) == (3, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_evaluate_a_grey_classifier_from_its_tensors(tmp_path, caplog):
+    """`simmim evaluate` of another framework's grey fine-tuned weights (a bare state dict, no
+    config): the classifier takes the channel count its patch embedding has, and reads the
+    validation images as grey."""
+    import numpy as np
+    from PIL import Image
+
+    from simmim.trainer.finetune import build_classifier, evaluate_checkpoint
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8), "L").save(tmp_path / "val" / name / f"{i}.png")
+    torch.manual_seed(0)
+    net = build_classifier("swin_micro", 64, 2, 2, 0.0, in_chans=1)
+    torch.save(net.state_dict(), tmp_path / "grey.pt")
+    caplog.set_level("INFO", logger="simmim")
+    result = evaluate_checkpoint(str(tmp_path / "grey.pt"), str(tmp_path / "val"), "torch",
+                                 ["model.arch=swin_micro", "data.num_workers=0", "data.batch_size=4",
+                                  "train.device=cpu", "data.mean=[0.5]", "data.std=[0.25]"])
+    assert result["val_images"] == 6
+    assert not [r for r in caplog.records if "adapted" in r.getMessage()]  # a 3-channel classifier would adapt

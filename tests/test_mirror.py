@@ -124,12 +124,12 @@ def fake_dcp(folder: Path, ranks: list[int], metadata: bool) -> None:
 
 
 def test_dcp_ranks_upload_their_own_shards_and_rank0_marks_after_all(s3_bucket, tmp_path):
-    """Two ranks on two nodes without a shared file system: rank 0's node holds the published folder
-    (its shard, the .metadata), rank 1's node only the `.tmp` folder DCP wrote its shard into. Each
-    uploads its own files; the marker waits for rank 1's part."""
+    """Two ranks on two nodes without a shared file system: rank 0's node holds its shard and the
+    .metadata, rank 1's node its shard alone. Each uploads its own files; the marker waits for
+    rank 1's part."""
     url = f"{s3_bucket}/fsdp"
     fake_dcp(tmp_path / "node0" / "checkpoint-00000007", [0], metadata=True)
-    fake_dcp(tmp_path / "node1" / ".checkpoint-00000007.tmp", [1], metadata=False)
+    fake_dcp(tmp_path / "node1" / "checkpoint-00000007", [1], metadata=False)
     rank0, rank1 = Mirror(url, 0, 2), Mirror(url, 1, 2)
     rank0.submit(Upload(7, tmp_path / "node0" / "checkpoint-00000007", sharded=True))
     time.sleep(1.0)
@@ -213,6 +213,43 @@ def test_another_runs_mirror_is_refused_before_anything_is_downloaded(s3_bucket,
     assert (out / "checkpoint-00000001.pt").is_file()
 
 
+RESTORE = """
+import logging, os, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from simmim.trainer.distributed import DistInfo
+from simmim.trainer.mirror import Mirror, restore_from_mirror
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+restore_from_mirror(Mirror(sys.argv[1], rank, 2), Path(sys.argv[2 + rank]), DistInfo(rank, 0, 2, torch.device("cpu")))
+dist.destroy_process_group()
+"""
+
+
+def test_two_nodes_without_a_shared_folder_resume_from_the_mirror(s3_bucket, tmp_path):
+    """Two ranks, each its own node and run folder (local rank 0 both): node 0 has checkpoints 4
+    and 6 (6 never reached the mirror), node 1 has none. Both resume from the mirror's 4: node 1
+    downloads it, node 0 keeps its copy and sets 6 aside (node 1 cannot have it)."""
+    url = f"{s3_bucket}/run"
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    mirror = Mirror(url)
+    mirror.submit(Upload(4, save_checkpoint(node0, 4, state(4)), sharded=False))
+    assert mirror.wait(60)
+    save_checkpoint(node0, 6, state(6))
+    script = tmp_path / "restore.py"
+    script.write_text(RESTORE)
+    env = {**run_sh_env(2), "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), url, str(node0), str(node1)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    out = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], out
+    assert sorted(p.name for p in node0.iterdir()) == ["checkpoint-00000004.pt", "checkpoint-00000006.pt.local-only"]
+    assert sorted(p.name for p in node1.iterdir()) == ["checkpoint-00000004.pt"]
+    assert "checkpoint-00000006.pt is newer than the mirror's newest complete checkpoint" in out[0], out[0]
+    assert "resuming from the mirror: checkpoint-00000004.pt" in out[0] and "step 6 (not on every rank)" in out[0]
+
+
 def test_dcp_checkpoint_round_trip_through_the_mirror(s3_bucket, tmp_path):
     """A real DCP checkpoint (train.parallel=fsdp's format, one process): uploaded through the
     checkpointer, restored into an empty run folder, read and loaded as a local one."""
@@ -235,6 +272,18 @@ def test_dcp_checkpoint_round_trip_through_the_mirror(s3_bucket, tmp_path):
     DCPCheckpointer(out, True).load(read_checkpoint(out / "checkpoint-00000009", tensors=False), fresh, fresh_opt)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_async_dcp_save_is_uploaded_once_written(s3_bucket, tmp_path):
+    """run.async_save: the upload thread waits for DCP's write to finish before it reads the files."""
+    model = torch.nn.Linear(4, 2)
+    mirror = Mirror(f"{s3_bucket}/async")
+    ckpt = MirroredCheckpointer(DCPCheckpointer(tmp_path, True, async_save=True), mirror, wait_s=60)
+    ckpt.save(3, model, torch.optim.SGD(model.parameters(), lr=0.1), {"train_state": {}})
+    ckpt.wait()
+    files = mirror.get_json("checkpoint-00000003.complete.json")["files"]
+    assert files == {f"checkpoint-00000003/{p.name}": p.stat().st_size for p in (tmp_path / "checkpoint-00000003").iterdir()}
 
 
 def test_a_node_without_rank_0s_folder_publishes_its_own_share(tmp_path):

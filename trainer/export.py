@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import timm
@@ -29,6 +27,7 @@ from torch import nn
 
 from simmim.kernels import LossOptions
 from simmim.pipeline.errors import CheckpointError
+from simmim.pipeline.io import atomic_folder, remove_stale_partials
 
 from .checkpoint import CheckpointContents, Kind, read_checkpoint
 from .layouts import is_ours
@@ -181,6 +180,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", force: bo
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
+    remove_stale_partials(out)  # an export killed before it finished (SIGKILL, SIGTERM)
     check_output(out, Path(checkpoint), force)
     ckpt = read_pretraining(checkpoint)
     config = ckpt.config
@@ -222,31 +222,7 @@ def check_output(out: Path, checkpoint: Path, force: bool) -> None:
                           f"replaces an export; pick another folder")
 
 
-def _permissions() -> tuple[int, int]:
-    """(file, folder) modes under the process umask, read without changing it (Linux /proc; else 022)."""
-    umask = 0o022
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o666 & ~umask, 0o777 & ~umask
-
-
 def _write_dir(out: Path, write) -> None:
-    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (atomic per folder)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        file_mode, dir_mode = _permissions()  # mkdtemp makes 0700: outputs get the usual modes
-        for f in tmp.iterdir():
-            f.chmod(file_mode)
-        tmp.chmod(dir_mode)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (io.atomic_folder:
+    atomic per folder; a killed export's temporary folder is removed by the next one)."""
+    atomic_folder(out, write)

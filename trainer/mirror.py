@@ -13,21 +13,24 @@ What the store holds, under the prefix (`Mirror`):
 The marker is written last, by one writer, once every object it lists is uploaded: a checkpoint
 without it is incomplete (a node died mid-upload, an upload failed) and is never resumed from.
 
-Upload. After each checkpoint is written locally (`MirroredCheckpointer.save`), the rank hands it
-to its background thread (boto3's managed transfer: multipart, several connections) and training
-goes on. A torch.save checkpoint is uploaded and marked by the rank that wrote it. A DCP
-checkpoint is uploaded by every rank, each its own files (`__R_*.distcp`, and rank 0 the
-`.metadata`), found in its own run folder, so nothing needs a shared file system; each rank then
-posts a small part object naming its files (or its error). Rank 0's thread waits for the parts of
-every rank by listing `.parts/` (no collective: the training loop's collectives are left alone,
-and a rank whose upload thread is slow or dead cannot block another's step), then writes the
-marker. Each thread takes the newest checkpoint handed to it; rank 0 gives up marking a checkpoint
-when a rank reports an error or a newer checkpoint is already waiting (an upload slower than the
-checkpoint interval: said in the log). After the marker, the checkpoints before the newest
-`run.keep_last` complete ones are deleted (marker first, then the objects), and so are objects of
-earlier checkpoints that never got a marker. A failed upload is one warning; the local checkpoint
-is untouched and the next checkpoint is uploaded as usual. At the end of a run and after a stop
-signal each rank waits for its thread, at most `run.mirror_wait_s` (said in the log if it gives up).
+Upload. After each checkpoint is written locally (`MirroredCheckpointer.save`), the rank hands it to
+its background thread (boto3's managed transfer: multipart, several connections) and training goes
+on. A torch.save checkpoint is uploaded and marked by the rank that wrote it. A DCP checkpoint is
+uploaded by every rank, each its own files (`__R_*.distcp`, and rank 0 the `.metadata`), found in
+its own run folder, so nothing needs a shared file system; each rank then posts a small part object
+naming its files (or its error); a node without rank 0's folder publishes its own share first
+(checkpoint.DCPCheckpointer, `node_main`). With run.async_save a checkpoint is handed over once
+DCP's background write is known to be done on every rank: at the next save, or at the end. Rank 0's
+thread waits for the parts of every rank by listing `.parts/` (no collective: the training loop's
+collectives are left alone, and a rank whose upload thread is slow or dead cannot block another's
+step), then writes the marker. Each thread takes the newest checkpoint handed to it; rank 0 gives up
+marking a checkpoint when a rank reports an error or a newer checkpoint is already waiting (an
+upload slower than the checkpoint interval: said in the log). After the marker, the checkpoints
+before the newest `run.keep_last` complete ones are deleted (marker first, then the objects), and so
+are objects of earlier checkpoints that never got a marker. A failed upload is one warning; the
+local checkpoint is untouched and the next checkpoint is uploaded as usual. At the end of a run and
+after a stop signal each rank waits for its thread, at most `run.mirror_wait_s` (said in the log if
+it gives up).
 
 Resume (`restore_from_mirror`, before the run folder is read): every rank says which checkpoint it
 can read locally (the newest torch.save file, or DCP folder with its `.metadata`); rank 0 reads the
@@ -123,7 +126,6 @@ class Upload:
     step: int
     path: Path  # the local file (ddp) or folder (fsdp)
     sharded: bool  # a DCP folder: every rank uploads its own files, rank 0 marks it
-    future: object = None  # an async DCP save still being written (its files exist once it resolves)
     config: dict | None = None  # the run's (Config.to_dict()), kept in the marker: a resume checks it first
 
     @property
@@ -245,8 +247,6 @@ class Mirror:
     def upload(self, up: Upload) -> None:
         """Uploads this rank's files of `up`, then marks it complete (its writer, or rank 0 once
         every rank's part is in; see the module docstring). Raises what the upload raised."""
-        if up.future is not None:
-            up.future.result()  # an async DCP save: its files are all written once it resolves
         start = time.monotonic()
         files = self.own_files(up)
         sizes = {rel: path.stat().st_size for rel, path in files.items()}
@@ -271,17 +271,14 @@ class Mirror:
 
     def own_files(self, up: Upload) -> dict[str, Path]:
         """{key relative to the prefix: local path} of what this rank uploads of `up`: the file, or
-        its own shards of a DCP folder (`__R_*.distcp`, rank 0 also `.metadata`). Without a shared
-        file system rank 0 alone publishes the folder on its node, so another node's shards may
-        still lie in the `.checkpoint-N.tmp` folder DCP wrote them into."""
+        its own shards of a DCP folder (`__R_*.distcp`, rank 0 also `.metadata`), published on
+        its node (by each node's local rank 0 where there is no shared file system)."""
         if not up.sharded:
             return {up.path.name: up.path}
         wanted = [f"__{self.rank}_*.distcp"] + ([".metadata"] if self.rank == 0 else [])
-        tmp = up.path.with_name(f".{up.path.name}.tmp")
-        for folder in (up.path, tmp, up.path):  # twice: rank 0 may rename tmp -> final meanwhile
-            found = {f"{up.path.name}/{p.name}": p for pattern in wanted for p in folder.glob(pattern)}
-            if found:
-                return found
+        found = {f"{up.path.name}/{p.name}": p for pattern in wanted for p in up.path.glob(pattern)}
+        if found:
+            return found
         raise FileNotFoundError(f"no files of rank {self.rank} in {up.path} (was it pruned before its upload?)")
 
     def _gather_parts(self, up: Upload) -> dict[str, int] | None:
@@ -361,19 +358,32 @@ class MirroredCheckpointer:
     """A `Checkpointer` whose checkpoints are also copied to a `Mirror` in the background (this
     rank's part of each: the file of the rank that wrote it, or this rank's shards of a DCP
     folder). `wait()` also waits for the uploads, at most `wait_s` seconds (the end of a run, a
-    stop signal)."""
+    stop signal).
+
+    With run.async_save, DCP writes a checkpoint in the background and publishes it once the next
+    save (or `wait()`) has found it written on every rank: it is handed to the mirror then, one
+    checkpoint later (at the end of a run or a stop: before the wait)."""
 
     def __init__(self, inner: Checkpointer, mirror: Mirror, wait_s: float):
         self.inner, self.mirror, self.wait_s = inner, mirror, wait_s
         self.out_dir = inner.out_dir
+        self.deferred: Upload | None = None  # an async save, published by the next save or wait()
 
     def save(self, step: int, model, optimizer, train_state: dict, any_rank: bool = False) -> Path | None:
         path = self.inner.save(step, model, optimizer, train_state, any_rank=any_rank)
         if path is not None:
-            sharded = Path(path).suffix != ".pt"
-            future = getattr(self.inner, "pending", None) if sharded else None
-            self.mirror.submit(Upload(step, Path(path), sharded, future, train_state.get("config")))
+            up = Upload(step, Path(path), Path(path).suffix != ".pt", train_state.get("config"))
+            if getattr(self.inner, "async_save", False):
+                self._send_deferred()  # the inner save waited for it and published it
+                self.deferred = up
+            else:
+                self.mirror.submit(up)
         return path
+
+    def _send_deferred(self) -> None:
+        if self.deferred is not None:
+            self.mirror.submit(self.deferred)
+            self.deferred = None
 
     def load(self, contents: CheckpointContents, model, optimizer) -> dict:
         return self.inner.load(contents, model, optimizer)
@@ -386,6 +396,7 @@ class MirroredCheckpointer:
 
     def wait(self) -> None:
         self.inner.wait()
+        self._send_deferred()
         self.mirror.wait(self.wait_s)
 
 
