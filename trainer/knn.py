@@ -10,7 +10,8 @@ over the encoder's output grid (Swin: the last stage after its norm; ViT: the pa
 final norm). Every rank embeds its share (indices rank::world_size, so no image twice), the training
 features are gathered on every rank, and the hits are summed: the figure does not depend on the
 number of ranks. Needs labelled data: class folders or `path label` lists for data.path and
-data.val_path, read by the torch backend's ImageFolder whatever data.backend is.
+data.val_path, read by the torch backend's ImageFolder whatever data.backend is (with ffcv's .beton
+files the pre-training task builds no monitor and says so: `PretrainTask.knn_monitor`).
 """
 from __future__ import annotations
 
