@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim.core.errors import ConfigError
+from simmim.core.errors import ConfigError, DatasetError
 from simmim.core.seeding import derive_seed
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader, scan_folder
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, training_view
@@ -354,3 +354,22 @@ def test_pretrain_one_epoch_on_grey_and_five_channel_folders(tmp_path, kind):
     weights = ckpt["model"] if "model" in ckpt else ckpt
     embed = next(v for k, v in weights.items() if k.endswith("patch_embed.proj.weight"))
     assert embed.shape[1] == channels
+
+
+def test_backend_limits_are_one_line(tmp_path):
+    """DALI in a grey run refuses .npy arrays (a grey torch run reads them); fine-tuning's RandAugment
+    is refused at load where no backend can apply it."""
+    pytest.importorskip("nvidia.dali")
+    root = grey_folder(tmp_path / "grey", n=3)
+    np.save(root / "x.npy", np.zeros((40, 48), np.uint8))
+    assert len(scan_folder(root, channels=1)[0]) == 4
+    with pytest.raises(DatasetError, match=r"data.backend=dali decodes image files, not arrays such as .*x.npy"):
+        build_loader(LoaderSpec("dali", str(root), Augmentation(size=16, mean=(0.5,), std=(0.2,)), 2, 1, channels=1),
+                     None, "cpu")
+    from simmim.trainer.finetune_options import FinetuneConfig
+
+    for overrides in (["data.channels=5"], ["data.channels=1", "data.backend=ffcv"]):
+        with pytest.raises(ConfigError, match="finetune.rand_augment works on RGB images"):
+            load_config(None, overrides, FinetuneConfig)
+    assert load_config(None, ["data.channels=1"], FinetuneConfig).finetune.rand_augment
+    assert load_config(None, ["data.channels=5", "finetune.rand_augment="], FinetuneConfig).data.channels == 5
