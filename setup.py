@@ -5,7 +5,7 @@ Each top-level folder is one subpackage of the `simmim` namespace package (see D
 """
 from setuptools import setup
 
-SUBPACKAGES = ["pipeline", "kernels", "trainer", "benchmarks"]
+SUBPACKAGES = ["core", "kernels", "pipeline", "trainer", "benchmarks", "cli"]
 
 setup(
     name="simmim",
@@ -27,6 +27,7 @@ setup(
         "tensorboard",  # event files in every run folder (torch.utils.tensorboard writes them)
         "safetensors",  # simmim export
         "scikit-image",  # ships the photographs the sample dataset is built from
+        "tifffile",  # multi-channel .tif for data.channels=N (also a dependency of scikit-image)
         "omegaconf>=2.4",  # structured configs (YAML + a.b=c into the dataclasses); 2.4: tuple fields
         "scipy",  # the released relative-position-table resize (FITPACK cubic spline)
     ],
@@ -42,6 +43,6 @@ setup(
         "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "mosaicml-streaming",
                  "boto3", "pytest", "psutil", "scikit-learn", "moto[server]"],
     },
-    # the full command, `bench` included, lives at the top of the dependency graph (benchmarks/cli.py)
-    entry_points={"console_scripts": ["simmim = simmim.benchmarks.cli:main"]},
+    # the full command, `bench` included, lives at the top of the dependency graph (cli/main.py)
+    entry_points={"console_scripts": ["simmim = simmim.cli.main:main"]},
 )

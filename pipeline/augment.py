@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .seeding import derive_seed, derive_seeds
+from simmim.core.seeding import derive_seed, derive_seeds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,8 +34,8 @@ class Augmentation:
     scale: tuple[float, float] = (0.67, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one per channel (data.channels), of values in [0, 1]
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 def sample_crop(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -104,20 +104,24 @@ def eval_geometry(width: int, height: int, size: int, crop_ratio: float) -> tupl
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
               dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 3, H, W) uint8 on the device -> normalised `dtype`; one fused multiply-add. `out`: a
+    """(B, C, H, W) uint8 on the device -> normalised `dtype` ((v / 255 - mean[c]) / std[c], C = len(mean));
+    one fused multiply-add. `out`: a
     float32 tensor of the images' shape to write into (the uint8 values are converted inside the
-    multiply-add: the same floats, one pass and no temporary); returned."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, 3, 1, 1)
+    multiply-add: the same floats, one pass and no temporary); returned. ValueError when C is not
+    len(mean) (broadcasting would silently give len(mean) channels)."""
+    if images.shape[1] != len(mean):
+        raise ValueError(f"normalize: {images.shape[1]}-channel images, {len(mean)} mean values")
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, -1, 1, 1)
     if out is not None:
         return torch.addcmul(shift, images, scale, out=out)
     return torch.addcmul(shift, images.float(), scale).to(dtype)
 
 
 def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Normalised (B, 3, H, W) -> float in [0, 1], for figures."""
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    """Normalised (B, C, H, W) -> float in [0, 1], for figures (C = len(mean))."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() * s + m).clamp(0, 1)
 
 

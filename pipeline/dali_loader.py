@@ -57,6 +57,12 @@ changed files decoded again, data.max_pixels applied), and without one the loade
 scan itself and keeps its result there (rank 0 scans when torch.distributed is initialised; the
 others wait for the list). A file that fails anyway (changed during the run) raises
 `DatasetError` naming it and the command that fixes the list.
+
+Grey runs (data.channels=1): the decoder's `output_type=types.GRAY`, one channel through the same
+graph (the base normalises with one mean / std). A grey file decodes to its stored values, as in
+the torch backend; a colour file is converted by DALI's decoder (a JPEG's own luma plane, not PIL's
+luma of the decoded RGB: within a level or two of the torch backend's). `.npy` arrays, which a grey
+torch run also reads, are refused in one line.
 """
 from __future__ import annotations
 
@@ -74,18 +80,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import derive_seed
+
 from .augment import Augmentation, eval_geometry, sample_views
 from .dali_augment import dali_rand_augment
 from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
+from .channels import is_array_file
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
-from .errors import DatasetError
 from .folder import SampleList
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import DEVICES, LoaderSpec
 from .rand_augment import parse_rand_augment
 from .scanlist import checked_samples
-from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 
 log = logging.getLogger(__name__)
@@ -105,8 +113,9 @@ def resize_square(images, size: int, device: str):
 
 
 def resize_views(crops, geometry: np.ndarray, size: int, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The views of decoded crops, resized on the CPU by torch: each crop (uint8 (h, w, 3), a numpy
+                 std: tuple[float, ...] | None = None, dtype: torch.dtype = torch.float32,
+                 channels: int = 3) -> torch.Tensor:
+    """The views of decoded crops, resized on the CPU by torch: each crop (uint8 (h, w, C), C = `channels`, a numpy
     array or anything `np.asarray` reads without a copy, such as a DALI TensorCPU) resized to
     (out_h, out_w) by bilinear interpolation with antialiasing (torch's uint8 kernel on a
     channels-last view, the one torchvision's `resize` uses: Pillow's filter, within 1 uint8
@@ -114,17 +123,17 @@ def resize_views(crops, geometry: np.ndarray, size: int, mean: tuple[float, ...]
 
     geometry: int (B, 5) rows of (out_h, out_w, top, left, flip); the training view is
     (size, size, 0, 0, flip), the evaluation view (resized_h, resized_w, top, left, 0)
-    (`augment.eval_geometry`). Returns uint8 (B, 3, size, size), contiguous; with `mean` and
+    (`augment.eval_geometry`). Returns uint8 (B, C, size, size), contiguous; with `mean` and
     `std`, `augment.normalize`'s result instead, in `dtype`, each view normalised while it is in
     the cache (one pass over the batch fewer)."""
-    out = torch.empty((len(geometry), 3, size, size), dtype=torch.uint8 if mean is None else dtype)
+    out = torch.empty((len(geometry), channels, size, size), dtype=torch.uint8 if mean is None else dtype)
     if mean is not None:  # augment.normalize's (x / 255 - mean) / std as one multiply-add
-        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # DALI's output buffers are read-only: only read here
         for i, (h, w, top, left, flip) in enumerate(np.asarray(geometry).tolist()):
-            crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)[None]  # (1, 3, h0, w0) channels-last
+            crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)[None]  # (1, C, h0, w0) channels-last
             view = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", antialias=True,
                                                    align_corners=False)[0, :, top:top + size, left:left + size]
             view = view.flip(-1) if flip else view
@@ -268,15 +277,15 @@ class CropBatches:
     (read from DALI's buffers before they are released), uint8 (B, 3, S, S), or normalised when
     `normalize` gives (mean, std, dtype) (training on the CPU: on one thread with the resize)."""
 
-    def __init__(self, pipe, size: int, normalize: tuple = ()):
-        self.pipe, self.size, self.normalize = pipe, size, normalize
+    def __init__(self, pipe, size: int, normalize: tuple = (), channels: int = 3):
+        self.pipe, self.size, self.normalize, self.channels = pipe, size, normalize, channels
         pipe.schedule_run()
 
     def __next__(self):
         crops, labels, geometry = self.pipe.share_outputs()
         try:
             with one_torch_thread():
-                images = resize_views(crops, geometry.as_array(), self.size, *self.normalize)
+                images = resize_views(crops, geometry.as_array(), self.size, *self.normalize, channels=self.channels)
             labels = torch.from_numpy(labels.as_array())
         finally:
             self.pipe.release_outputs()
@@ -311,8 +320,13 @@ class DALILoader(Loader):
         self.max_pixels = checked_max_pixels(spec.max_pixels)
         # a folder: its checked list (scanned first when there is none); a list: stat-checked
         self.samples, self.classes = checked_samples(self.path, self.max_pixels, max(1, spec.num_workers), rank,
-                                                     world_size, required=True, who="dali")
+                                                     world_size, required=True, who="dali", channels=spec.channels)
         self.num_samples = len(self.samples)
+        if spec.channels != 3:
+            arrays = [p for p, _ in self.samples if is_array_file(p, spec.channels)][:1]
+            if arrays:
+                raise DatasetError(f"data.backend=dali decodes image files, not arrays such as {arrays[0]}: "
+                                   f"use data.backend=torch for .npy data")
         self.threads = max(1, o.threads or spec.num_workers)
         self.hw_decoder_load, self.prefetch, self.preallocate = o.hw_decoder_load, max(1, o.prefetch), o.preallocate
         self.decode = "cpu" if o.device == "cpu" or self.device.type != "cuda" else "mixed"
@@ -352,10 +366,12 @@ class DALILoader(Loader):
                                  tuple(round(255 * m) for m in self.aug.mean))
 
     def decoder_options(self) -> dict:
-        """Arguments of the JPEG decoder: the device, RGB, our decode rules and the GPU knobs."""
+        """Arguments of the JPEG decoder: the device, RGB (GRAY for data.channels=1), our decode
+        rules and the GPU knobs."""
         from nvidia.dali import types
 
-        opts = {"device": self.decode, "output_type": types.RGB, **DALI_DECODE_ARGS}
+        output = types.GRAY if self.spec.channels == 1 else types.RGB
+        opts = {"device": self.decode, "output_type": output, **DALI_DECODE_ARGS}
         if self.decode == "mixed":
             opts["hw_decoder_load"] = self.hw_decoder_load
             if self.preallocate:
@@ -424,7 +440,7 @@ class DALILoader(Loader):
             if self.resize_in_torch:
                 # on a GPU the base normalises the uint8 batch there (a quarter of the bytes to copy)
                 norm = (self.aug.mean, self.aug.std, self.dtype) if self.device.type == "cpu" else ()
-                self.iterator = CropBatches(self.pipe, self.aug.size, norm)
+                self.iterator = CropBatches(self.pipe, self.aug.size, norm, self.spec.channels)
             else:
                 self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
 

@@ -19,6 +19,10 @@ pixels and refuses the same files:
   range and are refused.
 - Colour: grey, palette (with or without transparency), CMYK (Adobe-inverted or not) and YCbCr
   become RGB; an alpha channel is dropped (the colour channels as stored, as DALI does).
+- Grey (`decode_grey`, data.channels=1): the same rules, then one channel. A grey image keeps its
+  values; any other becomes RGB as above, then grey by PIL's `convert("L")`, ITU-R 601-2 luma
+  L = R * 299/1000 + G * 587/1000 + B * 114/1000 (in PIL's fixed point, rounded). L -> RGB -> L is
+  the identity, so a grey file gives the same values either way.
 - Frames: the first frame of an animated or multi-page file.
 - Size: an image of more than `max_pixels` pixels (width x height, from its header) is refused
   before anything is decoded. The default is PIL's own decompression-bomb limit; nothing here
@@ -41,7 +45,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, DatasetError
+from simmim.core.errors import ConfigError, DatasetError
 
 # PIL's default decompression-bomb threshold (89,478,485 pixels): the torch loader's limit before
 # this module existed. PIL's open() raises above twice its threshold regardless of ours.
@@ -88,15 +92,21 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, draft: int
     return _decode(path, max_pixels, draft)[0]
 
 
+def decode_grey(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The grey image at `path` by the module's rules (data.channels=1): a PIL image of mode L,
+    (H, W) uint8. Raises DecodeError (one line) where `decode_rgb` would."""
+    return _decode(path, max_pixels, None, grey=True)[0]
+
+
 def decode_rgb_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """`decode_rgb` of an image file held in memory (the encoded bytes a shard stores, `shards.py`):
     the same rules and the same pixels as reading the file. Raises DecodeError (one line)."""
     return _decode(io.BytesIO(data), max_pixels, None)[0]
 
 
-def _decode(path, max_pixels: int, draft: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    """decode_rgb, and the (width, height) of the header (before any draft scaling). `path`: a
-    file's path, or a BytesIO of its bytes."""
+def _decode(path, max_pixels: int, draft: int | None, grey: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """decode_rgb (decode_grey with `grey`), and the (width, height) of the header (before any draft
+    scaling). `path`: a file's path, or a BytesIO of its bytes."""
     in_memory = isinstance(path, io.BytesIO)
     try:
         if not in_memory and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
@@ -106,7 +116,8 @@ def _decode(path, max_pixels: int, draft: int | None) -> tuple[Image.Image, tupl
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 size = img.size
-                return _to_rgb(img, max_pixels, draft), size
+                rgb = _to_rgb(img, max_pixels, draft, grey)
+                return (rgb.convert("L") if grey and rgb.mode != "L" else rgb), size
     except (DecodeError, MemoryError, RecursionError):  # ours, or the process's state: not the file's
         raise
     except Image.DecompressionBombError as e:  # PIL's own ceiling, from the header too
@@ -120,7 +131,9 @@ def _decode(path, max_pixels: int, draft: int | None) -> tuple[Image.Image, tupl
         raise DecodeError(f"{type(e).__name__}: {e}".splitlines()[0][:200]) from None
 
 
-def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None) -> Image.Image:
+def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None, grey: bool = False) -> Image.Image:
+    """RGB by the module's rules; with `grey`, a grey image (mode L, or 16-bit / float grey scaled)
+    is returned as mode L instead (the caller converts the others)."""
     w, h = img.size
     if img.format not in FORMATS:
         raise DecodeError(f"{img.format} is not a format every loader decodes ({', '.join(sorted(FORMATS))})")
@@ -136,17 +149,17 @@ def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None) -> Image.Image
         img.draft("RGB", (draft, draft))
     img.load()  # first frame only: PIL opens animated and multi-page files at frame 0
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" or (grey and mode == "L"):
         return img.copy()
     if mode.startswith("I;16") or (mode == "I" and img.format in ("PNG", "PPM")):
         # 16-bit grey (PIL reads 16-bit PNM as mode I): scale, do not clip
         v = np.asarray(img).astype(np.float64)
-        return _grey(np.clip(np.rint(v / 257), 0, 255))
+        return _grey(np.clip(np.rint(v / 257), 0, 255), grey)
     if mode == "I":
         raise DecodeError("32-bit integer pixels have no agreed range; store 8 or 16 bits per sample")
     if mode == "F":
         v = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
-        return _grey(np.rint(np.clip(v, 0.0, 1.0) * 255))
+        return _grey(np.rint(np.clip(v, 0.0, 1.0) * 255), grey)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns on P -> RGB with transparency; same colours via RGBA
     return img.convert("RGB")
@@ -160,8 +173,9 @@ def file_kind(path) -> str:
                                          (stat.S_ISDIR, "a folder")) if test(mode)), "not a regular file")
 
 
-def _grey(v: np.ndarray) -> Image.Image:
-    return Image.fromarray(v.astype(np.uint8), "L").convert("RGB")
+def _grey(v: np.ndarray, keep_grey: bool = False) -> Image.Image:
+    img = Image.fromarray(v.astype(np.uint8), "L")
+    return img if keep_grey else img.convert("RGB")
 
 
 def check_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple[int, int]]:

@@ -8,6 +8,10 @@ normaliser needs cupy), on the CPU in FFCV's pipeline threads. Fine-tuning's Ran
 (`spec.rand_augment`, training view) runs on the uint8 batch on the training device before the
 normalisation (`device_transform`: `rand_augment.BatchRandAugment`, keyed by (seed, epoch, batch, rank)).
 Masks, batch assembly and the figure preview are the base's (`loader.Loader`).
+Grey runs (data.channels=1): the .beton stores RGB (`simmim convert`), the view is decoded and
+resized as RGB, then turned into one channel on the device by PIL's luma rule (`channels.luma`):
+a grey source has R = G = B, so its view is the torch backend's exactly (raw .beton); a colour
+source is resized before, not after, the conversion (within a level of the torch backend).
 
 Sample order is ours, not FFCV's (`ShardedOrder`, on `sharding.ShardedSampler`):
 - `random`: the reference loader's permutation of (seed, epoch), rank r taking positions
@@ -43,16 +47,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import derive_seed
+
 from .augment import Augmentation, eval_geometry, sample_views
+from .channels import luma
 from .convert import open_beton
-from .errors import DatasetError
 from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
 from .folder import center_crop, read_classes, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import ORDERS, LoaderSpec
 from .rand_augment import BatchRandAugment
-from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 from .views_ahead import ViewsAhead
 
@@ -262,7 +268,7 @@ class FFCVLoader(Loader):
         # buffer, reused batches_ahead + 2 batches later: the trainer consumes it at once. A device
         # transform needs the uint8 images: then the base normalises.
         self.normalize_in_pipeline = (self.device.type == "cpu" and self.dtype in (torch.float32, torch.float16)
-                                      and self.batch_transform is None)
+                                      and self.batch_transform is None and spec.channels == 3)
         if self.normalize_in_pipeline:
             image.append(NormalizeImage(255 * np.array(aug.mean), 255 * np.array(aug.std),
                                         np.float32 if self.dtype == torch.float32 else np.float16))
@@ -308,7 +314,7 @@ class FFCVLoader(Loader):
                 out = next_batch(epoch)
                 if out is None:
                     break
-                yield out[0], out[1] if self.labels else None
+                yield luma(out[0]) if self.spec.channels == 1 else out[0], out[1] if self.labels else None
         finally:
             close_epoch(epoch)
 
@@ -319,6 +325,14 @@ class FFCVLoader(Loader):
             self.finalizer()
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
-        """The evaluation view of the stored images (`simmim convert` checked they decode)."""
-        return [to_tensor(center_crop(Image.fromarray(read_image(self.path, self.reader, i)), self.aug.size,
-                                      self.spec.crop_ratio)) for i in indices]
+        """The evaluation view of the stored images (`simmim convert` checked they decode); grey
+        (data.channels=1): of their luma, as the torch backend's view of a grey file, (1, S, S)."""
+        views = []
+        for i in indices:
+            img = Image.fromarray(read_image(self.path, self.reader, i))
+            if self.spec.channels == 1:
+                views.append(to_tensor(center_crop(img.convert("L").convert("RGB"), self.aug.size,
+                                                   self.spec.crop_ratio))[:1])
+            else:
+                views.append(to_tensor(center_crop(img, self.aug.size, self.spec.crop_ratio)))
+        return views

@@ -36,14 +36,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import Augmentation, eval_geometry, training_view
+from simmim.core.errors import DatasetError
+
+from .augment import Augmentation, eval_geometry, normalize, training_view
+from .channels import array_view, extensions, read_pixels
 from .decode import MAX_PIXELS, DecodeError, decode_rgb, file_kind
-from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
-                    ".jp2", ".j2k"}  # the formats of `decode.FORMATS`
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+                              ".pnm", ".jp2", ".j2k"})  # the formats of `decode.FORMATS`
 
 
 class SampleList:
@@ -165,11 +167,13 @@ class SampleList:
         return f"SampleList({len(self)} samples under '{self.root}', {self.nbytes / 2**20:.1f} MiB)"
 
 
-def scan_folder(root: str | os.PathLike, announce=log.info) -> tuple[SampleList, list[str]]:
+def scan_folder(root: str | os.PathLike, announce=log.info, channels: int = 3) -> tuple[SampleList, list[str]]:
     """Returns (samples, class_names) for a class-folder tree, an unlabeled folder or a list (see the
     module docstring); labels index the sorted class folder names (all 0 and no class names for
     unlabeled data); within a folder, paths are in sorted order. `announce(line)` gets one line
-    saying what was found. DatasetError (one line) for a missing, empty or binary path."""
+    saying what was found. `channels` (data.channels) picks the file extensions a folder walk
+    lists (`channels.extensions`: .npy and .tif arrays for 1 or N). DatasetError (one line) for a
+    missing, empty or binary path."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"data path '{root}' does not exist (build the sample set with "
@@ -182,21 +186,23 @@ def scan_folder(root: str | os.PathLike, announce=log.info) -> tuple[SampleList,
         announce(f"{root}: a list of {len(samples)} images, "
                  + (f"{len(classes)} classes" if classes else "unlabeled (bare paths)"))
         return samples, classes
-    classes = folder_classes(root)
-    walk = _Walk(root, classes if classes is not None else [""])
+    suffixes = extensions(channels, IMAGE_EXTENSIONS)
+    classes = folder_classes(root, suffixes)
+    walk = _Walk(root, classes if classes is not None else [""], suffixes)
     for label, name in enumerate(classes if classes is not None else [""]):
         walk.walk_class(label, name)
     samples = walk.result()
     if not len(samples):
         found = f"{len(classes)} class folders but no images" if classes else "no images and no class folders"
-        raise DatasetError(f"data path '{root}' has {found} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DatasetError(f"data path '{root}' has {found} ({', '.join(sorted(suffixes))}"
+                           f"{'' if channels == 3 else f' for data.channels={channels}'})")
     kind = (f"{len(classes)} class folders (fine-tuning's labels; pre-training ignores them)" if classes is not None
             else "unlabeled (images in the top folder itself: one set, for pre-training)")
     announce(f"{root}: {len(samples)} images in {walk.folders} folder{'s' * (walk.folders != 1)}, {kind}")
     return samples, classes if classes is not None else []
 
 
-def folder_classes(root: Path) -> list[str] | None:
+def folder_classes(root: Path, suffixes: frozenset[str] = IMAGE_EXTENSIONS) -> list[str] | None:
     """The sorted class folder names under root (hidden folders left out), or None when root is
     unlabeled: it holds image files itself (hidden ones aside), or no folders at all."""
     classes, images = [], False
@@ -206,7 +212,7 @@ def folder_classes(root: Path) -> list[str] | None:
                 continue
             if e.is_dir():
                 classes.append(e.name)
-            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+            elif os.path.splitext(e.name)[1].lower() in suffixes:
                 images = True
     return None if images or not classes else sorted(classes)
 
@@ -225,9 +231,6 @@ def walk_tree(root: Path, classes: list[str], quota: dict[int, int] | None = Non
     return walk.result()
 
 
-_IMAGE_EXTENSIONS_B = {e.encode() for e in IMAGE_EXTENSIONS}
-
-
 class _Walk:
     """The walk of `scan_folder` (and of `convert --limit`), in file-system bytes, into flat arrays.
 
@@ -244,8 +247,9 @@ class _Walk:
     (st_dev, st_ino) and a link flag are kept, in arrays, until `result` drops second names.
     """
 
-    def __init__(self, root: Path, classes: list[str]):
+    def __init__(self, root: Path, classes: list[str], suffixes: frozenset[str] = IMAGE_EXTENSIONS):
         self.root = root
+        self.suffixes = {e.encode() for e in suffixes}
         self.prefix = os.fsencode(os.path.join(root, ""))
         self.root_real = os.fsencode(os.path.realpath(root))
         self.classes = {}  # (st_dev, st_ino) -> class name
@@ -286,7 +290,7 @@ class _Walk:
                         if is_dir:
                             subdirs.append((e.name, is_link))
                             continue
-                        if os.path.splitext(e.name)[1].lower() not in _IMAGE_EXTENSIONS_B:
+                        if os.path.splitext(e.name)[1].lower() not in self.suffixes:
                             continue
                         try:
                             st = e.stat() if is_link else None
@@ -467,6 +471,11 @@ def sidecar(path: str | os.PathLike, suffix: str) -> Path:
     return path.with_name(path.stem + "." + suffix)
 
 
+def clean_list_path(src: str | os.PathLike) -> Path:
+    """Where `simmim scan SRC` writes its clean list by default: `SRC.clean.txt` beside SRC."""
+    return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
+
+
 def read_classes(path: str | os.PathLike) -> list[str] | None:
     """The class names stored beside a list or .beton (`<stem>.classes.json`), if any."""
     names = sidecar(path, "classes.json")
@@ -474,9 +483,12 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`.
+    """Indexed by (index, seed): returns (uint8 (3, S, S) tensor, label) augmented per `aug`; for
+    `channels` 1 or N (data.channels), (float32 (C, S, S) normalised by aug.mean / aug.std, label)
+    (`channel_view`).
 
-    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit). `listed`: the
+    Images decode by `decode.decode_rgb`'s rules (`max_pixels`: the pixel limit); other channel
+    counts by `channels.read_pixels`'. `listed`: the
     (samples, classes) to serve instead of walking `root` (a checked scan list). A file that
     breaks the rules is replaced by the next readable sample (the epoch keeps its length), so one
     bad JPEG never stops an epoch, and is logged once per process that built the dataset (a rank):
@@ -487,10 +499,10 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
                  crop_ratio: float = 0.875, transform=None, max_pixels: int = MAX_PIXELS,
-                 listed: tuple[SampleList, list[str]] | None = None):
+                 listed: tuple[SampleList, list[str]] | None = None, channels: int = 3):
         # a SampleList: flat arrays, shared by forked workers
-        self.samples, self.classes = listed if listed is not None else scan_folder(root)
-        self.max_pixels = max_pixels
+        self.samples, self.classes = listed if listed is not None else scan_folder(root, channels=channels)
+        self.max_pixels, self.channels = max_pixels, channels
         self.aug, self.train, self.crop_ratio = aug, train, crop_ratio
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
         self._bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # (N,) True: unreadable
@@ -507,11 +519,14 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                img = decode_rgb(path, self.max_pixels)
+                img = decode_rgb(path, self.max_pixels) if self.channels == 3 else \
+                    read_pixels(path, self.channels, self.max_pixels)
             except DecodeError as e:
                 if self._mark_bad(i):
                     log.warning("skipping unreadable image %s (%s)", path, e)
                 continue
+            if self.channels != 3:
+                return channel_view(img, self.aug, self.train, self.crop_ratio, random.Random(seed), self.transform), label
             if not self.train:
                 return self.center_crop(img), label
             return self.augment(img, random.Random(seed)), label
@@ -530,6 +545,27 @@ class ImageFolder(torch.utils.data.Dataset):
     def center_crop(self, img: Image.Image) -> torch.Tensor:
         """The evaluation view: shorter side resized to size / crop_ratio, centre size x size."""
         return to_tensor(center_crop(img, self.aug.size, self.crop_ratio))
+
+
+
+def channel_view(img, aug: Augmentation, train: bool, crop_ratio: float, rng: random.Random,
+                 transform=None) -> torch.Tensor:
+    """The view of a data.channels != 3 sample (`channels.read_pixels`' result) as normalised
+    float32 (C, S, S): a grey image by the RGB path's PIL operations on mode L (same box and flip
+    from `rng`, Pillow's resize, `transform`) and `augment.normalize`; an array by
+    `channels.array_view`. train=False: the evaluation view (`center_crop`)."""
+    if isinstance(img, tuple):
+        return array_view(*img, aug, train, crop_ratio, rng, aug.mean, aug.std)
+    if train:
+        left, top, w, h, flip = training_view(img.width, img.height, aug, rng)
+        img = resized_crop(img, left, top, w, h, aug.size)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if transform is not None:
+            img = transform(img, rng)
+    else:
+        img = center_crop(img, aug.size, crop_ratio)
+    return normalize(torch.from_numpy(np.asarray(img).copy())[None, None], aug.mean, aug.std)[0]  # (1, S, S)
 
 
 def train_view(img: Image.Image, aug: Augmentation, rng: random.Random, transform=None) -> torch.Tensor:

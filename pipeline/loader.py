@@ -31,13 +31,15 @@ from typing import Callable, Iterator
 
 import torch
 
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import torch_generator
+
 from .augment import normalize
 from .decode import DecodeError, decode_rgb
-from .errors import DatasetError
-from .folder import center_crop, to_tensor
+from .channels import read_pixels
+from .folder import center_crop, channel_view, to_tensor
 from .masking import MaskGenerator
 from .options import LoaderSpec
-from .seeding import torch_generator
 from .sharding import num_batches, shard_size
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ class Loader(abc.ABC):
         """uint8 (3, S, S) evaluation views (torchvision's Resize(int(S / crop_ratio)) + CenterCrop(S)) of the
         samples at `indices`, an unreadable one skipped with a warning naming it and the next
         readable sample taken instead. This default reads `self.samples` (a `SampleList` of image
-        files) by `decode.decode_rgb`'s rules, with `self.max_pixels`."""
+        files) by `decode.decode_rgb`'s rules, with `self.max_pixels`; for data.channels != 3 by
+        `channels.read_pixels`', as normalised float32 (C, S, S) views (`folder.channel_view`)."""
+        channels = self.spec.channels
         out, tried = [], set()
         for i in indices:
             for j in (*range(i, self.num_samples), *range(i)):
@@ -100,11 +104,13 @@ class Loader(abc.ABC):
                 tried.add(j)
                 path = self.samples.path(j)
                 try:
-                    img = decode_rgb(path, self.max_pixels)
+                    img = decode_rgb(path, self.max_pixels) if channels == 3 else \
+                        read_pixels(path, channels, self.max_pixels)
                 except DecodeError as e:
                     log.warning("figure preview: skipping unreadable image %s (%s)", path, e)
                     continue
-                out.append(to_tensor(center_crop(img, self.aug.size, self.spec.crop_ratio)))
+                out.append(to_tensor(center_crop(img, self.aug.size, self.spec.crop_ratio)) if channels == 3 else
+                           channel_view(img, self.aug, False, self.spec.crop_ratio, None))
                 break
         return out
 
@@ -135,7 +141,13 @@ class Loader(abc.ABC):
         return num_batches(self.shard_samples(), self.batch_size, self.drop_last)
 
     def require_one_batch(self) -> None:
-        """DatasetError (one line) unless every rank has at least one batch per epoch."""
+        """DatasetError (one line) unless every rank has at least one batch per epoch, or first, when
+        labels are asked for (`spec.labels`), if the data is unlabeled (`classes == []`): then no
+        batch size would help."""
+        if self.labels and self.classes == []:
+            raise DatasetError(f"'{self.path}' is unlabeled (images directly in its top folder, or a list of bare "
+                               f"paths): linear probing, fine-tuning and evaluation need labels: class folders "
+                               f"<root>/<class>/<image> or a `path label` list")
         if self.num_samples < self.world_size and self.drop_last:
             raise DatasetError(f"dataset of {self.num_samples} images is smaller than the {self.world_size} ranks "
                                f"sharing it")
@@ -186,7 +198,8 @@ class Loader(abc.ABC):
         images = self.preview_images(wanted)
         if not images:
             raise DatasetError(f"no image of '{self.path}' could be read for the figure preview")
-        batch = (normalize(torch.stack(images).to(self.device), self.aug.mean, self.aug.std),)
+        images = torch.stack(images).to(self.device)
+        batch = (normalize(images, self.aug.mean, self.aug.std) if images.dtype == torch.uint8 else images,)
         if self.mask_generator is not None:
             g = torch_generator("figure", self.seed, device=self.device)
             batch += (self.mask_generator.sample(len(images), generator=g, device=self.device),)

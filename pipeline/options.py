@@ -8,17 +8,21 @@ fine-tuning, evaluation) turns it into a `LoaderSpec` with what it alone knows (
 view, labels, the per-image transform) via `LoaderSpec.from_config`.
 
 Each options class states its ranges in `rules()` (field -> (test, what the value must be)), beside
-the fields; `trainer/validate.py` walks a whole config and checks every section by its own rules.
-The small vocabulary of ranges below serves the trainer's sections too.
+the fields, in the vocabulary of core/rules.py; `trainer/validate.py` walks a whole config and checks
+every section by its own rules.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from simmim.core.errors import ConfigError
+from simmim.core.rules import NON_NEGATIVE, OPEN_UNIT, POSITIVE, UNIT, Rule, one_of
 
 from .augment import Augmentation
 from .decode import MAX_PIXELS
@@ -29,21 +33,8 @@ ORDERS = ("random", "quasi_random", "sequential")  # data.ffcv.order
 DEVICES = ("auto", "mixed", "cpu")  # data.dali.device
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")  # data.stream.shuffle_algo (MosaicML streaming's)
 
-__all__ = ["BACKENDS", "DEVICES", "ORDERS", "SHUFFLE_ALGOS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec",
-           "Rule", "StreamOptions", "byte_size", "one_of"]
-
-Rule = tuple[Callable[[Any], bool], str]  # (test, what the value must be: "> 0", "one of a, b")
-POSITIVE: Rule = (lambda v: v > 0, "> 0")
-NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
-OPEN_UNIT: Rule = (lambda v: 0 < v < 1, "in (0, 1)")
-UNIT: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
-HALF_OPEN_UNIT: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
-UP_TO_ONE: Rule = (lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-def one_of(*choices) -> Rule:
-    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
-
+__all__ = ["BACKENDS", "CHANNELS_SUPPORTED", "DEVICES", "ORDERS", "SHUFFLE_ALGOS", "DALIOptions", "DataConfig",
+           "FFCVOptions", "LoaderSpec", "StreamOptions", "byte_size", "check_channels"]
 
 _BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 
@@ -97,7 +88,7 @@ class StreamOptions:
     The sample order of an epoch is a function of (train.seed, epoch, canonical_nodes,
     shuffle_algo, shuffle_block_size), whatever the number of nodes, ranks and workers
     (pipeline/stream_loader.py); the number of nodes must divide canonical_nodes or be a multiple of it."""
-    cache_dir: str = ""  # where shards from s3:// are cached on each node; empty: <tmp>/simmim-stream-<user>/<hash of the URL>
+    cache_dir: str = ""  # where shards from s3:// are cached on each node; empty: <tmp>/simmim-stream-<uid>/<hash of the URL>
     cache_limit: str = ""  # e.g. 20gb: least recently used shards are evicted beyond it; empty: keep every shard
     canonical_nodes: int = 16  # streaming's num_canonical_nodes: fixes the order for any number of nodes
     shuffle_algo: str = "py1e"  # streaming's shard-aware shuffles; py1e: each shard's samples spread over a block
@@ -123,24 +114,50 @@ class DataConfig:
     val_path: str = ""  # held-out images for the pre-training validation loss (run.val_every); empty: none
     num_workers: int = 8  # loader workers (torch: processes; ffcv, dali: threads)
     max_pixels: int = MAX_PIXELS  # torch, dali (and simmim scan/convert --max-pixels): larger images are refused
+    channels: int = 3  # 3: RGB | 1: grey (one-channel encoder) | N: N-channel .tif/.npy (torch backend); docs/data.md
+    mean: list[float] = field(default_factory=list)  # per channel, of values in [0, 1]; empty: see `stats.normalization`
+    std: list[float] = field(default_factory=list)  # per channel, > 0; empty: as mean
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
     stream: StreamOptions = field(default_factory=StreamOptions)
 
     @staticmethod
     def rules() -> dict[str, Rule]:
-        """max_pixels has its own check (decode.check_max_pixels), shared with scan / convert."""
+        """max_pixels has its own check (decode.check_max_pixels), shared with scan / convert; the
+        relation of channels, mean, std and backend: `check_channels`."""
         return {"backend": one_of(*BACKENDS), "img_size": POSITIVE, "mask_patch_size": POSITIVE,
                 "mask_ratio": OPEN_UNIT, "mask_strategy": one_of(*MASK_STRATEGIES), "batch_size": POSITIVE,
-                "num_workers": NON_NEGATIVE}
+                "num_workers": NON_NEGATIVE, "channels": POSITIVE,
+                "mean": (lambda v: all(math.isfinite(x) for x in v), "finite numbers"),
+                "std": (lambda v: all(0 < x < math.inf for x in v), "> 0 (and finite) for every channel")}
+
+
+# what each backend decodes (data.channels): FFCV and DALI store / decode 8-bit RGB or grey images only
+CHANNELS_SUPPORTED = {"ffcv": (1, 3), "dali": (1, 3), "stream": (3,)}
+
+
+def check_channels(channels: int, mean, std, backend: str) -> None:
+    """ConfigError (one line) unless data.mean / data.std are empty or hold one value per channel,
+    and `backend` reads `channels`-channel images (the torch backend reads any count)."""
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) not in (0, channels):
+            raise ConfigError(f"{key} has {len(values)} values for data.channels={channels}: give one per channel "
+                              f"(or none: `simmim scan --stats` measures them)")
+    if (len(mean) == 0) != (len(std) == 0):
+        raise ConfigError("data.mean and data.std are set together (one value per channel each), or both left empty")
+    supported = CHANNELS_SUPPORTED.get(backend)
+    if supported is not None and channels not in supported:
+        raise ConfigError(f"data.backend={backend} reads {' or '.join(map(str, supported))}-channel images "
+                          f"(8-bit RGB or grey), not data.channels={channels}: use data.backend=torch for "
+                          f"N-channel .tif / .npy data")
 
 
 @dataclass(frozen=True)
 class LoaderSpec:
     """Everything a loader is asked to produce, fixed for its life.
 
-    backend / path / batch_size (per process) / num_workers / max_pixels: as in `DataConfig`;
-    aug: the training view (`Augmentation`: size, crop scale and ratio, flip, mean/std);
+    backend / path / batch_size (per process) / num_workers / max_pixels / channels: as in `DataConfig`;
+    aug: the training view (`Augmentation`: size, crop scale and ratio, flip, mean/std, one per channel);
     train: the training view (random resized crop + flip) or the evaluation view (torchvision's
     Resize(int(size / crop_ratio)) + CenterCrop(size), `augment.eval_geometry`); labels: batches end with the labels (int64, (B,));
     drop_last: every batch full (training) or the remainder kept (evaluation);
@@ -156,6 +173,7 @@ class LoaderSpec:
     batch_size: int
     num_workers: int = 4
     max_pixels: int = MAX_PIXELS
+    channels: int = 3
     train: bool = True
     labels: bool = False
     drop_last: bool = True
@@ -174,6 +192,7 @@ class LoaderSpec:
         rand_augment, transform). TypeError for an unknown field name (an internal bug, not a user error)."""
         return cls(backend=data.backend, path=str(data.path if path is None else path), aug=aug,
                    batch_size=data.batch_size, num_workers=data.num_workers, max_pixels=data.max_pixels,
+                   channels=data.channels,
                    ffcv=FFCVOptions(**_plain(data.ffcv)), dali=DALIOptions(**_plain(data.dali)),
                    stream=StreamOptions(**_plain(getattr(data, "stream", None) or StreamOptions())), **task)
 

@@ -26,6 +26,8 @@ import signal
 
 import torch
 
+from simmim.core.seeding import torch_generator
+
 from .augment import normalize
 from .dali_watchdog import worker_stop_signals
 from .decode import checked_max_pixels
@@ -35,7 +37,6 @@ from .masking import MaskGenerator
 from .options import LoaderSpec
 from .rand_augment import PILRandAugment
 from .scanlist import checked_samples
-from .seeding import torch_generator
 from .sharding import ShardedSampler
 
 
@@ -49,9 +50,9 @@ class ReferenceLoader(Loader):
         self.max_pixels = checked_max_pixels(spec.max_pixels)
         workers = spec.num_workers
         listed = checked_samples(self.path, self.max_pixels, max(1, workers), rank, world_size, required=False,
-                                 who="torch")
+                                 who="torch", channels=spec.channels)
         self.dataset = ImageFolder(self.path, self.aug, self.train, spec.crop_ratio, pil_transform(spec),
-                                   self.max_pixels, listed)
+                                   self.max_pixels, listed, spec.channels)
         self.samples, self.classes, self.num_samples = self.dataset.samples, self.dataset.classes, len(self.dataset)
         if self.train and workers > 0:
             compiled_resize()  # compiled here once: the forked workers inherit it
@@ -73,7 +74,7 @@ class ReferenceLoader(Loader):
 
     def read_batches(self):
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        yield from self.loader  # (uint8 (B, 3, S, S), labels (B,)) from the workers
+        yield from self.loader  # (uint8 (B, 3, S, S) or, data.channels != 3, float32 (B, C, S, S), labels (B,))
 
 
 class WorkerCollate:
@@ -87,7 +88,7 @@ class WorkerCollate:
         self.mean, self.std, self.dtype, self.normalize = aug.mean, aug.std, dtype, normalize
 
     def __call__(self, samples):
-        if not self.normalize:
+        if not self.normalize or samples[0][0].dtype != torch.uint8:  # data.channels != 3: normalised already
             return torch.utils.data.default_collate(samples)
         images = torch.stack([s[0] for s in samples])  # (B, 3, S, S) uint8, private memory
         labels = torch.utils.data.default_collate([s[1] for s in samples])

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import skimage
 from PIL import Image
 
-from .errors import DatasetError
+from simmim.core.errors import DatasetError
+from simmim.core.io import atomic_folder, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +56,37 @@ def random_view(img: Image.Image, rng: random.Random) -> Image.Image:
     return view.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else view
 
 
+def write_views(root: Path, per_photo: int, val_per_photo: int, seed: int, count: int) -> None:
+    """root/{train,val}/<class>/*.JPEG: `per_photo` (`val_per_photo`) random views of each photograph,
+    then the `COMPLETE` marker, written last, naming the `count` images."""
+    rng = random.Random(seed)
+    for cls, photos in CLASSES.items():
+        for photo in photos:
+            img = skimage_photo(photo)
+            stem = Path(photo).stem
+            for split, n in (("train", per_photo), ("val", val_per_photo)):
+                folder = root / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    random_view(img, rng).save(folder / f"{cls}_{stem}_{i:03d}.JPEG", "JPEG",
+                                               quality=rng.randint(80, 95))
+    (root / COMPLETE).write_text(f"{count} images\n")
+
+
 def build_sample_dataset(out: str | os.PathLike, per_photo: int = 16, val_per_photo: int = 4,
                          seed: int = 0, force: bool = False) -> Path:
     """Writes out/train/<class>/*.JPEG and out/val/<class>/*.JPEG; returns `out`.
 
-    Atomic: built in a temporary folder beside `out` and renamed into place, so an interrupted
-    build never leaves a half-filled dataset. An existing complete build is kept unless `force`.
+    Atomic (`io.atomic_folder`): built in a temporary folder beside `out` and renamed into place, so
+    an interrupted build never leaves a half-filled dataset, and the temporary folder of a killed
+    one is removed by the next start. An existing complete build is kept unless `force`.
     """
     out = Path(out)
+    remove_stale_partials(out)  # a build killed before it finished (SIGKILL, SIGTERM)
     if (out / COMPLETE).exists() and not force:
         log.info("sample dataset already at %s", out)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        rng = random.Random(seed)
-        count = 0
-        for cls, photos in CLASSES.items():
-            for photo in photos:
-                img = skimage_photo(photo)
-                stem = Path(photo).stem
-                for split, n in (("train", per_photo), ("val", val_per_photo)):
-                    folder = tmp / split / cls
-                    folder.mkdir(parents=True, exist_ok=True)
-                    for i in range(n):
-                        random_view(img, rng).save(folder / f"{cls}_{stem}_{i:03d}.JPEG", "JPEG",
-                                                   quality=rng.randint(80, 95))
-                        count += 1
-        (tmp / COMPLETE).write_text(f"{count} images\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    count = sum(len(photos) for photos in CLASSES.values()) * (per_photo + val_per_photo)
+    atomic_folder(out, lambda tmp: write_views(tmp, per_photo, val_per_photo, seed, count))
     log.info("built sample dataset: %d JPEGs in %d classes at %s", count, len(CLASSES), out)
     return out

@@ -32,24 +32,39 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .decode import MAX_PIXELS, check_image, check_max_pixels
-from .folder import DatasetError, SampleList, quote_bare_path, quote_path, scan_folder
-from .io import atomic_write, write_json
+from simmim.core.errors import DatasetError
+from simmim.core.io import atomic_write, write_json
+
+from .channels import check_file, pixels_of
+from .decode import MAX_PIXELS, DecodeError, check_image, check_max_pixels
+from .folder import SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder
+from .stats import ChannelMoments
 
 log = logging.getLogger(__name__)
 
 
-def _check_chunk(paths: list[str], max_pixels: int = MAX_PIXELS) -> tuple[list[tuple[int, str]], np.ndarray]:
-    """(position in the chunk, reason) of each path that does not decode, and the (width, height)
-    of every path (0, 0 for a bad one): int32 (len(paths), 2)."""
+def _check_chunk(paths: list[str], max_pixels: int = MAX_PIXELS, channels: int = 3, stats: bool = False
+                 ) -> tuple[list[tuple[int, str]], np.ndarray, ChannelMoments | None]:
+    """(position in the chunk, reason) of each path that does not decode, the (width, height)
+    of every path (0, 0 for a bad one): int32 (len(paths), 2), and with `stats` the per-channel
+    moments of the good images (each decoded whole, not at a JPEG's reduced draft scale)."""
     bad, sizes = [], np.zeros((len(paths), 2), np.int32)
+    moments = ChannelMoments(channels) if stats else None
     for k, p in enumerate(paths):
-        err, size = check_image(p, max_pixels)
+        if stats:
+            try:
+                values, scale = pixels_of(p, channels, max_pixels)
+                err, size = None, (values.shape[1], values.shape[0])
+                moments.add_image(values, scale)
+            except DecodeError as e:
+                err = str(e)
+        else:
+            err, size = check_image(p, max_pixels) if channels == 3 else check_file(p, channels, max_pixels)
         if err is not None:
             bad.append((k, err))
         else:
             sizes[k] = size
-    return bad, sizes
+    return bad, sizes, moments
 
 
 @dataclass
@@ -59,6 +74,7 @@ class ScanResult:
     classes: list[str]
     seconds: float = 0.0
     sizes: np.ndarray | None = None  # int32 (len(good), 2): (width, height) of each good image, from its header
+    moments: ChannelMoments | None = None  # per-channel statistics of the good images (`stats=True`)
 
     def report(self) -> dict:
         return {"images": len(self.good) + len(self.bad), "good": len(self.good), "bad": len(self.bad),
@@ -67,9 +83,11 @@ class ScanResult:
 
 
 def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk: int = 128,
-                on_error: str = "skip", progress: bool = True, max_pixels: int = MAX_PIXELS) -> ScanResult:
-    """Checks every sample by the loaders' decode rules (`max_pixels`: the pixel limit); on_error
-    'fail' raises DatasetError naming the first bad file.
+                on_error: str = "skip", progress: bool = True, max_pixels: int = MAX_PIXELS, channels: int = 3,
+                stats: bool = False) -> ScanResult:
+    """Checks every sample by the loaders' decode rules for `channels` (data.channels; `max_pixels`:
+    the pixel limit); on_error 'fail' raises DatasetError naming the first bad file. `stats`: also
+    the per-channel mean and std of the good images (`stats.ChannelMoments`), in the same pass.
 
     Linear in the number of samples: chunks are cut from the sample arrays as they are submitted,
     at most `4 * workers` chunks are in flight at a time (results come back in order), and only
@@ -87,7 +105,8 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
     t0 = time.perf_counter()
     n = len(samples)
     starts = range(0, n, chunk)
-    check = functools.partial(_check_chunk, max_pixels=max_pixels)
+    check = functools.partial(_check_chunk, max_pixels=max_pixels, channels=channels, stats=stats)
+    moments = ChannelMoments(channels) if stats else None
     bad_index: list[int] = []
     bad: list[tuple[str, str]] = []
     sizes = np.zeros((n, 2), np.int32)
@@ -95,8 +114,8 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
     bar = tqdm(total=n, desc="scan", unit="img", disable=not progress, mininterval=1.0)
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(starts) > 1 else None
     try:
-        for start, (got, got_sizes) in _in_order(pool, starts, lambda a: samples.paths(a, a + chunk), check,
-                                                 4 * workers):
+        for start, (got, got_sizes, got_moments) in _in_order(pool, starts, lambda a: samples.paths(a, a + chunk),
+                                                              check, 4 * workers):
             for k, err in got:
                 path = samples.path(start + k)
                 if on_error == "fail":
@@ -104,6 +123,8 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
                 bad_index.append(start + k)
                 bad.append((path, err))
             sizes[start:start + len(got_sizes)] = got_sizes
+            if moments is not None:
+                moments.add(got_moments)
             done = start + len(got_sizes)
             bar.update(len(got_sizes))
     except BrokenProcessPool:  # a worker killed (out of memory, a signal): one line, not a traceback
@@ -118,7 +139,7 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
     for path, err in bad:
         log.warning("skipping %r (%s)", path, err)
     good = np.flatnonzero(keep)
-    return ScanResult(samples.take(good), bad, classes, time.perf_counter() - t0, sizes[good])
+    return ScanResult(samples.take(good), bad, classes, time.perf_counter() - t0, sizes[good], moments)
 
 
 def _in_order(pool, starts, make_chunk, check, in_flight: int):
@@ -175,11 +196,6 @@ def write_file_list(path: Path, samples: SampleList, block: int = 65536, labeled
                                  for i, label in zip(range(a, b), samples.labels[a:b].tolist())))
 
     atomic_write(path, write)
-
-
-def clean_list_path(src: str | os.PathLike) -> Path:
-    """Where `simmim scan SRC` writes its clean list by default: `SRC.clean.txt` beside SRC."""
-    return Path(str(Path(src).resolve()).rstrip("/") + ".clean.txt")
 
 
 def check_output(path: str | os.PathLike, flag: str = "") -> Path:

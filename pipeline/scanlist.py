@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from simmim.core.errors import DatasetError
+from simmim.core.io import write_json
+
 from .decode import MAX_PIXELS
-from .folder import DatasetError, SampleList, scan_folder, sidecar
-from .io import write_json
+from .folder import SampleList, scan_folder, sidecar
+from .stats import STATS_SUFFIX, write_stats
 from .scan import ScanResult, check_output, clean_list_path, scan_images, write_file_list
 
 log = logging.getLogger(__name__)
@@ -53,20 +56,23 @@ def file_stat(path: str) -> tuple[int, int] | None:
     return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
-def read_record(list_path: Path) -> dict | None:
+def read_record(list_path: Path, channels: int = 3) -> dict | None:
+    """The record beside a list, or None: none there, unreadable, or made for another channel
+    count (data.channels: other files and rules; a record without the key is of 3)."""
     path = record_path(list_path)
     if not (list_path.is_file() and path.is_file()):
         return None
     try:
         record = json.loads(path.read_text())
-        return record if isinstance(record.get("files"), dict) and isinstance(record.get("max_pixels"), int) else None
+        valid = isinstance(record.get("files"), dict) and isinstance(record.get("max_pixels"), int)
+        return record if valid and record.get("channels", 3) == channels else None
     except (OSError, ValueError):
         log.warning("%s is unreadable; checking every file again", path)
         return None
 
 
 def check(samples: SampleList, classes: list[str], record: dict | None, max_pixels: int,
-          workers: int, progress: bool = False) -> tuple[ScanResult, dict, dict]:
+          workers: int, progress: bool = False, channels: int = 3) -> tuple[ScanResult, dict, dict]:
     """Sorts samples into good and bad, decoding only what `record` cannot vouch for.
     Returns (result, new record entries, counts: checked / gone / limit). The good samples are
     `samples.take(...)` of the kept ones, in order (flat arrays, as the loaders hold them)."""
@@ -102,7 +108,7 @@ def check(samples: SampleList, classes: list[str], record: dict | None, max_pixe
         todo_stats.append(st)
     if todo:
         sub = samples.take(np.frombuffer(todo, np.int64))
-        result = scan_images(sub, classes, workers, progress=progress, max_pixels=max_pixels)
+        result = scan_images(sub, classes, workers, progress=progress, max_pixels=max_pixels, channels=channels)
         refused = dict(result.bad)
         g = 0
         for k, (i, (size, mtime)) in enumerate(zip(todo, todo_stats)):
@@ -121,12 +127,15 @@ def check(samples: SampleList, classes: list[str], record: dict | None, max_pixe
     return result, entries, {"checked": len(todo), "gone": gone, "limit": limit}
 
 
-def write_scan(out: Path, result: ScanResult, entries: dict, max_pixels: int) -> None:
-    """The list, its class names, the bad-file report and the record (each written atomically)."""
+def write_scan(out: Path, result: ScanResult, entries: dict, max_pixels: int, channels: int = 3) -> None:
+    """The list, its class names, the bad-file report, the record (each written atomically) and,
+    when the scan measured them, the per-channel statistics (`stats.write_stats`)."""
     write_file_list(out, result.good, labeled=bool(result.classes))
     write_json(sidecar(out, "classes.json"), result.classes)
     write_json(sidecar(out, "report.json"), result.report())
-    write_json(record_path(out), {"max_pixels": max_pixels, "files": entries})
+    write_json(record_path(out), {"max_pixels": max_pixels, "channels": channels, "files": entries})
+    if result.moments is not None:
+        write_stats(out, result.moments, len(result.good))
 
 
 def entries_of(result: ScanResult, stats: dict) -> dict:
@@ -139,39 +148,41 @@ def entries_of(result: ScanResult, stats: dict) -> dict:
 
 
 def checked_samples(path: str, max_pixels: int, workers: int, rank: int = 0, world_size: int = 1,
-                    required: bool = True, who: str = "data") -> tuple[SampleList, list[str]] | None:
+                    required: bool = True, who: str = "data", channels: int = 3) -> tuple[SampleList, list[str]] | None:
     """(samples, classes) every backend agrees on, for data.path `path` (a folder or a list).
 
     A folder: its checked list (see the module docstring), brought up to date; without a list
     beside it, scanned first when `required` (DALI), else None (the torch loader decodes lazily).
     A list: its files stat-checked (and re-decoded where its record says they changed).
     Rank 0 does the work when torch.distributed is initialised; the other ranks read its list.
+    `channels` (data.channels): which files are listed and how they are checked; a record made
+    for another count is not trusted (every file is checked again).
     """
     src = Path(path)
     shared = world_size > 1 and dist.is_available() and dist.is_initialized()
     if not src.is_dir():
-        return checked_file_list(src, max_pixels, workers, who)
+        return checked_file_list(src, max_pixels, workers, who, channels)
     clean = clean_list_path(src)
     if not required and not clean.is_file():
         return None
     if rank == 0 or not shared:
-        samples, classes = refresh_folder(src, clean, max_pixels, workers, who)
+        samples, classes = refresh_folder(src, clean, max_pixels, workers, who, channels=channels)
         if not shared:
             return samples, classes
     dist.barrier()  # rank 0 has brought the list up to date
-    if not clean.is_file() or read_record(clean) is None:
-        return refresh_folder(src, clean, max_pixels, workers, who, write=False)
+    if not clean.is_file() or read_record(clean, channels) is None:
+        return refresh_folder(src, clean, max_pixels, workers, who, write=False, channels=channels)
     return scan_folder(clean)
 
 
 def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: str = "data",
-                   write: bool = True) -> tuple[SampleList, list[str]]:
-    samples, classes = scan_folder(src)
-    record = read_record(clean)
+                   write: bool = True, channels: int = 3) -> tuple[SampleList, list[str]]:
+    samples, classes = scan_folder(src, channels=channels)
+    record = read_record(clean, channels)
     if record is None:
         log.info("%s: no scan record beside %s; checking its %d files first (`simmim scan %s` does it once)",
                  who, src, len(samples), src)
-    result, entries, counts = check(samples, classes, record, max_pixels, workers)
+    result, entries, counts = check(samples, classes, record, max_pixels, workers, channels=channels)
     if not len(result.good):
         raise DatasetError(f"no image under {src} decodes")
     changed = record is None or counts["checked"] or set(entries) != set(record["files"]) \
@@ -182,7 +193,7 @@ def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: s
                     len(set(record["files"]) - set(entries)), counts["limit"], max_pixels)
     if changed and write:
         try:
-            write_scan(clean, result, entries, max_pixels)
+            write_scan(clean, result, entries, max_pixels, channels)
         except OSError as e:
             log.warning("%s: cannot keep the scan list beside %s (%s); every run checks again", who, src,
                         e.strerror or e)
@@ -190,9 +201,9 @@ def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: s
     return result.good, classes
 
 
-def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data"):
+def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data", channels: int = 3):
     samples, classes = scan_folder(lst)
-    record = read_record(lst)
+    record = read_record(lst, channels)
     if record is None:
         present = np.fromiter((file_stat(samples.path(i)) is not None for i in range(len(samples))), bool,
                               len(samples))
@@ -204,7 +215,7 @@ def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data
         if not len(kept):
             raise DatasetError(f"no file listed in {lst} exists")
         return kept, classes
-    result, _, counts = check(samples, classes, record, max_pixels, workers)
+    result, _, counts = check(samples, classes, record, max_pixels, workers, channels=channels)
     dropped = len(samples) - len(result.good)
     if dropped or counts["checked"]:
         log.warning("%s: %s is out of date (%d file(s) changed and checked again, %d left out, e.g. %r); "
@@ -216,18 +227,26 @@ def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data
 
 
 def scan_command(src: str, out: str | None, workers: int, on_error: str,
-                 max_pixels: int = MAX_PIXELS) -> ScanResult:
-    """`simmim scan SRC [--out LIST]`: writes LIST (clean `path label` list), LIST's classes file,
-    a JSON report of the bad files and the record the loaders check the list against
-    beside it."""
-    samples, classes = scan_folder(src, announce=print)  # the walk only: the output is checked before any decoding
+                 max_pixels: int = MAX_PIXELS, channels: int = 3, stats: bool = False) -> ScanResult:
+    """`simmim scan SRC [--out LIST] [--channels C] [--stats]`: writes LIST (clean `path label`
+    list), LIST's classes file, a JSON report of the bad files and the record the loaders check the
+    list against beside it; with `stats`, the per-channel mean and std of the good images too
+    (`stats.write_stats`: LIST's `.stats.json`, which pre-training reads when data.mean is empty)."""
+    if channels < 1:
+        raise DatasetError(f"--channels must be >= 1, got {channels}")
+    samples, classes = scan_folder(src, announce=print, channels=channels)  # the walk only: the output is checked first
     out_path = check_output(out, "--out") if out else check_output(clean_list_path(src))
-    stats = {p: st for p, _ in samples if (st := file_stat(p)) is not None}
-    result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels)
+    file_stats = {p: st for p, _ in samples if (st := file_stat(p)) is not None}
+    result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels, channels=channels,
+                         stats=stats)
     if not result.good:
         raise DatasetError(f"no image under {src} decodes")
-    write_scan(out_path, result, entries_of(result, stats), max_pixels)
+    write_scan(out_path, result, entries_of(result, file_stats), max_pixels, channels)
     rate = len(samples) / max(result.seconds, 1e-9)
     print(f"scanned {len(samples)} images in {result.seconds:.1f}s ({rate:.0f} img/s): "
           f"{len(result.good)} good, {len(result.bad)} bad -> {out_path}")
+    if result.moments is not None:
+        m = result.moments
+        print(f"per-channel mean {[round(float(v), 4) for v in m.mean]} std {[round(float(v), 4) for v in m.std]} "
+              f"over {m.count} pixels -> {sidecar(out_path, STATS_SUFFIX)}")
     return result

@@ -36,7 +36,7 @@ from streaming.base.storage.upload import CloudUploader
 from tqdm import tqdm
 
 from .decode import MAX_PIXELS
-from .errors import DatasetError
+from simmim.core.errors import DatasetError
 from .folder import SampleList, scan_folder
 from .options import byte_size
 from .scan import ScanResult, clean_list_path

@@ -26,9 +26,9 @@ from streaming.base.storage.download import CloudDownloader
 
 from .augment import Augmentation
 from .decode import DecodeError, decode_rgb_bytes
-from .errors import DatasetError, ShardError
+from simmim.core.errors import DatasetError, ShardError
 from .folder import center_crop, to_tensor, train_view
-from .seeding import derive_seed
+from simmim.core.seeding import derive_seed
 from .shards import INDEX, META, is_remote
 
 log = logging.getLogger(__name__)

@@ -31,13 +31,13 @@ import os
 import torch
 
 from .decode import checked_max_pixels, decode_rgb_bytes
-from .errors import ConfigError, ShardError
+from simmim.core.errors import ConfigError, ShardError
 from .folder import center_crop, compiled_resize, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec, byte_size
 from .reference import WorkerCollate, ignore_stop_signals, pil_transform
-from .seeding import derive_seed, torch_generator
+from simmim.core.seeding import derive_seed, torch_generator
 from .sharding import ShardedSampler
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from simmim.core.errors import CheckpointError
 from simmim.trainer import checkpoint as ckpt_mod
-from simmim.trainer.checkpoint import (CheckpointError, DCPCheckpointer, Kind, TorchSaveCheckpointer,
-                                       newest_readable_checkpoint, read_checkpoint)
+from simmim.trainer.checkpoint import (DCPCheckpointer, Kind, TorchSaveCheckpointer, newest_readable_checkpoint,
+                                       read_checkpoint)
 from simmim.trainer.finetune import Classifier, build_classifier, evaluate_checkpoint, load_pretrained
 from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.model import build_simmim, param_groups
@@ -77,7 +78,7 @@ def test_every_consumer_reads_a_pretraining_checkpoint_through_the_one_reader(tm
 
     whole = read_checkpoint(path)
     assert (whole.kind, whole.layout, whole.encoder_prefix) == (Kind.PRETRAINING, "simmim", "encoder.swin.")
-    assert whole.settings == {"img_size": 64, "window_size": 2, "patch_size": 4}
+    assert whole.settings == {"img_size": 64, "window_size": 2, "patch_size": 4, "in_chans": 3}
     assert all(torch.equal(whole.model[k], v) for k, v in model.state_dict().items())
 
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)  # simmim finetune finetune.pretrained=...
@@ -237,7 +238,7 @@ def test_mmpretrain_simmim_checkpoint_loads(tmp_path, mmengine_objects, monkeypa
     contents = read_checkpoint(tmp_path / "epoch_100.pth")
     assert (contents.layout, contents.kind, contents.encoder_prefix) == ("MMPretrain/MMSelfSup", Kind.PRETRAINING,
                                                                           "backbone.")
-    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4}
+    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4, "in_chans": 3}
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)
     report = load_pretrained(net, tmp_path / "epoch_100.pth", "swin_micro")
     assert report["missing"] == ["head.fc.weight", "head.fc.bias"] and report["unexpected"] == []
@@ -292,7 +293,7 @@ def test_timm_export_folder_loads_with_its_config(tmp_path):
     folder = export(tmp_path / "c.pt", tmp_path / "exported")
     contents = read_checkpoint(folder)
     assert (contents.format, contents.layout, contents.kind) == ("safetensors", "timm", Kind.ENCODER)
-    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4}
+    assert contents.settings == {"img_size": 64, "window_size": 2, "patch_size": 4, "in_chans": 3}
     net = build_classifier("swin_micro", 64, 5, 2, 0.0)
     assert load_pretrained(net, folder, "swin_micro")["unexpected"] == []
     _same_encoder(net, simmim)
@@ -367,7 +368,7 @@ def test_evaluation_maps_class_folders_by_name(tmp_path, sample_root):
     """A missing class folder moves no other label (it used to shift every later one: top-1 76.9%
     -> 7.7% on the same images, exit 0); a folder the head does not know is one line (it used to be
     an IndexError traceback)."""
-    from simmim.pipeline.errors import DatasetError
+    from simmim.core.errors import DatasetError
 
     classes = sorted(p.name for p in (sample_root / "val").iterdir())
     per_class = {c: len(list((sample_root / "val" / c).glob("*.JPEG"))) for c in classes}
@@ -387,7 +388,7 @@ def test_evaluation_maps_class_folders_by_name(tmp_path, sample_root):
 
 
 def test_class_map_without_names_keeps_indices():
-    from simmim.pipeline.errors import DatasetError
+    from simmim.core.errors import DatasetError
     from simmim.trainer.finetune import class_map
 
     assert class_map(["b", "c"], ["a", "b", "c"], 3, "x").tolist() == [1, 2]

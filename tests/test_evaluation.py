@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from simmim.core.errors import UserError
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
-from simmim.pipeline.errors import UserError
 from simmim.trainer.checkpoint import DCPCheckpointer, TorchSaveCheckpointer
 from simmim.trainer.export import swin_original_state_dict
 from simmim.trainer.model import build_simmim
@@ -284,3 +284,27 @@ def test_a_mask_image_that_masks_no_cell_is_one_line(tmp_path):
     img.save(tmp_path / "corner.png")
     got = mask_from_image(tmp_path / "corner.png", (6, 6))
     assert got.sum() == 6 and got[:3, :2].all()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 12])
+def test_figure_title_clears_the_column_headings(tmp_path, monkeypatch, rows):
+    """The suptitle sits above the column headings and the row labels beside the images at any
+    number of rows (tight_layout put a 12-row figure's title over the headings)."""
+    from simmim.trainer import reconstruct as rec
+
+    drawn = []
+    real = rec.save_png
+    monkeypatch.setattr(rec, "save_png", lambda fig, out, title: drawn.append(fig) or real(fig, out, title))
+    image = torch.rand(3, 64, 64)
+    rec._figure([(f"image {r}\nmask 32px", [image] * len(rec.COLUMNS)) for r in range(rows)],
+                str(tmp_path / "fig.png"), "checkpoint-00000003.pt (swin_micro), mask random")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = drawn[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # as savefig drew it (the layout engine runs again, a one-off layout stays)
+    title = fig._suptitle.get_window_extent(renderer)
+    headings = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(headings) == len(rec.COLUMNS)
+    assert all(title.y0 >= h.y1 for h in headings), (title, headings)  # display coordinates: y up
+    assert title.y1 <= fig.bbox.y1 + 0.5  # and inside the figure

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from simmim.pipeline.errors import ConfigError, UserError
-from simmim.pipeline.io import check_folder_writable
+from simmim.core.errors import ConfigError, UserError
+from simmim.core.io import check_folder_writable
 from simmim.trainer import loop, runlog
 from simmim.trainer import pretrain as pretrain_mod
 from simmim.trainer import visualize
@@ -415,7 +415,7 @@ def test_runs_killed_at_many_points_of_their_writes_leave_nothing_behind(sample_
     temporary file is left, every checkpoint reads and metrics.jsonl holds each step once."""
     import sys
 
-    from simmim.pipeline.io import temporaries
+    from simmim.core.io import temporaries
     from simmim.trainer.checkpoint import read_checkpoint
 
     out = tmp_path / "run"
@@ -436,3 +436,102 @@ def test_runs_killed_at_many_points_of_their_writes_leave_nothing_behind(sample_
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)) and steps[-1] == 13, steps
+
+
+# ---------------------------------------------------------------- folders written atomically (io.atomic_folder)
+
+KILL_SELF = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+
+
+def _killed_in_child(script: str) -> int:
+    """Runs `script` in a new Python process that SIGKILLs itself from inside a write (no cleanup
+    can run, as for SIGKILL, SIGTERM's default action or a lost node); returns its exit status."""
+    import sys
+
+    return subprocess.run([sys.executable, "-c", script], timeout=300).returncode
+
+
+def test_killed_sample_data_build_is_cleaned_by_the_next(tmp_path, monkeypatch):
+    """sample-data killed half-way leaves its temporary folder (nothing can remove it then); the next
+    build removes it and completes, while a partial folder whose writer is alive (flock held) is
+    left alone. An exception half-way leaves nothing and the previous build intact."""
+    import fcntl
+
+    from simmim.pipeline import sample_data
+    from simmim.core.io import remove_stale_partials
+
+    out = tmp_path / "s"
+    assert _killed_in_child(f"""
+from simmim.pipeline import sample_data
+real, calls = sample_data.random_view, []
+def view_then_die(img, rng):  # the third image
+    calls.append(1)
+    if len(calls) == 3:
+        {KILL_SELF}
+    return real(img, rng)
+sample_data.random_view = view_then_die
+sample_data.build_sample_dataset({str(out)!r}, per_photo=1, val_per_photo=0)
+""") == -9
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".s.")]
+    assert len(stale) == 1 and stale[0].name.endswith(".partial") and list(stale[0].rglob("*.JPEG"))
+    assert not out.exists()
+
+    live = tmp_path / ".s.livewrtr.partial"  # another build under way: its writer holds the flock
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        sample_data.build_sample_dataset(out, per_photo=1, val_per_photo=0)
+        assert (out / sample_data.COMPLETE).exists() and not stale[0].exists() and live.exists()
+    finally:
+        os.close(fd)
+    assert remove_stale_partials(out) == [live] and not live.exists()  # its writer gone: stale now
+
+    def fail(*args):
+        raise RuntimeError("disk error")
+
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    monkeypatch.setattr(sample_data, "random_view", fail)
+    with pytest.raises(RuntimeError, match="disk error"):
+        sample_data.build_sample_dataset(out, per_photo=1, val_per_photo=0, force=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+    assert (out.stat().st_mode & 0o077) != 0  # the usual mode, not mkdtemp's 0700
+
+
+def test_killed_export_is_cleaned_by_the_next(tmp_path):
+    """`simmim export` killed while writing model.safetensors: the next export removes the
+    temporary folder and writes the folder whole; a killed --force replacement keeps the previous export."""
+    import torch
+
+    from simmim.trainer.checkpoint import TorchSaveCheckpointer
+    from simmim.trainer.export import export
+    from simmim.trainer.model import build_simmim
+
+    model = build_simmim("swin_micro", 64, 32, window_size=2)
+    cfg = {"model": {"arch": "swin_micro", "window_size": 2}, "data": {"img_size": 64, "mask_patch_size": 32}}
+    ck = TorchSaveCheckpointer(tmp_path / "run", True, keep_last=1)
+    ckpt = ck.save(1, model, torch.optim.AdamW(model.parameters()), {"train_state": {}, "scaler": {}, "config": cfg})
+    out = tmp_path / "exp"
+
+    killed = f"""
+import importlib
+from pathlib import Path
+export = importlib.import_module("simmim.trainer.export")  # the module (the package also names its function)
+def write_then_die(model, folder, **kwargs):
+    (Path(folder) / "model.safetensors").write_bytes(b"half")
+    {KILL_SELF}
+export.save_for_hf = write_then_die
+export.export({str(ckpt)!r}, {str(out)!r}, force=FORCE)
+"""
+    assert _killed_in_child(killed.replace("FORCE", "False")) == -9
+    assert [p.name for p in tmp_path.glob(".exp.*.partial")] and not out.exists()
+    export(ckpt, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "run"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    first = (out / "model.safetensors").read_bytes()
+
+    assert _killed_in_child(killed.replace("FORCE", "True")) == -9
+    assert (out / "model.safetensors").read_bytes() == first  # the previous export, whole
+    export(ckpt, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "run"]

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, ReferenceLoader, ShardedSampler
+from simmim.core.errors import DatasetError
+from simmim.pipeline import Augmentation, MaskGenerator, ReferenceLoader, ShardedSampler
+from simmim.pipeline.convert import convert, inspect  # noqa: E402
 from simmim.pipeline.ffcv_loader import ShardedOrder
+from simmim.pipeline.ffcv_loader import FFCVLoader  # noqa: E402
 
 from helpers import HOSTILE_BAD, HOSTILE_GOOD, assert_same_augmentation, loader_crop_stats, make_loader
 
 ffcv = pytest.importorskip("ffcv")
-from simmim.pipeline.convert import convert, inspect  # noqa: E402
-from simmim.pipeline.ffcv_loader import FFCVLoader  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +359,22 @@ def test_a_failing_writer_worker_ends_the_run(tmp_path):
             writer.from_indexed_dataset(_Failing(), chunksize=2)
     finally:
         signal.alarm(0)
+
+
+def test_knn_monitor_with_beton_files_is_one_warning(sample_beton, tmp_path, caplog):
+    """run.knn_every with data.backend=ffcv: the monitor reads image files, so no monitor and one
+    warning saying what it needs (it read the .beton as a list file and called it unlabeled)."""
+    import logging
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.pretrain import PretrainTask
+
+    cfg = load_config("demo", ["data.backend=ffcv", f"data.path={sample_beton}", f"data.val_path={sample_beton}",
+                               "run.knn_every=1", f"run.out_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="simmim"):
+        monitor = PretrainTask(cfg).knn_monitor(DistInfo(rank=0, local_rank=0, world_size=1,
+                                                         device=torch.device("cpu")))
+    said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
+    assert monitor is None and len(said) == 1 and "\n" not in said[0]
+    assert "run.knn_every=1: no k-NN evaluation" in said[0] and ".beton" in said[0] and "class folders" in said[0]

@@ -15,8 +15,8 @@ import pytest
 from helpers import child_pids
 import torch
 
-from simmim.trainer.checkpoint import (CheckpointError, DCPCheckpointer, dcp_checkpoints, is_dcp_checkpoint,
-                                       read_checkpoint)
+from simmim.core.errors import CheckpointError
+from simmim.trainer.checkpoint import DCPCheckpointer, dcp_checkpoints, is_dcp_checkpoint, read_checkpoint
 from simmim.trainer.finetune import build_classifier, load_pretrained
 from simmim.trainer.model import build_simmim, param_groups
 
@@ -258,3 +258,79 @@ def test_dcp_one_process_warns_nothing(tmp_path):
         ck.load(read_checkpoint(path, tensors=False), model, opt)
         assert read_checkpoint(path).model.keys() == {"weight", "bias"}  # gathered in one process
     assert [str(w.message) for w in seen if "single process" in str(w.message)] == []
+
+
+# ---------------------------------------------------------------- an FSDP run's checkpoint, used
+
+def probe_run(nproc: int, out: Path, sample_root: Path, checkpoint: Path, parallel: str) -> dict[int, float]:
+    """`simmim probe CHECKPOINT` of the FSDP run's encoder (swinv2_micro, 64 px) on `nproc` ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "simmim.trainer.cli", "probe", str(checkpoint), "--config", "probe_demo",
+           f"data.path={sample_root}/train", f"probe.val_path={sample_root}/val", "data.img_size=64",
+           "model.arch=swinv2_micro", "model.window_size=2", "data.num_workers=0", "data.batch_size=4",
+           "train.epochs=2", "run.save_every=1", f"run.out_dir={out}", f"train.parallel={parallel}",
+           "run.progress=false", "run.log_every=1"]
+    finish(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True))
+    return losses(out)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_probed_and_knn_evaluated(sample_root, tmp_path, fsdp_reference):
+    """The FSDP run's DCP folder, used as every consumer uses it: `simmim probe` over FSDP2 (its
+    frozen encoder's patch embedding and norms are sharded, and the probe calls them outside the
+    encoder's forward) gives DDP's losses step for step, with the checkpoint's encoder frozen in
+    it; and the run's own k-NN figure (run.knn_every, last epoch, features computed sharded) equals
+    one process's on the gathered weights."""
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.knn import KNNMonitor
+    from simmim.trainer.model import ARCHS
+
+    final = dcp_checkpoints(fsdp_reference)[-1][1]
+    weights = read_checkpoint(final)
+    fsdp = probe_run(2, tmp_path / "fsdp", sample_root, final, "fsdp")
+    ddp = probe_run(2, tmp_path / "ddp", sample_root, final, "ddp")
+    assert sorted(fsdp) == sorted(ddp) and len(ddp) >= 10
+    torch.testing.assert_close([fsdp[s] for s in sorted(ddp)], [ddp[s] for s in sorted(ddp)], rtol=1e-4, atol=1e-6)
+    probed = read_checkpoint(dcp_checkpoints(tmp_path / "fsdp")[-1][1]).model
+    frozen = {k.removeprefix("net."): v for k, v in probed.items() if k.startswith("net.") and "head" not in k}
+    for k, v in frozen.items():
+        if not k.endswith(("relative_position_index", "relative_coords_table", "attn_mask")):
+            assert torch.equal(v, weights.model[f"encoder.swin.{k}"]), k
+
+    logged = [json.loads(line) for line in (fsdp_reference / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["knn_top1"] for r in logged if "knn_top1" in r]
+    assert len(knn) == 1  # the last epoch's (the demo's run.knn_every is 8)
+    model = build_simmim("swinv2_micro", 64, 32, window_size=2)
+    model.load_state_dict(weights.model)
+    cfg = weights.config
+    one = KNNMonitor(str(sample_root / "train"), str(sample_root / "val"), 64, ARCHS["swinv2_micro"].patch_size,
+                     cfg["run"]["knn_train_samples"], cfg["data"]["batch_size"], 0, cfg["train"]["seed"],
+                     DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))(model)
+    assert one == pytest.approx(knn[0], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_init_from_an_fsdp_runs_dcp_folder(sample_root, tmp_path, fsdp_reference):
+    """model.init_from=<the FSDP run's DCP folder>: the encoder `simmim pretrain` starts from is the
+    run's (gathered), at another image size and window, SwinV2's position bias normalised by the
+    window 2 its config records; mask token and head fresh."""
+    from simmim.trainer.config import load_config
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.pretrain import PretrainTask
+
+    final = dcp_checkpoints(fsdp_reference)[-1][1]
+    theirs = read_checkpoint(final).model
+    cfg = load_config("demo", ["data.img_size=128", "model.arch=swinv2_micro", "model.window_size=4",
+                               f"data.path={sample_root}/train", "data.val_path=", f"run.out_dir={tmp_path}",
+                               f"model.init_from={final}", "run.knn_every=0"])
+    model, _ = PretrainTask(cfg).build(DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    ours = model.state_dict()
+    loaded = [k for k in theirs if k.startswith("encoder.swin.") and not k.endswith(("relative_position_index",
+                                                                                     "relative_coords_table"))]
+    assert len(loaded) > 50
+    for k in loaded:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert not torch.equal(ours["encoder.mask_token"], theirs["encoder.mask_token"])
+    attn = model.encoder.swin.layers[0].blocks[0].attn
+    assert attn.pretrained_window_size == (2, 2) and attn.window_size == (4, 4)

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from simmim.trainer.checkpoint import CheckpointError, checkpoints
-from simmim.trainer.config import ConfigError, load_config
+from simmim.core.errors import CheckpointError, ConfigError
+from simmim.trainer.checkpoint import checkpoints
+from simmim.trainer.config import load_config
 from simmim.trainer.distributed import DistInfo
 from simmim.trainer.export import export
 from simmim.trainer.finetune_options import FinetuneConfig
@@ -132,3 +133,34 @@ def test_resume_ignores_init_from(source, sample_root, tmp_path):
     # nor does it need the file any more (a downloaded source deleted after the start)
     pretrain(load_config("demo", tiny_overrides(sample_root, out, "train.epochs=2", "train.warmup_epochs=0",
                                                 f"model.init_from={tmp_path / 'gone.pt'}")))
+
+
+def test_dcp_folder_and_swinv2_windows(tmp_path):
+    """A DCP checkpoint folder (what train.parallel=fsdp writes; here by the same checkpointer in one
+    process) is read gathered: the encoder at window 4 gets its weights, and SwinV2's position bias
+    is normalised by the window 2 its config records. A SwinV2 state dict that records no sizes is
+    one line naming model.init_from and what to do (it named finetune.pretrained_*, which
+    pre-training does not have)."""
+    from simmim.trainer.checkpoint import DCPCheckpointer, is_dcp_checkpoint
+
+    torch.manual_seed(0)
+    theirs = build_simmim("swinv2_micro", 64, 32, 2)
+    cfg = {"model": {"arch": "swinv2_micro", "window_size": 2}, "data": {"img_size": 64, "mask_patch_size": 32}}
+    folder = DCPCheckpointer(tmp_path, True, keep_last=1).save(
+        3, theirs, torch.optim.AdamW(theirs.parameters()), {"train_state": {"epoch": 0}, "scaler": {}, "config": cfg})
+    assert is_dcp_checkpoint(folder)
+    model = build_simmim("swinv2_micro", 128, 32, 4)
+    init_from(model, str(folder), "swinv2_micro", None)
+    ours, want = swin_weights(model.state_dict()), swin_weights(theirs.state_dict())
+    assert set(ours) == set(want)
+    for k, v in want.items():
+        assert torch.equal(ours[k], v), k
+    attn = model.encoder.swin.layers[0].blocks[0].attn
+    assert attn.pretrained_window_size == (2, 2) and attn.window_size == (4, 4)
+
+    torch.save(theirs.encoder.swin.state_dict(), tmp_path / "bare.pt")  # no config: the sizes are unknown
+    with pytest.raises(CheckpointError) as e:
+        init_from(build_simmim("swinv2_micro", 64, 32, 2), str(tmp_path / "bare.pt"), "swinv2_micro", None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.init_from: ") and "finetune." not in msg
+    assert "does not record the img_size and window_size" in msg and "point model.init_from at a checkpoint" in msg

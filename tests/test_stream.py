@@ -19,10 +19,10 @@ pytest.importorskip("streaming", reason="the stream extra (pip install -e '.[str
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader  # noqa: E402
 from simmim.pipeline.augment import normalize  # noqa: E402
-from simmim.pipeline.errors import DatasetError, ShardError  # noqa: E402
+from simmim.core.errors import DatasetError, ShardError  # noqa: E402
 from simmim.pipeline.folder import ImageFolder  # noqa: E402
 from simmim.pipeline.options import StreamOptions  # noqa: E402
-from simmim.pipeline.seeding import derive_seed  # noqa: E402
+from simmim.core.seeding import derive_seed  # noqa: E402
 from simmim.pipeline import shards as shards_mod  # noqa: E402
 from simmim.pipeline.shards import shard_command  # noqa: E402
 

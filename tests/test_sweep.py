@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from simmim.pipeline.errors import ConfigError
+from simmim.core.errors import ConfigError
 from simmim.trainer.sweep import expand, finished, format_markdown, parse_grid, variant_name
 
 TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",
@@ -136,6 +136,12 @@ def test_jobs_and_table_for_variants_run_elsewhere(tmp_path, sample_root):
     lines = sweep(spec, jobs_only=True).read_text().splitlines()
     assert len(lines) == 2 and shlex.split(lines[1])[:2] == ["--config", "demo"]
     assert f"run.out_dir={out / 'mask_ratio-0.6' / 'pretrain'}" in shlex.split(lines[1])
+    assert not any(arg.startswith("run.mirror") for arg in shlex.split(lines[1]))
+    # a mirror given to the sweep: one prefix per run under it, as one run folder each
+    mirrored = SweepSpec("demo", spec.grid, out, (*spec.overrides, "run.mirror=s3://bucket/sweep/"))
+    lines = [shlex.split(line) for line in sweep(mirrored, jobs_only=True).read_text().splitlines()]
+    assert [line[-1] for line in lines] == ["run.mirror=s3://bucket/sweep/mask_ratio-0.4/pretrain",
+                                            "run.mirror=s3://bucket/sweep/mask_ratio-0.6/pretrain"]
     run = out / "mask_ratio-0.6" / "pretrain"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"epoch": 0, "step": 9, "epoch_loss": 0.25, "val_loss": 0.5}\n')

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim.pipeline.errors import DatasetError
+from simmim.core.errors import DatasetError
 from simmim.pipeline.folder import read_file_list, scan_folder
 from simmim.pipeline.scan import write_file_list
 from simmim.pipeline.scanlist import scan_command
@@ -115,9 +115,26 @@ def test_finetune_refuses_unlabeled_data(flat, tmp_path):
 
     cfg = load_config("finetune_demo", [f"data.path={flat}", f"finetune.val_path={flat}", f"run.out_dir={tmp_path / 'ft'}",
                                         "data.num_workers=0", *TINY[1:]], FinetuneConfig)
-    with pytest.raises(DatasetError, match=r"is unlabeled .*fine-tuning and evaluation read class folders"):
+    with pytest.raises(DatasetError, match=r"is unlabeled .*fine-tuning and evaluation need labels: class folders"):
         finetune(cfg)
     assert not (tmp_path / "ft" / "config.yaml").exists()
+
+
+def test_probe_says_it_needs_labels_before_the_batch_size(flat, tmp_path):
+    """8 unlabeled images and a batch of 16: the one line names the folder and the labels it lacks
+    (it said "do not fill one batch of 16: lower data.batch_size", which would not have helped)."""
+    import sys
+
+    out = tmp_path / "probe"
+    args = ["probe", "", "--config", "probe_demo", f"data.path={flat}", f"run.out_dir={out}", "probe.val_path=",
+            "data.num_workers=0", *TINY[1:], "data.batch_size=16"]
+    proc = subprocess.run([sys.executable, "-m", "simmim.trainer.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"'{flat}' is unlabeled" in last and "linear probing" in last and "class folders" in last, last
+    assert "batch" not in proc.stderr
+    assert not (out / "config.yaml").exists()
 
 
 @pytest.mark.slow

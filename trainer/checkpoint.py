@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.io import atomic_write
+from simmim.core.errors import CheckpointError
+from simmim.core.io import atomic_write
 
 from .layouts import (Kind, encoder_prefix, from_mmpretrain, is_ours, is_state_dict, kind_of, layout_name,
                       recorded_settings, tensor_settings, unwrap)
@@ -246,15 +246,18 @@ def remove_partial_saves(out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(tmp: Path, final: Path, out_dir: Path, keep_last: int) -> None:
-    """tmp -> final (replacing an older save of the same step), then keep the newest keep_last."""
+def _publish(tmp: Path, final: Path, out_dir: Path, keep_last: int, shards_only: bool = False) -> None:
+    """tmp -> final (replacing an older save of the same step), then keep the newest keep_last
+    (`shards_only`: of the folders without a `.metadata`, another node's share of each save)."""
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
-    for _, stale in dcp_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+    published = sorted((int(m.group(1)), p) for p in out_dir.glob("checkpoint-*") if (m := DCP_PATTERN.match(p.name))
+                       and p.is_dir()) if shards_only else dcp_checkpoints(out_dir)
+    for _, stale in published[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -262,14 +265,21 @@ class DCPCheckpointer(RunFolderCheckpoints):
     """Saves and loads DCP checkpoints for every rank; rank 0 (`is_main`) publishes and prunes.
 
     async_save: the state is staged to host memory, then written by a background thread over a
-    separate gloo group while training goes on; the next save (or `wait()`) waits for it."""
+    separate gloo group while training goes on; the next save (or `wait()`) waits for it.
 
-    def __init__(self, out_dir: Path, is_main: bool, keep_last: int = 3, async_save: bool = False):
+    node_main (local rank 0): on nodes without a shared file system, rank 0's publish is not seen
+    on the other nodes, where DCP wrote those ranks' shards into the `.tmp` folder: each node's
+    local rank 0 then publishes and prunes its node's share the same way (run.mirror uploads every
+    rank's shards, and a resume there comes from the mirror: trainer/mirror.py)."""
+
+    def __init__(self, out_dir: Path, is_main: bool, keep_last: int = 3, async_save: bool = False,
+                 node_main: bool | None = None):
         self.out_dir, self.is_main, self.keep_last = Path(out_dir), is_main, keep_last
+        self.node_main = is_main if node_main is None else node_main
         self.distributed = dist.is_initialized()
         self.async_group = dist.new_group(backend="gloo") if async_save and self.distributed else None
         self.async_save = async_save
-        self.pending, self.pending_tmp = None, None
+        self.pending, self.pending_tmp, self.pending_final = None, None, None
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(self.out_dir)
@@ -292,7 +302,7 @@ class DCPCheckpointer(RunFolderCheckpoints):
         state = {"app": ModelOptimizerState(model, optimizer), "train": {"json": json.dumps(train_state)}}
         if self.async_save:
             self.pending = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
-            self.pending_tmp = tmp
+            self.pending_tmp, self.pending_final = tmp, final
             if self.is_main:
                 self.pending.add_done_callback(
                     lambda f: f.exception() is None and _publish(tmp, final, self.out_dir, self.keep_last))
@@ -306,7 +316,18 @@ class DCPCheckpointer(RunFolderCheckpoints):
             _publish(tmp, final, self.out_dir, self.keep_last)
         if self.distributed:
             dist.barrier()
+        self._publish_node(tmp, final)
         return final
+
+    def _publish_node(self, tmp: Path, final: Path) -> None:
+        """After every rank's save (and rank 0's publish): a node's local rank 0 that does not see
+        the published folder (no shared file system) publishes its node's shards, and removes
+        what killed saves left on its node (no other save is under way: every rank has returned)."""
+        if self.node_main and not self.is_main and tmp.is_dir() and not final.exists():
+            for stale in self.out_dir.glob(".checkpoint-*.tmp"):
+                if stale != tmp:
+                    shutil.rmtree(stale, ignore_errors=True)
+            _publish(tmp, final, self.out_dir, self.keep_last, shards_only=True)
 
     def wait(self) -> None:
         """Waits for an async save in flight (raises its error, if any)."""
@@ -318,6 +339,7 @@ class DCPCheckpointer(RunFolderCheckpoints):
                 self._failed(e, self.pending_tmp)
             if self.distributed:
                 dist.barrier()  # rank 0's publish callback has run before anyone looks for the folder
+            self._publish_node(self.pending_tmp, self.pending_final)
 
     def _failed(self, e: BaseException, tmp: Path) -> None:
         """A failed save: its partial folder removed (rank 0), CheckpointError for a write that
@@ -349,10 +371,11 @@ class DCPCheckpointer(RunFolderCheckpoints):
         return contents.train
 
 
-def make_checkpointer(parallel: str, out_dir: Path, is_main: bool, keep_last: int, async_save: bool) -> Checkpointer:
+def make_checkpointer(parallel: str, out_dir: Path, is_main: bool, keep_last: int, async_save: bool,
+                      node_main: bool | None = None) -> Checkpointer:
     """torch.save files for DDP, sharded DCP folders for FSDP2 (see each class)."""
     if parallel == "fsdp":
-        return DCPCheckpointer(out_dir, is_main, keep_last, async_save)
+        return DCPCheckpointer(out_dir, is_main, keep_last, async_save, node_main)
     return TorchSaveCheckpointer(out_dir, is_main, keep_last)
 
 
@@ -383,7 +406,8 @@ class CheckpointContents:
     (microsoft/SimMIM), "backbone." (MMPretrain), "" (timm). `encoder()` strips it.
     config: this project's config dict (`Config.to_dict()`), or the writer's own record (the
     released code's yacs config as a dict), None if there is none; `settings` holds what either
-    says about img_size / window_size / patch_size, completed from the tensors.
+    says about img_size / window_size / patch_size / in_chans (the image channels, data.channels),
+    completed from the tensors (the patch embedding fixes patch_size and in_chans).
     classes: the class names of a fine-tuning checkpoint, in head order (None if not recorded).
     optimizer / train: a resume's optimizer state (None for a DCP folder: its checkpointer loads it
     sharded) and the rest of the checkpoint (train_state, scaler, config, ...).
@@ -409,6 +433,18 @@ class CheckpointContents:
         encoder = {k[n:]: v for k, v in self.model.items()
                    if k.startswith(self.encoder_prefix) and not k.endswith("mask_token")}
         return from_mmpretrain(encoder) if self.naming == "mmpretrain" else encoder
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std), one value per image channel in [0, 1] units, that the run normalised its
+        images with: what this project's pre-training checkpoints record ("normalization", written
+        by `PretrainTask.checkpoint_extra`), else the config's data.mean / data.std when set; None
+        when the checkpoint does not say (older runs, other frameworks: ImageNet's for RGB)."""
+        recorded = self.train.get("normalization")
+        data = (self.config or {}).get("data") if is_ours(self.config) else None
+        for source in (recorded, data):
+            if isinstance(source, dict) and source.get("mean") and source.get("std"):
+                return tuple(map(float, source["mean"])), tuple(map(float, source["std"]))
+        return None
 
 
 def read_checkpoint(path: str | Path, *, tensors: bool = True, what: str = "checkpoint",

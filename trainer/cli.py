@@ -14,10 +14,10 @@
     simmim probe CKPT --config RECIPE [key.sub=value ...]   linear probe of a frozen encoder (top-1 / top-5)
     simmim reconstruct CKPT IMAGE... --out PNG [--mask M]  the paper's reconstruction figure, any image / mask
 
-`simmim bench NAME` is added by benchmarks/cli.py, the `simmim` console script: benchmarks
-sit above the trainer and nothing imports them (DESIGN.md), so this module builds the parser
-(`build_parser`) and runs a parsed command (`run`) for both; `python -m simmim.trainer.cli`, as
-trainer/run.sh calls it, has every command but `bench`.
+The `simmim` console script is cli/main.py, at the top of the dependency graph: it adds
+`simmim bench NAME` (benchmarks/cli.py, which sits above the trainer) to the parser this module
+builds (`build_parser`) and runs a parsed command through this module's `run`;
+`python -m simmim.trainer.cli`, as trainer/run.sh calls it, has every command but `bench`.
 
 User errors (a `UserError`: bad path, config key or value, unreadable data or checkpoint) end with
 one line on stderr and exit 2; a divergence, or a collective that failed because another rank
@@ -32,16 +32,16 @@ import os
 import sys
 from pathlib import Path
 
+from simmim.core.errors import UserError
+from simmim.core.io import WRITE_REFUSED
 from simmim.pipeline.decode import MAX_PIXELS
-from simmim.pipeline.errors import UserError
-from simmim.pipeline.io import WRITE_REFUSED
 from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
 
 from .distributed import PeerLost
 from .runlog import setup_logging
 
 # The commands' modules (and the loop, model and timm behind them) are imported inside each cmd_*
-# function (with benchmarks/cli.py, the only imports of our modules inside functions): `simmim --help`
+# function (with benchmarks/cli.py's, the only imports of our modules inside functions): `simmim --help`
 # or one command then does not import every command (tests/test_imports.py, CLI_DISPATCH).
 
 
@@ -112,7 +112,7 @@ def cmd_scan(args) -> None:
     from simmim.pipeline.scanlist import scan_command
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels)
+    scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels, args.channels, args.stats)
 
 
 def cmd_convert(args) -> None:
@@ -183,7 +183,7 @@ def drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The `simmim` parser and its subcommand table (to which benchmarks/cli.py adds `bench`);
+    """The `simmim` parser and its subcommand table (to which cli/main.py adds `bench`);
     each subcommand sets `fn`, called by `run` with the parsed arguments."""
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -250,6 +250,10 @@ def add_data_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
+    p.add_argument("--channels", type=int, default=3,
+                   help="data.channels: 3 (RGB), 1 (grey; also .npy) or N (.npy / .tif arrays)")
+    p.add_argument("--stats", action="store_true",
+                   help="also measure the per-channel mean and std (written beside the list; pre-training reads them)")
     p.set_defaults(fn=cmd_scan)
 
     p = sub.add_parser("convert", help="convert an ImageNet-style folder or list to an FFCV .beton")

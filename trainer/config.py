@@ -19,6 +19,7 @@ Derived values (effective lr, steps) are computed by the wiring and logged, neve
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from simmim.core.errors import ConfigError
+from simmim.core.io import write_text
+from simmim.core.rules import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Rule, one_of
 from simmim.kernels import LossOptions
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.io import write_text
-from simmim.pipeline.options import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, DataConfig, Rule, one_of)
+from simmim.pipeline.options import DataConfig
 
 from .distributed import DEVICES
 from .heads import HEADS
@@ -42,6 +44,8 @@ from .schedule import ANCHORS, KINDS
 from .validate import validate_config
 
 RECIPES = Path(__file__).parent / "configs"
+# run.mirror: s3://bucket[/prefix], S3's bucket naming (3-63 of a-z 0-9 . -)
+S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
 __all__ = ["Config", "ConfigError", "PretrainConfig", "RECIPES", "config_from_dict", "flatten", "load_config",
            "parse_override", "save_config"]
 
@@ -134,13 +138,19 @@ class RunConfig:
     tensorboard: bool = True  # TensorBoard events in out_dir/tensorboard (rank 0)
     wandb: bool = False  # also log to Weights & Biases when installed (WANDB_MODE=offline works offline)
     async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
+    # s3://bucket/prefix: each checkpoint also uploaded there in the background, and a run folder without
+    # a checkpoint resumes from its newest complete one (trainer/mirror.py); empty: off
+    mirror: str = ""
+    mirror_wait_s: float = 300.0  # at the end of a run and after a stop signal: the longest wait for its upload
 
     @staticmethod
     def rules() -> dict[str, Rule]:
         return {"out_dir": (bool, "a folder"), "log_every": POSITIVE, "save_every": POSITIVE,
                 "save_every_minutes": NON_NEGATIVE, "keep_last": NON_NEGATIVE, "vis_every": POSITIVE,
                 "stop_check_every": POSITIVE, "val_every": NON_NEGATIVE,
-                "knn_every": NON_NEGATIVE, "knn_train_samples": POSITIVE}
+                "knn_every": NON_NEGATIVE, "knn_train_samples": POSITIVE,
+                "mirror": (lambda v: not v or bool(S3_URL.match(v)), "empty or s3://bucket/prefix (an S3 bucket "
+                           "name: 3-63 characters of a-z 0-9 . -)"), "mirror_wait_s": NON_NEGATIVE}
 
 
 @dataclass

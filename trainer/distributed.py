@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from simmim.pipeline.errors import ConfigError
+from simmim.core.errors import ConfigError
 
 _HOST_GROUP = None  # gloo group for host-side agreement when the default group is NCCL (None: the default)
 
@@ -142,6 +142,16 @@ def first_reported(message: str | None) -> tuple[int, str] | None:
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, message, group=_HOST_GROUP)
     return next(((r, m) for r, m in enumerate(every) if m is not None), None)
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, seen by every rank (gloo); [obj] in
+    one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj, group=_HOST_GROUP)
+    return every
 
 
 def barrier() -> None:

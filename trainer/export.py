@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import timm
@@ -27,12 +25,13 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from simmim.core.errors import CheckpointError
+from simmim.core.io import atomic_folder, remove_stale_partials
 from simmim.kernels import LossOptions
-from simmim.pipeline.errors import CheckpointError
 
-from .checkpoint import Kind, read_checkpoint
+from .checkpoint import CheckpointContents, Kind, read_checkpoint
 from .layouts import is_ours
-from .model import ARCHS, build_simmim
+from .model import ARCHS, build_simmim, default_stats
 
 log = logging.getLogger("simmim")
 
@@ -51,8 +50,13 @@ class ExportError(CheckpointError):
 
 
 def read_pretraining_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """Returns (model state dict, config dict) of a simmim pre-training checkpoint (a file or a DCP
-    folder, through `read_checkpoint`).
+    """Returns (model state dict, config dict) of a simmim pre-training checkpoint (see `read_pretraining`)."""
+    ckpt = read_pretraining(path)
+    return ckpt.model, ckpt.config
+
+
+def read_pretraining(path: str | Path) -> CheckpointContents:
+    """A simmim pre-training checkpoint (a file or a DCP folder), read by `read_checkpoint`.
 
     Raises ExportError, naming the file, for a missing or unreadable file, a fine-tuned checkpoint
     (no mask token / prediction head) or a checkpoint without the config simmim writes.
@@ -70,7 +74,7 @@ def read_pretraining_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if ckpt.layout != "simmim" or not is_ours(ckpt.config):
         raise ExportError(f"'{path}' is a {ckpt.layout} checkpoint, not a simmim one (no model weights with their "
                           f"config): export reads what `simmim pretrain` writes")
-    return ckpt.model, ckpt.config
+    return ckpt
 
 
 def encoder_network(model: nn.Module) -> nn.Module:
@@ -89,21 +93,25 @@ def build_encoder(config: dict, state: dict) -> tuple[nn.Module, str]:
     if arch not in ARCHS:
         raise ExportError(f"the checkpoint's model.arch '{arch}' is unknown here (known: {', '.join(ARCHS)})")
     model = build_simmim(arch, d.get("img_size", 192), d.get("mask_patch_size", 32), m.get("window_size", 0),
-                         loss=LossOptions(**config.get("loss", {})), head=m.get("head", "linear"))
+                         loss=LossOptions(**config.get("loss", {})), head=m.get("head", "linear"),
+                         in_chans=d.get("channels", 3))
     model.load_state_dict(state)
     return encoder_network(model).eval(), ARCHS[arch].family
 
 
 def timm_model_args(net: nn.Module, family: str, img_size: int) -> dict:
-    """The constructor arguments that make timm's registered architecture our encoder."""
+    """The constructor arguments that make timm's registered architecture our encoder (in_chans:
+    the image channels its patch embedding takes)."""
+    in_chans = net.patch_embed.proj.in_channels
     if family in ("swin", "swinv2"):
         stages = net.layers
-        return {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "embed_dim": net.embed_dim,
+        return {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "in_chans": in_chans,
+                "embed_dim": net.embed_dim,
                 "depths": [len(s.blocks) for s in stages],
                 "num_heads": [s.blocks[0].attn.num_heads for s in stages],
                 "window_size": _window(stages[0].blocks[0]), "num_classes": 0}
-    args = {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "embed_dim": net.embed_dim,
-            "depth": len(net.blocks), "num_heads": net.blocks[0].attn.num_heads, "num_classes": 0}
+    args = {"img_size": img_size, "patch_size": net.patch_embed.patch_size[0], "in_chans": in_chans,
+            "embed_dim": net.embed_dim, "depth": len(net.blocks), "num_heads": net.blocks[0].attn.num_heads, "num_classes": 0}
     if family == "vit":
         args.update(use_abs_pos_emb=net.pos_embed is not None,
                     use_shared_rel_pos_bias=net.rel_pos_bias is not None,
@@ -117,8 +125,12 @@ def _window(block: nn.Module) -> int:
     return int(w[0] if isinstance(w, (tuple, list)) else w)
 
 
-def export_timm(net: nn.Module, family: str, img_size: int, out_dir: Path) -> Path:
-    """Writes out_dir/model.safetensors + config.json with timm's `save_for_hf`; returns out_dir."""
+def export_timm(net: nn.Module, family: str, img_size: int, out_dir: Path,
+                normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Path:
+    """Writes out_dir/model.safetensors + config.json with timm's `save_for_hf`; returns out_dir.
+    config.json's model_args hold in_chans, its pretrained_cfg the input size (C, H, W) and the
+    per-channel mean / std of `normalization` (the run's; default ImageNet's for 3 channels, else
+    0.5 per channel), which `timm.data.resolve_data_config` hands to timm's transforms."""
     name = TIMM_ARCHITECTURES[family]
     args = timm_model_args(net, family, img_size)
     target = timm.create_model(name, pretrained=False, **args)
@@ -128,7 +140,9 @@ def export_timm(net: nn.Module, family: str, img_size: int, out_dir: Path) -> Pa
     if missing or unexpected:
         raise RuntimeError(f"{name} does not hold the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # config.json describes these weights, not the template architecture's own pretrained tag
-    meta = {"pretrained_cfg": {"tag": "simmim", "crop_pct": 0.875, "origin_url": None}}
+    mean, std = normalization or default_stats(args["in_chans"])
+    meta = {"pretrained_cfg": {"tag": "simmim", "crop_pct": 0.875, "origin_url": None, "mean": tuple(mean),
+                               "std": tuple(std), "input_size": (args["in_chans"], img_size, img_size)}}
     _write_dir(out_dir, lambda tmp: save_for_hf(target, tmp, model_config=meta, safe_serialization=True))
     return out_dir
 
@@ -166,12 +180,14 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "timm", force: bo
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     out = Path(out)
+    remove_stale_partials(out)  # an export killed before it finished (SIGKILL, SIGTERM)
     check_output(out, Path(checkpoint), force)
-    state, config = read_pretraining_checkpoint(checkpoint)
-    net, family = build_encoder(config, state)
+    ckpt = read_pretraining(checkpoint)
+    config = ckpt.config
+    net, family = build_encoder(config, ckpt.model)
     img_size = config.get("data", {}).get("img_size", 192)
     if fmt == "timm":
-        export_timm(net, family, img_size, out)
+        export_timm(net, family, img_size, out, ckpt.normalization())
     else:
         if family not in ("swin",):
             raise ExportError(f"--format swin needs a Swin encoder; '{checkpoint}' holds a {family} encoder "
@@ -206,31 +222,7 @@ def check_output(out: Path, checkpoint: Path, force: bool) -> None:
                           f"replaces an export; pick another folder")
 
 
-def _permissions() -> tuple[int, int]:
-    """(file, folder) modes under the process umask, read without changing it (Linux /proc; else 022)."""
-    umask = 0o022
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o666 & ~umask, 0o777 & ~umask
-
-
 def _write_dir(out: Path, write) -> None:
-    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (atomic per folder)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        file_mode, dir_mode = _permissions()  # mkdtemp makes 0700: outputs get the usual modes
-        for f in tmp.iterdir():
-            f.chmod(file_mode)
-        tmp.chmod(dir_mode)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (io.atomic_folder:
+    atomic per folder; a killed export's temporary folder is removed by the next one)."""
+    atomic_folder(out, write)

@@ -46,17 +46,18 @@ from scipy.interpolate import RectBivariateSpline
 from scipy.optimize import brentq
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.models import beit, swin_transformer, swin_transformer_v2
+from timm.models import adapt_input_conv, beit, swin_transformer, swin_transformer_v2
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.utils import accuracy
 from torch import nn
 
+from simmim.core.errors import CheckpointError, ConfigError, DatasetError
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.augment import random_erasing
-from simmim.pipeline.errors import CheckpointError, DatasetError
+from simmim.pipeline.stats import normalization
 
 from .checkpoint import Kind, read_checkpoint
-from .config import ConfigError, config_from_dict, load_config
+from .config import config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .finetune_options import FinetuneConfig
 from .layouts import is_ours
@@ -71,11 +72,11 @@ log = logging.getLogger("simmim")
 # ---------------------------------------------------------------- model
 
 def build_classifier(arch: str, img_size: int, num_classes: int, window_size: int = 0,
-                     drop_path: float = 0.1) -> nn.Module:
-    """The timm encoder of `arch` with a linear classification head."""
+                     drop_path: float = 0.1, in_chans: int = 3) -> nn.Module:
+    """The timm encoder of `arch` for `in_chans`-channel images with a linear classification head."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch '{arch}': choose one of {', '.join(ARCHS)}")
-    return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes)
+    return timm_model(ARCHS[arch], img_size, window_size, drop_path, num_classes, in_chans=in_chans)
 
 
 DROPPED = ("mask_token", "decoder.")  # the pre-training's mask token and prediction head
@@ -132,7 +133,8 @@ def resize_rel_pos_bias(table: torch.Tensor, size: int, extra: int = 0) -> torch
 INSTEAD = {"finetune.pretrained": "point finetune.pretrained at another checkpoint of the pre-training run",
            "checkpoint": "evaluate another checkpoint of the fine-tuning run",
            "model.init_from": "point model.init_from at a SimMIM checkpoint or an exported encoder of model.arch, "
-                               "or set model.init_from= (empty) to start from random weights"}
+                               "or set model.init_from= (empty) to start from random weights",
+           "probe.pretrained": "probe another checkpoint of the pre-training run"}
 
 
 def to_timm_layout(encoder: dict, model: nn.Module, family: str) -> tuple[dict, list[str]]:
@@ -192,6 +194,7 @@ def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
         weights, resized = to_timm_layout(encoder, model, family)
     except ValueError as e:
         raise CheckpointError(f"{what} does not match model.arch {arch}: {e}") from None
+    adapted = adapt_channels(weights, model, what)
     for key, value in list(weights.items()):
         if key in own and own[key].shape != value.shape:
             if key.startswith("head"):
@@ -205,7 +208,31 @@ def load_weights(model: nn.Module, encoder: dict, arch: str, what: str) -> dict:
     if len([k for k in encoder_keys if k in weights]) < 0.9 * len(encoder_keys):
         raise CheckpointError(f"{what} does not match model.arch {arch} "
                               f"({len(missing)} of {len(own)} weights missing, e.g. {missing[:3]})")
-    return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized}
+    return {"missing": missing, "unexpected": list(result.unexpected_keys), "resized": resized, "adapted": adapted}
+
+
+PATCH_EMBED = "patch_embed.proj.weight"
+
+
+def adapt_channels(weights: dict, model: nn.Module, what: str) -> str:
+    """Fits the patch embedding of `weights` ((D, C', p, p), timm's names) to `model`'s C input
+    channels in place, with timm's `adapt_input_conv` (what timm does for its own pretrained weights
+    at another in_chans): from RGB (C' = 3) to grey the three filters are summed (a grey image seen
+    as R = G = B gives the same embedding), to C > 1 channels they are repeated and scaled by 3 / C;
+    from grey (C' = 1) the filter is repeated and scaled by 1 / C (the channels' mean seen as grey).
+    Returns what it did, for the load summary ("" when the counts match). CheckpointError, one line
+    naming both counts, for any other pair (e.g. 5 channels there, 3 here)."""
+    w, own = weights.get(PATCH_EMBED), model.state_dict().get(PATCH_EMBED)
+    if w is None or own is None or w.ndim != 4 or w.shape[1] == own.shape[1]:
+        return ""
+    theirs, ours = w.shape[1], own.shape[1]
+    if theirs not in (1, 3):
+        raise CheckpointError(f"{what} holds a {theirs}-channel encoder; this model takes {ours}-channel images "
+                              f"(data.channels={ours}): set data.channels={theirs}, or start from an RGB or grey "
+                              f"checkpoint (those are adapted)")
+    weights[PATCH_EMBED] = adapt_input_conv(ours, w, base_chans=theirs)
+    how = "summed" if ours == 1 else f"repeated, scaled by {theirs}/{ours}"
+    return f"patch embedding adapted from {theirs} to {ours} channels (timm adapt_input_conv: filters {how})"
 
 
 def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dict | None = None,
@@ -224,24 +251,28 @@ def load_pretrained(model: nn.Module, path: str | Path, arch: str, settings: dic
         raise CheckpointError(f"{what} is a {their_arch} checkpoint; model.arch is {arch}")
     report = load_weights(model, ckpt.encoder(), arch, what)
     known = {**ckpt.settings, **{k: v for k, v in (settings or {}).items() if v}}
-    report["resized"] += set_pretrained_windows(model, known, f"{what} ({ckpt.layout} layout)")
+    report["resized"] += set_pretrained_windows(model, known, f"{what} ({ckpt.layout} layout)", key)
     return {**report, "layout": ckpt.layout, "notes": ckpt.notes}
 
 
-def set_pretrained_windows(model: nn.Module, settings: dict, what: str) -> list[str]:
+def set_pretrained_windows(model: nn.Module, settings: dict, what: str, key: str = "finetune.pretrained") -> list[str]:
     """SwinV2 only: each attention's continuous-position-bias coordinates normalised by the window
     its stage had in pre-training (settings: the checkpoint's img_size, window_size, patch_size).
     Returns the names of the attentions whose window differs from pre-training; CheckpointError
-    when the settings lack a size (the bias would silently be read at this model's window)."""
+    when the settings lack a size (the bias would silently be read at this model's window), saying
+    what to do for `key`, the option that named the checkpoint (only fine-tuning has
+    finetune.pretrained_img_size / _window_size to supply them)."""
     if not isinstance(model, SwinTransformerV2):
         return []
     img, window = settings.get("img_size"), settings.get("window_size")
     patch = settings.get("patch_size") or model.patch_embed.patch_size[0]
     if not (img and window):
-        keys = [k for k, v in (("finetune.pretrained_img_size", img), ("finetune.pretrained_window_size", window))
-                if not v]
-        raise CheckpointError(f"{what} does not record the {' and '.join(k.split('_', 1)[1] for k in keys)} it "
-                              f"was pre-trained at, which SwinV2's position bias is normalised by: set {', '.join(keys)}")
+        lacking = [n for n, v in (("img_size", img), ("window_size", window)) if not v]
+        todo = (f"set {', '.join(f'finetune.pretrained_{n}' for n in lacking)}" if key == "finetune.pretrained" else
+                f"point {key} at a checkpoint that records them (this project's checkpoint file or DCP folder, "
+                f"or a `simmim export` folder)")
+        raise CheckpointError(f"{what} does not record the {' and '.join(lacking)} it was pre-trained at, which "
+                              f"SwinV2's position bias is normalised by: {todo}")
     changed = []
     for i, stage in enumerate(model.layers):
         pre = min(window, img // patch // 2 ** i)  # timm clamps a window to its stage's grid
@@ -394,20 +425,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None,
 
 def eval_loader(cfg: FinetuneConfig, path: str, backend: str, dist: DistInfo):
     d, f = cfg.data, cfg.finetune
-    aug = Augmentation(size=d.img_size)
+    mean, std, _ = normalization(d.channels, d.mean, d.std, d.path)
+    aug = Augmentation(size=d.img_size, mean=mean, std=std)
     spec = dataclasses.replace(LoaderSpec.from_config(d, aug, path, train=False, labels=True,
                                                       crop_ratio=f.eval_crop_ratio, drop_last=False), backend=backend)
-    return require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed), path)
-
-
-def require_labels(loader, path: str):
-    """`loader`, or DatasetError (one line) when its data is unlabeled (`classes == []`): an
-    unlabeled folder or list pre-trains, but classification needs class folders or labels."""
-    if getattr(loader, "classes", None) == []:
-        raise DatasetError(f"'{path}' is unlabeled (images directly in its top folder, or a list of bare paths): "
-                           f"fine-tuning and evaluation read class folders <root>/<class>/<image> or a "
-                           f"`path label` list")
-    return loader
+    # labels=True: an unlabeled folder or list is refused in one line by the loader (Loader.require_one_batch)
+    return build_loader(spec, None, dist.device, dist.rank, dist.world_size, cfg.train.seed)
 
 
 def index_names(names: list[str]) -> bool:
@@ -439,7 +462,6 @@ def class_map(data_classes: list[str] | None, head_classes: list[str] | None, ou
 
 
 def num_classes_of(cfg: FinetuneConfig, loader) -> int:
-    require_labels(loader, cfg.data.path)
     if cfg.finetune.num_classes:
         return cfg.finetune.num_classes
     classes = getattr(loader, "classes", None)
@@ -459,20 +481,23 @@ class FinetuneTask:
 
     def build(self, dist: DistInfo):
         d, m, f, t = self.cfg.data, self.cfg.model, self.cfg.finetune, self.cfg.train
-        aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0))
+        mean, std, source = normalization(d.channels, d.mean, d.std, d.path)
+        log.info("data: %d channel(s), normalised by %s mean %s std %s", d.channels, source, mean, std)
+        aug = Augmentation(size=d.img_size, scale=(f.crop_scale, 1.0), mean=mean, std=std)
         # RandAugment is each backend's own (pipeline/rand_augment.py): the spec carries the string
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True, rand_augment=f.rand_augment)
         loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         classes = num_classes_of(self.cfg, loader)
-        net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path)
+        net = build_classifier(m.arch, d.img_size, classes, m.window_size, m.drop_path, d.channels)
         if f.pretrained:
             report = load_pretrained(net, f.pretrained, m.arch, {"img_size": f.pretrained_img_size,
                                                                   "window_size": f.pretrained_window_size})
             for note in report["notes"]:
                 log.info("finetune.pretrained: %s", note)
-            log.info("loaded %s (%s layout): %d missing keys %s, %d unexpected %s, resized %s", f.pretrained,
+            log.info("loaded %s (%s layout): %d missing keys %s, %d unexpected %s, resized %s%s", f.pretrained,
                      report["layout"], len(report["missing"]), report["missing"][:6], len(report["unexpected"]),
-                     report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []))
+                     report["unexpected"][:6], report["resized"][:4] + (["..."] if len(report["resized"]) > 4 else []),
+                     f"; {report['adapted']}" if report["adapted"] else "")
         else:
             log.info("no finetune.pretrained: training from scratch")
         model = Classifier(net, f.label_smoothing).to(dist.device)
@@ -538,7 +563,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
         cfg = config_from_dict(ckpt.config, overrides, FinetuneConfig)
     else:
         recorded = {"data.img_size": ckpt.settings.get("img_size"),
-                    "model.window_size": ckpt.settings.get("window_size")}
+                    "model.window_size": ckpt.settings.get("window_size"), "data.channels": ckpt.settings.get("in_chans")}
         cfg = load_config(None, [f"{k}={v}" for k, v in recorded.items() if v] + list(overrides), FinetuneConfig)
     val = data or cfg.finetune.val_path
     if not val:
@@ -547,8 +572,11 @@ def evaluate_checkpoint(path: str, data: str | None = None, backend: str | None 
     heads = [v for k, v in weights.items() if k in ("head.fc.weight", "head.weight")]
     if not heads:  # (a bare StopIteration once)
         raise CheckpointError(f"'{path}' has no classification head (head.weight): not a fine-tuned checkpoint")
-    net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0)
+    net = build_classifier(cfg.model.arch, cfg.data.img_size, heads[0].shape[0], cfg.model.window_size, 0.0,
+                           cfg.data.channels)
     report = load_weights(net, weights, cfg.model.arch, f"checkpoint '{path}'")
+    if report["adapted"]:
+        log.info("checkpoint '%s': %s", path, report["adapted"])
     if report["missing"]:
         raise CheckpointError(f"checkpoint '{path}' lacks {len(report['missing'])} weights of {cfg.model.arch}, "
                               f"e.g. {report['missing'][:3]}: set model.arch / data.img_size / model.window_size")

@@ -10,7 +10,8 @@ over the encoder's output grid (Swin: the last stage after its norm; ViT: the pa
 final norm). Every rank embeds its share (indices rank::world_size, so no image twice), the training
 features are gathered on every rank, and the hits are summed: the figure does not depend on the
 number of ranks. Needs labelled data: class folders or `path label` lists for data.path and
-data.val_path, read by the torch backend's ImageFolder whatever data.backend is.
+data.val_path, read by the torch backend's ImageFolder whatever data.backend is (with ffcv's .beton
+files the pre-training task builds no monitor and says so: `PretrainTask.knn_monitor`).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, normalize
-from simmim.pipeline.errors import ConfigError
+from simmim.core.errors import ConfigError
+from simmim.pipeline.augment import Augmentation, normalize
 from simmim.pipeline.folder import ImageFolder, read_file_list, scan_folder
 
 from .distributed import DistInfo, all_reduce_sum
@@ -61,9 +62,10 @@ def pooled_features(encoder, images: torch.Tensor, patch_size: int) -> torch.Ten
     return encoder(images, masks).float().mean(dim=(2, 3))
 
 
-def labelled(path: str, key: str):
+def labelled(path: str, key: str, channels: int = 3):
     """(SampleList, classes) of a class folder or a `path label` list; ConfigError when unlabeled."""
-    samples, classes = read_file_list(Path(path)) if Path(path).is_file() else scan_folder(path, announce=log.debug)
+    samples, classes = read_file_list(Path(path)) if Path(path).is_file() else \
+        scan_folder(path, announce=log.debug, channels=channels)
     if not classes and int(samples.labels.max(initial=0)) == 0:
         raise ConfigError(f"{key} '{path}' is unlabeled: run.knn_every needs class folders (or a `path label` list) "
                           f"for data.path and data.val_path; set run.knn_every=0")
@@ -74,15 +76,17 @@ class KNNMonitor:
     """Builds the two fixed image sets once (see the module docstring); `__call__(model)` -> top-1 %."""
 
     def __init__(self, data_path: str, val_path: str, img_size: int, patch_size: int, train_samples: int,
-                 batch_size: int, num_workers: int, seed: int, dist: DistInfo):
-        train, classes = labelled(data_path, "data.path")
-        val, val_classes = labelled(val_path, "data.val_path")
+                 batch_size: int, num_workers: int, seed: int, dist: DistInfo, aug: Augmentation | None = None,
+                 channels: int = 3):
+        """aug: the run's normalisation (mean / std per channel; default ImageNet's), channels: data.channels."""
+        train, classes = labelled(data_path, "data.path", channels)
+        val, val_classes = labelled(val_path, "data.val_path", channels)
 
         self.to_train = class_map(val_classes, classes, len(classes) or int(train.labels.max()) + 1, "data.val_path")
         self.num_classes = len(classes) or int(max(train.labels.max(), val.labels.max())) + 1
-        aug = Augmentation(size=img_size)
-        self.train_set = ImageFolder(data_path, aug, train=False, listed=(train, classes))
-        self.val_set = ImageFolder(val_path, aug, train=False, listed=(val, val_classes))
+        self.aug = aug = Augmentation(size=img_size) if aug is None else aug
+        self.train_set = ImageFolder(data_path, aug, train=False, listed=(train, classes), channels=channels)
+        self.val_set = ImageFolder(val_path, aug, train=False, listed=(val, val_classes), channels=channels)
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_samples]
         self.train_idx = pick.sort().values[dist.rank::dist.world_size].tolist()  # sorted: files read in order
         self.val_idx = list(range(dist.rank, len(val), dist.world_size))
@@ -95,7 +99,8 @@ class KNNMonitor:
                                              num_workers=self.num_workers)
         feats, labels = [], []
         for (images, y), real in lockstep(loader, model, device):
-            images = normalize(images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+            images = images.to(device, non_blocking=True)  # uint8 RGB, or normalised float (data.channels != 3)
+            images = normalize(images, self.aug.mean, self.aug.std) if images.dtype == torch.uint8 else images
             with autocast(device.type, amp_dtype):
                 f = pooled_features(model.encoder, images, self.patch_size)
             if real:

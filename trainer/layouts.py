@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from simmim.pipeline.errors import CheckpointError
+from simmim.core.errors import CheckpointError
 
 from .model import ARCHS
 
@@ -173,8 +173,8 @@ def kind_of(weights: dict, prefix: str) -> Kind:
 # ---------------------------------------------------------------- settings a checkpoint records
 
 def recorded_settings(raw, config, extra: dict | None = None) -> dict[str, int]:
-    """img_size / window_size / patch_size as the checkpoint's own record gives them (only those
-    it gives): this project's config, the released code's yacs config, MMPretrain's cfg text,
+    """img_size / window_size / patch_size / in_chans as the checkpoint's own record gives them (only
+    those it gives): this project's config, the released code's yacs config, MMPretrain's cfg text,
     or a timm config.json (`extra`)."""
     found: dict[str, int] = {}
     if is_ours(config):
@@ -182,6 +182,7 @@ def recorded_settings(raw, config, extra: dict | None = None) -> dict[str, int]:
         found["img_size"] = config.get("data", {}).get("img_size")
         found["window_size"] = config["model"].get("window_size") or (arch.window_size if arch else None)
         found["patch_size"] = arch.patch_size if arch else None
+        found["in_chans"] = config.get("data", {}).get("channels")
     elif is_released(config):
         model = config["MODEL"]
         found["img_size"] = (config.get("DATA") or {}).get("IMG_SIZE")
@@ -197,7 +198,7 @@ def recorded_settings(raw, config, extra: dict | None = None) -> dict[str, int]:
                 found[key] = int(m.group(1))
     elif extra:  # timm's config.json: model_args, else pretrained_cfg's input_size
         args = extra.get("model_args") or {}
-        found.update({k: args.get(k) for k in ("img_size", "window_size", "patch_size")})
+        found.update({k: args.get(k) for k in ("img_size", "window_size", "patch_size", "in_chans")})
         size = (extra.get("pretrained_cfg") or {}).get("input_size")
         if not found.get("img_size") and isinstance(size, list) and len(size) == 3:
             found["img_size"] = size[-1]
@@ -205,13 +206,14 @@ def recorded_settings(raw, config, extra: dict | None = None) -> dict[str, int]:
 
 
 def tensor_settings(encoder: dict[str, torch.Tensor]) -> dict[str, int]:
-    """What the encoder's own tensors fix: the patch size (the patch embedding's kernel), a Swin
-    window (its first relative-position table has (2w - 1)^2 rows; SwinV2: its coordinates
-    table), a BEiT ViT's image size (its shared table has (2g - 1)^2 + 3 rows, g = img / patch)."""
+    """What the encoder's own tensors fix: the patch size and the image channels `in_chans` (the
+    patch embedding's kernel, (D, C, p, p)), a Swin window (its first relative-position table has
+    (2w - 1)^2 rows; SwinV2: its coordinates table), a BEiT ViT's image size (its shared table has
+    (2g - 1)^2 + 3 rows, g = img / patch)."""
     found = {}
     proj = encoder.get("patch_embed.proj.weight", encoder.get("patch_embed.projection.weight"))
     if proj is not None and proj.ndim == 4:
-        found["patch_size"] = proj.shape[-1]
+        found["patch_size"], found["in_chans"] = proj.shape[-1], proj.shape[1]
     shared = encoder.get("rel_pos_bias.relative_position_bias_table")
     if shared is not None and "patch_size" in found:
         side = math.isqrt(shared.shape[0] - 3)

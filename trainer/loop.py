@@ -17,7 +17,9 @@ decides, the ranks agree at their stop checks), and on the way out of a stopped 
   step is saved (by every rank under FSDP2) and the run ends with one line naming the file, the
   rank and the command that rebuilds the list.
 Checkpoints go through a checkpointer (checkpoint.py): torch.save files for DDP, DCP folders for
-FSDP2; both follow the same run-folder rules (runfolder.py).
+FSDP2; both follow the same run-folder rules (runfolder.py). With run.mirror they are also
+uploaded to an object store in the background, and a run folder without a checkpoint resumes from
+the store's newest complete one (mirror.py).
 The run folder is one job's (runfolder.RunLock); nothing but that lock file is written before every
 input is checked: the paths (`check_inputs`), then, under the lock, the checkpoint to resume (its
 config against the new one: a key that defines the run may not change) and the task's model and
@@ -40,17 +42,18 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from simmim.pipeline.errors import ConfigError, DatasetError
-from simmim.pipeline.io import check_folder_writable
+from simmim.core.errors import CheckpointError, ConfigError, DatasetError
+from simmim.core.io import check_folder_writable
+from simmim.core.seeding import keyed_rng
 from simmim.pipeline.loader import Loader
 from simmim.pipeline.loaders import INSTALL, available, validate_data_args
-from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import Checkpointer, CheckpointError, all_checkpoints, make_checkpointer, newest_readable_checkpoint
+from .checkpoint import Checkpointer, all_checkpoints, make_checkpointer, newest_readable_checkpoint
 from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
 from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
+from .mirror import Mirror, MirroredCheckpointer, check_mirror, restore_from_mirror
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import is_fsdp, wrap_for_training
 from .precision import amp_dtype_for
@@ -341,10 +344,12 @@ def check_inputs(cfg: Config, task: Task) -> None:
     """Before the run folder is made: ConfigError for a run.out_dir that cannot be written (read-only,
     immutable, a file); DatasetError / CheckpointError, one line naming the key, for an empty data.path, a data option out of place (a .beton for a backend that does not read one,
     or the reverse, for data.path and every other data source of the task), a backend that is not
-    installed, or an input of the task that does not exist. What needs the inputs opened (an empty
+    installed, an input of the task that does not exist, or (ConfigError) a run.mirror that cannot be written. What needs the inputs opened (an empty
     folder, a bad list line, a checkpoint of another arch) is found by `task.build`, which also
     runs before anything but the provisional lock file is written (`setup_run`)."""
     check_folder_writable(cfg.run.out_dir, "run.out_dir", ConfigError)  # before an hour of set-up, not after
+    if cfg.run.mirror:
+        check_mirror(cfg.run.mirror)  # a bad bucket, no credentials, no endpoint: one line now, not at each save
     d = cfg.data
     validate_data_args(d.backend, d.path)
     if not available(d.backend):
@@ -427,6 +432,9 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     out_dir = Path(cfg.run.out_dir)
     try:
         amp_dtype = amp_dtype_for(t.precision, dist.device)
+        mirror = Mirror(cfg.run.mirror, dist.rank, dist.world_size, cfg.run.keep_last) if cfg.run.mirror else None
+        if mirror is not None:  # the mirror's newest complete checkpoint, where no rank has one as new
+            restore_from_mirror(mirror, out_dir, dist, cfg.to_dict())
         resumed, ckpt, bad, changed = read_run_folder(cfg)  # all but a DCP checkpoint's tensors
         task.resuming = resumed
         model, loader = build_model(cfg, task, dist)
@@ -440,7 +448,10 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
     finally:
         logging.getLogger().removeHandler(held)  # (no-op for None)
     write_run_folder(cfg, dist, lock, held, resumed, bad, changed)
-    checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save)
+    checkpointer = make_checkpointer(t.parallel, out_dir, dist.is_main, cfg.run.keep_last, cfg.run.async_save,
+                                     node_main=dist.local_rank == 0)
+    if mirror is not None:
+        checkpointer = MirroredCheckpointer(checkpointer, mirror, cfg.run.mirror_wait_s)
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
     options = StepOptions(accum_steps=accum, clip_grad=o.clip_grad, amp_dtype=amp_dtype, seed=t.seed,
                           max_skipped_streak=t.max_skipped_steps, log_every=cfg.run.log_every,

@@ -1,15 +1,15 @@
 """SimMIM on timm encoders: mask tokens after patch embedding, a linear head, masked L1 loss.
 
-    images (B, 3, H, W), masks (B, H/32, W/32)
+    images (B, C, H, W), masks (B, H/32, W/32)     (C = in_chans = data.channels: 3, 1 (grey) or N)
       -> encoder: patch embed (+ Swin's patch norm) -> mask-token fill -> [cls token] -> blocks
-      -> features (B, C, H/stride, W/stride)
-      -> head: 1x1 conv to stride^2 * 3 channels + PixelShuffle(stride) -> pred (B, 3, H, W)
-      -> masked_loss(pred, images, masks)
+      -> features (B, D, H/stride, W/stride)
+      -> head: 1x1 conv to stride^2 * C channels + PixelShuffle(stride) -> pred (B, C, H, W)
+      -> masked_loss(pred, images, masks)           (normalised by C: kernels/loss.py)
     (by default the loss takes the conv's output and does the shuffle's indexing itself)
 
 The paper's ablations are options of the same path: `model.head` (trainer/heads.py: linear, mlp,
 inverse Swin-T / Swin-B), `loss.target_size` (predict the image average-pooled to T x T: the head
-predicts (T / (H/stride))^2 pixels per token) and `loss.kind=bins` (3 * bins logits per pixel).
+predicts (T / (H/stride))^2 pixels per token) and `loss.kind=bins` (C * bins logits per pixel).
 
 The encoders are the paper's (the released SimMIM code's):
 - Swin: timm's SwinTransformer (patch norm, no absolute position embedding).
@@ -38,9 +38,9 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch.utils.checkpoint import checkpoint
 
+from simmim.core.errors import ConfigError
 from simmim.kernels import LossOptions, loss_target, mask_token_fill, masked_loss
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from simmim.pipeline.errors import ConfigError
 
 from .heads import HEADS, VIT_DECODER_WINDOW, build_head
 
@@ -120,10 +120,11 @@ def check_swin_window(arch: Arch, img_size: int, window_size: int) -> None:
 
 
 def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float = 0.0, num_classes: int = 0,
-               pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)):
+               pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0), in_chans: int = 3):
     """The timm Swin / SwinV2 / BEiT-style ViT of `arch`: the SimMIM encoder (num_classes=0: ViT with
     one shared relative position bias table) or, with a head, the fine-tuning classifier (ViT: one
-    table per block, mean of the patch tokens + fc_norm, as the released fine-tuning).
+    table per block, mean of the patch tokens + fc_norm, as the released fine-tuning). `in_chans`:
+    image channels the patch embedding takes (timm's argument; 1 for grey, N for multispectral).
 
     SwinV2 only: `pretrained_window_sizes` (per stage; 0: this model's own window) is the window the
     continuous position bias was trained at; its log-spaced coordinates are normalised by it, so a
@@ -136,13 +137,14 @@ def timm_model(arch: Arch, img_size: int, window_size: int = 0, drop_path: float
             return SwinTransformerV2(
                 img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
                 num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path,
-                num_classes=num_classes, pretrained_window_sizes=tuple(pretrained_window_sizes))
+                num_classes=num_classes, pretrained_window_sizes=tuple(pretrained_window_sizes), in_chans=in_chans)
         return SwinTransformer(
             img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depths=arch.depths,
-            num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes)
+            num_heads=arch.num_heads, window_size=window_size, drop_path_rate=drop_path, num_classes=num_classes,
+            in_chans=in_chans)
     shared = num_classes == 0
     return Beit(
-        img_size=img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depths[0],
+        img_size=img_size, patch_size=arch.patch_size, in_chans=in_chans, embed_dim=arch.embed_dim, depth=arch.depths[0],
         num_heads=arch.num_heads[0], qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes,
         global_pool="" if shared else "avg", norm_layer=partial(LayerNorm, eps=1e-6), init_values=0.1,
         use_abs_pos_emb=False, use_rel_pos_bias=not shared, use_shared_rel_pos_bias=shared)
@@ -175,9 +177,9 @@ class SwinEncoder(nn.Module):
     patch embedding and its norm. Returns features (B, 8C, H/32, W/32)."""
     stride = 32
 
-    def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float):
+    def __init__(self, arch: Arch, img_size: int, window_size: int, drop_path: float, in_chans: int = 3):
         super().__init__()
-        self.swin = timm_model(arch, img_size, window_size, drop_path)
+        self.swin = timm_model(arch, img_size, window_size, drop_path, in_chans=in_chans)
         self.num_features = self.swin.num_features
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
@@ -201,9 +203,9 @@ class ViTEncoder(nn.Module):
     the cls token is prepended; the cls token goes through the blocks and is dropped at the end."""
     stride = 16
 
-    def __init__(self, arch: Arch, img_size: int, drop_path: float):
+    def __init__(self, arch: Arch, img_size: int, drop_path: float, in_chans: int = 3):
         super().__init__()
-        self.vit = timm_model(arch, img_size, drop_path=drop_path)
+        self.vit = timm_model(arch, img_size, drop_path=drop_path, in_chans=in_chans)
         self.num_features = self.vit.num_features
         self.grad_checkpointing = False
         self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
@@ -232,15 +234,18 @@ class SimMIM(nn.Module):
     """encoder + prediction head (`head`, trainer/heads.py; default the paper's 1x1 conv +
     PixelShuffle) + the masked loss of `loss` (kernels.LossOptions: the `loss:` section of a
     pre-training config; default L1 on masked pixels). `img_size` and the encoder's stride fix the
-    target grid; `mean` / `std` (the loader's normalisation) turn images back into 0-255 colours for
-    loss.kind=bins. `decoder` holds the head's layers and the PixelShuffle, last."""
+    target grid; `in_chans` is the image's channel count C (the head predicts C values per pixel);
+    `mean` / `std` (the loader's normalisation, C values each in [0, 1] units; default `default_stats`)
+    turn images back into 0-255 values for loss.kind=bins and figures. `decoder` holds the head's
+    layers and the PixelShuffle, last. ValueError when mean / std do not hold C values."""
 
     def __init__(self, encoder: nn.Module, img_size: int, in_chans: int = 3, loss: LossOptions | None = None,
                  fused_shuffle: bool = True, head: str = "linear", encoder_window: int = VIT_DECODER_WINDOW,
-                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+                 mean: tuple | None = None, std: tuple | None = None):
         super().__init__()
         self.encoder = encoder
         self.stride = encoder.stride
+        self.in_chans = in_chans
         self.loss_options = loss or LossOptions()
         self.target_size = self.loss_options.target_size or img_size
         out_chans = in_chans * self.loss_options.channels_per_value
@@ -250,7 +255,11 @@ class SimMIM(nn.Module):
         # On by default: the fused loss reads the head's output before PixelShuffle, saving that
         # copy forward and backward (model.fused_shuffle=false shuffles first, for comparison).
         self.fused_shuffle = fused_shuffle
-        self.register_buffer("mean", torch.tensor(mean), persistent=False)  # (3,), for bins targets and figures
+        default_mean, default_std = default_stats(in_chans)
+        mean, std = tuple(mean or default_mean), tuple(std or default_std)
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"mean {mean} / std {std} must hold one value per channel ({in_chans})")
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)  # (C,), for bins targets and figures
         self.register_buffer("std", torch.tensor(std), persistent=False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -260,20 +269,20 @@ class SimMIM(nn.Module):
                 layer.set_grad_checkpointing(enable)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, return_pred: bool = False):
-        """images (B, 3, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
-        scalar), or (loss, pred (B, 3, H, W)) when return_pred: the prediction as a normalised
+        """images (B, C, H, W) normalised; masks (B, h, w) bool. Returns the loss (a float32
+        scalar), or (loss, pred (B, C, H, W)) when return_pred: the prediction as a normalised
         image (a smaller target upsampled, nearest; bins as their expected colour)."""
         out = self.head_output(images, masks)
         shuffle = self.decoder[-1]
         pred = out if self.fused_shuffle else shuffle(out)
-        target = loss_target(images, self.loss_options, self.mean, self.std)  # (B, 3, T, T)
+        target = loss_target(images, self.loss_options, self.mean, self.std)  # (B, C, T, T)
         loss = masked_loss(pred, target, masks, self.loss_options)
         if not return_pred:
             return loss
         return loss, self.as_image(shuffle(out), images.shape[-2:])
 
     def head_output(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The head's output before PixelShuffle, (B, K*p*p, T/p, T/p) (K = 3, or 3 * bins)."""
+        """The head's output before PixelShuffle, (B, K*p*p, T/p, T/p) (K = C, or C * bins)."""
         out = self.encoder(images, masks)  # (B, C, H/s, W/s)
         for layer in self.decoder[:-1]:
             out = layer(out)
@@ -281,23 +290,32 @@ class SimMIM(nn.Module):
 
     @torch.no_grad()
     def prediction(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The reconstruction alone: (B, 3, H, W) normalised, as `forward(..., return_pred=True)`'s."""
+        """The reconstruction alone: (B, C, H, W) normalised, as `forward(..., return_pred=True)`'s."""
         return self.as_image(self.decoder[-1](self.head_output(images, masks)), images.shape[-2:])
 
     @torch.no_grad()
     def as_image(self, pred: torch.Tensor, size) -> torch.Tensor:
-        """(B, K, T, T) head output -> (B, 3, H, W) normalised image: bins as the softmax-weighted
+        """(B, K, T, T) head output -> (B, C, H, W) normalised image: bins as the softmax-weighted
         mean of the bin centres, a smaller target upsampled (nearest)."""
         o = self.loss_options
         if o.kind == "bins":
             B, _, T, _ = pred.shape
-            prob = pred.float().view(B, 3, o.bins, T, T).softmax(2)
+            C = self.in_chans
+            prob = pred.float().view(B, C, o.bins, T, T).softmax(2)
             centres = (torch.arange(o.bins, device=pred.device) + 0.5) * (256 / o.bins) / 255  # [0, 1] units
             colour = (prob * centres.view(1, 1, -1, 1, 1)).sum(2)
-            pred = (colour - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+            pred = (colour - self.mean.view(1, C, 1, 1)) / self.std.view(1, C, 1, 1)
         if tuple(pred.shape[-2:]) != tuple(size):
             pred = nn.functional.interpolate(pred, size=tuple(size), mode="nearest")
         return pred
+
+
+def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) in [0, 1] units when none is given: ImageNet's for 3 channels, else 0.5 / 0.5 per
+    channel (values in [0, 1] mapped to [-1, 1])."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * in_chans, (0.5,) * in_chans
 
 
 def target_sizes(img_size: int, grid: int, mask_grid: int) -> list[int]:
@@ -340,17 +358,20 @@ def check_model_options(arch: str, img_size: int, mask_patch_size: int, window_s
 
 def build_simmim(arch: str, img_size: int, mask_patch_size: int, window_size: int = 0,
                  drop_path: float = 0.0, loss: LossOptions | None = None, fused_shuffle: bool = True,
-                 head: str = "linear") -> SimMIM:
-    """The SimMIM model of `arch` with prediction head `head`; ConfigError for options that do not fit."""
+                 head: str = "linear", in_chans: int = 3, mean: tuple | None = None,
+                 std: tuple | None = None) -> SimMIM:
+    """The SimMIM model of `arch` with prediction head `head` for `in_chans`-channel images
+    normalised by `mean` / `std` (see `SimMIM`); ConfigError for options that do not fit."""
     check_model_options(arch, img_size, mask_patch_size, window_size, head, loss or LossOptions())
     a = ARCHS[arch]
     if a.family in SWIN_FAMILIES:
-        encoder = SwinEncoder(a, img_size, window_size, drop_path)
+        encoder = SwinEncoder(a, img_size, window_size, drop_path, in_chans)
         window = window_size or a.window_size
     else:
-        encoder = ViTEncoder(a, img_size, drop_path)
+        encoder = ViTEncoder(a, img_size, drop_path, in_chans)
         window = VIT_DECODER_WINDOW
-    return SimMIM(encoder, img_size, loss=loss, fused_shuffle=fused_shuffle, head=head, encoder_window=window)
+    return SimMIM(encoder, img_size, in_chans, loss=loss, fused_shuffle=fused_shuffle, head=head,
+                  encoder_window=window, mean=mean, std=std)
 
 
 def param_groups(model: nn.Module, weight_decay: float, family: str, rule: str = "released") -> list[dict]:

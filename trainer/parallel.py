@@ -82,6 +82,21 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
 
 
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """FSDP2: `module`'s own parameters (not those of its separately sharded blocks) all-gathered
+    for code that calls its children directly, bypassing the forward whose hook would gather them
+    (the linear probe reads an intermediate stage); nothing for an unsharded module."""
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def sync_context(model: nn.Module, sync: bool):
     """A context for one micro-step's backward: gradients are reduced across ranks only if `sync`
     (the last micro-step of an accumulated step)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
+from simmim.pipeline.stats import normalization
 
 from .checkpoint import all_checkpoints
 from .config import PretrainConfig
@@ -66,8 +67,10 @@ def init_from(model, path: str, arch: str, resuming: Path | None) -> None:
     or DCP folder, microsoft/SimMIM's, a `simmim export` folder), adapted as fine-tuning adapts them
     (`finetune.load_pretrained`: relative-position tables resized to this image size and window);
     the mask token and prediction head start fresh, and so do the optimizer and schedule. Logs the
-    missing and unexpected keys in one line. CheckpointError (one line) for another family, patch
-    size or a table it cannot resize. A resume (`resuming`: its checkpoint) reads nothing: the
+    missing and unexpected keys in one line, and the patch embedding's adaptation when the checkpoint
+    has another channel count (RGB or grey to data.channels: `finetune.adapt_channels`).
+    CheckpointError (one line) for another family, patch size, channel count it cannot adapt, or a
+    table it cannot resize. A resume (`resuming`: its checkpoint) reads nothing: the
     run's own checkpoint holds the weights."""
     if resuming is not None:
         log.info("model.init_from %s not read: resuming from %s, which holds the run's own weights", path, resuming)
@@ -78,8 +81,9 @@ def init_from(model, path: str, arch: str, resuming: Path | None) -> None:
     for note in report["notes"]:
         log.info("model.init_from: %s", note)
     log.info("model.init_from %s (%s layout): encoder loaded, mask token and head fresh; %d missing keys %s, "
-             "%d unexpected %s, resized %s", path, report["layout"], len(report["missing"]), report["missing"],
-             len(report["unexpected"]), report["unexpected"], report["resized"])
+             "%d unexpected %s, resized %s%s", path, report["layout"], len(report["missing"]), report["missing"],
+             len(report["unexpected"]), report["unexpected"], report["resized"],
+             f"; {report['adapted']}" if report["adapted"] else "")
 
 
 class PretrainTask:
@@ -91,13 +95,16 @@ class PretrainTask:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         d = cfg.data
-        self.aug = Augmentation(size=d.img_size)
+        mean, std, source = normalization(d.channels, d.mean, d.std, d.path)
+        self.normalization = (f"{d.channels} channel{'s' * (d.channels != 1)} normalised by {source} mean "
+                              f"{[round(v, 4) for v in mean]} std {[round(v, 4) for v in std]}")
+        self.aug = Augmentation(size=d.img_size, mean=mean, std=std)
         self.masks = MaskGenerator(d.img_size, d.mask_patch_size, d.mask_ratio, d.mask_strategy)
 
     def build(self, dist: DistInfo):
         d, m, t = self.cfg.data, self.cfg.model, self.cfg.train
         model = build_simmim(m.arch, d.img_size, d.mask_patch_size, m.window_size, m.drop_path, self.cfg.loss,
-                             m.fused_shuffle, m.head)
+                             m.fused_shuffle, m.head, in_chans=d.channels, mean=self.aug.mean, std=self.aug.std)
         if m.init_from:
             init_from(model, m.init_from, m.arch, self.resuming)
         model = model.to(dist.device)
@@ -108,24 +115,38 @@ class PretrainTask:
             # fixed masks (epoch 0's) and the evaluation view: the same inputs at every validation
             spec = LoaderSpec.from_config(d, self.aug, d.val_path, train=False, drop_last=False)
             self.val_loader = build_loader(spec, self.masks, *where)
-        self.knn = None
-        if self.cfg.run.knn_every > 0 and not d.val_path:
-            if dist.is_main:  # a recipe's monitor (the demo's) must not stop a run told to train without held-out images
-                log.warning("run.knn_every=%d: no k-NN evaluation, data.val_path is empty", self.cfg.run.knn_every)
-        elif self.cfg.run.knn_every > 0:
-            self.knn = KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, self.cfg.run.knn_train_samples,
-                                  d.batch_size, d.num_workers, t.seed, dist)
+        self.knn = self.knn_monitor(dist)
         return model, loader
+
+    def knn_monitor(self, dist: DistInfo) -> KNNMonitor | None:
+        """The k-NN monitor run.knn_every asks for, or None, with a warning from rank 0 naming what it
+        needs, where it cannot run: a recipe's monitor (the demo's) must not stop a run told to train
+        without held-out images, or from FFCV .beton files (the monitor reads image files)."""
+        d, r, m = self.cfg.data, self.cfg.run, self.cfg.model
+        if r.knn_every <= 0:
+            return None
+        if not d.val_path or d.backend == "ffcv":
+            if dist.is_main:
+                log.warning("run.knn_every=%d: no k-NN evaluation, %s (set run.knn_every=0 to silence this)",
+                            r.knn_every, "data.val_path is empty" if not d.val_path else
+                            "it reads image files (class folders or a `path label` list) through the torch loader, "
+                            f"and data.backend=ffcv gives it .beton files ({d.path}, {d.val_path})")
+            return None
+        return KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, r.knn_train_samples,
+                          d.batch_size, d.num_workers, self.cfg.train.seed, dist, self.aug, d.channels)
 
     def param_groups(self, model) -> list[dict]:
         o, arch = self.cfg.optim, ARCHS[self.cfg.model.arch]
         return param_groups(model, o.weight_decay, arch.family, o.weight_decay_rule)
 
     def describe_data(self) -> str:
-        return str(self.masks)
+        return f"{self.normalization}, {self.masks}"
 
     def checkpoint_extra(self) -> dict:
-        return {}
+        """The normalisation the run used (data.mean / data.std, a statistics file or ImageNet's), so
+        reconstruct and export show and describe the images as they were: `CheckpointContents.normalization`."""
+        return {"normalization": {"channels": self.cfg.data.channels, "mean": list(self.aug.mean),
+                                  "std": list(self.aug.std)}}
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         d = self.cfg.data

@@ -26,15 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import Lars
 
+from simmim.core.errors import CheckpointError, ConfigError
+from simmim.core.rules import NON_NEGATIVE, POSITIVE, UP_TO_ONE, Rule, one_of
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-from simmim.pipeline.errors import CheckpointError, ConfigError
-from simmim.pipeline.options import NON_NEGATIVE, POSITIVE, UP_TO_ONE, Rule, one_of
+from simmim.pipeline.stats import normalization
 
 from .config import Config
 from .distributed import DistInfo
-from .finetune import build_classifier, class_map, evaluate, load_pretrained, require_labels
+from .finetune import build_classifier, class_map, evaluate, load_pretrained
 from .loop import fit
 from .model import ARCHS
+from .parallel import gathered
 
 log = logging.getLogger("simmim")
 POOLS = ("avg", "cls")
@@ -93,6 +95,10 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, C) float32: `layer`'s output, pooled."""
+        with gathered(self.net):  # train.parallel=fsdp: its patch embedding and norms are sharded
+            return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         n = self.net
         if self.family == "vit":
             x = n.pos_drop(torch.cat((n.cls_token.expand(len(images), -1, -1), n.patch_embed(images)), dim=1))
@@ -135,25 +141,26 @@ class ProbeTask:
     def build(self, dist: DistInfo):
         d, m, p, t = self.cfg.data, self.cfg.model, self.cfg.probe, self.cfg.train
         check_probe(m.arch, p.layer, p.pool)
-        aug = Augmentation(size=d.img_size, scale=(p.crop_scale, 1.0))
+        mean, std, _ = normalization(d.channels, d.mean, d.std, d.path)  # as pre-training normalised this data
+        aug = Augmentation(size=d.img_size, scale=(p.crop_scale, 1.0), mean=mean, std=std)
         spec = LoaderSpec.from_config(d, aug, train=True, labels=True)
-        loader = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed), d.path)
+        # labels=True: unlabeled data is refused in one line by the loader, before any batch-size check
+        loader = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
         self.class_names = loader.classes
         classes = len(loader.classes) or int(getattr(loader, "num_classes", 0))
-        net = build_classifier(m.arch, d.img_size, max(classes, 1), m.window_size, 0.0)
+        net = build_classifier(m.arch, d.img_size, max(classes, 1), m.window_size, 0.0, d.channels)
         if p.pretrained:
-            report = load_pretrained(net, p.pretrained, m.arch)
-            log.info("probing %s (%s layout): %d missing keys %s", p.pretrained, report["layout"],
-                     len(report["missing"]), report["missing"][:6])
+            report = load_pretrained(net, p.pretrained, m.arch, key="probe.pretrained")
+            log.info("probing %s (%s layout): %d missing keys %s%s", p.pretrained, report["layout"],
+                     len(report["missing"]), report["missing"][:6], f"; {report['adapted']}" if report["adapted"] else "")
         else:
             log.info("no probe.pretrained: probing the encoder at its random initialisation")
         model = LinearProbe(net, ARCHS[m.arch].family, classes, p.layer, p.pool).to(dist.device)
         self.val = None
         if p.val_path:
-            spec = LoaderSpec.from_config(d, Augmentation(size=d.img_size), p.val_path, train=False, labels=True,
-                                          crop_ratio=p.eval_crop_ratio, drop_last=False)
-            self.val = require_labels(build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed),
-                                      p.val_path)
+            spec = LoaderSpec.from_config(d, Augmentation(size=d.img_size, mean=mean, std=std), p.val_path,
+                                          train=False, labels=True, crop_ratio=p.eval_crop_ratio, drop_last=False)
+            self.val = build_loader(spec, None, dist.device, dist.rank, dist.world_size, t.seed)
             self.val_to_head = class_map(self.val.classes, self.class_names, classes, f"probe.val_path '{p.val_path}'")
         self.classes = classes
         return model, loader

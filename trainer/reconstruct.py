@@ -6,7 +6,9 @@
 Per image (and per mask patch size, Fig. 6) one row of four columns: the original (the evaluation
 view: resize + centre crop, `augment.eval_geometry`), the masked input (masked cells grey), the
 prediction of the masked cells pasted into the visible image, and the full reconstruction (the head's
-output everywhere, visible cells included). Normalisation is undone for display.
+output everywhere, visible cells included). The run's normalisation (the per-channel mean / std its
+checkpoint records) is undone for display; a grey run is drawn with a grey colormap, an N-channel one
+by its first three channels.
 
 The checkpoint is read by `checkpoint.read_checkpoint` (this project's file or DCP folder, the released
 microsoft/SimMIM layout); it must hold a pre-training model (encoder, mask token and prediction head).
@@ -15,6 +17,7 @@ thresholded at half a cell (Fig. 5's "mask most of / the whole object").
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +26,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import CheckpointError, UserError
 from simmim.kernels import LossOptions
-from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, denormalize, normalize
+from simmim.pipeline.channels import array_view, extensions, read_pixels
 from simmim.pipeline.decode import DecodeError, decode_rgb
-from simmim.pipeline.errors import CheckpointError, UserError
 from simmim.pipeline.folder import IMAGE_EXTENSIONS, center_crop, to_tensor
 from simmim.pipeline.masking import MASK_STRATEGIES, MaskGenerator
 
 from .checkpoint import Kind, read_checkpoint
 from .finetune import BUFFERS, encoder_family, to_timm_layout
 from .layouts import is_ours, is_released
-from .model import ARCHS, SimMIM, build_simmim
-from .visualize import save_png
+from .model import ARCHS, SimMIM, build_simmim, default_stats
+from .visualize import displayable, save_png, show
 
 CROP_RATIO = 0.875  # the evaluation view's (torchvision Resize(size / 0.875) + CenterCrop(size))
 COLUMNS = ("original", "masked input", "prediction pasted", "full reconstruction")
@@ -43,11 +47,15 @@ HINT = "reconstruct reads a pre-training checkpoint (simmim pretrain's, or micro
 
 @dataclass
 class Pretrained:
-    """A pre-training model rebuilt from a checkpoint: the SimMIM model (eval mode) and its settings."""
+    """A pre-training model rebuilt from a checkpoint: the SimMIM model (eval mode) and its settings:
+    the image channels and the per-channel mean / std the run normalised with."""
     model: SimMIM
     arch: str
     img_size: int
     mask_patch_size: int
+    in_chans: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 def infer_arch(encoder: dict[str, torch.Tensor]) -> str | None:
@@ -94,16 +102,19 @@ def load_pretrained_model(path: str | Path, device: str | torch.device = "cpu") 
     token = next((v for k, v in ckpt.model.items() if k.endswith("mask_token")), None)
     if len(head) != 2 and ckpt.layout != "simmim":  # ours: whatever model.head it trained, built below
         raise CheckpointError(f"{label} has no SimMIM prediction head (decoder.0.weight / bias): {HINT}")
-    img_size = ckpt.settings.get("img_size", 192)
+    img_size, chans = ckpt.settings.get("img_size", 192), ckpt.settings.get("in_chans", 3)
     mask_patch_size = _mask_patch_size(ckpt.config)
+    mean, std = ckpt.normalization() or default_stats(chans)
     ours = ckpt.config if ckpt.layout == "simmim" and is_ours(ckpt.config) else {}
     model = build_simmim(arch, img_size, mask_patch_size, ckpt.settings.get("window_size", 0),
-                         loss=LossOptions(**ours.get("loss", {})), head=ours.get("model", {}).get("head", "linear"))
+                         loss=LossOptions(**ours.get("loss", {})), head=ours.get("model", {}).get("head", "linear"),
+                         in_chans=chans, mean=mean, std=std)
     net = model.encoder.swin if hasattr(model.encoder, "swin") else model.encoder.vit
+    found = Pretrained(model, arch, img_size, mask_patch_size, chans, mean, std)
     try:
         if ckpt.layout == "simmim":  # our own keys: the model's state dict as saved
             model.load_state_dict(ckpt.model)
-            return Pretrained(model.eval().to(device), arch, img_size, mask_patch_size)
+            return dataclasses.replace(found, model=model.eval().to(device))
         weights, _ = to_timm_layout(encoder, net, ARCHS[arch].family)
         missing = [k for k in net.load_state_dict(weights, strict=False).missing_keys if not k.endswith(BUFFERS)]
         if missing:
@@ -112,7 +123,7 @@ def load_pretrained_model(path: str | Path, device: str | torch.device = "cpu") 
         model.decoder[0].load_state_dict(head)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{label} does not fit {arch}: {str(e).splitlines()[0]}") from None
-    return Pretrained(model.eval().to(device), arch, img_size, mask_patch_size)
+    return dataclasses.replace(found, model=model.eval().to(device))
 
 
 def evaluation_view(path: str | Path, size: int) -> torch.Tensor:
@@ -123,6 +134,24 @@ def evaluation_view(path: str | Path, size: int) -> torch.Tensor:
         raise UserError(f"reconstruct: image '{path}' cannot be read ({str(e).splitlines()[0]}): pass a "
                         f"JPEG / PNG image") from None
     return to_tensor(center_crop(img, size, CROP_RATIO))  # the loaders' own evaluation view
+
+
+def evaluation_input(path: str | Path, size: int, channels: int, mean: tuple, std: tuple) -> torch.Tensor:
+    """The model's input for the file at `path`: its evaluation view normalised by `mean` / `std`,
+    (C, size, size) float32. C = 3: `evaluation_view`'s RGB; C = 1: a grey image (`decode_grey`) or a
+    .npy array; C = N: a .npy / .tif array (pipeline/channels.py, the loaders' own rules and view).
+    UserError (one line) for a file that does not read as a C-channel image."""
+    if channels == 3:
+        return normalize(evaluation_view(path, size)[None], mean, std)[0]
+    try:
+        got = read_pixels(path, channels)
+    except (DecodeError, OSError) as e:
+        raise UserError(f"reconstruct: '{path}' cannot be read as a {channels}-channel image of this checkpoint "
+                        f"({str(e).splitlines()[0]})") from None
+    if isinstance(got, tuple):  # an array (H, W, C) and what its values are divided by
+        return array_view(*got, Augmentation(size=size), False, CROP_RATIO, None, mean, std)
+    grey = torch.from_numpy(np.asarray(center_crop(got, size, CROP_RATIO)).copy())  # (S, S) uint8
+    return normalize(grey[None, None], mean, std)[0]
 
 
 def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:
@@ -142,18 +171,20 @@ def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(cells > 0.5)
 
 
-def input_images(inputs: list[str]) -> list[Path]:
-    """The image files named, a folder standing for the images directly inside it (sorted)."""
+def input_images(inputs: list[str], channels: int = 3) -> list[Path]:
+    """The image files named, a folder standing for the images (of a `channels`-channel run:
+    `channels.extensions`) directly inside it (sorted)."""
     found = []
+    suffixes = extensions(channels, IMAGE_EXTENSIONS)
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(p for p in item.iterdir() if p.suffix.lower() in suffixes)
         elif item.exists():
             found.append(item)
         else:
             raise UserError(f"reconstruct: image '{item}' does not exist")
     if not found:
-        raise UserError(f"reconstruct: no images in {', '.join(inputs)} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"reconstruct: no images in {', '.join(inputs)} ({', '.join(sorted(suffixes))})")
     return found
 
 
@@ -175,15 +206,18 @@ def make_masks(mask: str, n: int, img_size: int, cell: int, ratio: float, seed: 
 
 @torch.no_grad()
 def predict(model: SimMIM, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """images (B, 3, H, W) normalised, masks (B, h, w) bool -> the head's prediction (B, 3, H, W) float32."""
+    """images (B, C, H, W) normalised, masks (B, h, w) bool -> the head's prediction (B, C, H, W) float32."""
     return model.prediction(images, masks).float()
 
 
-def panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor) -> list[torch.Tensor]:
-    """The four figure columns, each (B, 3, H, W) float in [0, 1] (see the module docstring)."""
+def panels(images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, mean: tuple = IMAGENET_MEAN,
+           std: tuple = IMAGENET_STD) -> list[torch.Tensor]:
+    """The four figure columns (see the module docstring), each (B, C, H, W) float in [0, 1],
+    un-normalised with the run's per-channel `mean` / `std`; images and pred (B, C, H, W) normalised.
+    The figure shows grey images with a grey colormap, others by their first three channels."""
     m = torch.nn.functional.interpolate(masks[:, None].float(), size=images.shape[-2:], mode="nearest")
-    original = denormalize(images, IMAGENET_MEAN, IMAGENET_STD)
-    full = denormalize(pred, IMAGENET_MEAN, IMAGENET_STD)
+    original = denormalize(images, mean, std)
+    full = denormalize(pred, mean, std)
     return [original, original * (1 - m) + 0.5 * m, original * (1 - m) + full * m, full]
 
 
@@ -205,16 +239,16 @@ def reconstruct(checkpoint: str, inputs: list[str], out: str, mask: str = "rando
     """Writes the figure (rows: image x mask patch size; columns: `COLUMNS`) to `out`; returns its path."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pre = load_pretrained_model(checkpoint, device)
-    files = input_images(inputs)
-    views = torch.stack([evaluation_view(f, pre.img_size) for f in files]).to(device)
-    images = normalize(views, IMAGENET_MEAN, IMAGENET_STD)
+    files = input_images(inputs, pre.in_chans)
+    images = torch.stack([evaluation_input(f, pre.img_size, pre.in_chans, pre.mean, pre.std) for f in files])
+    images = images.to(device)
     patch = ARCHS[pre.arch].patch_size  # mask_token_fill masks whole patches
     rows = []
     for cell in patch_sizes or [pre.mask_patch_size]:
         if cell % patch:
             raise UserError(f"reconstruct: --mask-patch-size {cell} is not a multiple of {pre.arch}'s patch size {patch}")
         masks = make_masks(mask, len(files), pre.img_size, cell, mask_ratio, seed).to(device)
-        cols = panels(images, masks, predict(pre.model, images, masks))
+        cols = panels(images, masks, predict(pre.model, images, masks), pre.mean, pre.std)
         rows += [(f"{f.name}\nmask {cell}px", [c[i] for c in cols]) for i, f in enumerate(files)]
     return _figure(rows, out, f"{Path(checkpoint).name} ({pre.arch}), mask {Path(mask).name}")
 
@@ -228,8 +262,7 @@ def _figure(rows: list[tuple[str, list[torch.Tensor]]], out: str, title: str) ->
     for r, (name, cols) in enumerate(rows):
         for c, img in enumerate(cols):
             ax = axes[r][c]
-            ax.imshow(img.permute(1, 2, 0).cpu().numpy())
-            ax.set_xticks([]), ax.set_yticks([])
+            show(ax, displayable(img[None].cpu())[0])
             if r == 0:
                 ax.set_title(COLUMNS[c], fontsize=9)
             if c == 0:

@@ -26,9 +26,10 @@ import socket
 import time
 from pathlib import Path
 
-from simmim.pipeline.io import temporaries
+from simmim.core.errors import ConfigError
+from simmim.core.io import temporaries
 
-from .config import ConfigError, flatten
+from .config import flatten
 
 log = logging.getLogger("simmim")
 
@@ -171,10 +172,12 @@ def set_aside(bad: list, resumed: Path) -> None:
         log.warning("%s; kept as %s, resumed from %s instead", why, corrupt.name, resumed.name)
 
 
-def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
+def check_resume_config(saved: dict | None, new: dict, path: Path, key: str = "run.out_dir",
+                        place: str | None = None) -> list[str]:
     """Compares a checkpoint's config with the new run's (both as `Config.to_dict()`); returns the
     changed keys a resume allows, raises ConfigError naming those it does not; keys only one side
-    knows are not compared."""
+    knows are not compared. `key` / `place`: where the checkpoint `path` is (run.out_dir and the
+    path's folder; run.mirror and its URL for a mirror's), for the message."""
     if not saved:
         return []
     old, cur = flatten(saved), flatten(new)
@@ -183,6 +186,6 @@ def check_resume_config(saved: dict | None, new: dict, path: Path) -> list[str]:
     if refused:
         diff = ", ".join(f"{k} {old[k]!r} -> {cur[k]!r}" for k in refused)
         allowed = [p for p in RESUMABLE if any(fnmatch.fnmatchcase(k, p) for k in cur)]  # this config's keys only
-        raise ConfigError(f"run.out_dir '{path.parent}' holds another run ({path.name}): {diff} cannot change on "
-                          f"resume (only {', '.join(allowed)} can): set another run.out_dir, or set them back")
+        raise ConfigError(f"{key} '{place or path.parent}' holds another run ({path.name}): {diff} cannot change on "
+                          f"resume (only {', '.join(allowed)} can): set another {key}, or set them back")
     return changed

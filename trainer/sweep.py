@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.io import atomic_write, write_text
+from simmim.core.errors import ConfigError
+from simmim.core.io import atomic_write, write_text
 
 from .checkpoint import all_checkpoints
 from .config import load_config
@@ -203,16 +203,23 @@ class SweepSpec:
     overrides: tuple[str, ...] = ()
     finetune: str | None = None
     finetune_overrides: tuple[str, ...] = ()
+    # run.mirror of the recipe and shared overrides (set by `sweep`): each run gets its own prefix under
+    # it, <mirror>/<variant>/pretrain (a mirror prefix is one run's, as a run folder is)
+    mirror: str = ""
 
     def pretrain_args(self, v: Variant) -> list[str]:
-        return [*self.overrides, *v.overrides(), f"run.out_dir={self.out / v.name / 'pretrain'}"]
+        return [*self.overrides, *v.overrides(), f"run.out_dir={self.out / v.name / 'pretrain'}",
+                *self.mirror_args(v, "pretrain")]
+
+    def mirror_args(self, v: Variant, stage: str) -> list[str]:
+        return [f"run.mirror={self.mirror.rstrip('/')}/{v.name}/{stage}"] if self.mirror else []
 
     def finetune_args(self, v: Variant, pretrained: Path | str, arch: str) -> list[str]:
         """The fine-tuning's overrides: the encoder is the pre-trained one (`arch`, the variant's
         model.arch); a grid over model.window_size reaches the fine-tuning too."""
         window = [f"{k}={x}" for k, x in v.values if k == "model.window_size"]
         return [*self.finetune_overrides, f"model.arch={arch}", *window, f"finetune.pretrained={pretrained}",
-                f"run.out_dir={self.out / v.name / 'finetune'}"]
+                f"run.out_dir={self.out / v.name / 'finetune'}", *self.mirror_args(v, "finetune")]
 
 
 def load_configs(spec: SweepSpec, variants: list[Variant]) -> list[tuple]:
@@ -269,6 +276,7 @@ def sweep(spec: SweepSpec, jobs_only: bool = False, table_only: bool = False) ->
         raise ConfigError("simmim sweep runs its variants in one process: on several GPUs launch each variant as "
                           "a trainer/run.sh job (simmim sweep --jobs lists them; see docs/experiments.md)")
     variants = expand(spec.grid)
+    spec.mirror = load_config(spec.config, list(spec.overrides)).run.mirror
     configs = load_configs(spec, variants)
     spec.out.mkdir(parents=True, exist_ok=True)
     if jobs_only:

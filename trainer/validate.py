@@ -17,10 +17,11 @@ import dataclasses
 import os
 import typing
 
+from simmim.core.errors import ConfigError
+from simmim.core.rules import Rule
 from simmim.kernels.dispatch import MODES
 from simmim.pipeline.decode import check_max_pixels
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.options import Rule
+from simmim.pipeline.options import check_channels
 
 from .model import check_model_options
 
@@ -66,6 +67,10 @@ def validate_config(cfg) -> None:
     if t.parallel == "fsdp" and t.precision == "fp16":
         raise ConfigError("train.parallel=fsdp trains in bf16 or fp32 (no fp16 loss scaling): set train.precision=bf16")
     f = getattr(cfg, "finetune", None)
+    if f is not None and f.rand_augment and d.channels != 3 and (d.channels != 1 or d.backend != "torch"):
+        # RandAugment's ops are colour-image ops: PIL's on grey (mode L) images, nothing for N channels
+        raise ConfigError(f"finetune.rand_augment works on RGB images, and on grey ones with data.backend=torch; "
+                          f"set finetune.rand_augment='' for data.channels={d.channels} with data.backend={d.backend}")
     if f is not None and m.init_from:
         raise ConfigError("model.init_from is for simmim pretrain: fine-tuning starts from finetune.pretrained")
     if f is not None and (f.mixup > 0 or f.cutmix > 0) and d.batch_size % 2:
@@ -73,6 +78,7 @@ def validate_config(cfg) -> None:
         raise ConfigError(f"data.batch_size {d.batch_size} must be even with finetune.mixup / finetune.cutmix on "
                           f"(timm's Mixup pairs images): use an even batch, or set finetune.mixup=0 finetune.cutmix=0")
 
+    check_channels(d.channels, d.mean, d.std, d.backend)
     try:
         check_max_pixels(d.max_pixels)
     except ValueError as e:

@@ -6,14 +6,23 @@ in the destination's folder, then renamed onto the destination (`os.replace`, at
 within one filesystem). The temporary file is created with mode 0o666, so the process umask
 applies exactly as for any file `open()` creates (the usual 0644); nothing reads or changes the
 umask.
+
+A folder of outputs (the sample dataset, an export) is filled by `atomic_folder` in a temporary
+sibling folder that is renamed into place. A process killed while writing one (SIGKILL, SIGTERM's
+default action, a lost node) cannot clean up: the next `atomic_folder` or `remove_stale_partials`
+for the same destination removes it, telling a dead writer's folder from a live one's by the flock(2)
+the writer holds on it until it is done (the kernel releases it when the process dies).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -88,3 +97,92 @@ def temporaries(folder: str | os.PathLike) -> list[Path]:
     folder's owner may delete them (a run folder's lock holder): another process's write may be
     under way."""
     return sorted(p for p in Path(folder).rglob(".*") if TEMPORARY.match(p.name) and p.is_file())
+
+
+def umask() -> int:
+    """The process umask, read without changing it (Linux /proc; elsewhere the usual 0o022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _partials(out: Path) -> list[Path]:
+    """The temporary folders `atomic_folder` makes beside `out`: `.{name}.<8 characters>.partial`."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}\.partial$")
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def remove_stale_partials(out: str | os.PathLike) -> list[Path]:
+    """Removes the temporary folders of `atomic_folder(out, ...)` calls whose process died before
+    finishing (no flock held on them); a folder still being written is left alone. Returns the
+    removed paths."""
+    removed = []
+    for tmp in _partials(Path(out)):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:  # its writer finished or another sweep took it meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_partial(out: Path) -> tuple[Path, int]:
+    """A fresh temporary folder beside `out` and the fd holding its flock."""
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        fd = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweep that found it unlocked in the instant after mkdtemp
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # that sweep removed it as a dead writer's: make another
+
+
+def atomic_folder(out: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Fills the folder `out` atomically: `write(tmp)` fills a temporary sibling folder (flock held),
+    which is renamed onto `out`; an existing `out` is renamed aside first and removed after. The
+    folder and the files directly in it get the usual modes under the umask (mkdtemp makes 0700,
+    safetensors 0600). Any exception, Ctrl-C
+    included, removes the temporary folder and leaves `out` as it was; a killed writer's folder is
+    removed by the next call (`remove_stale_partials`). Returns `out` as a Path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp, fd = _locked_partial(out)
+    try:
+        write(tmp)
+        mask = umask()
+        for f in tmp.iterdir():  # a library writing through its own temporary file (safetensors) leaves 0600
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~mask)
+        tmp.chmod(0o777 & ~mask)
+        if out.exists():  # aside under a partial's name: if killed now, the next call removes it
+            old = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+    return out
