@@ -225,7 +225,7 @@ def test_order_and_masks_do_not_depend_on_world_size(shards, tmp_path):
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()[-3000:]
-    ranks = [torch.load(tmp_path / f"b.{r}") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"b.{r}", weights_only=True) for r in range(2)]
     one = epoch(loader(shards, batch_size=4, masks=MaskGenerator(64, 32, 0.6)), 1, start=2)
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 13
     for k, (images, masks) in enumerate(one):  # rank r holds slots r, r + 2 of each global batch (`mask_slot`)
