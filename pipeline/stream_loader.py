@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 
 import torch
@@ -68,6 +69,7 @@ class StreamLoader(Loader):
         from .stream_dataset import IndexedShards, StreamShards, cache_dir, read_meta  # the stream extra
 
         self.max_pixels = checked_max_pixels(spec.max_pixels)
+        logging.getLogger("streaming").setLevel(logging.WARNING)  # its INFO lines restate defaults it picked
         o = spec.stream
         self.nodes, self.per_node = streaming_world(rank, world_size)
         if self.train and max(self.nodes, o.canonical_nodes) % min(self.nodes, o.canonical_nodes):

@@ -247,6 +247,7 @@ OPTIONAL_HEAVY = {
     "wandb": "the test extra (offline logging)", "sklearn": "the test extra (the probe test)",
     "psutil": "the test extra (memory figures of benchmarks)",
     "matplotlib": "plots only; pyplot sets global state (the Agg backend) when imported",
+    "moto": "the test extra (the local S3 server of `simmim bench loaders`)",
     "boto3": "the stream extra (run.mirror's S3 client)", "botocore": "the stream extra (boto3's core)",
 }
 # `simmim` and `simmim bench` dispatch: each command's module imported when that command runs, so

@@ -132,6 +132,33 @@ def test_missing_shard_is_one_line_naming_it(shards, tmp_path):
         epoch(loader(broken), 0)
 
 
+TINY = ["data.backend=stream", "data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0",
+        "model.arch=swin_micro", "model.window_size=2", "run.progress=false", "run.vis_every=100",
+        "train.warmup_epochs=1", "run.log_every=1", "run.knn_every=0", "data.stream.canonical_nodes=4",
+        "data.stream.predownload=8"]
+
+
+def test_a_run_that_loses_a_shard_stops_with_one_line_after_its_checkpoint(shards, tmp_path):
+    """Epoch 0 trains from the shards; one is deleted; the resumed run stops in epoch 1 with one
+    line naming it and the checkpoint that holds the steps before it (no `simmim scan` advice)."""
+    from simmim.trainer.checkpoint import read_checkpoint
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    data, out = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(shards, data)
+    args = [f"data.path={data}", f"run.out_dir={out}", *TINY]
+    pretrain(load_config("demo", [*args, "train.epochs=1"]))
+    (data / "shard.00006.mds").unlink()
+    with pytest.raises(DatasetError) as e:
+        pretrain(load_config("demo", [*args, "train.epochs=2"]))
+    msg = str(e.value)
+    assert "shard shard.00006.mds of" in msg and "is missing" in msg and "simmim scan" not in msg, msg
+    saved = msg.split("saved in ")[1].split(":")[0]
+    state = read_checkpoint(Path(saved), tensors=False).train["train_state"]
+    assert state["epoch"] == 1 and f"at step {state['step_in_epoch']} of epoch 1" in msg
+
+
 def test_shards_in_s3_train_like_local_ones_within_a_small_cache(sample_root, shards, s3_bucket, tmp_path):
     """Sharded into the local S3 server, read back through a cache of 1 MB (the set is ~2 MB): the
     same batches as from the local folder; the cache never held the whole set."""
@@ -223,3 +250,17 @@ def test_knn_monitor_with_shards_is_one_warning(shards, tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
     assert monitor is None and len(said) == 1 and "\n" not in said[0]
     assert "no k-NN evaluation" in said[0] and "shards" in said[0] and "class folders" in said[0]
+
+
+def test_loaders_bench_streams_from_a_folder_and_its_own_local_s3_server(sample_root, tmp_path):
+    """`simmim bench loaders --backends stream`: ours and streaming's plain pipeline on the same
+    shards, local and through the moto server the benchmark starts; every loader reads every batch."""
+    from simmim.benchmarks import loaders
+
+    out = loaders.main(["--data", str(sample_root / "train"), "--size", "64", "--batch", "4", "--workers", "1",
+                        "--rounds", "1", "--backends", "stream", "--out", str(tmp_path)])
+    rows = {r["loader"]: r for r in out["rows"]}
+    assert list(rows)[2:] == ["stream (plain)", "stream", "stream s3 (plain)", "stream s3"]
+    assert all(r["images"] == 60 for r in rows.values())
+    assert rows["stream s3"]["plain"] == "stream s3 (plain)" and "x plain" in rows["stream s3"]["ratios"]
+    assert "S3_ENDPOINT_URL" not in os.environ  # the benchmark's server and environment are gone
