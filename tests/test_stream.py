@@ -255,12 +255,31 @@ def test_order_and_masks_do_not_depend_on_world_size(shards, tmp_path):
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()[-3000:]
-    ranks = [torch.load(tmp_path / f"b.{r}") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"b.{r}", weights_only=True) for r in range(2)]
     one = epoch(loader(shards, batch_size=4, masks=MaskGenerator(64, 32, 0.6)), 1, start=2)
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 13
     for k, (images, masks) in enumerate(one):  # rank r holds slots r, r + 2 of each global batch (`mask_slot`)
         for r in range(2):
             assert torch.equal(ranks[r][k][0], images[r::2]) and torch.equal(ranks[r][k][1], masks[r::2])
+
+
+def test_knn_monitor_with_shards_is_one_warning(shards, tmp_path, caplog):
+    """run.knn_every with data.backend=stream: the monitor reads image files, so no monitor and one
+    warning saying what it needs (it looked for images in the shard folder and stopped the run)."""
+    import logging
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.pretrain import PretrainTask
+
+    cfg = load_config("demo", ["data.backend=stream", f"data.path={shards}", f"data.val_path={shards}",
+                               "run.knn_every=1", f"run.out_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="simmim"):
+        monitor = PretrainTask(cfg).knn_monitor(DistInfo(rank=0, local_rank=0, world_size=1,
+                                                         device=torch.device("cpu")))
+    said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
+    assert monitor is None and len(said) == 1 and "\n" not in said[0]
+    assert "no k-NN evaluation" in said[0] and "shards" in said[0] and "class folders" in said[0]
 
 
 def test_loaders_bench_streams_from_a_folder_and_its_own_local_s3_server(sample_root, tmp_path):
