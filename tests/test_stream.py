@@ -73,6 +73,29 @@ def test_shard_leaves_out_a_broken_file_and_says_so(sample_root, tmp_path, caplo
     assert meta["samples"] == 59 and any(bad.name in r.getMessage() for r in caplog.records)
 
 
+def test_shard_an_unlabeled_list_and_label_batches_of_a_labeled_set(sample_root, shards, tmp_path):
+    from streaming import StreamingDataset
+
+    files = ImageFolder(sample_root / "train", AUG).samples
+    listed = tmp_path / "unlabeled.txt"
+    listed.write_text("".join(f"{files[i][0]}\n" for i in range(0, 60, 5)))  # bare paths: no labels
+    meta = shard_command(str(listed), str(tmp_path / "out"), SHARD, workers=1, progress=False)
+    sample = StreamingDataset(local=str(tmp_path / "out"), batch_size=1)[3]
+    assert meta["classes"] == [] and "label" not in sample and sample["image"] == Path(files[15][0]).read_bytes()
+    spec = LoaderSpec("stream", str(shards), AUG, 6, 0, train=False, drop_last=False, labels=True)
+    ld = build_loader(spec, None, "cpu")
+    assert ld.classes == ImageFolder(sample_root / "train", AUG).classes
+    labels = torch.cat([b[1] for b in epoch(ld, 0)])
+    assert labels.tolist() == [int(x) for x in files.labels]
+
+
+def test_shard_command_line_says_one_line_for_a_complete_set(sample_root, shards, simmim_cmd):
+    r = subprocess.run([*simmim_cmd, "shard", str(sample_root / "train"), str(shards)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("pass --overwrite to replace it"), \
+        r.stderr[-2000:]
+
+
 def test_an_interrupted_shard_run_never_looks_complete_and_is_cleaned(sample_root, tmp_path, monkeypatch, caplog):
     dest = tmp_path / "out"
     put = shards_mod.ShardDest.put
@@ -166,7 +189,7 @@ def test_pretrain_reads_shards_from_s3_and_refuses_a_url_elsewhere(sample_root, 
     url = f"{s3_bucket}/train"
     shard_command(str(sample_root / "train"), url, SHARD, workers=1, progress=False)
     args = [f"data.path={url}", f"run.out_dir={tmp_path / 'run'}", *TINY, "train.epochs=1",
-            f"data.stream.cache_dir={tmp_path / 'cache'}"]
+            f"data.stream.cache_dir={tmp_path / 'cache'}", "data.stream.cache_limit=1mb"]  # the set: ~2 MB
     pretrain(load_config("demo", args))
     assert (tmp_path / "run" / "checkpoint-00000007.pt").exists()  # 60 images, batch 8: 7 steps
     with pytest.raises(DatasetError, match="only data.backend=stream reads from an object store"):
