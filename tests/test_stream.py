@@ -140,6 +140,18 @@ def test_resume_mid_epoch_gives_the_remaining_batches_with_other_workers(shards)
     assert not torch.equal(full[0][0], epoch(loader(shards), 2)[0][0])  # another epoch, another order
 
 
+def test_persistent_workers_follow_any_epoch_sequence(shards):
+    """Epochs run again, skipped, or left after two batches: 2 persistent workers give what the
+    main process gives for each (epoch, start), never the epoch streaming would count itself."""
+    workers, main = loader(shards, workers=2, seed=1), loader(shards, seed=1)
+    it = iter(workers.set_epoch(6) or workers)
+    next(it), next(it)
+    del it
+    for e, start in [(2, 0), (2, 0), (0, 3), (7, 0)]:
+        got, want = epoch(workers, e, start), epoch(main, e, start)
+        assert len(got) == len(want) == 15 - start and all(torch.equal(a[0], b[0]) for a, b in zip(got, want))
+
+
 def test_evaluation_view_reads_every_sample_once(sample_root, shards):
     ld = loader(shards, batch_size=7, train=False)
     got = torch.cat([b[0] for b in epoch(ld, 0)])
