@@ -5,7 +5,7 @@ Each top-level folder is one subpackage of the `simmim` namespace package (see D
 """
 from setuptools import setup
 
-SUBPACKAGES = ["pipeline", "kernels", "trainer", "benchmarks"]
+SUBPACKAGES = ["core", "kernels", "pipeline", "trainer", "benchmarks", "cli"]
 
 setup(
     name="simmim",
@@ -43,6 +43,6 @@ setup(
         "full": ["triton", "ffcv", "numba", "opencv-python-headless", "nvidia-dali-cuda130", "mosaicml-streaming",
                  "boto3", "pytest", "psutil", "scikit-learn", "moto[server]"],
     },
-    # the full command, `bench` included, lives at the top of the dependency graph (benchmarks/cli.py)
-    entry_points={"console_scripts": ["simmim = simmim.benchmarks.cli:main"]},
+    # the full command, `bench` included, lives at the top of the dependency graph (cli/main.py)
+    entry_points={"console_scripts": ["simmim = simmim.cli.main:main"]},
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from simmim.pipeline.io import atomic_write, write_json
+from simmim.core.io import atomic_write, write_json
 from simmim.pipeline.masking import MASK_STRATEGIES, MaskGenerator, avg_dist
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 10))

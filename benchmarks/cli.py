@@ -1,10 +1,7 @@
-"""The full `simmim` command: the trainer's commands plus `simmim bench NAME [...]`.
+"""`simmim bench NAME [...]`: the benchmarks' subcommand, added to the `simmim` command by cli/main.py.
 
-Dependencies run one way (DESIGN.md): benchmarks use the trainer, the pipeline and the kernels,
-and nothing imports benchmarks. So the trainer's CLI (`simmim.trainer.cli`, which `trainer/run.sh`
-calls) knows nothing of them, and the `simmim` console script is this module, at the top of the
-graph: it takes the trainer's parser, adds `bench`, and runs the result through the trainer's one
-error handler.
+Dependencies run one way (DESIGN.md): benchmarks use the trainer, the pipeline, the kernels and
+core; only the top-level cli/ imports this module, to add `bench` to the trainer's parser.
 
     simmim bench avgdist [...]    the paper's Figure 3a
     simmim bench kernels [...]    fused kernels vs references
@@ -13,14 +10,13 @@ error handler.
     simmim bench loaders [...]    images/sec of each loader, same images
     simmim bench compile [...]    Triton kernels built for sm_90/sm_80, no GPU
     simmim bench heads [...]      the paper's Table 3: each prediction head's cost vs the linear one
+    simmim bench memory [...]     per-GPU memory of each encoder under DDP and FSDP2
+    simmim bench scale [...]      listing, scan, convert and loaders on an ImageNet-sized tree
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable
-
-from simmim.trainer.cli import build_parser, drop_local_rank, run
 
 # Each benchmark's module is imported when its command runs (as trainer/cli.py does for its commands):
 # `simmim --help` or `simmim pretrain` then does not import every benchmark and its dependencies.
@@ -86,13 +82,3 @@ def add_bench(sub) -> None:
     p.add_argument("name", choices=list(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help)")
     p.set_defaults(fn=cmd_bench)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap, sub = build_parser()
-    add_bench(sub)
-    run(ap.parse_args(drop_local_rank(sys.argv[1:] if argv is None else argv)))
-
-
-if __name__ == "__main__":
-    main()

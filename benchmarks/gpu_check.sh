@@ -68,7 +68,7 @@ mkdir -p "$RES" "$WORK/path/simmim"
 # simmim from this checkout, without pip: its folders mapped into a namespace package
 for p in pipeline kernels trainer benchmarks; do ln -sfn "$PWD/$p" "$WORK/path/simmim/$p"; done
 export PYTHONPATH=$WORK/path${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-SIMMIM=("$PY" -m simmim.benchmarks.cli)  # the `simmim` console script: every command, bench included
+SIMMIM=("$PY" -m simmim.cli)  # the `simmim` console script: every command, bench included
 
 # Sizes: the paper's on the GPU; tiny on the CPU (the same commands and flags)
 if ((DRY)); then

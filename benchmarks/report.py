@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from simmim.pipeline.io import atomic_write
+from simmim.core.io import atomic_write
 
 
 def device_name() -> str:

@@ -1,6 +1,5 @@
 """Data in, (images, masks) out: masks, the shared augmentation, loaders, the sample dataset."""
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, denormalize, normalize, sample_crop, sample_view
-from .errors import CheckpointError, ConfigError, DatasetError, UserError
 from .folder import ImageFolder, SampleList, scan_folder
 from .loader import GlobalBatchMasks, Loader
 from .loaders import BACKENDS, build_loader

@@ -36,10 +36,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+from simmim.core.io import write_json
+
 from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .ffcv_compat import keep_torch_threads
-from .folder import DatasetError, SampleList, folder_classes, read_classes, scan_folder, sidecar, walk_tree
-from .io import write_json
+from .folder import SampleList, folder_classes, read_classes, scan_folder, sidecar, walk_tree
 from .scan import check_output
 from .stats import STATS_SUFFIX, ChannelMoments, read_stats, stats_path, write_stats
 

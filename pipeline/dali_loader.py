@@ -80,19 +80,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import derive_seed
+
 from .augment import Augmentation, eval_geometry, sample_views
 from .dali_augment import dali_rand_augment
 from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
 from .channels import is_array_file
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
-from .errors import DatasetError
 from .folder import SampleList
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import DEVICES, LoaderSpec
 from .rand_augment import parse_rand_augment
 from .scanlist import checked_samples
-from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .errors import DatasetError
+from simmim.core.errors import DatasetError
 
 INTERRUPT = signal.SIGUSR2  # sent to our own main thread only
 

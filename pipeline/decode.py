@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, DatasetError
+from simmim.core.errors import ConfigError, DatasetError
 
 # PIL's default decompression-bomb threshold (89,478,485 pixels): the torch loader's limit before
 # this module existed. PIL's open() raises above twice its threshold regardless of ours.

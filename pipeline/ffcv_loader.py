@@ -47,17 +47,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import derive_seed
+
 from .augment import Augmentation, eval_geometry, sample_views
 from .channels import luma
 from .convert import open_beton
-from .errors import DatasetError
 from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
 from .folder import center_crop, read_classes, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import ORDERS, LoaderSpec
 from .rand_augment import BatchRandAugment
-from .seeding import derive_seed
 from .sharding import ShardedSampler, shard_size
 from .views_ahead import ViewsAhead
 

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from simmim.core.errors import DatasetError
+
 from .augment import Augmentation, eval_geometry, normalize, training_view
 from .channels import array_view, extensions, read_pixels
 from .decode import MAX_PIXELS, DecodeError, decode_rgb, file_kind
-from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 

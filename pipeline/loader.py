@@ -31,14 +31,15 @@ from typing import Callable, Iterator
 
 import torch
 
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import torch_generator
+
 from .augment import normalize
 from .decode import DecodeError, decode_rgb
-from .errors import DatasetError
 from .channels import read_pixels
 from .folder import center_crop, channel_view, to_tensor
 from .masking import MaskGenerator
 from .options import LoaderSpec
-from .seeding import torch_generator
 from .sharding import num_batches, shard_size
 
 log = logging.getLogger(__name__)

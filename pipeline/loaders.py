@@ -13,8 +13,9 @@ import importlib.util
 
 import torch
 
+from simmim.core.errors import ConfigError, DatasetError
+
 from .dali_loader import DALILoader
-from .errors import ConfigError, DatasetError
 from .ffcv_loader import FFCVLoader
 from .loader import Loader
 from .masking import MaskGenerator

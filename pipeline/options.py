@@ -8,8 +8,8 @@ fine-tuning, evaluation) turns it into a `LoaderSpec` with what it alone knows (
 view, labels, the per-image transform) via `LoaderSpec.from_config`.
 
 Each options class states its ranges in `rules()` (field -> (test, what the value must be)), beside
-the fields; `trainer/validate.py` walks a whole config and checks every section by its own rules.
-The small vocabulary of ranges below serves the trainer's sections too.
+the fields, in the vocabulary of core/rules.py; `trainer/validate.py` walks a whole config and checks
+every section by its own rules.
 """
 from __future__ import annotations
 
@@ -20,29 +20,19 @@ from typing import Any, Callable
 
 import torch
 
+from simmim.core.errors import ConfigError
+from simmim.core.rules import NON_NEGATIVE, OPEN_UNIT, POSITIVE, UNIT, Rule, one_of
+
 from .augment import Augmentation
 from .decode import MAX_PIXELS
-from .errors import ConfigError
 from .masking import MASK_STRATEGIES
 
 BACKENDS = ("torch", "ffcv", "dali")  # data.backend
 ORDERS = ("random", "quasi_random", "sequential")  # data.ffcv.order
 DEVICES = ("auto", "mixed", "cpu")  # data.dali.device
 
-__all__ = ["BACKENDS", "CHANNELS_SUPPORTED", "DEVICES", "ORDERS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec", "Rule", "check_channels",
-           "one_of"]
-
-Rule = tuple[Callable[[Any], bool], str]  # (test, what the value must be: "> 0", "one of a, b")
-POSITIVE: Rule = (lambda v: v > 0, "> 0")
-NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
-OPEN_UNIT: Rule = (lambda v: 0 < v < 1, "in (0, 1)")
-UNIT: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
-HALF_OPEN_UNIT: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
-UP_TO_ONE: Rule = (lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-def one_of(*choices) -> Rule:
-    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+__all__ = ["BACKENDS", "CHANNELS_SUPPORTED", "DEVICES", "ORDERS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec",
+           "check_channels"]
 
 
 @dataclass

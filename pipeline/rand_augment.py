@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from timm.data import auto_augment
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import ConfigError
-from .seeding import keyed_rng
+from simmim.core.errors import ConfigError
+from simmim.core.seeding import keyed_rng
 
 __all__ = ["BATCH_OPS", "BatchRandAugment", "PILRandAugment", "RandAugmentSpec", "parse_rand_augment"]
 

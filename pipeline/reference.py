@@ -26,6 +26,8 @@ import signal
 
 import torch
 
+from simmim.core.seeding import torch_generator
+
 from .augment import normalize
 from .dali_watchdog import worker_stop_signals
 from .decode import checked_max_pixels
@@ -35,7 +37,6 @@ from .masking import MaskGenerator
 from .options import LoaderSpec
 from .rand_augment import PILRandAugment
 from .scanlist import checked_samples
-from .seeding import torch_generator
 from .sharding import ShardedSampler
 
 

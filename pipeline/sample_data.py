@@ -15,8 +15,8 @@ from pathlib import Path
 import skimage
 from PIL import Image
 
-from .errors import DatasetError
-from .io import atomic_folder, remove_stale_partials
+from simmim.core.errors import DatasetError
+from simmim.core.io import atomic_folder, remove_stale_partials
 
 log = logging.getLogger(__name__)
 

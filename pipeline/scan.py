@@ -32,10 +32,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from simmim.core.errors import DatasetError
+from simmim.core.io import atomic_write, write_json
+
 from .channels import check_file, pixels_of
 from .decode import MAX_PIXELS, DecodeError, check_image, check_max_pixels
-from .folder import DatasetError, SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder
-from .io import atomic_write, write_json
+from .folder import SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder
 from .stats import ChannelMoments
 
 log = logging.getLogger(__name__)

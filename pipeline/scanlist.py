@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
+from simmim.core.errors import DatasetError
+from simmim.core.io import write_json
+
 from .decode import MAX_PIXELS
-from .folder import DatasetError, SampleList, scan_folder, sidecar
-from .io import write_json
+from .folder import SampleList, scan_folder, sidecar
 from .stats import STATS_SUFFIX, write_stats
 from .scan import ScanResult, check_output, clean_list_path, scan_images, write_file_list
 

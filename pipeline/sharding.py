@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import DatasetError
-from .seeding import derive_seeds, torch_generator
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import derive_seeds, torch_generator
 
 
 class ShardedSampler(torch.utils.data.Sampler):

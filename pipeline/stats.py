@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from simmim.core.errors import ConfigError
+from simmim.core.io import write_json
+
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .errors import ConfigError
 from .folder import clean_list_path, sidecar
-from .io import write_json
 
 STATS_SUFFIX = "stats.json"
 

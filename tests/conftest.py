@@ -42,7 +42,7 @@ def sample_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def simmim_cmd():
     """The `simmim` console script, as setup.py installs it."""
-    return [sys.executable, "-m", "simmim.benchmarks.cli"]
+    return [sys.executable, "-m", "simmim.cli"]
 
 
 @pytest.fixture

@@ -59,11 +59,12 @@ def test_flops_counted_exactly_at_full_size():
 
 
 def test_bench_runs_through_the_simmim_command(tmp_path, capsys):
-    """`simmim bench NAME` is the benchmarks' own CLI (the console script); the trainer's has no bench."""
-    from simmim.benchmarks import cli
+    """`simmim bench NAME` runs through the `simmim` console script (cli/main.py); the trainer's CLI has
+    no bench."""
+    from simmim.cli.main import main
     from simmim.trainer import cli as trainer_cli
 
-    cli.main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4", "--strategies", "random"])
+    main(["bench", "avgdist", "--out", str(tmp_path), "--samples", "4", "--strategies", "random"])
     assert (tmp_path / "avgdist.json").stat().st_size > 0
     with pytest.raises(SystemExit) as e:
         trainer_cli.main(["bench", "avgdist"])

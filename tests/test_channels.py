@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from simmim.core.errors import ConfigError, DatasetError
+from simmim.core.seeding import derive_seed
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader, scan_folder
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, training_view
 from simmim.pipeline.channels import check_file, luma, read_array
 from simmim.pipeline.decode import DecodeError, decode_grey
 from simmim.pipeline.scanlist import scan_command
-from simmim.pipeline.seeding import derive_seed
-from simmim.pipeline.errors import ConfigError, DatasetError
 from simmim.pipeline.stats import ChannelMoments, normalization, stats_path
 from simmim.trainer.config import load_config
 

@@ -206,7 +206,7 @@ def test_rgb_checkpoint_adapts_to_a_grey_encoder(tmp_path, caplog):
 
 
 def test_channels_it_cannot_adapt_are_one_line(tmp_path):
-    from simmim.pipeline.errors import CheckpointError
+    from simmim.core.errors import CheckpointError
     from simmim.trainer.finetune import build_classifier, load_pretrained
     from simmim.trainer.pretrain import init_from
 

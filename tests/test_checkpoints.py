@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from simmim.core.errors import CheckpointError
 from simmim.trainer import checkpoint as ckpt_mod
-from simmim.trainer.checkpoint import (CheckpointError, DCPCheckpointer, Kind, TorchSaveCheckpointer,
-                                       newest_readable_checkpoint, read_checkpoint)
+from simmim.trainer.checkpoint import (DCPCheckpointer, Kind, TorchSaveCheckpointer, newest_readable_checkpoint,
+                                       read_checkpoint)
 from simmim.trainer.finetune import Classifier, build_classifier, evaluate_checkpoint, load_pretrained
 from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.model import build_simmim, param_groups
@@ -367,7 +368,7 @@ def test_evaluation_maps_class_folders_by_name(tmp_path, sample_root):
     """A missing class folder moves no other label (it used to shift every later one: top-1 76.9%
     -> 7.7% on the same images, exit 0); a folder the head does not know is one line (it used to be
     an IndexError traceback)."""
-    from simmim.pipeline.errors import DatasetError
+    from simmim.core.errors import DatasetError
 
     classes = sorted(p.name for p in (sample_root / "val").iterdir())
     per_class = {c: len(list((sample_root / "val" / c).glob("*.JPEG"))) for c in classes}
@@ -387,7 +388,7 @@ def test_evaluation_maps_class_folders_by_name(tmp_path, sample_root):
 
 
 def test_class_map_without_names_keeps_indices():
-    from simmim.pipeline.errors import DatasetError
+    from simmim.core.errors import DatasetError
     from simmim.trainer.finetune import class_map
 
     assert class_map(["b", "c"], ["a", "b", "c"], 3, "x").tolist() == [1, 2]

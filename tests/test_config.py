@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from simmim.trainer.config import RECIPES, ConfigError, PretrainConfig, config_from_dict, load_config, save_config
+from simmim.core.errors import ConfigError
+from simmim.trainer.config import RECIPES, PretrainConfig, config_from_dict, load_config, save_config
 from simmim.trainer.finetune_options import FinetuneConfig
 
 

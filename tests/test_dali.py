@@ -105,7 +105,7 @@ def test_folder_without_list_is_scanned_first(hostile, caplog):
     import logging
     import shutil
 
-    from simmim.pipeline.errors import DatasetError
+    from simmim.core.errors import DatasetError
 
     aug, masks = Augmentation(size=32), MaskGenerator(32, 32, 0.6)
     with caplog.at_level(logging.INFO):

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim.pipeline import (Augmentation, DatasetError, ImageFolder, MaskGenerator, ReferenceLoader,
-                             ShardedSampler, sample_crop, scan_folder)
+from simmim.core.errors import DatasetError
+from simmim.pipeline import (Augmentation, ImageFolder, MaskGenerator, ReferenceLoader, ShardedSampler, sample_crop,
+                             scan_folder)
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from simmim.pipeline.sample_data import CLASSES
 

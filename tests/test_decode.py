@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim.pipeline import Augmentation, DatasetError, ImageFolder, scan_folder
+from simmim.core.errors import DatasetError
+from simmim.pipeline import Augmentation, ImageFolder, scan_folder
 from simmim.pipeline.decode import MAX_PIXELS, DecodeError, check_image, decode_rgb
 from simmim.pipeline.folder import quote_path, read_file_list, unquote_path
 from simmim.pipeline.scan import scan_images, write_file_list

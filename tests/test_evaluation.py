@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from simmim.core.errors import UserError
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
-from simmim.pipeline.errors import UserError
 from simmim.trainer.checkpoint import DCPCheckpointer, TorchSaveCheckpointer
 from simmim.trainer.export import swin_original_state_dict
 from simmim.trainer.model import build_simmim

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from simmim.pipeline.errors import ConfigError, UserError
-from simmim.pipeline.io import check_folder_writable
+from simmim.core.errors import ConfigError, UserError
+from simmim.core.io import check_folder_writable
 from simmim.trainer import loop, runlog
 from simmim.trainer import pretrain as pretrain_mod
 from simmim.trainer import visualize
@@ -415,7 +415,7 @@ def test_runs_killed_at_many_points_of_their_writes_leave_nothing_behind(sample_
     temporary file is left, every checkpoint reads and metrics.jsonl holds each step once."""
     import sys
 
-    from simmim.pipeline.io import temporaries
+    from simmim.core.io import temporaries
     from simmim.trainer.checkpoint import read_checkpoint
 
     out = tmp_path / "run"
@@ -458,7 +458,7 @@ def test_killed_sample_data_build_is_cleaned_by_the_next(tmp_path, monkeypatch):
     import fcntl
 
     from simmim.pipeline import sample_data
-    from simmim.pipeline.io import remove_stale_partials
+    from simmim.core.io import remove_stale_partials
 
     out = tmp_path / "s"
     assert _killed_in_child(f"""

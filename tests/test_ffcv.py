@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from simmim.pipeline import Augmentation, DatasetError, MaskGenerator, ReferenceLoader, ShardedSampler
+from simmim.core.errors import DatasetError
+from simmim.pipeline import Augmentation, MaskGenerator, ReferenceLoader, ShardedSampler
+from simmim.pipeline.convert import convert, inspect  # noqa: E402
 from simmim.pipeline.ffcv_loader import ShardedOrder
+from simmim.pipeline.ffcv_loader import FFCVLoader  # noqa: E402
 
 from helpers import HOSTILE_BAD, HOSTILE_GOOD, assert_same_augmentation, loader_crop_stats, make_loader
 
 ffcv = pytest.importorskip("ffcv")
-from simmim.pipeline.convert import convert, inspect  # noqa: E402
-from simmim.pipeline.ffcv_loader import FFCVLoader  # noqa: E402
 
 
 @pytest.fixture(scope="module")

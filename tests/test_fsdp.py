@@ -15,8 +15,8 @@ import pytest
 from helpers import child_pids
 import torch
 
-from simmim.trainer.checkpoint import (CheckpointError, DCPCheckpointer, dcp_checkpoints, is_dcp_checkpoint,
-                                       read_checkpoint)
+from simmim.core.errors import CheckpointError
+from simmim.trainer.checkpoint import DCPCheckpointer, dcp_checkpoints, is_dcp_checkpoint, read_checkpoint
 from simmim.trainer.finetune import build_classifier, load_pretrained
 from simmim.trainer.model import build_simmim, param_groups
 

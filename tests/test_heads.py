@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from simmim.core.errors import ConfigError
 from simmim.kernels import LossOptions
-from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.masking import MaskGenerator
 from simmim.trainer.config import load_config
 from simmim.trainer.heads import HEADS, InverseSwin, decoder_stages

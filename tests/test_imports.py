@@ -1,5 +1,5 @@
-"""Dependencies run one way (DESIGN.md): kernels <- pipeline <- trainer <- benchmarks, and no
-module of ours imports itself round a cycle.
+"""Dependencies run one way (DESIGN.md): core <- kernels <- pipeline <- trainer <- benchmarks <- cli
+(core imports nothing of ours, nothing imports cli), and no module of ours imports itself round a cycle.
 
 Every module of every subpackage is parsed (not imported), and every import statement in it, at
 module level or inside a function, absolute or relative, is resolved to the subpackage it
@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# what each subpackage may import of ours (itself included)
-ALLOWED = {"kernels": {"kernels"},
-           "pipeline": {"pipeline", "kernels"},
-           "trainer": {"trainer", "pipeline", "kernels"},
-           "benchmarks": {"benchmarks", "trainer", "pipeline", "kernels"}}
+# the layers, bottom first: each subpackage may import itself and those before it, nothing after it
+LAYERS = ("core", "kernels", "pipeline", "trainer", "benchmarks", "cli")
+ALLOWED = {pkg: set(LAYERS[:i + 1]) for i, pkg in enumerate(LAYERS)}
 MODULES = sorted(p for pkg in ALLOWED for p in (REPO / pkg).rglob("*.py"))
 
 
@@ -82,7 +80,23 @@ def test_the_check_sees_every_kind_of_import(tmp_path, monkeypatch):
 
 def test_every_module_is_checked():
     names = {str(p.relative_to(REPO)) for p in MODULES}
-    assert {"pipeline/scan.py", "trainer/cli.py", "benchmarks/cli.py", "kernels/loss.py"} <= names
+    assert {"core/errors.py", "pipeline/scan.py", "trainer/cli.py", "benchmarks/cli.py", "kernels/loss.py",
+            "cli/main.py", "cli/__main__.py"} <= names
+
+
+def test_the_layers_run_bottom_to_top(tmp_path, monkeypatch):
+    """core imports nothing of ours, every layer may import those below it, and nothing imports cli:
+    an upward import in any layer is refused, a downward one passes."""
+    assert ALLOWED["core"] == {"core"} and [p for p in ALLOWED if "cli" in ALLOWED[p]] == ["cli"]
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    for i, own in enumerate(LAYERS):
+        pkg = tmp_path / own
+        pkg.mkdir()
+        for j, other in enumerate(LAYERS):
+            f = pkg / f"uses_{other}.py"
+            f.write_text(f"from simmim.{other} import x\n")
+            found = [p for _, p in imported_subpackages(f)]
+            assert found == [other] and (other in ALLOWED[own]) == (j <= i), (own, other)
 
 
 def module_name(path: Path) -> str:
@@ -182,14 +196,14 @@ def test_importing_changes_no_process_state():
     import subprocess
 
     names = [f"simmim.{'.'.join(p.relative_to(REPO).with_suffix('').parts)}".removesuffix(".__init__")
-             for p in MODULES]
+             for p in MODULES if p.name != "__main__.py"]  # a __main__ runs its command when imported
     r = subprocess.run([sys.executable, "-c", IMPORT_ALL, *names], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"imported {len(names)}" in r.stdout
 
 
 MAX_FUNCTION_LINES = 60  # outside kernels/ (issue 13): a longer function is split into named pieces
-SIZE_CHECKED = ("pipeline", "trainer", "benchmarks")
+SIZE_CHECKED = ("core", "pipeline", "trainer", "benchmarks", "cli")
 
 
 def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
@@ -291,8 +305,8 @@ def test_the_function_import_check_catches_one(tmp_path, monkeypatch):
     assert misplaced_imports(f) == []
     f.write_text("def f():\n    import wandb\n    import json\n"
                  "class C:\n    def g(self):\n        from .config import load_config\n"
-                 "        from simmim.pipeline.io import atomic_write\n")
-    assert misplaced_imports(f) == ["line 3: json", "line 6: simmim.trainer.config", "line 7: simmim.pipeline.io"]
+                 "        from simmim.core.io import atomic_write\n")
+    assert misplaced_imports(f) == ["line 3: json", "line 6: simmim.trainer.config", "line 7: simmim.core.io"]
     cli = pkg / "cli.py"
     cli.write_text("def cmd():\n    from .pretrain import pretrain\n    from .validate import validate_config\n")
     assert misplaced_imports(cli) == ["line 3: simmim.trainer.validate"]

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from simmim.trainer.checkpoint import CheckpointError, checkpoints
-from simmim.trainer.config import ConfigError, load_config
+from simmim.core.errors import CheckpointError, ConfigError
+from simmim.trainer.checkpoint import checkpoints
+from simmim.trainer.config import load_config
 from simmim.trainer.distributed import DistInfo
 from simmim.trainer.export import export
 from simmim.trainer.finetune_options import FinetuneConfig

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from simmim.pipeline.errors import ConfigError, DatasetError, UserError
+from simmim.core.errors import CheckpointError, ConfigError, DatasetError, UserError
 from simmim.pipeline.loaders import available
 from simmim.pipeline.rand_augment import parse_rand_augment
-from simmim.trainer.checkpoint import CheckpointError
 from simmim.trainer.config import PretrainConfig, load_config
 from simmim.trainer.finetune import FinetuneTask, finetune
 from simmim.trainer.finetune_options import FinetuneConfig

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.skipif(not dispatch.HAS_TRITON, reason="Triton is not 
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    cmd = [sys.executable, "-m", "simmim.benchmarks.cli", "bench", "compile", "--arch", "90", "--out", str(out)]
+    cmd = [sys.executable, "-m", "simmim.cli", "bench", "compile", "--arch", "90", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads((out / "compile-sm90" / "compile.json").read_text())["rows"]

@@ -136,7 +136,7 @@ def test_torch_workers_normalise_on_the_cpu_into_shared_memory(tmp_path):
 def test_sampler_seeds_are_derive_seed_per_sample():
     """The sampler derives a block of seeds at once; each is still derive_seed of its sample."""
     from simmim.pipeline import ShardedSampler
-    from simmim.pipeline.seeding import derive_seed
+    from simmim.core.seeding import derive_seed
 
     sampler = ShardedSampler(5000, rank=1, world_size=2, seed=7)
     sampler.set_epoch(3, start=10)

@@ -254,7 +254,8 @@ def test_bad_strategy():
     ("data.mask_patch_size=24", "data.img_size 128 must be a multiple of data.mask_patch_size 24"),
 ])
 def test_config_rejects_bad_mask_options_in_one_line(override, match):
-    from simmim.trainer.config import ConfigError, load_config
+    from simmim.core.errors import ConfigError
+    from simmim.trainer.config import load_config
 
     with pytest.raises(ConfigError, match=match):
         load_config("demo", [override])

@@ -19,7 +19,7 @@ pytest.importorskip("boto3", reason="run.mirror needs the stream extra (boto3)")
 
 from botocore.exceptions import EndpointConnectionError  # noqa: E402
 
-from simmim.pipeline.errors import CheckpointError, ConfigError  # noqa: E402
+from simmim.core.errors import CheckpointError, ConfigError
 from simmim.trainer.checkpoint import (DCPCheckpointer, TorchSaveCheckpointer, read_checkpoint,  # noqa: E402
                                        save_checkpoint)
 from simmim.trainer.config import load_config  # noqa: E402

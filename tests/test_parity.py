@@ -13,9 +13,8 @@ import torch
 from scipy import stats
 from scipy.interpolate import make_interp_spline
 
+from simmim.core.errors import CheckpointError, ConfigError
 from simmim.pipeline import MaskGenerator
-from simmim.pipeline.errors import ConfigError
-from simmim.trainer.checkpoint import CheckpointError
 from simmim.trainer.config import load_config
 from simmim.trainer.finetune import (build_classifier, evaluate_checkpoint, layer_decay_groups, load_pretrained,
                                      load_weights, resize_rel_pos_bias)

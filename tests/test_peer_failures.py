@@ -20,7 +20,7 @@ SMALL = ["--config", "demo", "data.img_size=64", "data.num_workers=0", "model.ar
 
 LAUNCHER = '''
 import os, signal
-from simmim.pipeline.errors import DatasetError
+from simmim.core.errors import DatasetError
 from simmim.trainer import pretrain as task_module
 
 

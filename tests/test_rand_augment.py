@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from simmim.pipeline.errors import ConfigError
+from simmim.core.errors import ConfigError
 from simmim.pipeline.rand_augment import (BATCH_OPS, INCREASING_OPS, BatchRandAugment, PILRandAugment, RandAugmentSpec,
                                           parse_rand_augment)
 
@@ -183,7 +183,7 @@ def test_each_backend_applies_its_rand_augment(backend, sample_root, tmp_path, m
     its own in the graph (CPU-only here). Batches keep the contract; the evaluation view is never
     augmented."""
     from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-    from simmim.pipeline.seeding import derive_seed
+    from simmim.core.seeding import derive_seed
 
     path = str(sample_root / "train")
     if backend == "ffcv":

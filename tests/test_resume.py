@@ -1,9 +1,8 @@
 """A run's trajectory does not depend on how it got there: SIGTERM mid-epoch and a restart give the
 uninterrupted run's per-step losses and final weights bit for bit, with every random stream the
 step uses switched on (drop path 0.1; for fine-tuning also RandAugment in DataLoader workers,
-mixup / cutmix and random erasing; pre-training also with DALI). Before pipeline/seeding.py, drop
-path alone moved the loss of the first resumed step (0.61752 instead of 0.61796 in the issue's
-run)."""
+mixup / cutmix and random erasing; pre-training also with DALI). Before core/seeding.py, drop path
+alone moved the loss of the first resumed step (0.61752 instead of 0.61796 in the issue's run)."""
 import signal
 import subprocess
 import sys

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from simmim.pipeline.errors import DatasetError, UserError
+from simmim.core.errors import CheckpointError, ConfigError, DatasetError, UserError
 from simmim.trainer import loop, runlog
 from simmim.trainer import pretrain as pretrain_mod
-from simmim.trainer.checkpoint import CheckpointError, checkpoints, read_checkpoint
-from simmim.trainer.config import ConfigError, PretrainConfig, load_config
+from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+from simmim.trainer.config import PretrainConfig, load_config
 from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.pretrain import pretrain
 from simmim.trainer.runfolder import RunFolderBusy, RunLock
@@ -222,7 +222,7 @@ def test_checkpoint_messages_fit_the_command(tmp_path):
 
 def test_worker_error_message_is_one_line():
     e = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                     "last):\n  File \"x.py\", line 1, in f\nsimmim.pipeline.errors.DatasetError: cannot decode 'a.JPEG'")
+                     "last):\n  File \"x.py\", line 1, in f\nsimmim.core.errors.DatasetError: cannot decode 'a.JPEG'")
     assert runlog.one_line(e) == "cannot decode 'a.JPEG'"
     assert runlog.one_line(DatasetError("cannot decode 'b.JPEG'")) == "cannot decode 'b.JPEG'"
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from simmim.core.seeding import torch_generator
 from simmim.pipeline import Augmentation, ShardedSampler, scan_folder
 from simmim.pipeline import scan as scan_module
 from simmim.pipeline.folder import IMAGE_EXTENSIONS, SampleList, read_file_list
-from simmim.pipeline.seeding import torch_generator
 
 from helpers import make_loader
 

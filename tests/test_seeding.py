@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from simmim.core.seeding import STREAMS, derive_seed, derive_seeds, keyed_rng
 from simmim.pipeline import MaskGenerator, ShardedSampler
 from simmim.pipeline.loader import GlobalBatchMasks
-from simmim.pipeline.seeding import STREAMS, derive_seed, derive_seeds, keyed_rng
 
 
 def test_derive_seed_is_numpy_seed_sequence_and_separates_keys():

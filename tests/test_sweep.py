@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from simmim.pipeline.errors import ConfigError
+from simmim.core.errors import ConfigError
 from simmim.trainer.sweep import expand, finished, format_markdown, parse_grid, variant_name
 
 TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0", "model.arch=swin_micro",

@@ -131,7 +131,7 @@ def test_cli_config_errors_are_one_line(args, message, tmp_path, capsys):
 
 def test_cli_keeps_tracebacks_of_bugs(monkeypatch, capsys):
     """Only a UserError becomes one line; a ValueError from a bug propagates with its traceback."""
-    from simmim.pipeline.errors import DatasetError
+    from simmim.core.errors import DatasetError
     from simmim.trainer import cli
 
     def user_mistake(args):

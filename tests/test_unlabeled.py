@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim.pipeline.errors import DatasetError
+from simmim.core.errors import DatasetError
 from simmim.pipeline.folder import read_file_list, scan_folder
 from simmim.pipeline.scan import write_file_list
 from simmim.pipeline.scanlist import scan_command

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simmim.pipeline import DatasetError, scan_folder
+from simmim.core.errors import DatasetError
+from simmim.pipeline import scan_folder
 from simmim.pipeline.decode import check_image
 from simmim.pipeline.folder import read_file_list
 from simmim.pipeline.scan import scan_images
@@ -192,7 +193,7 @@ def test_max_pixels_rejected_before_the_run_folder_is_written(tmp_path):
     from simmim.trainer.loop import fit
     from simmim.trainer.pretrain import PretrainTask
 
-    from simmim.pipeline.errors import ConfigError
+    from simmim.core.errors import ConfigError
 
     overrides = [f"run.out_dir={tmp_path / 'run'}", "data.max_pixels=0", "train.device=cpu"]
     with pytest.raises(ConfigError, match=r"^data.max_pixels must be an integer in 1\.\.\d+ .*got 0$"):

@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.io import atomic_write
+from simmim.core.errors import CheckpointError
+from simmim.core.io import atomic_write
 
 from .layouts import (Kind, encoder_prefix, from_mmpretrain, is_ours, is_state_dict, kind_of, layout_name,
                       recorded_settings, tensor_settings, unwrap)

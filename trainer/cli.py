@@ -13,10 +13,10 @@
     simmim probe CKPT --config RECIPE [key.sub=value ...]   linear probe of a frozen encoder (top-1 / top-5)
     simmim reconstruct CKPT IMAGE... --out PNG [--mask M]  the paper's reconstruction figure, any image / mask
 
-`simmim bench NAME` is added by benchmarks/cli.py, the `simmim` console script: benchmarks
-sit above the trainer and nothing imports them (DESIGN.md), so this module builds the parser
-(`build_parser`) and runs a parsed command (`run`) for both; `python -m simmim.trainer.cli`, as
-trainer/run.sh calls it, has every command but `bench`.
+The `simmim` console script is cli/main.py, at the top of the dependency graph: it adds
+`simmim bench NAME` (benchmarks/cli.py, which sits above the trainer) to the parser this module
+builds (`build_parser`) and runs a parsed command through this module's `run`;
+`python -m simmim.trainer.cli`, as trainer/run.sh calls it, has every command but `bench`.
 
 User errors (a `UserError`: bad path, config key or value, unreadable data or checkpoint) end with
 one line on stderr and exit 2; a divergence, or a collective that failed because another rank
@@ -31,16 +31,16 @@ import os
 import sys
 from pathlib import Path
 
+from simmim.core.errors import UserError
+from simmim.core.io import WRITE_REFUSED
 from simmim.pipeline.decode import MAX_PIXELS
-from simmim.pipeline.errors import UserError
-from simmim.pipeline.io import WRITE_REFUSED
 from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
 
 from .distributed import PeerLost
 from .runlog import setup_logging
 
 # The commands' modules (and the loop, model and timm behind them) are imported inside each cmd_*
-# function (with benchmarks/cli.py, the only imports of our modules inside functions): `simmim --help`
+# function (with benchmarks/cli.py's, the only imports of our modules inside functions): `simmim --help`
 # or one command then does not import every command (tests/test_imports.py, CLI_DISPATCH).
 
 
@@ -176,7 +176,7 @@ def drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The `simmim` parser and its subcommand table (to which benchmarks/cli.py adds `bench`);
+    """The `simmim` parser and its subcommand table (to which cli/main.py adds `bench`);
     each subcommand sets `fn`, called by `run` with the parsed arguments."""
     ap = argparse.ArgumentParser(prog="simmim", description="SimMIM pre-training, made fast and practical")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -29,10 +29,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from simmim.core.errors import ConfigError
+from simmim.core.io import write_text
+from simmim.core.rules import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, Rule, one_of
 from simmim.kernels import LossOptions
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.io import write_text
-from simmim.pipeline.options import (HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, DataConfig, Rule, one_of)
+from simmim.pipeline.options import DataConfig
 
 from .distributed import DEVICES
 from .heads import HEADS

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from simmim.pipeline.errors import ConfigError
+from simmim.core.errors import ConfigError
 
 _HOST_GROUP = None  # gloo group for host-side agreement when the default group is NCCL (None: the default)
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from simmim.pipeline.errors import DatasetError
-from simmim.pipeline.seeding import keyed_rng
+from simmim.core.errors import DatasetError
+from simmim.core.seeding import keyed_rng
 
 from .compat import skip_nonfinite_step
 from .distributed import all_reduce_mean, any_rank, host_any

@@ -25,9 +25,9 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from simmim.core.errors import CheckpointError
+from simmim.core.io import atomic_folder, remove_stale_partials
 from simmim.kernels import LossOptions
-from simmim.pipeline.errors import CheckpointError
-from simmim.pipeline.io import atomic_folder, remove_stale_partials
 
 from .checkpoint import CheckpointContents, Kind, read_checkpoint
 from .layouts import is_ours

@@ -51,13 +51,13 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.utils import accuracy
 from torch import nn
 
+from simmim.core.errors import CheckpointError, ConfigError, DatasetError
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.augment import random_erasing
-from simmim.pipeline.errors import CheckpointError, DatasetError
 from simmim.pipeline.stats import normalization
 
 from .checkpoint import Kind, read_checkpoint
-from .config import ConfigError, config_from_dict, load_config
+from .config import config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .finetune_options import FinetuneConfig
 from .layouts import is_ours

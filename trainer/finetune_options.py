@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.options import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT, UP_TO_ONE, Rule
+from simmim.core.errors import ConfigError
+from simmim.core.rules import HALF_OPEN_UNIT, NON_NEGATIVE, POSITIVE, UNIT, UP_TO_ONE, Rule
 from simmim.pipeline.rand_augment import parse_rand_augment
 
 from .config import Config

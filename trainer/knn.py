@@ -22,8 +22,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
+from simmim.core.errors import ConfigError
 from simmim.pipeline.augment import Augmentation, normalize
-from simmim.pipeline.errors import ConfigError
 from simmim.pipeline.folder import ImageFolder, read_file_list, scan_folder
 
 from .distributed import DistInfo, all_reduce_sum

@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from simmim.pipeline.errors import CheckpointError
+from simmim.core.errors import CheckpointError
 
 from .model import ARCHS
 

@@ -42,13 +42,13 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from simmim.pipeline.errors import ConfigError, DatasetError
-from simmim.pipeline.io import check_folder_writable
+from simmim.core.errors import CheckpointError, ConfigError, DatasetError
+from simmim.core.io import check_folder_writable
+from simmim.core.seeding import keyed_rng
 from simmim.pipeline.loader import Loader
 from simmim.pipeline.loaders import INSTALL, available, validate_data_args
-from simmim.pipeline.seeding import keyed_rng
 
-from .checkpoint import Checkpointer, CheckpointError, all_checkpoints, make_checkpointer, newest_readable_checkpoint
+from .checkpoint import Checkpointer, all_checkpoints, make_checkpointer, newest_readable_checkpoint
 from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)

@@ -57,8 +57,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from simmim.pipeline.errors import CheckpointError, ConfigError
-from simmim.pipeline.io import atomic_write
+from simmim.core.errors import CheckpointError, ConfigError
+from simmim.core.io import atomic_write
 
 from .checkpoint import DCP_PATTERN, PATTERN, Checkpointer, CheckpointContents, checkpoints, dcp_checkpoints
 from .config import S3_URL

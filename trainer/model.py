@@ -38,9 +38,9 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch.utils.checkpoint import checkpoint
 
+from simmim.core.errors import ConfigError
 from simmim.kernels import LossOptions, loss_target, mask_token_fill, masked_loss
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from simmim.pipeline.errors import ConfigError
 
 from .heads import HEADS, VIT_DECODER_WINDOW, build_head
 

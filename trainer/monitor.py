@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 import numpy as np
 from PIL import Image
 
-from simmim.pipeline.errors import UserError
+from simmim.core.errors import UserError
 
 from .visualize import save_png
 

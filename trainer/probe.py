@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import Lars
 
+from simmim.core.errors import CheckpointError, ConfigError
+from simmim.core.rules import NON_NEGATIVE, POSITIVE, UP_TO_ONE, Rule, one_of
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-from simmim.pipeline.errors import CheckpointError, ConfigError
-from simmim.pipeline.options import NON_NEGATIVE, POSITIVE, UP_TO_ONE, Rule, one_of
 from simmim.pipeline.stats import normalization
 
 from .config import Config

@@ -26,9 +26,10 @@ import socket
 import time
 from pathlib import Path
 
-from simmim.pipeline.io import temporaries
+from simmim.core.errors import ConfigError
+from simmim.core.io import temporaries
 
-from .config import ConfigError, flatten
+from .config import flatten
 
 log = logging.getLogger("simmim")
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from simmim.pipeline.io import atomic_write
+from simmim.core.io import atomic_write
 
 from .runfolder import job_id
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.io import atomic_write, write_text
+from simmim.core.errors import ConfigError
+from simmim.core.io import atomic_write, write_text
 
 from .checkpoint import all_checkpoints
 from .config import load_config

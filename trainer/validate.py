@@ -17,10 +17,11 @@ import dataclasses
 import os
 import typing
 
+from simmim.core.errors import ConfigError
+from simmim.core.rules import Rule
 from simmim.kernels.dispatch import MODES
 from simmim.pipeline.decode import check_max_pixels
-from simmim.pipeline.errors import ConfigError
-from simmim.pipeline.options import Rule, check_channels
+from simmim.pipeline.options import check_channels
 
 from .model import check_model_options
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
+from simmim.core.io import atomic_write
 from simmim.pipeline.augment import denormalize
-from simmim.pipeline.io import atomic_write
 
 
 def pixel_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

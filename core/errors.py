@@ -3,8 +3,8 @@
 The CLI prints a `UserError` as one line (what was wrong and what to do) and exits with status 2;
 anything else is an internal bug and keeps its traceback. Subclasses say where the problem lies.
 `UserError` derives from ValueError so that library callers catching ValueError keep working.
-They live here, in the lowest package that reports user errors, so that every layer above can
-raise them (kernels report bad arguments as plain ValueError: they have no users, only callers).
+They live in core/, below every other package, so that every layer can raise them (kernels report
+bad arguments as plain ValueError: they have no users, only callers).
 """
 from __future__ import annotations
 
