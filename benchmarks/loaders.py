@@ -2,13 +2,16 @@
 output size, batch and workers, in one run, interleaved rounds, medians.
 
     simmim bench loaders [--data data/sample/train | --synthetic N] [--size 192] [--batch 32]
-                         [--workers 2] [--rounds 5] [--epochs 1] [--backends torch,ffcv,dali]
+                         [--workers 2] [--rounds 5] [--epochs 1] [--backends torch,ffcv,dali,stream]
 
 Loaders: ours (`torch`, `ffcv`, `dali`; on a GPU DALI as 'mixed' with and without the hardware JPEG
-decoder, and on the CPU) and, always beside them, the plain pipelines of `plain_loaders.py`:
-torchvision's ImageFolder + RandomResizedCrop (`torchvision (plain)`), the released SimMIM loader's
-transform (`released SimMIM`), and for each of our backends its library's own pipeline on the same
-data (`ffcv (plain)` on the same .beton, `dali ... (plain)` with the same DALI device).
+decoder, and on the CPU; `stream` from shards in a local folder and `stream s3` from the same shards
+in an S3-compatible server, moto's, that the benchmark starts in its own process on 127.0.0.1:
+its CPU counts in the main process) and, always beside them, the plain pipelines of
+`plain_loaders.py`: torchvision's ImageFolder + RandomResizedCrop (`torchvision (plain)`), the
+released SimMIM loader's transform (`released SimMIM`), and for each of our backends its library's
+own pipeline on the same data (`ffcv (plain)` on the same .beton, `dali ... (plain)` with the same
+DALI device, `stream ... (plain)`: StreamingDataset + PIL + torchvision on the same shards).
 
 Every loader is built and runs one warm-up epoch (numba compilation, worker start-up, DALI's
 build: reported as warm-up); then `--rounds` rounds each run `--epochs` epochs of every loader in
@@ -29,6 +32,7 @@ round (a run stopped early leaves the rounds it finished). See docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import os
@@ -47,7 +51,7 @@ from PIL import Image
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader
 from simmim.pipeline.convert import convert
 from simmim.pipeline.loaders import available
-from simmim.pipeline.options import DALIOptions
+from simmim.pipeline.options import DALIOptions, StreamOptions
 from simmim.pipeline.sample_data import build_sample_dataset
 
 from . import plain_loaders as plain
@@ -156,8 +160,9 @@ def epochs_figures(runs: list[dict]) -> dict:
 
 
 def entries(backends: list[str], cuda: bool, src: Path, beton: Path, size: int, batch: int,
-            workers: int) -> list[Entry]:
-    """Our loaders of `backends` and the plain pipelines beside them (module docstring)."""
+            workers: int, shards: dict[str, tuple[str, Path]] | None = None) -> list[Entry]:
+    """Our loaders of `backends` and the plain pipelines beside them (module docstring). `shards`:
+    {label: (shard folder or s3:// URL, a folder for the caches)} for the stream backend."""
     aug, device = Augmentation(size=size), torch.device("cuda" if cuda else "cpu")
     masks = MaskGenerator(size, 32, 0.6)
 
@@ -179,6 +184,12 @@ def entries(backends: list[str], cuda: bool, src: Path, beton: Path, size: int, 
                             str(src), aug, batch, workers, device, m, h)),
                         Entry(label, ours("dali", src, dali=DALIOptions(device=mode, hw_decoder_load=hw)), True,
                               f"{label} (plain)")]
+        elif b == "stream":
+            for label, (path, caches) in (shards or {}).items():  # one cache folder each: streaming's rule
+                out += [Entry(f"{label} (plain)", lambda p=path, c=caches: plain.PlainStreaming(
+                            p, aug, batch, workers, device, str(c / "plain"))),
+                        Entry(label, ours("stream", path, stream=StreamOptions(cache_dir=str(caches / "ours"))),
+                              True, f"{label} (plain)")]
     return out
 
 
@@ -287,7 +298,7 @@ def parser(cuda: bool) -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are taken over them)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs of each loader per round")
-    ap.add_argument("--backends", default="torch,ffcv,dali", help="ours to time; the plain ones always run")
+    ap.add_argument("--backends", default="torch,ffcv,dali,stream", help="ours to time; the plain ones always run")
     ap.add_argument("--max-resolution", type=int, default=256, help=".beton longer side")
     ap.add_argument("--out", default="results")
     return ap
@@ -304,6 +315,42 @@ def source_images(data: str, synthetic: int, tmp: Path) -> Path:
     elif not src.exists() and str(src) == "data/sample/train":
         src = build_sample_dataset("data/sample") / "train"
     return src
+
+
+@contextlib.contextmanager
+def shard_sets(src: Path, tmp: Path, workers: int):
+    """{label: (shards, cache folder)} for the stream backend: `src` written by `simmim shard` into a
+    local folder, and into a bucket of moto's S3-compatible server, started here on 127.0.0.1 (the
+    environment points streaming and boto3 at it until the block ends). Without moto: the local
+    folder only."""
+    from simmim.pipeline.shards import shard_command
+
+    shard_command(str(src), str(tmp / "shards"), workers=workers, progress=False)
+    sets = {"stream": (str(tmp / "shards"), tmp / "cache-local")}
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        print("moto not installed (the test extra): stream s3 left out", flush=True)
+        yield sets
+        return
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's web server logs every request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{server._server.server_port}"
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": url, "S3_ENDPOINT_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="simmim-bench")
+        shard_command(str(src), "s3://simmim-bench/train", workers=workers, progress=False)
+        yield {**sets, "stream s3": ("s3://simmim-bench/train", tmp / "cache-s3")}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
 
 
 def write_results(result: dict, out_root: str, synthetic: int, quiet: bool = False) -> Path:
@@ -334,8 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"not installed, left out: {', '.join(missing)}")
         backends = [b for b in backends if b not in missing]
 
-    with tempfile.TemporaryDirectory(prefix="simmim-bench-loaders-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="simmim-bench-loaders-") as tmp, contextlib.ExitStack() as stack:
         src = source_images(args.data, args.synthetic, Path(tmp))
+        shards = stack.enter_context(shard_sets(src, Path(tmp), args.workers)) if "stream" in backends else None
         conversion, beton = None, Path(tmp) / "bench.beton"
         if "ffcv" in backends:
             conversion = convert(str(src), str(beton), max_resolution=args.max_resolution,
@@ -351,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
             result.update(rows=rows, rounds_done=result["rounds_done"] + 1)
             write_results(result, args.out, args.synthetic, quiet=True)
 
-        table = entries(backends, cuda, src, beton, args.size, args.batch, args.workers)
+        table = entries(backends, cuda, src, beton, args.size, args.batch, args.workers, shards)
         measure(table, args.rounds, args.epochs, device, report)
     write_results(result, args.out, args.synthetic)
     return result

@@ -17,6 +17,9 @@ ImageNet mean/std on the training device (and, for the released SimMIM loader, i
     dali              fn.readers.file + fn.decoders.image_random_crop + fn.resize +
                       fn.crop_mirror_normalize (DALI's ResNet-50 example's training pipeline), on the
                       CPU (device_id=None) or with 'mixed' decoding (nvJPEG, `hw_decoder_load`)
+    streaming         MosaicML streaming's StreamingDataset over the same shards (`simmim shard`),
+                      shuffled, each sample's stored JPEG opened by PIL and given the torchvision
+                      transform above in DataLoader workers (streaming's own image examples)
 
 None draws its crops per sample from (seed, epoch, index) or resumes mid-epoch: they are the
 baseline our exactness is paid against. Every class has `set_epoch(epoch)` (a no-op where the
@@ -24,11 +27,13 @@ library reshuffles by itself) and yields `(images, masks or None)` per batch.
 """
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import torch
 import torchvision.transforms as T
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from simmim.pipeline.augment import Augmentation, normalize
@@ -147,3 +152,41 @@ class PlainDALI:
     def __iter__(self):
         for out in self.iterator:
             yield out[0]["images"].to(self.device, non_blocking=True), None
+
+
+class PlainStreaming:
+    """MosaicML streaming's StreamingDataset + PIL + torchvision's transform in a DataLoader (module
+    docstring): `path` a shard folder, or an s3:// prefix cached in `cache` (its own folder:
+    streaming refuses two live data sets on one)."""
+
+    def __init__(self, path: str, aug: Augmentation, batch_size: int, workers: int, device: torch.device,
+                 cache: str | None = None):
+        from streaming import StreamingDataset
+
+        remote = path if "://" in path else None
+        shards = StreamingDataset(remote=remote, local=cache if remote else path, shuffle=True, batch_size=batch_size)
+        image = T.Compose([T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio),
+                           T.RandomHorizontalFlip(aug.hflip), T.ToTensor(), T.Normalize(aug.mean, aug.std)])
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(
+            _Decoded(shards, image), batch_size=batch_size, num_workers=workers, drop_last=True,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for images in self.loader:
+            yield images.to(self.device, non_blocking=True), None
+
+
+class _Decoded(torch.utils.data.IterableDataset):
+    """A StreamingDataset's samples (dicts with the stored file under 'image') as transformed images."""
+
+    def __init__(self, shards, transform):
+        self.shards, self.transform = shards, transform
+
+    def __iter__(self):
+        for sample in self.shards:
+            yield self.transform(Image.open(io.BytesIO(sample["image"])).convert("RGB"))

@@ -24,3 +24,9 @@ class DatasetError(UserError):
 class CheckpointError(UserError):
     """A checkpoint file that is missing, truncated, not ours or of another kind; the caller says
     what to do."""
+
+
+class ShardError(DatasetError):
+    """A shard of a `data.backend: stream` data set that is missing or cannot be read (the message
+    names it); the fix is to write the shards again (`simmim shard`), not to rescan the images."""
+    needs_scan = False

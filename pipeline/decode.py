@@ -36,6 +36,7 @@ DALI's `fn.decoders.image` arguments `adjust_orientation` and `dtype` (docs.nvid
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -97,10 +98,18 @@ def decode_grey(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.
     return _decode(path, max_pixels, None, grey=True)[0]
 
 
+def decode_rgb_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`decode_rgb` of an image file held in memory (the encoded bytes a shard stores, `shards.py`):
+    the same rules and the same pixels as reading the file. Raises DecodeError (one line)."""
+    return _decode(io.BytesIO(data), max_pixels, None)[0]
+
+
 def _decode(path, max_pixels: int, draft: int | None, grey: bool = False) -> tuple[Image.Image, tuple[int, int]]:
-    """decode_rgb (decode_grey with `grey`), and the (width, height) of the header (before any draft scaling)."""
+    """decode_rgb (decode_grey with `grey`), and the (width, height) of the header (before any draft
+    scaling). `path`: a file's path, or a BytesIO of its bytes."""
+    in_memory = isinstance(path, io.BytesIO)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
+        if not in_memory and not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
             raise DecodeError(f"not a regular file ({file_kind(path)})")
         with warnings.catch_warnings():
             # PIL warns between its threshold and twice it; our own limit decides (below)
@@ -116,7 +125,8 @@ def _decode(path, max_pixels: int, draft: int | None, grey: bool = False) -> tup
         pixels = found.group(1) if found else f"more than {pil_pixel_ceiling()}"
         raise DecodeError(f"{pixels} pixels, over the limit of {max_pixels} (data.max_pixels, --max-pixels)") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file; named in one line
-        if isinstance(e, OSError) and os.path.exists(path) and os.path.getsize(path) == 0:
+        empty = path.getbuffer().nbytes == 0 if in_memory else os.path.exists(path) and os.path.getsize(path) == 0
+        if isinstance(e, OSError) and empty:
             raise DecodeError("zero bytes") from None
         raise DecodeError(f"{type(e).__name__}: {e}".splitlines()[0][:200]) from None
 

@@ -540,16 +540,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return first
 
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        a = self.aug
-        left, top, w, h, flip = training_view(img.width, img.height, a, rng)
-        if self.transform is None and compiled_resize() is not None:
-            return resized_crop_tensor(img, left, top, w, h, a.size, flip)
-        img = resized_crop(img, left, top, w, h, a.size)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.transform is not None:
-            img = self.transform(img, rng)
-        return to_tensor(img)
+        return train_view(img, self.aug, rng, self.transform)
 
     def center_crop(self, img: Image.Image) -> torch.Tensor:
         """The evaluation view: shorter side resized to size / crop_ratio, centre size x size."""
@@ -575,6 +566,23 @@ def channel_view(img, aug: Augmentation, train: bool, crop_ratio: float, rng: ra
     else:
         img = center_crop(img, aug.size, crop_ratio)
     return normalize(torch.from_numpy(np.asarray(img).copy())[None, None], aug.mean, aug.std)[0]  # (1, S, S)
+
+
+def train_view(img: Image.Image, aug: Augmentation, rng: random.Random, transform=None) -> torch.Tensor:
+    """The training view of `img` as the torch backend makes it: uint8 (3, S, S), S = aug.size. The
+    crop box and flip are `training_view`'s draws from `rng` (a sample's own generator,
+    `augment.sample_view`'s), the resize is Pillow's bilinear (compiled where numba is installed and
+    no `transform` follows: `resized_crop_tensor`), then `transform(img, rng)` on the PIL crop if given.
+    Shared by `ImageFolder` and the stream backend, so both give the same pixels for a sample."""
+    left, top, w, h, flip = training_view(img.width, img.height, aug, rng)
+    if transform is None and compiled_resize() is not None:
+        return resized_crop_tensor(img, left, top, w, h, aug.size, flip)
+    img = resized_crop(img, left, top, w, h, aug.size)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if transform is not None:
+        img = transform(img, rng)
+    return to_tensor(img)
 
 
 def resized_crop(img: Image.Image, left: int, top: int, width: int, height: int, size: int) -> Image.Image:

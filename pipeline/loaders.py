@@ -3,8 +3,9 @@
     torch  the reference: PIL decoding in DataLoader workers, from a class-folder tree or list
     ffcv   an FFCV .beton (`simmim convert`), augmentation in FFCV's compiled pipeline
     dali   NVIDIA DALI from the JPEG folder, decoding on the GPU ('mixed') or CPU
+    stream MosaicML streaming shards (`simmim shard`), local or s3://, decoded in DataLoader workers
 
-Each backend reads its own options from the spec (`spec.ffcv`, `spec.dali`) and ignores the
+Each backend reads its own options from the spec (`spec.ffcv`, `spec.dali`, `spec.stream`) and ignores the
 others', so one recipe can switch backends.
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ from .loader import Loader
 from .masking import MaskGenerator
 from .options import BACKENDS, LoaderSpec
 from .reference import ReferenceLoader
+from .stream_loader import StreamLoader
 
 INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev libturbojpeg0-dev pkg-config)"),
-           "dali": ("nvidia.dali", "pip install -e '.[dali]'")}
+           "dali": ("nvidia.dali", "pip install -e '.[dali]'"),
+           "stream": ("streaming", "pip install -e '.[stream]'")}
 
 
 def available(backend: str) -> bool:
@@ -49,6 +52,9 @@ def validate_data_args(backend: str, path: str, key: str = "data.path") -> None:
                            f"(write one with `simmim convert {path} OUT.beton`)")
     if backend != "ffcv" and str(path).endswith(".beton"):
         raise DatasetError(f"{key} '{path}' is an FFCV .beton: use data.backend=ffcv")
+    if backend != "stream" and "://" in str(path):
+        raise DatasetError(f"{key} '{path}' is a URL: only data.backend=stream reads from an object store "
+                           f"(shards written by `simmim shard`)")
 
 
 def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str, rank: int = 0,
@@ -65,6 +71,8 @@ def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.de
         backend = FFCVLoader
     elif spec.backend == "dali":
         backend = DALILoader
+    elif spec.backend == "stream":
+        backend = StreamLoader
     else:
         backend = ReferenceLoader
     return backend(spec, masks, device, rank, world_size, seed)

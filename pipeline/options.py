@@ -3,7 +3,7 @@ a loader is built from.
 
 `DataConfig` is what a user sets (YAML `data:` / `data.x=y` overrides, filled by OmegaConf in
 `trainer/config.py`); the backend-only options sit in their own sub-sections, `data.ffcv.*` and
-`data.dali.*`, so one recipe can switch `data.backend` and every key has one owner. A task (pre-training,
+`data.dali.*`, `data.stream.*`, so one recipe can switch `data.backend` and every key has one owner. A task (pre-training,
 fine-tuning, evaluation) turns it into a `LoaderSpec` with what it alone knows (training or evaluation
 view, labels, the per-image transform) via `LoaderSpec.from_config`.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,12 +28,30 @@ from .augment import Augmentation
 from .decode import MAX_PIXELS
 from .masking import MASK_STRATEGIES
 
-BACKENDS = ("torch", "ffcv", "dali")  # data.backend
+BACKENDS = ("torch", "ffcv", "dali", "stream")  # data.backend
 ORDERS = ("random", "quasi_random", "sequential")  # data.ffcv.order
 DEVICES = ("auto", "mixed", "cpu")  # data.dali.device
+SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")  # data.stream.shuffle_algo (MosaicML streaming's)
 
-__all__ = ["BACKENDS", "CHANNELS_SUPPORTED", "DEVICES", "ORDERS", "DALIOptions", "DataConfig", "FFCVOptions", "LoaderSpec",
-           "check_channels"]
+__all__ = ["BACKENDS", "CHANNELS_SUPPORTED", "DEVICES", "ORDERS", "SHUFFLE_ALGOS", "DALIOptions", "DataConfig",
+           "FFCVOptions", "LoaderSpec", "StreamOptions", "byte_size", "check_channels"]
+
+_BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+
+
+def byte_size(value) -> int | None:
+    """A size in bytes from an int or a string such as '64mb', '1.5GB', '200k' (powers of 1024, as
+    MosaicML streaming reads them); None if `value` is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _BYTES.fullmatch(str(value).strip())
+    if m is None:
+        return None
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+BYTE_SIZE: Rule = (lambda v: v in ("", 0) or (byte_size(v) or 0) > 0,
+                   "a size such as 20gb or 512mb (empty: no limit)")
 
 
 @dataclass
@@ -64,9 +83,28 @@ class DALIOptions:
 
 
 @dataclass
+class StreamOptions:
+    """`data.stream.*`: how the stream backend reads MosaicML streaming shards (`simmim shard`).
+    The sample order of an epoch is a function of (train.seed, epoch, canonical_nodes,
+    shuffle_algo, shuffle_block_size), whatever the number of nodes, ranks and workers
+    (pipeline/stream_loader.py); the number of nodes must divide canonical_nodes or be a multiple of it."""
+    cache_dir: str = ""  # where shards from s3:// are cached on each node; empty: <tmp>/simmim-stream-<uid>/<hash of the URL>
+    cache_limit: str = ""  # e.g. 20gb: least recently used shards are evicted beyond it; empty: keep every shard
+    canonical_nodes: int = 16  # streaming's num_canonical_nodes: fixes the order for any number of nodes
+    shuffle_algo: str = "py1e"  # streaming's shard-aware shuffles; py1e: each shard's samples spread over a block
+    shuffle_block_size: int = 0  # samples shuffled together (fewer: fewer shards resident); 0: streaming's default
+    predownload: int = 0  # samples each worker downloads ahead; 0: 8 x data.batch_size (streaming's default)
+
+    @staticmethod
+    def rules() -> dict[str, Rule]:
+        return {"cache_limit": BYTE_SIZE, "canonical_nodes": POSITIVE, "shuffle_algo": one_of(*SHUFFLE_ALGOS),
+                "shuffle_block_size": NON_NEGATIVE, "predownload": NON_NEGATIVE}
+
+
+@dataclass
 class DataConfig:
     """`data.*`: what to read and how to batch it (shared by pre-training and fine-tuning)."""
-    backend: str = "torch"  # torch | ffcv | dali
+    backend: str = "torch"  # torch | ffcv | dali | stream
     path: str = "data/imagenet/train"
     img_size: int = 192
     mask_patch_size: int = 32
@@ -81,6 +119,7 @@ class DataConfig:
     std: list[float] = field(default_factory=list)  # per channel, > 0; empty: as mean
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
+    stream: StreamOptions = field(default_factory=StreamOptions)
 
     @staticmethod
     def rules() -> dict[str, Rule]:
@@ -94,7 +133,7 @@ class DataConfig:
 
 
 # what each backend decodes (data.channels): FFCV and DALI store / decode 8-bit RGB or grey images only
-CHANNELS_SUPPORTED = {"ffcv": (1, 3), "dali": (1, 3)}
+CHANNELS_SUPPORTED = {"ffcv": (1, 3), "dali": (1, 3), "stream": (3,)}
 
 
 def check_channels(channels: int, mean, std, backend: str) -> None:
@@ -126,7 +165,7 @@ class LoaderSpec:
     rand_augment: fine-tuning's RandAugment as timm's spec string (e.g. 'rand-m9-mstd0.5-inc1'; empty:
     off), applied by each backend in its own way on the training view;
     transform: the torch backend's per-image PIL transform after the crop;
-    ffcv / dali: the backend-only options.
+    ffcv / dali / stream: the backend-only options.
     """
     backend: str
     path: str
@@ -144,6 +183,7 @@ class LoaderSpec:
     transform: Callable[..., Any] | None = None
     ffcv: FFCVOptions = field(default_factory=FFCVOptions)
     dali: DALIOptions = field(default_factory=DALIOptions)
+    stream: StreamOptions = field(default_factory=StreamOptions)
 
     @classmethod
     def from_config(cls, data: DataConfig, aug: Augmentation, path: str | None = None, **task) -> LoaderSpec:
@@ -153,7 +193,8 @@ class LoaderSpec:
         return cls(backend=data.backend, path=str(data.path if path is None else path), aug=aug,
                    batch_size=data.batch_size, num_workers=data.num_workers, max_pixels=data.max_pixels,
                    channels=data.channels,
-                   ffcv=FFCVOptions(**_plain(data.ffcv)), dali=DALIOptions(**_plain(data.dali)), **task)
+                   ffcv=FFCVOptions(**_plain(data.ffcv)), dali=DALIOptions(**_plain(data.dali)),
+                   stream=StreamOptions(**_plain(getattr(data, "stream", None) or StreamOptions())), **task)
 
 
 def _plain(section) -> dict:

@@ -239,12 +239,15 @@ def test_the_length_check_counts_lines(tmp_path):
 # top counts as that dependency).
 OPTIONAL_HEAVY = {
     "ffcv": "the ffcv extra", "numba": "the ffcv extra", "cv2": "the ffcv extra (opencv)",
-    "simmim.pipeline.ffcv_writer": "imports ffcv at its top", "simmim.pipeline.resample": "imports numba at its top",
+    "simmim.pipeline.ffcv_writer": "imports ffcv at its top",
+    "streaming": "the stream extra", "simmim.pipeline.shards": "imports streaming at its top",
+    "simmim.pipeline.stream_dataset": "imports streaming at its top", "simmim.pipeline.resample": "imports numba at its top",
     "nvidia.dali": "the dali extra", "triton": "the triton extra",
     "torch.utils.tensorboard": "TensorBoard: seconds to import, only for a run folder's event files",
     "wandb": "the test extra (offline logging)", "sklearn": "the test extra (the probe test)",
     "psutil": "the test extra (memory figures of benchmarks)",
     "matplotlib": "plots only; pyplot sets global state (the Agg backend) when imported",
+    "moto": "the test extra (the local S3 server of `simmim bench loaders`)",
     "boto3": "the stream extra (run.mirror's S3 client)", "botocore": "the stream extra (boto3's core)",
 }
 # `simmim` and `simmim bench` dispatch: each command's module imported when that command runs, so
@@ -257,7 +260,7 @@ CLI_DISPATCH = {
                        "simmim.trainer.finetune_options", "simmim.trainer.probe", "simmim.trainer.sweep",
                        "simmim.trainer.export", "simmim.trainer.reconstruct", "simmim.trainer.monitor",
                        "simmim.trainer.loop", "simmim.pipeline.scanlist",
-                       "simmim.pipeline.convert", "simmim.pipeline.sample_data"},
+                       "simmim.pipeline.convert", "simmim.pipeline.sample_data", "simmim.pipeline.shards"},
 }
 
 

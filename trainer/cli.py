@@ -7,6 +7,7 @@
     simmim sample-data [--out data/sample]                build the embedded sample dataset
     simmim scan SRC [--out LIST]                          check every image; clean list + bad-file report
     simmim convert SRC DST.beton [...]                    ImageNet folder (or list) -> FFCV .beton
+    simmim shard SRC DEST [--shard-size 64mb]             folder (or list) -> streaming shards, local or s3://
     simmim inspect X.beton                                samples, labels, resolutions, decode check
     simmim export CKPT OUT_DIR [--format timm|swin]      the encoder for timm / detection codebases
     simmim plot RUN [RUN ...] [--out PNG]                 loss and lr curves of runs, overlaid
@@ -125,6 +126,13 @@ def cmd_convert(args) -> None:
                      channels=args.channels, stats=args.stats)
     if report["bad"]:
         print(f"{report['bad']} unreadable file(s) skipped; listed in the report beside {args.dst}")
+
+
+def cmd_shard(args) -> None:
+    from simmim.pipeline.shards import shard_command
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    shard_command(args.src, args.dest, args.shard_size, args.workers, args.max_pixels, args.overwrite)
 
 
 def cmd_inspect(args) -> None:
@@ -270,6 +278,15 @@ def add_data_commands(sub) -> None:
                    help="measure the per-channel mean and std in this pass when SRC has no statistics file "
                         "(from `simmim scan --stats`, copied otherwise); written beside DST")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("shard", help="write a folder or list as MosaicML streaming shards (data.backend: stream)")
+    p.add_argument("src", help="class folders, an unlabeled folder or a list (what data.path reads)")
+    p.add_argument("dest", help="a local folder or an object-store prefix (s3://bucket/prefix)")
+    p.add_argument("--shard-size", default="64mb", help="largest shard (e.g. 64mb)")
+    p.add_argument("--workers", type=int, default=0, help="processes checking the images (0: all cores)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete shard set at DEST")
+    p.set_defaults(fn=cmd_shard)
 
     p = sub.add_parser("inspect", help="summarise a .beton and check that every sample decodes")
     p.add_argument("path")

@@ -355,7 +355,7 @@ def check_inputs(cfg: Config, task: Task) -> None:
     if not available(d.backend):
         raise DatasetError(f"data.backend {d.backend} is not installed: {INSTALL[d.backend][1]}")
     for key, (path, hint) in task.inputs().items():
-        if path and not Path(path).exists():
+        if path and "://" not in path and not Path(path).exists():  # a URL (data.backend stream) is opened by `build`
             error = CheckpointError if key in NOT_DATA else DatasetError
             raise error(f"{key} '{path}' does not exist: {hint}")
         if path and key not in NOT_DATA and key != "data.path":

@@ -121,16 +121,17 @@ class PretrainTask:
     def knn_monitor(self, dist: DistInfo) -> KNNMonitor | None:
         """The k-NN monitor run.knn_every asks for, or None, with a warning from rank 0 naming what it
         needs, where it cannot run: a recipe's monitor (the demo's) must not stop a run told to train
-        without held-out images, or from FFCV .beton files (the monitor reads image files)."""
+        without held-out images, or from FFCV .beton files or stream shards (the monitor reads image files)."""
         d, r, m = self.cfg.data, self.cfg.run, self.cfg.model
         if r.knn_every <= 0:
             return None
-        if not d.val_path or d.backend == "ffcv":
+        if not d.val_path or d.backend in ("ffcv", "stream"):
             if dist.is_main:
                 log.warning("run.knn_every=%d: no k-NN evaluation, %s (set run.knn_every=0 to silence this)",
                             r.knn_every, "data.val_path is empty" if not d.val_path else
                             "it reads image files (class folders or a `path label` list) through the torch loader, "
-                            f"and data.backend=ffcv gives it .beton files ({d.path}, {d.val_path})")
+                            f"and data.backend={d.backend} gives it {'.beton files' if d.backend == 'ffcv' else 'shards'} "
+                            f"({d.path}, {d.val_path})")
             return None
         return KNNMonitor(d.path, d.val_path, d.img_size, ARCHS[m.arch].patch_size, r.knn_train_samples,
                           d.batch_size, d.num_workers, self.cfg.train.seed, dist, self.aug, d.channels)
@@ -150,8 +151,9 @@ class PretrainTask:
 
     def inputs(self) -> dict[str, tuple[str, str]]:
         d = self.cfg.data
-        make = (f"write it from class folders or a list with `simmim convert SRC {d.path}`" if d.backend == "ffcv"
-                else "build the sample set with `simmim sample-data`, or set data.path")
+        make = {"ffcv": f"write it from class folders or a list with `simmim convert SRC {d.path}`",
+                "stream": f"write shards from class folders or a list with `simmim shard SRC {d.path}`"}.get(
+            d.backend, "build the sample set with `simmim sample-data`, or set data.path")
         # a resume reads the run's own checkpoint, not model.init_from: its source may be gone (a
         # fresh start whose run folder's checkpoints are all unreadable finds a missing one in `build`)
         init = "" if all_checkpoints(self.cfg.run.out_dir) else self.cfg.model.init_from.removeprefix("local-dir:")

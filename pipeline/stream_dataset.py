@@ -1,0 +1,172 @@
+"""The shards of `simmim shard` as a MosaicML `StreamingDataset` that yields training views:
+what the stream backend's DataLoader workers run (pipeline/stream_loader.py holds the loader).
+
+Each sample is decoded from its stored file bytes by the loaders' one decode rule
+(`decode.decode_rgb_bytes`) and cropped by the torch backend's own code (`folder.train_view`),
+with its generator keyed by (seed, epoch, the sample's index in the data set), the index stored
+in the shard: the same pixels as the torch backend for that sample and epoch, wherever the sample
+sits in the shards or the epoch's order.
+
+Streaming chooses the epoch's order (shuffle, partition over nodes, ranks and workers); the epoch
+and the sample to start from are set by the loader before each epoch (`StreamShards.start`), so
+the order is a function of (shuffle seed, epoch, canonical nodes), not of how the run got there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+
+import torch
+from streaming import StreamingDataset
+from streaming.base.storage.download import CloudDownloader
+
+from .augment import Augmentation
+from .decode import DecodeError, decode_rgb_bytes
+from simmim.core.errors import DatasetError, ShardError
+from .folder import center_crop, to_tensor, train_view
+from simmim.core.seeding import derive_seed
+from .shards import INDEX, META, is_remote
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(path: str, configured: str = "") -> str | None:
+    """Where the shards of `path` are cached on this node: `configured` if set; for an object
+    store, <tmp>/simmim-stream-<uid>/<12 hex digits of the URL> (one folder per data set: streaming
+    refuses two live data sets on one folder); None for a local shard folder (read in place)."""
+    if not is_remote(path):
+        return None
+    if configured:
+        return configured
+    digest = hashlib.sha1(path.rstrip("/").encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"simmim-stream-{os.getuid()}", digest)
+
+
+def read_meta(path: str, cache: str | None) -> dict:
+    """DEST/simmim.json of a complete shard set (`shards.py`): samples, classes, fingerprint.
+    DatasetError (one line) for a path that is not a complete set of `simmim shard`."""
+    remote = is_remote(path)
+    where = os.path.join(cache, META) if remote else os.path.join(path, META)
+    if remote:
+        os.makedirs(cache, exist_ok=True)
+        try:  # the index decides completeness: it is written last
+            CloudDownloader.direct_download(f"{path.rstrip('/')}/{INDEX}", os.path.join(cache, INDEX))
+            CloudDownloader.direct_download(f"{path.rstrip('/')}/{META}", where)
+        except Exception as e:  # noqa: BLE001 - no such prefix, bucket, endpoint or key: one line
+            raise DatasetError(f"data.path {path} is not a complete shard set ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]}); write it with `simmim shard SRC {path}`") from None
+    elif not os.path.isfile(os.path.join(path, INDEX)) or not os.path.isfile(where):
+        raise DatasetError(f"data.path {path} is not a complete shard set (no {INDEX} or {META}; an interrupted "
+                           f"`simmim shard` leaves none): write it with `simmim shard SRC {path}`")
+    try:
+        with open(where) as f:
+            meta = json.load(f)
+        int(meta["samples"]), list(meta["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path}: {META} is unreadable ({e}); write the shards again with `simmim shard`") from None
+    return meta
+
+
+class StreamShards(StreamingDataset):
+    """A `StreamingDataset` over `simmim shard`'s shards whose samples are (uint8 (3, S, S) view,
+    label int): the training view (`train`) keyed by (seed, epoch, index), or the evaluation view
+    (torchvision's Resize + CenterCrop, `folder.center_crop`). `epoch`: an int64 (1,) tensor in
+    shared memory that the loader sets before each epoch (DataLoader workers, persistent or not,
+    read it when the epoch starts). The rest of `streaming` are StreamingDataset's own arguments.
+
+    A shard that cannot be read ends the epoch with a `ShardError` naming it; an image that does
+    not decode (the shards hold checked files, so only a damaged shard) is replaced by the next
+    sample, with a warning naming it, as the torch backend does."""
+
+    def __init__(self, *, aug: Augmentation, seed: int, train: bool, crop_ratio: float, transform, max_pixels: int,
+                 epoch: torch.Tensor, **streaming):
+        self.aug, self.seed, self.train, self.crop_ratio = aug, seed, train, crop_ratio
+        self.transform, self.max_pixels, self.shared_epoch, self.epoch = transform, max_pixels, epoch, 0
+        self.where = streaming.get("remote") or streaming.get("local")
+        self.failed: str | None = None
+        try:
+            super().__init__(**streaming)
+        except (OSError, ValueError, RuntimeError) as e:  # an index it cannot read, a cache it cannot use
+            raise DatasetError(f"data.path {self.where}: {' '.join(str(e).split())[:300]}") from None
+
+    def __iter__(self):
+        self.epoch = int(self.shared_epoch[0])
+        yield from super().__iter__()
+        if getattr(self, "_event", None) is not None and self._event.is_set():  # streaming's threads stopped
+            raise ShardError(self.failed or f"a shard of {self.where} could not be read")
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """StreamingDataset's download (or check) of a shard; a failure is kept, naming the shard,
+        for the error that ends the epoch (streaming's own ends it silently in a background thread)."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:  # noqa: BLE001 - a missing object, a timeout, a damaged file: named below
+            self.failed = self.shard_message(shard_id, e)
+            raise ShardError(self.failed) from None
+
+    def on_exception(self, future) -> None:
+        """StreamingDataset's callback for its download threads: stop the epoch (the error is
+        raised, once, by `__iter__` or `read`), without its re-raise inside the callback, which
+        only prints a second traceback."""
+        if future.exception() is not None:
+            self._event.set()
+
+    def shard_message(self, shard_id: int, e: BaseException) -> str:
+        name = self.shards[shard_id].file_pairs[0][0].basename
+        local = self.streams[0].remote is None
+        what = "is missing" if local and not os.path.exists(os.path.join(self.where, name)) else \
+            "cannot be read (" + " ".join(f"{type(e).__name__}: {e}".split())[:200] + ")"
+        return f"shard {name} of {self.where} {what}; write the set again with `simmim shard SRC {self.where} --overwrite`"
+
+    def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int]:
+        for k in range(self.num_samples):
+            i = (sample_id + k) % self.num_samples
+            obj = self.read(i)
+            try:
+                img = decode_rgb_bytes(obj["image"], self.max_pixels)
+            except DecodeError as e:
+                log.warning("skipping unreadable image %s (sample %d of %s: %s)", obj.get("path"), i, self.where, e)
+                continue
+            label = int(obj.get("label", 0))
+            if not self.train:
+                return to_tensor(center_crop(img, self.aug.size, self.crop_ratio)), label
+            rng = random.Random(derive_seed("sample", self.seed, self.epoch, int(obj["index"])))
+            return train_view(img, self.aug, rng, self.transform), label
+        raise DatasetError(f"no image of {self.where} could be read")
+
+    def read(self, sample_id: int) -> dict:
+        """The stored sample (image bytes, index, path[, label]); ShardError naming its shard."""
+        try:
+            return self.get_item(sample_id)
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - streaming's RuntimeError after its retries, a damaged file
+            raise ShardError(self.failed or self.shard_message(self.spanner[sample_id][0], e)) from None
+
+    def start(self, epoch: int, sample_in_epoch: int, canonical_nodes: int) -> None:
+        """The next iteration is epoch `epoch` from global sample `sample_in_epoch` on (a multiple
+        of the global batch): streaming's resume state, set for every epoch so that the order never
+        depends on the epochs this process happened to run. Called in the main process."""
+        self.shared_epoch[0] = epoch
+        if self.next_epoch > epoch:  # an epoch run again (the validation loader's epoch 0)
+            self.next_epoch = epoch
+        self.load_state_dict({"epoch": epoch, "sample_in_epoch": sample_in_epoch, "num_canonical_nodes": canonical_nodes,
+                              "shuffle_seed": self.shuffle_seed, "initial_physical_nodes": None})
+
+
+class IndexedShards(torch.utils.data.Dataset):
+    """Map-style access to a `StreamShards` by sample index (the evaluation loader's sampler picks
+    the indices, as the torch backend's does): every sample once, no padding."""
+
+    def __init__(self, shards: StreamShards):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return self.shards.num_samples
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.shards[i]
