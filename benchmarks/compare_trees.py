@@ -34,8 +34,8 @@ def run_bench(tree: Path, work: Path, name: str, args: argparse.Namespace, data:
     """One `bench loaders` run of `tree` in a fresh process; its JSON."""
     path = work / f"path-{name}" / "simmim"
     path.mkdir(parents=True, exist_ok=True)
-    for p in ("pipeline", "kernels", "trainer", "benchmarks"):
-        if not (path / p).exists():
+    for p in ("core", "kernels", "pipeline", "trainer", "benchmarks", "cli"):  # those the tree has (core/, cli/: later)
+        if (tree / p).is_dir() and not (path / p).exists():
             (path / p).symlink_to(tree / p)
     out = work / f"out-{name}"
     # the module itself, not the CLI: the CLI's layout differs between versions

@@ -66,7 +66,7 @@ mkdir -p "$RES" "$WORK/path/simmim"
 : >"$LOG"
 
 # simmim from this checkout, without pip: its folders mapped into a namespace package
-for p in pipeline kernels trainer benchmarks; do ln -sfn "$PWD/$p" "$WORK/path/simmim/$p"; done
+for p in core kernels pipeline trainer benchmarks cli; do ln -sfn "$PWD/$p" "$WORK/path/simmim/$p"; done
 export PYTHONPATH=$WORK/path${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 SIMMIM=("$PY" -m simmim.cli)  # the `simmim` console script: every command, bench included
 

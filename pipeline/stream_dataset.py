@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 
 import torch
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir(path: str, configured: str = "") -> str | None:
-    """Where the shards of `path` are cached on this node: `configured` if set; for an object
-    store, <tmp>/simmim-stream-<uid>/<12 hex digits of the URL> (one folder per data set: streaming
-    refuses two live data sets on one folder); None for a local shard folder (read in place)."""
+    """The folder under which the shards of `path` are cached on this node (`read_meta` picks the
+    set's own subfolder): `configured` if set, else <tmp>/simmim-stream-<uid>/<12 hex digits of the
+    URL>; None for a local shard folder (read in place)."""
     if not is_remote(path):
         return None
     if configured:
@@ -46,29 +47,50 @@ def cache_dir(path: str, configured: str = "") -> str | None:
     return os.path.join(tempfile.gettempdir(), f"simmim-stream-{os.getuid()}", digest)
 
 
-def read_meta(path: str, cache: str | None) -> dict:
-    """DEST/simmim.json of a complete shard set (`shards.py`): samples, classes, fingerprint.
-    DatasetError (one line) for a path that is not a complete set of `simmim shard`."""
-    remote = is_remote(path)
-    where = os.path.join(cache, META) if remote else os.path.join(path, META)
-    if remote:
-        os.makedirs(cache, exist_ok=True)
-        try:  # the index decides completeness: it is written last
-            CloudDownloader.direct_download(f"{path.rstrip('/')}/{INDEX}", os.path.join(cache, INDEX))
-            CloudDownloader.direct_download(f"{path.rstrip('/')}/{META}", where)
-        except Exception as e:  # noqa: BLE001 - no such prefix, bucket, endpoint or key: one line
-            raise DatasetError(f"data.path {path} is not a complete shard set ({type(e).__name__}: "
-                               f"{' '.join(str(e).split())[:200]}); write it with `simmim shard SRC {path}`") from None
-    elif not os.path.isfile(os.path.join(path, INDEX)) or not os.path.isfile(where):
+def read_meta(path: str, cache: str | None) -> tuple[dict, str | None]:
+    """(DEST/simmim.json of a complete shard set, the folder this node caches it in): samples,
+    classes, fingerprint (`shards.py`). For an object store the index and metadata are downloaded
+    afresh every time into `cache`/<12 hex digits of their bytes>, the folder streaming then caches
+    the shards in: a set written again (`--overwrite`) gets a folder of its own, so shards of an
+    older version are never read for it (streaming keeps any file it finds). A local set is read in
+    place (folder None). DatasetError (one line) for a path that is not a complete set."""
+    local = None
+    if is_remote(path):
+        local = _fetch_index(path, cache)
+    elif not os.path.isfile(os.path.join(path, INDEX)) or not os.path.isfile(os.path.join(path, META)):
         raise DatasetError(f"data.path {path} is not a complete shard set (no {INDEX} or {META}; an interrupted "
                            f"`simmim shard` leaves none): write it with `simmim shard SRC {path}`")
     try:
-        with open(where) as f:
+        with open(os.path.join(local or path, META)) as f:
             meta = json.load(f)
         int(meta["samples"]), list(meta["classes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"{path}: {META} is unreadable ({e}); write the shards again with `simmim shard`") from None
-    return meta
+    return meta, local
+
+
+def _fetch_index(url: str, cache: str) -> str:
+    """The index and metadata of the set at `url` downloaded into cache/<digest of both> (returned)."""
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache, prefix=".fetch-")
+    try:
+        try:  # the index decides completeness: it is written last
+            for name in (INDEX, META):
+                CloudDownloader.direct_download(f"{url.rstrip('/')}/{name}", os.path.join(tmp, name))
+        except Exception as e:  # noqa: BLE001 - no such prefix, bucket, endpoint or key: one line
+            raise DatasetError(f"data.path {url} is not a complete shard set ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]}); write it with `simmim shard SRC {url}`") from None
+        digest = hashlib.sha1()
+        for name in (INDEX, META):
+            with open(os.path.join(tmp, name), "rb") as f:
+                digest.update(f.read())
+        local = os.path.join(cache, digest.hexdigest()[:12])
+        os.makedirs(local, exist_ok=True)
+        for name in (INDEX, META):  # the same bytes if another rank of this node got there first
+            os.replace(os.path.join(tmp, name), os.path.join(local, name))
+        return local
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class StreamShards(StreamingDataset):

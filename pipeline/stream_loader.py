@@ -76,15 +76,14 @@ class StreamLoader(Loader):
             raise ConfigError(f"data.stream.canonical_nodes={o.canonical_nodes} and the {self.nodes} nodes of this "
                               f"job: one must divide the other; set data.stream.canonical_nodes to a multiple of "
                               f"{self.nodes} (it fixes the order: keep it for the whole run)")
-        cache = cache_dir(self.path, o.cache_dir)
-        self.meta = read_meta(self.path, cache)
+        self.meta, local = read_meta(self.path, cache_dir(self.path, o.cache_dir))
         self.num_samples, self.classes = int(self.meta["samples"]), list(self.meta["classes"])
         self.canonical_nodes = o.canonical_nodes
         self.shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        remote = self.path if cache is not None else None  # an object store: cached on this node; else read in place
+        remote = self.path if local is not None else None  # an object store: cached on this node; else read in place
         self.shards = StreamShards(
             aug=self.aug, seed=seed, train=self.train, crop_ratio=spec.crop_ratio, transform=pil_transform(spec),
-            max_pixels=self.max_pixels, epoch=self.shared_epoch, remote=remote, local=cache or self.path,
+            max_pixels=self.max_pixels, epoch=self.shared_epoch, remote=remote, local=local or self.path,
             batch_size=self.batch_size, shuffle=self.train, shuffle_algo=o.shuffle_algo,
             shuffle_seed=derive_seed("order", seed, bits=31), shuffle_block_size=o.shuffle_block_size or None,
             num_canonical_nodes=o.canonical_nodes, partition_algo="orig", predownload=o.predownload or None,

@@ -84,6 +84,18 @@ def test_every_module_is_checked():
             "cli/main.py", "cli/__main__.py"} <= names
 
 
+def test_every_installed_subpackage_is_a_layer():
+    """setup.py's SUBPACKAGES, the layers checked here and the folders gpu_check.sh maps into its
+    namespace package (it runs without pip) are the same set: a new top-level folder joins all three."""
+    import re
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    (installed,) = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "SUBPACKAGES" for t in n.targets)]
+    mapped = re.search(r"^for p in ([\w ]+); do ln -sfn", (REPO / "benchmarks/gpu_check.sh").read_text(), re.M)
+    assert set(installed) == set(LAYERS) == set(mapped.group(1).split())
+
+
 def test_the_layers_run_bottom_to_top(tmp_path, monkeypatch):
     """core imports nothing of ours, every layer may import those below it, and nothing imports cli:
     an upward import in any layer is refused, a downward one passes."""

@@ -159,6 +159,22 @@ def test_a_run_that_loses_a_shard_stops_with_one_line_after_its_checkpoint(shard
     assert state["epoch"] == 1 and f"at step {state['step_in_epoch']} of epoch 1" in msg
 
 
+def test_pretrain_reads_shards_from_s3_and_refuses_a_url_elsewhere(sample_root, s3_bucket, tmp_path):
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    url = f"{s3_bucket}/train"
+    shard_command(str(sample_root / "train"), url, SHARD, workers=1, progress=False)
+    args = [f"data.path={url}", f"run.out_dir={tmp_path / 'run'}", *TINY, "train.epochs=1",
+            f"data.stream.cache_dir={tmp_path / 'cache'}"]
+    pretrain(load_config("demo", args))
+    assert (tmp_path / "run" / "checkpoint-00000007.pt").exists()  # 60 images, batch 8: 7 steps
+    with pytest.raises(DatasetError, match="only data.backend=stream reads from an object store"):
+        pretrain(load_config("demo", [*args, "data.backend=torch", f"run.out_dir={tmp_path / 'run2'}"]))
+    with pytest.raises(DatasetError, match="not a complete shard set"):
+        pretrain(load_config("demo", [*args, f"data.path={s3_bucket}/nothing", f"run.out_dir={tmp_path / 'run3'}"]))
+
+
 def test_shards_in_s3_train_like_local_ones_within_a_small_cache(sample_root, shards, s3_bucket, tmp_path):
     """Sharded into the local S3 server, read back through a cache of 1 MB (the set is ~2 MB): the
     same batches as from the local folder; the cache never held the whole set."""
@@ -168,8 +184,22 @@ def test_shards_in_s3_train_like_local_ones_within_a_small_cache(sample_root, sh
     remote = epoch(loader(url, cache_dir=str(cache), cache_limit="1mb"), 1)
     local = epoch(loader(shards), 1)
     assert len(remote) == len(local) == 15 and all(torch.equal(a[0], b[0]) for a, b in zip(remote, local))
-    held = sum(f.stat().st_size for f in cache.glob("shard.*"))
+    held = sum(f.stat().st_size for f in cache.glob("*/shard.*"))  # cache/<the set's digest>/
     assert held <= 1 << 20 < sum(f.stat().st_size for f in shards.glob("shard.*"))
+
+
+def test_a_set_written_again_is_never_read_from_the_old_cache(sample_root, s3_bucket, tmp_path):
+    """The same URL and cache folder, the set replaced (`--overwrite`) by other images: the loader
+    reads the new set (its own cache subfolder), not the shards cached for the old one."""
+    url, cache = f"{s3_bucket}/data", str(tmp_path / "cache")
+    shard_command(str(sample_root / "train"), url, SHARD, workers=1, progress=False)
+    assert len(epoch(loader(url, cache_dir=cache), 0)) == 15
+    shard_command(str(sample_root / "val"), url, SHARD, workers=1, progress=False, overwrite=True)
+    new = loader(url, batch_size=1, cache_dir=cache, train=False)
+    got = torch.cat([b[0] for b in epoch(new, 0)])
+    ref = ImageFolder(sample_root / "val", AUG, train=False)
+    assert new.num_samples == len(ref) == len(got)
+    assert torch.equal(got[0], normalize(ref[(0, 0)][0][None], AUG.mean, AUG.std)[0])
 
 
 def test_shard_into_a_missing_bucket_is_one_line(sample_root, s3_bucket):
@@ -225,12 +255,31 @@ def test_order_and_masks_do_not_depend_on_world_size(shards, tmp_path):
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()[-3000:]
-    ranks = [torch.load(tmp_path / f"b.{r}") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"b.{r}", weights_only=True) for r in range(2)]
     one = epoch(loader(shards, batch_size=4, masks=MaskGenerator(64, 32, 0.6)), 1, start=2)
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 13
     for k, (images, masks) in enumerate(one):  # rank r holds slots r, r + 2 of each global batch (`mask_slot`)
         for r in range(2):
             assert torch.equal(ranks[r][k][0], images[r::2]) and torch.equal(ranks[r][k][1], masks[r::2])
+
+
+def test_knn_monitor_with_shards_is_one_warning(shards, tmp_path, caplog):
+    """run.knn_every with data.backend=stream: the monitor reads image files, so no monitor and one
+    warning saying what it needs (it looked for images in the shard folder and stopped the run)."""
+    import logging
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.pretrain import PretrainTask
+
+    cfg = load_config("demo", ["data.backend=stream", f"data.path={shards}", f"data.val_path={shards}",
+                               "run.knn_every=1", f"run.out_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="simmim"):
+        monitor = PretrainTask(cfg).knn_monitor(DistInfo(rank=0, local_rank=0, world_size=1,
+                                                         device=torch.device("cpu")))
+    said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
+    assert monitor is None and len(said) == 1 and "\n" not in said[0]
+    assert "no k-NN evaluation" in said[0] and "shards" in said[0] and "class folders" in said[0]
 
 
 def test_loaders_bench_streams_from_a_folder_and_its_own_local_s3_server(sample_root, tmp_path):

@@ -11,7 +11,7 @@ final norm). Every rank embeds its share (indices rank::world_size, so no image 
 features are gathered on every rank, and the hits are summed: the figure does not depend on the
 number of ranks. Needs labelled data: class folders or `path label` lists for data.path and
 data.val_path, read by the torch backend's ImageFolder whatever data.backend is (with ffcv's .beton
-files the pre-training task builds no monitor and says so: `PretrainTask.knn_monitor`).
+files or stream shards the pre-training task builds no monitor and says so: `PretrainTask.knn_monitor`).
 """
 from __future__ import annotations
 
