@@ -242,6 +242,25 @@ def test_shard_into_a_missing_bucket_is_one_line(sample_root, s3_bucket):
         shard_command(str(sample_root / "train"), "s3://no-such-bucket-here/x", SHARD, workers=1, progress=False)
 
 
+def test_a_failed_upload_is_one_line_and_leaves_no_index(sample_root, s3_bucket, monkeypatch):
+    """An upload refused half-way (here: the server's answer for a missing bucket, from shard 3 on)."""
+    from botocore.exceptions import ClientError
+    from streaming.base.storage.upload import S3Uploader
+
+    upload = S3Uploader.upload_file
+
+    def refused(self, name):
+        if name >= "shard.00003":
+            raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "gone"}}, "PutObject")
+        upload(self, name)
+
+    monkeypatch.setattr(S3Uploader, "upload_file", refused)
+    with pytest.raises(DatasetError, match=r"cannot write the shard set to s3://.*NoSuchBucket.*run the same command"):
+        shard_command(str(sample_root / "train"), f"{s3_bucket}/x", SHARD, workers=1, progress=False)
+    with pytest.raises(DatasetError, match="not a complete shard set"):
+        loader(f"{s3_bucket}/x")
+
+
 RANK = """
 import os, sys, torch
 import torch.distributed as dist
