@@ -221,6 +221,8 @@ def test_shards_in_s3_train_like_local_ones_within_a_small_cache(sample_root, sh
     assert len(remote) == len(local) == 15 and all(torch.equal(a[0], b[0]) for a, b in zip(remote, local))
     held = sum(f.stat().st_size for f in cache.glob("*/shard.*"))  # cache/<the set's digest>/
     assert held <= 1 << 20 < sum(f.stat().st_size for f in shards.glob("shard.*"))
+    with pytest.raises(DatasetError, match=r"data.stream.cache_limit=102400 bytes is too small .* 4 shards"):
+        loader(url, cache_dir=str(cache), cache_limit="100kb")
 
 
 def test_a_set_written_again_is_never_read_from_the_old_cache(sample_root, s3_bucket, tmp_path):
