@@ -14,6 +14,14 @@ and the report (`DST.report.json`: counts, images/sec, bad files) are written be
 page size is fixed before anything is read: from `max_resolution` (no stored image is larger), or,
 at full resolution, from the image headers (read, not decoded). A writer worker that fails ends
 the run in one line (`ffcv_writer.CheckedWriter`).
+
+Per-channel statistics (`stats.py`: what a run normalises with when data.mean is empty) go beside
+the .beton as `DST.stats.json`: the source's statistics file (`simmim scan SRC --stats`), copied
+when it is for the same `channels`; else, with `stats=True`, measured in the conversion's own pass,
+on each image as stored (decoded, longer side capped at max_resolution, before FFCV's JPEG
+encoding; for `channels=1` its luma by PIL's `convert("L")`, the rule the FFCV loader's
+`channels.luma` follows): each writer worker accumulates its images (`stats.ChannelMoments`) and
+the parent merges the workers. Without `stats`, no per-image work is added.
 """
 from __future__ import annotations
 
@@ -35,11 +43,13 @@ from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .ffcv_compat import keep_torch_threads
 from .folder import SampleList, folder_classes, read_classes, scan_folder, sidecar, walk_tree
 from .scan import check_output
+from .stats import STATS_SUFFIX, ChannelMoments, read_stats, stats_path, write_stats
 
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
 STOP = "stop"  # the marker file that tells every writer worker to stop decoding (on_error='fail')
+MOMENTS = "moments-"  # a writer worker's statistics (`ConvertDataset.worker_done`), one .npy per process
 
 
 class ConvertDataset:
@@ -51,13 +61,19 @@ class ConvertDataset:
     [path, reason]); `convert` drops the placeholders afterwards. With `stop_on_error`, the first
     failure also writes `failed_dir/stop` and the remaining samples are placeholders too (no more
     decoding), so a failing run ends quickly.
+
+    With `measure_channels` (1 or 3), each worker process also accumulates the per-channel
+    statistics of the images it stores (`moments`; placeholders are not counted) and writes them to
+    `failed_dir/moments-<pid>.npy` once its work is done (`worker_done`, which
+    `ffcv_writer._guarded_worker` calls); `merge_moments` adds them up.
     """
 
     def __init__(self, samples: SampleList, max_resolution: int | None, failed_dir: Path,
-                 stop_on_error: bool = False, max_pixels: int = MAX_PIXELS):
+                 stop_on_error: bool = False, max_pixels: int = MAX_PIXELS, measure_channels: int = 0):
         self.samples, self.max_resolution, self.failed_dir = samples, max_resolution, failed_dir
         self.stop_on_error, self.max_pixels = stop_on_error, max_pixels
         self.current = ""  # the sample this worker is on, for a one-line error if FFCV's encode fails
+        self.moments = ChannelMoments(measure_channels) if measure_channels else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,8 +84,10 @@ class ConvertDataset:
         if self.stop_on_error and (self.failed_dir / STOP).exists():
             return np.zeros((1, 1, 3), np.uint8), label
         try:
-            img = decode_rgb(path, self.max_pixels, draft=self.max_resolution)
-            return self.resize(np.asarray(img)), label
+            img = self.resize(np.asarray(decode_rgb(path, self.max_pixels, draft=self.max_resolution)))
+            if self.moments is not None:
+                self.measure(img)
+            return img, label
         except DecodeError as e:
             err = str(e)
         except Exception as e:  # noqa: BLE001 - see the class docstring
@@ -78,6 +96,21 @@ class ConvertDataset:
         if self.stop_on_error:
             (self.failed_dir / STOP).touch()
         return np.zeros((1, 1, 3), np.uint8), label
+
+    def measure(self, img: np.ndarray) -> None:
+        """Adds a stored image (uint8 (H, W, 3) RGB) to `moments`, in [0, 1] units (/ 255); for one
+        channel its luma, the values a grey FFCV run trains on (PIL's rule, as `channels.luma`)."""
+        if len(self.moments.mean) == 1:
+            img = np.asarray(Image.fromarray(img).convert("L"))
+        self.moments.add_image(img, 255.0)
+
+    def worker_done(self) -> None:
+        """In a writer worker, after its last sample: its moments, float64 (3, C) rows count, mean,
+        m2, for the parent (`merge_moments`)."""
+        if self.moments is not None:
+            m = self.moments
+            rows = np.stack([np.full_like(m.mean, m.count), m.mean, m.m2])
+            np.save(self.failed_dir / f"{MOMENTS}{os.getpid()}.npy", rows)
 
     def resize(self, img: np.ndarray) -> np.ndarray:
         import cv2
@@ -117,10 +150,12 @@ def list_samples(src: str, limit: int = 0) -> tuple[SampleList, list[str]]:
 
 
 def check_arguments(dst_path: Path, write_mode: str, jpeg_quality: int, on_error: str, page_size: int,
-                    force: bool) -> None:
+                    force: bool, channels: int = 3) -> None:
     """`convert`'s options and output, checked before the listing and any decoding; DatasetError
     (one line) for a bad value, a folder or existing file as DST (without force), or an unwritable
     place."""
+    if channels not in (1, 3):
+        raise DatasetError(f"--channels must be 1 or 3 (FFCV reads RGB, and grey as its luma), got {channels}")
     if write_mode not in WRITE_MODES:
         raise DatasetError(f"write mode must be one of {', '.join(WRITE_MODES)}, got '{write_mode}'")
     if not 1 <= jpeg_quality <= 100:
@@ -139,9 +174,14 @@ def check_arguments(dst_path: Path, write_mode: str, jpeg_quality: int, on_error
 def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jpg",
             compress_probability: float = 0.5, jpeg_quality: int = 90, workers: int = 0,
             chunk_size: int = 100, limit: int = 0, on_error: str = "skip", force: bool = False,
-            page_size: int = 0, progress: bool = True, max_pixels: int = MAX_PIXELS) -> dict:
+            page_size: int = 0, progress: bool = True, max_pixels: int = MAX_PIXELS, channels: int = 3,
+            stats: bool = False) -> dict:
     """Writes DST (an FFCV .beton) from a class-folder tree or a `path label` list; returns the
     report (also written to DST.report.json).
+
+    channels: the data.channels the .beton is for (1 or 3; it stores RGB either way), whose
+    statistics go beside it as DST.stats.json: the source's (`simmim scan --stats`), else with
+    `stats` measured in this pass (module docstring). The report's "stats" says which ("" if none).
 
     page_size: bytes per .beton page, a power of two; 0: sized for the largest sample (at least
     FFCV's 4 MiB). Every sample must fit in one page; a page_size that cannot hold the largest
@@ -149,8 +189,9 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     the run with DatasetError (one line).
     """
     dst_path = Path(dst)
-    check_arguments(dst_path, write_mode, jpeg_quality, on_error, page_size, force)
+    check_arguments(dst_path, write_mode, jpeg_quality, on_error, page_size, force, channels)
     t0 = time.perf_counter()
+    held = source_statistics(src, channels)
     samples, classes = list_samples(src, limit)
     workers = workers or os.cpu_count() or 1
     page_size = fit_page_size(samples, max_resolution, page_size)
@@ -163,13 +204,16 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed conversion still removes its temp file
     try:
-        dataset = ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail", max_pixels)
+        dataset = ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail", max_pixels,
+                                 channels if stats and held is None else 0)
         write_samples(tmp, fields, dataset, page_size, workers, chunk_size, progress)
         bad = drop_failures(tmp, failed_dir, len(samples), src, on_error)
         seconds = time.perf_counter() - t0
+        measured = merge_moments(failed_dir, channels) if dataset.moments is not None else None
+        origin = save_statistics(dst_path, held, measured, len(samples) - len(bad))
         report = conversion_report(src, len(samples), len(classes), bad, seconds, tmp.stat().st_size,
-                                   max_resolution=max_resolution, write_mode=write_mode,
-                                   jpeg_quality=jpeg_quality, page_size=page_size)
+                                   max_resolution=max_resolution, write_mode=write_mode, jpeg_quality=jpeg_quality,
+                                   page_size=page_size, stats=origin)
         write_json(sidecar(dst_path, "classes.json"), classes)
         write_json(sidecar(dst_path, "report.json"), report)
         os.replace(tmp, dst_path)
@@ -182,6 +226,55 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
     log.info("wrote %s: %d images (%d skipped) in %.1fs, %.0f images/sec, %.1f MB", dst_path,
              report["written"], report["bad"], seconds, report["images_per_sec"], report["bytes"] / 1e6)
     return report
+
+
+def source_statistics(src: str, channels: int) -> tuple[Path, dict] | None:
+    """(path, contents) of the statistics file beside the source (`stats.stats_path`: what
+    `simmim scan SRC --stats` wrote), if it holds `channels` values (else None, with a warning);
+    ConfigError (one line) for one that is unreadable or has a std of 0. Read before anything is
+    converted."""
+    found = stats_path(src)
+    if not found.is_file():
+        return None
+    try:
+        held = json.loads(found.read_text())
+        count = len(held["mean"])
+    except (OSError, ValueError, KeyError, TypeError):
+        held, count = None, channels  # read_stats says what is wrong
+    if count != channels:
+        log.warning("%s holds statistics of %d channel(s), not --channels %d: not copied beside the .beton",
+                    found, count, channels)
+        return None
+    read_stats(found, channels)
+    return found, held
+
+
+def merge_moments(failed_dir: Path, channels: int) -> ChannelMoments:
+    """The statistics of every stored image: the writer workers' (`ConvertDataset.worker_done`)."""
+    moments = ChannelMoments(channels)
+    for part in sorted(failed_dir.glob(f"{MOMENTS}*.npy")):
+        count, mean, m2 = np.load(part)
+        moments.merge(int(count[0]), mean, m2)
+    return moments
+
+
+def save_statistics(dst_path: Path, held: tuple[Path, dict] | None, measured: ChannelMoments | None,
+                    images: int) -> str:
+    """Writes DST.stats.json atomically, in `stats.write_stats`'s format: the source's file `held`
+    (`source_statistics`) as it is, else the `measured` statistics of `images` images; with
+    neither, removes the one a former DST left (it describes other data). Returns where they came
+    from: the source file's path, "measured", or ""."""
+    out = sidecar(dst_path, STATS_SUFFIX)
+    if held is not None:
+        write_json(out, held[1])
+        log.info("statistics: %s copied to %s", held[0], out)
+        return str(held[0])
+    if measured is not None:
+        write_stats(dst_path, measured, images)
+        log.info("statistics: measured on the %d stored images, written to %s", images, out)
+        return "measured"
+    out.unlink(missing_ok=True)
+    return ""
 
 
 def beton_fields(write_mode: str, max_resolution: int, jpeg_quality: int, compress_probability: float) -> dict:
@@ -226,7 +319,8 @@ def drop_failures(path: Path, failed_dir: Path, n_samples: int, src: str, on_err
 
 
 def conversion_report(src: str, images: int, classes: int, bad: list[tuple[int, str, str]], seconds: float,
-                      size: int, *, max_resolution: int, write_mode: str, jpeg_quality: int, page_size: int) -> dict:
+                      size: int, *, max_resolution: int, write_mode: str, jpeg_quality: int, page_size: int,
+                      stats: str = "") -> dict:
     """DST.report.json: counts (images listed, written, bad, classes), seconds from the listing to
     the finished .beton and images written per second, the bad files with their reasons, the
     source (absolute), the options and the .beton's size in bytes."""
@@ -236,7 +330,8 @@ def conversion_report(src: str, images: int, classes: int, bad: list[tuple[int, 
             "written": written, "write_seconds": round(seconds, 2),
             "images_per_sec": round(written / max(seconds, 1e-9), 1),
             "source": str(Path(src).resolve()), "max_resolution": max_resolution,
-            "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size, "bytes": size}
+            "write_mode": write_mode, "jpeg_quality": jpeg_quality, "page_size": page_size, "bytes": size,
+            "stats": stats}
 
 
 def stored_shape(width: int, height: int, max_resolution: int | None) -> tuple[int, int]:

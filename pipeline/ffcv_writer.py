@@ -30,10 +30,14 @@ class WriterFailed(RuntimeError):
 
 
 def _guarded_worker(error_dir: str, *args) -> None:
-    """FFCV's indexed-dataset worker; on any error, record it (with the dataset's `current`
-    sample, if it has one) and exit 1 instead of leaving the parent waiting."""
+    """FFCV's indexed-dataset worker, then the dataset's `worker_done()` if it has one (what the
+    worker gathered besides the samples, for the parent); on any error, record it (with the
+    dataset's `current` sample, if it has one) and exit 1 instead of leaving the parent waiting."""
     try:
         worker_job_indexed_dataset(*args)
+        done = getattr(args[-1], "worker_done", None)
+        if done is not None:
+            done()
     except BaseException as e:  # noqa: BLE001 - recorded for the parent, then exit non-zero
         sample = getattr(args[-1], "current", "")
         where = f"{sample}: " if sample else ""

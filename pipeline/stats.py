@@ -4,8 +4,9 @@ and the `data.mean` / `data.std` a run normalises with.
 Where a run's normalisation comes from (`normalization`), first match wins:
 1. `data.mean` / `data.std`, one value per channel (`data.channels`);
 2. the statistics file beside the data: `<list stem>.stats.json` beside a list or `.beton`
-   (`train.clean.txt` -> `train.clean.stats.json`), and for a folder `F` the one beside its scan list,
-   `F.clean.stats.json` (what `simmim scan F --stats` writes);
+   (`train.clean.txt` -> `train.clean.stats.json`; `simmim convert` copies or measures a .beton's),
+   and for a folder `F` the one beside its scan list, `F.clean.stats.json` (what `simmim scan F
+   --stats` writes);
 3. ImageNet's (`augment.IMAGENET_MEAN` / `IMAGENET_STD`), for 3 channels only;
 otherwise a one-line ConfigError: run `simmim scan --stats` or set data.mean / data.std.
 
@@ -124,8 +125,8 @@ def normalization(channels: int, mean, std, data_path: str | os.PathLike
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD, "ImageNet's"
     if Path(data_path).suffix == ".beton":  # `simmim scan` reads the source, not the .beton
-        raise ConfigError(f"data.channels={channels} needs per-channel mean and std: run `simmim scan SRC --stats "
-                          f"--channels {channels}` on the .beton's source and copy SRC.clean.stats.json to {found}, "
+        raise ConfigError(f"data.channels={channels} needs per-channel mean and std: convert again with `simmim "
+                          f"convert SRC {data_path} --channels {channels} --stats` (writes {found}), "
                           f"or set data.mean / data.std")
     raise ConfigError(f"data.channels={channels} needs per-channel mean and std: run `simmim scan {data_path} "
                       f"--stats --channels {channels}` (writes {found}), or set data.mean / data.std")

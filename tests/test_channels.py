@@ -56,7 +56,7 @@ def test_normalization_sources(tmp_path):
     listed = tmp_path / "train.clean.txt"
     listed.write_text("a.png\n")
     assert stats_path(listed) == tmp_path / "train.clean.stats.json"
-    with pytest.raises(ConfigError, match=r"on the .beton's source and copy SRC.clean.stats.json to .*grey.stats.json"):
+    with pytest.raises(ConfigError, match=r"simmim convert SRC .*grey.beton --channels 1 --stats. \(writes .*grey.stats.json\)"):
         normalization(1, [], [], tmp_path / "grey.beton")
 
 

@@ -378,3 +378,77 @@ def test_knn_monitor_with_beton_files_is_one_warning(sample_beton, tmp_path, cap
     said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
     assert monitor is None and len(said) == 1 and "\n" not in said[0]
     assert "run.knn_every=1: no k-NN evaluation" in said[0] and ".beton" in said[0] and "class folders" in said[0]
+
+
+def grey_pngs(root, n: int = 8, size=(72, 80)):
+    """n grey PNGs (height, width = size) of distinct levels: pixel statistics that differ per image."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    for i in range(n):
+        Image.fromarray(((3 * x + y + 29 * i) % 256).astype(np.uint8), "L").save(root / f"{i:02d}.png")
+    return root
+
+
+def test_convert_measures_grey_statistics_that_pretraining_reads(tmp_path):
+    """`simmim convert --channels 1 --stats` on a grey folder (no scan, no statistics file): the
+    statistics of every stored pixel, merged over two writer workers, beside the .beton; pre-training
+    on the .beton with data.channels=1 normalises by them and its log names the file."""
+    from PIL import Image
+
+    from simmim.pipeline.stats import stats_path
+    from simmim.trainer.cli import main
+    from simmim.trainer.config import load_config
+    from simmim.trainer.pretrain import pretrain
+
+    root = grey_pngs(tmp_path / "grey")
+    beton = tmp_path / "grey.beton"
+    main(["convert", str(root), str(beton), "--channels", "1", "--stats", "--write-mode", "raw", "--workers", "2",
+          "--chunk-size", "3"])
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(root.glob("*.png"))]) / 255
+    saved = json.loads(stats_path(beton).read_text())
+    assert saved["channels"] == 1 and saved["images"] == 8 and saved["pixels"] == pixels.size
+    assert np.allclose(saved["mean"], [pixels.mean()], atol=1e-6)
+    assert np.allclose(saved["std"], [pixels.std()], atol=1e-6)
+    assert json.loads(beton.with_name("grey.report.json").read_text())["stats"] == "measured"
+    out = tmp_path / "run"
+    overrides = [f"data.path={beton}", "data.backend=ffcv", "data.channels=1", f"run.out_dir={out}", "data.val_path=",
+                 "data.img_size=64", "data.batch_size=4", "data.num_workers=1", "model.arch=swin_micro",
+                 "model.window_size=2", "run.progress=false", "run.knn_every=0", "train.epochs=1",
+                 "train.warmup_epochs=0", "train.device=cpu"]
+    summary = pretrain(load_config("demo", overrides))
+    assert np.isfinite(summary["epochs"][0]["loss"])
+    data_line = next(line for line in (out / "log.txt").read_text().splitlines() if " data ffcv:" in line)
+    assert f"1 channel normalised by {stats_path(beton)} mean [{round(saved['mean'][0], 4)}]" in data_line
+
+
+def test_convert_copies_the_source_statistics(tmp_path, caplog):
+    """The statistics file `simmim scan --stats` wrote beside the source is copied beside the .beton
+    as it is (and --stats then measures nothing); one for other channels is not (one warning), and a
+    former .beton's file is removed rather than left describing other data."""
+    import logging
+
+    from simmim.pipeline.scanlist import scan_command
+    from simmim.pipeline.stats import stats_path
+
+    root = grey_pngs(tmp_path / "grey", n=4, size=(20, 24))
+    scan_command(str(root), None, workers=1, on_error="skip", channels=1, stats=True)
+    source = stats_path(root)
+    beton = tmp_path / "grey.beton"
+    report = convert(str(root), str(beton), workers=1, progress=False, channels=1, stats=True)
+    assert report["stats"] == str(source)
+    assert json.loads(stats_path(beton).read_text()) == json.loads(source.read_text())
+    with caplog.at_level(logging.WARNING, logger="simmim"):
+        report = convert(str(root), str(beton), workers=1, progress=False, force=True)  # channels=3
+    said = [r.getMessage() for r in caplog.records if "not copied" in r.getMessage()]
+    assert len(said) == 1 and f"{source} holds statistics of 1 channel(s), not --channels 3" in said[0]
+    assert report["stats"] == "" and not stats_path(beton).exists()
+    report = convert(str(root), str(beton), workers=1, progress=False, force=True, stats=True)  # RGB of grey
+    saved = json.loads(stats_path(beton).read_text())
+    grey = json.loads(source.read_text())
+    assert report["stats"] == "measured" and saved["channels"] == 3
+    assert np.allclose(saved["mean"], grey["mean"] * 3, atol=1e-6)
+    assert np.allclose(saved["std"], grey["std"] * 3, atol=1e-6)
+    with pytest.raises(DatasetError, match="--channels must be 1 or 3"):
+        convert(str(root), str(tmp_path / "x.beton"), channels=5)

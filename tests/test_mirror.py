@@ -350,7 +350,7 @@ TINY = ["--config", "demo", "data.val_path=", "data.img_size=64", "data.num_work
         "data.batch_size=4", "train.epochs=2", "run.save_every=1", "run.stop_check_every=1", "data.backend=torch"]
 
 
-def run_sh(sample_root, out, *extra):
+def start_run(sample_root, out, *extra):
     return subprocess.Popen(["bash", str(RUN_SH), *TINY, f"data.path={sample_root}/train", f"run.out_dir={out}",
                              *extra], env=run_sh_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -362,12 +362,27 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+def shard_to_s3(sample_root, url: str) -> list[str]:
+    """`simmim shard` of the sample set into the bucket; the options that train from it."""
+    proc = subprocess.run([sys.executable, "-m", "simmim.trainer.cli", "shard", f"{sample_root}/train", url,
+                           "--shard-size", "200kb", "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return ["data.backend=stream", f"data.path={url}", "data.stream.canonical_nodes=4", "data.stream.predownload=8"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_bucket, tmp_path, parallel):
+@pytest.mark.parametrize("parallel,backend", [("ddp", "torch"), ("fsdp", "torch"), ("ddp", "stream")])
+def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_bucket, tmp_path, parallel, backend):
     """The issue's case: 2 ranks over gloo upload each checkpoint to the mirror; SIGTERM mid-epoch
     (the stop checkpoint is uploaded and marked before the ranks exit); a new job in a NEW EMPTY run
-    folder resumes from the mirror and gives the uninterrupted run's per-step losses."""
+    folder (and, reading shards from the bucket, an empty shard cache: another machine) resumes
+    from the mirror and gives the uninterrupted run's per-step losses."""
+    data = shard_to_s3(sample_root, f"{s3_bucket}/shards/train") if backend == "stream" else []
+
+    def run_sh(sample_root, out, *extra):  # each run its own shard cache, as on its own machine
+        cache = [f"data.stream.cache_dir={out}-cache"] if backend == "stream" else []
+        return start_run(sample_root, out, *data, *cache, *extra)
+
     par = f"train.parallel={parallel}"
     ref = tmp_path / "uninterrupted"
     proc = run_sh(sample_root, ref, par)
@@ -391,6 +406,8 @@ def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_
     assert proc.returncode == 0, text[-4000:]
     assert f"resuming from the mirror: checkpoint-{stopped:08d}" in text, text[-4000:]
     assert "resuming from the mirror" in (second / "log.txt").read_text()  # in the new run folder's log too
+    if backend == "stream":  # the shards came from the bucket, into this machine's own cache
+        assert "data stream: " in text and any(Path(f"{second}-cache").rglob("shard.*.mds")), text[-4000:]
     a, b = losses(ref), {**{s: v for s, v in losses(first).items() if s < stopped}, **losses(second)}
     assert sorted(b) == sorted(a) == list(range(14)) and min(losses(second)) == stopped
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # the same per-step losses

@@ -122,7 +122,8 @@ def cmd_convert(args) -> None:
     report = convert(args.src, args.dst, max_resolution=args.max_resolution or None, write_mode=args.write_mode,
                      compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
                      workers=args.workers, chunk_size=args.chunk_size, limit=args.limit, on_error=args.on_error,
-                     force=args.force, page_size=args.page_size, max_pixels=args.max_pixels)
+                     force=args.force, page_size=args.page_size, max_pixels=args.max_pixels,
+                     channels=args.channels, stats=args.stats)
     if report["bad"]:
         print(f"{report['bad']} unreadable file(s) skipped; listed in the report beside {args.dst}")
 
@@ -271,6 +272,11 @@ def add_data_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (width x height)")
     p.add_argument("--page-size", type=int, default=0, help="bytes per .beton page (0: fits the largest sample)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                   help="data.channels the .beton is for (it stores RGB; 1: trained on as grey), for its statistics")
+    p.add_argument("--stats", action="store_true",
+                   help="measure the per-channel mean and std in this pass when SRC has no statistics file "
+                        "(from `simmim scan --stats`, copied otherwise); written beside DST")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("shard", help="write a folder or list as MosaicML streaming shards (data.backend: stream)")
