@@ -22,6 +22,7 @@ the set never looks complete; the next `simmim shard` to the same DEST removes w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from streaming import MDSWriter
 from streaming.base.storage.upload import CloudUploader
 from tqdm import tqdm
@@ -206,6 +208,18 @@ def _put_closed(writer, dest: ShardDest, moved: int) -> int:
     return len(writer.shards)
 
 
+@contextlib.contextmanager
+def storage_errors(dest: ShardDest):
+    """A write, listing or upload at DEST that fails (a full disk, no permission, a bucket or
+    credentials refused, an endpoint down) as one DatasetError line; the set stays incomplete (no
+    index), and the same command run again removes what was written."""
+    try:
+        yield
+    except (OSError, BotoCoreError, ClientError) as e:
+        raise DatasetError(f"cannot write the shard set to {dest.dest} ({type(e).__name__}: {one_line(e)}); "
+                           f"run the same command again once that is fixed") from None
+
+
 def shard_command(src: str, dest: str, shard_size: str = "64mb", workers: int = 0, max_pixels: int = MAX_PIXELS,
                   overwrite: bool = False, progress: bool = True) -> dict:
     """`simmim shard SRC DEST [--shard-size 64mb] [--overwrite]`: see the module docstring. Returns
@@ -215,11 +229,13 @@ def shard_command(src: str, dest: str, shard_size: str = "64mb", workers: int = 
     if size is None or not 0 < size < 2 ** 32:
         raise DatasetError(f"--shard-size must be a size under 4gb such as 64mb, got '{shard_size}'")
     target = ShardDest(dest)
-    prepare_dest(target, overwrite)  # before the check: a DEST it cannot use is said at once
+    with storage_errors(target):
+        prepare_dest(target, overwrite)  # before the check: a DEST it cannot use is said at once
     result = checked(src, max_pixels, workers)
-    n = write_shards(result, target, size, progress)
-    meta = {"version": 1, "samples": n, "classes": list(result.classes), "source": str(src),
-            "fingerprint": result.good.fingerprint() if n == len(result.good) else "", "max_pixels": max_pixels}
-    target.finish(meta)
+    with storage_errors(target):
+        n = write_shards(result, target, size, progress)
+        meta = {"version": 1, "samples": n, "classes": list(result.classes), "source": str(src),
+                "fingerprint": result.good.fingerprint() if n == len(result.good) else "", "max_pixels": max_pixels}
+        target.finish(meta)
     print(f"wrote {n} images ({len(result.bad)} left out) in shards of <= {shard_size} -> {dest}")
     return meta

@@ -113,7 +113,13 @@ class StreamShards(StreamingDataset):
         try:
             super().__init__(**streaming)
         except (OSError, ValueError, RuntimeError) as e:  # an index it cannot read, a cache it cannot use
-            raise DatasetError(f"data.path {self.where}: {' '.join(str(e).split())[:300]}") from None
+            text = " ".join(str(e).split())
+            if "cache limit" in text.lower() or "cache usage" in text.lower():
+                largest = max(shard.get_max_size() for shard in self.shards) if getattr(self, "shards", None) else None
+                raise DatasetError(f"data.stream.cache_limit={streaming.get('cache_limit')} bytes is too small for "
+                                   f"{self.where}: streaming needs at least 4 shards"
+                                   f"{f' (4 x {largest} bytes)' if largest else ''}; raise it") from None
+            raise DatasetError(f"data.path {self.where}: {text[:300]}") from None
 
     def __iter__(self):
         self.epoch = int(self.shared_epoch[0])

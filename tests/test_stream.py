@@ -73,6 +73,29 @@ def test_shard_leaves_out_a_broken_file_and_says_so(sample_root, tmp_path, caplo
     assert meta["samples"] == 59 and any(bad.name in r.getMessage() for r in caplog.records)
 
 
+def test_shard_an_unlabeled_list_and_label_batches_of_a_labeled_set(sample_root, shards, tmp_path):
+    from streaming import StreamingDataset
+
+    files = ImageFolder(sample_root / "train", AUG).samples
+    listed = tmp_path / "unlabeled.txt"
+    listed.write_text("".join(f"{files[i][0]}\n" for i in range(0, 60, 5)))  # bare paths: no labels
+    meta = shard_command(str(listed), str(tmp_path / "out"), SHARD, workers=1, progress=False)
+    sample = StreamingDataset(local=str(tmp_path / "out"), batch_size=1)[3]
+    assert meta["classes"] == [] and "label" not in sample and sample["image"] == Path(files[15][0]).read_bytes()
+    spec = LoaderSpec("stream", str(shards), AUG, 6, 0, train=False, drop_last=False, labels=True)
+    ld = build_loader(spec, None, "cpu")
+    assert ld.classes == ImageFolder(sample_root / "train", AUG).classes
+    labels = torch.cat([b[1] for b in epoch(ld, 0)])
+    assert labels.tolist() == [int(x) for x in files.labels]
+
+
+def test_shard_command_line_says_one_line_for_a_complete_set(sample_root, shards, simmim_cmd):
+    r = subprocess.run([*simmim_cmd, "shard", str(sample_root / "train"), str(shards)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("pass --overwrite to replace it"), \
+        r.stderr[-2000:]
+
+
 def test_an_interrupted_shard_run_never_looks_complete_and_is_cleaned(sample_root, tmp_path, monkeypatch, caplog):
     dest = tmp_path / "out"
     put = shards_mod.ShardDest.put
@@ -115,6 +138,18 @@ def test_resume_mid_epoch_gives_the_remaining_batches_with_other_workers(shards)
     for a, b in zip(full[6:], rest):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(full[0][0], epoch(loader(shards), 2)[0][0])  # another epoch, another order
+
+
+def test_persistent_workers_follow_any_epoch_sequence(shards):
+    """Epochs run again, skipped, or left after two batches: 2 persistent workers give what the
+    main process gives for each (epoch, start), never the epoch streaming would count itself."""
+    workers, main = loader(shards, workers=2, seed=1), loader(shards, seed=1)
+    it = iter(workers.set_epoch(6) or workers)
+    next(it), next(it)
+    del it
+    for e, start in [(2, 0), (2, 0), (0, 3), (7, 0)]:
+        got, want = epoch(workers, e, start), epoch(main, e, start)
+        assert len(got) == len(want) == 15 - start and all(torch.equal(a[0], b[0]) for a, b in zip(got, want))
 
 
 def test_evaluation_view_reads_every_sample_once(sample_root, shards):
@@ -166,7 +201,7 @@ def test_pretrain_reads_shards_from_s3_and_refuses_a_url_elsewhere(sample_root, 
     url = f"{s3_bucket}/train"
     shard_command(str(sample_root / "train"), url, SHARD, workers=1, progress=False)
     args = [f"data.path={url}", f"run.out_dir={tmp_path / 'run'}", *TINY, "train.epochs=1",
-            f"data.stream.cache_dir={tmp_path / 'cache'}"]
+            f"data.stream.cache_dir={tmp_path / 'cache'}", "data.stream.cache_limit=1mb"]  # the set: ~2 MB
     pretrain(load_config("demo", args))
     assert (tmp_path / "run" / "checkpoint-00000007.pt").exists()  # 60 images, batch 8: 7 steps
     with pytest.raises(DatasetError, match="only data.backend=stream reads from an object store"):
@@ -186,6 +221,8 @@ def test_shards_in_s3_train_like_local_ones_within_a_small_cache(sample_root, sh
     assert len(remote) == len(local) == 15 and all(torch.equal(a[0], b[0]) for a, b in zip(remote, local))
     held = sum(f.stat().st_size for f in cache.glob("*/shard.*"))  # cache/<the set's digest>/
     assert held <= 1 << 20 < sum(f.stat().st_size for f in shards.glob("shard.*"))
+    with pytest.raises(DatasetError, match=r"data.stream.cache_limit=102400 bytes is too small .* 4 shards"):
+        loader(url, cache_dir=str(cache), cache_limit="100kb")
 
 
 def test_a_set_written_again_is_never_read_from_the_old_cache(sample_root, s3_bucket, tmp_path):
@@ -205,6 +242,25 @@ def test_a_set_written_again_is_never_read_from_the_old_cache(sample_root, s3_bu
 def test_shard_into_a_missing_bucket_is_one_line(sample_root, s3_bucket):
     with pytest.raises(DatasetError, match="cannot write to s3://no-such-bucket-here/x"):
         shard_command(str(sample_root / "train"), "s3://no-such-bucket-here/x", SHARD, workers=1, progress=False)
+
+
+def test_a_failed_upload_is_one_line_and_leaves_no_index(sample_root, s3_bucket, monkeypatch):
+    """An upload refused half-way (here: the server's answer for a missing bucket, from shard 3 on)."""
+    from botocore.exceptions import ClientError
+    from streaming.base.storage.upload import S3Uploader
+
+    upload = S3Uploader.upload_file
+
+    def refused(self, name):
+        if name >= "shard.00003":
+            raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "gone"}}, "PutObject")
+        upload(self, name)
+
+    monkeypatch.setattr(S3Uploader, "upload_file", refused)
+    with pytest.raises(DatasetError, match=r"cannot write the shard set to s3://.*NoSuchBucket.*run the same command"):
+        shard_command(str(sample_root / "train"), f"{s3_bucket}/x", SHARD, workers=1, progress=False)
+    with pytest.raises(DatasetError, match="not a complete shard set"):
+        loader(f"{s3_bucket}/x")
 
 
 RANK = """
