@@ -77,8 +77,8 @@ def build_sample_dataset(out: str | os.PathLike, per_photo: int = 16, val_per_ph
                          seed: int = 0, force: bool = False) -> Path:
     """Writes out/train/<class>/*.JPEG and out/val/<class>/*.JPEG; returns `out`.
 
-    Atomic (`io.atomic_folder`): built in a temporary folder beside `out` and renamed into place, so
-    an interrupted build never leaves a half-filled dataset, and the temporary folder of a killed
+    Atomic (`atomic_folder`, core/io.py): built in a temporary folder beside `out` and renamed into
+    place, so an interrupted build never leaves a half-filled dataset, and the temporary folder of a killed
     one is removed by the next start. An existing complete build is kept unless `force`.
     """
     out = Path(out)

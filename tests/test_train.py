@@ -160,3 +160,64 @@ def test_compiled_training_matches_eager(sample_root, tmp_path):
         runs[compiled] = losses(out)
     assert [s for s, _ in runs[True]] == [s for s, _ in runs[False]] and len(runs[True]) >= 3
     torch.testing.assert_close([v for _, v in runs[True]], [v for _, v in runs[False]], rtol=1e-3, atol=1e-4)
+
+
+def noise_pngs(folder, n: int):
+    """n 48 x 40 RGB PNGs of noise in a new flat folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_an_in_process_run_leaves_no_handler_on_a_closed_stream(tmp_path, capsys):
+    """A run inside a process that goes on (a test, a notebook) logs to stdout and its log.txt. Its
+    caller may swap sys.stdout for the run and close that stream afterwards, as pytest does with each
+    test's captured output: no handler of the root or project loggers may still write to it (the next
+    test's log lines failed with "I/O operation on closed file"), and log.txt is closed and detached."""
+    import contextlib
+    import io
+    import logging
+
+    from simmim.trainer.cli import main
+
+    folder = noise_pngs(tmp_path / "images", 8)
+    out, stdout = tmp_path / "run", io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["pretrain", "--config", "demo", f"data.path={folder}", f"run.out_dir={out}", *TINY, "data.batch_size=4",
+              "train.epochs=1", "train.warmup_epochs=0", "train.device=cpu", "run.knn_every=0"])
+    stdout.close()
+    assert "data torch:" in (out / "log.txt").read_text()
+    loggers = [logging.getLogger()] + [logger for name, logger in logging.Logger.manager.loggerDict.items()
+                                       if name.startswith("simmim") and isinstance(logger, logging.Logger)]
+    handlers = [h for logger in loggers for h in logger.handlers]
+    assert not [h for h in handlers if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False)]
+    assert not [h for h in handlers if isinstance(h, logging.FileHandler)]
+    logging.getLogger("simmim.pipeline.convert").info("logged after the run")
+    captured = capsys.readouterr()
+    assert "Logging error" not in captured.err and "logged after the run" in captured.out
+    assert "logged after the run" not in (out / "log.txt").read_text()
+
+
+def test_an_in_process_command_leaves_no_handler_on_a_closed_stream(tmp_path, capsys, monkeypatch):
+    """The same for a command that sets up its own console logging (`simmim scan`, in a process
+    with no logging set up yet) while sys.stderr is a stream its caller closes afterwards."""
+    import contextlib
+    import io
+    import logging
+
+    from simmim.trainer.cli import main
+
+    folder = noise_pngs(tmp_path / "images", 2)
+    (folder / "empty.png").write_bytes(b"")  # logged as skipped
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh process
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        main(["scan", str(folder), "--workers", "1"])
+    assert "skipping" in stderr.getvalue() and "empty.png" in stderr.getvalue()
+    stderr.close()
+    logging.getLogger("simmim.pipeline.folder").warning("logged after the command")
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "logged after the command" in err

@@ -319,10 +319,14 @@ class DCPCheckpointer(RunFolderCheckpoints):
         self._publish_node(tmp, final)
         return final
 
-    def _publish_node(self, tmp: Path, final: Path) -> None:
+    def _publish_node(self, tmp: Path, final: Path, publish_may_lag: bool = False) -> None:
         """After every rank's save (and rank 0's publish): a node's local rank 0 that does not see
         the published folder (no shared file system) publishes its node's shards, and removes
-        what killed saves left on its node (no other save is under way: every rank has returned)."""
+        what killed saves left on its node (no other save is under way: every rank has returned).
+        `publish_may_lag` (async: rank 0 publishes in the future's callback, which may run after
+        the barrier): a `.metadata` in tmp is rank 0's, so the folder is shared and left to it."""
+        if publish_may_lag and (tmp / ".metadata").exists():
+            return
         if self.node_main and not self.is_main and tmp.is_dir() and not final.exists():
             for stale in self.out_dir.glob(".checkpoint-*.tmp"):
                 if stale != tmp:
@@ -339,7 +343,7 @@ class DCPCheckpointer(RunFolderCheckpoints):
                 self._failed(e, self.pending_tmp)
             if self.distributed:
                 dist.barrier()  # rank 0's publish callback has run before anyone looks for the folder
-            self._publish_node(self.pending_tmp, self.pending_final)
+            self._publish_node(self.pending_tmp, self.pending_final, publish_may_lag=True)
 
     def _failed(self, e: BaseException, tmp: Path) -> None:
         """A failed save: its partial folder removed (rank 0), CheckpointError for a write that

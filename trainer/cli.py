@@ -38,7 +38,7 @@ from simmim.pipeline.decode import MAX_PIXELS
 from simmim.pipeline.options import BACKENDS as DATA_BACKENDS
 
 from .distributed import PeerLost
-from .runlog import setup_logging
+from .runlog import console_logging, setup_logging
 
 # The commands' modules (and the loop, model and timm behind them) are imported inside each cmd_*
 # function (with benchmarks/cli.py's, the only imports of our modules inside functions): `simmim --help`
@@ -84,7 +84,7 @@ def cmd_evaluate(args) -> None:
 
     from .finetune import evaluate_checkpoint
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    console_logging(logging.WARNING)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.backend, args.overrides)
     print(json.dumps(result) if args.json else
           f"{result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
@@ -103,7 +103,7 @@ def cmd_sweep(args) -> None:
 def cmd_sample_data(args) -> None:
     from simmim.pipeline.sample_data import build_sample_dataset
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging(logging.INFO)
     out = build_sample_dataset(args.out, force=args.force)
     print(out)
 
@@ -111,14 +111,14 @@ def cmd_sample_data(args) -> None:
 def cmd_scan(args) -> None:
     from simmim.pipeline.scanlist import scan_command
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    console_logging(logging.WARNING)
     scan_command(args.src, args.out, args.workers, args.on_error, args.max_pixels, args.channels, args.stats)
 
 
 def cmd_convert(args) -> None:
     from simmim.pipeline.convert import convert
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging(logging.INFO)
     report = convert(args.src, args.dst, max_resolution=args.max_resolution or None, write_mode=args.write_mode,
                      compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
                      workers=args.workers, chunk_size=args.chunk_size, limit=args.limit, on_error=args.on_error,
@@ -131,7 +131,7 @@ def cmd_convert(args) -> None:
 def cmd_shard(args) -> None:
     from simmim.pipeline.shards import shard_command
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    console_logging(logging.WARNING)
     shard_command(args.src, args.dest, args.shard_size, args.workers, args.max_pixels, args.overwrite)
 
 
@@ -148,7 +148,7 @@ def cmd_inspect(args) -> None:
 def cmd_export(args) -> None:
     from .export import export
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging(logging.INFO)
     print(export(args.checkpoint, args.out, fmt=args.format, force=args.force))
 
 

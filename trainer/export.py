@@ -223,6 +223,6 @@ def check_output(out: Path, checkpoint: Path, force: bool) -> None:
 
 
 def _write_dir(out: Path, write) -> None:
-    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (io.atomic_folder:
-    atomic per folder; a killed export's temporary folder is removed by the next one)."""
+    """write(tmp_dir) fills a temporary sibling folder, which then replaces `out` (`atomic_folder`,
+    core/io.py: atomic per folder; a killed export's temporary folder is removed by the next one)."""
     atomic_folder(out, write)

@@ -58,7 +58,7 @@ from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import is_fsdp, wrap_for_training
 from .precision import amp_dtype_for
 from .runfolder import RunLock, check_resume_config, job_id, remove_leftovers, set_aside
-from .runlog import HeldRecords, MetricsLog, StopFlag, one_line, setup_logging
+from .runlog import HeldRecords, MetricsLog, StopFlag, close_run_log, one_line, setup_logging
 from .schedule import LRSchedule
 from .validate import validate_config
 
@@ -549,6 +549,8 @@ def fit(cfg: Config, task: Task) -> dict:
         raise PeerLost(f"rank {dist.rank} lost {who} in a collective (it was killed or crashed: see that rank's log; "
                        f"out of memory? a node lost?); run the same command again: the run {resume} "
                        f"(trainer/run.sh restarts it by itself up to MAX_RESTARTS times)") from None
+    finally:
+        close_run_log()
 
 
 def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) -> dict:

@@ -58,12 +58,34 @@ class RunLogFile(logging.FileHandler):
               file=sys.stderr, flush=True)
 
 
+class Console(logging.StreamHandler):
+    """sys.stdout (or sys.stderr: `name`) as it is at each record, not as it was when the handler
+    was made: a caller that swaps sys.stdout for a while (pytest's capture of each test,
+    contextlib.redirect_stdout) and closes its stream afterwards must not leave the root logger
+    writing to a closed file ("I/O operation on closed file" for every later record of the process)."""
+
+    def __init__(self, name: str = "stdout"):
+        logging.Handler.__init__(self)  # not StreamHandler's: it would bind a stream
+        self.name_of_stream = name
+
+    @property
+    def stream(self):
+        return getattr(sys, self.name_of_stream)
+
+
+def console_logging(level: int) -> None:
+    """A command's log lines on stderr (`Console`), bare, at `level`; nothing if the root logger
+    has handlers already (a run's, or the caller's: `logging.basicConfig`)."""
+    logging.basicConfig(level=level, format="%(message)s", handlers=[Console("stderr")])
+
+
 def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None = None) -> None:
     """Rank 0 logs to stdout (and out_dir/log.txt, where `held`'s records are written first), the
-    other ranks only warnings. One format for every message of a run, config warnings included."""
+    other ranks only warnings. One format for every message of a run, config warnings included.
+    The run detaches its log.txt when it ends (`close_run_log`)."""
     handlers: list[logging.Handler] = []
     if is_main:
-        handlers.append(logging.StreamHandler(sys.stdout))
+        handlers.append(Console())
         if out_dir is not None:
             handlers.append(RunLogFile(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
@@ -71,6 +93,16 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
     if held is not None and len(handlers) == 2:
         for record in held.records:
             handlers[1].handle(record)
+
+
+def close_run_log() -> None:
+    """Detaches the run's log.txt (`RunLogFile`) from the root logger and closes it, when the run
+    ends: a process that goes on after a run (a test, a notebook, a sweep) holds no open log file,
+    and what it logs next does not land in that run's log.txt."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, RunLogFile)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 class StopFlag:
