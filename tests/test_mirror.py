@@ -41,8 +41,9 @@ class Recording:
     """A boto3 S3 client that records the keys it writes, in order; `fail`: a key part whose
     upload raises as an unreachable endpoint does; `hold`: an event each upload waits for."""
 
-    def __init__(self, client, fail: str | None = None, hold: threading.Event | None = None):
+    def __init__(self, client, fail: str | None = None, hold: threading.Event | None = None, slow_s: float = 0):
         self.client, self.fail, self.hold, self.writes = client, fail, hold, []
+        self.slow_s, self.sent = slow_s, []  # slow_s: a pause per chunk sent (a slow link); sent: chunk sizes
 
     def __getattr__(self, name):
         return getattr(self.client, name)
@@ -53,6 +54,14 @@ class Recording:
         if self.fail and self.fail in key:
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
         self.writes.append(key)
+        if self.slow_s:
+            callback = kw["Callback"]
+
+            def slowly(n):
+                self.sent.append(n)
+                time.sleep(self.slow_s)
+                callback(n)
+            kw["Callback"] = slowly
         return self.client.upload_file(path, bucket, key, **kw)
 
     def put_object(self, **kw):
@@ -96,7 +105,26 @@ def test_training_never_waits_for_an_upload_and_the_end_waits_bounded(s3_bucket,
         ckpt.wait()
     assert "checkpoint-00000005 still uploading after run.mirror_wait_s=0.3 s" in caplog.text
     hold.set()
-    assert mirror.wait(60) and "checkpoint-00000005.complete.json" in keys(mirror)
+    assert mirror.wait(60) and "checkpoint-00000005.complete.json" not in keys(mirror)  # abandoned: no marker
+
+
+def test_a_timed_out_wait_stops_the_transfer(s3_bucket, tmp_path, caplog):
+    """run.mirror_wait_s caps the exit: once `wait` gives up, the slow transfer stops at its next
+    chunk (s3transfer's pool threads are joined at interpreter exit: one left running would hold
+    the process until it ends), leaves no marker, and the next checkpoint goes up as usual."""
+    mirror = Mirror(f"{s3_bucket}/p")
+    mirror.client = Recording(mirror.client, slow_s=0.05)
+    big = tmp_path / "checkpoint-00000003.pt"
+    big.write_bytes(os.urandom(8 << 20))  # 8 MB: hundreds of chunks, minutes at the pause per chunk
+    mirror.submit(Upload(3, big, sharded=False))
+    with caplog.at_level(logging.INFO, "simmim"):
+        assert not mirror.wait(0.5)
+        assert mirror.wait(120)  # the thread is idle again: the transfer stopped
+    assert 0 < sum(mirror.client.sent) < big.stat().st_size  # stopped mid-file, not run to its end
+    assert "failed" not in caplog.text and keys(mirror) == []  # said once (by wait), no marker
+    mirror.client.slow_s = 0
+    mirror.submit(Upload(4, save_checkpoint(tmp_path, 4, state(4)), sharded=False))
+    assert mirror.wait(60) and "checkpoint-00000004.complete.json" in keys(mirror)
 
 
 def test_failed_upload_is_a_warning_and_the_next_checkpoint_goes_up(s3_bucket, tmp_path, caplog):

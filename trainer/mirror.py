@@ -29,7 +29,7 @@ upload slower than the checkpoint interval: said in the log). After the marker, 
 before the newest `run.keep_last` complete ones are deleted (marker first, then the objects), and so
 are objects of earlier checkpoints that never got a marker. A failed upload is one warning; the
 local checkpoint is untouched and the next checkpoint is uploaded as usual. At the end of a run and
-after a stop signal each rank waits for its thread, at most `run.mirror_wait_s` (said in the log if
+after a stop signal each rank waits for its thread, at most `run.mirror_wait_s` (then its transfer is stopped at its next chunk, unmarked: s3transfer's pool threads would otherwise hold the exit; said in the log if
 it gives up).
 
 Resume (`restore_from_mirror`, before the run folder is read): every rank says which checkpoint it
@@ -127,10 +127,17 @@ class Upload:
     path: Path  # the local file (ddp) or folder (fsdp)
     sharded: bool  # a DCP folder: every rank uploads its own files, rank 0 marks it
     config: dict | None = None  # the run's (Config.to_dict()), kept in the marker: a resume checks it first
+    abandoned: bool = False  # set by a timed-out Mirror.wait: its transfer stops at its next chunk
 
     @property
     def name(self) -> str:
         return f"checkpoint-{self.step:08d}"
+
+
+class Abandoned(Exception):
+    """Raised in a transfer's progress callback once its upload is abandoned: s3transfer then stops
+    every part's worker thread at its next chunk (its pool threads are joined at interpreter exit,
+    so an upload left running would hold the process past run.mirror_wait_s)."""
 
 
 class Mirror:
@@ -221,9 +228,15 @@ class Mirror:
         with self.cond:
             idle = self.cond.wait_for(lambda: self.pending is None and self.busy is None, timeout_s)
             unfinished = self.busy or self.pending
+            if not idle:  # the end of a run or a stop: the transfer is stopped, never left to hold the exit
+                for up in (self.busy, self.pending):
+                    if up is not None:
+                        up.abandoned = True
+                self.pending = None
         if not idle:
-            log.warning("mirror %s: %s still uploading after run.mirror_wait_s=%g s; going on without it (the "
-                        "mirror keeps its newest complete checkpoint)", self.url, unfinished.name, timeout_s)
+            log.warning("mirror %s: %s still uploading after run.mirror_wait_s=%g s; going on without it (its "
+                        "transfer is stopped, unmarked; the mirror keeps its newest complete checkpoint)",
+                        self.url, unfinished.name, timeout_s)
         elif self.thread is not None and time.monotonic() - start > 1:
             log.info("mirror %s: waited %.0f s for the last upload", self.url, time.monotonic() - start)
         return idle
@@ -235,6 +248,8 @@ class Mirror:
                 self.busy, self.pending = self.pending, None
             try:
                 self.upload(self.busy)
+            except Abandoned:
+                pass  # said by wait(); its objects are removed at the next start (no marker)
             except Exception as e:  # noqa: BLE001 - never the training's end: the local checkpoint is intact
                 log.warning("mirror %s: uploading %s failed (%s); the local checkpoint is intact, the next one is "
                             "uploaded as usual", self.url, self.busy.name, describe(e))
@@ -252,8 +267,14 @@ class Mirror:
         sizes = {rel: path.stat().st_size for rel, path in files.items()}
         from boto3.s3.transfer import TransferConfig
         transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+        def progress(_bytes: int) -> None:  # called from s3transfer's worker threads, chunk by chunk
+            if up.abandoned:
+                raise Abandoned(up.name)
+
         for rel, path in sorted(files.items()):
-            self.client.upload_file(str(path), self.bucket, self.key(rel), Config=transfer)
+            progress(0)
+            self.client.upload_file(str(path), self.bucket, self.key(rel), Config=transfer, Callback=progress)
+        progress(0)
         if up.sharded:
             self.put_json(f".parts/{up.name}/rank-{self.rank:05d}.json", {"files": sizes})
             if self.rank != 0:
