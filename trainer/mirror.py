@@ -29,8 +29,9 @@ upload slower than the checkpoint interval: said in the log). After the marker, 
 before the newest `run.keep_last` complete ones are deleted (marker first, then the objects), and so
 are objects of earlier checkpoints that never got a marker. A failed upload is one warning; the
 local checkpoint is untouched and the next checkpoint is uploaded as usual. At the end of a run and
-after a stop signal each rank waits for its thread, at most `run.mirror_wait_s` (then its transfer is stopped at its next chunk, unmarked: s3transfer's pool threads would otherwise hold the exit; said in the log if
-it gives up).
+after a stop signal each rank waits for its thread, at most `run.mirror_wait_s`; then (said in the
+log) its transfer is stopped at its next chunk, unmarked: s3transfer's pool threads, joined at
+interpreter exit, would otherwise hold the process until the upload ended.
 
 Resume (`restore_from_mirror`, before the run folder is read): every rank says which checkpoint it
 can read locally (the newest torch.save file, or DCP folder with its `.metadata`); rank 0 reads the
