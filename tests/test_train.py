@@ -221,3 +221,21 @@ def test_an_in_process_command_leaves_no_handler_on_a_closed_stream(tmp_path, ca
     logging.getLogger("simmim.pipeline.folder").warning("logged after the command")
     err = capsys.readouterr().err
     assert "Logging error" not in err and "logged after the command" in err
+
+
+def test_the_s3_libraries_info_lines_stay_out_of_a_runs_log(tmp_path):
+    """boto3's "Found credentials in environment variables." (INFO, logged by the stream backend's
+    client and the mirror's alike) reaches neither the console nor log.txt; its warnings do."""
+    import logging
+
+    from simmim.trainer.runlog import close_run_log, setup_logging
+    for name in ("boto3", "botocore", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as a fresh process has them
+    setup_logging(tmp_path, is_main=True)
+    try:
+        logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
+        logging.getLogger("botocore.credentials").warning("a botocore warning")
+    finally:
+        close_run_log()
+    text = (tmp_path / "log.txt").read_text()
+    assert "Found credentials" not in text and "a botocore warning" in text
