@@ -440,3 +440,32 @@ def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_
     assert sorted(b) == sorted(a) == list(range(14)) and min(losses(second)) == stopped
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # the same per-step losses
     assert "checkpoint-00000014.complete.json" in keys(Mirror(url))
+
+
+def test_a_run_whose_last_upload_failed_ends_with_status_3_and_a_rerun_uploads_it(s3_bucket, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The store unreachable for the run's uploads: the run does not say "finished" and exit 0 but
+    ends with status 3 and one line naming the local checkpoint, the mirror and what to do;
+    run.mirror_allow_missing=true accepts it; the same command again, the store back, uploads it."""
+    from test_train import TINY, noise_pngs
+
+    from simmim.trainer.cli import main
+    url, out = f"{s3_bucket}/run", tmp_path / "run"
+    args = ["pretrain", "--config", "demo", f"data.path={noise_pngs(tmp_path / 'images', 8)}", f"run.out_dir={out}",
+            *TINY, "data.batch_size=4", "train.epochs=1", "train.warmup_epochs=0", "train.device=cpu",
+            "run.knn_every=0", f"run.mirror={url}"]
+    real_upload = Mirror.upload
+
+    def unreachable(self, up):
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    monkeypatch.setattr(Mirror, "upload", unreachable)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 3, err
+    ckpt = out / "checkpoint-00000002.pt"
+    assert f"error: the newest checkpoint {ckpt} is not in run.mirror {url}" in err and "run the same command" in err
+    main([*args, "run.mirror_allow_missing=true"])  # accepted: no exit status
+    monkeypatch.setattr(Mirror, "upload", real_upload)
+    main(args)  # finished, but its checkpoint goes up first
+    assert "checkpoint-00000002.complete.json" in keys(Mirror(url))

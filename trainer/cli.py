@@ -326,6 +326,7 @@ def add_output_commands(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
     from .loop import REQUEUE_EXIT, Diverged, Preempted
+    from .mirror import MIRROR_BEHIND_EXIT, MirrorBehind
 
     try:
         args.fn(args)
@@ -333,6 +334,9 @@ def run(args: argparse.Namespace) -> None:
         if os.environ.get("RANK", "0") == "0":  # every rank stopped; one line for the job
             print(f"simmim {args.command}: {e}", file=sys.stderr)
         sys.exit(REQUEUE_EXIT)
+    except MirrorBehind as e:
+        print(f"simmim {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(MIRROR_BEHIND_EXIT)
     except (Diverged, PeerLost) as e:
         print(f"simmim {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -142,6 +142,8 @@ class RunConfig:
     # a checkpoint resumes from its newest complete one (trainer/mirror.py); empty: off
     mirror: str = ""
     mirror_wait_s: float = 300.0  # at the end of a run and after a stop signal: the longest wait for its upload
+    # end with status 0 even when the newest checkpoint did not reach run.mirror (else status 3, one line)
+    mirror_allow_missing: bool = False
 
     @staticmethod
     def rules() -> dict[str, Rule]:

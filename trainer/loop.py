@@ -53,7 +53,7 @@ from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
 from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
-from .mirror import Mirror, MirroredCheckpointer, check_mirror, restore_from_mirror
+from .mirror import Mirror, MirrorBehind, MirroredCheckpointer, check_mirror, restore_from_mirror
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import is_fsdp, wrap_for_training
 from .precision import amp_dtype_for
@@ -280,6 +280,9 @@ class Run:
         stop()  # another rank's signal may have stopped the group before this rank's arrived: say it once here
         path = self.checkpoint(epoch, res.steps_done, *self.epoch_totals(res))  # skipped steps left weights as they were
         self.checkpointer.wait()
+        if isinstance(self.checkpointer, MirroredCheckpointer) and self.dist.is_main and \
+                (behind := self.checkpointer.missing()):  # the status stays the stop's (75: requeued)
+            log.error("%s", behind)
         _, path = first_reported(str(path) if path else None) or (0, path)  # rank 0's (DDP) or every rank's
         barrier()
         cleanup()
@@ -452,6 +455,7 @@ def setup_run(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = No
                                      node_main=dist.local_rank == 0)
     if mirror is not None:
         checkpointer = MirroredCheckpointer(checkpointer, mirror, cfg.run.mirror_wait_s)
+        checkpointer.catch_up(cfg.to_dict())
     schedule = build_schedule(o, t, global_batch, steps_per_epoch)
     options = StepOptions(accum_steps=accum, clip_grad=o.clip_grad, amp_dtype=amp_dtype, seed=t.seed,
                           max_skipped_streak=t.max_skipped_steps, log_every=cfg.run.log_every,
@@ -579,4 +583,17 @@ def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) 
                  "new run.out_dir", step, task.resuming)
     run.monitor.close()
     cleanup()
+    check_mirror_holds_newest(run)
     return summary
+
+
+def check_mirror_holds_newest(run: Run) -> None:
+    """At the end of a run (rank 0): MirrorBehind if run.mirror lacks the newest local checkpoint,
+    unless run.mirror_allow_missing (then one warning)."""
+    behind = run.checkpointer.missing() if isinstance(run.checkpointer, MirroredCheckpointer) and \
+        run.dist.is_main else None
+    if behind is None:
+        return
+    if not run.cfg.run.mirror_allow_missing:
+        raise MirrorBehind(behind)
+    log.warning("%s", behind)

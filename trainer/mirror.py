@@ -419,6 +419,46 @@ class MirroredCheckpointer:
         self._send_deferred()
         self.mirror.wait(self.wait_s)
 
+    def newest_local(self) -> tuple[int, Path] | None:
+        """(step, path) of the newest checkpoint this rank can read in its run folder (None: none)."""
+        found = checkpoints(self.out_dir) + dcp_checkpoints(self.out_dir)
+        return max(found) if found else None
+
+    def marked(self) -> list[int]:
+        """The steps the mirror holds complete ([] where it cannot be listed: none known to be there)."""
+        try:
+            return self.mirror.marked(self.mirror.objects())
+        except Exception:  # noqa: BLE001 - botocore's errors: the store is unreachable
+            return []
+
+    def catch_up(self, config: dict | None) -> None:
+        """At the start of a run: a local checkpoint newer than the mirror's newest complete one (its
+        upload failed, or was cut off at the end of the last job) is handed to the upload thread."""
+        newest = self.newest_local()
+        sharded = newest is not None and newest[1].suffix != ".pt"  # a torch.save file: its writer, rank 0, alone
+        if newest is not None and (sharded or self.mirror.rank == 0) and newest[0] not in self.marked():
+            log.info("mirror %s: uploading %s, which the mirror lacks", self.mirror.url, newest[1].name)
+            self.mirror.submit(Upload(newest[0], newest[1], sharded, config))
+
+    def missing(self) -> str | None:
+        """After `wait()`: None if the newest local checkpoint is complete in the mirror (or there is
+        none); else one line naming it, the mirror and what to do (MirrorBehind's message)."""
+        newest = self.newest_local()
+        if newest is None or newest[0] in self.marked():
+            return None
+        return (f"the newest checkpoint {newest[1]} is not in run.mirror {self.mirror.url} (its upload failed or "
+                f"was cut off: see above); without a shared file system it is on this machine only: run the same "
+                f"command again once the store is reachable (it uploads it first), or copy {newest[1]} into the next "
+                f"job's run.out_dir; run.mirror_allow_missing=true accepts this and exits 0")
+
+
+class MirrorBehind(Exception):
+    """The run ended (or stopped) with its newest checkpoint missing from run.mirror; exit status
+    MIRROR_BEHIND_EXIT unless run.mirror_allow_missing."""
+
+
+MIRROR_BEHIND_EXIT = 3
+
 
 def local_step(out_dir: Path) -> int:
     """The newest checkpoint this rank can read in out_dir by itself: a torch.save file, or a DCP
