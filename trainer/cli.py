@@ -325,8 +325,7 @@ def add_output_commands(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Runs `args.fn(args)`; user errors, stop requests and Ctrl-C become one line and an exit status."""
-    from .loop import REQUEUE_EXIT, Diverged, Preempted
-    from .mirror import MIRROR_BEHIND_EXIT, MirrorBehind
+    from .loop import MIRROR_BEHIND_EXIT, REQUEUE_EXIT, Diverged, MirrorBehind, Preempted
 
     try:
         args.fn(args)

@@ -53,6 +53,7 @@ from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
 from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
+from .mirror import MIRROR_BEHIND_EXIT  # noqa: F401 - the CLI's exit status, beside REQUEUE_EXIT
 from .mirror import Mirror, MirrorBehind, MirroredCheckpointer, check_mirror, restore_from_mirror
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import is_fsdp, wrap_for_training
