@@ -221,3 +221,37 @@ def test_an_in_process_command_leaves_no_handler_on_a_closed_stream(tmp_path, ca
     logging.getLogger("simmim.pipeline.folder").warning("logged after the command")
     err = capsys.readouterr().err
     assert "Logging error" not in err and "logged after the command" in err
+
+
+def test_the_s3_libraries_info_lines_stay_out_of_a_runs_log(tmp_path):
+    """boto3's "Found credentials in environment variables." (INFO, logged by the stream backend's
+    client and the mirror's alike) reaches neither the console nor log.txt; its warnings do."""
+    import logging
+
+    from simmim.trainer.runlog import close_run_log, setup_logging
+    for name in ("boto3", "botocore", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as a fresh process has them
+    setup_logging(tmp_path, is_main=True)
+    try:
+        logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
+        logging.getLogger("botocore.credentials").warning("a botocore warning")
+    finally:
+        close_run_log()
+    text = (tmp_path / "log.txt").read_text()
+    assert "Found credentials" not in text and "a botocore warning" in text
+
+
+def test_rerunning_a_finished_run_says_so(tmp_path):
+    """The same command again on a finished run folder trains nothing and says so in one line
+    naming its step, its checkpoint and the options that would go on (not the lr line last)."""
+    from simmim.trainer.cli import main
+
+    folder = noise_pngs(tmp_path / "images", 8)
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "demo", f"data.path={folder}", f"run.out_dir={out}", *TINY, "data.batch_size=4",
+            "train.epochs=1", "train.warmup_epochs=0", "train.device=cpu", "run.knn_every=0"]
+    main(args)
+    main(args)
+    last = (out / "log.txt").read_text().strip().splitlines()[-1]
+    assert "run already finished at step 2 (" in last and "checkpoint-00000002" in last, last
+    assert "raise train.epochs to continue or use a new run.out_dir" in last

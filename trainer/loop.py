@@ -573,6 +573,10 @@ def train(cfg: Config, task: Task, dist: DistInfo, lock: RunLock | None = None) 
     if history:
         log.info("finished %d epoch%s in %.1f s; run folder %s", len(history), "" if len(history) == 1 else "s",
                  summary["wall_s"], run.out_dir)
+    elif first_epoch >= cfg.train.epochs:  # a finished run rerun: say so rather than end on the lr line
+        step = run.state.step_offset + first_epoch * run.trainer.steps_per_epoch + start_step
+        log.info("run already finished at step %d (%s); nothing to do: raise train.epochs to continue or use a "
+                 "new run.out_dir", step, task.resuming)
     run.monitor.close()
     cleanup()
     return summary

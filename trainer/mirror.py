@@ -90,8 +90,6 @@ def s3_client(attempts: int = 5):
         from botocore.config import Config
     except ImportError:
         raise ConfigError("run.mirror needs boto3: pip install -e '.[stream]'") from None
-    for name in ("boto3", "botocore", "s3transfer"):  # their INFO lines ("Found credentials in ...") are not the run's
-        logging.getLogger(name).setLevel(logging.WARNING)
     # a session of its own: boto3's default one caches the credentials it first found, and is not thread-safe
     return boto3.session.Session().client("s3", config=Config(connect_timeout=10, read_timeout=60,
                                             retries={"max_attempts": attempts, "mode": "standard"}))

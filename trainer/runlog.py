@@ -73,10 +73,22 @@ class Console(logging.StreamHandler):
         return getattr(sys, self.name_of_stream)
 
 
+QUIET = ("boto3", "botocore", "s3transfer", "urllib3")  # their INFO lines ("Found credentials in environment
+# variables.") are the library's, not the run's: the mirror's and the stream backend's clients alike
+
+
+def quiet_libraries() -> None:
+    """Keeps the INFO lines of the S3 client libraries (`QUIET`) out of the console and log.txt;
+    their warnings and errors still show."""
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def console_logging(level: int) -> None:
     """A command's log lines on stderr (`Console`), bare, at `level`; nothing if the root logger
     has handlers already (a run's, or the caller's: `logging.basicConfig`)."""
     logging.basicConfig(level=level, format="%(message)s", handlers=[Console("stderr")])
+    quiet_libraries()
 
 
 def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None = None) -> None:
@@ -90,6 +102,7 @@ def setup_logging(out_dir: Path | None, is_main: bool, held: HeldRecords | None 
             handlers.append(RunLogFile(out_dir / "log.txt"))
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers or None,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    quiet_libraries()
     if held is not None and len(handlers) == 2:
         for record in held.records:
             handlers[1].handle(record)
