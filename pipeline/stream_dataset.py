@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -91,6 +92,48 @@ def _fetch_index(url: str, cache: str) -> str:
         return local
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_block_size(canonical_nodes: int) -> int:
+    """Streaming's `shuffle_block_size` when none is given (`StreamingDataset._set_shuffle_block_size`)."""
+    return max(4_000_000 // canonical_nodes, 1 << 18)
+
+
+def shards_in_use(index: dict, *, canonical_nodes: int, nodes: int, ranks_per_node: int, workers: int,
+                  batch_size: int, predownload: int, block_size: int, shuffle_algo: str, prefetch: int) -> int:
+    """How many shards of the set (`index`: streaming's index.json) a node can need at once, from
+    streaming 0.13.0's reading loop (`StreamingDataset._prepare_thread` / `_ready_thread` /
+    `_each_sample_id`): each worker (DataLoader worker, or the rank itself with none) holds the shards
+    of the samples between the one it yields and the one it downloads, at most `predownload` + 2
+    samples of its sequence; if least-recently-used eviction drops one of them before the worker's
+    ready thread sees it arrive, that thread waits forever (it never downloads it again).
+
+    The bound is the smallest of three: every shard of the set; `predownload` + 2 shards per worker
+    of the node; and the shards the node's stretch of the epoch order can draw on. That stretch
+    (`partition/orig.py`: the order deals canonical rows round robin to nodes, ranks, then workers'
+    batches) covers ranks_per_node x workers x batch_size x (batches per window + 1 + `prefetch`,
+    the DataLoader's lead of one worker over another) positions, i.e. L positions of each of the
+    node's max(1, canonical_nodes / nodes) rows; the `py1*`/`py2s` shuffles move a sample at most
+    1.25 x `block_size` from its shard's place in the row (a block drawn in [0.75, 1.25] x the size),
+    so a row's stretch draws on shards covering at most L + 2.5 x block_size samples, plus one
+    partial shard at each end (`naive` shuffles the whole set: no such bound). Units: samples."""
+    sizes = [int(shard["samples"]) for shard in index["shards"]]
+    per_shard = max(sum(sizes) / len(sizes), 1.0)
+    per_worker = max(1, workers)
+    bound = min(len(sizes), ranks_per_node * per_worker * (predownload + 2))
+    if shuffle_algo == "naive":
+        return bound
+    window = -(-(predownload + 2) // batch_size) + 1 + (prefetch if workers > 0 else 0)
+    stretch = ranks_per_node * per_worker * batch_size * window
+    row = -(-stretch * nodes // canonical_nodes)  # a node holds a share of a row when nodes > canonical_nodes
+    row_shards = math.ceil(sum(sizes) / canonical_nodes / per_shard) + 2  # split shards at both ends
+    per_row = min(math.ceil((row + 2.5 * block_size) / per_shard) + 2, row_shards)
+    return min(bound, max(1, canonical_nodes // nodes) * per_row)
+
+
+def shard_bytes(shard: dict) -> int:
+    """The most a shard of streaming's index takes in the cache (its file, and its zip if compressed)."""
+    return sum(int((shard.get(key) or {}).get("bytes", 0)) for key in ("raw_data", "zip_data"))
 
 
 class StreamShards(StreamingDataset):

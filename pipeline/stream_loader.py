@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
+import math
 import os
 
 import torch
@@ -40,6 +42,17 @@ from .options import LoaderSpec, byte_size
 from .reference import WorkerCollate, ignore_stop_signals, pil_transform
 from simmim.core.seeding import derive_seed, torch_generator
 from .sharding import ShardedSampler
+
+
+PREFETCH = 4  # batches each DataLoader worker may hold ready
+
+
+def human_bytes(n: int) -> str:
+    """`n` bytes rounded up to a size `byte_size` reads back as at least `n` (e.g. '1.2mb')."""
+    for k, unit in ((4, "tb"), (3, "gb"), (2, "mb"), (1, "kb")):
+        if n >= 1024 ** k:
+            return f"{math.ceil(n / 1024 ** k * 10) / 10:g}{unit}"
+    return f"{n}b"
 
 
 def streaming_world(rank: int, world_size: int) -> tuple[int, int]:
@@ -81,6 +94,8 @@ class StreamLoader(Loader):
         self.canonical_nodes = o.canonical_nodes
         self.shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         remote = self.path if local is not None else None  # an object store: cached on this node; else read in place
+        if self.train and byte_size(o.cache_limit):
+            self.check_cache(o, local or self.path, spec.num_workers)
         self.shards = StreamShards(
             aug=self.aug, seed=seed, train=self.train, crop_ratio=spec.crop_ratio, transform=pil_transform(spec),
             max_pixels=self.max_pixels, epoch=self.shared_epoch, remote=remote, local=local or self.path,
@@ -94,6 +109,30 @@ class StreamLoader(Loader):
             compiled_resize()  # compiled here once: the forked workers inherit it
         self.loader = self.data_loader(self.shards if self.train else IndexedShards(self.shards), spec.num_workers)
 
+    def check_cache(self, o, folder: str, workers: int) -> None:
+        """ConfigError (one line) for a `data.stream.cache_limit` below the shards this node can
+        need at once (`stream_dataset.shards_in_use`), plus the index streaming keeps beside them:
+        a cache that small can evict a shard a worker still waits for, and streaming then waits
+        forever (docs/data.md). At least 4 shards, streaming's own floor."""
+        from .shards import INDEX
+        from .stream_dataset import default_block_size, shard_bytes, shards_in_use
+
+        with open(os.path.join(folder, INDEX)) as f:
+            index = json.load(f)
+        block = o.shuffle_block_size or default_block_size(o.canonical_nodes)
+        pre = o.predownload or 8 * self.batch_size  # streaming's default
+        need = max(4, shards_in_use(index, canonical_nodes=o.canonical_nodes, nodes=self.nodes,
+                                    ranks_per_node=self.per_node, workers=workers, batch_size=self.batch_size,
+                                    predownload=pre, block_size=block,
+                                    shuffle_algo=o.shuffle_algo, prefetch=PREFETCH))
+        floor = need * max(shard_bytes(s) for s in index["shards"]) + os.path.getsize(os.path.join(folder, INDEX))
+        if byte_size(o.cache_limit) < floor:
+            raise ConfigError(
+                f"data.stream.cache_limit={o.cache_limit} is too small for {self.path}: this node can need {need} "
+                f"shards at once (shuffle blocks of {block} samples, predownload {pre}, {self.per_node} rank(s) x "
+                f"{max(1, workers)} worker(s)), and streaming stalls when it evicts one still in use; raise it to at "
+                f"least {human_bytes(floor)}, or lower data.stream.shuffle_block_size (or data.stream.predownload)")
+
     def data_loader(self, dataset, workers: int) -> torch.utils.data.DataLoader:
         sampler = None if self.train else ShardedSampler(self.num_samples, self.rank, self.world_size, self.seed,
                                                          shuffle=False, drop_last=self.drop_last)
@@ -104,7 +143,7 @@ class StreamLoader(Loader):
             dataset, batch_size=self.batch_size, sampler=None if sampler is None else _Indices(sampler),
             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
             generator=torch_generator("loader", self.seed, self.rank), persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=PREFETCH if workers > 0 else None,
             worker_init_fn=functools.partial(ignore_stop_signals, self.exiting),
             collate_fn=WorkerCollate(self.aug, self.dtype, workers > 0 and self.device.type == "cpu"))
 

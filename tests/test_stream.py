@@ -19,7 +19,7 @@ pytest.importorskip("streaming", reason="the stream extra (pip install -e '.[str
 
 from simmim.pipeline import Augmentation, LoaderSpec, MaskGenerator, build_loader  # noqa: E402
 from simmim.pipeline.augment import normalize  # noqa: E402
-from simmim.core.errors import DatasetError, ShardError  # noqa: E402
+from simmim.core.errors import ConfigError, DatasetError, ShardError  # noqa: E402
 from simmim.pipeline.folder import ImageFolder  # noqa: E402
 from simmim.pipeline.options import StreamOptions  # noqa: E402
 from simmim.core.seeding import derive_seed  # noqa: E402
@@ -211,22 +211,40 @@ def test_pretrain_reads_shards_from_s3_and_refuses_a_url_elsewhere(sample_root, 
 
 
 def test_shards_in_s3_train_like_local_ones_within_a_small_cache(sample_root, shards, s3_bucket, tmp_path):
-    """Sharded into the local S3 server, read back through a cache of 1 MB (the set is ~2 MB): the
+    """Sharded into the local S3 server, read back through a cache of 1.2 MB (the set is ~2 MB): the
     same batches as from the local folder; the cache never held the whole set."""
     url = f"{s3_bucket}/imagenet/train"
     shard_command(str(sample_root / "train"), url, SHARD, workers=1, progress=False)
     cache = tmp_path / "cache"
-    # 5 of the 11 shards fit; blocks of 16 samples keep ~3 shards in use (a cache that holds barely
-    # the shards in use can stall streaming: docs/data.md)
-    remote = epoch(loader(url, cache_dir=str(cache), cache_limit="1mb", shuffle_block_size=16), 1)
+    # 6 of the 11 shards fit: what one worker with predownload 4 can need at once (the check's floor)
+    small = dict(cache_dir=str(cache), shuffle_block_size=16, predownload=4)
+    remote = epoch(loader(url, cache_limit="1.2mb", **small), 1)
     local = epoch(loader(shards, shuffle_block_size=16), 1)
     assert len(remote) == len(local) == 15 and all(torch.equal(a[0], b[0]) for a, b in zip(remote, local))
     held = sum(f.stat().st_size for f in cache.glob("*/shard.*"))  # cache/<the set's digest>/
     sizes = [f.stat().st_size for f in shards.glob("shard.*")]
     # streaming evicts before each download; two downloads racing can overshoot by a shard
-    assert held <= (1 << 20) + 2 * max(sizes) and held < sum(sizes)  # its accounting races by a shard or two
-    with pytest.raises(DatasetError, match=r"data.stream.cache_limit=102400 bytes is too small .* 4 shards"):
-        loader(url, cache_dir=str(cache), cache_limit="100kb")
+    assert held <= int(1.2 * (1 << 20)) + 2 * max(sizes) and held < sum(sizes)  # its accounting races by a shard or two
+    with pytest.raises(ConfigError, match=r"data.stream.cache_limit=100kb is too small .* 6 shards .* least 1.2mb"):
+        loader(url, cache_limit="100kb", **small)
+
+
+def test_a_cache_that_can_stall_streaming_is_refused_in_one_line(shards):
+    """The configuration that once stalled a run here (5 shards' worth of cache, 4 canonical nodes,
+    streaming's default shuffle block, predownload = the batch) and the default predownload through
+    the same cache: refused when the loader is built, before any batch, naming the option, the
+    minimum and both ways out; one worker more than the floor allows is refused too."""
+    five = str(5 * max(f.stat().st_size for f in shards.glob("shard.*")) + 4096)
+    for extra in ({"predownload": 4}, {"shuffle_block_size": 16}):
+        with pytest.raises(ConfigError) as e:
+            loader(shards, cache_limit=five, **extra)
+        text = str(e.value)
+        assert "\n" not in text and f"data.stream.cache_limit={five} is too small" in text
+        assert "raise it to at least" in text and "lower data.stream.shuffle_block_size" in text
+    enough = str(6 * max(f.stat().st_size for f in shards.glob("shard.*")) + 4096)
+    loader(shards, cache_limit=enough, predownload=4, shuffle_block_size=16)  # one worker: 6 shards
+    with pytest.raises(ConfigError, match=r"can need 11 shards"):
+        loader(shards, cache_limit=enough, predownload=4, shuffle_block_size=16, workers=2)
 
 
 def test_a_set_written_again_is_never_read_from_the_old_cache(sample_root, s3_bucket, tmp_path):
