@@ -147,9 +147,11 @@ def check_channels(channels: int, mean, std, backend: str) -> None:
         raise ConfigError("data.mean and data.std are set together (one value per channel each), or both left empty")
     supported = CHANNELS_SUPPORTED.get(backend)
     if supported is not None and channels not in supported:
-        raise ConfigError(f"data.backend={backend} reads {' or '.join(map(str, supported))}-channel images "
-                          f"(8-bit RGB or grey), not data.channels={channels}: use data.backend=torch for "
-                          f"N-channel .tif / .npy data")
+        reads = "RGB images only (a grey file is read as RGB)" if supported == (3,) else \
+            "8-bit RGB or grey images (data.channels=3 or 1)"
+        other = "grey (data.channels=1): data.backend=torch, ffcv or dali" if channels == 1 else \
+            "N-channel .tif / .npy data: data.backend=torch"
+        raise ConfigError(f"data.backend={backend} reads {reads}, not data.channels={channels}; for {other}")
 
 
 @dataclass(frozen=True)

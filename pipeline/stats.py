@@ -95,18 +95,21 @@ def write_stats(list_path: str | os.PathLike, moments: ChannelMoments, images: i
                      "(8 bits / 255, 16 bits / 65535, floats as stored); population std (ddof 0)"})
 
 
-def read_stats(path: Path, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def read_stats(path: Path, channels: int, source: str | os.PathLike = ""
+               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) from a statistics file; ConfigError (one line) for a file that does not hold
-    `channels` values of each, with every std > 0."""
+    `channels` values of each, with every std > 0. `source`: the data path the suggested
+    `simmim scan` command reads (empty: none named)."""
+    scan = f"simmim scan {source} --stats".replace("  ", " ")
     try:
         stats = json.loads(path.read_text())
         mean, std = tuple(float(v) for v in stats["mean"]), tuple(float(v) for v in stats["std"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"statistics file {path} is unreadable ({type(e).__name__}: {e}); run "
-                          f"`simmim scan --stats` again, or set data.mean / data.std".splitlines()[0]) from None
+                          f"`{scan}` again, or set data.mean / data.std".splitlines()[0]) from None
     if len(mean) != channels or len(std) != channels:
         raise ConfigError(f"statistics file {path} holds {len(mean)} channels, data.channels is {channels}: run "
-                          f"`simmim scan --stats --channels {channels}` again, or set data.mean / data.std")
+                          f"`{scan} --channels {channels}` again, or set data.mean / data.std")
     if not all(s > 0 for s in std):
         raise ConfigError(f"statistics file {path} has a std of 0 (a constant channel): set data.mean / data.std")
     return mean, std
@@ -121,7 +124,7 @@ def normalization(channels: int, mean, std, data_path: str | os.PathLike
         return tuple(float(v) for v in mean), tuple(float(v) for v in std), "data.mean / data.std"
     found = stats_path(data_path)
     if found.is_file():
-        return (*read_stats(found, channels), str(found))
+        return (*read_stats(found, channels, data_path), str(found))
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD, "ImageNet's"
     if Path(data_path).suffix == ".beton":  # `simmim scan` reads the source, not the .beton

@@ -26,8 +26,11 @@ from simmim.trainer.config import load_config
     (["data.channels=4", "data.mean=[0.5,0.5,0.5,0.5]"], "data.mean and data.std are set together"),
     (["data.std=[0.2,0,0.2]", "data.mean=[0.5,0.5,0.5]"], "config key 'data.std' must be > 0"),
     (["data.channels=0"], "config key 'data.channels' must be > 0"),
-    (["data.channels=5", "data.backend=ffcv"], "data.backend=ffcv reads 1 or 3-channel images"),
-    (["data.channels=2", "data.backend=dali"], "data.backend=dali reads 1 or 3-channel images"),
+    (["data.channels=5", "data.backend=ffcv"], r"data.backend=ffcv reads 8-bit RGB or grey images .*N-channel"),
+    (["data.channels=2", "data.backend=dali"], r"data.backend=dali reads 8-bit RGB or grey images"),
+    # stream decodes RGB only: for grey the hint names the backends that read grey, not N-channel data
+    (["data.channels=1", "data.backend=stream"], r"data.backend=stream reads RGB images only .*not "
+                                                 r"data.channels=1; for grey \(data.channels=1\): data.backend=torch"),
 ])
 def test_channel_options_are_checked_at_load(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -51,7 +54,8 @@ def test_normalization_sources(tmp_path):
     assert stats == tmp_path / "xray.clean.stats.json"
     stats.write_text(json.dumps({"mean": [0.25], "std": [0.125]}))
     assert normalization(1, [], [], folder) == ((0.25,), (0.125,), str(stats))
-    with pytest.raises(ConfigError, match="holds 1 channels, data.channels is 3"):
+    with pytest.raises(ConfigError, match=r"holds 1 channels, data.channels is 3: run `simmim scan .*xray --stats "
+                                          r"--channels 3`"):  # the command names the source to scan
         normalization(3, [], [], folder)
     listed = tmp_path / "train.clean.txt"
     listed.write_text("a.png\n")
