@@ -18,7 +18,9 @@ pixels and refuses the same files:
   F) are read as [0, 1] and scaled by 255, as DALI does. 32-bit integer images have no agreed
   range and are refused.
 - Colour: grey, palette (with or without transparency), CMYK (Adobe-inverted or not) and YCbCr
-  become RGB; an alpha channel is dropped (the colour channels as stored, as DALI does).
+  become RGB; an alpha channel is dropped (the colour channels as stored, as DALI does). A TIFF of
+  more than 3 samples per pixel (or one PIL reads with fewer bands) is refused, naming
+  data.channels: a multi-band TIFF's 4th band is data, never dropped as alpha.
 - Grey (`decode_grey`, data.channels=1): the same rules, then one channel. A grey image keeps its
   values; any other becomes RGB as above, then grey by PIL's `convert("L")`, ITU-R 601-2 luma
   L = R * 299/1000 + G * 587/1000 + B * 114/1000 (in PIL's fixed point, rounded). L -> RGB -> L is
@@ -145,6 +147,12 @@ def _to_rgb(img: Image.Image, max_pixels: int, draft: int | None, grey: bool = F
         maxval = next((t.args[1] for t in img.tile if t.codec_name in ("ppm", "ppm_plain")), None)
         if maxval is not None and maxval not in (255, 65535):
             raise DecodeError(f"PNM with maxval {maxval}: loaders scale it differently; store it with maxval 255 or 65535")
+    samples = img.tag_v2.get(277, 1) if img.format == "TIFF" else 0  # SamplesPerPixel
+    if img.mode != "CMYK" and (samples > 3 or (samples and samples != len(img.getbands()))):
+        # a multi-band TIFF (satellite, microscopy): its 4th band is data, not alpha, whatever the tag
+        # says (tifffile tags 4 samples RGB + alpha by default): never dropped
+        raise DecodeError(f"a TIFF of {samples} bands: this run reads {'grey' if grey else 'RGB'} images; set "
+                          f"data.channels={samples} (data.backend=torch) to train on every band")
     if draft is not None and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (draft, draft))
     img.load()  # first frame only: PIL opens animated and multi-page files at frame 0

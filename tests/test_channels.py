@@ -377,3 +377,21 @@ def test_backend_limits_are_one_line(tmp_path):
             load_config(None, overrides, FinetuneConfig)
     assert load_config(None, ["data.channels=1"], FinetuneConfig).finetune.rand_augment
     assert load_config(None, ["data.channels=5", "finetune.rand_augment="], FinetuneConfig).data.channels == 5
+
+
+def test_a_multi_band_tiff_is_never_read_as_rgb_or_grey(tmp_path):
+    """A 4-band TIFF (tifffile tags its 4th band alpha by default) in an RGB or grey run is refused,
+    naming data.channels, not trained on with a band dropped; RGB TIFFs read as before."""
+    bands = 4
+    import tifffile
+
+    from simmim.pipeline.decode import DecodeError, decode_grey, decode_rgb
+    a = np.random.default_rng(0).integers(0, 256, (8, 9, bands), dtype=np.uint8)
+    path = tmp_path / "bands.tif"
+    tifffile.imwrite(path, a)
+    for decode in (decode_rgb, decode_grey):
+        with pytest.raises(DecodeError, match=rf"a TIFF of {bands} bands: .*set data.channels={bands}"):
+            decode(path)
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, a[..., :3])
+    assert np.array_equal(np.asarray(decode_rgb(rgb)), a[..., :3])  # RGB TIFFs as before
