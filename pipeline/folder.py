@@ -194,8 +194,11 @@ def scan_folder(root: str | os.PathLike, announce=log.info, channels: int = 3) -
     samples = walk.result()
     if not len(samples):
         found = f"{len(classes)} class folders but no images" if classes else "no images and no class folders"
+        arrays = sum(1 for _ in root.rglob("*.npy")) if channels == 3 else 0  # the error path only
+        hint = f"; found {arrays} .npy files: .npy arrays are read with data.channels=1 or N (the number of " \
+            f"channels they hold), not 3" if arrays else ""
         raise DatasetError(f"data path '{root}' has {found} ({', '.join(sorted(suffixes))}"
-                           f"{'' if channels == 3 else f' for data.channels={channels}'})")
+                           f"{'' if channels == 3 else f' for data.channels={channels}'}){hint}")
     kind = (f"{len(classes)} class folders (fine-tuning's labels; pre-training ignores them)" if classes is not None
             else "unlabeled (images in the top folder itself: one set, for pre-training)")
     announce(f"{root}: {len(samples)} images in {walk.folders} folder{'s' * (walk.folders != 1)}, {kind}")

@@ -395,3 +395,16 @@ def test_a_multi_band_tiff_is_never_read_as_rgb_or_grey(tmp_path):
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, a[..., :3])
     assert np.array_equal(np.asarray(decode_rgb(rgb)), a[..., :3])  # RGB TIFFs as before
+
+
+def test_an_npy_folder_read_as_rgb_names_data_channels(tmp_path):
+    """A folder of .npy arrays with the default data.channels=3 (which reads image files only)
+    says how many arrays it found and that data.channels reads them, not just "no images"."""
+    from simmim.core.errors import DatasetError
+    root = tmp_path / "arrays"
+    root.mkdir()
+    for i in range(3):
+        np.save(root / f"{i}.npy", np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(DatasetError, match=r"has no images .*; found 3 .npy files: .npy arrays are read with "
+                                           r"data.channels=1 or N"):
+        scan_folder(root)
