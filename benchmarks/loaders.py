@@ -142,8 +142,12 @@ def run_epoch(loader, epoch: int, device: torch.device) -> dict:
             n_first, t_first = n, time.perf_counter() - t0
     float(acc)  # synchronise
     seconds, cpu1 = time.perf_counter() - t0, cpu_seconds()
+    main = cpu1[0] - cpu0[0]
+    # A descendant that ends and is reaped by another process (not this one) takes its seconds out of
+    # the sum: the descendants' share can then come out negative; it is never below zero.
+    descendants = max(0.0, (cpu1[1] - cpu1[0]) - (cpu0[1] - cpu0[0]))
     return {"images": n, "seconds": seconds, "first_images": n_first, "first_seconds": t_first,
-            "cpu_main": cpu1[0] - cpu0[0], "cpu_all": cpu1[1] - cpu0[1]}
+            "cpu_main": main, "cpu_all": main + descendants}
 
 
 def epochs_figures(runs: list[dict]) -> dict:
