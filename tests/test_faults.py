@@ -229,6 +229,7 @@ def test_first_ctrl_c_stops_with_a_checkpoint_and_names_it(sample_root, tmp_path
     assert f"resumed from {path}: epoch 0, step {saved[0]} of " in text, text[-3000:]
 
 
+@pytest.mark.slow  # a 30 s step to land the second Ctrl-C in; ~40 s on 2 cores
 def test_second_ctrl_c_stops_at_once(sample_root, tmp_path):
     """A second Ctrl-C during the (slow) step the first one waits for: out at once, status 130,
     without a checkpoint. Both land inside step 1's forward (30 s long)."""
