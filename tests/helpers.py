@@ -213,3 +213,20 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             kids.append(int(stat.parent.name))
     return kids
+
+
+def knn_monitor_warnings(backend: str, path, out_dir, caplog) -> tuple[object, list[str]]:
+    """The demo recipe with run.knn_every=1 on `backend` reading `path` (training and validation):
+    (the k-NN monitor PretrainTask builds, the k-NN warnings it logged)."""
+    import logging
+
+    from simmim.trainer.config import load_config
+    from simmim.trainer.distributed import DistInfo
+    from simmim.trainer.pretrain import PretrainTask
+
+    cfg = load_config("demo", [f"data.backend={backend}", f"data.path={path}", f"data.val_path={path}",
+                               "run.knn_every=1", f"run.out_dir={out_dir}"])
+    with caplog.at_level(logging.WARNING, logger="simmim"):
+        monitor = PretrainTask(cfg).knn_monitor(DistInfo(rank=0, local_rank=0, world_size=1,
+                                                         device=torch.device("cpu")))
+    return monitor, [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]

@@ -364,18 +364,9 @@ def test_a_failing_writer_worker_ends_the_run(tmp_path):
 def test_knn_monitor_with_beton_files_is_one_warning(sample_beton, tmp_path, caplog):
     """run.knn_every with data.backend=ffcv: the monitor reads image files, so no monitor and one
     warning saying what it needs (it read the .beton as a list file and called it unlabeled)."""
-    import logging
+    from helpers import knn_monitor_warnings
 
-    from simmim.trainer.config import load_config
-    from simmim.trainer.distributed import DistInfo
-    from simmim.trainer.pretrain import PretrainTask
-
-    cfg = load_config("demo", ["data.backend=ffcv", f"data.path={sample_beton}", f"data.val_path={sample_beton}",
-                               "run.knn_every=1", f"run.out_dir={tmp_path}"])
-    with caplog.at_level(logging.WARNING, logger="simmim"):
-        monitor = PretrainTask(cfg).knn_monitor(DistInfo(rank=0, local_rank=0, world_size=1,
-                                                         device=torch.device("cpu")))
-    said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
+    monitor, said = knn_monitor_warnings("ffcv", sample_beton, tmp_path, caplog)
     assert monitor is None and len(said) == 1 and "\n" not in said[0]
     assert "run.knn_every=1: no k-NN evaluation" in said[0] and ".beton" in said[0] and "class folders" in said[0]
 

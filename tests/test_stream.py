@@ -348,18 +348,9 @@ def test_order_and_masks_do_not_depend_on_world_size(shards, tmp_path):
 def test_knn_monitor_with_shards_is_one_warning(shards, tmp_path, caplog):
     """run.knn_every with data.backend=stream: the monitor reads image files, so no monitor and one
     warning saying what it needs (it looked for images in the shard folder and stopped the run)."""
-    import logging
+    from helpers import knn_monitor_warnings
 
-    from simmim.trainer.config import load_config
-    from simmim.trainer.distributed import DistInfo
-    from simmim.trainer.pretrain import PretrainTask
-
-    cfg = load_config("demo", ["data.backend=stream", f"data.path={shards}", f"data.val_path={shards}",
-                               "run.knn_every=1", f"run.out_dir={tmp_path}"])
-    with caplog.at_level(logging.WARNING, logger="simmim"):
-        monitor = PretrainTask(cfg).knn_monitor(DistInfo(rank=0, local_rank=0, world_size=1,
-                                                         device=torch.device("cpu")))
-    said = [r.getMessage() for r in caplog.records if "knn" in r.getMessage()]
+    monitor, said = knn_monitor_warnings("stream", shards, tmp_path, caplog)
     assert monitor is None and len(said) == 1 and "\n" not in said[0]
     assert "no k-NN evaluation" in said[0] and "shards" in said[0] and "class folders" in said[0]
 
