@@ -54,7 +54,8 @@ from .augment import Augmentation, eval_geometry, sample_views
 from .channels import luma
 from .convert import open_beton
 from .ffcv_compat import close_epoch, install_order, keep_torch_threads, next_batch, quiet_numba_finalizer, read_image
-from .folder import center_crop, read_classes, to_tensor
+from .folder import read_classes
+from .views import center_crop, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import ORDERS, LoaderSpec

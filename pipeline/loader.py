@@ -37,7 +37,7 @@ from simmim.core.seeding import torch_generator
 from .augment import normalize
 from .decode import DecodeError, decode_rgb
 from .channels import read_pixels
-from .folder import center_crop, channel_view, to_tensor
+from .views import center_crop, channel_view, to_tensor
 from .masking import MaskGenerator
 from .options import LoaderSpec
 from .sharding import num_batches, shard_size
@@ -94,7 +94,7 @@ class Loader(abc.ABC):
         samples at `indices`, an unreadable one skipped with a warning naming it and the next
         readable sample taken instead. This default reads `self.samples` (a `SampleList` of image
         files) by `decode.decode_rgb`'s rules, with `self.max_pixels`; for data.channels != 3 by
-        `channels.read_pixels`', as normalised float32 (C, S, S) views (`folder.channel_view`)."""
+        `channels.read_pixels`', as normalised float32 (C, S, S) views (`views.channel_view`)."""
         channels = self.spec.channels
         out, tried = [], set()
         for i in indices:

@@ -6,7 +6,7 @@ as DALI reads it); the rank's samples per epoch are `sharding.ShardedSampler`'s.
 and flip come from its own generator (`derive_seed("sample", seed, epoch, index)`), so the batches
 do not depend on the number of workers. The training view's resize is Pillow's bilinear filter,
 run by `resample.resize_bilinear` (compiled, bit-identical, about half the CPU time:
-`folder.resized_crop_tensor`) where numba is installed and no per-image PIL transform follows, else
+`views.resized_crop_tensor`) where numba is installed and no per-image PIL transform follows, else
 by Pillow itself. `spec.rand_augment` (fine-tuning) is timm's RandAugment on the PIL crop
 (`rand_augment.PILRandAugment`). On a GPU the images leave the workers as uint8 (a quarter of the
 bytes to copy) and are normalised on the device by the base (`loader.Loader`). On the CPU the
@@ -31,7 +31,8 @@ from simmim.core.seeding import torch_generator
 from .augment import normalize
 from .dali_watchdog import worker_stop_signals
 from .decode import checked_max_pixels
-from .folder import ImageFolder, compiled_resize
+from .folder import ImageFolder
+from .views import compiled_resize
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec

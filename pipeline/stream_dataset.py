@@ -2,7 +2,7 @@
 what the stream backend's DataLoader workers run (pipeline/stream_loader.py holds the loader).
 
 Each sample is decoded from its stored file bytes by the loaders' one decode rule
-(`decode.decode_rgb_bytes`) and cropped by the torch backend's own code (`folder.train_view`),
+(`decode.decode_rgb_bytes`) and cropped by the torch backend's own code (`views.train_view`),
 with its generator keyed by (seed, epoch, the sample's index in the data set), the index stored
 in the shard: the same pixels as the torch backend for that sample and epoch, wherever the sample
 sits in the shards or the epoch's order.
@@ -29,7 +29,7 @@ from streaming.base.storage.download import CloudDownloader
 from .augment import Augmentation
 from .decode import DecodeError, decode_rgb_bytes
 from simmim.core.errors import DatasetError, ShardError
-from .folder import center_crop, to_tensor, train_view
+from .views import center_crop, to_tensor, train_view
 from simmim.core.seeding import derive_seed
 from .shards import INDEX, META, is_remote
 
@@ -139,7 +139,7 @@ def shard_bytes(shard: dict) -> int:
 class StreamShards(StreamingDataset):
     """A `StreamingDataset` over `simmim shard`'s shards whose samples are (uint8 (3, S, S) view,
     label int): the training view (`train`) keyed by (seed, epoch, index), or the evaluation view
-    (torchvision's Resize + CenterCrop, `folder.center_crop`). `epoch`: an int64 (1,) tensor in
+    (torchvision's Resize + CenterCrop, `views.center_crop`). `epoch`: an int64 (1,) tensor in
     shared memory that the loader sets before each epoch (DataLoader workers, persistent or not,
     read it when the epoch starts). The rest of `streaming` are StreamingDataset's own arguments.
 

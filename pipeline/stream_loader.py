@@ -35,7 +35,7 @@ import torch
 
 from .decode import checked_max_pixels, decode_rgb_bytes
 from simmim.core.errors import ConfigError, ShardError
-from .folder import center_crop, compiled_resize, to_tensor
+from .views import center_crop, compiled_resize, to_tensor
 from .loader import Loader
 from .masking import MaskGenerator
 from .options import LoaderSpec, byte_size

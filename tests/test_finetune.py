@@ -10,7 +10,7 @@ from PIL import Image
 
 from simmim.core.errors import CheckpointError
 from simmim.pipeline import Augmentation, LoaderSpec, build_loader
-from simmim.pipeline.folder import center_crop
+from simmim.pipeline.views import center_crop
 from simmim.trainer.engine import StepOptions, Trainer
 from simmim.trainer.finetune import (Classifier, MixupErasing, build_classifier, layer_decay_groups, layer_id,
                                      load_pretrained, num_layers, resize_rel_pos_bias)

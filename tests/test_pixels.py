@@ -76,14 +76,14 @@ def test_reference_loader_is_torchvision_resized_crop(sample_root):
 def test_reference_training_view_compiled_equals_pillow(sample_root, monkeypatch):
     """The reference loader's compiled resize + flip (numba installed) gives Pillow's crop, resize
     and FLIP_LEFT_RIGHT bit for bit; with it switched off, Pillow runs them."""
-    from simmim.pipeline import folder
+    from simmim.pipeline import views
 
     ds = ImageFolder(sample_root / "train", Augmentation(size=SIZE, hflip=0.5))
     picks = range(0, len(ds), max(1, len(ds) // 10))
-    assert folder.compiled_resize() is not None
+    assert views.compiled_resize() is not None
     compiled = [ds[(i, 77 + i)][0] for i in picks]
-    monkeypatch.setattr(folder, "_COMPILED", False)
-    assert folder.compiled_resize() is None
+    monkeypatch.setattr(views, "_COMPILED", False)
+    assert views.compiled_resize() is None
     for i, got in zip(picks, compiled):
         np.testing.assert_array_equal(got.numpy(), ds[(i, 77 + i)][0].numpy())
 

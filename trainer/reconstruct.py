@@ -31,7 +31,8 @@ from simmim.kernels import LossOptions
 from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, denormalize, normalize
 from simmim.pipeline.channels import array_view, extensions, read_pixels
 from simmim.pipeline.decode import DecodeError, decode_rgb
-from simmim.pipeline.folder import IMAGE_EXTENSIONS, center_crop, to_tensor
+from simmim.pipeline.folder import IMAGE_EXTENSIONS
+from simmim.pipeline.views import center_crop, to_tensor
 from simmim.pipeline.masking import MASK_STRATEGIES, MaskGenerator
 
 from .checkpoint import Kind, read_checkpoint
