@@ -53,7 +53,6 @@ from .config import Config, save_config
 from .distributed import (DistInfo, PeerLost, barrier, cleanup, first_reported, host_any, init_distributed,
                           peer_lost)
 from .engine import BatchTransform, EpochHooks, EpochResult, PeerDataFailure, Stop, StepOptions, Trainer
-from .mirror import MIRROR_BEHIND_EXIT  # noqa: F401 - the CLI's exit status, beside REQUEUE_EXIT
 from .mirror import Mirror, MirrorBehind, MirroredCheckpointer, check_mirror, restore_from_mirror
 from .monitor import RunMonitor, plot_curves, read_metrics
 from .parallel import is_fsdp, wrap_for_training
@@ -65,6 +64,7 @@ from .validate import validate_config
 
 log = logging.getLogger("simmim")
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
+MIRROR_BEHIND_EXIT = 3  # ended with its newest checkpoint missing from run.mirror (MirrorBehind)
 
 
 class Preempted(Exception):

@@ -454,10 +454,7 @@ class MirroredCheckpointer:
 
 class MirrorBehind(Exception):
     """The run ended (or stopped) with its newest checkpoint missing from run.mirror; exit status
-    MIRROR_BEHIND_EXIT unless run.mirror_allow_missing."""
-
-
-MIRROR_BEHIND_EXIT = 3
+    loop.MIRROR_BEHIND_EXIT unless run.mirror_allow_missing."""
 
 
 def local_step(out_dir: Path) -> int:
