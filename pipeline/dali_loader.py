@@ -66,96 +66,31 @@ torch run also reads, are refused in one line.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import signal
 import tempfile
-import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from simmim.core.errors import DatasetError
-from simmim.core.seeding import derive_seed
 
-from .augment import Augmentation, eval_geometry, sample_views
-from .dali_augment import dali_rand_augment
+from .augment import Augmentation
+from .dali_graph import DALIGraph, batch_views, header_size
 from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
 from .channels import is_array_file
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
 from .folder import SampleList
 from .loader import Loader
 from .masking import MaskGenerator
-from .options import DEVICES, LoaderSpec
-from .rand_augment import parse_rand_augment
+from .options import LoaderSpec
 from .scanlist import checked_samples
 from .sharding import ShardedSampler, shard_size
 
 log = logging.getLogger(__name__)
-
-
-def resize_square(images, size: int, device: str):
-    """The training view's resize of a decoded crop (HWC uint8) to size x size inside the DALI
-    graph: bilinear with antialiasing, as PIL's (the reference loader's) bilinear is. Without
-    antialiasing DALI samples only the 2x2 nearest source pixels when it shrinks, and aliases
-    exactly the high frequencies SimMIM regresses: mean 1.9 uint8 levels from the reference on the
-    same crop box, p99 15, max 69 (sample set, 192 px); with it, mean 0.15, p99 1
-    (tests/test_pixels.py)."""
-    from nvidia.dali import fn, types
-
-    return fn.resize(images, device=device, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
-                     antialias=True)
-
-
-def resize_views(crops, geometry: np.ndarray, size: int, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None, dtype: torch.dtype = torch.float32,
-                 channels: int = 3) -> torch.Tensor:
-    """The views of decoded crops, resized on the CPU by torch: each crop (uint8 (h, w, C), C = `channels`, a numpy
-    array or anything `np.asarray` reads without a copy, such as a DALI TensorCPU) resized to
-    (out_h, out_w) by bilinear interpolation with antialiasing (torch's uint8 kernel on a
-    channels-last view, the one torchvision's `resize` uses: Pillow's filter, within 1 uint8
-    level), the size x size window at (top, left) taken, and flipped left-right when `flip`.
-
-    geometry: int (B, 5) rows of (out_h, out_w, top, left, flip); the training view is
-    (size, size, 0, 0, flip), the evaluation view (resized_h, resized_w, top, left, 0)
-    (`augment.eval_geometry`). Returns uint8 (B, C, size, size), contiguous; with `mean` and
-    `std`, `augment.normalize`'s result instead, in `dtype`, each view normalised while it is in
-    the cache (one pass over the batch fewer)."""
-    out = torch.empty((len(geometry), channels, size, size), dtype=torch.uint8 if mean is None else dtype)
-    if mean is not None:  # augment.normalize's (x / 255 - mean) / std as one multiply-add
-        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # DALI's output buffers are read-only: only read here
-        for i, (h, w, top, left, flip) in enumerate(np.asarray(geometry).tolist()):
-            crop = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1)[None]  # (1, C, h0, w0) channels-last
-            view = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", antialias=True,
-                                                   align_corners=False)[0, :, top:top + size, left:left + size]
-            view = view.flip(-1) if flip else view
-            if mean is None:
-                out[i] = view
-            else:
-                torch.addcmul(shift, view, scale, out=out[i])
-    return out
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """torch's intra-op threads set to one for the block, then put back. For the loader's own
-    torch work on the CPU while DALI's threads decode beside it: a crop is too small to split, and
-    idle OpenMP threads spin for their share (measured on 2 cores: the resize cost 15x its
-    single-thread CPU time, the batch's normalisation ~0.5 ms an image)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def open_schedule(path: str, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,76 +182,20 @@ class EpochSource:
         return wh
 
     def views(self, idx: np.ndarray, wh: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(start, shape, geometry) of samples `idx` of `epoch` with sizes `wh` (see the class)."""
-        n, s = len(idx), self.aug.size
-        geometry = np.zeros((n, 5), np.int32)
-        if self.train:
-            v = sample_views(wh[:, 0], wh[:, 1], idx, self.aug, self.seed, epoch)  # (left, top, w, h, flip)
-            geometry[:, 0], geometry[:, 1], geometry[:, 4] = s, s, v[:, 4]
-            return v[:, :2].astype(np.float32), v[:, 2:4].astype(np.float32), geometry
-        g = np.array([eval_geometry(w, h, s, self.crop_ratio) for w, h in wh.tolist()], np.int32).reshape(-1, 4)
-        geometry[:, :4] = g[:, [1, 0, 3, 2]]  # (rw, rh, left, top) -> (out_h, out_w, top, left)
-        return np.zeros((n, 2), np.float32), wh.astype(np.float32), geometry
-
-
-def header_size(data: np.ndarray) -> tuple[int, int]:
-    """(width, height) of the image whose file bytes are `data`, from its header (PIL's lazy open:
-    nothing is decoded). As stored: the EXIF orientation is not applied (decode.py)."""
-    with warnings.catch_warnings():
-        # the scan held the image to data.max_pixels; PIL would warn between its limit and twice it
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data.tobytes())) as img:
-            return img.size
-
-
-class CropBatches:
-    """The batches of a pipeline that ends with the decoded crops (`DALILoader.resize_in_torch`),
-    as DALIGenericIterator hands out uniform ones: `next()` gives [{"images", "labels": int32
-    (B, 1)}] and raises StopIteration at the epoch's end; `reset()` starts the next epoch (DALI's
-    scheduling calls, in DALIGenericIterator's order). The images are `resize_views` of the crops
-    (read from DALI's buffers before they are released), uint8 (B, 3, S, S), or normalised when
-    `normalize` gives (mean, std, dtype) (training on the CPU: on one thread with the resize)."""
-
-    def __init__(self, pipe, size: int, normalize: tuple = (), channels: int = 3):
-        self.pipe, self.size, self.normalize, self.channels = pipe, size, normalize, channels
-        pipe.schedule_run()
-
-    def __next__(self):
-        crops, labels, geometry = self.pipe.share_outputs()
-        try:
-            with one_torch_thread():
-                images = resize_views(crops, geometry.as_array(), self.size, *self.normalize, channels=self.channels)
-            labels = torch.from_numpy(labels.as_array())
-        finally:
-            self.pipe.release_outputs()
-        self.pipe.schedule_run()
-        return [{"images": images, "labels": labels}]
-
-    def reset(self) -> None:
-        self.pipe.reset()
-        if self.pipe.empty():
-            self.pipe.schedule_run()
+        """(start, shape, geometry) of samples `idx` of `epoch` with sizes `wh` (`dali_graph.batch_views`)."""
+        return batch_views(idx, wh, epoch, self.aug, self.seed, self.train, self.crop_ratio)
 
 
 class DALILoader(Loader):
-    """`Loader` over image files decoded by DALI. `spec.dali` holds the speed knobs: `device`
-    (auto | mixed | cpu), `hw_decoder_load` (share of JPEGs for the hardware decoder), `prefetch`
-    (batches queued ahead), `threads` (CPU threads; 0: spec.num_workers), `preallocate` (bytes per
-    image preallocated for nvJPEG's host and device buffers; 0: DALI's default);
-    the attribute `preallocate_hw` (width, height) hints the hardware decoder's buffer size."""
-
-    preallocate_hw: tuple[int, int] = (0, 0)
+    """`Loader` over image files decoded by DALI (the module docstring; the graph and its
+    `spec.dali` knobs: `dali_graph.DALIGraph`, `self.graph`)."""
 
     def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         import nvidia.dali  # noqa: F401 - fail here, with the install hint from build_loader
 
         super().__init__(spec, masks, device, rank, world_size, seed)
-        o = spec.dali
-        if o.device not in DEVICES:
-            raise DatasetError(f"data.dali.device must be one of {', '.join(DEVICES)}, got '{o.device}'")
-        if o.device == "mixed" and self.device.type != "cuda":
-            raise DatasetError("data.dali.device mixed decodes on the GPU, but training runs on the CPU")
+        self.graph = DALIGraph(spec, self.device, self.train, rank, seed)
         self.max_pixels = checked_max_pixels(spec.max_pixels)
         # a folder: its checked list (scanned first when there is none); a list: stat-checked
         self.samples, self.classes = checked_samples(self.path, self.max_pixels, max(1, spec.num_workers), rank,
@@ -327,14 +206,8 @@ class DALILoader(Loader):
             if arrays:
                 raise DatasetError(f"data.backend=dali decodes image files, not arrays such as {arrays[0]}: "
                                    f"use data.backend=torch for .npy data")
-        self.threads = max(1, o.threads or spec.num_workers)
-        self.hw_decoder_load, self.prefetch, self.preallocate = o.hw_decoder_load, max(1, o.prefetch), o.preallocate
-        self.decode = "cpu" if o.device == "cpu" or self.device.type != "cuda" else "mixed"
-        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        # parsed here: an error while DALI traces the graph would lose its one-line form
-        self.rand_augment = parse_rand_augment(spec.rand_augment) if self.train and spec.rand_augment else None
         self.require_one_batch()
-        self.py_workers = max(1, min(self.threads, 8))  # file reads and views only: decoding is DALI's threads
+        self.py_workers = max(1, min(self.graph.threads, 8))  # file reads and views only: decoding is DALI's threads
         self.schedule = EpochSchedule(self.num_samples)
         self.source = EpochSource(self.samples, self.schedule.path, self.num_samples, rank, world_size, seed,
                                   self.train, self.drop_last, self.batch_size, self.aug, self.train,
@@ -343,12 +216,6 @@ class DALILoader(Loader):
         self.watchdog = WorkerWatchdog()  # a dead worker ends the wait for it (dali_watchdog.py)
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
-    @property
-    def resize_in_torch(self) -> bool:
-        """Whether the view is resized by torch after DALI decodes it (`resize_views`): on the
-        CPU, unless an augmentation must run in the graph on the resized crop (RandAugment)."""
-        return self.decode == "cpu" and self.rand_augment is None
-
     def epoch_length(self) -> int:
         """Samples this rank reads from `start_batch` on in the current epoch."""
         start = self.start_batch * self.batch_size
@@ -356,73 +223,9 @@ class DALILoader(Loader):
             return max(0, (len(self) - self.start_batch) * self.batch_size)
         return max(0, shard_size(self.num_samples, self.rank, self.world_size, False) - start)
 
-    def graph_augment(self, images):
-        """Hook for an augmentation of the training view inside the DALI graph: `images` are the
-        resized crops, uint8 HWC on the pipeline's device ('gpu' with mixed decoding, else 'cpu');
-        returns the same: DALI's RandAugment when `spec.rand_augment` is set, else unchanged."""
-        if self.rand_augment is None:
-            return images
-        return dali_rand_augment(images, self.rand_augment, (self.aug.size, self.aug.size),
-                                 tuple(round(255 * m) for m in self.aug.mean))
-
-    def decoder_options(self) -> dict:
-        """Arguments of the JPEG decoder: the device, RGB (GRAY for data.channels=1), our decode
-        rules and the GPU knobs."""
-        from nvidia.dali import types
-
-        output = types.GRAY if self.spec.channels == 1 else types.RGB
-        opts = {"device": self.decode, "output_type": output, **DALI_DECODE_ARGS}
-        if self.decode == "mixed":
-            opts["hw_decoder_load"] = self.hw_decoder_load
-            if self.preallocate:
-                opts["device_memory_padding"] = self.preallocate
-                opts["host_memory_padding"] = self.preallocate
-            if self.preallocate_hw[0]:
-                opts["preallocate_width_hint"], opts["preallocate_height_hint"] = self.preallocate_hw
-        return opts
-
     def build_pipeline(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        decoder_opts = self.decoder_options()
-
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
-                      device_id=self.device_id,
-                      seed=derive_seed("dali", self.seed, self.epoch, self.rank, self.start_batch, bits=31),
-                      exec_dynamic=True, py_num_workers=self.py_workers,
-                      enable_conditionals=self.rand_augment is not None,  # auto_aug picks ops per sample
-                      py_start_method="spawn" if self.device.type == "cuda" else "fork")
-        def pipe():
-            # one batch per worker call, so as many batches ahead as workers keep them all busy
-            jpegs, label, start, shape, geometry = fn.external_source(
-                source=self.source, num_outputs=5, batch=True, batch_info=True, parallel=True,
-                prefetch_queue_depth=max(2, self.py_workers),
-                dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
-            images = fn.decoders.image_slice(jpegs, start, shape, axis_names="WH", normalized_anchor=False,
-                                             normalized_shape=False, **decoder_opts)
-            if self.resize_in_torch:  # the crops as decoded: `CropBatches` resizes them
-                return images, label, geometry
-            images = self.graph_view(images, geometry)
-            return images, (label.gpu() if self.decode == "mixed" else label)
-
-        return pipe()
-
-    def graph_view(self, images, geometry):
-        """The view resized, augmented, flipped and normalised inside the DALI graph (the GPU
-        path): `images` the decoded regions, `geometry` the source's (out_h, out_w, top, left,
-        flip) rows. Returns CHW float (float16 for that dtype; DALI has no bf16: the base casts)."""
-        from nvidia.dali import fn, types
-
-        a, size, ops = self.aug, self.aug.size, "gpu" if self.decode == "mixed" else "cpu"
-        out_dtype = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}[self.dtype]
-        if self.train:
-            images, mirror = self.graph_augment(resize_square(images, size, ops)), geometry[4]
-        else:  # the evaluation view (`augment.eval_geometry`): resize to the source's size, crop there
-            images = fn.resize(images, device=ops, size=fn.cast(geometry[0:2], dtype=types.FLOAT),
-                               interp_type=types.INTERP_LINEAR, antialias=True)
-            images, mirror = fn.slice(images, start=geometry[2:4], shape=[size, size], axis_names="HW", device=ops), 0
-        return fn.crop_mirror_normalize(images, device=ops, dtype=out_dtype, output_layout="CHW",
-                                        mean=[255 * m for m in a.mean], std=[255 * s for s in a.std], mirror=mirror)
+        """The graph over the files' parallel source (`EpochSource` in DALI worker processes)."""
+        return self.graph.pipeline(self.source, self.epoch, self.start_batch, self.py_workers)
 
     def start_epoch(self) -> None:
         """Builds the pipeline and its iterator at the first epoch (the first batch is scheduled
@@ -431,18 +234,11 @@ class DALILoader(Loader):
             with self.watchdog.guard():
                 self.iterator.reset()
             return
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
         self.pipe = self.build_pipeline()
         self.pipe.build()
         self.watchdog.watch(worker_pids(self.pipe))
         with self.watchdog.guard():
-            if self.resize_in_torch:
-                # on a GPU the base normalises the uint8 batch there (a quarter of the bytes to copy)
-                norm = (self.aug.mean, self.aug.std, self.dtype) if self.device.type == "cpu" else ()
-                self.iterator = CropBatches(self.pipe, self.aug.size, norm, self.spec.channels)
-            else:
-                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels"], auto_reset=False)
+            self.iterator = self.graph.iterator(self.pipe)
 
     def read_batches(self):
         length = self.epoch_length()
@@ -503,7 +299,7 @@ class DALILoader(Loader):
             return self.watchdog.error()
         first = (batch - self.start_batch) * self.batch_size
         order = self.source.order(self.epoch, self.start_batch * self.batch_size)
-        window = order[max(0, first - self.batch_size):first + (self.prefetch + 2) * self.batch_size]
+        window = order[max(0, first - self.batch_size):first + (self.graph.prefetch + 2) * self.batch_size]
         return self.decode_failure([self.samples.path(int(i)) for i in window], batch)
 
     def decode_failure(self, files: list[str], batch: int) -> DatasetError | None:

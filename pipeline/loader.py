@@ -18,7 +18,7 @@ applies timm's RandAugment on the PIL crop in its workers; a backend that hands 
 can apply a batched device op by overriding `device_transform` (run by the base on the training
 view's uint8 (B, 3, S, S) images on the device, before normalisation, with a generator keyed by
 (seed, epoch, batch, rank): FFCV's `rand_augment.BatchRandAugment`); DALI builds its op into its
-graph (`DALILoader.graph_augment`: DALI's own RandAugment, `dali_augment.py`).
+graph (`dali_graph.DALIGraph.graph_augment`: DALI's own RandAugment, `dali_augment.py`).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from helpers import (EXIF, HOSTILE_BAD, HOSTILE_GOOD, add_decode_cases, assert_s
                      make_loader)
 
 pytest.importorskip("nvidia.dali")
+from simmim.pipeline.dali_graph import DALIGraph  # noqa: E402
 from simmim.pipeline.dali_loader import DALILoader  # noqa: E402
 
 
@@ -210,15 +211,15 @@ def test_gpu_pipeline_is_valid(sample_root):
     pipeline is serialised, so a misspelt knob or an operator without a GPU backend fails here."""
     loader = make_loader(DALILoader, str(sample_root / "train"), Augmentation(size=64), None, 8, 1,
                          dtype=torch.float16, hw_decoder_load=0.5, preallocate=4 << 20)
-    loader.preallocate_hw = (640, 480)
-    loader.decode = "mixed"  # as chosen on a CUDA device; device_id stays None to build no GPU state
+    loader.graph.preallocate_hw = (640, 480)
+    loader.graph.decode = "mixed"  # as chosen on a CUDA device; device_id stays None to build no GPU state
     for train in (True, False):
-        loader.train = train
+        loader.graph.train = train
         graph = loader.build_pipeline().serialize()
         assert graph.count(b"mixed") >= 1 and graph.count(b"gpu") >= 2
         for knob in (b"hw_decoder_load", b"device_memory_padding", b"preallocate_width_hint"):
             assert knob in graph
-    loader.hw_decoder_load = "lots"  # values are typed against the schema too
+    loader.graph.hw_decoder_load = "lots"  # values are typed against the schema too
     with pytest.raises(Exception, match="float"):
         loader.build_pipeline().serialize()
 
@@ -332,7 +333,7 @@ def test_torch_resize_is_pillows_filter_and_normalises_as_the_base(sample_root):
 
     from simmim.pipeline import sample_crop
     from simmim.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-    from simmim.pipeline.dali_loader import resize_views
+    from simmim.pipeline.dali_graph import resize_views
     from simmim.pipeline.folder import scan_folder
 
     size, rng = 192, random.Random(0)
@@ -402,12 +403,12 @@ def test_graph_path_gives_the_torch_paths_views(ramps, train):
     the resampler's rounding: the same boxes, flips and windows from the one source."""
     aug = Augmentation(size=48)
 
-    class InGraph(DALILoader):
+    class InGraph(DALIGraph):
         resize_in_torch = False
 
     torch_path = make_loader(DALILoader, str(ramps), aug, None, 8, 1, seed=2, train=train, drop_last=train)
     graph_path = make_loader(DALILoader, str(ramps), aug, None, 8, 1, seed=2, train=train, drop_last=train)
-    graph_path.__class__ = InGraph
+    graph_path.graph.__class__ = InGraph
     for loader in (torch_path, graph_path):
         loader.set_epoch(1)
     pairs = list(zip(torch_path, graph_path))

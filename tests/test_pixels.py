@@ -93,7 +93,7 @@ def dali_crops(files, boxes, antialias=None):
     `antialias` given: a plain fn.resize with that setting instead, for the before/after figure."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from simmim.pipeline.dali_loader import resize_square
+    from simmim.pipeline.dali_graph import resize_square
 
     @pipeline_def(batch_size=len(files), num_threads=1, device_id=None, seed=1)
     def pipe():

@@ -121,7 +121,7 @@ def test_ffcv_draws_the_next_epochs_views_while_one_trains(ramp_beton):
 def test_dali_box_is_drawn_on_the_stored_image(tmp_path):
     """EXIF orientation is not applied (decode.py): the source draws the box on the stored 64x32
     pixels, not the 32x64 a rotating decoder would show, and DALI's crop equals the torch loader's."""
-    from simmim.pipeline.dali_loader import header_size
+    from simmim.pipeline.dali_graph import header_size
 
     d = tmp_path / "exif" / "c0"
     d.mkdir(parents=True)
