@@ -271,3 +271,23 @@ class DALIGraph:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
+
+
+def dali_decodes(data: np.ndarray) -> bool:
+    """Whether DALI's CPU decoder, with our decode arguments, reads the encoded image `data`
+    (uint8 (n,), a file's bytes)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def one():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, **DALI_DECODE_ARGS)
+
+    try:
+        p = one()
+        p.build()
+        p.feed_input("encoded", [data])
+        p.run()
+        return True
+    except Exception:  # noqa: BLE001 - any DALI error: it does not decode
+        return False

@@ -79,7 +79,7 @@ import torch
 from simmim.core.errors import DatasetError
 
 from .augment import Augmentation
-from .dali_graph import DALIGraph, batch_views, header_size
+from .dali_graph import DALIGraph, batch_views, dali_decodes, header_size
 from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
 from .channels import is_array_file
 from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
@@ -216,6 +216,9 @@ class DALILoader(Loader):
         self.watchdog = WorkerWatchdog()  # a dead worker ends the wait for it (dali_watchdog.py)
         self.dali_epoch = 0  # epochs the pipeline has run: the schedule's row
 
+    def describe(self) -> str:
+        return f"dali (decoding on the {'GPU' if self.graph.decode == 'mixed' else 'CPU'})"
+
     def epoch_length(self) -> int:
         """Samples this rank reads from `start_batch` on in the current epoch."""
         start = self.start_batch * self.batch_size
@@ -308,7 +311,7 @@ class DALILoader(Loader):
         every file of `files` reads and decodes (the failure is not the data's)."""
         bad = [(f, r) for f in files for r in [check_image(f, self.max_pixels)[0]] if r is not None]
         if not bad:
-            bad = [(f, "DALI cannot decode it") for f in files if not dali_decodes(f)]
+            bad = [(f, "DALI cannot decode it") for f in files if not dali_decodes(np.fromfile(f, np.uint8))]
         if not bad:
             return None
         src = Path(self.path)
@@ -321,22 +324,3 @@ class DALILoader(Loader):
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         return DatasetError(f"cannot decode {bad[0][0]!r} ({bad[0][1]}){more} in {where}; "
                             f"changed since the scan? rebuild the list with {fix}")
-
-
-def dali_decodes(path: str) -> bool:
-    """Whether DALI's CPU decoder, with our decode arguments, reads `path`."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def one():
-        data, _ = fn.readers.file(files=[path])
-        return fn.decoders.image(data, device="cpu", output_type=types.RGB, **DALI_DECODE_ARGS)
-
-    try:
-        p = one()
-        p.build()
-        p.run()
-        return True
-    except Exception:  # noqa: BLE001 - any DALI error: it does not decode
-        return False
-

@@ -79,6 +79,11 @@ class Loader(abc.ABC):
         size = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
         return hashlib.sha1(f"{self.num_samples} {size}".encode()).hexdigest()[:12]
 
+    def describe(self) -> str:
+        """The backend as the run's log names it: `data.backend`, and what decodes where it
+        chooses (DALI's device, the stream backend's decoder)."""
+        return self.spec.backend
+
     # ---------------------------------------------------------------- what a backend implements
 
     @abc.abstractmethod

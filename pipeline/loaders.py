@@ -4,6 +4,7 @@
     ffcv   an FFCV .beton (`simmim convert`), augmentation in FFCV's compiled pipeline
     dali   NVIDIA DALI from the JPEG folder, decoding on the GPU ('mixed') or CPU
     stream MosaicML streaming shards (`simmim shard`), local or s3://, decoded in DataLoader workers
+           (PIL) or by DALI (`data.stream.decode`: `stream_decoder`)
 
 Each backend reads its own options from the spec (`spec.ffcv`, `spec.dali`, `spec.stream`) and ignores the
 others', so one recipe can switch backends.
@@ -20,8 +21,9 @@ from .dali_loader import DALILoader
 from .ffcv_loader import FFCVLoader
 from .loader import Loader
 from .masking import MaskGenerator
-from .options import BACKENDS, LoaderSpec
+from .options import BACKENDS, STREAM_DECODERS, LoaderSpec
 from .reference import ReferenceLoader
+from .stream_dali import StreamDALILoader
 from .stream_loader import StreamLoader
 
 INSTALL = {"ffcv": ("ffcv", "pip install -e '.[ffcv]' (needs apt: libopencv-dev libturbojpeg0-dev pkg-config)"),
@@ -57,6 +59,19 @@ def validate_data_args(backend: str, path: str, key: str = "data.path") -> None:
                            f"(shards written by `simmim shard`)")
 
 
+def stream_decoder(decode: str, device: torch.device) -> str:
+    """What decodes the stream backend's images for `data.stream.decode`: 'pil' (the DataLoader
+    workers, the torch backend's pixels) or 'dali'; `auto` is DALI when training on a GPU and DALI
+    is installed. ConfigError for another value, DatasetError (install hint) for dali without DALI."""
+    if decode not in STREAM_DECODERS:
+        raise ConfigError(f"data.stream.decode must be one of {', '.join(STREAM_DECODERS)}, got '{decode}'")
+    if decode == "auto":
+        return "dali" if device.type == "cuda" and available("dali") else "pil"
+    if decode == "dali" and not available("dali"):
+        raise DatasetError(f"data.stream.decode=dali needs DALI, which is not installed: {INSTALL['dali'][1]}")
+    return decode
+
+
 def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str, rank: int = 0,
                  world_size: int = 1, seed: int = 0) -> Loader:
     """The `spec.backend` loader of `spec` for this process (see `loader.Loader`). DatasetError
@@ -72,7 +87,7 @@ def build_loader(spec: LoaderSpec, masks: MaskGenerator | None, device: torch.de
     elif spec.backend == "dali":
         backend = DALILoader
     elif spec.backend == "stream":
-        backend = StreamLoader
+        backend = StreamDALILoader if stream_decoder(spec.stream.decode, torch.device(device)) == "dali" else StreamLoader
     else:
         backend = ReferenceLoader
     return backend(spec, masks, device, rank, world_size, seed)

@@ -32,6 +32,7 @@ BACKENDS = ("torch", "ffcv", "dali", "stream")  # data.backend
 ORDERS = ("random", "quasi_random", "sequential")  # data.ffcv.order
 DEVICES = ("auto", "mixed", "cpu")  # data.dali.device
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")  # data.stream.shuffle_algo (MosaicML streaming's)
+STREAM_DECODERS = ("auto", "pil", "dali")  # data.stream.decode
 
 __all__ = ["BACKENDS", "CHANNELS_SUPPORTED", "DEVICES", "ORDERS", "SHUFFLE_ALGOS", "DALIOptions", "DataConfig",
            "FFCVOptions", "LoaderSpec", "StreamOptions", "byte_size", "check_channels"]
@@ -94,11 +95,12 @@ class StreamOptions:
     shuffle_algo: str = "py1e"  # streaming's shard-aware shuffles; py1e: each shard's samples spread over a block
     shuffle_block_size: int = 0  # samples shuffled together (fewer: fewer shards resident); 0: streaming's default
     predownload: int = 0  # samples each worker downloads ahead; 0: 8 x data.batch_size (streaming's default)
+    decode: str = "auto"  # pil: in the DataLoader workers | dali: DALI (data.dali.*) | auto: dali on a GPU if installed
 
     @staticmethod
     def rules() -> dict[str, Rule]:
         return {"cache_limit": BYTE_SIZE, "canonical_nodes": POSITIVE, "shuffle_algo": one_of(*SHUFFLE_ALGOS),
-                "shuffle_block_size": NON_NEGATIVE, "predownload": NON_NEGATIVE}
+                "shuffle_block_size": NON_NEGATIVE, "predownload": NON_NEGATIVE, "decode": one_of(*STREAM_DECODERS)}
 
 
 @dataclass

@@ -21,12 +21,15 @@ import os
 import random
 import shutil
 import tempfile
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from streaming import StreamingDataset
 from streaming.base.storage.download import CloudDownloader
 
 from .augment import Augmentation
+from .dali_graph import header_size
 from .decode import DecodeError, decode_rgb_bytes
 from simmim.core.errors import DatasetError, ShardError
 from .views import center_crop, to_tensor, train_view
@@ -143,13 +146,18 @@ class StreamShards(StreamingDataset):
     shared memory that the loader sets before each epoch (DataLoader workers, persistent or not,
     read it when the epoch starts). The rest of `streaming` are StreamingDataset's own arguments.
 
+    With `encoded`, a sample is instead its stored file for a decoder in the main process
+    (`stream_dali.py`): `EncodedSample` (the bytes as uint8 (n,), label, index, (width, height)
+    from the file's header), no pixel decoded here.
+
     A shard that cannot be read ends the epoch with a `ShardError` naming it; an image that does
     not decode (the shards hold checked files, so only a damaged shard) is replaced by the next
-    sample, with a warning naming it, as the torch backend does."""
+    sample, with a warning naming it, as the torch backend does (encoded: one whose header does
+    not read)."""
 
     def __init__(self, *, aug: Augmentation, seed: int, train: bool, crop_ratio: float, transform, max_pixels: int,
-                 epoch: torch.Tensor, **streaming):
-        self.aug, self.seed, self.train, self.crop_ratio = aug, seed, train, crop_ratio
+                 epoch: torch.Tensor, encoded: bool = False, **streaming):
+        self.aug, self.seed, self.train, self.crop_ratio, self.encoded = aug, seed, train, crop_ratio, encoded
         self.transform, self.max_pixels, self.shared_epoch, self.epoch = transform, max_pixels, epoch, 0
         self.where = streaming.get("remote") or streaming.get("local")
         self.failed: str | None = None
@@ -193,21 +201,33 @@ class StreamShards(StreamingDataset):
             "cannot be read (" + " ".join(f"{type(e).__name__}: {e}".split())[:200] + ")"
         return f"shard {name} of {self.where} {what}; write the set again with `simmim shard SRC {self.where} --overwrite`"
 
-    def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int] | EncodedSample:
         for k in range(self.num_samples):
             i = (sample_id + k) % self.num_samples
             obj = self.read(i)
+            label = int(obj.get("label", 0))
             try:
+                if self.encoded:
+                    return self.encoded_sample(obj, label)
                 img = decode_rgb_bytes(obj["image"], self.max_pixels)
             except DecodeError as e:
                 log.warning("skipping unreadable image %s (sample %d of %s: %s)", obj.get("path"), i, self.where, e)
                 continue
-            label = int(obj.get("label", 0))
             if not self.train:
                 return to_tensor(center_crop(img, self.aug.size, self.crop_ratio)), label
             rng = random.Random(derive_seed("sample", self.seed, self.epoch, int(obj["index"])))
             return train_view(img, self.aug, rng, self.transform), label
         raise DatasetError(f"no image of {self.where} could be read")
+
+    @staticmethod
+    def encoded_sample(obj: dict, label: int) -> EncodedSample:
+        """The stored sample `obj` as its file; DecodeError for a header PIL cannot read."""
+        data = np.frombuffer(obj["image"], np.uint8)
+        try:
+            size = header_size(data)
+        except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DecodeError(f"no image header ({e})") from None
+        return EncodedSample(data, label, int(obj["index"]), size, obj.get("path", ""))
 
     def read(self, sample_id: int) -> dict:
         """The stored sample (image bytes, index, path[, label]); ShardError naming its shard."""
@@ -227,6 +247,17 @@ class StreamShards(StreamingDataset):
             self.next_epoch = epoch
         self.load_state_dict({"epoch": epoch, "sample_in_epoch": sample_in_epoch, "num_canonical_nodes": canonical_nodes,
                               "shuffle_seed": self.shuffle_seed, "initial_physical_nodes": None})
+
+
+class EncodedSample(NamedTuple):
+    """A stored sample as its file: `data` uint8 (n,) the file's bytes, `label`, `index` (its
+    place in the data set, which keys its training view), `size` (width, height) in pixels from
+    the header (EXIF orientation not applied, as `decode.py` decodes), `path` as shard wrote it."""
+    data: np.ndarray
+    label: int
+    index: int
+    size: tuple[int, int]
+    path: str
 
 
 class IndexedShards(torch.utils.data.Dataset):

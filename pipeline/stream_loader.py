@@ -13,7 +13,8 @@ What this loader adds on top (the contract of `loader.Loader`):
   in the DataLoader workers on the CPU (`stream_dataset.StreamShards`): the same pixels as the torch
   backend for the same sample and epoch. Masks are the base's `GlobalBatchMasks`, by the position
   of a sample in the step's global batch (streaming's layout of ranks in a batch, `mask_slot`).
-  The stream backend decodes on the CPU (no DALI decoding: the shard bytes are read by the workers).
+  With `data.stream.decode: dali` (`auto` on a GPU) the workers hand over the stored files instead
+  and DALI decodes the same boxes (`stream_dali.py`; the pixels differ only by the JPEG decoder).
 - Resume: `set_epoch(epoch, start_batch)` becomes streaming's resume state (epoch, sample
   start_batch x batch_size x world_size), written before every epoch, so a resume on another number
   of ranks or workers continues the same global sample sequence (global batch kept by the trainer).
@@ -76,6 +77,8 @@ def mask_slot(rank: int, nodes: int, per_node: int) -> int:
 class StreamLoader(Loader):
     """`Loader` over `StreamShards` in a torch DataLoader (see the module docstring)."""
 
+    decodes_in_workers = True  # False: the workers hand over the stored files (`stream_dali.StreamDALILoader`)
+
     def __init__(self, spec: LoaderSpec, masks: MaskGenerator | None, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         super().__init__(spec, masks, device, rank, world_size, seed)
@@ -98,14 +101,15 @@ class StreamLoader(Loader):
             self.check_cache(o, local or self.path, spec.num_workers)
         self.shards = StreamShards(
             aug=self.aug, seed=seed, train=self.train, crop_ratio=spec.crop_ratio, transform=pil_transform(spec),
-            max_pixels=self.max_pixels, epoch=self.shared_epoch, remote=remote, local=local or self.path,
+            max_pixels=self.max_pixels, epoch=self.shared_epoch, encoded=not self.decodes_in_workers,
+            remote=remote, local=local or self.path,
             batch_size=self.batch_size, shuffle=self.train, shuffle_algo=o.shuffle_algo,
             shuffle_seed=derive_seed("order", seed, bits=31), shuffle_block_size=o.shuffle_block_size or None,
             num_canonical_nodes=o.canonical_nodes, partition_algo="orig", predownload=o.predownload or None,
             cache_limit=byte_size(o.cache_limit) or None)
         self.samples = None  # no image files: the preview reads the shards (`preview_images`)
         self.require_one_batch()
-        if self.train and spec.num_workers > 0:
+        if self.train and spec.num_workers > 0 and self.decodes_in_workers:
             compiled_resize()  # compiled here once: the forked workers inherit it
         self.loader = self.data_loader(self.shards if self.train else IndexedShards(self.shards), spec.num_workers)
 
@@ -145,7 +149,11 @@ class StreamLoader(Loader):
             generator=torch_generator("loader", self.seed, self.rank), persistent_workers=workers > 0,
             prefetch_factor=PREFETCH if workers > 0 else None,
             worker_init_fn=functools.partial(ignore_stop_signals, self.exiting),
-            collate_fn=WorkerCollate(self.aug, self.dtype, workers > 0 and self.device.type == "cpu"))
+            collate_fn=WorkerCollate(self.aug, self.dtype, workers > 0 and self.device.type == "cpu")
+            if self.decodes_in_workers else list)  # EncodedSample's as they are
+
+    def describe(self) -> str:
+        return "stream (PIL decoding in the DataLoader workers)"
 
     def fingerprint(self) -> str:
         """The shard set's: its sample list's fingerprint, as `simmim shard` recorded it (the same

@@ -435,7 +435,7 @@ def test_sigterm_then_resume_from_the_mirror_in_an_empty_folder(sample_root, s3_
     assert f"resuming from the mirror: checkpoint-{stopped:08d}" in text, text[-4000:]
     assert "resuming from the mirror" in (second / "log.txt").read_text()  # in the new run folder's log too
     if backend == "stream":  # the shards came from the bucket, into this machine's own cache
-        assert "data stream: " in text and any(Path(f"{second}-cache").rglob("shard.*.mds")), text[-4000:]
+        assert "data stream (PIL decoding in the DataLoader workers): " in text and any(Path(f"{second}-cache").rglob("shard.*.mds")), text[-4000:]
     a, b = losses(ref), {**{s: v for s, v in losses(first).items() if s < stopped}, **losses(second)}
     assert sorted(b) == sorted(a) == list(range(14)) and min(losses(second)) == stopped
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # the same per-step losses

@@ -523,7 +523,7 @@ def log_start(run: Run, schedule: LRSchedule) -> None:
     classes = run.loader.classes  # [] for unlabeled data (a .beton says so in its classes.json)
     kind = "unlabeled" if classes == [] else f"{len(classes)} classes" if classes else "classes not recorded"
     log.info("data %s: %d images (%s), %s, %d steps/epoch, global batch %d (%d x %d ranks x %d accum)",
-             d.backend, run.loader.num_samples, kind, run.task.describe_data(), tr.steps_per_epoch,
+             run.loader.describe(), run.loader.num_samples, kind, run.task.describe_data(), tr.steps_per_epoch,
              run.state.global_batch, d.batch_size, dist.world_size, tr.options.accum_steps)
     s = schedule
     log.info("lr: base %.3g -> effective %.3g (x %.4g = global batch / 512); warmup %.3g, min %.3g",
