@@ -3,7 +3,8 @@
 A check that leaves files out (`simmim scan`, the loaders' checked list, `convert`, `shard`, the
 figure preview) names the first `NAMED` of them, one line each, then writes ONE summary line: how
 many of how many files were left out, counted by the kind of reason, and where the full list is
-(`LIST.bad.txt` beside a scan list, `scan.write_bad_list`). A truncated ImageNet copy of 10,000 bad JPEGs is 6 lines, not 10,000.
+(`LIST.bad.txt` beside a scan list, `scan.write_bad_list`): 10,000 truncated JPEGs in an ImageNet
+copy are 6 lines, not 10,000.
 
 A reason's kind (`reason_kind`) is its text without what differs file to file (sizes, shapes,
 quoted names, byte counts in parentheses), so one cause is one group; a channel mismatch keeps
@@ -47,7 +48,9 @@ def reason_kind(reason: str) -> str:
     m = _LIMIT.search(reason)
     if m:
         return f"over the pixel limit of {m.group(1)} (data.max_pixels)"
-    kind = re.sub(r"\s*\([^()]*\)", "", reason)  # sizes, byte counts, shapes, lists of formats
+    kind, inner = reason, re.compile(r"\s*\([^()]*\)")
+    while inner.search(kind):  # innermost first: sizes, byte counts, shapes, lists of formats
+        kind = inner.sub("", kind)
     kind = re.sub(r"b?'[^']*'|\"[^\"]*\"", "", kind).split(";")[0]  # quoted names; the advice after ';'
     kind = re.sub(r"\s+", " ", kind).strip(" :,")
     return kind[:80] or reason[:80]
