@@ -153,7 +153,7 @@ def check_file(path: str | os.PathLike, channels: int, max_pixels: int = MAX_PIX
     if channels == 3 or not is_array_file(path, channels):
         if channels not in (1, 3):
             return f"data.channels={channels} reads .npy and .tif/.tiff arrays, not {Path(path).suffix}", (0, 0)
-        return check_image(path, max_pixels)
+        return check_image(path, max_pixels, grey=channels == 1)
     try:
         a = read_array(path, channels, max_pixels)
     except DecodeError as e:

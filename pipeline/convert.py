@@ -43,6 +43,7 @@ from .decode import MAX_PIXELS, DecodeError, decode_rgb
 from .ffcv_compat import keep_torch_threads
 from .folder import SampleList, folder_classes, read_classes, scan_folder, sidecar, walk_tree
 from .scan import check_output
+from .skips import log_skips, no_image_error
 from .stats import STATS_SUFFIX, ChannelMoments, read_stats, stats_path, write_stats
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def convert(src: str, dst: str, max_resolution: int = 256, write_mode: str = "jp
         dataset = ConvertDataset(samples, max_resolution, failed_dir, on_error == "fail", max_pixels,
                                  channels if stats and held is None else 0)
         write_samples(tmp, fields, dataset, page_size, workers, chunk_size, progress)
-        bad = drop_failures(tmp, failed_dir, len(samples), src, on_error)
+        bad = drop_failures(tmp, failed_dir, len(samples), src, on_error, sidecar(dst_path, "report.json"))
         seconds = time.perf_counter() - t0
         measured = merge_moments(failed_dir, channels) if dataset.moments is not None else None
         origin = save_statistics(dst_path, held, measured, len(samples) - len(bad))
@@ -302,17 +303,19 @@ def write_samples(path: Path, fields: dict, dataset: ConvertDataset, page_size: 
         raise DatasetError(f"conversion stopped: {e}") from None
 
 
-def drop_failures(path: Path, failed_dir: Path, n_samples: int, src: str, on_error: str) -> list[tuple[int, str, str]]:
+def drop_failures(path: Path, failed_dir: Path, n_samples: int, src: str, on_error: str,
+                  report: Path | None = None) -> list[tuple[int, str, str]]:
     """The samples `ConvertDataset` recorded in `failed_dir` as not decoding, (index, path, reason)
-    in source order, each logged as a warning and dropped from the .beton at `path`. DatasetError
-    (one line) with on_error='fail', naming the first, or when none of the `n_samples` decodes."""
+    in source order, dropped from the .beton at `path` and told in a few lines (`skips.log_skips`,
+    naming `report`, where they are all listed). DatasetError (one line) with on_error='fail',
+    naming the first, or when none of the `n_samples` decodes (`skips.no_image_error`)."""
     bad = sorted((int(p.name), *json.loads(p.read_text())) for p in failed_dir.iterdir() if p.name.isdigit())
     if bad and on_error == "fail":
         raise DatasetError(f"cannot decode {bad[0][1]} ({bad[0][2]}); use --on-error skip to leave it out")
+    reasons = [(file, err) for _, file, err in bad]
     if len(bad) == n_samples:
-        raise DatasetError(f"no image under {src} decodes")
-    for _, file, err in bad:
-        log.warning("skipping %r (%s)", file, err)
+        raise no_image_error(src, reasons, n_samples, 3, setting="")
+    log_skips(log, "convert", reasons, n_samples, src, report)
     if bad:
         drop_samples(path, np.array([i for i, _, _ in bad], dtype=np.int64))
     return bad

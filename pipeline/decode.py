@@ -186,11 +186,13 @@ def _grey(v: np.ndarray, keep_grey: bool = False) -> Image.Image:
     return img if keep_grey else img.convert("RGB")
 
 
-def check_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple[int, int]]:
-    """(None, (width, height)) if `path` decodes by the rules, else (one-line reason, (0, 0)).
-    Cheap for a JPEG: decoded at 1/8 scale (see `decode_rgb`'s draft); the size is the header's."""
+def check_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, grey: bool = False
+                ) -> tuple[str | None, tuple[int, int]]:
+    """(None, (width, height)) if `path` decodes by the rules (`grey`: `decode_grey`'s, whose
+    reasons name a grey run), else (one-line reason, (0, 0)). Cheap for a JPEG: decoded at 1/8
+    scale (see `decode_rgb`'s draft); the size is the header's."""
     try:
-        return None, _decode(path, max_pixels, draft=1)[1]
+        return None, _decode(path, max_pixels, draft=1, grey=grey)[1]
     except DecodeError as e:
         return str(e), (0, 0)
     except Exception as e:  # noqa: BLE001 - e.g. a file deleted meanwhile

@@ -41,6 +41,7 @@ from simmim.core.errors import DatasetError
 from .augment import Augmentation
 from .channels import extensions, read_pixels
 from .decode import MAX_PIXELS, DecodeError, decode_rgb, file_kind
+from .skips import NAMED
 from .views import center_crop, channel_view, to_tensor, train_view
 
 log = logging.getLogger(__name__)
@@ -498,7 +499,8 @@ class ImageFolder(torch.utils.data.Dataset):
     bad JPEG never stops an epoch, and is logged once per process that built the dataset (a rank):
     the set of known bad files is a shared-memory flag per sample, set under a lock, which the
     DataLoader's forked workers inherit, so a file found bad by one worker is neither reported nor
-    decoded again by another, in this epoch or later ones (persistent workers).
+    decoded again by another, in this epoch or later ones (persistent workers). Only the first
+    `skips.NAMED` are named; the rest are counted (`bad_count`, told by the loader at epoch end).
     """
 
     def __init__(self, root: str | os.PathLike, aug: Augmentation, train: bool = True,
@@ -511,6 +513,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.transform = transform  # optional extra per-sample op on the PIL crop: f(img, rng) -> img
         self._bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # (N,) True: unreadable
         self._bad_lock = multiprocessing.Lock()
+        self._bad_count = torch.zeros(1, dtype=torch.int64).share_memory_()  # flags set so far, all workers
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -526,8 +529,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 img = decode_rgb(path, self.max_pixels) if self.channels == 3 else \
                     read_pixels(path, self.channels, self.max_pixels)
             except DecodeError as e:
-                if self._mark_bad(i):
-                    log.warning("skipping unreadable image %s (%s)", path, e)
+                found = self._mark_bad(i)
+                if 0 < found <= NAMED:
+                    log.warning("skipping unreadable image %s (%s)%s", path, e, "; the next ones are counted, "
+                                "not named (`simmim scan` lists each with its reason)" if found == NAMED else "")
                 continue
             if self.channels != 3:
                 return channel_view(img, self.aug, self.train, self.crop_ratio, random.Random(seed), self.transform), label
@@ -536,12 +541,19 @@ class ImageFolder(torch.utils.data.Dataset):
             return self.augment(img, random.Random(seed)), label
         raise DatasetError("no image in the dataset could be read")
 
-    def _mark_bad(self, i: int) -> bool:
-        """Flags sample i unreadable; True for the first worker to do so (the one that reports it)."""
+    def _mark_bad(self, i: int) -> int:
+        """Flags sample i unreadable; for the first worker to do so (the one that reports it) the
+        number of files flagged so far, this one included; 0 for the others."""
         with self._bad_lock:
-            first = not bool(self._bad[i])
+            if bool(self._bad[i]):
+                return 0
             self._bad[i] = True
-        return first
+            self._bad_count += 1
+            return int(self._bad_count)
+
+    def bad_count(self) -> int:
+        """Samples found unreadable so far, by every worker."""
+        return int(self._bad_count)
 
     def augment(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         return train_view(img, self.aug, rng, self.transform)

@@ -37,6 +37,7 @@ from simmim.core.seeding import torch_generator
 from .augment import normalize
 from .decode import DecodeError, decode_rgb
 from .channels import read_pixels
+from .skips import log_skips, no_image_error
 from .views import center_crop, channel_view, to_tensor
 from .masking import MaskGenerator
 from .options import LoaderSpec
@@ -96,12 +97,13 @@ class Loader(abc.ABC):
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
         """uint8 (3, S, S) evaluation views (torchvision's Resize(int(S / crop_ratio)) + CenterCrop(S)) of the
-        samples at `indices`, an unreadable one skipped with a warning naming it and the next
-        readable sample taken instead. This default reads `self.samples` (a `SampleList` of image
+        samples at `indices`, an unreadable one skipped and the next readable sample taken instead
+        (`skips.log_skips`: the first few named, then one line counting them; the (path, reason) of
+        each in `self.preview_skipped`). This default reads `self.samples` (a `SampleList` of image
         files) by `decode.decode_rgb`'s rules, with `self.max_pixels`; for data.channels != 3 by
         `channels.read_pixels`', as normalised float32 (C, S, S) views (`views.channel_view`)."""
         channels = self.spec.channels
-        out, tried = [], set()
+        out, tried, self.preview_skipped = [], set(), []
         for i in indices:
             for j in (*range(i, self.num_samples), *range(i)):
                 if j in tried:
@@ -112,11 +114,13 @@ class Loader(abc.ABC):
                     img = decode_rgb(path, self.max_pixels) if channels == 3 else \
                         read_pixels(path, channels, self.max_pixels)
                 except DecodeError as e:
-                    log.warning("figure preview: skipping unreadable image %s (%s)", path, e)
+                    self.preview_skipped.append((path, str(e)))
                     continue
                 out.append(to_tensor(center_crop(img, self.aug.size, self.spec.crop_ratio)) if channels == 3 else
                            channel_view(img, self.aug, False, self.spec.crop_ratio, None))
                 break
+        if out:  # none read: preview_batch's error tells them
+            log_skips(log, "figure preview", self.preview_skipped, len(tried), f"{self.path} tried")
         return out
 
     def device_transform(self) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
@@ -200,8 +204,12 @@ class Loader(abc.ABC):
         sample is taken; DatasetError if none can be read."""
         count = min(n, self.num_samples)
         wanted = [round(i * (self.num_samples - 1) / max(1, count - 1)) for i in range(count)]
+        self.preview_skipped = []
         images = self.preview_images(wanted)
         if not images:
+            skipped = self.preview_skipped
+            if skipped and len(skipped) == self.num_samples:
+                raise no_image_error(f"'{self.path}'", skipped, len(skipped), self.spec.channels)
             raise DatasetError(f"no image of '{self.path}' could be read for the figure preview")
         images = torch.stack(images).to(self.device)
         batch = (normalize(images, self.aug.mean, self.aug.std) if images.dtype == torch.uint8 else images,)

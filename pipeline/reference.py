@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import signal
 
 import torch
@@ -39,6 +40,9 @@ from .options import LoaderSpec
 from .rand_augment import PILRandAugment
 from .scanlist import checked_samples
 from .sharding import ShardedSampler
+from .skips import NAMED
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceLoader(Loader):
@@ -55,6 +59,7 @@ class ReferenceLoader(Loader):
         self.dataset = ImageFolder(self.path, self.aug, self.train, spec.crop_ratio, pil_transform(spec),
                                    self.max_pixels, listed, spec.channels)
         self.samples, self.classes, self.num_samples = self.dataset.samples, self.dataset.classes, len(self.dataset)
+        self.bad_told = 0  # unreadable files counted in the last epoch-end line
         if self.train and workers > 0:
             compiled_resize()  # compiled here once: the forked workers inherit it
         self.sampler = ShardedSampler(self.num_samples, rank, world_size, seed, self.train, self.drop_last)
@@ -76,6 +81,12 @@ class ReferenceLoader(Loader):
     def read_batches(self):
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
         yield from self.loader  # (uint8 (B, 3, S, S) or, data.channels != 3, float32 (B, C, S, S), labels (B,))
+        bad = self.dataset.bad_count()
+        if bad > max(NAMED, self.bad_told):  # past the named ones: one line an epoch while it grows
+            log.warning("torch: %d of the %d files of %s are unreadable and skipped so far (the first %d named "
+                        "above); `simmim scan %s` lists each with its reason, and this loader then reads its "
+                        "checked list", bad, self.num_samples, self.path, NAMED, self.path)
+        self.bad_told = bad
 
 
 class WorkerCollate:

@@ -18,7 +18,6 @@ mode), which finds truncation and corruption for a fraction of a full decode's c
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import tempfile
@@ -37,10 +36,8 @@ from simmim.core.io import atomic_write, write_json
 
 from .channels import check_file, pixels_of
 from .decode import MAX_PIXELS, DecodeError, check_image, check_max_pixels
-from .folder import SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder
+from .folder import SampleList, clean_list_path, quote_bare_path, quote_path, scan_folder, sidecar
 from .stats import ChannelMoments
-
-log = logging.getLogger(__name__)
 
 
 def _check_chunk(paths: list[str], max_pixels: int = MAX_PIXELS, channels: int = 3, stats: bool = False
@@ -92,7 +89,8 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
     Linear in the number of samples: chunks are cut from the sample arrays as they are submitted,
     at most `4 * workers` chunks are in flight at a time (results come back in order), and only
     the bad files are kept (the clean list is one index gather at the end). `samples`: a
-    SampleList, or (path, label) pairs."""
+    SampleList, or (path, label) pairs. Nothing is logged per bad file: the caller tells them in
+    a few lines (`skips.log_skips`)."""
     if not isinstance(samples, SampleList):
         samples = SampleList.from_pairs(samples)
     if on_error not in ("skip", "fail"):
@@ -136,8 +134,6 @@ def scan_images(samples: SampleList, classes: list[str], workers: int = 0, chunk
             pool.shutdown(cancel_futures=True)
     keep = np.ones(n, dtype=bool)
     keep[bad_index] = False
-    for path, err in bad:
-        log.warning("skipping %r (%s)", path, err)
     good = np.flatnonzero(keep)
     return ScanResult(samples.take(good), bad, classes, time.perf_counter() - t0, sizes[good], moments)
 
@@ -196,6 +192,23 @@ def write_file_list(path: Path, samples: SampleList, block: int = 65536, labeled
                                  for i, label in zip(range(a, b), samples.labels[a:b].tolist())))
 
     atomic_write(path, write)
+
+
+def bad_list_path(list_path: str | os.PathLike) -> Path:
+    """Where the bad files of the scan list `list_path` are listed: `LIST.bad.txt` beside it."""
+    return sidecar(list_path, "bad.txt")
+
+
+def write_bad_list(list_path: str | os.PathLike, bad: list[tuple[str, str]]) -> Path | None:
+    """`bad_list_path(list_path)`, written atomically: one `path<TAB>reason` line per (path, reason)
+    (the path quoted as the list format does, so a tab or newline in a name cannot split a line);
+    an empty `bad` removes a stale one. Returns the path written, or None."""
+    path = bad_list_path(list_path)
+    if not bad:
+        path.unlink(missing_ok=True)
+        return None
+    text = "".join(f"{quote_path(p)}\t{r}\n" for p, r in bad)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def check_output(path: str | os.PathLike, flag: str = "") -> Path:

@@ -35,8 +35,10 @@ from simmim.core.io import write_json
 
 from .decode import MAX_PIXELS
 from .folder import SampleList, scan_folder, sidecar
+from .scan import (ScanResult, bad_list_path, check_output, clean_list_path, scan_images, write_bad_list,
+                   write_file_list)
+from .skips import log_skips, no_image_error
 from .stats import STATS_SUFFIX, write_stats
-from .scan import ScanResult, check_output, clean_list_path, scan_images, write_file_list
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +76,16 @@ def read_record(list_path: Path, channels: int = 3) -> dict | None:
 def check(samples: SampleList, classes: list[str], record: dict | None, max_pixels: int,
           workers: int, progress: bool = False, channels: int = 3) -> tuple[ScanResult, dict, dict]:
     """Sorts samples into good and bad, decoding only what `record` cannot vouch for.
-    Returns (result, new record entries, counts: checked / gone / limit). The good samples are
-    `samples.take(...)` of the kept ones, in order (flat arrays, as the loaders hold them)."""
+    Returns (result, new record entries, counts: checked / gone / limit, and "found": the
+    (path, reason) of the bad files this check decoded, not known from `record`). The good samples
+    are `samples.take(...)` of the kept ones, in order (flat arrays, as the loaders hold them)."""
     t0 = time.perf_counter()
     files = record["files"] if record else {}
     old_limit = record["max_pixels"] if record else max_pixels
     good = np.zeros(len(samples), dtype=bool)
     bad: list[tuple[int, str]] = []  # (index, reason)
     entries: dict[str, Entry] = {}
-    todo, todo_stats, gone, limit = array("q"), [], 0, 0
+    todo, todo_stats, gone, limit, found = array("q"), [], 0, 0, []
     for i in range(len(samples)):
         path = samples.path(i)
         st = file_stat(path)
@@ -109,7 +112,7 @@ def check(samples: SampleList, classes: list[str], record: dict | None, max_pixe
     if todo:
         sub = samples.take(np.frombuffer(todo, np.int64))
         result = scan_images(sub, classes, workers, progress=progress, max_pixels=max_pixels, channels=channels)
-        refused = dict(result.bad)
+        refused, found = dict(result.bad), result.bad
         g = 0
         for k, (i, (size, mtime)) in enumerate(zip(todo, todo_stats)):
             path = sub.path(k)
@@ -124,15 +127,17 @@ def check(samples: SampleList, classes: list[str], record: dict | None, max_pixe
     bad.sort()
     result = ScanResult(samples.take(np.flatnonzero(good)), [(samples.path(i), r) for i, r in bad], classes,
                         time.perf_counter() - t0)
-    return result, entries, {"checked": len(todo), "gone": gone, "limit": limit}
+    return result, entries, {"checked": len(todo), "gone": gone, "limit": limit, "found": found}
 
 
 def write_scan(out: Path, result: ScanResult, entries: dict, max_pixels: int, channels: int = 3) -> None:
-    """The list, its class names, the bad-file report, the record (each written atomically) and,
-    when the scan measured them, the per-channel statistics (`stats.write_stats`)."""
+    """The list, its class names, the bad-file report and list (`skips.write_bad_list`), the record
+    (each written atomically) and, when the scan measured them, the per-channel statistics
+    (`stats.write_stats`)."""
     write_file_list(out, result.good, labeled=bool(result.classes))
     write_json(sidecar(out, "classes.json"), result.classes)
     write_json(sidecar(out, "report.json"), result.report())
+    write_bad_list(out, result.bad)
     write_json(record_path(out), {"max_pixels": max_pixels, "channels": channels, "files": entries})
     if result.moments is not None:
         write_stats(out, result.moments, len(result.good))
@@ -184,7 +189,8 @@ def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: s
                  who, src, len(samples), src)
     result, entries, counts = check(samples, classes, record, max_pixels, workers, channels=channels)
     if not len(result.good):
-        raise DatasetError(f"no image under {src} decodes")
+        raise no_image_error(str(src), result.bad, len(samples), channels,
+                             listed=keep_bad_list(clean, result.bad) if write else None)
     changed = record is None or counts["checked"] or set(entries) != set(record["files"]) \
         or record["max_pixels"] != max_pixels
     if record is not None and changed:
@@ -197,8 +203,21 @@ def refresh_folder(src: Path, clean: Path, max_pixels: int, workers: int, who: s
         except OSError as e:
             log.warning("%s: cannot keep the scan list beside %s (%s); every run checks again", who, src,
                         e.strerror or e)
-    log.info("%s: %d of %d files decode (list %s)", who, len(result.good), len(samples), clean)
+    listed = bad_list_path(clean) if result.bad and bad_list_path(clean).is_file() else None
+    log_skips(log, who, result.bad, len(samples), str(src), listed, new=counts["found"])
+    log.info("%s: %d of %d files decode (list %s%s)", who, len(result.good), len(samples), clean,
+             f"; the others: {listed}" if listed else "")
     return result.good, classes
+
+
+def keep_bad_list(clean: Path, bad: list[tuple[str, str]]) -> Path | None:
+    """`skips.write_bad_list` beside `clean` where it can be written (None where not): the files
+    of a data set none of which reads are listed even though no clean list is."""
+    try:
+        return write_bad_list(clean, bad)
+    except OSError as e:
+        log.warning("cannot write the list of bad files beside %s (%s)", clean, e.strerror or e)
+        return None
 
 
 def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data", channels: int = 3):
@@ -216,13 +235,15 @@ def checked_file_list(lst: Path, max_pixels: int, workers: int, who: str = "data
             raise DatasetError(f"no file listed in {lst} exists")
         return kept, classes
     result, _, counts = check(samples, classes, record, max_pixels, workers, channels=channels)
+    listed = bad_list_path(lst) if result.bad and bad_list_path(lst).is_file() else None
+    if not len(result.good):
+        raise no_image_error(str(lst), result.bad, len(samples), channels, listed=listed)
+    log_skips(log, who, result.bad, len(samples), str(lst), listed, new=counts["found"])
     dropped = len(samples) - len(result.good)
     if dropped or counts["checked"]:
         log.warning("%s: %s is out of date (%d file(s) changed and checked again, %d left out, e.g. %r); "
                     "`simmim scan SRC --out %s` rebuilds it", who, lst, counts["checked"], dropped,
                     result.bad[0][0] if result.bad else next((p for p, _ in samples if file_stat(p) is None), ""), lst)
-    if not len(result.good):
-        raise DatasetError(f"no file listed in {lst} decodes")
     return result.good, classes
 
 
@@ -240,8 +261,9 @@ def scan_command(src: str, out: str | None, workers: int, on_error: str,
     result = scan_images(samples, classes, workers, on_error=on_error, max_pixels=max_pixels, channels=channels,
                          stats=stats)
     if not result.good:
-        raise DatasetError(f"no image under {src} decodes")
+        raise no_image_error(src, result.bad, len(samples), channels, "--channels", keep_bad_list(out_path, result.bad))
     write_scan(out_path, result, entries_of(result, file_stats), max_pixels, channels)
+    log_skips(log, "scan", result.bad, len(samples), src, bad_list_path(out_path))
     rate = len(samples) / max(result.seconds, 1e-9)
     print(f"scanned {len(samples)} images in {result.seconds:.1f}s ({rate:.0f} img/s): "
           f"{len(result.good)} good, {len(result.bad)} bad -> {out_path}")

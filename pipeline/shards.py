@@ -41,8 +41,9 @@ from .decode import MAX_PIXELS
 from simmim.core.errors import DatasetError
 from .folder import SampleList, scan_folder
 from .options import byte_size
-from .scan import ScanResult, clean_list_path
+from .scan import ScanResult, bad_list_path, clean_list_path
 from .scanlist import check, read_record
+from .skips import log_skips, no_image_error
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +167,15 @@ def prepare_dest(dest: ShardDest, overwrite: bool) -> None:
 
 def checked(src: str, max_pixels: int, workers: int) -> ScanResult:
     """The samples of `src` that decode (`scanlist.check`, with the scan record beside a folder or
-    list where there is one), each left out named in a warning."""
+    list where there is one), those left out told in a few lines (`skips.log_skips`)."""
     samples, classes = scan_folder(src, announce=print)
-    record = read_record(clean_list_path(src) if Path(src).is_dir() else Path(src))
-    result, _, counts = check(samples, classes, record, max_pixels, workers, progress=True)
-    if record is not None:  # files the record already knew as bad were not checked (or named) again
-        for path, reason in result.bad:
-            log.warning("skipping %r (%s)", path, reason)
+    listed = clean_list_path(src) if Path(src).is_dir() else Path(src)
+    record = read_record(listed)
+    result, _, _ = check(samples, classes, record, max_pixels, workers, progress=True)
     if not len(result.good):
-        raise DatasetError(f"no image under {src} decodes")
+        raise no_image_error(src, result.bad, len(samples), 3, setting="")
+    bad_list = bad_list_path(listed)  # the scan's full list, where the record's scan wrote one
+    log_skips(log, "shard", result.bad, len(samples), src, bad_list if record and bad_list.is_file() else None)
     return result
 
 
