@@ -7,7 +7,8 @@ output size, batch and workers, in one run, interleaved rounds, medians.
 Loaders: ours (`torch`, `ffcv`, `dali`; on a GPU DALI as 'mixed' with and without the hardware JPEG
 decoder, and on the CPU; `stream` from shards in a local folder and `stream s3` from the same shards
 in an S3-compatible server, moto's, that the benchmark starts in its own process on 127.0.0.1:
-its CPU counts in the main process) and, always beside them, the plain pipelines of
+its CPU counts in the main process; each also as `stream ... dali`, decoded by DALI with
+`data.stream.decode: dali`, when DALI is installed) and, always beside them, the plain pipelines of
 `plain_loaders.py`: torchvision's ImageFolder + RandomResizedCrop (`torchvision (plain)`), the
 released SimMIM loader's transform (`released SimMIM`), and for each of our backends its library's
 own pipeline on the same data (`ffcv (plain)` on the same .beton, `dali ... (plain)` with the same
@@ -192,8 +193,13 @@ def entries(backends: list[str], cuda: bool, src: Path, beton: Path, size: int, 
             for label, (path, caches) in (shards or {}).items():  # one cache folder each: streaming's rule
                 out += [Entry(f"{label} (plain)", lambda p=path, c=caches: plain.PlainStreaming(
                             p, aug, batch, workers, device, str(c / "plain"))),
-                        Entry(label, ours("stream", path, stream=StreamOptions(cache_dir=str(caches / "ours"))),
+                        Entry(label, ours("stream", path, stream=StreamOptions(cache_dir=str(caches / "ours"),
+                                                                                decode="pil")),
                               True, f"{label} (plain)")]
+                if available("dali"):  # the same shards decoded by DALI (mixed on a GPU)
+                    out.append(Entry(f"{label} dali", ours(
+                        "stream", path, stream=StreamOptions(cache_dir=str(caches / "ours-dali"), decode="dali"),
+                        dali=DALIOptions(device="mixed" if cuda else "cpu")), True, f"{label} (plain)"))
     return out
 
 

@@ -183,8 +183,12 @@ def worker_stop_signals(action=signal.SIG_DFL, exiting=None) -> None:
 
 
 def _end_if_exiting(exiting, signum, frame) -> None:
-    if exiting[0]:  # with status 0: torch's SIGCHLD handler in the parent takes a death by signal for a crash
-        raise SystemExit(0)
+    # with status 0: torch's SIGCHLD handler in the parent takes a death by signal for a crash; at
+    # once, without the exit's finalizers: the worker's result queue flushes its unsent batches
+    # first, and with the parent no longer reading, a pipe full of them (the stream loader's stored
+    # files, not in shared memory) blocks that flush, and the parent's wait for the worker, forever
+    if exiting[0]:
+        os._exit(0)
 
 
 def remove_orphans(folder: str | Path, prefix: str) -> list[Path]:

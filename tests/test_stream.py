@@ -363,7 +363,8 @@ def test_loaders_bench_streams_from_a_folder_and_its_own_local_s3_server(sample_
     out = loaders.main(["--data", str(sample_root / "train"), "--size", "64", "--batch", "4", "--workers", "1",
                         "--rounds", "1", "--backends", "stream", "--out", str(tmp_path)])
     rows = {r["loader"]: r for r in out["rows"]}
-    assert list(rows)[2:] == ["stream (plain)", "stream", "stream s3 (plain)", "stream s3"]
+    assert list(rows)[2:] == ["stream (plain)", "stream", "stream dali", "stream s3 (plain)", "stream s3", "stream s3 dali"]
+    assert rows["stream s3 dali"]["plain"] == "stream s3 (plain)"
     assert all(r["images"] == 60 for r in rows.values())
     assert rows["stream s3"]["plain"] == "stream s3 (plain)" and "x plain" in rows["stream s3"]["ratios"]
     assert "S3_ENDPOINT_URL" not in os.environ  # the benchmark's server and environment are gone

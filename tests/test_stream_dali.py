@@ -3,6 +3,9 @@ DALI's CPU decoder here (`device_id=None`): the file loader's DALI views bit for
 path's to the JPEG decoder, the stream loader's order, masks and exact resume, the evaluation view,
 a lost shard and an undecodable file in one line, and the choice of decoder."""
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +136,15 @@ def test_pretrain_decodes_shards_with_dali(shards, tmp_path):
     assert all_checkpoints(tmp_path / "run")[-1][0] == 14  # two epochs of 7 steps
     with pytest.raises(ConfigError, match="data.stream.decode"):
         load_config("demo", [*args, "data.stream.decode=gpu"])
+
+
+def test_a_process_that_leaves_an_epoch_with_workers_exits(shards):
+    """The workers hand over the stored files through their result pipe (not shared memory): a
+    process that leaves an epoch with batches still queued must still exit (a worker flushing a
+    full pipe at interpreter exit used to block it forever)."""
+    script = (f"from test_stream import loader\n"
+              f"ld = loader({str(shards)!r}, workers=1, decode='dali', predownload=64)\n"
+              f"ld.set_epoch(0)\nit = iter(ld)\nnext(it)\nprint('left the epoch', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "left the epoch" in out.stdout, out.stderr[-2000:]
