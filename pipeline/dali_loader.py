@@ -1,6 +1,7 @@
 """`data.backend: dali`: SimMIM batches decoded and augmented by NVIDIA DALI, straight from JPEGs.
 
-One DALI pipeline, built at the first epoch and kept. Per batch:
+One DALI pipeline, built at the first epoch and kept (the graph, shared with the stream backend's
+DALI path: `dali_graph.py`). Per batch:
 - a parallel external source (`EpochSource`, run per batch by DALI's Python worker processes)
   reads the batch's file bytes in the order of the epoch and draws the batch's training views at
   once (`augment.sample_views`: each sample's crop box and flip from `derive_seed("sample", seed,

@@ -41,7 +41,8 @@ log = logging.getLogger("simmim")
 RESUMABLE = ("run.*", "train.epochs", "train.device", "train.precision", "train.compile", "train.cpu_offload",
              "train.grad_checkpointing", "train.channels_last", "train.max_skipped_steps", "train.accum_steps",
              "data.path", "data.val_path", "data.max_pixels", "data.backend", "data.batch_size", "data.num_workers", "data.ffcv.*",
-             "data.dali.*", "data.stream.cache_dir", "data.stream.cache_limit", "data.stream.predownload", "optim.base_lr", "optim.warmup_lr", "optim.min_lr",
+             "data.dali.*", "data.stream.cache_dir", "data.stream.cache_limit", "data.stream.predownload",
+             "data.stream.decode", "optim.base_lr", "optim.warmup_lr", "optim.min_lr",
              "optim.clip_grad", "model.fused_shuffle", "model.init_from", "finetune.val_path", "finetune.eval_every")
 
 
