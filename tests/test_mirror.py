@@ -239,6 +239,13 @@ def test_another_runs_mirror_is_refused_before_anything_is_downloaded(s3_bucket,
     assert not out.exists()
     restore_from_mirror(mirror, out, ONE, {"model": {"arch": "swin_base"}, "run": {"out_dir": "b"}})  # the same run
     assert (out / "checkpoint-00000001.pt").is_file()
+    # a run folder ahead of the mirror downloads nothing, but another run's mirror is still refused:
+    # its uploads and keep-last-K would replace that run's checkpoints
+    ahead = tmp_path / "c"
+    save_checkpoint(ahead, 9, state(9))
+    with pytest.raises(ConfigError, match=rf"^run.mirror '{url}' holds another run \(checkpoint-00000001.pt\)"):
+        restore_from_mirror(mirror, ahead, ONE, {"model": {"arch": "vit_base"}, "run": {"out_dir": "c"}})
+    assert mirror.marked(mirror.objects()) == [1]
 
 
 RESTORE = """

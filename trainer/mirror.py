@@ -483,8 +483,9 @@ def restore_from_mirror(mirror: Mirror, out_dir: Path, dist: DistInfo, config: d
     """Before the run folder is read for a resume (every rank calls it): makes the mirror's newest
     complete checkpoint local where it is newer than what every rank can read by itself (see the
     module docstring); one line says which was taken. `config` (the new run's `Config.to_dict()`)
-    is checked against the one in its marker before anything is downloaded: ConfigError naming
-    run.mirror for a key a resume may not change. CheckpointError, on every rank, if the mirror
+    is checked against the one in the newest marker first, whether or not anything is to be
+    downloaded: ConfigError naming run.mirror for a key a resume may not change (another run's
+    mirror, whose checkpoints this run's keep-last-K would delete). CheckpointError, on every rank, if the mirror
     cannot be read or a download fails."""
     steps = all_gather(local_step(out_dir))
     manifest, error = None, None
@@ -496,10 +497,14 @@ def restore_from_mirror(mirror: Mirror, out_dir: Path, dist: DistInfo, config: d
     manifest, error = all_gather((manifest, error))[0]
     if error:
         raise CheckpointError(error)
-    if manifest is None or (len(set(steps)) == 1 and steps[0] >= manifest["step"]):
+    if manifest is None:
         return
-    if config is not None:  # another run's mirror: refused before anything is downloaded, by every rank alike
+    # another run's mirror: refused by every rank alike before anything is downloaded, and also when
+    # nothing would be (a run folder newer than the mirror): this run's uploads would prune its checkpoints
+    if config is not None:
         check_resume_config(manifest.get("config"), config, Path(manifest["checkpoint"]), "run.mirror", mirror.url)
+    if len(set(steps)) == 1 and steps[0] >= manifest["step"]:
+        return
     if dist.local_rank == 0:
         set_aside_newer(out_dir, manifest["step"])
     size = 0
