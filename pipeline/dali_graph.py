@@ -273,6 +273,27 @@ class DALIGraph:
         return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
 
 
+def dali_batches(iterator, count: int, explain, guard=contextlib.nullcontext):
+    """Up to `count` batches (images, labels) of a DALI framework iterator (`DALIGraph.iterator`):
+    images normalised float (DALI has no bf16: the base casts), or uint8 (B, C, S, S) from
+    `CropBatches` on a GPU (the base normalises them there); labels int32 (B, 1). Ends early at the
+    iterator's StopIteration. DALI's error at the k-th batch (names no file) is replaced by
+    `explain(k)`'s one-line exception, or re-raised when that is None (an internal bug keeps its
+    traceback); `guard()` is entered around each wait (a watchdog for the source's workers)."""
+    for k in range(count):
+        try:
+            with guard():
+                out = next(iterator)
+        except StopIteration:
+            return
+        except Exception:  # noqa: BLE001 - DALI's error, or the source's: explained, or re-raised
+            error = explain(k)
+            if error is None:
+                raise
+            raise error from None
+        yield out[0]["images"], out[0]["labels"]
+
+
 def dali_decodes(data: np.ndarray) -> bool:
     """Whether DALI's CPU decoder, with our decode arguments, reads the encoded image `data`
     (uint8 (n,), a file's bytes)."""

@@ -80,10 +80,10 @@ import torch
 from simmim.core.errors import DatasetError
 
 from .augment import Augmentation
-from .dali_graph import DALIGraph, batch_views, dali_decodes, header_size
+from .dali_graph import DALIGraph, batch_views, dali_batches, dali_decodes, header_size
 from .dali_watchdog import WorkerWatchdog, remove_orphans, worker_pids, worker_stop_signals
 from .channels import is_array_file
-from .decode import DALI_DECODE_ARGS, check_image, checked_max_pixels
+from .decode import check_image, checked_max_pixels
 from .folder import SampleList
 from .loader import Loader
 from .masking import MaskGenerator
@@ -261,21 +261,9 @@ class DALILoader(Loader):
             raise error from None
         finished = False
         try:
-            batches = -(-length // self.batch_size)
-            for k in range(self.start_batch, self.start_batch + batches):
-                try:
-                    with self.watchdog.guard():
-                        out = next(self.iterator)
-                except StopIteration:
-                    break
-                except Exception:  # noqa: BLE001 - DALI's error, or our source's from its worker
-                    error = self.failure_in_flight(k)
-                    if error is None:  # no file and no worker at fault: an internal bug keeps its traceback
-                        raise
-                    raise error from None
-                # normalised float (DALI has no bf16: the base casts), or uint8 (B, 3, S, S) from
-                # `CropBatches` for a GPU (the base normalises it there); labels int32 (B, 1)
-                yield out[0]["images"], out[0]["labels"]
+            # DALI's error, or our source's from its worker: explained by the files in flight
+            yield from dali_batches(self.iterator, -(-length // self.batch_size),
+                                    lambda k: self.failure_in_flight(self.start_batch + k), self.watchdog.guard)
             finished = True
         finally:
             self.end_epoch(finished)

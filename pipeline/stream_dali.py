@@ -27,7 +27,7 @@ import torch
 from simmim.core.errors import DatasetError, ShardError
 
 from .augment import Augmentation
-from .dali_graph import DALIGraph, batch_views, dali_decodes
+from .dali_graph import DALIGraph, batch_views, dali_batches, dali_decodes
 from .decode import DecodeError, decode_rgb_bytes
 from .masking import MaskGenerator
 from .options import LoaderSpec
@@ -120,18 +120,7 @@ class StreamDALILoader(StreamLoader):
         finished = False
         try:
             self.start_epoch()
-            for _ in range(wanted):
-                try:
-                    out = next(self.iterator)
-                except StopIteration:
-                    break
-                except Exception:  # noqa: BLE001 - DALI's error: a file it cannot decode, named here
-                    error = self.decode_failure()
-                    if error is None:  # no file at fault: an internal bug keeps its traceback
-                        raise
-                    raise error from None
-                # normalised float on the CPU or from the GPU graph, or uint8 (B, 3, S, S) for the base
-                yield out[0]["images"], out[0]["labels"]
+            yield from dali_batches(self.iterator, wanted, lambda k: self.decode_failure())
             finished = True
         finally:
             self.end_epoch(finished)
