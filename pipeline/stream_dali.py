@@ -61,6 +61,13 @@ class ShardFeed:
         """No batch is fed after this one (the consumer left the epoch)."""
         self.stopped = True
 
+    def release(self) -> None:
+        """Drops the epoch's DataLoader iterator (the epoch is drained). DALI keeps this callback
+        alive until its own exit handler, which runs after multiprocessing's has closed the queues
+        to the workers: an iterator still held here then shut its workers down only by timing out
+        on each (5 s a worker, at every exit). Dropped here, it goes with the loader."""
+        self.stopped, self.batches = True, iter(())
+
     def __call__(self, info):
         if self.stopped or info.iteration >= self.wanted:
             raise StopIteration
@@ -139,6 +146,8 @@ class StreamDALILoader(StreamLoader):
             pass
         except Exception:  # noqa: BLE001 - the pipeline failed (raised above): rebuild it next epoch
             self.pipe = self.iterator = None
+        finally:
+            self.feed.release()
 
     def decode_failure(self) -> DatasetError | None:
         """A one-line DatasetError naming a file of the batches in flight that PIL's decode rules

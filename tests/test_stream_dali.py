@@ -151,6 +151,24 @@ def test_a_process_that_leaves_an_epoch_with_workers_exits(shards):
     assert out.returncode == 0 and "left the epoch" in out.stdout, out.stderr[-2000:]
 
 
+def test_the_workers_end_with_the_loader_after_a_finished_or_a_left_epoch(shards):
+    """DALI keeps the feed callback until its own exit handler, which runs after multiprocessing's
+    has closed the queues to the workers: a DataLoader iterator still held by the feed then waited
+    5 s for each worker at every exit. Once the epoch is over, the workers go with the loader."""
+    for leave in (False, True):
+        ld = dali(shards, workers=2)
+        ld.set_epoch(0)
+        it = iter(ld)
+        next(it)
+        if leave:
+            it.close()
+        else:
+            list(it)
+        workers = list(ld.loader._iterator._workers)
+        del ld, it
+        assert len(workers) == 2 and not any(w.is_alive() for w in workers), leave
+
+
 def test_gpu_graph_is_valid(shards):
     """The GPU graph over the shards' feed (nvJPEG with the hardware decoder, DALI's resize and
     normalisation) cannot run here, but DALI checks every operator's device and arguments against
