@@ -37,9 +37,9 @@ def shards(sample_root, tmp_path_factory) -> Path:
     return dest
 
 
-def loader(path, batch_size=4, workers=0, masks=None, rank=0, world_size=1, seed=3, train=True, **stream):
+def loader(path, batch_size=4, workers=0, masks=None, rank=0, world_size=1, seed=3, train=True, dali=None, **stream):
     spec = LoaderSpec("stream", str(path), AUG, batch_size, workers, train=train, drop_last=train,
-                      stream=StreamOptions(**{"canonical_nodes": 4, **stream}))
+                      stream=StreamOptions(**{"canonical_nodes": 4, **stream}), **({"dali": dali} if dali else {}))
     return build_loader(spec, masks, "cpu", rank, world_size, seed)
 
 

@@ -18,6 +18,7 @@ from test_stream import AUG, TINY, epoch, loader, shards  # noqa: E402,F401 - th
 
 from simmim.core.errors import ConfigError, DatasetError, ShardError  # noqa: E402
 from simmim.pipeline import MaskGenerator, loaders  # noqa: E402
+from simmim.pipeline.options import DALIOptions  # noqa: E402
 from simmim.pipeline.dali_loader import DALILoader  # noqa: E402
 from simmim.pipeline.stream_dali import StreamDALILoader  # noqa: E402
 from simmim.pipeline.stream_dataset import StreamShards  # noqa: E402
@@ -148,3 +149,15 @@ def test_a_process_that_leaves_an_epoch_with_workers_exits(shards):
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "left the epoch" in out.stdout, out.stderr[-2000:]
+
+
+def test_gpu_graph_is_valid(shards):
+    """The GPU graph over the shards' feed (nvJPEG with the hardware decoder, DALI's resize and
+    normalisation) cannot run here, but DALI checks every operator's device and arguments against
+    its schema when the pipeline is serialised: the same graph as the file loader's, fed in process."""
+    ld = loader(shards, decode="dali", dali=DALIOptions(hw_decoder_load=0.5))
+    ld.graph.decode = "mixed"  # as chosen on a CUDA device; device_id stays None to build no GPU state
+    for train in (True, False):
+        ld.graph.train = train
+        graph = ld.graph.pipeline(ld.feed, 0, 0).serialize()
+        assert graph.count(b"mixed") >= 1 and graph.count(b"gpu") >= 2 and b"hw_decoder_load" in graph
