@@ -138,7 +138,7 @@ def pretraining_checkpoint(path, arch: str, chans: int, stats: dict | None = Non
 
 @pytest.mark.parametrize("chans,stats", [(1, GREY_STATS), (5, PENTA_STATS)])
 def test_checkpoint_records_channels_and_normalisation(tmp_path, chans, stats):
-    from simmim.trainer.checkpoint import read_checkpoint
+    from simmim.trainer.checkpoint_reader import read_checkpoint
 
     pretraining_checkpoint(tmp_path / "c.pt", "swin_micro", chans, stats)
     contents = read_checkpoint(tmp_path / "c.pt")

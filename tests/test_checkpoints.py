@@ -2,17 +2,19 @@
 written by other frameworks (MMPretrain, microsoft/SimMIM, timm, DDP / EMA / compile wrappers,
 safetensors) recognised or refused in one line. Each test builds its own small checkpoints."""
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 
 from simmim.core.errors import CheckpointError
-from simmim.trainer import checkpoint as ckpt_mod
-from simmim.trainer.checkpoint import (DCPCheckpointer, Kind, TorchSaveCheckpointer, newest_readable_checkpoint,
-                                       read_checkpoint)
+from simmim.trainer import checkpoint, checkpoint_reader
+from simmim.trainer.checkpoint import DCPCheckpointer, TorchSaveCheckpointer, newest_readable_checkpoint
+from simmim.trainer.checkpoint_reader import read_checkpoint
 from simmim.trainer.finetune import Classifier, build_classifier, evaluate_checkpoint, load_pretrained
 from simmim.trainer.finetune_options import FinetuneConfig
+from simmim.trainer.layouts import Kind
 from simmim.trainer.model import build_simmim, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,20 @@ def test_no_torch_load_without_weights_only():
     assert offenders == []
 
 
+def test_writing_and_reading_modules_each_own_their_names():
+    """checkpoint.py (writing, listing a run folder) and checkpoint_reader.py (reading) list in
+    `__all__` only names defined in them (no re-exports: one home per name), and the reader never
+    imports the writer, so the two cannot import each other in a circle."""
+    for module in (checkpoint, checkpoint_reader):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            home = obj.__module__ if inspect.isclass(obj) or inspect.isfunction(obj) else module.__name__  # constants
+            assert home == module.__name__, f"{module.__name__}.{name} is {home}'s"
+    tree = ast.parse(Path(checkpoint_reader.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "checkpoint" not in imported and "simmim.trainer.checkpoint" not in imported
+
+
 def _trained_pair(seed: int = 0):
     torch.manual_seed(seed)
     model = build_simmim("swin_micro", 64, 32, window_size=2)
@@ -48,13 +64,13 @@ def _trained_pair(seed: int = 0):
 def reads(monkeypatch):
     """The paths the one reader recognised (its `_contents` step), in order."""
     seen = []
-    inner = ckpt_mod._contents
+    inner = checkpoint_reader._contents
 
     def spy(path, fmt, raw, extra=None):
         seen.append((Path(path), fmt))
         return inner(path, fmt, raw, extra)
 
-    monkeypatch.setattr(ckpt_mod, "_contents", spy)
+    monkeypatch.setattr(checkpoint_reader, "_contents", spy)
     return seen
 
 
@@ -130,7 +146,7 @@ def test_dcp_entries_are_unpickled_weights_only(tmp_path):
 
     state = {"app": {"model": {"patch_embed.proj.weight": torch.zeros(2, 3, 4, 4)}, "optim": {"x": torch.zeros(1)}},
              "train": {"json": Payload()}}
-    with ckpt_mod.one_process(True):
+    with checkpoint_reader.one_process(True):
         dcp.save(state, checkpoint_id=str(tmp_path / "c"), no_dist=True)
     with pytest.raises(CheckpointError, match="cannot be read .*Unpickling") as e:
         read_checkpoint(tmp_path / "c")

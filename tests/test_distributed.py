@@ -15,7 +15,8 @@ import pytest
 from helpers import child_pids
 import torch
 
-from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+from simmim.trainer.checkpoint import checkpoints
+from simmim.trainer.checkpoint_reader import read_checkpoint
 from simmim.trainer.config import load_config
 from simmim.trainer.loop import Diverged, TrainState, resolve_accumulation
 from simmim.trainer.pretrain import pretrain

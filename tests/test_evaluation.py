@@ -211,7 +211,8 @@ def test_probe_of_a_random_encoder_reaches_logistic_regression(tmp_path):
 
     root = _colour_classes(tmp_path / "data")
     result = probe(_probe_cfg(root, tmp_path / "run", "train.epochs=6", "probe.optimizer=lars", "optim.base_lr=50"))
-    from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+    from simmim.trainer.checkpoint import checkpoints
+    from simmim.trainer.checkpoint_reader import read_checkpoint
     from simmim.trainer.finetune import build_classifier
     from simmim.trainer.probe import LinearProbe
 
@@ -236,7 +237,8 @@ def test_probe_of_a_random_encoder_reaches_logistic_regression(tmp_path):
 def test_probe_resume_is_exact(tmp_path):
     """Interrupted after epoch 1's checkpoint (the newer one removed, as a kill before it was
     written), the resumed run ends with the same head, BatchNorm statistics and optimizer state."""
-    from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+    from simmim.trainer.checkpoint import checkpoints
+    from simmim.trainer.checkpoint_reader import read_checkpoint
     from simmim.trainer.probe import probe
 
     root = _colour_classes(tmp_path / "data", per_class=6)

@@ -417,7 +417,7 @@ def test_runs_killed_at_many_points_of_their_writes_leave_nothing_behind(sample_
     import sys
 
     from simmim.core.io import temporaries
-    from simmim.trainer.checkpoint import read_checkpoint
+    from simmim.trainer.checkpoint_reader import read_checkpoint
 
     out = tmp_path / "run"
     args = ["pretrain", "--config", "demo", f"data.path={sample_root / 'train'}", f"run.out_dir={out}", *TINY,

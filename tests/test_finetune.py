@@ -255,7 +255,7 @@ def test_cli_pretrain_finetune_evaluate(sample_root, tmp_path, simmim_cmd):
     evals = [r for r in records if "top1" in r]
     assert len(evals) == 2 and all(0 <= r["top1"] <= r["top5"] <= 100 for r in evals)
     final = sorted((tmp_path / "ft").glob("checkpoint-*.pt"))[-1]
-    from simmim.trainer.checkpoint import read_checkpoint
+    from simmim.trainer.checkpoint_reader import read_checkpoint
 
     assert read_checkpoint(final).classes == sorted(p.name for p in (sample_root / "train").iterdir())
     out = run("evaluate", str(final), "--json")

@@ -16,7 +16,8 @@ from helpers import child_pids
 import torch
 
 from simmim.core.errors import CheckpointError
-from simmim.trainer.checkpoint import DCPCheckpointer, dcp_checkpoints, is_dcp_checkpoint, read_checkpoint
+from simmim.trainer.checkpoint import DCPCheckpointer, dcp_checkpoints
+from simmim.trainer.checkpoint_reader import is_dcp_checkpoint, read_checkpoint
 from simmim.trainer.finetune import build_classifier, load_pretrained
 from simmim.trainer.model import build_simmim, param_groups
 

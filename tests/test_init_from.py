@@ -141,7 +141,8 @@ def test_dcp_folder_and_swinv2_windows(tmp_path):
     is normalised by the window 2 its config records. A SwinV2 state dict that records no sizes is
     one line naming model.init_from and what to do (it named finetune.pretrained_*, which
     pre-training does not have)."""
-    from simmim.trainer.checkpoint import DCPCheckpointer, is_dcp_checkpoint
+    from simmim.trainer.checkpoint import DCPCheckpointer
+    from simmim.trainer.checkpoint_reader import is_dcp_checkpoint
 
     torch.manual_seed(0)
     theirs = build_simmim("swinv2_micro", 64, 32, 2)

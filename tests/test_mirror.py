@@ -20,8 +20,8 @@ pytest.importorskip("boto3", reason="run.mirror needs the stream extra (boto3)")
 from botocore.exceptions import EndpointConnectionError  # noqa: E402
 
 from simmim.core.errors import CheckpointError, ConfigError
-from simmim.trainer.checkpoint import (DCPCheckpointer, TorchSaveCheckpointer, read_checkpoint,  # noqa: E402
-                                       save_checkpoint)
+from simmim.trainer.checkpoint import DCPCheckpointer, TorchSaveCheckpointer, save_checkpoint  # noqa: E402
+from simmim.trainer.checkpoint_reader import read_checkpoint  # noqa: E402
 from simmim.trainer.config import load_config  # noqa: E402
 from simmim.trainer.distributed import DistInfo  # noqa: E402
 from simmim.trainer.mirror import (Mirror, MirroredCheckpointer, Upload, check_mirror,  # noqa: E402

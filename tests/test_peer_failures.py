@@ -73,7 +73,7 @@ def torchrun(tmp_path: Path, sample_root: Path, mode: str, fail_rank: int, fail_
 
 @pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # ~15 s each
 def test_data_failure_on_one_rank_stops_all_with_a_checkpoint(sample_root, tmp_path, parallel):
-    from simmim.trainer.checkpoint import read_checkpoint
+    from simmim.trainer.checkpoint_reader import read_checkpoint
 
     proc = torchrun(tmp_path, sample_root, "data", 1, 4, f"train.parallel={parallel}")
     text = proc.stdout + proc.stderr

@@ -12,7 +12,8 @@ import torch
 from test_distributed import env, finish, losses, wait_for
 
 from simmim.pipeline.loaders import available
-from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+from simmim.trainer.checkpoint import checkpoints
+from simmim.trainer.checkpoint_reader import read_checkpoint
 
 TINY = ["data.val_path=", "data.img_size=64", "data.batch_size=8", "model.arch=swin_micro", "model.window_size=2",
         "model.drop_path=0.1", "run.progress=false", "run.vis_every=100", "train.epochs=2",

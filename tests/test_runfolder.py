@@ -17,7 +17,8 @@ import torch
 from simmim.core.errors import CheckpointError, ConfigError, DatasetError, UserError
 from simmim.trainer import loop, runlog
 from simmim.trainer import pretrain as pretrain_mod
-from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+from simmim.trainer.checkpoint import checkpoints
+from simmim.trainer.checkpoint_reader import read_checkpoint
 from simmim.trainer.config import PretrainConfig, load_config
 from simmim.trainer.finetune_options import FinetuneConfig
 from simmim.trainer.pretrain import pretrain

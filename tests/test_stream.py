@@ -176,7 +176,7 @@ TINY = ["data.backend=stream", "data.val_path=", "data.img_size=64", "data.batch
 def test_a_run_that_loses_a_shard_stops_with_one_line_after_its_checkpoint(shards, tmp_path):
     """Epoch 0 trains from the shards; one is deleted; the resumed run stops in epoch 1 with one
     line naming it and the checkpoint that holds the steps before it (no `simmim scan` advice)."""
-    from simmim.trainer.checkpoint import read_checkpoint
+    from simmim.trainer.checkpoint_reader import read_checkpoint
     from simmim.trainer.config import load_config
     from simmim.trainer.pretrain import pretrain
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from simmim.trainer.checkpoint import checkpoints, read_checkpoint
+from simmim.trainer.checkpoint import checkpoints
+from simmim.trainer.checkpoint_reader import read_checkpoint
 from simmim.trainer.config import load_config
 from simmim.trainer.model import build_simmim
 from simmim.trainer.pretrain import pretrain

@@ -29,8 +29,8 @@ from simmim.core.errors import CheckpointError
 from simmim.core.io import atomic_folder, remove_stale_partials
 from simmim.kernels import LossOptions
 
-from .checkpoint import CheckpointContents, Kind, read_checkpoint
-from .layouts import is_ours
+from .checkpoint_reader import CheckpointContents, read_checkpoint
+from .layouts import Kind, is_ours
 from .model import ARCHS, build_simmim, default_stats
 
 log = logging.getLogger("simmim")

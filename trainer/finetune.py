@@ -56,11 +56,11 @@ from simmim.pipeline import Augmentation, LoaderSpec, build_loader
 from simmim.pipeline.augment import random_erasing
 from simmim.pipeline.stats import normalization
 
-from .checkpoint import Kind, read_checkpoint
+from .checkpoint_reader import read_checkpoint
 from .config import config_from_dict, load_config
 from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from .finetune_options import FinetuneConfig
-from .layouts import is_ours
+from .layouts import Kind, is_ours
 from .loop import fit
 from .model import ARCHS, SWIN_FAMILIES, log_decay, no_weight_decay, timm_model
 from .parallel import lockstep

@@ -61,7 +61,8 @@ from pathlib import Path
 from simmim.core.errors import CheckpointError, ConfigError
 from simmim.core.io import atomic_write
 
-from .checkpoint import DCP_PATTERN, PATTERN, Checkpointer, CheckpointContents, checkpoints, dcp_checkpoints
+from .checkpoint import DCP_PATTERN, PATTERN, Checkpointer, checkpoints, dcp_checkpoints
+from .checkpoint_reader import CheckpointContents
 from .config import S3_URL
 from .distributed import DistInfo, all_gather, barrier, first_reported
 from .runfolder import check_resume_config

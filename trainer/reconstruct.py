@@ -35,9 +35,9 @@ from simmim.pipeline.folder import IMAGE_EXTENSIONS
 from simmim.pipeline.views import center_crop, to_tensor
 from simmim.pipeline.masking import MASK_STRATEGIES, MaskGenerator
 
-from .checkpoint import Kind, read_checkpoint
+from .checkpoint_reader import read_checkpoint
 from .finetune import BUFFERS, encoder_family, to_timm_layout
-from .layouts import is_ours, is_released
+from .layouts import Kind, is_ours, is_released
 from .model import ARCHS, SimMIM, build_simmim, default_stats
 from .visualize import displayable, save_png, show
 
