@@ -80,7 +80,13 @@ class ReferenceLoader(Loader):
 
     def read_batches(self):
         self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        yield from self.loader  # (uint8 (B, 3, S, S) or, data.channels != 3, float32 (B, C, S, S), labels (B,))
+        try:
+            yield from self.loader  # (uint8 (B, 3, S, S) or, data.channels != 3, float32 (B, C, S, S), labels (B,))
+        finally:  # the trainer leaves the epoch after its last step, before the DataLoader ends: counted here too
+            self.tell_bad()
+
+    def tell_bad(self) -> None:
+        """The epoch-end line counting the unreadable files found so far, once they outnumber the named ones."""
         bad = self.dataset.bad_count()
         if bad > max(NAMED, self.bad_told):  # past the named ones: one line an epoch while it grows
             log.warning("torch: %d of the %d files of %s are unreadable and skipped so far (the first %d named "

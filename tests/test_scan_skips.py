@@ -151,6 +151,15 @@ def test_torch_loader_names_a_few_unreadable_files_then_counts(tmp_path, caplog)
     assert len([m for m in skip_lines(caplog) if "skipping unreadable image" in m]) <= NAMED
     (line,) = [r.getMessage() for r in caplog.records if "unreadable and skipped so far" in r.getMessage()]
     assert f"{TRUNCATED + EMPTY} of the {TRUNCATED + EMPTY + GOOD} files" in line
+    caplog.clear()
+    loader = build_loader(LoaderSpec("torch", str(root), Augmentation(size=16), batch_size=2, num_workers=0),
+                          None, "cpu")
+    with caplog.at_level(logging.WARNING):  # as the trainer reads: its steps, then it leaves the epoch
+        batches = iter(loader)
+        for _ in range(len(loader)):
+            next(batches)
+        batches.close()
+    (line,) = [r.getMessage() for r in caplog.records if "unreadable and skipped so far" in r.getMessage()]
 
 
 def test_reason_kinds_leave_out_what_differs_per_file(tmp_path):
