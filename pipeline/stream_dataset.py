@@ -21,11 +21,13 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState  # its shard states: a failed download's is reset
 from streaming.base.storage.download import CloudDownloader
 
 from .augment import Augmentation
@@ -161,6 +163,8 @@ class StreamShards(StreamingDataset):
         self.transform, self.max_pixels, self.shared_epoch, self.epoch = transform, max_pixels, epoch, 0
         self.where = streaming.get("remote") or streaming.get("local")
         self.failed: str | None = None
+        # the shard a process of this loader failed on (-1: none), shared with the DataLoader workers
+        self.shard_failed = torch.full((1,), -1, dtype=torch.int64).share_memory_()
         try:
             super().__init__(**streaming)
         except (OSError, ValueError, RuntimeError) as e:  # an index it cannot read, a cache it cannot use
@@ -174,17 +178,42 @@ class StreamShards(StreamingDataset):
 
     def __iter__(self):
         self.epoch = int(self.shared_epoch[0])
-        yield from super().__iter__()
+        if getattr(self, "_event", None) is not None:
+            self._event.clear()  # set by a failed epoch before: streaming would refuse every later one
+        self.failed = None
+        stop = threading.Event()
+        threading.Thread(target=self.watch_failures, args=(stop,), daemon=True).start()
+        try:
+            yield from super().__iter__()
+        finally:
+            stop.set()
         if getattr(self, "_event", None) is not None and self._event.is_set():  # streaming's threads stopped
             raise ShardError(self.failed or f"a shard of {self.where} could not be read")
 
+    def watch_failures(self, stop: threading.Event) -> None:
+        """Until `stop`: ends this process's epoch (streaming's stop event) once another process of
+        the loader has failed on a shard. Streaming leaves a shard that failed to download marked
+        as being downloaded, and a worker whose samples wait on it would wait forever, while the
+        DataLoader waits for that worker's batch, in order, before the failed worker's error."""
+        while not stop.wait(0.05):
+            shard = int(self.shard_failed[0])
+            if shard >= 0 and getattr(self, "_event", None) is not None:
+                self.failed = self.failed or self.shard_message(shard)
+                self._event.set()
+                return
+
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """StreamingDataset's download (or check) of a shard; a failure is kept, naming the shard,
-        for the error that ends the epoch (streaming's own ends it silently in a background thread)."""
+        for the error that ends the epoch (streaming's own ends it silently in a background thread),
+        told to the loader's other processes (`watch_failures`), and the shard marked as not
+        downloaded again, so that a later epoch tries it anew."""
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:  # noqa: BLE001 - a missing object, a timeout, a damaged file: named below
             self.failed = self.shard_message(shard_id, e)
+            self.shard_failed[0] = shard_id
+            if self._shard_states[shard_id] == _ShardState.PREPARING:
+                self._shard_states[shard_id] = _ShardState.REMOTE
             raise ShardError(self.failed) from None
 
     def on_exception(self, future) -> None:
@@ -194,11 +223,12 @@ class StreamShards(StreamingDataset):
         if future.exception() is not None:
             self._event.set()
 
-    def shard_message(self, shard_id: int, e: BaseException) -> str:
+    def shard_message(self, shard_id: int, e: BaseException | None = None) -> str:
         name = self.shards[shard_id].file_pairs[0][0].basename
         local = self.streams[0].remote is None
+        why = "in another worker" if e is None else " ".join(f"{type(e).__name__}: {e}".split())[:200]
         what = "is missing" if local and not os.path.exists(os.path.join(self.where, name)) else \
-            "cannot be read (" + " ".join(f"{type(e).__name__}: {e}".split())[:200] + ")"
+            f"cannot be read ({why})"
         return f"shard {name} of {self.where} {what}; write the set again with `simmim shard SRC {self.where} --overwrite`"
 
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int] | EncodedSample:
@@ -243,6 +273,7 @@ class StreamShards(StreamingDataset):
         of the global batch): streaming's resume state, set for every epoch so that the order never
         depends on the epochs this process happened to run. Called in the main process."""
         self.shared_epoch[0] = epoch
+        self.shard_failed[0] = -1
         if self.next_epoch > epoch:  # an epoch run again (the validation loader's epoch 0)
             self.next_epoch = epoch
         self.load_state_dict({"epoch": epoch, "sample_in_epoch": sample_in_epoch, "num_canonical_nodes": canonical_nodes,

@@ -167,6 +167,23 @@ def test_missing_shard_is_one_line_naming_it(shards, tmp_path):
         epoch(loader(broken), 0)
 
 
+def test_a_missing_shard_with_workers_is_one_line_in_every_epoch(shards, tmp_path):
+    """With 2 DataLoader workers, the worker whose samples wait on the shard the other one failed
+    on used to wait forever (streaming leaves it marked as being downloaded), and the DataLoader
+    with it; and once failed, streaming refused every later epoch with a RuntimeError."""
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    (broken / "shard.00003.mds").unlink()
+    script = (f"from test_stream import loader, epoch\nfrom simmim.core.errors import ShardError\n"
+              f"ld = loader({str(broken)!r}, workers=2)\n"
+              f"for e in (0, 1):\n    try:\n        epoch(ld, e)\n    except ShardError as x:\n"
+              f"        print('epoch', e, x, flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.count("shard.00003.mds of") == 2 and out.stdout.count(" is missing; write the set again") == 2, \
+        out.stdout + out.stderr[-2000:]
+
+
 TINY = ["data.backend=stream", "data.val_path=", "data.img_size=64", "data.batch_size=8", "data.num_workers=0",
         "model.arch=swin_micro", "model.window_size=2", "run.progress=false", "run.vis_every=100",
         "train.warmup_epochs=1", "run.log_every=1", "run.knn_every=0", "data.stream.canonical_nodes=4",
