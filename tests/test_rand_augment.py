@@ -208,7 +208,8 @@ def test_each_backend_applies_its_rand_augment(backend, sample_root, tmp_path, m
         seeds, op = [], loader.batch_transform
         monkeypatch.setattr(loader, "batch_transform", lambda x, g: seeds.append(g.initial_seed()) or op(x, g))
     else:
-        assert loader.rand_augment == parse_rand_augment(spec) and load(spec, train=False).rand_augment is None
+        graph = loader.graph  # DALI's graph holds it (dali_graph.DALIGraph)
+        assert graph.rand_augment == parse_rand_augment(spec) and load(spec, train=False).graph.rand_augment is None
     batches = [b for _, b in zip(range(2), loader)]
     for images, labels in batches:
         assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (4,)
