@@ -206,7 +206,8 @@ class StreamShards(StreamingDataset):
         """StreamingDataset's download (or check) of a shard; a failure is kept, naming the shard,
         for the error that ends the epoch (streaming's own ends it silently in a background thread),
         told to the loader's other processes (`watch_failures`), and the shard marked as not
-        downloaded again, so that a later epoch tries it anew."""
+        downloaded again, so that a later epoch tries it anew (a run stops at this error; a later
+        epoch of the same loader with workers can still wait: not relied on, not tested)."""
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:  # noqa: BLE001 - a missing object, a timeout, a damaged file: named below
