@@ -24,7 +24,7 @@ import collections
 import numpy as np
 import torch
 
-from simmim.core.errors import DatasetError, ShardError
+from simmim.core.errors import DatasetError
 
 from .augment import Augmentation
 from .dali_graph import DALIGraph, batch_views, dali_batches, dali_decodes
@@ -49,11 +49,13 @@ class ShardFeed:
         self.aug, self.seed, self.train, self.crop_ratio = aug, seed, train, crop_ratio
         self.recent: collections.deque[list[EncodedSample]] = collections.deque(maxlen=keep)
         self.batches, self.wanted, self.epoch, self.stopped = iter(()), 0, 0, False
+        self.ended_early = None
         self.error: BaseException | None = None
 
-    def begin(self, batches, wanted: int, epoch: int) -> None:
-        """The next DALI epoch reads `wanted` batches of `batches` (an iterable), views of `epoch`."""
-        self.batches, self.wanted, self.epoch = iter(batches), wanted, epoch
+    def begin(self, batches, wanted: int, epoch: int, ended_early) -> None:
+        """The next DALI epoch reads `wanted` batches of `batches` (an iterable), views of `epoch`;
+        `ended_early(got, wanted)` is the error when `batches` ends first."""
+        self.batches, self.wanted, self.epoch, self.ended_early = iter(batches), wanted, epoch, ended_early
         self.stopped, self.error = False, None
         self.recent.clear()
 
@@ -66,7 +68,7 @@ class ShardFeed:
         alive until its own exit handler, which runs after multiprocessing's has closed the queues
         to the workers: an iterator still held here then shut its workers down only by timing out
         on each (5 s a worker, at every exit). Dropped here, it goes with the loader."""
-        self.stopped, self.batches = True, iter(())
+        self.stopped, self.batches, self.ended_early = True, iter(()), None  # both hold the loader
 
     def __call__(self, info):
         if self.stopped or info.iteration >= self.wanted:
@@ -74,8 +76,7 @@ class ShardFeed:
         try:
             samples = next(self.batches)
         except StopIteration:
-            self.error = ShardError(f"the shards ended after {info.iteration} of {self.wanted} batches of this epoch "
-                                    f"(a shard missing or unreadable); write them again with `simmim shard`")
+            self.error = self.ended_early(info.iteration, self.wanted)
             raise
         except Exception as e:  # noqa: BLE001 - kept, traceback and all, for read_batches to raise
             self.error = e
@@ -116,14 +117,10 @@ class StreamDALILoader(StreamLoader):
         self.iterator = self.graph.iterator(self.pipe)
 
     def read_batches(self):
-        wanted = len(self) - self.start_batch
+        wanted = self.start_reading()
         if wanted <= 0:
             return
-        if self.train:
-            self.shards.start(self.epoch, self.start_batch * self.batch_size * self.world_size, self.canonical_nodes)
-        else:
-            self.loader.sampler.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-        self.feed.begin(self.loader, wanted, self.epoch)
+        self.feed.begin(self.loader, wanted, self.epoch, self.ended_early)
         finished = False
         try:
             self.start_epoch()

@@ -166,13 +166,22 @@ class StreamLoader(Loader):
             masks.rank = mask_slot(self.rank, self.nodes, self.per_node)
         return masks
 
-    def read_batches(self):
-        if not self.train:
+    def start_reading(self) -> int:
+        """Points the shards (training) or the sampler (evaluation) at `self.epoch` from
+        `self.start_batch` on; returns the batches this rank reads from there."""
+        if self.train:
+            self.shards.start(self.epoch, self.start_batch * self.batch_size * self.world_size, self.canonical_nodes)
+        else:
             self.loader.sampler.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
-            yield from self.loader
-            return
-        self.shards.start(self.epoch, self.start_batch * self.batch_size * self.world_size, self.canonical_nodes)
-        wanted, got = len(self) - self.start_batch, 0
+        return len(self) - self.start_batch
+
+    def ended_early(self, got: int, wanted: int) -> ShardError:
+        """The one-line error for an epoch whose shards gave `got` of its `wanted` batches."""
+        return ShardError(f"the shards of {self.path} ended after {got} of {wanted} batches of this epoch "
+                          f"(a shard missing or unreadable); write them again with `simmim shard`")
+
+    def read_batches(self):
+        wanted, got = self.start_reading(), 0
         if wanted <= 0:
             return
         for images, labels in self.loader:
@@ -180,8 +189,7 @@ class StreamLoader(Loader):
             got += 1
             if got == wanted:  # streaming pads the last batches (repeats, short ones): the epoch's share ends here
                 return
-        raise ShardError(f"the shards of {self.path} ended after {got} of {wanted} batches of this epoch "
-                         f"(a shard missing or unreadable); write them again with `simmim shard`")
+        raise self.ended_early(got, wanted)
 
     def preview_images(self, indices: list[int]) -> list[torch.Tensor]:
         """The evaluation view of the samples at `indices`, read from the shards in this process."""
